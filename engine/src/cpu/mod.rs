@@ -1,0 +1,130 @@
+//! The CPU backend: storage (owned or memory-mapped bytes) and the ops on it. Ops compute in f32
+//! for every float dtype and convert at the boundaries; heavy loops run on rayon.
+
+use std::sync::Arc;
+
+use crate::{DType, Error, Result, WithDType};
+
+/// Bytes of one dtype: owned (8-byte aligned) or a zero-copy window into a memory-mapped file.
+pub struct CpuStorage {
+    bytes: CpuBytes,
+    dtype: DType,
+}
+
+enum CpuBytes {
+    /// Backed by u64 words so that every dtype we have is aligned.
+    Owned { words: Vec<u64>, len_bytes: usize },
+    Mapped { map: Arc<memmap2::Mmap>, start: usize, len_bytes: usize },
+}
+
+impl CpuStorage {
+    pub fn from_vec<T: WithDType>(v: Vec<T>) -> Self {
+        let len_bytes = v.len() * std::mem::size_of::<T>();
+        let mut words = vec![0u64; len_bytes.div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len_bytes].copy_from_slice(bytemuck::cast_slice(&v));
+        CpuStorage { bytes: CpuBytes::Owned { words, len_bytes }, dtype: T::DTYPE }
+    }
+
+    pub fn zeros(dtype: DType, len: usize) -> Self {
+        let len_bytes = len * dtype.size_in_bytes();
+        CpuStorage { bytes: CpuBytes::Owned { words: vec![0u64; len_bytes.div_ceil(8)], len_bytes }, dtype }
+    }
+
+    /// Copies little-endian bytes of `dtype` elements.
+    pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Result<Self> {
+        if bytes.len() % dtype.size_in_bytes() != 0 {
+            return Err(Error::msg(format!("{} bytes is not a whole number of {dtype} elements", bytes.len())));
+        }
+        let mut s = Self::zeros(dtype, bytes.len() / dtype.size_in_bytes());
+        s.bytes_mut().copy_from_slice(bytes);
+        Ok(s)
+    }
+
+    /// A zero-copy view of `len_bytes` bytes at `start` in a mapped file; `None` if the start is not
+    /// aligned for the dtype (the caller then copies).
+    pub fn mapped(map: Arc<memmap2::Mmap>, start: usize, len_bytes: usize, dtype: DType) -> Option<Self> {
+        let aligned = (map.as_ptr() as usize + start) % dtype.size_in_bytes() == 0;
+        (aligned && start + len_bytes <= map.len() && len_bytes % dtype.size_in_bytes() == 0)
+            .then_some(CpuStorage { bytes: CpuBytes::Mapped { map, start, len_bytes }, dtype })
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.bytes, CpuBytes::Mapped { .. })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes().len() / self.dtype.size_in_bytes()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            CpuBytes::Owned { words, len_bytes } => &bytemuck::cast_slice::<u64, u8>(words)[..*len_bytes],
+            CpuBytes::Mapped { map, start, len_bytes } => &map[*start..*start + *len_bytes],
+        }
+    }
+
+    /// Mutable bytes; a mapped storage is copied into owned memory first (copy on write).
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        if let CpuBytes::Mapped { .. } = self.bytes {
+            let copy = Self::from_bytes(self.dtype, self.bytes()).expect("length already validated");
+            self.bytes = copy.bytes;
+        }
+        match &mut self.bytes {
+            CpuBytes::Owned { words, len_bytes } => &mut bytemuck::cast_slice_mut::<u64, u8>(words)[..*len_bytes],
+            CpuBytes::Mapped { .. } => unreachable!("converted to owned above"),
+        }
+    }
+
+    pub fn as_slice<T: WithDType>(&self) -> Result<&[T]> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DTypeMismatch { op: "as_slice", lhs: self.dtype, rhs: T::DTYPE });
+        }
+        Ok(bytemuck::cast_slice(self.bytes()))
+    }
+
+    pub fn as_mut_slice<T: WithDType>(&mut self) -> Result<&mut [T]> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DTypeMismatch { op: "as_mut_slice", lhs: self.dtype, rhs: T::DTYPE });
+        }
+        Ok(bytemuck::cast_slice_mut(self.bytes_mut()))
+    }
+}
+
+/// Applies `$body` with `$s` bound to the typed slice of a `CpuStorage` and `$t` to its element type.
+#[macro_export]
+macro_rules! cpu_dispatch {
+    ($storage:expr, |$s:ident : $t:ident| $body:expr) => {{
+        let st: &$crate::cpu::CpuStorage = $storage;
+        match st.dtype() {
+            $crate::DType::F32 => { type $t = f32; let $s = st.as_slice::<f32>()?; $body }
+            $crate::DType::BF16 => { type $t = half::bf16; let $s = st.as_slice::<half::bf16>()?; $body }
+            $crate::DType::F16 => { type $t = half::f16; let $s = st.as_slice::<half::f16>()?; $body }
+            $crate::DType::I64 => { type $t = i64; let $s = st.as_slice::<i64>()?; $body }
+            $crate::DType::U8 => { type $t = u8; let $s = st.as_slice::<u8>()?; $body }
+        }
+    }};
+}
+
+/// Like `cpu_dispatch!` for the float dtypes only; other dtypes return `UnsupportedDType` for `$op`.
+#[macro_export]
+macro_rules! float_dispatch {
+    ($storage:expr, $op:expr, |$s:ident : $t:ident| $body:expr) => {{
+        let st: &$crate::cpu::CpuStorage = $storage;
+        match st.dtype() {
+            $crate::DType::F32 => { type $t = f32; let $s = st.as_slice::<f32>()?; $body }
+            $crate::DType::BF16 => { type $t = half::bf16; let $s = st.as_slice::<half::bf16>()?; $body }
+            $crate::DType::F16 => { type $t = half::f16; let $s = st.as_slice::<half::f16>()?; $body }
+            dt => return Err($crate::Error::UnsupportedDType { op: $op, dtype: dt }),
+        }
+    }};
+}
+
+pub mod elementwise;

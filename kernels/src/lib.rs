@@ -1,0 +1,6 @@
+//! Kernel families of the lookahead engine. Each module holds one family: the CUDA C source
+//! (kernels/cuda/NAME.cu), its launch parameters, and the CPU reference of the same math, which the
+//! engine's CPU backend also runs. This crate knows nothing of tensors or autograd: it works on
+//! slices, sizes and raw device buffers, and the engine decides layouts and dtypes.
+
+pub mod elementwise;

@@ -1,0 +1,4 @@
+//! The networks of LCM-Lookahead written against the engine and autograd: SDXL (UNet, CLIP text
+//! encoders, VAE), TAESD, LoRA, the IP-Adapter face encoder, the KV-encoder UNet, IR-SE50 ArcFace,
+//! MTCNN, schedulers and pipelines, with their weight loaders and presets. No training loop here.
+//! (Arrives with the SDXL-family and face-side issues.)
