@@ -51,3 +51,8 @@ impl CudaStorage {
         match self.never {}
     }
 }
+
+/// The error an op returns on CUDA tensors until its kernel is wired in by the CUDA backend work.
+pub fn not_yet(op: &str) -> Error {
+    Error::Cuda(format!("{op} has no CUDA implementation in this build"))
+}

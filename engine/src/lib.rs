@@ -10,6 +10,7 @@ pub mod cuda;
 mod device;
 mod dtype;
 mod error;
+pub mod io;
 pub mod layout;
 pub mod ops;
 pub mod storage;
