@@ -4,3 +4,5 @@
 //! slices, sizes and raw device buffers, and the engine decides layouts and dtypes.
 
 pub mod elementwise;
+pub mod norm;
+pub mod softmax;

@@ -1,0 +1,262 @@
+//! Normalisations and gated activations on contiguous f32 slices: layer norm over rows, group norm
+//! (optionally fused with SiLU) and inference batch norm over NCHW data, and GEGLU. These are the
+//! CPU reference of the CUDA kernels of the same math and the engine's CPU backend.
+//!
+//! Statistics are two-pass (mean, then the mean of squared deviations) accumulated in f64, so they
+//! stay accurate for large offsets and long rows. Variances are biased, as in PyTorch's norms. Work
+//! is split over independent rows/groups, so results do not depend on the thread count.
+
+use rayon::prelude::*;
+
+use crate::elementwise::{gelu_erf, sigmoid};
+
+/// Below this many elements in total the loops stay on the calling thread.
+const PAR_MIN: usize = 1 << 14;
+
+/// Mean and biased variance of a slice, in f64.
+fn mean_var(x: &[f32]) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / n;
+    (mean, var)
+}
+
+fn check_affine(name: &str, len: usize, weight: Option<&[f32]>, bias: Option<&[f32]>) {
+    if let Some(w) = weight {
+        assert_eq!(w.len(), len, "{name}: weight length");
+    }
+    if let Some(b) = bias {
+        assert_eq!(b.len(), len, "{name}: bias length");
+    }
+}
+
+/// Layer norm over rows of length `cols`: out = (x - mean) / sqrt(var + eps) * weight + bias, with
+/// `weight` and `bias` (length `cols`) optional.
+pub fn layer_norm_rows(x: &[f32], cols: usize, weight: Option<&[f32]>, bias: Option<&[f32]>, eps: f32, out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "layer_norm: input and output lengths differ");
+    check_affine("layer_norm", cols, weight, bias);
+    if cols == 0 || x.is_empty() {
+        return;
+    }
+    assert_eq!(x.len() % cols, 0, "layer_norm: length {} is not a multiple of the row length {cols}", x.len());
+    let row = |(o, r): (&mut [f32], &[f32])| {
+        let (mean, var) = mean_var(r);
+        let rstd = 1.0 / (var + eps as f64).sqrt();
+        for (j, (o, &v)) in o.iter_mut().zip(r).enumerate() {
+            let mut y = ((v as f64 - mean) * rstd) as f32;
+            if let Some(w) = weight {
+                y *= w[j];
+            }
+            if let Some(b) = bias {
+                y += b[j];
+            }
+            *o = y;
+        }
+    };
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each(row);
+    } else {
+        out.chunks_mut(cols).zip(x.chunks(cols)).for_each(row);
+    }
+}
+
+/// Group norm over NCHW data (`hw` = the product of the spatial sizes): channels are split into
+/// `groups` consecutive groups, each (sample, group) is normalised by its own mean and variance,
+/// then scaled by the per-channel `weight` and shifted by `bias` (length `c`). With `silu`, SiLU is
+/// applied to the result (diffusers' GroupNorm followed by SiLU, in one pass).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    groups: usize,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    eps: f32,
+    silu: bool,
+    out: &mut [f32],
+) {
+    assert_eq!(x.len(), n * c * hw, "group_norm: input length");
+    assert_eq!(out.len(), x.len(), "group_norm: output length");
+    assert!(groups > 0 && c % groups == 0, "group_norm: {groups} groups do not divide {c} channels");
+    check_affine("group_norm", c, weight, bias);
+    let cpg = c / groups;
+    let group_len = cpg * hw;
+    if group_len == 0 || n == 0 {
+        return;
+    }
+    let group = |(idx, (o, r)): (usize, (&mut [f32], &[f32]))| {
+        let (mean, var) = mean_var(r);
+        let rstd = 1.0 / (var + eps as f64).sqrt();
+        let first_channel = (idx % groups) * cpg;
+        for (k, (oc, rc)) in o.chunks_mut(hw).zip(r.chunks(hw)).enumerate() {
+            let ch = first_channel + k;
+            // Subtract the mean first (rather than folding it into the shift) so that inputs with a
+            // large common offset keep their precision.
+            let scale = (rstd * weight.map_or(1.0, |w| w[ch] as f64)) as f32;
+            let shift = bias.map_or(0.0, |b| b[ch]);
+            let mean = mean as f32;
+            for (o, &v) in oc.iter_mut().zip(rc) {
+                let y = (v - mean) * scale + shift;
+                *o = if silu { y * sigmoid(y) } else { y };
+            }
+        }
+    };
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(group);
+    } else {
+        out.chunks_mut(group_len).zip(x.chunks(group_len)).enumerate().for_each(group);
+    }
+}
+
+/// Inference batch norm over NCHW data with running statistics `mean` and `var` (length `c`):
+/// out = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c].
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    mean: &[f32],
+    var: &[f32],
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    eps: f32,
+    out: &mut [f32],
+) {
+    assert_eq!(x.len(), n * c * hw, "batch_norm: input length");
+    assert_eq!(out.len(), x.len(), "batch_norm: output length");
+    assert!(mean.len() == c && var.len() == c, "batch_norm: statistics length");
+    check_affine("batch_norm", c, weight, bias);
+    if hw == 0 || x.is_empty() {
+        return;
+    }
+    let plane = |(idx, (o, r)): (usize, (&mut [f32], &[f32]))| {
+        let ch = idx % c;
+        let rstd = 1.0 / (var[ch] as f64 + eps as f64).sqrt();
+        let w = weight.map_or(1.0, |w| w[ch] as f64);
+        let b = bias.map_or(0.0, |b| b[ch] as f64);
+        let scale = (rstd * w) as f32;
+        let shift = (b - mean[ch] as f64 * rstd * w) as f32;
+        for (o, &v) in o.iter_mut().zip(r) {
+            *o = v * scale + shift;
+        }
+    };
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(plane);
+    } else {
+        out.chunks_mut(hw).zip(x.chunks(hw)).enumerate().for_each(plane);
+    }
+}
+
+/// GEGLU as in diffusers: each input row of length 2 * `half` is split into [h, gate] and
+/// out = h * gelu(gate) (exact erf GELU); `out` has rows of length `half`.
+pub fn geglu_rows(x: &[f32], half: usize, out: &mut [f32]) {
+    if half == 0 {
+        assert!(out.is_empty(), "geglu: output must be empty when rows are empty");
+        return;
+    }
+    assert_eq!(x.len() % (2 * half), 0, "geglu: length {} is not a multiple of the row length {}", x.len(), 2 * half);
+    assert_eq!(out.len() * 2, x.len(), "geglu: output length");
+    let row = |(o, r): (&mut [f32], &[f32])| {
+        let (h, gate) = r.split_at(half);
+        for ((o, &a), &g) in o.iter_mut().zip(h).zip(gate) {
+            *o = a * gelu_erf(g);
+        }
+    };
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(half).zip(x.par_chunks(2 * half)).for_each(row);
+    } else {
+        out.chunks_mut(half).zip(x.chunks(2 * half)).for_each(row);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_of_constant_row_is_bias() {
+        let x = [5.0f32; 4];
+        let mut out = [0f32; 4];
+        layer_norm_rows(&x, 4, Some(&[2.0; 4]), Some(&[0.5, 1.0, 1.5, 2.0]), 1e-5, &mut out);
+        assert_eq!(out, [0.5, 1.0, 1.5, 2.0]);
+    }
+
+    #[test]
+    fn layer_norm_is_accurate_with_large_offset() {
+        // One-pass E[x^2] - E[x]^2 in f32 would lose the variance here.
+        let x: Vec<f32> = (0..64).map(|i| 10000.0 + (i % 2) as f32).collect();
+        let mut out = vec![0f32; 64];
+        layer_norm_rows(&x, 64, None, None, 0.0, &mut out);
+        assert!((out[0] + 1.0).abs() < 1e-5 && (out[1] - 1.0).abs() < 1e-5, "{:?}", &out[..2]);
+    }
+
+    #[test]
+    fn group_norm_matches_layer_norm_per_group() {
+        // One group per sample is a layer norm over C*H*W (without the affine).
+        let (n, c, hw) = (2, 6, 35);
+        let x: Vec<f32> = (0..n * c * hw).map(|i| ((i * 37) % 101) as f32 * 0.1 - 3.0).collect();
+        let mut g = vec![0f32; x.len()];
+        group_norm(&x, n, c, hw, 1, None, None, 1e-5, false, &mut g);
+        let mut l = vec![0f32; x.len()];
+        layer_norm_rows(&x, c * hw, None, None, 1e-5, &mut l);
+        for (a, b) in g.iter().zip(&l) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        // Three groups: each group of 2 channels has mean 0 and variance 1 after the norm.
+        group_norm(&x, n, c, hw, 3, None, None, 0.0, false, &mut g);
+        for grp in g.chunks(2 * hw) {
+            let (m, v) = mean_var(grp);
+            assert!(m.abs() < 1e-6 && (v - 1.0).abs() < 1e-5, "{m} {v}");
+        }
+    }
+
+    #[test]
+    fn group_norm_silu_is_silu_of_group_norm() {
+        let (n, c, hw) = (1, 4, 5);
+        let x: Vec<f32> = (0..n * c * hw).map(|i| (i as f32).sin() * 3.0).collect();
+        let w = [1.0, -2.0, 0.5, 3.0];
+        let b = [0.1, 0.2, -0.3, 0.0];
+        let mut plain = vec![0f32; x.len()];
+        group_norm(&x, n, c, hw, 2, Some(&w), Some(&b), 1e-6, false, &mut plain);
+        let mut fused = vec![0f32; x.len()];
+        group_norm(&x, n, c, hw, 2, Some(&w), Some(&b), 1e-6, true, &mut fused);
+        for (f, p) in fused.iter().zip(&plain) {
+            assert!((f - p * sigmoid(*p)).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn batch_norm_uses_running_stats() {
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let mut out = [0f32; 4];
+        batch_norm(&x, 1, 2, 2, &[1.0, 3.0], &[4.0, 1.0], Some(&[2.0, 1.0]), Some(&[0.0, 10.0]), 0.0, &mut out);
+        assert_eq!(out, [0.0, 1.0, 10.0, 11.0]);
+    }
+
+    #[test]
+    fn geglu_splits_value_then_gate() {
+        let x = [1.0f32, 2.0, 0.0, 10.0];
+        let mut out = [0f32; 2];
+        geglu_rows(&x, 2, &mut out);
+        assert_eq!(out[0], 0.0);
+        assert!((out[1] - 20.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn parallel_split_gives_identical_bits() {
+        let (n, c, hw) = (3, 32, 300);
+        let x: Vec<f32> = (0..n * c * hw).map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0).collect();
+        let mut par = vec![0f32; x.len()];
+        group_norm(&x, n, c, hw, 8, None, None, 1e-5, true, &mut par);
+        // The same groups one at a time (each below the parallel threshold).
+        let glen = 4 * hw;
+        let mut seq = vec![0f32; x.len()];
+        for (o, r) in seq.chunks_mut(glen).zip(x.chunks(glen)) {
+            group_norm(r, 1, 4, hw, 1, None, None, 1e-5, true, o);
+        }
+        assert_eq!(par, seq);
+    }
+}
