@@ -6,3 +6,7 @@
 pub mod elementwise;
 pub mod norm;
 pub mod softmax;
+pub mod attention;
+pub mod grid_sample;
+pub mod pool;
+pub mod rng;
