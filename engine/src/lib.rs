@@ -20,4 +20,5 @@ pub use device::Device;
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
 pub use layout::Layout;
+pub use ops::shape::PadMode;
 pub use tensor::Tensor;

@@ -128,3 +128,5 @@ macro_rules! float_dispatch {
 }
 
 pub mod elementwise;
+pub mod conv;
+pub mod gemm;

@@ -2,3 +2,11 @@
 //! backend (crate::cpu) or the CUDA backend (crate::cuda).
 
 pub mod elementwise;
+pub mod norm;
+pub mod reduce;
+pub mod shape;
+pub mod attention;
+pub mod conv;
+pub mod linalg;
+pub mod random;
+pub mod spatial;

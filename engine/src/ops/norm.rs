@@ -1,0 +1,234 @@
+//! Softmax, normalisations (layer, group, batch) and gated activations (GEGLU, PReLU).
+//!
+//! The CPU path reads the input as contiguous f32 (converting bf16/f16 or gathering strided views)
+//! and runs the slice kernels of `kernels::softmax` / `kernels::norm`, which are also the
+//! references of the CUDA kernels; the result has the input's dtype. Affine parameters may be of any
+//! float dtype (e.g. f32 master weights with bf16 activations).
+
+use kernels::{norm as knorm, softmax as ksoftmax};
+
+use crate::layout::resolve_dim;
+use crate::{Device, Error, Result, Tensor};
+
+/// The CUDA arm of every op in this file until its kernel is wired in.
+fn cpu_only(x: &Tensor, op: &'static str) -> Result<()> {
+    match x.device() {
+        Device::Cpu => Ok(()),
+        Device::Cuda(_) => Err(crate::cuda::not_yet(op)),
+    }
+}
+
+/// An optional per-channel parameter as f32, checked to be a float vector of length `len` on the
+/// input's device; the error names the parameter's shape and the expected one.
+fn param_f32(op: &'static str, what: &str, p: Option<&Tensor>, len: usize, x: &Tensor) -> Result<Option<Vec<f32>>> {
+    let Some(p) = p else { return Ok(None) };
+    x.same_device(p, op)?;
+    p.float_only(op)?;
+    if p.shape() != [len] {
+        return Err(Error::BadShape { op, msg: format!("{what} has shape {:?}, expected [{len}] for an input of shape {:?}", p.shape(), x.shape()), shape: p.shape().to_vec() });
+    }
+    Ok(Some(p.to_vec_f32()?))
+}
+
+impl Tensor {
+    /// Moves `dim` last, runs `f` on the contiguous rows, and moves it back.
+    fn along_last(&self, op: &'static str, dim: isize, f: fn(&[f32], usize, &mut [f32])) -> Result<Tensor> {
+        self.float_only(op)?;
+        cpu_only(self, op)?;
+        let rank = self.rank().max(1);
+        let d = resolve_dim(op, dim, rank)?;
+        if self.rank() == 0 {
+            // A scalar is a single row of one element.
+            return self.reshape(&[1])?.along_last(op, 0, f)?.reshape(&[]);
+        }
+        let last = rank - 1;
+        let mut perm: Vec<usize> = (0..rank).filter(|&i| i != d).collect();
+        perm.push(d);
+        let moved = self.permute(&perm)?;
+        let cols = self.shape()[d];
+        let out = moved.with_cpu_f32(|x| {
+            let mut out = vec![0f32; x.len()];
+            f(x, cols, &mut out);
+            Ok(out)
+        })?;
+        let y = Tensor::from_f32_vec(out, moved.shape(), self.dtype())?;
+        if d == last {
+            return Ok(y);
+        }
+        // Inverse permutation: position d takes the last axis, the others shift back.
+        let mut inv: Vec<usize> = (0..last).collect();
+        inv.insert(d, last);
+        y.permute(&inv)?.contiguous()
+    }
+
+    /// Softmax along `dim`, numerically stable (statistics in f32/f64 whatever the dtype).
+    pub fn softmax(&self, dim: isize) -> Result<Tensor> {
+        self.along_last("softmax", dim, ksoftmax::softmax_rows)
+    }
+
+    /// Log-softmax along `dim`, numerically stable.
+    pub fn log_softmax(&self, dim: isize) -> Result<Tensor> {
+        self.along_last("log_softmax", dim, ksoftmax::log_softmax_rows)
+    }
+
+    /// Layer norm over the last dimension, with optional weight and bias of that size.
+    pub fn layer_norm(&self, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        const OP: &str = "layer_norm";
+        self.float_only(OP)?;
+        cpu_only(self, OP)?;
+        let Some(&cols) = self.shape().last() else {
+            return Err(Error::BadShape { op: OP, msg: "needs at least one dimension".into(), shape: vec![] });
+        };
+        let w = param_f32(OP, "weight", weight, cols, self)?;
+        let b = param_f32(OP, "bias", bias, cols, self)?;
+        let out = self.with_cpu_f32(|x| {
+            let mut out = vec![0f32; x.len()];
+            knorm::layer_norm_rows(x, cols, w.as_deref(), b.as_deref(), eps, &mut out);
+            Ok(out)
+        })?;
+        Tensor::from_f32_vec(out, self.shape(), self.dtype())
+    }
+
+    /// Group norm of an [N, C, *] tensor: `groups` must divide C; weight and bias are [C]. With
+    /// `silu`, SiLU is applied to the result in the same pass.
+    pub fn group_norm(&self, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool) -> Result<Tensor> {
+        const OP: &str = "group_norm";
+        self.float_only(OP)?;
+        cpu_only(self, OP)?;
+        if self.rank() < 2 {
+            return Err(Error::BadShape { op: OP, msg: "expected an [N, C, *] input".into(), shape: self.shape().to_vec() });
+        }
+        let (n, c) = (self.shape()[0], self.shape()[1]);
+        if groups == 0 || c % groups != 0 {
+            return Err(Error::BadShape { op: OP, msg: format!("{groups} groups do not divide {c} channels"), shape: self.shape().to_vec() });
+        }
+        let hw: usize = self.shape()[2..].iter().product();
+        let w = param_f32(OP, "weight", weight, c, self)?;
+        let b = param_f32(OP, "bias", bias, c, self)?;
+        let out = self.with_cpu_f32(|x| {
+            let mut out = vec![0f32; x.len()];
+            knorm::group_norm(x, n, c, hw, groups, w.as_deref(), b.as_deref(), eps, silu, &mut out);
+            Ok(out)
+        })?;
+        Tensor::from_f32_vec(out, self.shape(), self.dtype())
+    }
+
+    /// Inference batch norm of an [N, C, *] tensor with running `mean` and `var` ([C]) over dim 1.
+    pub fn batch_norm(&self, mean: &Tensor, var: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        const OP: &str = "batch_norm";
+        self.float_only(OP)?;
+        cpu_only(self, OP)?;
+        if self.rank() < 2 {
+            return Err(Error::BadShape { op: OP, msg: "expected an [N, C, *] input".into(), shape: self.shape().to_vec() });
+        }
+        let (n, c) = (self.shape()[0], self.shape()[1]);
+        let hw: usize = self.shape()[2..].iter().product();
+        let m = param_f32(OP, "running mean", Some(mean), c, self)?.unwrap_or_default();
+        let v = param_f32(OP, "running var", Some(var), c, self)?.unwrap_or_default();
+        let w = param_f32(OP, "weight", weight, c, self)?;
+        let b = param_f32(OP, "bias", bias, c, self)?;
+        let out = self.with_cpu_f32(|x| {
+            let mut out = vec![0f32; x.len()];
+            knorm::batch_norm(x, n, c, hw, &m, &v, w.as_deref(), b.as_deref(), eps, &mut out);
+            Ok(out)
+        })?;
+        Tensor::from_f32_vec(out, self.shape(), self.dtype())
+    }
+
+    /// GEGLU (diffusers): the last dimension splits into [h, gate]; returns h * gelu(gate).
+    pub fn geglu(&self) -> Result<Tensor> {
+        const OP: &str = "geglu";
+        self.float_only(OP)?;
+        cpu_only(self, OP)?;
+        let cols = self.shape().last().copied().unwrap_or(0);
+        if self.rank() == 0 || cols % 2 != 0 {
+            return Err(Error::BadShape { op: OP, msg: "the last dimension must have an even size".into(), shape: self.shape().to_vec() });
+        }
+        let mut shape = self.shape().to_vec();
+        *shape.last_mut().expect("rank checked") = cols / 2;
+        let out = self.with_cpu_f32(|x| {
+            let mut out = vec![0f32; x.len() / 2];
+            knorm::geglu_rows(x, cols / 2, &mut out);
+            Ok(out)
+        })?;
+        Tensor::from_f32_vec(out, &shape, self.dtype())
+    }
+
+    /// PReLU: x where x > 0, else weight * x; `weight` has one element or one per channel (dim 1).
+    pub fn prelu(&self, weight: &Tensor) -> Result<Tensor> {
+        const OP: &str = "prelu";
+        self.float_only(OP)?;
+        cpu_only(self, OP)?;
+        let c = if self.rank() >= 2 { self.shape()[1] } else { 1 };
+        let per_channel = weight.elem_count() != 1;
+        if weight.rank() > 1 || (per_channel && weight.elem_count() != c) {
+            return Err(Error::BadShape { op: OP, msg: format!("weight has shape {:?}, expected [1] or [{c}] for an input of shape {:?}", weight.shape(), self.shape()), shape: weight.shape().to_vec() });
+        }
+        self.same_device(weight, OP)?;
+        weight.float_only(OP)?;
+        let w = weight.to_vec_f32()?;
+        let inner: usize = self.shape().get(2..).map_or(1, |s| s.iter().product());
+        let out = self.with_cpu_f32(|x| {
+            Ok(x.iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let a = if per_channel { w[(i / inner.max(1)) % c] } else { w[0] };
+                    if v > 0.0 {
+                        v
+                    } else {
+                        a * v
+                    }
+                })
+                .collect())
+        })?;
+        Tensor::from_f32_vec(out, self.shape(), self.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{DType, Device, Tensor};
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn softmax_along_first_dim_of_transposed_view() {
+        let x = t(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], &[2, 3]).t().unwrap(); // [3, 2]: rows (0,3), (1,4), (2,5)
+        let s = x.softmax(0).unwrap();
+        assert_eq!(s.shape(), &[3, 2]);
+        let v = s.to_vec::<f32>().unwrap();
+        // Each column sums to 1 and the largest entry of a column is in the last row.
+        for col in 0..2 {
+            assert!((v[col] + v[2 + col] + v[4 + col] - 1.0).abs() < 1e-6);
+            assert!(v[4 + col] > v[col]);
+        }
+        let l = x.log_softmax(-2).unwrap().exp().unwrap().to_vec::<f32>().unwrap();
+        for (a, b) in l.iter().zip(&v) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn norm_errors_name_shapes() {
+        let x = Tensor::zeros(&[2, 6, 5, 7], DType::F32, Device::Cpu).unwrap();
+        let w = Tensor::ones(&[5], DType::F32, Device::Cpu).unwrap();
+        let e = x.group_norm(3, Some(&w), None, 1e-5, false).unwrap_err().to_string();
+        assert!(e.contains("[5]") && e.contains("[6]"), "{e}");
+        let e = x.group_norm(4, None, None, 1e-5, false).unwrap_err().to_string();
+        assert!(e.contains("4 groups") && e.contains("6 channels"), "{e}");
+        assert!(x.layer_norm(Some(&w), None, 1e-5).is_err());
+        assert!(t(&[1.0, 2.0, 3.0], &[3]).geglu().is_err());
+        assert!(x.prelu(&w).is_err());
+    }
+
+    #[test]
+    fn prelu_per_channel_and_shared() {
+        let x = t(&[-1.0, 2.0, -3.0, 4.0], &[1, 2, 2]);
+        let y = x.prelu(&t(&[0.5, 2.0], &[2])).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(y, vec![-0.5, 2.0, -6.0, 4.0]);
+        let y = x.prelu(&t(&[0.25], &[1])).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(y, vec![-0.25, 2.0, -0.75, 4.0]);
+    }
+}
