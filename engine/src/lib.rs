@@ -20,5 +20,6 @@ pub use device::Device;
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
 pub use layout::Layout;
+pub use ops::conv::Conv2dParams;
 pub use ops::shape::PadMode;
 pub use tensor::Tensor;
