@@ -1,0 +1,88 @@
+"""PyTorch baseline for `lookahead bench`: times the same cases on the same device in the same run.
+
+Invoked by `lookahead bench --baseline PYTHON`, which passes the case list as JSON on stdin and reads
+one JSON object back: {"torch": version, "device": name, "results": {case_name: median_seconds}}.
+Cases the script does not know are left out (the bench then shows no ratio for them).
+"""
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def median_time(fn, device, min_time, max_iters=200):
+    fn()  # warm up (allocations, kernel selection)
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start_all < min_time and len(times) < max_iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make(case, device, dtype):
+    k = case["kind"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+    if k == "matmul":
+        a, b = r(case["b"], case["m"], case["k"]), r(case["b"], case["k"], case["n"])
+        return lambda: torch.matmul(a, b)
+    if k == "conv2d":
+        x, w = r(case["n"], case["c"], case["h"], case["w"]), r(case["k"], case["c"], case["r"], case["r"])
+        if device.type == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+            w = w.to(memory_format=torch.channels_last)
+        return lambda: F.conv2d(x, w, stride=case["stride"], padding=case["pad"])
+    if k == "group_norm":
+        x = r(case["n"], case["c"], case["h"], case["w"])
+        wt, bs = r(case["c"]), r(case["c"])
+        if case["silu"]:
+            return lambda: F.silu(F.group_norm(x, case["groups"], wt, bs, 1e-5))
+        return lambda: F.group_norm(x, case["groups"], wt, bs, 1e-5)
+    if k == "softmax":
+        x = r(case["rows"], case["cols"])
+        return lambda: torch.softmax(x, dim=-1)
+    if k == "layer_norm":
+        x = r(case["rows"], case["cols"])
+        wt, bs = r(case["cols"]), r(case["cols"])
+        return lambda: F.layer_norm(x, (case["cols"],), wt, bs, 1e-5)
+    if k == "attention":
+        q = r(case["b"], case["h"], case["lq"], case["d"])
+        kk, v = r(case["b"], case["h"], case["lk"], case["d"]), r(case["b"], case["h"], case["lk"], case["d"])
+        return lambda: F.scaled_dot_product_attention(q, kk, v)
+    if k == "add":
+        a, b = r(case["len"]), r(case["len"])
+        return lambda: a + b
+    if k == "copy":
+        a = r(case["len"])
+        out = torch.empty_like(a)
+        return lambda: out.copy_(a)
+    return None
+
+
+def main():
+    req = json.load(sys.stdin)
+    device = torch.device(req["device"])
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[req["dtype"]]
+    results = {}
+    for case in req["cases"]:
+        fn = make(case, device, dtype)
+        if fn is not None:
+            results[case["name"]] = median_time(fn, device, req["min_time"])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    json.dump({"torch": torch.__version__, "device": name, "threads": torch.get_num_threads(), "results": results}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+//! `lookahead bench`: kernel throughput at SDXL-like shapes, optionally next to a PyTorch baseline
+//! timed on the same device in the same run (benches/baseline_torch.py, embedded in the binary).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use engine::{Conv2dParams, DType, Device, Tensor};
+use serde::Serialize;
+
+const BASELINE_SCRIPT: &str = include_str!("../../benches/baseline_torch.py");
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Element type of the inputs (default: f32 on the CPU, bf16 on CUDA).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Only cases whose name contains this text.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Python interpreter with torch: time the same cases with PyTorch in this run and show ratios.
+    #[arg(long)]
+    baseline: Option<String>,
+    /// Seconds to keep repeating each case (the median is reported).
+    #[arg(long, default_value_t = 0.5)]
+    min_time: f64,
+    /// Machine-readable JSON on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One benchmark case; serialised as the baseline script's input.
+#[derive(Serialize, Clone, Debug)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Op {
+    Matmul { b: usize, m: usize, n: usize, k: usize },
+    Conv2d { n: usize, c: usize, h: usize, w: usize, k: usize, r: usize, stride: usize, pad: usize },
+    GroupNorm { n: usize, c: usize, h: usize, w: usize, groups: usize, silu: bool },
+    Softmax { rows: usize, cols: usize },
+    LayerNorm { rows: usize, cols: usize },
+    Attention { b: usize, h: usize, lq: usize, lk: usize, d: usize },
+    Add { len: usize },
+    Copy { len: usize },
+}
+
+#[derive(Serialize, Clone, Debug)]
+struct Case {
+    name: String,
+    #[serde(flatten)]
+    op: Op,
+}
+
+impl Op {
+    /// (amount of work, unit): FLOPs for compute-bound ops, bytes moved for memory-bound ones.
+    fn work(&self, elem: usize) -> (f64, &'static str) {
+        let f = |v: usize| v as f64;
+        match *self {
+            Op::Matmul { b, m, n, k } => (2.0 * f(b * m * n * k), "FLOP/s"),
+            Op::Conv2d { n, c, h, w, k, r, stride, pad } => {
+                let (oh, ow) = ((h + 2 * pad - r) / stride + 1, (w + 2 * pad - r) / stride + 1);
+                (2.0 * f(n * k * oh * ow * c * r * r), "FLOP/s")
+            }
+            Op::Attention { b, h, lq, lk, d } => (4.0 * f(b * h * lq * lk * d), "FLOP/s"),
+            Op::GroupNorm { n, c, h, w, .. } => (2.0 * f(n * c * h * w * elem), "B/s"),
+            Op::Softmax { rows, cols } | Op::LayerNorm { rows, cols } => (2.0 * f(rows * cols * elem), "B/s"),
+            Op::Add { len } => (3.0 * f(len * elem), "B/s"),
+            Op::Copy { len } => (2.0 * f(len * elem), "B/s"),
+        }
+    }
+}
+
+fn cases(device: Device) -> Vec<Case> {
+    let case = |name: &str, op| Case { name: name.to_string(), op };
+    if device == Device::Cpu {
+        // SDXL-like shapes scaled so the CPU table runs in seconds.
+        vec![
+            case("matmul 1024x1280x1280", Op::Matmul { b: 1, m: 1024, n: 1280, k: 1280 }),
+            case("matmul attn-proj 4096x640x640", Op::Matmul { b: 1, m: 4096, n: 640, k: 640 }),
+            case("conv2d 320ch 64x64 3x3", Op::Conv2d { n: 1, c: 320, h: 64, w: 64, k: 320, r: 3, stride: 1, pad: 1 }),
+            case("conv2d 640ch 32x32 3x3", Op::Conv2d { n: 1, c: 640, h: 32, w: 32, k: 640, r: 3, stride: 1, pad: 1 }),
+            case("group_norm+silu (1,320,64,64) g32", Op::GroupNorm { n: 1, c: 320, h: 64, w: 64, groups: 32, silu: true }),
+            case("softmax 10240x1024", Op::Softmax { rows: 10240, cols: 1024 }),
+            case("layer_norm 4096x640", Op::LayerNorm { rows: 4096, cols: 640 }),
+            case("attention b1 h10 1024x1024 d64", Op::Attention { b: 1, h: 10, lq: 1024, lk: 1024, d: 64 }),
+            case("add 4M", Op::Add { len: 1 << 22 }),
+        ]
+    } else {
+        // SDXL at 1024x1024, batch 2 (the shapes of the performance-kernels issue).
+        vec![
+            case("copy 64M", Op::Copy { len: 1 << 26 }),
+            case("add 64M", Op::Add { len: 1 << 26 }),
+            case("matmul 8192x640x640", Op::Matmul { b: 1, m: 8192, n: 640, k: 640 }),
+            case("matmul 2048x1280x1280", Op::Matmul { b: 1, m: 2048, n: 1280, k: 1280 }),
+            case("matmul 8192x5120x1280", Op::Matmul { b: 1, m: 8192, n: 5120, k: 1280 }),
+            case("matmul 4096x4096x4096", Op::Matmul { b: 1, m: 4096, n: 4096, k: 4096 }),
+            case("conv2d 320ch 128x128 3x3 b2", Op::Conv2d { n: 2, c: 320, h: 128, w: 128, k: 320, r: 3, stride: 1, pad: 1 }),
+            case("conv2d 640ch 64x64 3x3 b2", Op::Conv2d { n: 2, c: 640, h: 64, w: 64, k: 640, r: 3, stride: 1, pad: 1 }),
+            case("group_norm+silu (2,320,128,128)", Op::GroupNorm { n: 2, c: 320, h: 128, w: 128, groups: 32, silu: true }),
+            case("group_norm+silu (2,640,64,64)", Op::GroupNorm { n: 2, c: 640, h: 64, w: 64, groups: 32, silu: true }),
+            case("group_norm+silu (2,1280,32,32)", Op::GroupNorm { n: 2, c: 1280, h: 32, w: 32, groups: 32, silu: true }),
+            case("softmax 81920x4096", Op::Softmax { rows: 81920, cols: 4096 }),
+            case("layer_norm 8192x640", Op::LayerNorm { rows: 8192, cols: 640 }),
+            case("layer_norm 2048x1280", Op::LayerNorm { rows: 2048, cols: 1280 }),
+            case("attention b2 h10 4096x4096 d64", Op::Attention { b: 2, h: 10, lq: 4096, lk: 4096, d: 64 }),
+            case("attention b2 h20 1024x1024 d64", Op::Attention { b: 2, h: 20, lq: 1024, lk: 1024, d: 64 }),
+        ]
+    }
+}
+
+fn randn(shape: &[usize], dtype: DType, device: Device, seed: u64) -> Result<Tensor> {
+    Ok(Tensor::randn(shape, DType::F32, Device::Cpu, seed)?.to_dtype(dtype)?.to_device(device)?)
+}
+
+/// Builds the inputs of a case and returns a closure running it once.
+fn prepare(op: &Op, dtype: DType, device: Device) -> Result<Box<dyn Fn() -> engine::Result<Tensor>>> {
+    Ok(match *op {
+        Op::Matmul { b, m, n, k } => {
+            let (x, y) = (randn(&[b, m, k], dtype, device, 1)?, randn(&[b, k, n], dtype, device, 2)?);
+            Box::new(move || x.matmul(&y))
+        }
+        Op::Conv2d { n, c, h, w, k, r, stride, pad } => {
+            let (x, wt) = (randn(&[n, c, h, w], dtype, device, 1)?, randn(&[k, c, r, r], dtype, device, 2)?);
+            let p = Conv2dParams { stride: [stride; 2], padding: [pad; 2], ..Default::default() };
+            Box::new(move || x.conv2d(&wt, None, p))
+        }
+        Op::GroupNorm { n, c, h, w, groups, silu } => {
+            let x = randn(&[n, c, h, w], dtype, device, 1)?;
+            let (wt, bs) = (randn(&[c], dtype, device, 2)?, randn(&[c], dtype, device, 3)?);
+            Box::new(move || x.group_norm(groups, Some(&wt), Some(&bs), 1e-5, silu))
+        }
+        Op::Softmax { rows, cols } => {
+            let x = randn(&[rows, cols], dtype, device, 1)?;
+            Box::new(move || x.softmax(-1))
+        }
+        Op::LayerNorm { rows, cols } => {
+            let x = randn(&[rows, cols], dtype, device, 1)?;
+            let (wt, bs) = (randn(&[cols], dtype, device, 2)?, randn(&[cols], dtype, device, 3)?);
+            Box::new(move || x.layer_norm(Some(&wt), Some(&bs), 1e-5))
+        }
+        Op::Attention { b, h, lq, lk, d } => {
+            let q = randn(&[b, h, lq, d], dtype, device, 1)?;
+            let (k, v) = (randn(&[b, h, lk, d], dtype, device, 2)?, randn(&[b, h, lk, d], dtype, device, 3)?);
+            Box::new(move || Tensor::scaled_dot_product_attention(&q, &k, &v, None, None))
+        }
+        Op::Add { len } => {
+            let (x, y) = (randn(&[len], dtype, device, 1)?, randn(&[len], dtype, device, 2)?);
+            Box::new(move || x.add(&y))
+        }
+        Op::Copy { len } => {
+            let x = randn(&[len], dtype, device, 1)?;
+            Box::new(move || x.copy())
+        }
+    })
+}
+
+/// Median seconds of `f` over repeats lasting at least `min_time` (at least 3 runs).
+fn median_time(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, min_time: f64) -> Result<f64> {
+    f()?;
+    engine::synchronize(device)?;
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || (start.elapsed().as_secs_f64() < min_time && times.len() < 200) {
+        let t = Instant::now();
+        let out = f()?;
+        engine::synchronize(device)?;
+        times.push(t.elapsed().as_secs_f64());
+        drop(out);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+#[derive(Serialize)]
+struct Row {
+    name: String,
+    seconds: f64,
+    throughput: f64,
+    unit: &'static str,
+    baseline_seconds: Option<f64>,
+    /// Baseline time / our time: above 1 means we are faster.
+    speedup: Option<f64>,
+}
+
+fn run_baseline(python: &str, cases: &[Case], device: Device, dtype: DType, min_time: f64) -> Result<serde_json::Value> {
+    let dir = std::env::temp_dir().join(format!("lookahead-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("baseline_torch.py");
+    std::fs::write(&script, BASELINE_SCRIPT)?;
+    let torch_device = match device {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+    };
+    let req = serde_json::json!({ "device": torch_device, "dtype": dtype.to_string(), "min_time": min_time, "cases": cases });
+    let mut child = Command::new(python)
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("--baseline: cannot run `{python}`"))?;
+    child.stdin.take().expect("piped").write_all(req.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !out.status.success() {
+        bail!("--baseline: `{python} baseline_torch.py` failed ({}); is torch installed for it?", out.status);
+    }
+    serde_json::from_slice(&out.stdout).context("--baseline: the baseline script did not print JSON")
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let device: Device = args.device.parse()?;
+    if device.is_cuda() {
+        engine::cuda::ensure_device(device).with_context(|| format!("--device {}", args.device))?;
+    }
+    let dtype = match args.dtype.as_deref() {
+        None if device == Device::Cpu => DType::F32,
+        None => DType::BF16,
+        Some("f32") => DType::F32,
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        Some(other) => bail!("--dtype {other}: expected f32, bf16 or f16"),
+    };
+    let cases: Vec<Case> = cases(device).into_iter().filter(|c| args.filter.as_deref().is_none_or(|f| c.name.contains(f))).collect();
+    if cases.is_empty() {
+        bail!("--filter {:?} matches no case", args.filter.unwrap_or_default());
+    }
+    let baseline = match &args.baseline {
+        Some(py) => Some(run_baseline(py, &cases, device, dtype, args.min_time)?),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    for c in &cases {
+        let f = prepare(&c.op, dtype, device).with_context(|| format!("case `{}`", c.name))?;
+        let secs = median_time(&*f, device, args.min_time).with_context(|| format!("case `{}`", c.name))?;
+        let (work, unit) = c.op.work(dtype.size_in_bytes());
+        let base = baseline.as_ref().and_then(|b| b["results"][&c.name].as_f64());
+        rows.push(Row { name: c.name.clone(), seconds: secs, throughput: work / secs, unit, baseline_seconds: base, speedup: base.map(|b| b / secs) });
+        if !args.json {
+            eprint!("\r{}/{} {}                    ", rows.len(), cases.len(), c.name);
+        }
+    }
+    if args.json {
+        let report = serde_json::json!({
+            "device": device.to_string(),
+            "device_name": engine::device_name(device),
+            "dtype": dtype.to_string(),
+            "threads": rayon_threads(),
+            "baseline": baseline,
+            "rows": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    eprintln!("\r{:60}", "");
+    println!("lookahead bench — {} ({}), {dtype}", device, engine::device_name(device));
+    if let Some(b) = &baseline {
+        println!("baseline: torch {} on {} ({} threads), same run", b["torch"].as_str().unwrap_or("?"), b["device"].as_str().unwrap_or("?"), b["threads"]);
+    }
+    println!("{:<38} {:>10} {:>14} {:>12} {:>9}", "case", "ms", "throughput", "torch ms", "speedup");
+    for r in &rows {
+        println!(
+            "{:<38} {:>10.3} {:>7.1} G{:<6} {:>12} {:>9}",
+            r.name,
+            r.seconds * 1e3,
+            r.throughput / 1e9,
+            r.unit,
+            r.baseline_seconds.map(|s| format!("{:.3}", s * 1e3)).unwrap_or_else(|| "-".into()),
+            r.speedup.map(|s| format!("{s:.2}x")).unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
