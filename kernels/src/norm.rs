@@ -79,7 +79,7 @@ pub fn group_norm(
 ) {
     assert_eq!(x.len(), n * c * hw, "group_norm: input length");
     assert_eq!(out.len(), x.len(), "group_norm: output length");
-    assert!(groups > 0 && c % groups == 0, "group_norm: {groups} groups do not divide {c} channels");
+    assert!(groups > 0 && c.is_multiple_of(groups), "group_norm: {groups} groups do not divide {c} channels");
     check_affine("group_norm", c, weight, bias);
     let cpg = c / groups;
     let group_len = cpg * hw;

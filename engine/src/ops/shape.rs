@@ -243,7 +243,7 @@ impl Tensor {
     pub fn pad(&self, pads: &[usize], mode: PadMode, value: f32) -> Result<Tensor> {
         const OP: &str = "pad";
         let rank = self.rank();
-        if pads.len() % 2 != 0 || pads.len() > 2 * rank {
+        if !pads.len().is_multiple_of(2) || pads.len() > 2 * rank {
             return Err(Error::BadShape { op: OP, msg: format!("pads {pads:?} must be (left, right) pairs for at most {rank} dimensions"), shape: self.shape().to_vec() });
         }
         cpu_only(self, OP)?;
