@@ -149,6 +149,23 @@ mod tests {
         assert!(x.linear(&w.t().unwrap(), None).is_err());
     }
 
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let a = Tensor::randn(&[3, 200, 300], DType::F32, Device::Cpu, 1).unwrap();
+        let b = Tensor::randn(&[500, 300], DType::F32, Device::Cpu, 2).unwrap();
+        let x = Tensor::randn(&[2, 6, 20, 20], DType::F32, Device::Cpu, 3).unwrap();
+        let w = Tensor::randn(&[8, 3, 3, 3], DType::F32, Device::Cpu, 4).unwrap();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let m = a.matmul(&b.t().unwrap()).unwrap().to_vec::<f32>().unwrap();
+                let c = x.conv2d(&w, None, crate::Conv2dParams { padding: [1, 1], groups: 2, ..Default::default() }).unwrap().to_vec::<f32>().unwrap();
+                (m, c)
+            })
+        };
+        assert!(run(1) == run(4));
+    }
+
     impl Tensor {
         /// [2, ...] from two same-shape tensors, without depending on the shape ops' `stack`.
         fn stack_for_test(ts: &[&Tensor]) -> Tensor {
