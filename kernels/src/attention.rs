@@ -4,13 +4,17 @@
 //! products with a GEMM and uses `masked_softmax_row` for the middle step.
 
 /// In place: s[j] <- softmax_j(s[j] * scale + mask[j]). A row whose entries are all -inf (fully
-/// masked) becomes all NaN, as in PyTorch's reference math.
+/// masked) becomes all zeros, as PyTorch's scaled_dot_product_attention gives (its "safe softmax").
 pub fn masked_softmax_row(s: &mut [f32], mask: Option<&[f32]>, scale: f32) {
     match mask {
         Some(m) => s.iter_mut().zip(m).for_each(|(v, &a)| *v = *v * scale + a),
         None => s.iter_mut().for_each(|v| *v *= scale),
     }
     let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    if max == f32::NEG_INFINITY {
+        s.iter_mut().for_each(|v| *v = 0.0);
+        return;
+    }
     let mut sum = 0f32;
     for v in s.iter_mut() {
         *v = (*v - max).exp();
@@ -70,5 +74,8 @@ mod tests {
         let mut s = [1000.0f32, 1000.0, -1000.0];
         masked_softmax_row(&mut s, None, 1.0);
         assert_eq!(s, [0.5, 0.5, 0.0]);
+        let mut s = [1.0f32, 2.0];
+        masked_softmax_row(&mut s, Some(&[f32::NEG_INFINITY; 2]), 1.0);
+        assert_eq!(s, [0.0, 0.0]);
     }
 }
