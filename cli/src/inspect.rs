@@ -64,8 +64,9 @@ fn build(args: &InspectArgs) -> Result<Report> {
         path: args.path.display().to_string(),
         format: format.to_string(),
         tensor_count: tensors.len(),
-        parameter_count: tensors.iter().map(|t| t.shape.iter().map(|&d| d as u64).product::<u64>()).sum(),
-        size_in_bytes: tensors.iter().map(|t| t.size_in_bytes).sum(),
+        // Saturating: the readers bound each tensor, not the sum over a corrupt file's many views.
+        parameter_count: tensors.iter().map(|t| t.shape.iter().map(|&d| d as u64).product::<u64>()).fold(0, u64::saturating_add),
+        size_in_bytes: tensors.iter().map(|t| t.size_in_bytes).fold(0, u64::saturating_add),
         dtypes,
         tensors,
     })

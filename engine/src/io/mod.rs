@@ -96,11 +96,22 @@ pub fn list_any(path: impl AsRef<Path>) -> Result<(Format, Vec<TensorInfo>)> {
                 name: r.name.clone(),
                 dtype: r.dtype_name.to_string(),
                 shape: r.shape.clone(),
-                size_in_bytes: r.shape.iter().product::<usize>() * torch_elem_size(r.dtype_name),
+                size_in_bytes: checked_numel(&r.shape).unwrap_or(0) * torch_elem_size(r.dtype_name),
             })
             .collect(),
     };
     Ok((format, list))
+}
+
+/// Element count of `shape`, or `None` when the dims (ignoring zeros, since layouts multiply the
+/// others together for strides) multiply past what 8-byte elements could address: such a shape can
+/// only come from a corrupt file and would overflow later arithmetic.
+pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
+    let nonzero = shape.iter().filter(|&&d| d != 0).try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    if nonzero > isize::MAX as usize / 8 {
+        return None;
+    }
+    Some(if shape.contains(&0) { 0 } else { nonzero })
 }
 
 fn torch_elem_size(dtype_name: &str) -> usize {

@@ -39,7 +39,7 @@ pub struct Entry {
 
 impl Entry {
     pub fn elem_count(&self) -> usize {
-        self.shape.iter().product()
+        super::checked_numel(&self.shape).unwrap_or(0) // the header check rejected overflowing shapes
     }
     pub fn size_in_bytes(&self) -> usize {
         self.data_offsets.1 - self.data_offsets.0
@@ -244,7 +244,7 @@ fn parse_header(bytes: &[u8], path: &str) -> Result<Header> {
         if end > data_len {
             return Err(kerr(format!("data_offsets [{begin}, {end}] outside the {data_len} data bytes (truncated file?)")));
         }
-        let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| kerr(format!("shape {shape:?} overflows")))?;
+        let count = super::checked_numel(&shape).ok_or_else(|| kerr(format!("shape {shape:?} overflows")))?;
         if count.checked_mul(elem_size) != Some(end - begin) {
             return Err(kerr(format!("shape {shape:?} of {dtype_name} needs {} bytes, data_offsets give {}", count.saturating_mul(elem_size), end - begin)));
         }

@@ -201,7 +201,10 @@ impl TorchFile {
         }
         let pk = pickle::parse(&data[pstart..pstart + plen]).map_err(|e| ferr(format!("{folder}/data.pkl: {e}")))?;
         let mut tensors = Vec::new();
-        Walk { pk: &pk, path: &path, out: &mut tensors }.value(&pk.root, "", 0)?;
+        // Shared references make the object a graph; walking it as a tree could take exponential
+        // time on a hostile file. A real checkpoint reaches each object about once.
+        let budget = 4 * pk.objs.len() + 1024;
+        Walk { pk: &pk, path: &path, out: &mut tensors, budget }.value(&pk.root, "", 0)?;
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         if let Some(w) = tensors.windows(2).find(|w| w[0].name == w[1].name) {
             return Err(Error::FileKey { path: path.clone(), key: w[0].name.clone(), msg: "two tensors flatten to this name".into() });
@@ -225,6 +228,8 @@ struct Walk<'a> {
     pk: &'a Pickle,
     path: &'a str,
     out: &'a mut Vec<TensorRef>,
+    /// Objects still allowed to be visited.
+    budget: usize,
 }
 
 impl Walk<'_> {
@@ -236,6 +241,10 @@ impl Walk<'_> {
         if depth > MAX_DEPTH {
             return Err(self.kerr(key, format!("objects nested more than {MAX_DEPTH} deep (corrupt or cyclic pickle)")));
         }
+        if self.budget == 0 {
+            return Err(self.kerr(key, "the pickled objects refer to each other too often (corrupt pickle)"));
+        }
+        self.budget -= 1;
         let pk = self.pk;
         match pk.obj(v) {
             Some(Obj::Dict(items)) => {
@@ -319,12 +328,15 @@ impl Walk<'_> {
             return Err(self.kerr(key, format!("size {shape:?} and stride {strides:?} differ in rank")));
         }
         // The view must stay inside its storage: offset + sum((d-1)*s) < numel, checked without overflow.
-        let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| self.kerr(key, format!("size {shape:?} overflows")))?;
-        if count > 0 {
-            let last = shape.iter().zip(&strides).try_fold(offset, |a, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| a.checked_add(x)));
-            if last.is_none_or(|l| l >= storage_numel) {
-                return Err(self.kerr(key, format!("view (offset {offset}, size {shape:?}, stride {strides:?}) reaches outside its storage of {storage_numel} elements")));
-            }
+        let count = super::checked_numel(&shape).ok_or_else(|| self.kerr(key, format!("size {shape:?} overflows")))?;
+        if count == 0 {
+            // No element is ever read, so the strides do not matter; contiguous ones are always valid.
+            let strides = crate::layout::contiguous_strides(&shape);
+            return Ok(TensorRef { name: key.to_string(), dtype_name, dtype, storage_key, storage_numel, offset: 0, shape, strides });
+        }
+        let last = shape.iter().zip(&strides).try_fold(offset, |a, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| a.checked_add(x)));
+        if last.is_none_or(|l| l >= storage_numel) {
+            return Err(self.kerr(key, format!("view (offset {offset}, size {shape:?}, stride {strides:?}) reaches outside its storage of {storage_numel} elements")));
         }
         Ok(TensorRef { name: key.to_string(), dtype_name, dtype, storage_key, storage_numel, offset, shape, strides })
     }
@@ -346,4 +358,85 @@ fn storage_dtype(class: &str) -> Option<(&'static str, Option<DType>)> {
         "CharStorage" => ("I8", None),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    /// BINUNICODE of `s`.
+    fn s(s: &str) -> Vec<u8> {
+        let mut v = vec![b'X'];
+        v.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        v.extend_from_slice(s.as_bytes());
+        v
+    }
+
+    /// A pickled `{"w": _rebuild_tensor_v2(storage '0' of 4 floats, offset, size, stride, ...)}`
+    /// (sizes and strides as 8-byte LONG1 so that any value fits).
+    fn state_dict(offset: u32, size: &[u64], stride: &[u64]) -> Vec<u8> {
+        let ints = |v: &[u64]| -> Vec<u8> {
+            let mut o = vec![b'('];
+            for &x in v {
+                o.extend_from_slice(&[0x8a, 8]);
+                o.extend_from_slice(&x.to_le_bytes());
+            }
+            o.push(b't');
+            o
+        };
+        let mut p = b"\x80\x02}(".to_vec();
+        p.extend(s("w"));
+        p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+        p.extend(s("storage"));
+        p.extend_from_slice(b"ctorch\nFloatStorage\n");
+        p.extend(s("0"));
+        p.extend(s("cpu"));
+        p.extend_from_slice(b"K\x04tQJ");
+        p.extend_from_slice(&offset.to_le_bytes());
+        p.extend(ints(size));
+        p.extend(ints(stride));
+        p.extend_from_slice(b"\x89}tRu.");
+        p
+    }
+
+    fn checkpoint(pkl: &[u8]) -> Vec<u8> {
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for (name, bytes) in [("ckpt/data.pkl", pkl), ("ckpt/byteorder", b"little"), ("ckpt/data/0", &bytemuck_f32(&[1.0, 2.0, 3.0, 4.0]))] {
+            zip.start_file(name, opts).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap().into_inner()
+    }
+
+    fn bytemuck_f32(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn io_torch_views_are_checked_against_their_storage() {
+        // Storage [1, 2, 3, 4] seen as a transposed 2x2: [[1, 3], [2, 4]].
+        let ok = super::load_from_bytes(&checkpoint(&state_dict(0, &[2, 2], &[1, 2])), "t.bin").unwrap();
+        assert_eq!(ok["w"].to_vec::<f32>().unwrap(), vec![1.0, 3.0, 2.0, 4.0]);
+        let err = super::load_from_bytes(&checkpoint(&state_dict(1, &[2, 2], &[1, 2])), "t.bin").unwrap_err().to_string();
+        assert!(err.contains("t.bin") && err.contains("`w`") && err.contains("outside its storage"), "{err}");
+        // Zero elements: any strides, nothing read; huge dims that multiply past usize are refused.
+        let empty = super::load_from_bytes(&checkpoint(&state_dict(0, &[0, 7], &[9, 9])), "t.bin").unwrap();
+        assert_eq!(empty["w"].shape(), &[0, 7]);
+        let big = 1u64 << 40;
+        let err = super::load_from_bytes(&checkpoint(&state_dict(0, &[big, big, big, 0], &[1, 1, 1, 1])), "t.bin").unwrap_err().to_string();
+        assert!(err.contains("overflows"), "{err}");
+    }
+
+    #[test]
+    fn io_torch_shared_references_cannot_blow_up_the_walk() {
+        // t = (); 60 times: t = (t, t). 2^60 paths through 61 objects.
+        let mut p = b"\x80\x02)".to_vec();
+        for _ in 0..60 {
+            p.extend_from_slice(b"q\x00h\x00\x86");
+        }
+        p.push(b'.');
+        let err = super::load_from_bytes(&checkpoint(&p), "dag.bin").unwrap_err().to_string();
+        assert!(err.contains("dag.bin") && err.contains("refer to each other"), "{err}");
+    }
 }
