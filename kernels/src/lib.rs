@@ -10,3 +10,8 @@ pub mod attention;
 pub mod grid_sample;
 pub mod pool;
 pub mod rng;
+pub mod elementwise_backward;
+pub mod norm_backward;
+pub mod pool_backward;
+pub mod grid_sample_backward;
+pub mod adamw;

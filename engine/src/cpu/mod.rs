@@ -1,9 +1,40 @@
 //! The CPU backend: storage (owned or memory-mapped bytes) and the ops on it. Ops compute in f32
 //! for every float dtype and convert at the boundaries; heavy loops run on rayon.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::{DType, Error, Result, WithDType};
+
+/// Bytes of owned CPU storage alive now, and the most alive at once since the last `reset_peak`
+/// (memory-mapped storage is not counted). Process-wide; used by tests and memory reports.
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// (live bytes, peak bytes) of owned CPU storage.
+pub fn memory_stats() -> (usize, usize) {
+    (LIVE_BYTES.load(Ordering::Relaxed), PEAK_BYTES.load(Ordering::Relaxed))
+}
+
+/// Sets the peak to the current live bytes.
+pub fn reset_peak() {
+    PEAK_BYTES.store(LIVE_BYTES.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// Owned words, counted in LIVE_BYTES while they exist.
+fn owned(words: Vec<u64>, len_bytes: usize) -> CpuBytes {
+    let live = LIVE_BYTES.fetch_add(words.len() * 8, Ordering::Relaxed) + words.len() * 8;
+    PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
+    CpuBytes::Owned { words, len_bytes }
+}
+
+impl Drop for CpuBytes {
+    fn drop(&mut self) {
+        if let CpuBytes::Owned { words, .. } = self {
+            LIVE_BYTES.fetch_sub(words.len() * 8, Ordering::Relaxed);
+        }
+    }
+}
 
 /// Bytes of one dtype: owned (8-byte aligned) or a zero-copy window into a memory-mapped file.
 pub struct CpuStorage {
@@ -22,12 +53,12 @@ impl CpuStorage {
         let len_bytes = v.len() * std::mem::size_of::<T>();
         let mut words = vec![0u64; len_bytes.div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len_bytes].copy_from_slice(bytemuck::cast_slice(&v));
-        CpuStorage { bytes: CpuBytes::Owned { words, len_bytes }, dtype: T::DTYPE }
+        CpuStorage { bytes: owned(words, len_bytes), dtype: T::DTYPE }
     }
 
     pub fn zeros(dtype: DType, len: usize) -> Self {
         let len_bytes = len * dtype.size_in_bytes();
-        CpuStorage { bytes: CpuBytes::Owned { words: vec![0u64; len_bytes.div_ceil(8)], len_bytes }, dtype }
+        CpuStorage { bytes: owned(vec![0u64; len_bytes.div_ceil(8)], len_bytes), dtype }
     }
 
     /// Copies little-endian bytes of `dtype` elements.
