@@ -2,6 +2,25 @@
 //! backend (the `apply` functions) and the CUDA kernels (the `cuda_name` functions select the device
 //! function of the same math in cuda/elementwise.cu).
 
+use crate::compile::KernelSource;
+
+/// kernels/cuda/elementwise.cu. No fast-math: the unary maps must match the CPU's libm closely.
+pub const SOURCE: KernelSource = KernelSource { name: "elementwise", code: include_str!("../cuda/elementwise.cu"), options: &[] };
+
+/// Threads per block of every element-wise kernel (EW_BLOCK in the .cu).
+pub const BLOCK: u32 = 256;
+/// Elements per pack (per thread) of a contiguous kernel whose operands have these element sizes:
+/// one 16-byte access of the widest (VEC1/VEC2 in the .cu).
+pub fn pack_elems(elem_sizes: &[usize]) -> usize {
+    16 / elem_sizes.iter().copied().max().unwrap_or(16)
+}
+
+/// Byte alignment the contiguous kernels need of an operand of `elem_size` bytes when packs hold
+/// `pack` elements (the `Pack` alignment in common.cuh).
+pub fn pack_align(elem_size: usize, pack: usize) -> usize {
+    (elem_size * pack).min(16)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum UnaryOp {
     Neg,
@@ -32,6 +51,32 @@ pub enum UnaryOp {
 }
 
 impl UnaryOp {
+    /// (op code, p0, p1) for `unary_*` in cuda/elementwise.cu (the `switch` in `unary_math`).
+    pub fn cuda_code(self) -> (i32, f32, f32) {
+        match self {
+            UnaryOp::Neg => (0, 0.0, 0.0),
+            UnaryOp::Abs => (1, 0.0, 0.0),
+            UnaryOp::Sqr => (2, 0.0, 0.0),
+            UnaryOp::Sqrt => (3, 0.0, 0.0),
+            UnaryOp::Rsqrt => (4, 0.0, 0.0),
+            UnaryOp::Recip => (5, 0.0, 0.0),
+            UnaryOp::Exp => (6, 0.0, 0.0),
+            UnaryOp::Log => (7, 0.0, 0.0),
+            UnaryOp::Sin => (8, 0.0, 0.0),
+            UnaryOp::Cos => (9, 0.0, 0.0),
+            UnaryOp::Tanh => (10, 0.0, 0.0),
+            UnaryOp::Sigmoid => (11, 0.0, 0.0),
+            UnaryOp::Silu => (12, 0.0, 0.0),
+            UnaryOp::Relu => (13, 0.0, 0.0),
+            UnaryOp::Gelu => (14, 0.0, 0.0),
+            UnaryOp::GeluTanh => (15, 0.0, 0.0),
+            UnaryOp::Affine { mul, add } => (16, mul, add),
+            UnaryOp::Powf(p) => (17, p, 0.0),
+            UnaryOp::Clamp { min, max } => (18, min, max),
+            UnaryOp::LeakyRelu(s) => (19, s, 0.0),
+        }
+    }
+
     #[inline(always)]
     pub fn apply(self, x: f32) -> f32 {
         match self {
@@ -93,6 +138,19 @@ pub enum BinaryOp {
 }
 
 impl BinaryOp {
+    /// Op code for `binary_*` in cuda/elementwise.cu.
+    pub fn cuda_code(self) -> i32 {
+        match self {
+            BinaryOp::Add => 0,
+            BinaryOp::Sub => 1,
+            BinaryOp::Mul => 2,
+            BinaryOp::Div => 3,
+            BinaryOp::Max => 4,
+            BinaryOp::Min => 5,
+            BinaryOp::Pow => 6,
+        }
+    }
+
     #[inline(always)]
     pub fn apply(self, a: f32, b: f32) -> f32 {
         match self {
@@ -119,6 +177,18 @@ pub enum CmpOp {
 }
 
 impl CmpOp {
+    /// Op code for `cmp_*` in cuda/elementwise.cu.
+    pub fn cuda_code(self) -> i32 {
+        match self {
+            CmpOp::Eq => 0,
+            CmpOp::Ne => 1,
+            CmpOp::Lt => 2,
+            CmpOp::Le => 3,
+            CmpOp::Gt => 4,
+            CmpOp::Ge => 5,
+        }
+    }
+
     #[inline(always)]
     pub fn apply(self, a: f32, b: f32) -> bool {
         match self {

@@ -3,6 +3,7 @@
 //! engine's CPU backend also runs. This crate knows nothing of tensors or autograd: it works on
 //! slices, sizes and raw device buffers, and the engine decides layouts and dtypes.
 
+pub mod compile;
 pub mod elementwise;
 pub mod norm;
 pub mod softmax;
@@ -15,3 +16,7 @@ pub mod norm_backward;
 pub mod pool_backward;
 pub mod grid_sample_backward;
 pub mod adamw;
+
+/// Every CUDA kernel family (one per kernels/cuda/*.cu). The CI compile test checks this list
+/// against the folder, so a new .cu file must be added here.
+pub const ALL_SOURCES: &[&compile::KernelSource] = &[&elementwise::SOURCE];

@@ -1,0 +1,55 @@
+//! The CUDA backend: device probe and info, one context + stream per device (created lazily,
+//! cached for the process), a caching allocator, CUDA events for timing, the loader of our
+//! NVRTC-compiled kernel families, and `CudaStorage` with the element-wise ops.
+//!
+//! Everything is loaded dynamically (cudarc with dynamic loading, NVRTC via kernels::compile): the
+//! engine builds and runs without CUDA, and asking for a GPU where there is none is an
+//! `Error::Cuda` that says why, never a panic.
+//!
+//! How an op gets a CUDA arm (see elementwise.rs for the full pattern):
+//! ```ignore
+//! use crate::cuda::{CudaStorage, launch_1d, launch_failed, PushKernelArg};
+//! let dev = x.device();                                   // &Arc<CudaDevice>
+//! let out = CudaStorage::alloc(dev, DType::F32, n)?;      // pooled, uninitialised
+//! let f = dev.function(&kernels::softmax::SOURCE, "softmax_f32")?; // compiled + loaded once
+//! let (src, dst, n64) = (x.ptr_at(layout.offset()), out.device_ptr(), n as u64);
+//! let mut b = dev.launch_builder(&f);
+//! b.arg(&src).arg(&dst).arg(&n64);
+//! unsafe { b.launch(launch_1d(n, 256)) }.map_err(launch_failed("softmax_f32"))?;
+//! ```
+//! All work goes on the device's one stream (`CudaDevice::stream`): the allocator hands a freed
+//! block to the next allocation at once, which is safe only because the stream orders every use.
+//! Work on another stream must first wait for this one (and this one for it) with events.
+
+mod alloc;
+mod device;
+mod elementwise;
+mod launch;
+mod storage;
+
+pub use alloc::{size_class, CudaBlock, MemoryStats};
+pub use device::{device, device_count, device_info, is_available, probe, CudaDevice, DeviceInfo, GpuTimer};
+pub use launch::{launch_1d, launch_failed, strided_config, ElementwisePlan, StridedArgs, MAX_DIMS};
+pub use storage::CudaStorage;
+
+// The cudarc pieces an op's CUDA arm needs, so that callers need not name cudarc themselves.
+pub use cudarc::driver::{CudaEvent, CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg};
+
+use crate::Error;
+
+/// The error an op returns on CUDA tensors until its kernel is wired in.
+pub fn not_yet(op: &str) -> Error {
+    Error::Cuda(format!("{op} has no CUDA implementation in this build"))
+}
+
+/// Maps a driver error to ours, naming what was being done.
+pub(crate) fn driver_error(what: impl std::fmt::Display, e: DriverError) -> Error {
+    Error::Cuda(format!("{what}: {e}"))
+}
+
+// Tensors are shared across threads, so their storage must be.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<CudaStorage>();
+    send_sync::<std::sync::Arc<CudaDevice>>();
+};

@@ -1,0 +1,97 @@
+// Shared device code for every kernel family (included as "common.cuh"; NVRTC gets it as an
+// in-memory header, so no CUDA headers are needed): fixed-width types, our own bf16/f16 types and
+// conversions (bit-exact with the Rust `half` crate: round to nearest even, NaN stays NaN), 16-byte
+// packs for vectorized access, and the strided-index arithmetic of element-wise kernels.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+// Distinct types (not bare u16) so that templates can tell bf16 from f16.
+struct __align__(2) bf16 { u16 bits; };
+struct __align__(2) f16 { u16 bits; };
+
+// ---- conversions to and from f32 (all float math is done in f32) ----------------------------
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16 v) { return __uint_as_float(((u32)v.bits) << 16); }
+__device__ __forceinline__ float to_f32(f16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+__device__ __forceinline__ float to_f32(u8 v) { return (float)v; }
+__device__ __forceinline__ float to_f32(i64 v) { return (float)v; }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) {
+    // Same steps as half::bf16::from_f32.
+    u32 x = __float_as_uint(v);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return bf16{(u16)((x >> 16) | 0x0040u)};
+    const u32 round_bit = 0x00008000u;
+    if ((x & round_bit) != 0 && (x & (3u * round_bit - 1u)) != 0) return bf16{(u16)((x >> 16) + 1u)};
+    return bf16{(u16)(x >> 16)};
+}
+template <> __device__ __forceinline__ f16 from_f32<f16>(float v) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return f16{h};
+}
+// Rust's `f32 as u8`: truncates toward zero, saturates, NaN -> 0.
+template <> __device__ __forceinline__ u8 from_f32<u8>(float v) {
+    if (!(v > 0.0f)) return 0;
+    if (v >= 255.0f) return 255;
+    return (u8)v;
+}
+// Rust's `f32 as i64`: truncates toward zero, saturates, NaN -> 0.
+template <> __device__ __forceinline__ i64 from_f32<i64>(float v) {
+    if (v != v) return 0;
+    if (v >= 9223372036854775808.0f) return 0x7fffffffffffffffll;
+    if (v <= -9223372036854775808.0f) return (i64)(-0x7fffffffffffffffll - 1);
+    return (i64)v;
+}
+
+// ---- 16-byte packs for vectorized loads and stores ----------------------------------------
+// A pack of N elements is aligned to its size, capped at 16 bytes (the widest single access);
+// the host only takes a vectorized path when every pointer meets `pack_align<T, N>()`.
+template <typename T, int N> struct alignas((sizeof(T) * N < 16) ? sizeof(T) * N : 16) Pack {
+    T v[N];
+};
+
+// ---- strided element-wise indexing ----------------------------------------------------------
+// Must match `StridedArgs` in engine/src/cuda/launch.rs: the output is contiguous over `shape`,
+// and input j reads element sum_d coord[d] * strides[j][d] (in elements, from its own base
+// pointer, which already includes the view's offset). Dimensions [0, rank) are used.
+#define LA_MAX_DIMS 8
+
+template <int NIN> struct StridedArgs {
+    u64 rank;
+    u64 shape[LA_MAX_DIMS];
+    u64 strides[NIN][LA_MAX_DIMS];
+};
+
+// Storage offsets of every input for the row-major output index `idx`. `I` is u32 when the host
+// has checked that every index and offset fits (division is much cheaper), else u64.
+template <typename I, int NIN>
+__device__ __forceinline__ void strided_offsets(I idx, const StridedArgs<NIN>& a, I (&off)[NIN]) {
+#pragma unroll
+    for (int j = 0; j < NIN; ++j) off[j] = 0;
+#pragma unroll
+    for (int d = LA_MAX_DIMS - 1; d >= 0; --d) {
+        if (d < (int)a.rank) {
+            I c;
+            if (d == 0) {
+                c = idx;
+            } else {
+                I size = (I)a.shape[d];
+                c = idx % size;
+                idx /= size;
+            }
+#pragma unroll
+            for (int j = 0; j < NIN; ++j) off[j] += c * (I)a.strides[j][d];
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! CI compile check of the CUDA kernels: every kernels/cuda/*.cu compiles with NVRTC to CUBIN for
+//! sm_80 (A100) and sm_90 (H100/H200), and ptxas' registers / stack / spills per kernel are printed
+//! (with eprintln, so the CI log shows them). Needs no GPU, only libnvrtc: it is found like the
+//! engine finds it (LOOKAHEAD_NVRTC_LIB, the loader path, CUDA_HOME, the CI / reference Python
+//! venvs; see kernels::compile::Nvrtc::find). Without NVRTC the test fails when `CI` is set and
+//! otherwise prints that it skipped.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use kernels::compile::{KernelSource, Nvrtc, HEADERS};
+
+const ARCHS: [u32; 2] = [80, 90];
+
+fn cuda_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels").join("cuda")
+}
+
+fn files_with_ext(ext: &str) -> BTreeSet<String> {
+    std::fs::read_dir(cuda_dir())
+        .expect("kernels/cuda exists")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn nvrtc_or_skip() -> Option<Nvrtc> {
+    match Nvrtc::find() {
+        Ok(n) => {
+            eprintln!("NVRTC {}.{} from {}", n.version().0, n.version().1, n.path().display());
+            Some(n)
+        }
+        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but NVRTC cannot be loaded, so the CUDA kernels are not compile-checked: {e}"),
+        Err(e) => {
+            eprintln!("skipped: NVRTC not found ({e})");
+            None
+        }
+    }
+}
+
+/// Every .cu file is registered in kernels::ALL_SOURCES (or the engine could never load it) and
+/// every .cuh header is in kernels::compile::HEADERS (or NVRTC could not include it).
+#[test]
+fn every_kernel_file_is_registered() {
+    let files = files_with_ext("cu");
+    let registered: BTreeSet<String> = kernels::ALL_SOURCES.iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(files, registered, "kernels/cuda/*.cu vs kernels::ALL_SOURCES");
+    let headers: BTreeSet<String> = files_with_ext("cuh").into_iter().map(|h| format!("{h}.cuh")).collect();
+    let known: BTreeSet<String> = HEADERS.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(headers, known, "kernels/cuda/*.cuh vs kernels::compile::HEADERS");
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    let Some(nvrtc) = nvrtc_or_skip() else { return };
+    let mut failures = Vec::new();
+    let mut kernels_seen = 0;
+    for src in kernels::ALL_SOURCES {
+        // Compile what is on disk (the same text as the embedded source; checked above).
+        let code: &'static str = Box::leak(std::fs::read_to_string(cuda_dir().join(format!("{}.cu", src.name))).expect("readable").into_boxed_str());
+        let src = KernelSource { name: src.name, code, options: src.options };
+        let (nvrtc, src) = (&nvrtc, &src);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = ARCHS.iter().map(|&arch| (arch, s.spawn(move || {
+                let t = std::time::Instant::now();
+                (nvrtc.compile_uncached(src, arch), t.elapsed())
+            }))).collect();
+            handles.into_iter().map(|(arch, h)| (arch, h.join().expect("compile thread"))).collect()
+        });
+        for (arch, (result, took)) in results {
+            match result {
+                Ok(c) => {
+                    let res = c.resources();
+                    eprintln!("{} sm_{arch}: {} kernels, {} KiB cubin, {:.1} s", src.path(), res.len(), c.cubin.len() / 1024, took.as_secs_f32());
+                    assert!(!res.is_empty(), "{} sm_{arch}: no ptxas report in the NVRTC log:\n{}", src.path(), c.log);
+                    for k in &res {
+                        let flag = if k.spill_store_bytes + k.spill_load_bytes > 0 { "  <-- SPILLS" } else { "" };
+                        eprintln!(
+                            "  sm_{arch} {:<34} regs {:>3}  stack {:>4} B  spill st {:>4} B  ld {:>4} B  smem {:>6} B{flag}",
+                            k.name, k.registers, k.stack_frame_bytes, k.spill_store_bytes, k.spill_load_bytes, k.shared_bytes
+                        );
+                    }
+                    kernels_seen += res.len();
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    failures.push(format!("{} sm_{arch}", src.path()));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "kernel compile errors (log above): {failures:?}");
+    eprintln!("compiled {kernels_seen} kernels across {:?}", ARCHS);
+}
