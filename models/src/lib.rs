@@ -2,3 +2,6 @@
 //! encoders, VAE), TAESD, LoRA, the IP-Adapter face encoder, the KV-encoder UNet, IR-SE50 ArcFace,
 //! MTCNN, schedulers and pipelines, with their weight loaders and presets. No training loop here.
 //! (Arrives with the SDXL-family and face-side issues.)
+
+pub mod nn;
+pub mod weights;
