@@ -3,17 +3,21 @@
 //! broadcast), with per-dtype tolerances. Without a CUDA device every test prints
 //! "skipped: no CUDA device (...)" and passes.
 //!
-//! Adding an op: write a `#[test]` that starts with `let Some(dev) = gpu("name") else { return };`
+//! Adding an op: write a `#[test]` that starts with `let Some((dev, _gpu)) = gpu("name") else { return };`
 //! and calls `check(label, out_dtype, |device| { ...build inputs with input()/LAYOUTS on `device`,
 //! run the op... })` per case: `check` runs the closure on the CPU and on `dev` and compares.
+
+use std::sync::{Mutex, MutexGuard};
 
 use engine::{DType, Device, Result, Tensor};
 use kernels::elementwise::{BinaryOp, CmpOp, UnaryOp};
 
-/// The CUDA device to test on, or None after printing why the test is skipped.
-fn gpu(test: &str) -> Option<Device> {
+/// The CUDA device to test on and a lock that serializes the GPU tests (the allocator-statistics
+/// checks need the device to themselves), or None after printing why the test is skipped.
+fn gpu(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
+    static GPU: Mutex<()> = Mutex::new(());
     match engine::cuda::probe() {
-        Ok(_) => Some(Device::Cuda(0)),
+        Ok(_) => Some((Device::Cuda(0), GPU.lock().unwrap_or_else(|e| e.into_inner()))),
         Err(e) => {
             eprintln!("{test}: skipped: no CUDA device ({e})");
             None
@@ -86,7 +90,8 @@ const LAYOUTS: &[(&str, &[usize], View)] = &[
 ];
 
 /// Operand pairs for binary ops: (label, a's stored shape, a's view, b's stored shape, b's view).
-const PAIRS: &[(&str, &[usize], View, &[usize], View)] = &[
+type Pair = (&'static str, &'static [usize], View, &'static [usize], View);
+const PAIRS: &[Pair] = &[
     ("same_shape", &[1027], |t| Ok(t.clone()), &[1027], |t| Ok(t.clone())),
     ("rows_x_row", &[33, 64], |t| Ok(t.clone()), &[64], |t| Ok(t.clone())),
     ("bias_nchw", &[2, 3, 4, 5], |t| Ok(t.clone()), &[3, 1, 1], |t| Ok(t.clone())),
@@ -102,7 +107,7 @@ const ALL: [DType; 5] = [DType::F32, DType::BF16, DType::F16, DType::I64, DType:
 
 #[test]
 fn copy_and_contiguous() {
-    let Some(dev) = gpu("copy_and_contiguous") else { return };
+    let Some((dev, _gpu)) = gpu("copy_and_contiguous") else { return };
     for dt in ALL {
         for (i, (label, shape, view)) in LAYOUTS.iter().enumerate() {
             check(dev, &format!("copy {dt} {label}"), dt, |d| view(&input(shape, dt, -100.0, 100.0, i as u64, d)?)?.copy());
@@ -112,7 +117,7 @@ fn copy_and_contiguous() {
 
 #[test]
 fn upload_download_roundtrip_large() {
-    let Some(dev) = gpu("upload_download_roundtrip_large") else { return };
+    let Some((dev, _gpu)) = gpu("upload_download_roundtrip_large") else { return };
     // Above the pinned-staging threshold and not a multiple of the staging chunk.
     let n = 4_500_007;
     let v = values(n, -1.0, 1.0, 7);
@@ -122,7 +127,7 @@ fn upload_download_roundtrip_large() {
 
 #[test]
 fn casts_between_every_dtype_pair() {
-    let Some(dev) = gpu("casts_between_every_dtype_pair") else { return };
+    let Some((dev, _gpu)) = gpu("casts_between_every_dtype_pair") else { return };
     for from in ALL {
         for to in ALL {
             for (i, (label, shape, view)) in LAYOUTS.iter().enumerate() {
@@ -160,7 +165,7 @@ const UNARY: &[(UnaryOp, f32, f32)] = &[
 
 #[test]
 fn unary_ops() {
-    let Some(dev) = gpu("unary_ops") else { return };
+    let Some((dev, _gpu)) = gpu("unary_ops") else { return };
     for &(op, lo, hi) in UNARY {
         for dt in FLOATS {
             for (i, (label, shape, view)) in LAYOUTS.iter().enumerate() {
@@ -174,7 +179,7 @@ const BINARY: &[BinaryOp] = &[BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, Binar
 
 #[test]
 fn binary_ops_with_broadcasting() {
-    let Some(dev) = gpu("binary_ops_with_broadcasting") else { return };
+    let Some((dev, _gpu)) = gpu("binary_ops_with_broadcasting") else { return };
     for &op in BINARY {
         // Div and Pow stay away from zero / negative bases.
         let (lo, hi) = if matches!(op, BinaryOp::Div | BinaryOp::Pow) { (0.5, 2.5) } else { (-4.0, 4.0) };
@@ -194,7 +199,7 @@ const CMP: &[CmpOp] = &[CmpOp::Eq, CmpOp::Ne, CmpOp::Lt, CmpOp::Le, CmpOp::Gt, C
 
 #[test]
 fn comparisons() {
-    let Some(dev) = gpu("comparisons") else { return };
+    let Some((dev, _gpu)) = gpu("comparisons") else { return };
     for &op in CMP {
         for dt in ALL {
             for (i, (label, sa, va, sb, vb)) in PAIRS.iter().enumerate() {
@@ -211,7 +216,7 @@ fn comparisons() {
 
 #[test]
 fn where_cond_selects() {
-    let Some(dev) = gpu("where_cond_selects") else { return };
+    let Some((dev, _gpu)) = gpu("where_cond_selects") else { return };
     for dt in ALL {
         for (i, (label, sa, va, sb, vb)) in PAIRS.iter().enumerate() {
             check(dev, &format!("where {dt} {label}"), dt, |d| {
@@ -226,7 +231,7 @@ fn where_cond_selects() {
 
 #[test]
 fn steady_state_loop_allocates_nothing() {
-    let Some(dev) = gpu("steady_state_loop_allocates_nothing") else { return };
+    let Some((dev, _gpu)) = gpu("steady_state_loop_allocates_nothing") else { return };
     let cuda = engine::cuda::device(0).unwrap();
     let x = input(&[64, 257], DType::BF16, -1.0, 1.0, 1, dev).unwrap();
     let step = |x: &Tensor| -> Tensor { x.silu().unwrap().mul(x).unwrap().add(&x.t().unwrap().t().unwrap()).unwrap().to_dtype(DType::F32).unwrap() };
@@ -247,7 +252,7 @@ fn steady_state_loop_allocates_nothing() {
 
 #[test]
 fn device_info_timer_and_bad_ordinal() {
-    let Some(dev) = gpu("device_info_timer_and_bad_ordinal") else { return };
+    let Some((dev, _gpu)) = gpu("device_info_timer_and_bad_ordinal") else { return };
     let info = engine::cuda::device_info(0).unwrap();
     eprintln!("{info}");
     assert!(info.total_memory > 0 && info.free_memory <= info.total_memory && info.compute_capability.0 >= 7);
@@ -274,4 +279,47 @@ fn no_device_is_an_error_not_a_panic() {
     let err = Tensor::from_vec(vec![1f32, 2.0], &[2], Device::Cuda(0)).unwrap_err().to_string();
     assert!(err.contains("CUDA"), "{err}");
     assert!(engine::cuda::device_info(0).is_err());
+}
+
+/// Not a parity check: prints element-wise bandwidth next to device-to-device copy bandwidth
+/// measured in the same run (the target is >= 85% of copy for the contiguous kernels).
+#[test]
+fn elementwise_bandwidth_report() {
+    let Some((dev, _gpu)) = gpu("elementwise_bandwidth_report") else { return };
+    let cuda = engine::cuda::device(0).unwrap();
+    let n = 1usize << 26; // 64 Mi elements: far above L2
+    let x = input(&[n], DType::F32, -1.0, 1.0, 1, dev).unwrap();
+    let y = input(&[n], DType::F32, -1.0, 1.0, 2, dev).unwrap();
+    let xb = x.to_dtype(DType::BF16).unwrap();
+    let yb = y.to_dtype(DType::BF16).unwrap();
+    let time = |bytes: usize, f: &dyn Fn()| -> f64 {
+        f();
+        cuda.synchronize().unwrap();
+        let iters = 10;
+        let timer = cuda.start_timer().unwrap();
+        for _ in 0..iters {
+            f();
+        }
+        let ms = timer.stop().unwrap() as f64 / iters as f64;
+        bytes as f64 / (ms * 1e-3) / 1e9
+    };
+    let dst = cuda.alloc(n * 4).unwrap();
+    let src = engine::cuda::CudaStorage::alloc(&cuda, DType::F32, n).unwrap();
+    let copy = time(2 * n * 4, &|| cuda.copy_dtod(dst.ptr(), src.device_ptr(), n * 4).unwrap());
+    eprintln!("{}: device-to-device copy {copy:.0} GB/s (read + write)", cuda);
+    let rows: [(&str, usize, &dyn Fn()); 6] = [
+        ("silu f32", 2 * n * 4, &|| drop(x.silu().unwrap())),
+        ("silu bf16", 2 * n * 2, &|| drop(xb.silu().unwrap())),
+        ("add f32", 3 * n * 4, &|| drop(x.add(&y).unwrap())),
+        ("mul bf16", 3 * n * 2, &|| drop(xb.mul(&yb).unwrap())),
+        ("cast f32->bf16", n * 6, &|| drop(x.to_dtype(DType::BF16).unwrap())),
+        ("gelu bf16", 2 * n * 2, &|| drop(xb.gelu().unwrap())),
+    ];
+    for (name, bytes, f) in rows {
+        let gbs = time(bytes, f);
+        eprintln!("  {name:<16} {gbs:>7.0} GB/s  {:>5.1}% of copy", 100.0 * gbs / copy);
+    }
+    let strided = time(2 * n * 4, &|| drop(x.reshape(&[8192, 8192]).unwrap().t().unwrap().copy().unwrap()));
+    eprintln!("  {:<16} {strided:>7.0} GB/s  {:>5.1}% of copy", "transpose f32", 100.0 * strided / copy);
+    eprintln!("allocator: {:?}", cuda.memory_stats());
 }

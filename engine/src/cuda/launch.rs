@@ -76,8 +76,8 @@ impl<const NIN: usize> ElementwisePlan<NIN> {
         let mut args = StridedArgs { rank: dims.len() as u64, shape: [1; MAX_DIMS], strides: [[0; MAX_DIMS]; NIN] };
         for (d, (size, s)) in dims.iter().enumerate() {
             args.shape[d] = *size as u64;
-            for j in 0..NIN {
-                args.strides[j][d] = s[j] as u64;
+            for (stride, &v) in args.strides.iter_mut().zip(s) {
+                stride[d] = v as u64;
             }
         }
         let contiguous = elems <= 1 || (dims.len() == 1 && (0..NIN).all(|j| dims[0].1[j] == 1));

@@ -43,7 +43,7 @@ impl CudaStorage {
 
     /// Copies little-endian element bytes (e.g. a CPU tensor or a memory-mapped weight) to the device.
     pub fn upload(device: Device, dtype: DType, bytes: &[u8]) -> Result<Self> {
-        if bytes.len() % dtype.size_in_bytes() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size_in_bytes()) {
             return Err(Error::Cuda(format!("upload: {} bytes is not a whole number of {dtype} elements", bytes.len())));
         }
         let dev = self::device(cuda_ordinal(device, "upload")?)?;
