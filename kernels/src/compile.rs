@@ -94,7 +94,10 @@ impl Nvrtc {
     /// `~/.cache/lookahead/ci-venv`, `~/.cache/lookahead/ref-venv` and `/opt/torch/.venv`.
     pub fn find() -> Result<Nvrtc, CompileError> {
         if let Some(p) = std::env::var_os("LOOKAHEAD_NVRTC_LIB").filter(|p| !p.is_empty()) {
-            return Self::open(Path::new(&p)).map_err(|e| CompileError::NotFound(format!("LOOKAHEAD_NVRTC_LIB={}: {e}", Path::new(&p).display())));
+            return Self::open(Path::new(&p)).map_err(|e| match e {
+                CompileError::NotFound(m) => CompileError::NotFound(format!("LOOKAHEAD_NVRTC_LIB={}: {m}", Path::new(&p).display())),
+                other => other,
+            });
         }
         for soname in ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"] {
             if let Ok(n) = Self::load(Path::new(soname), PathBuf::from(soname)) {
@@ -322,7 +325,8 @@ pub fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
     out
 }
 
-/// Adds the offending source line under every `file(line): error|warning` line of an NVRTC log.
+/// Adds the offending source line under every `file(line): error|warning` line of an NVRTC log
+/// that does not quote it already.
 fn annotate_log(log: &str, src: &KernelSource) -> String {
     let mut out = String::new();
     for line in log.lines() {
@@ -337,7 +341,8 @@ fn annotate_log(log: &str, src: &KernelSource) -> String {
         } else {
             HEADERS.iter().find(|(h, _)| file.ends_with(h)).and_then(|(_, c)| c.lines().nth(n.saturating_sub(1)))
         };
-        if let Some(t) = text {
+        // Newer NVRTC quotes the line itself.
+        if let Some(t) = text.filter(|t| !t.trim().is_empty() && !log.contains(t.trim())) {
             out.push_str(&format!("    | {}\n", t.trim_end()));
         }
     }
