@@ -3,5 +3,8 @@
 //! MTCNN, schedulers and pipelines, with their weight loaders and presets. No training loop here.
 //! (Arrives with the SDXL-family and face-side issues.)
 
+pub mod clip_text;
+pub mod conditioning;
 pub mod nn;
+pub mod tokenizer;
 pub mod weights;

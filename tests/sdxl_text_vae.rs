@@ -1,0 +1,113 @@
+//! SDXL text side (CLIP BPE tokenizer, both text encoders, prompt conditioning) and the two
+//! autoencoders (AutoencoderKL, AutoencoderTiny) against transformers 5.24.0 / diffusers 0.42.1
+//! on tiny configurations of the real topologies with random weights
+//! (generator: tests/fixtures/gen/sdxl_text_vae.py).
+
+use autograd::{no_grad, Var};
+use engine::{DType, Device, Tensor};
+use lookahead::{assert_close, fixture_path, load_fixture};
+use models::clip_text::ClipTextModel;
+use models::conditioning::{add_time_ids, encode_ids, SdxlTextEncoders};
+use models::tokenizer::ClipTokenizer;
+
+fn tokens_fixture() -> serde_json::Value {
+    let path = fixture_path("sdxl_text_vae_tokens.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn tokenizer_matches_transformers_on_real_vocab() {
+    let record = tokens_fixture();
+    let dir = fixture_path("clip_bpe_trimmed");
+    let tok = ClipTokenizer::from_files(&dir.join("vocab.json"), &dir.join("merges.txt")).unwrap();
+    let tok_2 = tok.clone().with_pad_token("!").unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id(), tok_2.pad_id()), (49406, 49407, 49407, 0));
+    let prompts = record["prompts"].as_array().unwrap();
+    assert!(prompts.len() >= 10);
+    for (i, p) in prompts.iter().enumerate() {
+        let p = p.as_str().unwrap();
+        for (name, t) in [("tokenizer", &tok), ("tokenizer_2", &tok_2)] {
+            assert_eq!(t.encode_padded(p), ids_of(&record[name][i]), "{name}, padded, prompt {p:?}");
+            assert_eq!(t.encode_with_special(p), ids_of(&record[format!("{name}_unpadded")][i]), "{name}, unpadded, prompt {p:?}");
+        }
+    }
+}
+
+#[test]
+fn tokenizer_folders_read_special_tokens() {
+    let tiny = fixture_path("sdxl_tiny");
+    let t1 = ClipTokenizer::from_folder(tiny.join("tokenizer")).unwrap();
+    let t2 = ClipTokenizer::from_folder(tiny.join("tokenizer_2")).unwrap();
+    let n = t1.vocab_size() as u32;
+    assert_eq!((t1.bos_id(), t1.eos_id(), t1.pad_id(), t1.max_length()), (n - 2, n - 1, n - 1, 77));
+    assert_eq!((t2.bos_id(), t2.eos_id(), t2.pad_id()), (n - 2, n - 1, 0));
+    let f = load_fixture("sdxl_text_vae.safetensors");
+    let record = tokens_fixture();
+    let prompts: Vec<&str> = [1, 4].iter().map(|&i| record["prompts"][i].as_str().unwrap()).collect();
+    assert_eq!(t1.encode_batch(&prompts, Device::Cpu).unwrap().to_vec::<i64>().unwrap(), f["te1_ids"].to_vec::<i64>().unwrap());
+    assert_eq!(t2.encode_batch(&prompts, Device::Cpu).unwrap().to_vec::<i64>().unwrap(), f["te2_ids"].to_vec::<i64>().unwrap());
+}
+
+fn check(name: &str, got: &Var, expected: &Tensor) {
+    assert_close(name, got.value(), expected, 1e-4, 1e-4);
+}
+
+#[test]
+fn text_encoders_match_transformers() {
+    let f = load_fixture("sdxl_text_vae.safetensors");
+    let tiny = fixture_path("sdxl_tiny");
+    let te1 = ClipTextModel::from_folder(tiny.join("text_encoder"), false, None, Device::Cpu).unwrap();
+    let te2 = ClipTextModel::from_folder(tiny.join("text_encoder_2"), true, None, Device::Cpu).unwrap();
+    no_grad(|| {
+        let o1 = te1.forward(&f["te1_ids"]).unwrap();
+        assert_eq!(o1.hidden_states.len(), te1.config.num_hidden_layers + 1);
+        assert!(o1.text_embeds.is_none());
+        check("te1 hidden_states[0]", &o1.hidden_states[0], &f["te1_hidden_0"]);
+        check("te1 hidden_states[-2]", &o1.hidden_states[o1.hidden_states.len() - 2], &f["te1_hidden_penultimate"]);
+        check("te1 last_hidden_state", &o1.last_hidden_state, &f["te1_last_hidden"]);
+        check("te1 pooled", &o1.pooled, &f["te1_pooled"]);
+
+        let o2 = te2.forward(&f["te2_ids"]).unwrap();
+        check("te2 hidden_states[0]", &o2.hidden_states[0], &f["te2_hidden_0"]);
+        check("te2 hidden_states[-2]", &o2.hidden_states[o2.hidden_states.len() - 2], &f["te2_hidden_penultimate"]);
+        check("te2 last_hidden_state", &o2.last_hidden_state, &f["te2_last_hidden"]);
+        check("te2 text_embeds", o2.text_embeds.as_ref().unwrap(), &f["te2_text_embeds"]);
+
+        let c = encode_ids(&te1, &te2, &f["te1_ids"], &f["te2_ids"], None).unwrap();
+        check("prompt_embeds", &c.prompt_embeds, &f["cond_prompt_embeds"]);
+        check("pooled_prompt_embeds", &c.pooled_prompt_embeds, &f["cond_pooled"]);
+    });
+    let ids = add_time_ids((1024, 768), (12, 34), (1024, 1024), 2, DType::F32, Device::Cpu).unwrap();
+    assert_close("add_time_ids", &ids, &f["cond_add_time_ids"], 0.0, 0.0);
+}
+
+#[test]
+fn sdxl_text_encoders_from_prompts() {
+    let f = load_fixture("sdxl_text_vae.safetensors");
+    let record = tokens_fixture();
+    let prompts: Vec<&str> = [1, 4].iter().map(|&i| record["prompts"][i].as_str().unwrap()).collect();
+    let enc = SdxlTextEncoders::from_folder(fixture_path("sdxl_tiny"), None, Device::Cpu).unwrap();
+    no_grad(|| {
+        let c = enc.encode(&prompts, Device::Cpu).unwrap();
+        check("prompt_embeds from text", &c.prompt_embeds, &f["cond_prompt_embeds"]);
+        check("pooled from text", &c.pooled_prompt_embeds, &f["cond_pooled"]);
+        let neg = enc.encode_negative(&c, None, true, Device::Cpu).unwrap();
+        assert_eq!(neg.prompt_embeds.shape(), c.prompt_embeds.shape());
+        assert!(neg.prompt_embeds.value().to_vec_f32().unwrap().iter().all(|&v| v == 0.0));
+    });
+}
+
+#[test]
+fn text_encoder_reports_bad_weights() {
+    let tiny = fixture_path("sdxl_tiny");
+    // text_encoder_2 has a text_projection that a plain CLIPTextModel does not ask for.
+    let err = ClipTextModel::from_folder(tiny.join("text_encoder_2"), false, None, Device::Cpu).err().expect("unexpected key must fail");
+    assert!(err.to_string().contains("text_projection.weight"), "{err}");
+    // text_encoder has none.
+    let err = ClipTextModel::from_folder(tiny.join("text_encoder"), true, None, Device::Cpu).err().expect("missing key must fail");
+    assert!(err.to_string().contains("text_projection.weight"), "{err}");
+}
