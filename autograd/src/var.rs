@@ -257,20 +257,22 @@ pub fn backward_many(roots: &[(Var, Tensor)], retain_graph: bool) -> Result<()> 
     // vars that require a gradient.
     let mut order: Vec<Var> = Vec::new();
     let mut seen: HashSet<usize> = HashSet::new();
+    // A var is marked when it is expanded (not when pushed), so that it is emitted only after
+    // every var it depends on, whichever path reaches it first.
     for (root, _) in roots {
-        if !seen.insert(root.id()) {
-            continue;
-        }
         let mut stack: Vec<(Var, bool)> = vec![(root.clone(), false)];
         while let Some((v, expanded)) = stack.pop() {
             if expanded {
                 order.push(v);
                 continue;
             }
+            if !seen.insert(v.id()) {
+                continue;
+            }
             let parents: Vec<Var> = lock(&v.0.node).as_ref().map(|n| n.parents.clone()).unwrap_or_default();
             stack.push((v, true));
             for p in parents {
-                if p.requires_grad() && seen.insert(p.id()) {
+                if p.requires_grad() && !seen.contains(&p.id()) {
                     stack.push((p, false));
                 }
             }

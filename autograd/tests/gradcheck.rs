@@ -271,6 +271,24 @@ fn checkpoint_gives_the_plain_gradients() {
 }
 
 #[test]
+fn shared_subexpressions_and_residuals() {
+    // y is used by z and by the output, and z also depends on y: the backward must finish all of
+    // y's consumers before passing y's gradient on (a topological order, not a plain DFS order).
+    check("diamond", &[randn(&[3], 141)], |v| {
+        let y = v[0].tanh()?;
+        let z = y.mul(&v[0])?.sin()?;
+        z.add(&y)?.mul(&y.exp()?)
+    });
+    check("residual chain", &[randn(&[2, 3], 142), randn(&[3, 3], 143)], |v| {
+        let mut t = v[0].clone();
+        for _ in 0..3 {
+            t = t.add(&t.matmul(&v[1])?.tanh()?)?;
+        }
+        Ok(t)
+    });
+}
+
+#[test]
 fn gradcheck_rejects_a_wrong_rule() {
     // exp with the gradient of the identity: the check must fail and name the op's input.
     let wrong = |v: &[Var]| -> engine::Result<Var> { Ok(Var::from_op("wrong_exp", v[0].value().exp()?, &[&v[0]], |g, _| Ok(vec![Some(g.clone())]))) };
