@@ -199,7 +199,7 @@ impl<'a> Vm<'a> {
     }
     /// Sets `items` (key, value, key, value, ...) in the dict `target` refers to.
     fn extend_dict(&mut self, target: &Value, items: Vec<Value>) -> std::result::Result<(), String> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.err("SETITEMS with an odd number of items");
         }
         let is_dict = matches!(target, Value::Obj(i) if matches!(self.objs.get(*i), Some(Obj::Dict(_))));

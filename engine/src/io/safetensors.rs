@@ -309,7 +309,7 @@ pub fn save(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)], metadata: Optio
         pos += n;
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| ferr(format!("header: {e}")))?;
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
 

@@ -187,10 +187,8 @@ impl TorchFile {
                     return Err(ferr(format!("zip entry {name} is compressed; torch writes checkpoints uncompressed and compressed entries are not supported")));
                 }
                 folder_entries.push((format!("{folder}/{key}"), start, size, crc));
-            } else if rest == "byteorder" {
-                if !stored || &data[start..start + size] != b"little" {
-                    return Err(ferr("the checkpoint is not little-endian; big-endian checkpoints are not supported".into()));
-                }
+            } else if rest == "byteorder" && (!stored || &data[start..start + size] != b"little") {
+                return Err(ferr("the checkpoint is not little-endian; big-endian checkpoints are not supported".into()));
             }
         }
         let (folder, pstart, plen) = pkl.ok_or_else(|| ferr("no `<folder>/data.pkl` in the archive: not a torch.save checkpoint".into()))?;
