@@ -63,10 +63,8 @@ pub fn gradcheck(name: &str, inputs: &[Tensor], f: impl Fn(&[Var]) -> Result<Var
             };
             let numeric = (eval(opts.eps)? - eval(-opts.eps)?) / (2.0 * opts.eps as f64);
             let excess = (analytic[j] as f64 - numeric).abs() as f32 - (opts.atol + opts.rtol * numeric.abs() as f32);
-            if excess > 0.0 || analytic[j].is_nan() {
-                if worst.is_none_or(|(_, _, _, e)| excess > e) {
-                    worst = Some((j, analytic[j], numeric, excess));
-                }
+            if (excess > 0.0 || analytic[j].is_nan()) && worst.is_none_or(|(_, _, _, e)| excess > e) {
+                worst = Some((j, analytic[j], numeric, excess));
             }
         }
         if let Some((j, a, n, _)) = worst {

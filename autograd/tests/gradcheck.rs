@@ -1,6 +1,9 @@
 //! A finite-difference gradcheck (f32, CPU, central differences) of every backward rule, plus the
 //! graph semantics: no_grad, frozen weights, accumulation, freeing, ops without a rule.
 
+// Inputs are listed as `&[x.clone()]` for uniformity with the multi-input checks.
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
 use autograd::gradcheck::{gradcheck, GradcheckOptions};
 use autograd::{checkpoint, no_grad, Var};
 use engine::{Conv2dParams, DType, Device, PadMode, Tensor};

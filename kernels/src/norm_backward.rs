@@ -22,20 +22,23 @@ fn mean_rstd(x: &[f32], eps: f32) -> (f64, f64) {
 }
 
 /// Layer norm over rows of length `cols` (see `norm::layer_norm_rows`). Writes dx (same length as
-/// x) and, when given, adds nothing but overwrites `dweight` / `dbias` (length `cols`).
+/// x) and, when given, overwrites `dweight` / `dbias` (length `cols`).
+#[allow(clippy::too_many_arguments)]
 pub fn layer_norm_backward_rows(x: &[f32], dy: &[f32], cols: usize, weight: Option<&[f32]>, eps: f32, dx: &mut [f32], dweight: Option<&mut [f32]>, dbias: Option<&mut [f32]>) {
     assert_eq!(x.len(), dy.len(), "layer_norm_backward: x and dy lengths differ");
     assert_eq!(x.len(), dx.len(), "layer_norm_backward: dx length");
     if cols == 0 || x.is_empty() {
-        dweight.map(|d| d.fill(0.0));
-        dbias.map(|d| d.fill(0.0));
+        for d in [dweight, dbias].into_iter().flatten() {
+            d.fill(0.0);
+        }
         return;
     }
     let rows = x.len() / cols;
     let want_params = dweight.is_some() || dbias.is_some();
     // Per-row partials of dweight (dy * xhat) and dbias (dy), reduced below in row order.
     let mut partial_w = if want_params { vec![0f32; x.len()] } else { Vec::new() };
-    let row = |(((dxr, xr), dyr), pw): (((&mut [f32], &[f32]), &[f32]), &mut [f32])| {
+    type RowArgs<'a> = (((&'a mut [f32], &'a [f32]), &'a [f32]), &'a mut [f32]);
+    let row = |(((dxr, xr), dyr), pw): RowArgs| {
         let (mean, rstd) = mean_rstd(xr, eps);
         let m = cols as f64;
         let (mut sum_g, mut sum_gx) = (0f64, 0f64);
@@ -94,14 +97,15 @@ pub fn group_norm_backward(
 ) {
     assert_eq!(x.len(), n * c * hw, "group_norm_backward: input length");
     assert!(dy.len() == x.len() && dx.len() == x.len(), "group_norm_backward: dy / dx lengths");
-    assert!(groups > 0 && c % groups == 0, "group_norm_backward: {groups} groups do not divide {c} channels");
+    assert!(groups > 0 && c.is_multiple_of(groups), "group_norm_backward: {groups} groups do not divide {c} channels");
     let cpg = c / groups;
     let group_len = cpg * hw;
     // Per (sample, channel) partial sums of dy' * xhat and dy' (dy' = gradient before the affine).
     let mut pw = vec![0f64; n * c];
     let mut pb = vec![0f64; n * c];
     if group_len > 0 && n > 0 {
-        let group = |(idx, (((dxg, xg), dyg), (pwg, pbg))): (usize, (((&mut [f32], &[f32]), &[f32]), (&mut [f64], &mut [f64])))| {
+        type GroupArgs<'a> = (usize, (((&'a mut [f32], &'a [f32]), &'a [f32]), (&'a mut [f64], &'a mut [f64])));
+        let group = |(idx, (((dxg, xg), dyg), (pwg, pbg))): GroupArgs| {
             let (mean, rstd) = mean_rstd(xg, eps);
             let first = (idx % groups) * cpg;
             // dy' per element (through SiLU if fused), then g = dy' * w[ch].

@@ -51,6 +51,7 @@ pub fn max_pool2d_argmax(x: &[f32], h: usize, w: usize, p: Pool2d, oy: usize, ox
 }
 
 /// Gradient of `pool::max_pool2d_plane`: each output's gradient goes to its window's winner.
+#[allow(clippy::too_many_arguments)]
 pub fn max_pool2d_backward_plane(x: &[f32], dy: &[f32], h: usize, w: usize, p: Pool2d, oh: usize, ow: usize, dx: &mut [f32]) {
     dx.fill(0.0);
     for oy in 0..oh {
