@@ -11,7 +11,7 @@ use serde::Serialize;
 
 const BASELINE_SCRIPT: &str = include_str!("../../benches/baseline_torch.py");
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
@@ -160,13 +160,13 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> Result<Box<dyn Fn() -> engi
 /// Median seconds of `f` over repeats lasting at least `min_time` (at least 3 runs).
 fn median_time(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, min_time: f64) -> Result<f64> {
     f()?;
-    engine::synchronize(device)?;
+    device.synchronize()?;
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < 3 || (start.elapsed().as_secs_f64() < min_time && times.len() < 200) {
         let t = Instant::now();
         let out = f()?;
-        engine::synchronize(device)?;
+        device.synchronize()?;
         times.push(t.elapsed().as_secs_f64());
         drop(out);
     }
@@ -213,9 +213,7 @@ fn run_baseline(python: &str, cases: &[Case], device: Device, dtype: DType, min_
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
-    if device.is_cuda() {
-        engine::cuda::ensure_device(device).with_context(|| format!("--device {}", args.device))?;
-    }
+    device.open().with_context(|| format!("--device {}", args.device))?;
     let dtype = match args.dtype.as_deref() {
         None if device == Device::Cpu => DType::F32,
         None => DType::BF16,
@@ -246,9 +244,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.json {
         let report = serde_json::json!({
             "device": device.to_string(),
-            "device_name": engine::device_name(device),
+            "device_name": device.name(),
             "dtype": dtype.to_string(),
-            "threads": rayon_threads(),
             "baseline": baseline,
             "rows": rows,
         });
@@ -256,7 +253,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     eprintln!("\r{:60}", "");
-    println!("lookahead bench — {} ({}), {dtype}", device, engine::device_name(device));
+    println!("lookahead bench — {}, {dtype}", if device.is_cuda() { format!("{device} ({})", device.name()) } else { device.name() });
     if let Some(b) = &baseline {
         println!("baseline: torch {} on {} ({} threads), same run", b["torch"].as_str().unwrap_or("?"), b["device"].as_str().unwrap_or("?"), b["threads"]);
     }
@@ -273,8 +270,4 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

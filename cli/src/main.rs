@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod inspect;
 
 #[derive(Parser, Debug)]
@@ -17,12 +18,15 @@ struct Cli {
 enum Command {
     /// List the tensors of a weights file (.safetensors, or a PyTorch .bin/.pth/.pt checkpoint).
     Inspect(inspect::InspectArgs),
+    /// Time the engine's kernels at SDXL-like shapes (table, or --json), optionally next to PyTorch.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match &cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a.clone()),
     };
     if let Err(e) = result {
         eprintln!("error: {}", message(&e));

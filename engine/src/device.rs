@@ -11,6 +11,32 @@ impl Device {
     pub fn is_cuda(self) -> bool {
         matches!(self, Device::Cuda(_))
     }
+
+    /// Waits until all work queued on the device has finished (a no-op on the CPU, whose ops are
+    /// synchronous). Timing code needs this before reading a clock.
+    pub fn synchronize(self) -> crate::Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(n) => crate::cuda::device(n)?.synchronize(),
+        }
+    }
+
+    /// Checks that the device can be used: on CUDA this loads the driver and creates the context,
+    /// so a missing driver or a bad ordinal is reported here rather than at the first op.
+    pub fn open(self) -> crate::Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(n) => crate::cuda::device(n).map(|_| ()),
+        }
+    }
+
+    /// A human-readable name: "cpu (N threads)" or the GPU's product name.
+    pub fn name(self) -> String {
+        match self {
+            Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Device::Cuda(n) => crate::cuda::device_info(n).map(|i| i.name).unwrap_or_else(|e| format!("unavailable: {e}")),
+        }
+    }
 }
 
 impl std::fmt::Display for Device {
