@@ -92,7 +92,7 @@ impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<ClipTextConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
         let cfg: ClipTextConfig = serde_json::from_str(&text).map_err(|e| Error::File { path: path.display().to_string(), msg: format!("not a CLIP text config: {e}") })?;
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::File { path: path.display().to_string(), msg: format!("hidden_size {} does not split into {} heads", cfg.hidden_size, cfg.num_attention_heads) });
         }
         Ok(cfg)

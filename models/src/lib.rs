@@ -6,5 +6,7 @@
 pub mod clip_text;
 pub mod conditioning;
 pub mod nn;
+pub mod taesd;
 pub mod tokenizer;
+pub mod vae;
 pub mod weights;

@@ -184,7 +184,7 @@ impl ClipTokenizer {
             if let Some(n) = cfg.get("model_max_length").and_then(|n| n.as_f64()) {
                 // transformers writes a huge number when no maximum is set; CLIP's position table
                 // holds 77.
-                tok.max_length = if n >= 1.0 && n < 1e6 { n as usize } else { 77 };
+                tok.max_length = if (1.0..1e6).contains(&n) { n as usize } else { 77 };
             }
         }
         Ok(tok)
@@ -196,7 +196,7 @@ impl ClipTokenizer {
         let id = *self.vocab.get(content).ok_or_else(|| Error::msg(format!("tokenizer: special token {content:?} is not in the vocabulary")))?;
         if !self.added.iter().any(|a| a.content == content) {
             self.added.push(AddedToken { content: content.to_string(), id, normalized });
-            self.added.sort_by(|a, b| b.content.len().cmp(&a.content.len()));
+            self.added.sort_by_key(|a| std::cmp::Reverse(a.content.len()));
         }
         Ok(id)
     }
