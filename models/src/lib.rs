@@ -3,10 +3,13 @@
 //! MTCNN, schedulers and pipelines, with their weight loaders and presets. No training loop here.
 //! (Arrives with the SDXL-family and face-side issues.)
 
+pub mod attention;
 pub mod clip_text;
 pub mod conditioning;
+pub mod hub;
 pub mod nn;
-pub mod taesd;
+pub mod presets;
 pub mod tokenizer;
-pub mod vae;
+pub mod unet;
+pub mod unet_blocks;
 pub mod weights;
