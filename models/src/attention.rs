@@ -90,7 +90,7 @@ pub struct Attention {
 /// [B, L, H·D] -> [B, H, L, D].
 fn split_heads(x: &Var, heads: usize) -> Result<Var> {
     let s = x.shape();
-    if s.len() != 3 || s[2] % heads != 0 {
+    if s.len() != 3 || heads == 0 || !s[2].is_multiple_of(heads) {
         return Err(Error::BadShape { op: "attention", msg: format!("expected [B, L, heads*dim] with {heads} heads"), shape: s.to_vec() });
     }
     x.reshape(&[s[0], s[1], heads, s[2] / heads])?.permute(&[0, 2, 1, 3])
@@ -257,7 +257,7 @@ impl Transformer2DModel {
     /// `name` is the module path of this Transformer2DModel (blocks are `name.transformer_blocks.i`).
     #[allow(clippy::too_many_arguments)]
     pub fn load(w: &Weights, name: &str, channels: usize, heads: usize, depth: usize, context_dim: usize, groups: usize) -> Result<Transformer2DModel> {
-        if heads == 0 || channels % heads != 0 {
+        if heads == 0 || !channels.is_multiple_of(heads) {
             return Err(Error::msg(format!("{name}: {channels} channels do not split into {heads} heads")));
         }
         let head_dim = channels / heads;

@@ -335,7 +335,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(w: &Weights, groups: usize, channels: usize, eps: f32) -> Result<GroupNorm> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::msg(format!("GroupNorm {}: {channels} channels do not split into {groups} groups", w.prefix())));
         }
         Ok(GroupNorm { weight: frozen(w.get("weight", &[channels])?), bias: frozen(w.get("bias", &[channels])?), groups, eps })

@@ -234,6 +234,7 @@ impl UNet2DConditionModel {
         // Channels of every skip, in push order.
         let mut skip_channels = vec![ch[0]];
         let mut prev = ch[0];
+        #[allow(clippy::needless_range_loop)] // i indexes four per-block lists
         for i in 0..n {
             let name = format!("down_blocks.{i}");
             let attn = cfg.down_attention[i].then(|| spec(cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i]));
