@@ -2,6 +2,12 @@
 //! order of `torch.optim.AdamW` (single-tensor, non-amsgrad, non-foreach) so that results match it
 //! to rounding. The CUDA kernel of the same math gets the same signature.
 
+/// kernels/cuda/adamw.cu: the fused step. --fmad=false (with NVRTC's default IEEE sqrt and
+/// division) makes it bit-identical to `adamw_step`.
+pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "adamw", code: include_str!("../cuda/adamw.cu"), options: &["--fmad=false"] };
+/// Threads per block of the kernels in adamw.cu (AW_BLOCK).
+pub const BLOCK: u32 = 256;
+
 /// One AdamW step for one parameter tensor. `step` is the 1-based step count after this update.
 /// The hyperparameters are host scalars in f64 (as torch's Python floats): the constants derived
 /// from them are formed in f64 and rounded to f32 once, as torch does.

@@ -2,6 +2,11 @@
 //! backward pass: grad_in = grad_out * derivative(op, x), with x the op's input. The CPU backend
 //! and (later) the CUDA kernels compute the same formulas.
 
+/// kernels/cuda/elementwise_backward.cu (the same derivatives on the GPU).
+pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "elementwise_backward", code: include_str!("../cuda/elementwise_backward.cu"), options: &[] };
+/// Threads per block of the kernels in elementwise_backward.cu (EWB_BLOCK).
+pub const BLOCK: u32 = 256;
+
 use crate::elementwise::{sigmoid, UnaryOp};
 
 /// d op(x) / dx at `x`. At kinks (relu, abs, clamp at its bounds) it takes PyTorch's choice:

@@ -3,6 +3,13 @@
 //! alignment warp. Grid coordinates are normalized: -1 and 1 are the outer edges of the corner
 //! pixels (align_corners=false) or the corner pixel centres (align_corners=true).
 
+/// kernels/cuda/grid_sample.cu: affine grids, bilinear sampling and its backward. --fmad=false:
+/// the coordinate math must round as the CPU's (a contracted multiply-add can move a sample point
+/// across a pixel boundary).
+pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "grid_sample", code: include_str!("../cuda/grid_sample.cu"), options: &["--fmad=false"] };
+/// Threads per block of every kernel in grid_sample.cu (GS_BLOCK).
+pub const BLOCK: u32 = 256;
+
 /// PyTorch's `linspace_from_neg_one`: n points from -1 to 1 (a single point is 0), scaled by
 /// (n - 1) / n when the corners are not aligned.
 pub fn base_coords(n: usize, align_corners: bool) -> Vec<f32> {

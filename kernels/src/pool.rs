@@ -2,6 +2,12 @@
 //! arithmetic: output sizes, window clipping, avg-pool divisors (count_include_pad=True), ceil mode,
 //! adaptive windows, and nearest-neighbour source indices. The engine runs these per (n, c) plane.
 
+/// kernels/cuda/pool.cu: pooling and nearest upsampling, forward and backward. --fmad=false keeps
+/// the f32 rounding of the CPU functions below (sums in the same order, no contracted multiply-adds).
+pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "pool", code: include_str!("../cuda/pool.cu"), options: &["--fmad=false"] };
+/// Threads per block of every kernel in pool.cu (SP_BLOCK).
+pub const BLOCK: u32 = 256;
+
 /// Output length of a pooling window along one axis (PyTorch `pooling_output_shape`, dilation 1).
 /// With `ceil_mode` the last window may hang over the end, but it must start inside the input or
 /// the left padding. Returns None when the window does not fit at all.

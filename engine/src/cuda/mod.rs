@@ -24,13 +24,18 @@
 mod alloc;
 mod device;
 mod elementwise;
+mod elementwise_backward;
+mod index;
 mod launch;
+mod spatial;
 mod storage;
 
 pub use alloc::{size_class, CudaBlock, MemoryStats};
 pub use device::{device, device_count, device_info, is_available, probe, CudaDevice, DeviceInfo, GpuTimer};
 pub use launch::{launch_1d, launch_failed, strided_config, ElementwisePlan, StridedArgs, MAX_DIMS};
 pub use storage::CudaStorage;
+pub use elementwise_backward::adamw_step;
+pub use spatial::PoolKind;
 
 // The cudarc pieces an op's CUDA arm needs, so that callers need not name cudarc themselves.
 pub use cudarc::driver::{CudaEvent, CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg};

@@ -1,9 +1,10 @@
 //! In-place optimizer updates: one AdamW step on f32 parameter / moment tensors (math in
 //! kernels::adamw) and `assign_`, which writes new values into an existing tensor's storage (used
-//! to write f32 master weights back into bf16 parameters). CUDA: not yet.
+//! to write f32 master weights back into bf16 parameters). On CUDA the step is one fused kernel
+//! (kernels/cuda/adamw.cu) with the same math, bit for bit.
 
 use crate::storage::Storage;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
 
 impl Tensor {
     /// Runs `f` on this contiguous f32 CPU tensor's elements, mutably.
@@ -17,7 +18,8 @@ impl Tensor {
         let mut guard = self.write_storage();
         match &mut *guard {
             Storage::Cpu(s) => f(&mut s.as_mut_slice::<f32>()?[range]),
-            Storage::Cuda(_) => Err(crate::cuda::not_yet(op)),
+            // CUDA tensors take adamw_step_cuda before reaching here.
+            Storage::Cuda(_) => Err(Error::DeviceMismatch { op, lhs: self.device(), rhs: Device::Cpu }),
         }
     }
 
@@ -39,11 +41,47 @@ impl Tensor {
         if step == 0 {
             return Err(Error::msg("adamw_step_: steps count from 1"));
         }
+        if let Device::Cuda(_) = self.device() {
+            return self.adamw_step_cuda(grad, m, v, kernels::adamw::AdamWScalars::new(lr, beta1, beta2, eps, weight_decay, step));
+        }
         let g = grad.to_dtype(DType::F32)?.contiguous()?.to_vec::<f32>()?;
         self.with_f32_mut(OP, |p| m.with_f32_mut(OP, |mm| v.with_f32_mut(OP, |vv| {
             kernels::adamw::adamw_step(p, &g, mm, vv, lr, beta1, beta2, eps, weight_decay, step);
             Ok(())
         })))
+    }
+
+    /// The CUDA step: parameter, moments (contiguous f32) and gradient (any float dtype, made
+    /// contiguous) in one kernel pass.
+    fn adamw_step_cuda(&self, grad: &Tensor, m: &Tensor, v: &Tensor, k: kernels::adamw::AdamWScalars) -> Result<()> {
+        const OP: &str = "adamw_step_";
+        grad.float_only(OP)?;
+        let mut ranges = Vec::with_capacity(3);
+        for t in [self, m, v] {
+            if t.dtype() != DType::F32 {
+                return Err(Error::DTypeMismatch { op: OP, lhs: t.dtype(), rhs: DType::F32 });
+            }
+            let Some(range) = t.layout().contiguous_range() else {
+                return Err(Error::BadShape { op: OP, msg: "needs a contiguous tensor".into(), shape: t.shape().to_vec() });
+            };
+            ranges.push(range);
+        }
+        let g = grad.contiguous()?;
+        let (gg, mut pg, mut mg, mut vg) = (g.read_storage(), self.write_storage(), m.write_storage(), v.write_storage());
+        match (&*gg, &mut *pg, &mut *mg, &mut *vg) {
+            (Storage::Cuda(gs), Storage::Cuda(ps), Storage::Cuda(ms), Storage::Cuda(vs)) => crate::cuda::adamw_step(
+                ps.device(),
+                ps.ptr_at(ranges[0].start),
+                gs.ptr_at(g.layout().offset()),
+                gs.dtype(),
+                ms.ptr_at(ranges[1].start),
+                vs.ptr_at(ranges[2].start),
+                0,
+                self.elem_count(),
+                k,
+            ),
+            _ => Err(Error::msg("adamw_step_: parameter, gradient and moments must be on the same CUDA device")),
+        }
     }
 
     /// Overwrites this contiguous tensor's elements with `src`'s values (same shape; cast to this
@@ -66,7 +104,14 @@ impl Tensor {
                 d.bytes_mut()[range.start * sz..range.end * sz].copy_from_slice(s.bytes());
                 Ok(())
             }
-            _ => Err(crate::cuda::not_yet(OP)),
+            (Storage::Cuda(d), Storage::Cuda(s)) => {
+                let n = range.len() * sz;
+                if n > 0 {
+                    d.device().copy_dtod(d.ptr_at(range.start), s.ptr_at(cast.layout().offset()), n)?;
+                }
+                Ok(())
+            }
+            _ => Err(Error::DeviceMismatch { op: OP, lhs: self.device(), rhs: src.device() }),
         }
     }
 }

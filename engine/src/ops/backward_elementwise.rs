@@ -1,5 +1,6 @@
 //! Gradients of the element-wise unary maps for the autograd: grad_in = grad_out * op'(x) in one
-//! pass (kernels::elementwise_backward holds the derivatives). CUDA: not yet.
+//! pass (kernels::elementwise_backward holds the derivatives; kernels/cuda/elementwise_backward.cu
+//! the same on the GPU).
 
 use kernels::elementwise::UnaryOp;
 use kernels::elementwise_backward::derivative;
@@ -26,7 +27,8 @@ impl Tensor {
                 DType::F16 => CpuStorage::from_vec(cpu::binary_map::<half::f16, half::f16>(x.as_slice()?, self.layout(), g.as_slice()?, grad.layout(), |a, b| half::f16::from_f32(b * derivative(op, a)))),
                 dt => return Err(Error::UnsupportedDType { op: OP, dtype: dt }),
             }),
-            _ => return Err(crate::cuda::not_yet(OP)),
+            (Storage::Cuda(x), Storage::Cuda(g)) => Storage::Cuda(x.unary_backward(self.layout(), g, grad.layout(), op)?),
+            _ => return Err(Error::DeviceMismatch { op: OP, lhs: self.device(), rhs: grad.device() }),
         };
         Tensor::from_storage(storage, self.shape())
     }

@@ -1,9 +1,11 @@
 //! Scatter-add along a dimension: the gradient of `index_select` and `embedding` (rows picked
-//! several times receive the sum of their gradients). CUDA: not yet.
+//! several times receive the sum of their gradients). On CUDA the sums are f32 atomics into an f32
+//! buffer (cast to the source's dtype afterwards), so their order, and the last bits, may differ
+//! from the CPU's.
 
 use crate::layout::resolve_dim;
 use crate::storage::Storage;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
 
 impl Tensor {
     /// A tensor of `shape` that is zero except out[.., idx[j], ..] += src[.., j, ..] along `dim`
@@ -15,19 +17,26 @@ impl Tensor {
         if idx.dtype() != DType::I64 || idx.rank() > 1 {
             return Err(Error::BadShape { op: OP, msg: format!("the index must be 1-D i64 (got {})", idx.dtype()), shape: idx.shape().to_vec() });
         }
-        let ids = idx.to_vec::<i64>()?;
         let mut want = shape.to_vec();
-        want[d] = ids.len();
+        want[d] = idx.elem_count();
         if src.shape() != want.as_slice() {
             return Err(Error::ShapeMismatch { op: OP, lhs: src.shape().to_vec(), rhs: want });
         }
         src.float_only(OP)?;
-        if matches!(&*src.read_storage(), Storage::Cuda(_)) {
-            return Err(crate::cuda::not_yet(OP));
-        }
         let size = shape[d];
         let outer: usize = shape[..d].iter().product();
         let inner: usize = shape[d + 1..].iter().product();
+        if let Device::Cuda(_) = src.device() {
+            let (s, i) = (src.contiguous()?, idx.to_device(src.device())?.contiguous()?);
+            let acc = {
+                let (sg, ig) = (s.read_storage(), i.read_storage());
+                let (Storage::Cuda(ss), Storage::Cuda(is)) = (&*sg, &*ig) else { unreachable!("both moved to the same CUDA device above") };
+                ss.index_add_zeros(OP, s.layout().offset(), is, i.layout().offset(), outer, idx.elem_count(), inner, d, size)?
+            };
+            let acc = Tensor::from_storage(Storage::Cuda(acc), shape)?;
+            return acc.to_dtype(src.dtype());
+        }
+        let ids = idx.to_vec::<i64>()?;
         let mut out = vec![0f32; shape.iter().product()];
         src.with_cpu_f32(|s| {
             for o in 0..outer {

@@ -6,6 +6,7 @@
 //! are i64; an index out of range is an error naming the index, the dimension and its size.
 
 use crate::cpu::CpuStorage;
+use crate::cuda::CudaStorage;
 use crate::layout::resolve_dim;
 use crate::storage::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -21,12 +22,32 @@ pub enum PadMode {
     Replicate,
 }
 
-/// The CUDA arm of every op in this file until its kernel is wired in.
+/// The CPU paths below work on CPU bytes; CUDA tensors take their own arms first.
 fn cpu_only(x: &Tensor, op: &'static str) -> Result<()> {
     match x.device() {
         Device::Cpu => Ok(()),
         Device::Cuda(_) => Err(crate::cuda::not_yet(op)),
     }
+}
+
+/// Runs `f` on a CUDA tensor's storage (the tensor's own layout applies).
+fn with_cuda<R>(t: &Tensor, op: &'static str, f: impl FnOnce(&CudaStorage) -> Result<R>) -> Result<R> {
+    match &*t.read_storage() {
+        Storage::Cuda(s) => f(s),
+        Storage::Cpu(_) => Err(Error::DeviceMismatch { op, lhs: Device::Cpu, rhs: t.device() }),
+    }
+}
+
+/// The bytes of one `dtype` element of value `v`, as the pad / masked_fill kernels take them.
+fn fill_bits(dtype: DType, v: f32) -> u64 {
+    let mut b = [0u8; 8];
+    let bytes = value_bytes(dtype, v);
+    b[..bytes.len()].copy_from_slice(&bytes);
+    u64::from_le_bytes(b)
+}
+
+fn is_cuda(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cuda(_))
 }
 
 /// Runs `f` on the row-major bytes of a CPU tensor (borrowed when contiguous, copied otherwise).
@@ -73,6 +94,25 @@ fn check_index(op: &'static str, i: i64, dim: usize, size: usize) -> Result<usiz
     Ok(i as usize)
 }
 
+/// `cat` on CUDA: each input (any view) is copied by one kernel into its column block of the
+/// output's rows ([outer, total * inner] with total the concatenated dimension's size).
+fn cat_cuda(tensors: &[&Tensor], d: usize) -> Result<Tensor> {
+    const OP: &str = "cat";
+    let first = tensors[0];
+    let total: usize = tensors.iter().map(|t| t.shape()[d]).sum();
+    let mut shape = first.shape().to_vec();
+    shape[d] = total;
+    let inner: usize = first.shape()[d + 1..].iter().product();
+    let out = with_cuda(first, OP, |s| CudaStorage::alloc(s.device(), first.dtype(), shape.iter().product()))?;
+    let mut at = 0;
+    for t in tensors {
+        let row_len = t.shape()[d] * inner;
+        with_cuda(t, OP, |s| s.cat_into(t.layout(), &out, at, row_len, total * inner))?;
+        at += row_len;
+    }
+    Tensor::from_storage(Storage::Cuda(out), &shape)
+}
+
 impl Tensor {
     /// Concatenates tensors of equal shape except along `dim`.
     pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
@@ -86,6 +126,9 @@ impl Tensor {
             if !same {
                 return Err(Error::ShapeMismatch { op: OP, lhs: first.shape().to_vec(), rhs: t.shape().to_vec() });
             }
+        }
+        if is_cuda(first) {
+            return cat_cuda(tensors, d);
         }
         cpu_only(first, OP)?;
         let sz = first.dtype().size_in_bytes();
@@ -167,6 +210,17 @@ impl Tensor {
             return Err(Error::BadShape { op, msg: "the index must be 1-D".into(), shape: idx.shape().to_vec() });
         }
         self.same_device(idx, op)?;
+        if is_cuda(self) {
+            // A gather whose index is the 1-D idx broadcast along every other dimension.
+            let mut src_strides = self.strides().to_vec();
+            let dim_stride = std::mem::replace(&mut src_strides[d], 0);
+            let mut idx_strides = vec![0; self.rank()];
+            idx_strides[d] = idx.strides().first().copied().unwrap_or(0);
+            let mut shape = self.shape().to_vec();
+            shape[d] = idx.elem_count();
+            let out = with_cuda(self, op, |s| with_cuda(idx, op, |i| s.gather(op, self.layout().offset(), &src_strides, i, idx.layout().offset(), &idx_strides, &shape, d, dim_stride, self.shape()[d])))?;
+            return Tensor::from_storage(Storage::Cuda(out), &shape);
+        }
         cpu_only(self, op)?;
         let size = self.shape()[d];
         let ids = indices(op, idx)?.into_iter().map(|i| check_index(op, i, d, size)).collect::<Result<Vec<_>>>()?;
@@ -199,6 +253,13 @@ impl Tensor {
             return Err(Error::ShapeMismatch { op: OP, lhs: self.shape().to_vec(), rhs: idx.shape().to_vec() });
         }
         self.same_device(idx, OP)?;
+        if is_cuda(self) {
+            let mut src_strides = self.strides().to_vec();
+            let dim_stride = std::mem::replace(&mut src_strides[d], 0);
+            let shape = idx.shape().to_vec();
+            let out = with_cuda(self, OP, |s| with_cuda(idx, OP, |i| s.gather(OP, self.layout().offset(), &src_strides, i, idx.layout().offset(), idx.strides(), &shape, d, dim_stride, self.shape()[d])))?;
+            return Tensor::from_storage(Storage::Cuda(out), &shape);
+        }
         cpu_only(self, OP)?;
         let ids = indices(OP, idx)?;
         let size = self.shape()[d];
@@ -246,10 +307,10 @@ impl Tensor {
         if !pads.len().is_multiple_of(2) || pads.len() > 2 * rank {
             return Err(Error::BadShape { op: OP, msg: format!("pads {pads:?} must be (left, right) pairs for at most {rank} dimensions"), shape: self.shape().to_vec() });
         }
-        cpu_only(self, OP)?;
         // For every dimension, the source index of each output index (None: the constant).
         let mut maps: Vec<Vec<Option<usize>>> = Vec::with_capacity(rank);
         let mut shape = Vec::with_capacity(rank);
+        let mut lefts = Vec::with_capacity(rank);
         for (d, &n) in self.shape().iter().enumerate() {
             let k = rank - 1 - d; // pair number in F.pad order
             let (l, r) = if 2 * k + 1 < pads.len() { (pads[2 * k], pads[2 * k + 1]) } else { (0, 0) };
@@ -277,7 +338,18 @@ impl Tensor {
                 .collect();
             maps.push(map);
             shape.push(n + l + r);
+            lefts.push(l);
         }
+        if is_cuda(self) {
+            let code = match mode {
+                PadMode::Constant => kernels::index::PAD_CONSTANT,
+                PadMode::Reflect => kernels::index::PAD_REFLECT,
+                PadMode::Replicate => kernels::index::PAD_REPLICATE,
+            };
+            let out = with_cuda(self, OP, |s| s.pad(self.layout(), &shape, &lefts, code, fill_bits(self.dtype(), value)))?;
+            return Tensor::from_storage(Storage::Cuda(out), &shape);
+        }
+        cpu_only(self, OP)?;
         let sz = self.dtype().size_in_bytes();
         let fill = value_bytes(self.dtype(), value);
         let strides = crate::layout::contiguous_strides(self.shape());
@@ -323,11 +395,13 @@ impl Tensor {
             return Err(Error::DTypeMismatch { op: OP, lhs: mask.dtype(), rhs: DType::U8 });
         }
         self.same_device(mask, OP)?;
+        let mask = mask.broadcast_to(self.shape()).map_err(|_| Error::ShapeMismatch { op: OP, lhs: self.shape().to_vec(), rhs: mask.shape().to_vec() })?;
+        if is_cuda(self) {
+            let out = with_cuda(self, OP, |s| with_cuda(&mask, OP, |m| s.masked_fill(self.layout(), m, mask.layout(), fill_bits(self.dtype(), value))))?;
+            return Tensor::from_storage(Storage::Cuda(out), self.shape());
+        }
         cpu_only(self, OP)?;
-        let m = mask
-            .broadcast_to(self.shape())
-            .map_err(|_| Error::ShapeMismatch { op: OP, lhs: self.shape().to_vec(), rhs: mask.shape().to_vec() })?
-            .to_vec::<u8>()?;
+        let m = mask.to_vec::<u8>()?;
         let sz = self.dtype().size_in_bytes();
         let fill = value_bytes(self.dtype(), value);
         build(self.dtype(), self.shape(), |out| {

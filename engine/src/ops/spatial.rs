@@ -5,21 +5,33 @@ use kernels::grid_sample as gs;
 use kernels::pool::{self, Pool2d};
 use rayon::prelude::*;
 
+use crate::cuda::{CudaStorage, PoolKind};
 use crate::storage::Storage;
-use crate::{Error, Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
 
 impl Tensor {
-    /// [N, C, H, W] as (planes, H, W); errors name `op` otherwise. CUDA tensors: not yet.
+    /// [N, C, H, W] as (planes, H, W); errors name `op` otherwise.
     fn image_dims(&self, op: &'static str) -> Result<(usize, usize, usize)> {
         self.float_only(op)?;
         if self.rank() != 4 {
             return Err(Error::BadShape { op, msg: "expected an [N, C, H, W] tensor".into(), shape: self.shape().to_vec() });
         }
-        if matches!(&*self.read_storage(), Storage::Cuda(_)) {
-            return Err(crate::cuda::not_yet(op));
-        }
         let s = self.shape();
         Ok((s[0] * s[1], s[2], s[3]))
+    }
+
+    /// Runs `f` on this tensor's CUDA storage (None for a CPU tensor).
+    pub(crate) fn on_cuda<R>(&self, f: impl FnOnce(&CudaStorage) -> Result<R>) -> Option<Result<R>> {
+        match &*self.read_storage() {
+            Storage::Cuda(s) => Some(f(s)),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// The CUDA pooling / upsampling of this NCHW tensor, or None on the CPU.
+    fn pool_cuda(&self, kind: PoolKind, oh: usize, ow: usize) -> Option<Result<Tensor>> {
+        let shape = [self.shape()[0], self.shape()[1], oh, ow];
+        self.on_cuda(|s| Tensor::from_storage(Storage::Cuda(s.pool2d(self.layout(), kind, oh, ow)?), &shape))
     }
 
     /// Runs `f(in_plane, out_plane)` on every (n, c) plane in parallel; result [N, C, oh, ow].
@@ -55,6 +67,9 @@ impl Tensor {
     /// PyTorch `F.avg_pool2d` with count_include_pad=True and ceil_mode=False.
     pub fn avg_pool2d(&self, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2]) -> Result<Tensor> {
         let (p, oh, ow) = self.pool_params("avg_pool2d", kernel, stride, padding, false)?;
+        if let Some(r) = self.pool_cuda(PoolKind::Avg(p), oh, ow) {
+            return r;
+        }
         let (h, w) = (self.shape()[2], self.shape()[3]);
         self.map_planes(oh, ow, |x, o| pool::avg_pool2d_plane(x, h, w, p, o, oh, ow))
     }
@@ -62,6 +77,9 @@ impl Tensor {
     /// PyTorch `F.max_pool2d` (dilation 1); padding is -inf.
     pub fn max_pool2d(&self, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2], ceil_mode: bool) -> Result<Tensor> {
         let (p, oh, ow) = self.pool_params("max_pool2d", kernel, stride, padding, ceil_mode)?;
+        if let Some(r) = self.pool_cuda(PoolKind::Max(p), oh, ow) {
+            return r;
+        }
         let (h, w) = (self.shape()[2], self.shape()[3]);
         self.map_planes(oh, ow, |x, o| pool::max_pool2d_plane(x, h, w, p, o, oh, ow))
     }
@@ -72,6 +90,9 @@ impl Tensor {
         if out.contains(&0) || h == 0 || w == 0 {
             return Err(Error::BadShape { op: "adaptive_avg_pool2d", msg: format!("output size {out:?} and input size must be positive"), shape: self.shape().to_vec() });
         }
+        if let Some(r) = self.pool_cuda(PoolKind::AdaptiveAvg, out[0], out[1]) {
+            return r;
+        }
         self.map_planes(out[0], out[1], |x, o| pool::adaptive_avg_pool2d_plane(x, h, w, o, out[0], out[1]))
     }
 
@@ -80,6 +101,9 @@ impl Tensor {
         let (_, h, w) = self.image_dims("upsample_nearest2d")?;
         if out_h == 0 || out_w == 0 || h == 0 || w == 0 {
             return Err(Error::BadShape { op: "upsample_nearest2d", msg: format!("output size [{out_h}, {out_w}] and input size must be positive"), shape: self.shape().to_vec() });
+        }
+        if let Some(r) = self.pool_cuda(PoolKind::UpsampleNearest, out_h, out_w) {
+            return r;
         }
         self.map_planes(out_h, out_w, |x, o| pool::upsample_nearest2d_plane(x, h, w, o, out_h, out_w))
     }
@@ -92,8 +116,10 @@ impl Tensor {
         if theta.shape() != [n, 2, 3] {
             return Err(Error::ShapeMismatch { op: "affine_grid (theta vs [N, 2, 3])", lhs: theta.shape().to_vec(), rhs: vec![n, 2, 3] });
         }
-        if matches!(&*theta.read_storage(), Storage::Cuda(_)) {
-            return Err(crate::cuda::not_yet(OP));
+        if let Device::Cuda(_) = theta.device() {
+            let t = theta.contiguous()?;
+            let grid = t.on_cuda(|s| s.affine_grid(t.layout().offset(), n, h, w, align_corners)).expect("a CUDA tensor")?;
+            return Tensor::from_storage(Storage::Cuda(grid), &[n, h, w, 2]);
         }
         let mut out = vec![0f32; n * h * w * 2];
         if h * w > 0 {
@@ -117,6 +143,11 @@ impl Tensor {
             return Err(Error::ShapeMismatch { op: "grid_sample (input [N, C, H, W] vs grid [N, oH, oW, 2])", lhs: self.shape().to_vec(), rhs: grid.shape().to_vec() });
         }
         let (oh, ow) = (grid.shape()[1], grid.shape()[2]);
+        if let Device::Cuda(_) = self.device() {
+            let g = grid.contiguous()?;
+            let out = self.on_cuda(|s| g.on_cuda(|gs| s.grid_sample(self.layout(), gs, g.layout().offset(), oh, ow, align_corners)).expect("same device")).expect("a CUDA tensor")?;
+            return Tensor::from_storage(Storage::Cuda(out), &[n, c, oh, ow]);
+        }
         let mut out = vec![0f32; n * c * oh * ow];
         if !out.is_empty() && h * w > 0 {
             self.with_cpu_f32(|x| {
