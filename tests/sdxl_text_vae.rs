@@ -3,14 +3,17 @@
 //! on tiny configurations of the real topologies with random weights
 //! (generator: tests/fixtures/gen/sdxl_text_vae.py).
 
+use std::collections::BTreeMap;
+
 use autograd::{no_grad, Var};
 use engine::{DType, Device, Tensor};
 use lookahead::{assert_close, fixture_path, load_fixture};
-use models::clip_text::ClipTextModel;
+use models::clip_text::{ClipTextConfig, ClipTextModel};
 use models::conditioning::{add_time_ids, encode_ids, SdxlTextEncoders};
 use models::taesd::AutoencoderTiny;
 use models::tokenizer::ClipTokenizer;
-use models::vae::AutoencoderKl;
+use models::vae::{AutoencoderKl, VaeConfig};
+use models::weights::{Weights, WeightsOptions};
 
 fn tokens_fixture() -> serde_json::Value {
     let path = fixture_path("sdxl_text_vae_tokens.json");
@@ -169,4 +172,69 @@ fn autoencoders_report_mismatched_weights() {
     let err = AutoencoderKl::from_folder(&dir, None, Device::Cpu).err().expect("wrong weights must fail").to_string();
     assert!(err.contains("encoder.conv_in.weight") && err.contains("encoder.layers.0.weight"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The tiny models from the single-file layout (fp16, as the released checkpoint) and from the
+/// diffusers folders converted to fp16 have the same weights, so they give identical outputs.
+#[test]
+fn single_file_layout_matches_diffusers_layout() {
+    let tiny = fixture_path("sdxl_tiny");
+    let path = fixture_path("sdxl_tiny_single_text_vae.safetensors");
+    let (_, tensors) = engine::io::load_any(&path).unwrap();
+    assert!(tensors.keys().any(|k| k.ends_with("attn.in_proj_weight")) && tensors.contains_key("first_stage_model.encoder.mid.attn_1.q.weight"));
+    let source = path.display().to_string();
+    let opts = WeightsOptions { dtype: Some(DType::F32), device: Device::Cpu, collect_missing: true };
+    let cfg = |d: &str| ClipTextConfig::from_file(&tiny.join(d).join("config.json")).unwrap();
+    let single = SdxlTextEncoders::from_single_file_tensors(&tensors, ClipTokenizer::from_folder(tiny.join("tokenizer")).unwrap(), ClipTokenizer::from_folder(tiny.join("tokenizer_2")).unwrap(), (cfg("text_encoder"), cfg("text_encoder_2")), opts, &source).unwrap();
+    let vae_single = AutoencoderKl::from_single_file_tensors(&tensors, VaeConfig::from_file(&tiny.join("vae/config.json")).unwrap(), opts, &source).unwrap();
+
+    // The diffusers folders rounded to fp16 and back: the single file's values.
+    let folder = |sub: &str, file: &str| -> BTreeMap<String, Tensor> {
+        let (_, t) = engine::io::load_any(tiny.join(sub).join(file)).unwrap();
+        t.into_iter().map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap())).collect()
+    };
+    let w1 = Weights::from_map(folder("text_encoder", "model.safetensors"), "text_encoder", opts);
+    let w2 = Weights::from_map(folder("text_encoder_2", "model.safetensors"), "text_encoder_2", opts);
+    let wv = Weights::from_map(folder("vae", "diffusion_pytorch_model.safetensors"), "vae", opts);
+    let te1 = ClipTextModel::load(&w1, cfg("text_encoder"), false).unwrap();
+    let te2 = ClipTextModel::load(&w2, cfg("text_encoder_2"), true).unwrap();
+    let vae = AutoencoderKl::load(&wv, VaeConfig::from_file(&tiny.join("vae/config.json")).unwrap()).unwrap();
+    for w in [&w1, &w2, &wv] {
+        w.finish().unwrap();
+    }
+
+    let f = load_fixture("sdxl_text_vae.safetensors");
+    no_grad(|| {
+        let a = encode_ids(&single.text_encoder, &single.text_encoder_2, &f["te1_ids"], &f["te2_ids"], None).unwrap();
+        let b = encode_ids(&te1, &te2, &f["te1_ids"], &f["te2_ids"], None).unwrap();
+        assert_close("single-file prompt_embeds", a.prompt_embeds.value(), b.prompt_embeds.value(), 0.0, 0.0);
+        assert_close("single-file pooled", a.pooled_prompt_embeds.value(), b.pooled_prompt_embeds.value(), 0.0, 0.0);
+        // And both stay close to the f32 reference (the weights are rounded to fp16).
+        assert_close("single-file prompt_embeds vs reference", a.prompt_embeds.value(), &f["cond_prompt_embeds"], 2e-2, 2e-2);
+        let x = input(&f["vae_in"]);
+        let (da, db) = (vae_single.encode(&x).unwrap(), vae.encode(&x).unwrap());
+        assert_close("single-file vae mean", da.mean.value(), db.mean.value(), 0.0, 0.0);
+        let z = input(&f["vae_dec_in"]);
+        assert_close("single-file vae decode", vae_single.decode(&z).unwrap().value(), vae.decode(&z).unwrap().value(), 0.0, 0.0);
+    });
+}
+
+/// Old VAE files name the mid-block attention query/key/value/proj_attn.
+#[test]
+fn vae_reads_legacy_attention_names() {
+    let tiny = fixture_path("sdxl_tiny");
+    let (_, t) = engine::io::load_any(tiny.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let legacy: BTreeMap<String, Tensor> = t
+        .into_iter()
+        .map(|(k, v)| (k.replace("attentions.0.to_q", "attentions.0.query").replace("attentions.0.to_k", "attentions.0.key").replace("attentions.0.to_v", "attentions.0.value").replace("attentions.0.to_out.0", "attentions.0.proj_attn"), v))
+        .collect();
+    assert!(legacy.contains_key("decoder.mid_block.attentions.0.proj_attn.weight"));
+    let w = Weights::from_map(legacy, "legacy vae", WeightsOptions::default());
+    let vae = AutoencoderKl::load(&w, VaeConfig::from_file(&tiny.join("vae/config.json")).unwrap()).unwrap();
+    w.finish().unwrap();
+    let f = load_fixture("sdxl_text_vae.safetensors");
+    no_grad(|| {
+        let out = vae.decode(&input(&f["vae_dec_in"])).unwrap();
+        assert_close("legacy-named vae decode", out.value(), &f["vae_dec_out"], 1e-4, 1e-4);
+    });
 }

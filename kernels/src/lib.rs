@@ -16,8 +16,9 @@ pub mod norm_backward;
 pub mod pool_backward;
 pub mod grid_sample_backward;
 pub mod adamw;
+pub mod reduce;
 pub mod index;
 
 /// Every CUDA kernel family (one per kernels/cuda/*.cu). The CI compile test checks this list
 /// against the folder, so a new .cu file must be added here.
-pub const ALL_SOURCES: &[&compile::KernelSource] = &[&elementwise::SOURCE, &index::SOURCE, &pool::SOURCE, &grid_sample::SOURCE, &elementwise_backward::SOURCE, &adamw::SOURCE];
+pub const ALL_SOURCES: &[&compile::KernelSource] = &[&elementwise::SOURCE, &index::SOURCE, &pool::SOURCE, &grid_sample::SOURCE, &elementwise_backward::SOURCE, &adamw::SOURCE, &reduce::SOURCE, &softmax::SOURCE, &norm::SOURCE, &rng::SOURCE];

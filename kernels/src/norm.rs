@@ -6,6 +6,9 @@
 //! stay accurate for large offsets and long rows. Variances are biased, as in PyTorch's norms. Work
 //! is split over independent rows/groups, so results do not depend on the thread count.
 
+/// kernels/cuda/norm.cu: layer norm (+ backward), group norm (+SiLU, + backward, NCHW or channels-last), batch norm, GEGLU, PReLU. The backward math's CPU reference is `norm_backward`.
+pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "norm", code: include_str!("../cuda/norm.cu"), options: &[] };
+
 use rayon::prelude::*;
 
 use crate::elementwise::{gelu_erf, sigmoid};

@@ -18,6 +18,9 @@
 //!   The constant 2π is `std::f64::consts::TAU`.
 //! - A tensor of n elements uses blocks 0..ceil(n/4); the tail lanes of the last block are dropped.
 
+/// kernels/cuda/rng.cu: `random_*` reproduces `fill_uniform` / `fill_normal` element for element.
+pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "rng", code: include_str!("../cuda/rng.cu"), options: &[] };
+
 use rayon::prelude::*;
 
 const M0: u32 = 0xD251_1F53;

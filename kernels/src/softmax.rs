@@ -6,6 +6,9 @@
 //! same bits whatever the thread count. A row whose every entry is -inf gives NaN, as PyTorch does;
 //! a row with some -inf entries gives exact zeros there (log-softmax: -inf) and no NaN.
 
+/// kernels/cuda/softmax.cu: softmax_* (row in registers) and softmax_long_* (rows longer than 16384).
+pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "softmax", code: include_str!("../cuda/softmax.cu"), options: &[] };
+
 use rayon::prelude::*;
 
 /// Rows below this many elements in total stay on the calling thread.

@@ -7,6 +7,7 @@
 //! and the last layer's output are returned (transformers' `hidden_states`), because SDXL
 //! conditions on the penultimate one.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use autograd::Var;
@@ -108,31 +109,32 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn load(w: &Weights, cfg: &ClipTextConfig) -> Result<ClipAttention> {
-        let d = cfg.hidden_size;
+    fn load(w: &Weights, d: usize, heads: usize) -> Result<ClipAttention> {
         Ok(ClipAttention {
             q_proj: Linear::load(&w.pp("q_proj"), d, d, true)?,
             k_proj: Linear::load(&w.pp("k_proj"), d, d, true)?,
             v_proj: Linear::load(&w.pp("v_proj"), d, d, true)?,
             out_proj: Linear::load(&w.pp("out_proj"), d, d, true)?,
-            heads: cfg.num_attention_heads,
+            heads,
         })
     }
 
-    /// x [B, L, D] with an additive mask [L, L].
-    fn forward(&self, x: &Var, mask: &Tensor) -> Result<Var> {
+    /// x [B, L, D] with an optional additive mask [L, L].
+    fn forward(&self, x: &Var, mask: Option<&Tensor>) -> Result<Var> {
         let (b, l, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
         let split = |t: Var| -> Result<Var> { t.reshape(&[b, l, self.heads, d / self.heads])?.transpose(1, 2) };
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let o = Var::scaled_dot_product_attention(&q, &k, &v, Some(mask), None)?;
+        let o = Var::scaled_dot_product_attention(&q, &k, &v, mask, None)?;
         let o = o.transpose(1, 2)?.contiguous()?.reshape(&[b, l, d])?;
         self.out_proj.forward(&o)
     }
 }
 
-struct ClipLayer {
+/// One pre-norm CLIP encoder layer (transformers' CLIPEncoderLayer), shared by the text and the
+/// vision towers (clip_vision.rs): self-attention and an MLP, each with a residual.
+pub(crate) struct ClipLayer {
     layer_norm1: LayerNorm,
     self_attn: ClipAttention,
     layer_norm2: LayerNorm,
@@ -143,18 +145,23 @@ struct ClipLayer {
 
 impl ClipLayer {
     fn load(w: &Weights, cfg: &ClipTextConfig) -> Result<ClipLayer> {
-        let eps = cfg.layer_norm_eps as f32;
+        ClipLayer::load_dims(w, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps as f32)
+    }
+
+    /// `w` is the layer's view (`...encoder.layers.N`).
+    pub(crate) fn load_dims(w: &Weights, hidden: usize, intermediate: usize, heads: usize, act: ClipActivation, eps: f32) -> Result<ClipLayer> {
         Ok(ClipLayer {
-            layer_norm1: LayerNorm::load(&w.pp("layer_norm1"), cfg.hidden_size, eps)?,
-            self_attn: ClipAttention::load(&w.pp("self_attn"), cfg)?,
-            layer_norm2: LayerNorm::load(&w.pp("layer_norm2"), cfg.hidden_size, eps)?,
-            fc1: Linear::load(&w.pp("mlp").pp("fc1"), cfg.hidden_size, cfg.intermediate_size, true)?,
-            fc2: Linear::load(&w.pp("mlp").pp("fc2"), cfg.intermediate_size, cfg.hidden_size, true)?,
-            act: cfg.hidden_act,
+            layer_norm1: LayerNorm::load(&w.pp("layer_norm1"), hidden, eps)?,
+            self_attn: ClipAttention::load(&w.pp("self_attn"), hidden, heads)?,
+            layer_norm2: LayerNorm::load(&w.pp("layer_norm2"), hidden, eps)?,
+            fc1: Linear::load(&w.pp("mlp").pp("fc1"), hidden, intermediate, true)?,
+            fc2: Linear::load(&w.pp("mlp").pp("fc2"), intermediate, hidden, true)?,
+            act,
         })
     }
 
-    fn forward(&self, x: &Var, mask: &Tensor) -> Result<Var> {
+    /// x [B, L, D]; `mask` an additive [L, L] mask (the text tower's causal one) or None.
+    pub(crate) fn forward(&self, x: &Var, mask: Option<&Tensor>) -> Result<Var> {
         let h = x.add(&self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?)?;
         let m = self.fc1.forward(&self.layer_norm2.forward(&h)?)?;
         let m = match self.act {
@@ -220,6 +227,23 @@ impl ClipTextModel {
         Ok(model)
     }
 
+    /// From the tensors of a single-file SDXL checkpoint: `kind` says which of its text encoders
+    /// (and so which key layout) to build. Missing or unexpected keys (of that encoder's part of
+    /// the file) are an error naming them.
+    pub fn from_single_file_tensors(tensors: &BTreeMap<String, Tensor>, kind: SingleFileTextEncoder, config: ClipTextConfig, opts: WeightsOptions, source: &str) -> Result<ClipTextModel> {
+        let (map, with_projection) = match kind {
+            SingleFileTextEncoder::ClipL => (strip_prefix(tensors, SDXL_CLIP_L_PREFIX), false),
+            SingleFileTextEncoder::OpenClipBigG => (open_clip_to_transformers(tensors, SDXL_OPEN_CLIP_PREFIX)?, true),
+        };
+        if map.is_empty() {
+            return Err(Error::File { path: source.to_string(), msg: format!("no tensor of the {kind:?} text encoder (keys under {:?})", kind.prefix()) });
+        }
+        let w = Weights::from_map(map, source, opts);
+        let model = ClipTextModel::load(&w, config, with_projection)?;
+        w.finish()?;
+        Ok(model)
+    }
+
     /// ids: I64 [B, L] with L <= max_position_embeddings.
     pub fn forward(&self, ids: &Tensor) -> Result<ClipTextOutput> {
         if ids.rank() != 2 || ids.dtype() != DType::I64 {
@@ -239,7 +263,7 @@ impl ClipTextModel {
         let mask = causal_mask(l, x.dtype(), x.device())?;
         let mut hidden_states = vec![x.clone()];
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
             hidden_states.push(x.clone());
         }
         let last = self.final_layer_norm.forward(&x)?;
@@ -271,4 +295,80 @@ impl ClipTextModel {
 fn causal_mask(l: usize, dtype: DType, device: Device) -> Result<Tensor> {
     let data: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
     Tensor::from_vec(data, &[l, l], Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+}
+
+/// Where SDXL's single-file checkpoint keeps the ViT-L text encoder (transformers' names below it).
+pub const SDXL_CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// Where it keeps the OpenCLIP bigG text tower (OpenCLIP's names below it).
+pub const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
+
+/// Which text encoder of a single-file SDXL checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SingleFileTextEncoder {
+    /// text_encoder: CLIP ViT-L under `conditioner.embedders.0.transformer.`.
+    ClipL,
+    /// text_encoder_2: OpenCLIP bigG under `conditioner.embedders.1.model.`.
+    OpenClipBigG,
+}
+
+impl SingleFileTextEncoder {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            SingleFileTextEncoder::ClipL => SDXL_CLIP_L_PREFIX,
+            SingleFileTextEncoder::OpenClipBigG => SDXL_OPEN_CLIP_PREFIX,
+        }
+    }
+}
+
+/// The tensors under `prefix`, with the prefix removed.
+fn strip_prefix(tensors: &BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<String, Tensor> {
+    tensors.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|rest| (rest.to_string(), v.clone()))).collect()
+}
+
+/// An OpenCLIP text tower (`token_embedding`, `positional_embedding`, `transformer.resblocks.N`
+/// with a fused `attn.in_proj_weight` [3D, D], `ln_final`, `text_projection` [D, P]) under
+/// `prefix`, renamed to transformers' CLIPTextModelWithProjection keys: the fused q/k/v projection
+/// is split in three, text_projection transposed to a Linear weight [P, D]. `logit_scale` (the
+/// contrastive temperature) and `attn_mask` (a buffer) are dropped; any other key keeps its name so
+/// that the weight store reports it as unexpected.
+pub fn open_clip_to_transformers(tensors: &BTreeMap<String, Tensor>, prefix: &str) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (key, t) in strip_prefix(tensors, prefix) {
+        let renamed = match key.as_str() {
+            "token_embedding.weight" => "text_model.embeddings.token_embedding.weight".to_string(),
+            "positional_embedding" => "text_model.embeddings.position_embedding.weight".to_string(),
+            "ln_final.weight" => "text_model.final_layer_norm.weight".to_string(),
+            "ln_final.bias" => "text_model.final_layer_norm.bias".to_string(),
+            "logit_scale" | "attn_mask" => continue,
+            "text_projection" => {
+                out.insert("text_projection.weight".to_string(), t.t()?.contiguous()?);
+                continue;
+            }
+            _ => match key.strip_prefix("transformer.resblocks.").and_then(|r| r.split_once('.')) {
+                Some((layer, rest)) => {
+                    let base = format!("text_model.encoder.layers.{layer}.");
+                    if let Some(kind) = rest.strip_prefix("attn.in_proj_") {
+                        let n = t.dim(0)?;
+                        if n % 3 != 0 {
+                            return Err(Error::msg(format!("{prefix}{key}: a fused q/k/v projection needs a first dim divisible by 3, found {:?}", t.shape())));
+                        }
+                        for (i, q) in ["q", "k", "v"].iter().enumerate() {
+                            out.insert(format!("{base}self_attn.{q}_proj.{kind}"), t.narrow(0, i * n / 3, n / 3)?.contiguous()?);
+                        }
+                        continue;
+                    }
+                    let mapped = rest
+                        .replacen("ln_1.", "layer_norm1.", 1)
+                        .replacen("ln_2.", "layer_norm2.", 1)
+                        .replacen("mlp.c_fc.", "mlp.fc1.", 1)
+                        .replacen("mlp.c_proj.", "mlp.fc2.", 1)
+                        .replacen("attn.out_proj.", "self_attn.out_proj.", 1);
+                    format!("{base}{mapped}")
+                }
+                None => format!("{prefix}{key}"),
+            },
+        };
+        out.insert(renamed, t);
+    }
+    Ok(out)
 }

@@ -10,8 +10,11 @@ use std::path::Path;
 use autograd::Var;
 use engine::{DType, Device, Error, Result, Tensor};
 
-use crate::clip_text::ClipTextModel;
+use std::collections::BTreeMap;
+
+use crate::clip_text::{ClipTextConfig, ClipTextModel, SingleFileTextEncoder};
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::WeightsOptions;
 
 /// What the SDXL UNet is conditioned on for a batch of prompts.
 pub struct PromptConditioning {
@@ -38,6 +41,18 @@ impl SdxlTextEncoders {
             tokenizer_2: ClipTokenizer::from_folder(root.join("tokenizer_2"))?,
             text_encoder: ClipTextModel::from_folder(root.join("text_encoder"), false, dtype, device)?,
             text_encoder_2: ClipTextModel::from_folder(root.join("text_encoder_2"), true, dtype, device)?,
+        })
+    }
+
+    /// From a single-file SDXL checkpoint's tensors (`conditioner.embedders.0/1`) and the two
+    /// tokenizers (a single file holds no vocabulary); `configs` are the two encoders' (the real
+    /// ones: `ClipTextConfig::vit_l()`, `ClipTextConfig::bigg()`).
+    pub fn from_single_file_tensors(tensors: &BTreeMap<String, Tensor>, tokenizer: ClipTokenizer, tokenizer_2: ClipTokenizer, configs: (ClipTextConfig, ClipTextConfig), opts: WeightsOptions, source: &str) -> Result<SdxlTextEncoders> {
+        Ok(SdxlTextEncoders {
+            tokenizer,
+            tokenizer_2,
+            text_encoder: ClipTextModel::from_single_file_tensors(tensors, SingleFileTextEncoder::ClipL, configs.0, opts, source)?,
+            text_encoder_2: ClipTextModel::from_single_file_tensors(tensors, SingleFileTextEncoder::OpenClipBigG, configs.1, opts, source)?,
         })
     }
 

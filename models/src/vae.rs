@@ -8,6 +8,7 @@
 //! to images in [-1, 1]-ish. The diffusion model works on `(z - shift_factor) * scaling_factor`
 //! (0.13025 for SDXL): `scale_latents` / `unscale_latents`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use autograd::Var;
@@ -404,6 +405,19 @@ impl AutoencoderKl {
         Ok(model)
     }
 
+    /// From the tensors of a single-file SDXL checkpoint (the original LDM names under
+    /// `first_stage_model.`); missing or unexpected VAE keys are an error naming them.
+    pub fn from_single_file_tensors(tensors: &BTreeMap<String, Tensor>, config: VaeConfig, opts: WeightsOptions, source: &str) -> Result<AutoencoderKl> {
+        let map = ldm_vae_to_diffusers(tensors, SDXL_VAE_PREFIX, config.block_out_channels.len())?;
+        if map.is_empty() {
+            return Err(Error::File { path: source.to_string(), msg: format!("no VAE tensor (keys under {SDXL_VAE_PREFIX:?})") });
+        }
+        let w = Weights::from_map(map, source, opts);
+        let model = AutoencoderKl::load(&w, config)?;
+        w.finish()?;
+        Ok(model)
+    }
+
     /// Images [B, 3, H, W] in [-1, 1] -> the latent distribution.
     pub fn encode(&self, x: &Var) -> Result<LatentDistribution> {
         check_image("AutoencoderKl::encode", x, self.config.in_channels, 1 << (self.config.block_out_channels.len() - 1))?;
@@ -436,6 +450,85 @@ impl AutoencoderKl {
         let shift = self.config.shift_factor.unwrap_or(0.0) as f32;
         z.affine(1.0 / self.config.scaling_factor as f32, shift)
     }
+}
+
+/// Where a single-file SD/SDXL checkpoint keeps the VAE.
+pub const SDXL_VAE_PREFIX: &str = "first_stage_model.";
+
+/// The VAE tensors under `prefix` in the original (LDM) layout renamed to diffusers' AutoencoderKL
+/// keys: encoder.down.i.block.j -> encoder.down_blocks.i.resnets.j, decoder.up.k ->
+/// decoder.up_blocks.(n-1-k) (the LDM decoder numbers its stages from the lowest resolution up),
+/// mid.block_1/2 -> mid_block.resnets.0/1, mid.attn_1.{norm,q,k,v,proj_out} ->
+/// mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0} (1x1 convolution weights become
+/// Linear weights), nin_shortcut -> conv_shortcut, norm_out -> conv_norm_out. `num_blocks` is the
+/// number of stages (len(block_out_channels)). Keys it does not know keep their name (reported as
+/// unexpected by the weight store).
+pub fn ldm_vae_to_diffusers(tensors: &BTreeMap<String, Tensor>, prefix: &str, num_blocks: usize) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (full, t) in tensors {
+        let Some(key) = full.strip_prefix(prefix) else { continue };
+        let parts: Vec<&str> = key.split('.').collect();
+        let mut mapped: Vec<String> = Vec::with_capacity(parts.len() + 2);
+        let mut t = t.clone();
+        let mut i = 0;
+        while i < parts.len() {
+            let p = parts[i];
+            let next = parts.get(i + 1).copied();
+            let index = next.and_then(|n| n.parse::<usize>().ok());
+            match (p, index) {
+                ("down", Some(b)) => {
+                    mapped.push(format!("down_blocks.{b}"));
+                    i += 2;
+                    continue;
+                }
+                ("up", Some(k)) if k < num_blocks => {
+                    mapped.push(format!("up_blocks.{}", num_blocks - 1 - k));
+                    i += 2;
+                    continue;
+                }
+                ("block", Some(j)) => {
+                    mapped.push(format!("resnets.{j}"));
+                    i += 2;
+                    continue;
+                }
+                _ => {}
+            }
+            let renamed = match p {
+                "downsample" => "downsamplers.0".to_string(),
+                "upsample" => "upsamplers.0".to_string(),
+                "mid" => "mid_block".to_string(),
+                "block_1" => "resnets.0".to_string(),
+                "block_2" => "resnets.1".to_string(),
+                "attn_1" => "attentions.0".to_string(),
+                "nin_shortcut" => "conv_shortcut".to_string(),
+                "norm_out" => "conv_norm_out".to_string(),
+                _ => p.to_string(),
+            };
+            mapped.push(renamed);
+            i += 1;
+        }
+        // Inside the mid-block attention: LDM's norm/q/k/v/proj_out are 1x1 convolutions.
+        if let Some(pos) = mapped.iter().position(|m| m == "attentions.0") {
+            if let Some(name) = mapped.get(pos + 1).cloned() {
+                let new = match name.as_str() {
+                    "norm" => Some("group_norm"),
+                    "q" => Some("to_q"),
+                    "k" => Some("to_k"),
+                    "v" => Some("to_v"),
+                    "proj_out" => Some("to_out.0"),
+                    _ => None,
+                };
+                if let Some(new) = new {
+                    mapped[pos + 1] = new.to_string();
+                    if t.rank() == 4 && t.shape()[2] == 1 && t.shape()[3] == 1 {
+                        t = t.reshape(&[t.shape()[0], t.shape()[1]])?;
+                    }
+                }
+            }
+        }
+        out.insert(mapped.join("."), t);
+    }
+    Ok(out)
 }
 
 /// The weights file of a diffusers model folder.

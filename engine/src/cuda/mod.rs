@@ -27,6 +27,8 @@ mod elementwise;
 mod elementwise_backward;
 mod index;
 mod launch;
+// Reductions, softmax, norms (+ backward), GEGLU, PReLU, RNG (helper C2).
+pub(crate) mod norm;
 mod spatial;
 mod storage;
 

@@ -1,6 +1,6 @@
 //! Gradients of layer norm and group norm (+SiLU) for the autograd: the input gradient and, on
 //! request, the weight and bias gradients, from the forward's input and parameters (statistics are
-//! recomputed, nothing is saved). Math in kernels::norm_backward. CUDA: not yet.
+//! recomputed, nothing is saved). Math in kernels::norm_backward. CUDA: engine/src/cuda/norm.rs.
 
 use kernels::norm_backward as kb;
 
@@ -14,9 +14,6 @@ fn check(op: &'static str, x: &Tensor, dy: &Tensor, param_len: usize, weight: Op
     x.same_device(dy, op)?;
     if x.shape() != dy.shape() {
         return Err(Error::ShapeMismatch { op, lhs: x.shape().to_vec(), rhs: dy.shape().to_vec() });
-    }
-    if let Device::Cuda(_) = x.device() {
-        return Err(crate::cuda::not_yet(op));
     }
     for p in [weight, bias].into_iter().flatten() {
         if p.shape() != [param_len] {
@@ -36,6 +33,15 @@ impl Tensor {
             return Err(Error::BadShape { op: OP, msg: "needs at least one dimension".into(), shape: vec![] });
         };
         check(OP, self, dy, cols, weight, bias)?;
+        let pdt = |p: Option<&Tensor>| p.map_or(self.dtype(), |p| p.dtype());
+        if let Device::Cuda(_) = self.device() {
+            let dy = dy.to_dtype(self.dtype())?.contiguous()?;
+            let (dx, grads) = crate::cuda::norm::layer_norm_backward(&self.contiguous()?, &dy, weight, eps, param_grads)?;
+            return match grads {
+                Some((dw, db)) => Ok((dx, Some(dw.to_dtype(pdt(weight))?), Some(db.to_dtype(pdt(bias))?))),
+                None => Ok((dx, None, None)),
+            };
+        }
         let w = weight.map(|w| w.to_vec_f32()).transpose()?;
         let mut dx = vec![0f32; self.elem_count()];
         let (mut dw, mut db) = (vec![0f32; cols], vec![0f32; cols]);
@@ -45,7 +51,6 @@ impl Tensor {
                 Ok(())
             })
         })?;
-        let pdt = |p: Option<&Tensor>| p.map_or(self.dtype(), |p| p.dtype());
         Ok((
             Tensor::from_f32_vec(dx, self.shape(), self.dtype())?,
             if param_grads { Some(Tensor::from_f32_vec(dw, &[cols], pdt(weight))?) } else { None },
@@ -65,6 +70,14 @@ impl Tensor {
             return Err(Error::BadShape { op: OP, msg: format!("{groups} groups do not divide {c} channels"), shape: self.shape().to_vec() });
         }
         check(OP, self, dy, c, weight, bias)?;
+        let pdt = |p: Option<&Tensor>| p.map_or(self.dtype(), |p| p.dtype());
+        if let Device::Cuda(_) = self.device() {
+            let (dx, grads) = crate::cuda::norm::group_norm_backward(self, dy, groups, weight, bias, eps, silu, param_grads)?;
+            return match grads {
+                Some((dw, db)) => Ok((dx, Some(dw.to_dtype(pdt(weight))?), Some(db.to_dtype(pdt(bias))?))),
+                None => Ok((dx, None, None)),
+            };
+        }
         let hw: usize = self.shape()[2..].iter().product();
         let w = weight.map(|w| w.to_vec_f32()).transpose()?;
         let b = bias.map(|b| b.to_vec_f32()).transpose()?;
@@ -76,7 +89,6 @@ impl Tensor {
                 Ok(())
             })
         })?;
-        let pdt = |p: Option<&Tensor>| p.map_or(self.dtype(), |p| p.dtype());
         Ok((
             Tensor::from_f32_vec(dx, self.shape(), self.dtype())?,
             if param_grads { Some(Tensor::from_f32_vec(dw, &[c], pdt(weight))?) } else { None },

@@ -18,6 +18,17 @@ fn cpu_only(x: &Tensor, op: &'static str) -> Result<()> {
     }
 }
 
+/// Checks an optional per-channel parameter without reading it (the CUDA arms pass it on as is).
+fn check_param(op: &'static str, what: &str, p: Option<&Tensor>, len: usize, x: &Tensor) -> Result<()> {
+    let Some(p) = p else { return Ok(()) };
+    x.same_device(p, op)?;
+    p.float_only(op)?;
+    if p.shape() != [len] {
+        return Err(Error::BadShape { op, msg: format!("{what} has shape {:?}, expected [{len}] for an input of shape {:?}", p.shape(), x.shape()), shape: p.shape().to_vec() });
+    }
+    Ok(())
+}
+
 /// An optional per-channel parameter as f32, checked to be a float vector of length `len` on the
 /// input's device; the error names the parameter's shape and the expected one.
 fn param_f32(op: &'static str, what: &str, p: Option<&Tensor>, len: usize, x: &Tensor) -> Result<Option<Vec<f32>>> {
@@ -61,13 +72,39 @@ impl Tensor {
         y.permute(&inv)?.contiguous()
     }
 
+    /// The CUDA arm of softmax / log-softmax: `dim` moved last (a copy unless it already is), the
+    /// row kernel, and the result permuted back into a contiguous tensor.
+    fn softmax_cuda(&self, op: &'static str, dim: isize, log: bool) -> Result<Tensor> {
+        self.float_only(op)?;
+        if self.rank() == 0 {
+            return self.reshape(&[1])?.softmax_cuda(op, 0, log)?.reshape(&[]);
+        }
+        let d = resolve_dim(op, dim, self.rank())?;
+        let last = self.rank() - 1;
+        if d == last {
+            return crate::cuda::norm::softmax_last(&self.contiguous()?, log);
+        }
+        let mut perm: Vec<usize> = (0..self.rank()).filter(|&i| i != d).collect();
+        perm.push(d);
+        let y = crate::cuda::norm::softmax_last(&self.permute(&perm)?.contiguous()?, log)?;
+        let mut inv: Vec<usize> = (0..last).collect();
+        inv.insert(d, last);
+        y.permute(&inv)?.contiguous()
+    }
+
     /// Softmax along `dim`, numerically stable (statistics in f32/f64 whatever the dtype).
     pub fn softmax(&self, dim: isize) -> Result<Tensor> {
+        if self.device().is_cuda() {
+            return self.softmax_cuda("softmax", dim, false);
+        }
         self.along_last("softmax", dim, ksoftmax::softmax_rows)
     }
 
     /// Log-softmax along `dim`, numerically stable.
     pub fn log_softmax(&self, dim: isize) -> Result<Tensor> {
+        if self.device().is_cuda() {
+            return self.softmax_cuda("log_softmax", dim, true);
+        }
         self.along_last("log_softmax", dim, ksoftmax::log_softmax_rows)
     }
 
@@ -75,10 +112,14 @@ impl Tensor {
     pub fn layer_norm(&self, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
         const OP: &str = "layer_norm";
         self.float_only(OP)?;
-        cpu_only(self, OP)?;
         let Some(&cols) = self.shape().last() else {
             return Err(Error::BadShape { op: OP, msg: "needs at least one dimension".into(), shape: vec![] });
         };
+        if self.device().is_cuda() {
+            check_param(OP, "weight", weight, cols, self)?;
+            check_param(OP, "bias", bias, cols, self)?;
+            return crate::cuda::norm::layer_norm(&self.contiguous()?, weight, bias, eps);
+        }
         let w = param_f32(OP, "weight", weight, cols, self)?;
         let b = param_f32(OP, "bias", bias, cols, self)?;
         let out = self.with_cpu_f32(|x| {
@@ -94,13 +135,17 @@ impl Tensor {
     pub fn group_norm(&self, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool) -> Result<Tensor> {
         const OP: &str = "group_norm";
         self.float_only(OP)?;
-        cpu_only(self, OP)?;
         if self.rank() < 2 {
             return Err(Error::BadShape { op: OP, msg: "expected an [N, C, *] input".into(), shape: self.shape().to_vec() });
         }
         let (n, c) = (self.shape()[0], self.shape()[1]);
         if groups == 0 || c % groups != 0 {
             return Err(Error::BadShape { op: OP, msg: format!("{groups} groups do not divide {c} channels"), shape: self.shape().to_vec() });
+        }
+        if self.device().is_cuda() {
+            check_param(OP, "weight", weight, c, self)?;
+            check_param(OP, "bias", bias, c, self)?;
+            return crate::cuda::norm::group_norm(self, groups, weight, bias, eps, silu);
         }
         let hw: usize = self.shape()[2..].iter().product();
         let w = param_f32(OP, "weight", weight, c, self)?;
@@ -117,11 +162,17 @@ impl Tensor {
     pub fn batch_norm(&self, mean: &Tensor, var: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
         const OP: &str = "batch_norm";
         self.float_only(OP)?;
-        cpu_only(self, OP)?;
         if self.rank() < 2 {
             return Err(Error::BadShape { op: OP, msg: "expected an [N, C, *] input".into(), shape: self.shape().to_vec() });
         }
         let (n, c) = (self.shape()[0], self.shape()[1]);
+        if self.device().is_cuda() {
+            check_param(OP, "running mean", Some(mean), c, self)?;
+            check_param(OP, "running var", Some(var), c, self)?;
+            check_param(OP, "weight", weight, c, self)?;
+            check_param(OP, "bias", bias, c, self)?;
+            return crate::cuda::norm::batch_norm(self, mean, var, weight, bias, eps);
+        }
         let hw: usize = self.shape()[2..].iter().product();
         let m = param_f32(OP, "running mean", Some(mean), c, self)?.unwrap_or_default();
         let v = param_f32(OP, "running var", Some(var), c, self)?.unwrap_or_default();
@@ -139,13 +190,15 @@ impl Tensor {
     pub fn geglu(&self) -> Result<Tensor> {
         const OP: &str = "geglu";
         self.float_only(OP)?;
-        cpu_only(self, OP)?;
         let cols = self.shape().last().copied().unwrap_or(0);
         if self.rank() == 0 || cols % 2 != 0 {
             return Err(Error::BadShape { op: OP, msg: "the last dimension must have an even size".into(), shape: self.shape().to_vec() });
         }
         let mut shape = self.shape().to_vec();
         *shape.last_mut().expect("rank checked") = cols / 2;
+        if self.device().is_cuda() {
+            return crate::cuda::norm::geglu(&self.contiguous()?, &shape);
+        }
         let out = self.with_cpu_f32(|x| {
             let mut out = vec![0f32; x.len() / 2];
             knorm::geglu_rows(x, cols / 2, &mut out);
@@ -158,7 +211,6 @@ impl Tensor {
     pub fn prelu(&self, weight: &Tensor) -> Result<Tensor> {
         const OP: &str = "prelu";
         self.float_only(OP)?;
-        cpu_only(self, OP)?;
         let c = if self.rank() >= 2 { self.shape()[1] } else { 1 };
         let per_channel = weight.elem_count() != 1;
         if weight.rank() > 1 || (per_channel && weight.elem_count() != c) {
@@ -166,8 +218,11 @@ impl Tensor {
         }
         self.same_device(weight, OP)?;
         weight.float_only(OP)?;
-        let w = weight.to_vec_f32()?;
         let inner: usize = self.shape().get(2..).map_or(1, |s| s.iter().product());
+        if self.device().is_cuda() {
+            return crate::cuda::norm::prelu(&self.contiguous()?, weight, c, inner, per_channel);
+        }
+        let w = weight.to_vec_f32()?;
         let out = self.with_cpu_f32(|x| {
             Ok(x.iter()
                 .enumerate()

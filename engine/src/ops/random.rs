@@ -9,11 +9,17 @@ use crate::{DType, Device, Error, Result, Tensor};
 impl Tensor {
     /// Uniform in [0, 1) (24 random bits per element, then converted to `dtype`).
     pub fn rand(shape: &[usize], dtype: DType, device: Device, seed: u64) -> Result<Tensor> {
+        if let Device::Cuda(ordinal) = device {
+            return crate::cuda::norm::random(shape, dtype, ordinal, seed, false);
+        }
         Tensor::random("rand", shape, dtype, device, |out| rng::fill_uniform(seed, out))
     }
 
     /// Standard normal (Box–Muller), converted to `dtype`.
     pub fn randn(shape: &[usize], dtype: DType, device: Device, seed: u64) -> Result<Tensor> {
+        if let Device::Cuda(ordinal) = device {
+            return crate::cuda::norm::random(shape, dtype, ordinal, seed, true);
+        }
         Tensor::random("randn", shape, dtype, device, |out| rng::fill_normal(seed, out))
     }
 
@@ -60,6 +66,6 @@ mod tests {
         let h = Tensor::rand(&[10], DType::BF16, Device::Cpu, 5).unwrap();
         assert_eq!(h.dtype(), DType::BF16);
         assert!(Tensor::rand(&[10], DType::I64, Device::Cpu, 5).is_err());
-        assert!(Tensor::randn(&[2], DType::F32, Device::Cuda(0), 5).is_err());
+        assert!(Tensor::randn(&[2], DType::I64, Device::Cuda(0), 5).is_err());
     }
 }

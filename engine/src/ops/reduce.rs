@@ -54,10 +54,10 @@ impl Tensor {
     /// Reduces the rows of the permuted view with `f` (given each row as f32), in f32 output.
     fn reduce_float_rows(&self, op: &'static str, dims: &[isize], keepdim: bool, f: impl Fn(&[f32]) -> f32 + Sync) -> Result<Tensor> {
         self.float_only(op)?;
-        if let Device::Cuda(_) = self.device() {
-            return Err(crate::cuda::not_yet(op));
-        }
         let p = plan(op, self.shape(), dims, keepdim)?;
+        if let Device::Cuda(_) = self.device() {
+            return self.reduce_rows_cuda(op, &p, 0.0);
+        }
         let rows: usize = p.out_shape.iter().product();
         let out = if p.row == 0 {
             vec![f(&[]); rows]
@@ -73,6 +73,25 @@ impl Tensor {
         Tensor::from_f32_vec(out, &p.out_shape, self.dtype())
     }
 
+    /// The CUDA arm of sum / mean / var: the permuted view as contiguous rows (copied when the
+    /// reduced dims are not already last and dense), then one row reduction kernel.
+    /// `correction` is var's divisor offset (N - correction).
+    fn reduce_rows_cuda(&self, op: &'static str, p: &Plan, correction: f32) -> Result<Tensor> {
+        let rows: usize = p.out_shape.iter().product();
+        if p.row == 0 {
+            let v = if op == "sum" { 0.0 } else { f64::NAN };
+            return Tensor::full(v, &p.out_shape, self.dtype(), self.device());
+        }
+        let code = match op {
+            "sum" => kernels::reduce::OP_SUM,
+            "mean" => kernels::reduce::OP_MEAN,
+            "var" => kernels::reduce::OP_VAR,
+            _ => return Err(crate::cuda::not_yet(op)),
+        };
+        let x = self.permute(&p.perm)?.contiguous()?;
+        crate::cuda::norm::sum_rows(&x, rows, p.row, code, correction)?.reshape(&p.out_shape)
+    }
+
     /// Sum over `dims` (an empty list sums everything, as in PyTorch).
     pub fn sum(&self, dims: &[isize], keepdim: bool) -> Result<Tensor> {
         self.reduce_float_rows("sum", dims, keepdim, |r| sum_f64(r) as f32)
@@ -85,6 +104,11 @@ impl Tensor {
 
     /// Variance over `dims`, dividing by N - 1 when `unbiased` (N = 1 then gives NaN, as PyTorch).
     pub fn var(&self, dims: &[isize], keepdim: bool, unbiased: bool) -> Result<Tensor> {
+        if let Device::Cuda(_) = self.device() {
+            self.float_only("var")?;
+            let p = plan("var", self.shape(), dims, keepdim)?;
+            return self.reduce_rows_cuda("var", &p, if unbiased { 1.0 } else { 0.0 });
+        }
         self.reduce_float_rows("var", dims, keepdim, |r| {
             let n = r.len() as f64;
             let mean = sum_f64(r) / n;
@@ -120,15 +144,17 @@ impl Tensor {
 
     /// Values and i64 indices of the max (or min) along `dim`.
     fn extreme(&self, op: &'static str, dim: isize, keepdim: bool, want_max: bool) -> Result<(Tensor, Tensor)> {
-        if let Device::Cuda(_) = self.device() {
-            return Err(crate::cuda::not_yet(op));
-        }
         let d = resolve_dim(op, dim, self.rank())?;
         let p = plan(op, self.shape(), &[d as isize], keepdim)?;
         if p.row == 0 {
             return Err(Error::BadShape { op, msg: format!("cannot reduce over dimension {d} of size 0"), shape: self.shape().to_vec() });
         }
         let x = self.permute(&p.perm)?;
+        if let Device::Cuda(_) = self.device() {
+            let rows: usize = p.out_shape.iter().product();
+            let (v, i) = crate::cuda::norm::extreme_rows(&x.contiguous()?, rows, p.row, want_max)?;
+            return Ok((v.reshape(&p.out_shape)?, i.reshape(&p.out_shape)?));
+        }
         match self.dtype() {
             DType::F32 => extreme_rows::<f32>(&x, p.row, want_max, &p.out_shape),
             DType::BF16 => extreme_rows::<half::bf16>(&x, p.row, want_max, &p.out_shape),

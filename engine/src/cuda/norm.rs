@@ -1,0 +1,656 @@
+//! CUDA arms of the reductions, softmax, normalisations (layer / group / batch norm and their
+//! backward passes), GEGLU, PReLU and the Philox RNG: kernels/cuda/{reduce,softmax,norm,rng}.cu.
+//! The ops in engine/src/ops validate their inputs and call these with contiguous row layouts
+//! (reduced / softmax dims moved last and copied when needed); group norm also takes
+//! channels-last (NHWC-strided) inputs as they are. Per-channel parameters are passed to the
+//! kernels as contiguous f32 vectors (converted here; they are small). Statistics and partial sums
+//! live in pooled f32 scratch storages that return to the pool when dropped: safe, because every
+//! use is ordered on the device's one stream.
+
+use std::sync::Arc;
+
+use kernels::{norm as knorm, reduce as kreduce, rng as krng, softmax as ksoftmax};
+
+use super::device::CudaDevice;
+use super::launch::{launch_1d, launch_failed};
+use super::storage::CudaStorage;
+use super::{LaunchConfig, PushKernelArg};
+use crate::storage::Storage;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// f32 values of its row each thread of the cached softmax / layer-norm kernels holds (SM_CACHE,
+/// LN_CACHE in the .cu files), and their largest blocks.
+const ROW_CACHE: usize = 16;
+const SOFTMAX_MAX_BLOCK: usize = 1024;
+const LN_MAX_BLOCK: usize = 512;
+/// Threads of a block in warp-per-row mode (8 rows a block), and of the other kernels' blocks.
+const WARP_ROWS_BLOCK: u32 = 256;
+const BLOCK: u32 = 256;
+/// Channels-last group norm keeps a block's per-channel sums in shared memory (GN_MAX_C).
+const GN_MAX_C: usize = 4096;
+
+fn dt_name(op: &'static str, dt: DType) -> Result<&'static str> {
+    match dt {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        _ => Err(Error::UnsupportedDType { op, dtype: dt }),
+    }
+}
+
+/// Device address of `t`'s first element and its device; `t` must be a CUDA tensor (its layout
+/// is the caller's business: the kernels here read contiguous data).
+fn addr(t: &Tensor, op: &'static str) -> Result<(u64, Arc<CudaDevice>)> {
+    match &*t.read_storage() {
+        Storage::Cuda(s) => Ok((s.ptr_at(t.layout().offset()), s.device().clone())),
+        Storage::Cpu(_) => Err(Error::DeviceMismatch { op, lhs: t.device(), rhs: Device::Cuda(0) }),
+    }
+}
+
+/// A per-channel parameter as a contiguous f32 CUDA tensor, or None; the address is 0 when absent.
+fn param(p: Option<&Tensor>) -> Result<(Option<Tensor>, u64)> {
+    match p {
+        None => Ok((None, 0)),
+        Some(p) => {
+            let t = p.to_dtype(DType::F32)?.contiguous()?;
+            let (a, _) = addr(&t, "parameter")?;
+            Ok((Some(t), a))
+        }
+    }
+}
+
+fn u32_of(op: &'static str, what: &str, v: usize, shape: &[usize]) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::BadShape { op, msg: format!("{what} = {v} is too large for the CUDA kernels (at most 2^32 - 1)"), shape: shape.to_vec() })
+}
+
+fn wrap(s: CudaStorage, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_storage(Storage::Cuda(s), shape)
+}
+
+/// Threads per row for a row kernel holding ROW_CACHE values a thread: a warp when that fits, else
+/// a block of a multiple of 32 threads; None when the row is longer than `max_block` threads hold.
+fn threads_per_row(cols: usize, max_block: usize) -> Option<u32> {
+    let tpr = cols.div_ceil(ROW_CACHE).div_ceil(32).max(1) * 32;
+    (tpr <= max_block).then_some(tpr as u32)
+}
+
+/// Grid for `tpr` threads a row: 8 rows a block of 256 in warp mode, else a block per row.
+fn rows_config(rows: usize, tpr: u32) -> LaunchConfig {
+    if tpr == 32 {
+        let per = (WARP_ROWS_BLOCK / 32) as usize;
+        LaunchConfig { grid_dim: (rows.div_ceil(per).max(1) as u32, 1, 1), block_dim: (WARP_ROWS_BLOCK, 1, 1), shared_mem_bytes: 0 }
+    } else {
+        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (tpr, 1, 1), shared_mem_bytes: 0 }
+    }
+}
+
+// ---- reductions ------------------------------------------------------------------------------
+
+/// sum / mean / var (kernels::reduce::OP_*) of each of the `rows` contiguous rows of `cols`
+/// elements of `x` (contiguous): a [rows] tensor of x's dtype.
+pub(crate) fn sum_rows(x: &Tensor, rows: usize, cols: usize, op: i32, correction: f32) -> Result<Tensor> {
+    const OP: &str = "sum";
+    let dt = dt_name(OP, x.dtype())?;
+    let (src, dev) = addr(x, OP)?;
+    let out = CudaStorage::alloc(&dev, x.dtype(), rows)?;
+    if rows == 0 {
+        return wrap(out, &[rows]);
+    }
+    let rows32 = u32_of(OP, "rows", rows, x.shape())?;
+    let (dst, cols64) = (out.device_ptr(), cols as u64);
+    // Long rows and few of them: split each row over several blocks so that the GPU fills.
+    let sms = dev.multiprocessors() as usize;
+    let tpr: u32 = if cols <= 1024 { 32 } else { kreduce::BLOCK };
+    let mut chunks = 1usize;
+    if tpr != 32 && rows < 2 * sms && cols >= 16 * 2048 {
+        chunks = (4 * sms).div_ceil(rows).min(cols / 8192).clamp(1, 65535);
+    }
+    let chunk_len = cols.div_ceil(chunks).div_ceil(2048) * 2048;
+    let chunks = cols.div_ceil(chunk_len).max(1);
+    let part = if chunks > 1 { Some(CudaStorage::alloc(&dev, DType::F32, rows * chunks * 2)?) } else { None };
+    let part_ptr = part.as_ref().map_or(0, |p| p.device_ptr());
+    let (chunk_len64, corr) = (chunk_len as u64, correction);
+    let name = format!("sum_rows_{dt}");
+    let f = dev.function(&kreduce::SOURCE, &name)?;
+    let mut b = dev.launch_builder(&f);
+    b.arg(&src).arg(&dst).arg(&part_ptr).arg(&rows32).arg(&cols64).arg(&tpr).arg(&chunk_len64).arg(&op).arg(&corr);
+    let mut cfg = rows_config(rows, tpr);
+    cfg.grid_dim.1 = chunks as u32;
+    // SAFETY: arguments match sum_rows_DT in reduce.cu; x holds rows * cols elements, out rows,
+    // part rows * chunks * 2 floats when chunks > 1.
+    unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+    if chunks > 1 {
+        let chunks32 = chunks as u32;
+        let name = format!("sum_finalize_{dt}");
+        let f = dev.function(&kreduce::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&part_ptr).arg(&dst).arg(&rows32).arg(&cols64).arg(&chunks32).arg(&op).arg(&corr);
+        // SAFETY: arguments match sum_finalize_DT.
+        unsafe { b.launch(launch_1d(rows, kreduce::BLOCK)) }.map_err(launch_failed(&name))?;
+    }
+    drop(part);
+    wrap(out, &[rows])
+}
+
+/// Max (or min) of each contiguous row and the index of the first winner (NaN wins), any dtype.
+pub(crate) fn extreme_rows(x: &Tensor, rows: usize, cols: usize, want_max: bool) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "max";
+    let dt = match x.dtype() {
+        DType::I64 => "i64",
+        DType::U8 => "u8",
+        d => dt_name(OP, d)?,
+    };
+    let (src, dev) = addr(x, OP)?;
+    let vals = CudaStorage::alloc(&dev, x.dtype(), rows)?;
+    let idx = CudaStorage::alloc(&dev, DType::I64, rows)?;
+    if rows > 0 {
+        let rows32 = u32_of(OP, "rows", rows, x.shape())?;
+        let cols32 = u32_of(OP, "row length", cols, x.shape())?;
+        let tpr: u32 = if cols <= 1024 { 32 } else { kreduce::BLOCK };
+        let (vp, ip, wm) = (vals.device_ptr(), idx.device_ptr(), want_max as i32);
+        let name = format!("extreme_rows_{dt}");
+        let f = dev.function(&kreduce::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&src).arg(&vp).arg(&ip).arg(&rows32).arg(&cols32).arg(&tpr).arg(&wm);
+        // SAFETY: arguments match extreme_rows_DT; cols >= 1 (the op refuses empty rows).
+        unsafe { b.launch(rows_config(rows, tpr)) }.map_err(launch_failed(&name))?;
+    }
+    Ok((wrap(vals, &[rows])?, wrap(idx, &[rows])?))
+}
+
+// ---- softmax ---------------------------------------------------------------------------------
+
+/// Softmax (or log-softmax) over the last dim of the contiguous CUDA tensor `x`.
+pub(crate) fn softmax_last(x: &Tensor, log: bool) -> Result<Tensor> {
+    const OP: &str = "softmax";
+    let dt = dt_name(OP, x.dtype())?;
+    let cols = x.shape().last().copied().unwrap_or(1);
+    let n = x.elem_count();
+    let (src, dev) = addr(x, OP)?;
+    let out = CudaStorage::alloc(&dev, x.dtype(), n)?;
+    if n > 0 {
+        let rows = n / cols;
+        let (rows32, cols32) = (u32_of(OP, "rows", rows, x.shape())?, u32_of(OP, "row length", cols, x.shape())?);
+        let (dst, lm) = (out.device_ptr(), log as i32);
+        match threads_per_row(cols, SOFTMAX_MAX_BLOCK) {
+            Some(tpr) => {
+                let name = format!("softmax_{dt}");
+                let f = dev.function(&ksoftmax::SOURCE, &name)?;
+                let mut b = dev.launch_builder(&f);
+                b.arg(&src).arg(&dst).arg(&rows32).arg(&cols32).arg(&tpr).arg(&lm);
+                // SAFETY: arguments match softmax_DT; cols <= tpr * SM_CACHE.
+                unsafe { b.launch(rows_config(rows, tpr)) }.map_err(launch_failed(&name))?;
+            }
+            None => {
+                let name = format!("softmax_long_{dt}");
+                let f = dev.function(&ksoftmax::SOURCE, &name)?;
+                let mut b = dev.launch_builder(&f);
+                b.arg(&src).arg(&dst).arg(&cols32).arg(&lm);
+                let cfg = LaunchConfig { grid_dim: (rows32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: arguments match softmax_long_DT.
+                unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+            }
+        }
+    }
+    wrap(out, x.shape())
+}
+
+// ---- layer norm ------------------------------------------------------------------------------
+
+/// Layer norm over the last dim of the contiguous CUDA tensor `x`.
+pub(crate) fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+    const OP: &str = "layer_norm";
+    let dt = dt_name(OP, x.dtype())?;
+    let cols = x.shape().last().copied().unwrap_or(1);
+    let n = x.elem_count();
+    let (src, dev) = addr(x, OP)?;
+    let (_w, wp) = param(weight)?;
+    let (_b, bp) = param(bias)?;
+    let out = CudaStorage::alloc(&dev, x.dtype(), n)?;
+    if n > 0 && cols > 0 {
+        let rows = n / cols;
+        let (rows32, cols32) = (u32_of(OP, "rows", rows, x.shape())?, u32_of(OP, "row length", cols, x.shape())?);
+        let dst = out.device_ptr();
+        match threads_per_row(cols, LN_MAX_BLOCK) {
+            Some(tpr) => {
+                let name = format!("layer_norm_{dt}");
+                let f = dev.function(&knorm::SOURCE, &name)?;
+                let mut b = dev.launch_builder(&f);
+                b.arg(&src).arg(&dst).arg(&wp).arg(&bp).arg(&rows32).arg(&cols32).arg(&tpr).arg(&eps);
+                // SAFETY: arguments match layer_norm_DT; cols <= tpr * LN_CACHE; w/b hold cols floats or are null.
+                unsafe { b.launch(rows_config(rows, tpr)) }.map_err(launch_failed(&name))?;
+            }
+            None => {
+                let name = format!("layer_norm_long_{dt}");
+                let f = dev.function(&knorm::SOURCE, &name)?;
+                let mut b = dev.launch_builder(&f);
+                b.arg(&src).arg(&dst).arg(&wp).arg(&bp).arg(&cols32).arg(&eps);
+                let cfg = LaunchConfig { grid_dim: (rows32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: arguments match layer_norm_long_DT.
+                unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+            }
+        }
+    }
+    wrap(out, x.shape())
+}
+
+/// Column sums of `chunks` rows of `cols` f32 partials starting at `src`: a [cols] f32 tensor.
+fn col_sum(dev: &Arc<CudaDevice>, src: u64, chunks: usize, cols: usize) -> Result<Tensor> {
+    let out = CudaStorage::alloc(dev, DType::F32, cols)?;
+    let (dst, c32, n32) = (out.device_ptr(), chunks as u32, cols as u32);
+    let f = dev.function(&knorm::SOURCE, "col_sum")?;
+    let mut b = dev.launch_builder(&f);
+    b.arg(&src).arg(&dst).arg(&c32).arg(&n32);
+    // SAFETY: arguments match col_sum; src holds chunks * cols floats.
+    unsafe { b.launch(launch_1d(cols, BLOCK)) }.map_err(launch_failed("col_sum"))?;
+    wrap(out, &[cols])
+}
+
+/// Layer-norm backward over the last dim of contiguous `x` and `dy`: dx (x's dtype) and, when
+/// asked, f32 dweight and dbias.
+pub(crate) fn layer_norm_backward(x: &Tensor, dy: &Tensor, weight: Option<&Tensor>, eps: f32, param_grads: bool) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    const OP: &str = "layer_norm_backward";
+    let dt = dt_name(OP, x.dtype())?;
+    let cols = x.shape().last().copied().unwrap_or(1);
+    let n = x.elem_count();
+    let rows = if cols == 0 { 0 } else { n / cols };
+    let (xp, dev) = addr(x, OP)?;
+    let (dyp, _) = addr(dy, OP)?;
+    let (_w, wp) = param(weight)?;
+    let dx = CudaStorage::alloc(&dev, x.dtype(), n)?;
+    let stats = if param_grads { Some(CudaStorage::alloc(&dev, DType::F32, 2 * rows.max(1))?) } else { None };
+    let sp = stats.as_ref().map_or(0, |s| s.device_ptr());
+    if n > 0 {
+        let (rows32, cols32) = (u32_of(OP, "rows", rows, x.shape())?, u32_of(OP, "row length", cols, x.shape())?);
+        let tpr: u32 = if cols <= 1024 { 32 } else { 1024 };
+        let dxp = dx.device_ptr();
+        let name = format!("layer_norm_bwd_{dt}");
+        let f = dev.function(&knorm::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&xp).arg(&dyp).arg(&wp).arg(&dxp).arg(&sp).arg(&rows32).arg(&cols32).arg(&tpr).arg(&eps);
+        // SAFETY: arguments match layer_norm_bwd_DT; stats holds 2 * rows floats or is null.
+        unsafe { b.launch(rows_config(rows, tpr)) }.map_err(launch_failed(&name))?;
+    }
+    let dx = wrap(dx, x.shape())?;
+    if !param_grads {
+        return Ok((dx, None));
+    }
+    if n == 0 {
+        let z = Tensor::zeros(&[cols], DType::F32, x.device())?;
+        return Ok((dx, Some((z.clone(), z))));
+    }
+    // Row chunks: enough (column block, chunk) blocks to fill the GPU, each summing >= 32 rows.
+    let sms = dev.multiprocessors() as usize;
+    let col_blocks = cols.div_ceil(BLOCK as usize);
+    let chunks = (4 * sms).div_ceil(col_blocks).min(rows.div_ceil(32)).clamp(1, 65535);
+    let rows_per_chunk = rows.div_ceil(chunks);
+    let chunks = rows.div_ceil(rows_per_chunk);
+    let part = CudaStorage::alloc(&dev, DType::F32, 2 * chunks * cols)?;
+    let (pp, rows32, cols32, rpc) = (part.device_ptr(), rows as u32, cols as u32, rows_per_chunk as u32);
+    let name = format!("layer_norm_bwd_params_{dt}");
+    let f = dev.function(&knorm::SOURCE, &name)?;
+    let mut b = dev.launch_builder(&f);
+    b.arg(&xp).arg(&dyp).arg(&sp).arg(&pp).arg(&rows32).arg(&cols32).arg(&rpc);
+    let cfg = LaunchConfig { grid_dim: (col_blocks as u32, chunks as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments match layer_norm_bwd_params_DT; part holds 2 * chunks * cols floats.
+    unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+    let dw = col_sum(&dev, pp, chunks, cols)?;
+    let db = col_sum(&dev, pp + (chunks * cols * 4) as u64, chunks, cols)?;
+    Ok((dx, Some((dw, db))))
+}
+
+// ---- group norm ------------------------------------------------------------------------------
+
+/// How group-norm kernels see an [N, C, *] input: NCHW-contiguous, or channels-last (a contiguous
+/// [N, *, C] permuted back), with HW the product of the spatial sizes.
+struct GnLayout {
+    x: Tensor,
+    channels_last: bool,
+    /// Channels-last kernels read 16-byte packs of channels (C a multiple of the pack, aligned).
+    vec: bool,
+    n: usize,
+    c: usize,
+    hw: usize,
+}
+
+/// The permutation [0, 2, 3, .., 1] that moves channels last.
+fn to_channels_last(rank: usize) -> Vec<usize> {
+    let mut p: Vec<usize> = vec![0];
+    p.extend(2..rank);
+    p.push(1);
+    p
+}
+
+/// The inverse of `to_channels_last`.
+fn from_channels_last(rank: usize) -> Vec<usize> {
+    let mut p: Vec<usize> = vec![0, rank - 1];
+    p.extend(1..rank - 1);
+    p
+}
+
+fn gn_layout(x: &Tensor) -> Result<GnLayout> {
+    let (n, c) = (x.shape()[0], x.shape()[1]);
+    let hw: usize = x.shape()[2..].iter().product();
+    if x.is_contiguous() {
+        return Ok(GnLayout { x: x.clone(), channels_last: false, vec: false, n, c, hw });
+    }
+    let cl = x.permute(&to_channels_last(x.rank()))?;
+    if cl.is_contiguous() && c <= GN_MAX_C {
+        return Ok(GnLayout { x: cl, channels_last: true, vec: false, n, c, hw });
+    }
+    Ok(GnLayout { x: x.contiguous()?, channels_last: false, vec: false, n, c, hw })
+}
+
+/// `t` (of x's logical shape) laid out like `l` (contiguous in that memory order).
+fn like_layout(t: &Tensor, l: &GnLayout) -> Result<Tensor> {
+    if l.channels_last {
+        t.permute(&to_channels_last(t.rank()))?.contiguous()
+    } else {
+        t.contiguous()
+    }
+}
+
+/// A result storage in `l`'s memory order, as a tensor of the logical [N, C, *] `shape`.
+fn wrap_like(s: CudaStorage, shape: &[usize], l: &GnLayout) -> Result<Tensor> {
+    if !l.channels_last {
+        return wrap(s, shape);
+    }
+    let perm = to_channels_last(shape.len());
+    let stored: Vec<usize> = perm.iter().map(|&d| shape[d]).collect();
+    wrap(s, &stored)?.permute(&from_channels_last(shape.len()))
+}
+
+/// Lanes of the statistics / backward reductions: (lanes L, NCHW chunk length).
+fn gn_lanes(dev: &CudaDevice, l: &GnLayout) -> (usize, usize) {
+    let sms = dev.multiprocessors() as usize;
+    if l.channels_last {
+        let v = 16 / l.x.dtype().size_in_bytes();
+        let npk = if l.vec { l.c / v } else { l.c };
+        let rows_per_block = (BLOCK as usize / npk).max(1);
+        // Each block row should sum >= 16 positions; about 4 blocks an SM in all.
+        let by_work = l.hw.div_ceil(rows_per_block * 16);
+        let by_fill = (4 * sms).div_ceil(l.n.max(1));
+        (by_work.min(by_fill).clamp(1, 65535), 0)
+    } else {
+        // Chunks of >= 2048 elements (8 per thread), enough to give ~4 blocks an SM.
+        let planes = l.n * l.c;
+        let want = (4 * sms).div_ceil(planes.max(1)).max(1);
+        let chunk = l.hw.div_ceil(want).max(2048).div_ceil(8) * 8;
+        (l.hw.div_ceil(chunk).clamp(1, 65535), chunk)
+    }
+}
+
+/// Launches the statistics and finalize kernels: (stats [N*G*2] f32, coef [N*C*4] f32 when asked).
+fn gn_stats(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, wp: u64, bp: u64, eps: f32, want_coef: bool) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    const OP: &str = "group_norm";
+    let dt = dt_name(OP, l.x.dtype())?;
+    let (xp, _) = addr(&l.x, OP)?;
+    let (lanes, chunk) = gn_lanes(dev, l);
+    let part = CudaStorage::alloc(dev, DType::F32, 3 * l.n * l.c * lanes)?;
+    let pp = part.device_ptr();
+    let (c32, hw32, l32) = (l.c as u32, l.hw as u32, lanes as u32);
+    if l.channels_last {
+        let name = format!("gn_stats_nhwc_{dt}");
+        let f = dev.function(&knorm::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&xp).arg(&pp).arg(&c32).arg(&hw32);
+        let cfg = LaunchConfig { grid_dim: (l32, l.n as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: arguments match gn_stats_nhwc_DT; C <= GN_MAX_C and C / V <= BLOCK (gn_layout,
+        // and the kernel falls back to V = 1 only when C % V != 0, where C <= BLOCK is checked by the op).
+        unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+    } else {
+        let (chunk32,) = (chunk as u32,);
+        let name = format!("gn_stats_nchw_{dt}");
+        let f = dev.function(&knorm::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&xp).arg(&pp).arg(&hw32).arg(&chunk32);
+        let cfg = LaunchConfig { grid_dim: ((l.n * l.c) as u32, l32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: arguments match gn_stats_nchw_DT; part holds 3 * N*C*L floats.
+        unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+    }
+    let stats = CudaStorage::alloc(dev, DType::F32, 2 * l.n * groups)?;
+    let coef = if want_coef { Some(CudaStorage::alloc(dev, DType::F32, 4 * l.n * l.c)?) } else { None };
+    let (sp, cp) = (stats.device_ptr(), coef.as_ref().map_or(0, |c| c.device_ptr()));
+    let (n32, g32, cl) = (l.n as u32, groups as u32, l.channels_last as i32);
+    let name = format!("gn_finalize_{dt}");
+    let f = dev.function(&knorm::SOURCE, &name)?;
+    let mut b = dev.launch_builder(&f);
+    b.arg(&xp).arg(&pp).arg(&sp).arg(&cp).arg(&wp).arg(&bp).arg(&n32).arg(&c32).arg(&hw32).arg(&g32).arg(&l32).arg(&cl).arg(&eps);
+    let cfg = LaunchConfig { grid_dim: ((l.n * groups) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments match gn_finalize_DT.
+    unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+    drop(part);
+    Ok((stats, coef))
+}
+
+/// Shapes the group-norm kernels refuse (the op then runs on an NCHW copy or errors).
+fn gn_check(op: &'static str, x: &Tensor, groups: usize) -> Result<()> {
+    let shape = x.shape();
+    u32_of(op, "element count", x.elem_count(), shape)?;
+    u32_of(op, "sample count * groups", shape[0] * groups, shape)?;
+    Ok(())
+}
+
+/// Channels-last needs its C / V channel packs (V = 1 unless C is a multiple of the 16-byte pack
+/// and the data is 16-byte aligned: the kernels decide the same way) to fit a block; else NCHW.
+fn gn_layout_checked(x: &Tensor) -> Result<GnLayout> {
+    let mut l = gn_layout(x)?;
+    if l.channels_last {
+        let v = 16 / x.dtype().size_in_bytes();
+        l.vec = l.c % v == 0 && addr(&l.x, "group_norm")?.0 % 16 == 0;
+        let npk = if l.vec { l.c / v } else { l.c };
+        if npk > BLOCK as usize {
+            return Ok(GnLayout { x: x.contiguous()?, channels_last: false, vec: false, ..l });
+        }
+    }
+    Ok(l)
+}
+
+/// Group norm (+SiLU) of an [N, C, *] CUDA tensor, NCHW or channels-last; the result keeps the
+/// input's memory format (channels-last stays channels-last).
+pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool) -> Result<Tensor> {
+    const OP: &str = "group_norm";
+    let dt = dt_name(OP, x.dtype())?;
+    gn_check(OP, x, groups)?;
+    let l = gn_layout_checked(x)?;
+    let (xp, dev) = addr(&l.x, OP)?;
+    let out = CudaStorage::alloc(&dev, x.dtype(), x.elem_count())?;
+    if x.elem_count() == 0 {
+        return wrap_like(out, x.shape(), &l);
+    }
+    let (_w, wp) = param(weight)?;
+    let (_b, bp) = param(bias)?;
+    let (_stats, coef) = gn_stats(&dev, &l, groups, wp, bp, eps, true)?;
+    let coef = coef.expect("asked for coefficients");
+    apply_affine(&dev, dt, xp, out.device_ptr(), coef.device_ptr(), x.elem_count(), l.c, l.hw, l.c, l.channels_last, silu)?;
+    wrap_like(out, x.shape(), &l)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_affine(dev: &Arc<CudaDevice>, dt: &str, xp: u64, yp: u64, coef: u64, total: usize, c: usize, hw: usize, cstride: usize, channels_last: bool, silu: bool) -> Result<()> {
+    let v = match dt {
+        "f32" => 4,
+        _ => 8,
+    };
+    let (t32, c32, hw32, cs32, cl, act) = (total as u32, c as u32, hw as u32, cstride as u32, channels_last as i32, silu as i32);
+    let name = format!("affine_apply_{dt}");
+    let f = dev.function(&knorm::SOURCE, &name)?;
+    let mut b = dev.launch_builder(&f);
+    b.arg(&xp).arg(&yp).arg(&coef).arg(&t32).arg(&c32).arg(&hw32).arg(&cs32).arg(&cl).arg(&act);
+    // The kernel takes packs of v exactly when this holds (same test inside).
+    let vec_ok = (if channels_last { c % v == 0 } else { hw % v == 0 }) && xp % 16 == 0 && yp % 16 == 0;
+    let per = if vec_ok { v } else { 1 };
+    // SAFETY: arguments match affine_apply_DT; coef holds 4 floats per (n * cstride + c) index.
+    unsafe { b.launch(launch_1d(total.div_ceil(per), BLOCK)) }.map_err(launch_failed(&name))?;
+    Ok(())
+}
+
+/// Group-norm (+SiLU) backward: dx (x's dtype and memory format) and, when asked, f32 dweight
+/// and dbias.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_norm_backward(x: &Tensor, dy: &Tensor, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool, param_grads: bool) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    const OP: &str = "group_norm_backward";
+    let dt = dt_name(OP, x.dtype())?;
+    gn_check(OP, x, groups)?;
+    let l = gn_layout_checked(x)?;
+    let mut dyl = like_layout(&dy.to_dtype(x.dtype())?, &l)?;
+    if l.vec && addr(&dyl, OP)?.0 % 16 != 0 {
+        // The kernel reads x and dy with the same pack width: give dy a fresh (aligned) copy.
+        dyl = dyl.copy()?;
+    }
+    let (xp, dev) = addr(&l.x, OP)?;
+    let (dyp, _) = addr(&dyl, OP)?;
+    let (_w, wp) = param(weight)?;
+    let (_b, bp) = param(bias)?;
+    let total = x.elem_count();
+    let dx = CudaStorage::alloc(&dev, x.dtype(), total)?;
+    if total == 0 {
+        let z = Tensor::zeros(&[l.c], DType::F32, x.device())?;
+        return Ok((wrap_like(dx, x.shape(), &l)?, param_grads.then(|| (z.clone(), z))));
+    }
+    let (stats, _) = gn_stats(&dev, &l, groups, wp, bp, eps, false)?;
+    let sp = stats.device_ptr();
+    let (lanes, chunk) = gn_lanes(&dev, &l);
+    let part = CudaStorage::alloc(&dev, DType::F32, 2 * l.n * l.c * lanes)?;
+    let pp = part.device_ptr();
+    let (n32, c32, hw32, g32, l32, act, cl) = (l.n as u32, l.c as u32, l.hw as u32, groups as u32, lanes as u32, silu as i32, l.channels_last as i32);
+    if l.channels_last {
+        let name = format!("gn_bwd_reduce_nhwc_{dt}");
+        let f = dev.function(&knorm::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&xp).arg(&dyp).arg(&sp).arg(&wp).arg(&bp).arg(&pp).arg(&c32).arg(&hw32).arg(&g32).arg(&act);
+        let cfg = LaunchConfig { grid_dim: (l32, n32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: arguments match gn_bwd_reduce_nhwc_DT; part holds 2 * N*C*L floats.
+        unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+    } else {
+        let chunk32 = chunk as u32;
+        let name = format!("gn_bwd_reduce_nchw_{dt}");
+        let f = dev.function(&knorm::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&xp).arg(&dyp).arg(&sp).arg(&wp).arg(&bp).arg(&pp).arg(&c32).arg(&hw32).arg(&g32).arg(&chunk32).arg(&act);
+        let cfg = LaunchConfig { grid_dim: ((l.n * l.c) as u32, l32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: arguments match gn_bwd_reduce_nchw_DT.
+        unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+    }
+    let coef = CudaStorage::alloc(&dev, DType::F32, 4 * l.n * l.c)?;
+    let cp = coef.device_ptr();
+    {
+        let f = dev.function(&knorm::SOURCE, "gn_bwd_finalize")?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&pp).arg(&sp).arg(&wp).arg(&cp).arg(&n32).arg(&c32).arg(&hw32).arg(&g32).arg(&l32);
+        let cfg = LaunchConfig { grid_dim: ((l.n * groups) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: arguments match gn_bwd_finalize.
+        unsafe { b.launch(cfg) }.map_err(launch_failed("gn_bwd_finalize"))?;
+    }
+    {
+        let (dxp, t32) = (dx.device_ptr(), total as u32);
+        let name = format!("gn_bwd_dx_{dt}");
+        let f = dev.function(&knorm::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&xp).arg(&dyp).arg(&cp).arg(&wp).arg(&bp).arg(&dxp).arg(&t32).arg(&c32).arg(&hw32).arg(&cl).arg(&act);
+        // SAFETY: arguments match gn_bwd_dx_DT; dy has x's memory order (like_layout).
+        unsafe { b.launch(launch_1d(total, BLOCK)) }.map_err(launch_failed(&name))?;
+    }
+    let grads = if param_grads {
+        let dw = CudaStorage::alloc(&dev, DType::F32, l.c)?;
+        let db = CudaStorage::alloc(&dev, DType::F32, l.c)?;
+        let (dwp, dbp) = (dw.device_ptr(), db.device_ptr());
+        let f = dev.function(&knorm::SOURCE, "gn_bwd_params")?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&pp).arg(&dwp).arg(&dbp).arg(&n32).arg(&c32).arg(&l32);
+        let cfg = LaunchConfig { grid_dim: (c32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: arguments match gn_bwd_params.
+        unsafe { b.launch(cfg) }.map_err(launch_failed("gn_bwd_params"))?;
+        Some((wrap(dw, &[l.c])?, wrap(db, &[l.c])?))
+    } else {
+        None
+    };
+    drop((part, coef, stats));
+    Ok((wrap_like(dx, x.shape(), &l)?, grads))
+}
+
+/// Inference batch norm of an [N, C, *] CUDA tensor (NCHW or channels-last).
+pub(crate) fn batch_norm(x: &Tensor, mean: &Tensor, var: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+    const OP: &str = "batch_norm";
+    let dt = dt_name(OP, x.dtype())?;
+    u32_of(OP, "element count", x.elem_count(), x.shape())?;
+    let l = gn_layout_checked(x)?;
+    let (xp, dev) = addr(&l.x, OP)?;
+    let out = CudaStorage::alloc(&dev, x.dtype(), x.elem_count())?;
+    if x.elem_count() == 0 {
+        return wrap_like(out, x.shape(), &l);
+    }
+    let (_m, mp) = param(Some(mean))?;
+    let (_v, vp) = param(Some(var))?;
+    let (_w, wp) = param(weight)?;
+    let (_b, bp) = param(bias)?;
+    let coef = CudaStorage::alloc(&dev, DType::F32, 4 * l.c)?;
+    let (cp, c32) = (coef.device_ptr(), l.c as u32);
+    let f = dev.function(&knorm::SOURCE, "bn_coef")?;
+    let mut b = dev.launch_builder(&f);
+    b.arg(&mp).arg(&vp).arg(&wp).arg(&bp).arg(&cp).arg(&c32).arg(&eps);
+    // SAFETY: arguments match bn_coef; every vector holds C floats.
+    unsafe { b.launch(launch_1d(l.c, BLOCK)) }.map_err(launch_failed("bn_coef"))?;
+    apply_affine(&dev, dt, xp, out.device_ptr(), cp, x.elem_count(), l.c, l.hw, 0, l.channels_last, false)?;
+    drop(coef);
+    wrap_like(out, x.shape(), &l)
+}
+
+/// GEGLU over the last dim of the contiguous CUDA tensor `x` (rows of 2 * half).
+pub(crate) fn geglu(x: &Tensor, out_shape: &[usize]) -> Result<Tensor> {
+    const OP: &str = "geglu";
+    let dt = dt_name(OP, x.dtype())?;
+    let total: usize = out_shape.iter().product();
+    let half = out_shape.last().copied().unwrap_or(0);
+    let (xp, dev) = addr(x, OP)?;
+    let out = CudaStorage::alloc(&dev, x.dtype(), total)?;
+    if total > 0 {
+        let (yp, h32, t32) = (out.device_ptr(), half as u32, u32_of(OP, "element count", total, x.shape())?);
+        let name = format!("geglu_{dt}");
+        let f = dev.function(&knorm::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&xp).arg(&yp).arg(&h32).arg(&t32);
+        // SAFETY: arguments match geglu_DT; x holds 2 * total elements.
+        unsafe { b.launch(launch_1d(total, BLOCK)) }.map_err(launch_failed(&name))?;
+    }
+    wrap(out, out_shape)
+}
+
+/// PReLU of the contiguous CUDA tensor `x` with `c` channels of `inner` elements (dim 1).
+pub(crate) fn prelu(x: &Tensor, weight: &Tensor, c: usize, inner: usize, per_channel: bool) -> Result<Tensor> {
+    const OP: &str = "prelu";
+    let dt = dt_name(OP, x.dtype())?;
+    let total = x.elem_count();
+    let (xp, dev) = addr(x, OP)?;
+    let (_w, wp) = param(Some(weight))?;
+    let out = CudaStorage::alloc(&dev, x.dtype(), total)?;
+    if total > 0 {
+        let (yp, t32, c32, i32_, pc) = (out.device_ptr(), u32_of(OP, "element count", total, x.shape())?, c.max(1) as u32, inner.max(1) as u32, per_channel as i32);
+        let name = format!("prelu_{dt}");
+        let f = dev.function(&knorm::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&xp).arg(&yp).arg(&wp).arg(&t32).arg(&c32).arg(&i32_).arg(&pc);
+        // SAFETY: arguments match prelu_DT; w holds C floats (per channel) or 1.
+        unsafe { b.launch(launch_1d(total, BLOCK)) }.map_err(launch_failed(&name))?;
+    }
+    wrap(out, x.shape())
+}
+
+/// Philox uniforms (or normals) of elements 0..n for `seed`, as kernels::rng computes them.
+pub(crate) fn random(shape: &[usize], dtype: DType, ordinal: usize, seed: u64, normal: bool) -> Result<Tensor> {
+    const OP: &str = "rand";
+    let dt = dt_name(OP, dtype)?;
+    let dev = super::device(ordinal)?;
+    let n: usize = shape.iter().product();
+    let out = CudaStorage::alloc(&dev, dtype, n)?;
+    if n > 0 {
+        let (yp, n64, k0, k1, nm) = (out.device_ptr(), n as u64, seed as u32, (seed >> 32) as u32, normal as i32);
+        let name = format!("random_{dt}");
+        let f = dev.function(&krng::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&yp).arg(&n64).arg(&k0).arg(&k1).arg(&nm);
+        // SAFETY: arguments match random_DT; a thread per block of 4 elements.
+        unsafe { b.launch(launch_1d(n.div_ceil(4), 256)) }.map_err(launch_failed(&name))?;
+    }
+    wrap(out, shape)
+}

@@ -1,0 +1,699 @@
+// Normalisations and gated activations: layer norm (forward, backward), group norm (+SiLU)
+// forward and backward over NCHW or channels-last (NHWC-strided) data, inference batch norm,
+// GEGLU and PReLU. The math is the CPU reference's (kernels/src/norm.rs, norm_backward.rs); the
+// CPU accumulates statistics in f64, these kernels in f32 (two-pass over registers for layer
+// norm; shifted sums merged with Chan's formula for group norm). Launch parameters: see each
+// section and engine/src/cuda/norm.rs. Per-channel parameters (weight, bias, running stats) are
+// f32 vectors; a null pointer means "absent" (weight 1, bias 0).
+#include "common.cuh"
+
+#define LN_CACHE 16      // f32 values of its row each layer-norm thread holds
+#define LN_MAX_BLOCK 512   // the cached kernel: 128 registers a thread, no spills
+#define LN_LONG_BLOCK 1024
+#define GN_BLOCK 256
+#define GN_MAX_C 4096    // channels-last group norm: per-channel sums of a block live in shared memory
+#define EW_BLOCK 256
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the threads of a row (a warp when tpr == 32, else the whole block); every thread gets
+// the total. Whole-block calls are made by every thread of the block. `sm` holds a float per warp.
+__device__ __forceinline__ float row_sum(float v, u32 tpr, float* sm) {
+    v = warp_sum(v);
+    if (tpr == 32) return v;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    v = lane < (blockDim.x >> 5) ? sm[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float param(const float* p, u32 i, float absent) { return p ? __ldg(p + i) : absent; }
+__device__ __forceinline__ float silu(float y) { return y * (1.0f / (1.0f + expf(-y))); }
+
+// ---- layer norm ------------------------------------------------------------------------------
+// layer_norm_DT: like softmax_DT (kernels/cuda/softmax.cu): tpr = 32 (warp per row, blocks of 256
+// = 8 rows, grid.x = ceil(rows / 8)) or a block of tpr <= 512 threads per row (grid.x = rows);
+// cols <= tpr * LN_CACHE; the row stays in registers: mean, then the mean of squared deviations
+// (two-pass, as the CPU), then y = (x - mean) * rstd * w + b.
+template <typename T, int V>
+__device__ __forceinline__ void layer_norm_cached(const T* __restrict__ xr, T* __restrict__ yr, const float* __restrict__ w, const float* __restrict__ b,
+                                                  u32 cols, u32 t, u32 tpr, float eps, float* sm) {
+    constexpr int P = LN_CACHE / V;
+    float v[P][V];
+    float s = 0.0f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        const u32 c = (p * tpr + t) * V;
+        if (c < cols) {
+            const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(xr + c);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                v[p][k] = to_f32(pk.v[k]);
+                s += v[p][k];
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < V; ++k) v[p][k] = 0.0f;
+        }
+    }
+    const float mean = row_sum(s, tpr, sm) / (float)cols;
+    float q = 0.0f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        if ((p * tpr + t) * V < cols) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float d = v[p][k] - mean;
+                q += d * d;
+            }
+        }
+    }
+    const float rstd = 1.0f / sqrtf(row_sum(q, tpr, sm) / (float)cols + eps);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        const u32 c = (p * tpr + t) * V;
+        if (c < cols) {
+            Pack<T, V> out;
+#pragma unroll
+            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>((v[p][k] - mean) * rstd * param(w, c + k, 1.0f) + param(b, c + k, 0.0f));
+            *reinterpret_cast<Pack<T, V>*>(yr + c) = out;
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void layer_norm_rows(const T* x, T* y, const float* w, const float* b, u32 rows, u32 cols, u32 tpr, float eps) {
+    __shared__ float sm[32];
+    constexpr int V = 16 / sizeof(T);
+    const u32 row = blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
+    const u32 t = threadIdx.x % tpr;
+    if (row >= rows) return;  // warp mode only: a whole warp shares the row and syncs nothing
+    const T* xr = x + (u64)row * cols;
+    T* yr = y + (u64)row * cols;
+    if (cols % V == 0 && (u64)x % 16 == 0 && (u64)y % 16 == 0) layer_norm_cached<T, V>(xr, yr, w, b, cols, t, tpr, eps, sm);
+    else layer_norm_cached<T, 1>(xr, yr, w, b, cols, t, tpr, eps, sm);
+}
+
+// layer_norm_long_DT: rows longer than 512 * LN_CACHE; a block of 1024 threads per row (grid.x =
+// rows): sums shifted by the row's first element (one read), then a second read writes.
+template <typename T>
+__device__ __forceinline__ void layer_norm_long(const T* x, T* y, const float* w, const float* b, u32 cols, float eps) {
+    __shared__ float sm[32];
+    const T* xr = x + (u64)blockIdx.x * cols;
+    T* yr = y + (u64)blockIdx.x * cols;
+    const float shift = to_f32(xr[0]);
+    float s1 = 0.0f, s2 = 0.0f;
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float d = to_f32(xr[i]) - shift;
+        s1 += d;
+        s2 += d * d;
+    }
+    s1 = row_sum(s1, blockDim.x, sm);
+    s2 = row_sum(s2, blockDim.x, sm);
+    const float n = (float)cols;
+    const float mean = shift + s1 / n;
+    float var = (s2 - s1 * (s1 / n)) / n;
+    if (var < 0.0f) var = 0.0f;
+    const float rstd = 1.0f / sqrtf(var + eps);
+    for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
+        yr[i] = from_f32<T>((to_f32(xr[i]) - mean) * rstd * param(w, i, 1.0f) + param(b, i, 0.0f));
+    }
+}
+
+// layer_norm_bwd_DT: same row split as layer_norm_DT (any cols). Per row: mean (pass 1), then the
+// squared deviations and sum(g), sum(g * (x - mean)) with g = dy * w (pass 2), then
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (pass 3). Writes (mean, rstd) of each row to
+// `stats` when given (for the parameter gradients).
+template <typename T>
+__device__ __forceinline__ void layer_norm_bwd(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ w, T* __restrict__ dx,
+                                               float* __restrict__ stats, u32 rows, u32 cols, u32 tpr, float eps) {
+    __shared__ float sm[32];
+    const u32 row = blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
+    const u32 t = threadIdx.x % tpr;
+    if (row >= rows) return;  // warp mode only
+    const u64 base = (u64)row * cols;
+    const float n = (float)cols;
+    float s = 0.0f;
+    for (u32 i = t; i < cols; i += tpr) s += to_f32(x[base + i]);
+    const float mean = row_sum(s, tpr, sm) / n;
+    float q = 0.0f, sg = 0.0f, sgd = 0.0f;
+    for (u32 i = t; i < cols; i += tpr) {
+        const float d = to_f32(x[base + i]) - mean;
+        const float g = to_f32(dy[base + i]) * param(w, i, 1.0f);
+        q += d * d;
+        sg += g;
+        sgd += g * d;
+    }
+    q = row_sum(q, tpr, sm);
+    sg = row_sum(sg, tpr, sm);
+    sgd = row_sum(sgd, tpr, sm);
+    const float rstd = 1.0f / sqrtf(q / n + eps);
+    const float mg = sg / n, mgx = sgd * rstd / n;
+    for (u32 i = t; i < cols; i += tpr) {
+        const float xh = (to_f32(x[base + i]) - mean) * rstd;
+        const float g = to_f32(dy[base + i]) * param(w, i, 1.0f);
+        dx[base + i] = from_f32<T>(rstd * (g - mg - xh * mgx));
+    }
+    if (stats && t == 0) {
+        stats[2 * (u64)row] = mean;
+        stats[2 * (u64)row + 1] = rstd;
+    }
+}
+
+// layer_norm_bwd_params_DT: grid (ceil(cols / 256), chunks), blocks of 256 threads, a thread per
+// column summing dy * xhat and dy over rows [chunk * rows_per_chunk, ...) (coalesced across the
+// warp). Partials: part[chunk * cols + col] (weight) and part[(chunks + chunk) * cols + col] (bias).
+template <typename T>
+__device__ __forceinline__ void layer_norm_bwd_params(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ stats, float* __restrict__ part,
+                                                      u32 rows, u32 cols, u32 rows_per_chunk) {
+    const u32 col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= cols) return;
+    const u32 r0 = blockIdx.y * rows_per_chunk;
+    const u32 r1 = min(rows, r0 + rows_per_chunk);
+    float pw = 0.0f, pb = 0.0f;
+    for (u32 r = r0; r < r1; ++r) {
+        const u64 i = (u64)r * cols + col;
+        const float d = to_f32(dy[i]);
+        pw += d * (to_f32(x[i]) - stats[2 * (u64)r]) * stats[2 * (u64)r + 1];
+        pb += d;
+    }
+    part[(u64)blockIdx.y * cols + col] = pw;
+    part[((u64)gridDim.y + blockIdx.y) * cols + col] = pb;
+}
+
+// col_sum: out[j] = sum over c < chunks of part[c * cols + j] in order; a thread per column,
+// blocks of EW_BLOCK threads, grid.x = ceil(cols / EW_BLOCK).
+extern "C" __global__ void __launch_bounds__(EW_BLOCK) col_sum(const float* part, float* out, u32 chunks, u32 cols) {
+    const u32 j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= cols) return;
+    float s = 0.0f;
+    for (u32 c = 0; c < chunks; ++c) s += part[(u64)c * cols + j];
+    out[j] = s;
+}
+
+// ---- group norm statistics ----------------------------------------------------------------------
+// Partials of every (sample n, channel c) over "lanes" l < L: cnt, s1, s2 = count and sums of d,
+// d^2 with d = x - K(n, c), K(n, c) = the channel's first element in the sample. Layout
+// part[q * N*C*L + (n*C + c) * L + l], q = 0 cnt, 1 s1, 2 s2. Lanes split the spatial positions so
+// that batch 1-2 fills the GPU (more blocks than (sample, group) pairs); gn_finalize merges them.
+__device__ __forceinline__ u64 channel_first(u32 n, u32 c, u32 C, u32 HW, int channels_last) {
+    return channels_last ? (u64)n * HW * C + c : ((u64)n * C + c) * HW;
+}
+
+// NCHW: grid (N*C planes, L lanes), blocks of GN_BLOCK threads; lane l sums plane positions
+// [l * chunk, (l + 1) * chunk) (chunk a multiple of 8).
+template <typename T>
+__device__ __forceinline__ void gn_stats_nchw(const T* __restrict__ x, float* __restrict__ part, u32 HW, u32 chunk) {
+    __shared__ float sm[32];
+    constexpr int V = 16 / sizeof(T);
+    const u32 plane = blockIdx.x, L = gridDim.y, lane = blockIdx.y;
+    const T* xp = x + (u64)plane * HW;
+    const float K = to_f32(xp[0]);
+    const u32 start = lane * chunk, end = min(HW, start + chunk);
+    float s1 = 0.0f, s2 = 0.0f;
+    if (HW % V == 0 && (u64)x % 16 == 0) {
+        for (u32 i = start + threadIdx.x * V; i < end; i += blockDim.x * V) {
+            const Pack<T, V> p = *reinterpret_cast<const Pack<T, V>*>(xp + i);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float d = to_f32(p.v[k]) - K;
+                s1 += d;
+                s2 += d * d;
+            }
+        }
+    } else {
+        for (u32 i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const float d = to_f32(xp[i]) - K;
+            s1 += d;
+            s2 += d * d;
+        }
+    }
+    s1 = row_sum(s1, blockDim.x, sm);
+    s2 = row_sum(s2, blockDim.x, sm);
+    if (threadIdx.x == 0) {
+        const u64 total = (u64)gridDim.x * L, o = (u64)plane * L + lane;
+        part[o] = end > start ? (float)(end - start) : 0.0f;
+        part[total + o] = s1;
+        part[2 * total + o] = s2;
+    }
+}
+
+// Channels-last: grid (L lanes, N), blocks of GN_BLOCK threads as R = GN_BLOCK / npk rows of
+// npk = C / V channel packs (host: npk <= GN_BLOCK, C <= GN_MAX_C); threads past R * npk only help
+// with shared memory. Row r of block l takes positions l*R + r, + L*R, ... (whole rows of C
+// channels per warp step: coalesced). The block's rows are added in row order in shared memory.
+template <typename T, int V>
+__device__ __forceinline__ void gn_stats_nhwc_body(const T* __restrict__ x, float* __restrict__ part, u32 C, u32 HW, float* ss1, float* ss2, float* scnt) {
+    const u32 npk = C / V, R = blockDim.x / npk, L = gridDim.x, lane = blockIdx.x, n = blockIdx.y, N = gridDim.y;
+    const u32 r = threadIdx.x / npk, cp = threadIdx.x % npk;
+    const bool worker = r < R;
+    const T* xn = x + (u64)n * HW * C + cp * V;
+    float K[V], s1[V], s2[V];
+    u32 cnt = 0;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        K[k] = worker ? to_f32(xn[k]) : 0.0f;
+        s1[k] = 0.0f;
+        s2[k] = 0.0f;
+    }
+    if (worker) {
+        for (u32 p = lane * R + r; p < HW; p += L * R) {
+            const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(xn + (u64)p * C);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float d = to_f32(pk.v[k]) - K[k];
+                s1[k] += d;
+                s2[k] += d * d;
+            }
+            ++cnt;
+        }
+    }
+    for (u32 i = threadIdx.x; i < C; i += blockDim.x) {
+        ss1[i] = 0.0f;
+        ss2[i] = 0.0f;
+    }
+    if (threadIdx.x == 0) *scnt = 0.0f;
+    __syncthreads();
+    for (u32 rr = 0; rr < R; ++rr) {
+        if (worker && r == rr) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                ss1[cp * V + k] += s1[k];
+                ss2[cp * V + k] += s2[k];
+            }
+            if (cp == 0) *scnt += (float)cnt;
+        }
+        __syncthreads();
+    }
+    const u64 total = (u64)N * C * L;
+    for (u32 c = threadIdx.x; c < C; c += blockDim.x) {
+        const u64 o = ((u64)n * C + c) * L + lane;
+        part[o] = *scnt;
+        part[total + o] = ss1[c];
+        part[2 * total + o] = ss2[c];
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void gn_stats_nhwc(const T* x, float* part, u32 C, u32 HW) {
+    __shared__ float ss1[GN_MAX_C], ss2[GN_MAX_C], scnt;
+    constexpr int V = 16 / sizeof(T);
+    if (C % V == 0 && (u64)x % 16 == 0) gn_stats_nhwc_body<T, V>(x, part, C, HW, ss1, ss2, &scnt);
+    else gn_stats_nhwc_body<T, 1>(x, part, C, HW, ss1, ss2, &scnt);
+}
+
+// Chan et al.'s merge of (count, mean, M2) summaries.
+__device__ __forceinline__ void chan_merge(float& n, float& m, float& m2, float nb, float mb, float m2b) {
+    if (nb == 0.0f) return;
+    if (n == 0.0f) {
+        n = nb;
+        m = mb;
+        m2 = m2b;
+        return;
+    }
+    const float nn = n + nb, d = mb - m;
+    m += d * (nb / nn);
+    m2 += m2b + d * d * (n * (nb / nn));
+    n = nn;
+}
+
+__device__ __forceinline__ void warp_chan(float& n, float& m, float& m2) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float nb = __shfl_xor_sync(0xffffffffu, n, o);
+        const float mb = __shfl_xor_sync(0xffffffffu, m, o);
+        const float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
+        chan_merge(n, m, m2, nb, mb, m2b);
+    }
+}
+
+// gn_finalize_DT: grid N*G blocks of GN_BLOCK threads, one per (sample, group): merges the group's
+// cpg * L partials (each thread a strided subset, then the block) into mean and rstd; writes
+// stats[2 (n G + g) + {0, 1}] = (mean, rstd) and, when coef is given, for each channel c of the
+// group coef[4 (n C + c) + {0, 1, 2}] = (mean, rstd * w[c], b[c]) for gn_apply.
+template <typename T>
+__device__ __forceinline__ void gn_finalize(const T* __restrict__ x, const float* __restrict__ part, float* __restrict__ stats, float* __restrict__ coef,
+                                            const float* __restrict__ w, const float* __restrict__ b, u32 N, u32 C, u32 HW, u32 G, u32 L, int channels_last, float eps) {
+    __shared__ float sn[32], sm_[32], sm2[32], sres[2];
+    const u32 ng = blockIdx.x, n = ng / G, g = ng % G, cpg = C / G;
+    const u64 total = (u64)N * C * L, base = ((u64)n * C + (u64)g * cpg) * L;
+    const u32 items = cpg * L;
+    float cn = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (u32 i = threadIdx.x; i < items; i += blockDim.x) {
+        const float nb = part[base + i];
+        if (nb == 0.0f) continue;
+        const u32 c = g * cpg + i / L;
+        const float K = to_f32(x[channel_first(n, c, C, HW, channels_last)]);
+        const float s1 = part[total + base + i], s2 = part[2 * total + base + i];
+        float m2b = s2 - s1 * (s1 / nb);
+        if (m2b < 0.0f) m2b = 0.0f;
+        chan_merge(cn, mean, m2, nb, K + s1 / nb, m2b);
+    }
+    warp_chan(cn, mean, m2);
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        sn[warp] = cn;
+        sm_[warp] = mean;
+        sm2[warp] = m2;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const bool has = lane < (blockDim.x >> 5);
+        cn = has ? sn[lane] : 0.0f;
+        mean = has ? sm_[lane] : 0.0f;
+        m2 = has ? sm2[lane] : 0.0f;
+        warp_chan(cn, mean, m2);
+        if (lane == 0) {
+            float var = m2 / cn;
+            const float rstd = 1.0f / sqrtf(var + eps);
+            stats[2 * (u64)ng] = mean;
+            stats[2 * (u64)ng + 1] = rstd;
+            sres[0] = mean;
+            sres[1] = rstd;
+        }
+    }
+    __syncthreads();
+    if (coef) {
+        for (u32 k = threadIdx.x; k < cpg; k += blockDim.x) {
+            const u32 c = g * cpg + k;
+            float* q = coef + 4 * ((u64)n * C + c);
+            q[0] = sres[0];
+            q[1] = sres[1] * param(w, c, 1.0f);
+            q[2] = param(b, c, 0.0f);
+            q[3] = 0.0f;
+        }
+    }
+}
+
+// ---- per-channel affine apply (group norm, batch norm) -----------------------------------------
+// y = (x - coef.x) * coef.y + coef.z (then SiLU when `silu`), coef = coef4[n * cstride + c]
+// (cstride = C: per sample and channel; 0: per channel). Memory order of x: NCHW (planes of HW)
+// or channels-last (rows of C). One pack of V elements per thread, blocks of EW_BLOCK threads,
+// grid.x = ceil(total / V / EW_BLOCK); V = 16 bytes when every pack stays in one plane (NCHW:
+// HW % V == 0) or one row (NHWC: C % V == 0) and the pointers are aligned, else 1 (decided inside).
+// total < 2^32.
+template <typename T, int V>
+__device__ __forceinline__ void affine_apply_body(const T* __restrict__ x, T* __restrict__ y, const float4* __restrict__ coef, u32 total, u32 C, u32 HW, u32 cstride,
+                                                  int channels_last, int act) {
+    const u64 i64_ = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    if (i64_ >= total) return;
+    const u32 i = (u32)i64_;
+    u32 n, c0;
+    if (channels_last) {
+        n = i / (HW * C);
+        c0 = i % C;
+    } else {
+        const u32 plane = i / HW;
+        n = plane / C;
+        c0 = plane % C;
+    }
+    const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(x + i);
+    Pack<T, V> out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const float4 f = coef[(u64)n * cstride + (channels_last ? c0 + k : c0)];
+        float v = (to_f32(pk.v[k]) - f.x) * f.y + f.z;
+        if (act) v = silu(v);
+        out.v[k] = from_f32<T>(v);
+    }
+    *reinterpret_cast<Pack<T, V>*>(y + i) = out;
+}
+
+template <typename T>
+__device__ __forceinline__ void affine_apply(const T* x, T* y, const float4* coef, u32 total, u32 C, u32 HW, u32 cstride, int channels_last, int act) {
+    constexpr int V = 16 / sizeof(T);
+    const bool vec = (channels_last ? C % V == 0 : HW % V == 0) && (u64)x % 16 == 0 && (u64)y % 16 == 0;
+    if (vec) affine_apply_body<T, V>(x, y, coef, total, C, HW, cstride, channels_last, act);
+    else affine_apply_body<T, 1>(x, y, coef, total, C, HW, cstride, channels_last, act);
+}
+
+// bn_coef: coef[c] = (0, rstd * w, b - mean * rstd * w) in f64 as the CPU; a thread per channel,
+// blocks of EW_BLOCK threads.
+extern "C" __global__ void __launch_bounds__(EW_BLOCK) bn_coef(const float* mean, const float* var, const float* w, const float* b, float* coef, u32 C, float eps) {
+    const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const double rstd = 1.0 / sqrt((double)var[c] + (double)eps);
+    const double wc = w ? (double)w[c] : 1.0, bc = b ? (double)b[c] : 0.0;
+    coef[4 * (u64)c] = 0.0f;
+    coef[4 * (u64)c + 1] = (float)(rstd * wc);
+    coef[4 * (u64)c + 2] = (float)(bc - (double)mean[c] * rstd * wc);
+    coef[4 * (u64)c + 3] = 0.0f;
+}
+
+// ---- group norm backward ---------------------------------------------------------------------
+// With xhat = (x - mean) * rstd, y = xhat * w + b and d = dy (times SiLU'(y) when fused): per
+// (sample, channel) sums A = sum d and B = sum d * xhat over lanes (layout as the statistics:
+// part[q * N*C*L + (n C + c) L + l], q = 0 A, 1 B); then per group mg = sum_c w_c A_c / m,
+// mgx = sum_c w_c B_c / m and dx = rstd * (d * w - mg - xhat * mgx); dweight = sum_n B,
+// dbias = sum_n A. stats are gn_finalize's (mean, rstd) per (sample, group).
+__device__ __forceinline__ float gn_dprime(float dy, float xh, float w, float b, int act) {
+    if (!act) return dy;
+    const float y = xh * w + b;
+    const float s = 1.0f / (1.0f + expf(-y));
+    return dy * (s * (1.0f + y * (1.0f - s)));
+}
+
+// NCHW: grid (N*C planes, L lanes), GN_BLOCK threads, lane l covers [l * chunk, (l + 1) * chunk).
+template <typename T>
+__device__ __forceinline__ void gn_bwd_reduce_nchw(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ stats, const float* __restrict__ w,
+                                                   const float* __restrict__ b, float* __restrict__ part, u32 C, u32 HW, u32 G, u32 chunk, int act) {
+    __shared__ float sm[32];
+    const u32 plane = blockIdx.x, L = gridDim.y, lane = blockIdx.y;
+    const u32 n = plane / C, c = plane % C, ng = n * G + c / (C / G);
+    const float mean = stats[2 * (u64)ng], rstd = stats[2 * (u64)ng + 1];
+    const float wc = param(w, c, 1.0f), bc = param(b, c, 0.0f);
+    const u64 base = (u64)plane * HW;
+    const u32 start = lane * chunk, end = min(HW, start + chunk);
+    float sa = 0.0f, sb = 0.0f;
+    for (u32 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const float xh = (to_f32(x[base + i]) - mean) * rstd;
+        const float d = gn_dprime(to_f32(dy[base + i]), xh, wc, bc, act);
+        sa += d;
+        sb += d * xh;
+    }
+    sa = row_sum(sa, blockDim.x, sm);
+    sb = row_sum(sb, blockDim.x, sm);
+    if (threadIdx.x == 0) {
+        const u64 total = (u64)gridDim.x * L, o = (u64)plane * L + lane;
+        part[o] = sa;
+        part[total + o] = sb;
+    }
+}
+
+// Channels-last: grid (L lanes, N), GN_BLOCK threads as rows of npk = C / V channel packs, as
+// gn_stats_nhwc.
+template <typename T, int V>
+__device__ __forceinline__ void gn_bwd_reduce_nhwc_body(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ stats, const float* __restrict__ w,
+                                                        const float* __restrict__ b, float* __restrict__ part, u32 C, u32 HW, u32 G, int act, float* sa_s, float* sb_s) {
+    const u32 npk = C / V, R = blockDim.x / npk, L = gridDim.x, lane = blockIdx.x, n = blockIdx.y, N = gridDim.y, cpg = C / G;
+    const u32 r = threadIdx.x / npk, cp = threadIdx.x % npk;
+    const bool worker = r < R;
+    const u64 off = (u64)n * HW * C + cp * V;
+    float mean[V], rstd[V], wc[V], bc[V], sa[V], sb[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const u32 c = worker ? cp * V + k : 0;
+        const u32 ng = n * G + c / cpg;
+        mean[k] = stats[2 * (u64)ng];
+        rstd[k] = stats[2 * (u64)ng + 1];
+        wc[k] = param(w, c, 1.0f);
+        bc[k] = param(b, c, 0.0f);
+        sa[k] = 0.0f;
+        sb[k] = 0.0f;
+    }
+    if (worker) {
+        for (u32 p = lane * R + r; p < HW; p += L * R) {
+            const Pack<T, V> px = *reinterpret_cast<const Pack<T, V>*>(x + off + (u64)p * C);
+            const Pack<T, V> pd = *reinterpret_cast<const Pack<T, V>*>(dy + off + (u64)p * C);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float xh = (to_f32(px.v[k]) - mean[k]) * rstd[k];
+                const float d = gn_dprime(to_f32(pd.v[k]), xh, wc[k], bc[k], act);
+                sa[k] += d;
+                sb[k] += d * xh;
+            }
+        }
+    }
+    for (u32 i = threadIdx.x; i < C; i += blockDim.x) {
+        sa_s[i] = 0.0f;
+        sb_s[i] = 0.0f;
+    }
+    __syncthreads();
+    for (u32 rr = 0; rr < R; ++rr) {
+        if (worker && r == rr) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                sa_s[cp * V + k] += sa[k];
+                sb_s[cp * V + k] += sb[k];
+            }
+        }
+        __syncthreads();
+    }
+    const u64 total = (u64)N * C * L;
+    for (u32 c = threadIdx.x; c < C; c += blockDim.x) {
+        const u64 o = ((u64)n * C + c) * L + lane;
+        part[o] = sa_s[c];
+        part[total + o] = sb_s[c];
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void gn_bwd_reduce_nhwc(const T* x, const T* dy, const float* stats, const float* w, const float* b, float* part, u32 C, u32 HW, u32 G, int act) {
+    __shared__ float sa_s[GN_MAX_C], sb_s[GN_MAX_C];
+    constexpr int V = 16 / sizeof(T);
+    if (C % V == 0 && (u64)x % 16 == 0 && (u64)dy % 16 == 0) gn_bwd_reduce_nhwc_body<T, V>(x, dy, stats, w, b, part, C, HW, G, act, sa_s, sb_s);
+    else gn_bwd_reduce_nhwc_body<T, 1>(x, dy, stats, w, b, part, C, HW, G, act, sa_s, sb_s);
+}
+
+// gn_bwd_finalize: grid N*G blocks of GN_BLOCK threads: sums w_c A and w_c B over the group's
+// cpg * L partials; writes coef[4 (n C + c) + {0..3}] = (mean, rstd, mg, mgx) for its channels.
+extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_bwd_finalize(const float* part, const float* stats, const float* w, float* coef, u32 N, u32 C, u32 HW, u32 G, u32 L) {
+    __shared__ float sm[32];
+    const u32 ng = blockIdx.x, n = ng / G, g = ng % G, cpg = C / G;
+    const u64 total = (u64)N * C * L, base = ((u64)n * C + (u64)g * cpg) * L;
+    float sg = 0.0f, sgx = 0.0f;
+    for (u32 i = threadIdx.x; i < cpg * L; i += blockDim.x) {
+        const float wc = param(w, g * cpg + i / L, 1.0f);
+        sg += wc * part[base + i];
+        sgx += wc * part[total + base + i];
+    }
+    sg = row_sum(sg, blockDim.x, sm);
+    sgx = row_sum(sgx, blockDim.x, sm);
+    const float m = (float)cpg * (float)HW;
+    for (u32 k = threadIdx.x; k < cpg; k += blockDim.x) {
+        float* q = coef + 4 * ((u64)n * C + g * cpg + k);
+        q[0] = stats[2 * (u64)ng];
+        q[1] = stats[2 * (u64)ng + 1];
+        q[2] = sg / m;
+        q[3] = sgx / m;
+    }
+}
+
+// gn_bwd_params: grid C blocks of GN_BLOCK threads: dw[c] = sum over (n, l) of B, db[c] = of A.
+extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_bwd_params(const float* part, float* dw, float* db, u32 N, u32 C, u32 L) {
+    __shared__ float sm[32];
+    const u32 c = blockIdx.x;
+    const u64 total = (u64)N * C * L;
+    float sa = 0.0f, sb = 0.0f;
+    for (u32 i = threadIdx.x; i < N * L; i += blockDim.x) {
+        const u64 o = ((u64)(i / L) * C + c) * L + i % L;
+        sa += part[o];
+        sb += part[total + o];
+    }
+    sa = row_sum(sa, blockDim.x, sm);
+    sb = row_sum(sb, blockDim.x, sm);
+    if (threadIdx.x == 0) {
+        dw[c] = sb;
+        db[c] = sa;
+    }
+}
+
+// gn_bwd_dx_DT: element-wise in x's memory order (NCHW or channels-last; dy has the same layout),
+// a thread per element, blocks of EW_BLOCK threads, grid.x = ceil(total / EW_BLOCK), total < 2^32.
+template <typename T>
+__device__ __forceinline__ void gn_bwd_dx(const T* __restrict__ x, const T* __restrict__ dy, const float4* __restrict__ coef, const float* __restrict__ w,
+                                          const float* __restrict__ b, T* __restrict__ dx, u32 total, u32 C, u32 HW, int channels_last, int act) {
+    const u64 i64_ = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i64_ >= total) return;
+    const u32 i = (u32)i64_;
+    u32 n, c;
+    if (channels_last) {
+        n = i / (HW * C);
+        c = i % C;
+    } else {
+        const u32 plane = i / HW;
+        n = plane / C;
+        c = plane % C;
+    }
+    const float4 f = coef[(u64)n * C + c];
+    const float wc = param(w, c, 1.0f), bc = param(b, c, 0.0f);
+    const float xh = (to_f32(x[i]) - f.x) * f.y;
+    const float d = gn_dprime(to_f32(dy[i]), xh, wc, bc, act);
+    dx[i] = from_f32<T>(f.y * (d * wc - f.z - xh * f.w));
+}
+
+// ---- GEGLU and PReLU -------------------------------------------------------------------------
+// geglu_DT: out[r, j] = x[r, j] * gelu(x[r, half + j]) (erf GELU); a thread per output element,
+// blocks of EW_BLOCK threads, grid.x = ceil(total / EW_BLOCK), total = rows * half < 2^32.
+template <typename T>
+__device__ __forceinline__ void geglu(const T* __restrict__ x, T* __restrict__ y, u32 half, u32 total) {
+    const u64 i64_ = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i64_ >= total) return;
+    const u32 i = (u32)i64_;
+    const u32 r = i / half, j = i - r * half;
+    const u64 base = (u64)r * 2 * half + j;
+    const float h = to_f32(x[base]), g = to_f32(x[base + half]);
+    y[i] = from_f32<T>(h * (0.5f * g * (1.0f + erff(g * 0.70710678118654752f))));
+}
+
+// prelu_DT: y = x > 0 ? x : a * x with a = w[(i / inner) % C] (per_channel) or w[0]; a thread per
+// element, blocks of EW_BLOCK threads, total < 2^32.
+template <typename T>
+__device__ __forceinline__ void prelu(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, u32 total, u32 C, u32 inner, int per_channel) {
+    const u64 i64_ = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i64_ >= total) return;
+    const u32 i = (u32)i64_;
+    const float v = to_f32(x[i]);
+    const float a = per_channel ? w[(i / inner) % C] : w[0];
+    y[i] = from_f32<T>(v > 0.0f ? v : a * v);
+}
+
+#define NORM_KERNELS(NAME, T)                                                                         \
+    extern "C" __global__ void __launch_bounds__(LN_MAX_BLOCK)                                        \
+        layer_norm_##NAME(const T* x, T* y, const float* w, const float* b, u32 rows, u32 cols, u32 tpr, float eps) { \
+        layer_norm_rows<T>(x, y, w, b, rows, cols, tpr, eps);                                         \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(LN_LONG_BLOCK)                                       \
+        layer_norm_long_##NAME(const T* x, T* y, const float* w, const float* b, u32 cols, float eps) { \
+        layer_norm_long<T>(x, y, w, b, cols, eps);                                                    \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(LN_LONG_BLOCK)                                       \
+        layer_norm_bwd_##NAME(const T* x, const T* dy, const float* w, T* dx, float* stats, u32 rows, u32 cols, u32 tpr, float eps) { \
+        layer_norm_bwd<T>(x, dy, w, dx, stats, rows, cols, tpr, eps);                                 \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(EW_BLOCK)                                            \
+        layer_norm_bwd_params_##NAME(const T* x, const T* dy, const float* stats, float* part, u32 rows, u32 cols, u32 rows_per_chunk) { \
+        layer_norm_bwd_params<T>(x, dy, stats, part, rows, cols, rows_per_chunk);                     \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_stats_nchw_##NAME(const T* x, float* part, u32 HW, u32 chunk) { \
+        gn_stats_nchw<T>(x, part, HW, chunk);                                                         \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_stats_nhwc_##NAME(const T* x, float* part, u32 C, u32 HW) { \
+        gn_stats_nhwc<T>(x, part, C, HW);                                                             \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GN_BLOCK)                                            \
+        gn_finalize_##NAME(const T* x, const float* part, float* stats, float* coef, const float* w, const float* b, u32 N, u32 C, u32 HW, u32 G, u32 L, int channels_last, float eps) { \
+        gn_finalize<T>(x, part, stats, coef, w, b, N, C, HW, G, L, channels_last, eps);               \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(EW_BLOCK)                                            \
+        affine_apply_##NAME(const T* x, T* y, const float4* coef, u32 total, u32 C, u32 HW, u32 cstride, int channels_last, int act) { \
+        affine_apply<T>(x, y, coef, total, C, HW, cstride, channels_last, act);                       \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GN_BLOCK)                                            \
+        gn_bwd_reduce_nchw_##NAME(const T* x, const T* dy, const float* stats, const float* w, const float* b, float* part, u32 C, u32 HW, u32 G, u32 chunk, int act) { \
+        gn_bwd_reduce_nchw<T>(x, dy, stats, w, b, part, C, HW, G, chunk, act);                        \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GN_BLOCK)                                            \
+        gn_bwd_reduce_nhwc_##NAME(const T* x, const T* dy, const float* stats, const float* w, const float* b, float* part, u32 C, u32 HW, u32 G, int act) { \
+        gn_bwd_reduce_nhwc<T>(x, dy, stats, w, b, part, C, HW, G, act);                               \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(EW_BLOCK)                                            \
+        gn_bwd_dx_##NAME(const T* x, const T* dy, const float4* coef, const float* w, const float* b, T* dx, u32 total, u32 C, u32 HW, int channels_last, int act) { \
+        gn_bwd_dx<T>(x, dy, coef, w, b, dx, total, C, HW, channels_last, act);                        \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(EW_BLOCK) geglu_##NAME(const T* x, T* y, u32 half, u32 total) { \
+        geglu<T>(x, y, half, total);                                                                  \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(EW_BLOCK)                                            \
+        prelu_##NAME(const T* x, T* y, const float* w, u32 total, u32 C, u32 inner, int per_channel) { \
+        prelu<T>(x, y, w, total, C, inner, per_channel);                                              \
+    }
+NORM_KERNELS(f32, float)
+NORM_KERNELS(bf16, bf16)
+NORM_KERNELS(f16, f16)

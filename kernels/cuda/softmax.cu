@@ -1,0 +1,154 @@
+// Softmax / log-softmax over contiguous rows (the engine moves the softmax dim last). The math is
+// the CPU reference's (kernels/src/softmax.rs): shift by the row max (NaN ignored by the max, then
+// propagated by exp), sum of exponentials (f32 here, f64 on the CPU), softmax = e * (1 / sum),
+// log-softmax = (x - max) - log(sum); an all -inf row gives NaN, partly -inf rows exact zeros.
+// Launch contract (engine/src/cuda/softmax.rs):
+// - softmax_DT: the row is held in registers (SM_CACHE f32 values per thread), so it is read once
+//   and written once. `tpr` threads share a row: 32 (a warp per row, blocks of 256 threads = 8 rows,
+//   grid.x = ceil(rows / 8)) or a multiple of 32 up to 1024 (a block of tpr threads per row,
+//   grid.x = rows); needs cols <= tpr * SM_CACHE. 16-byte packs when cols is a multiple of the pack
+//   and both pointers are 16-byte aligned, else single elements (chosen inside, per launch).
+// - softmax_long_DT: rows longer than 1024 * SM_CACHE; a block of 1024 threads per row, online
+//   (max, sum) in one read, a second read to write.
+#include "common.cuh"
+
+#define SM_CACHE 16
+#define NEG_INF __int_as_float(0xff800000)
+#define SM_MAX_BLOCK 1024
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum / max over the threads of a row (a warp, or the whole block); every thread gets the result.
+// Whole-block calls are made by every thread of the block. `sm` holds a float per warp.
+__device__ __forceinline__ float row_sum(float v, u32 tpr, float* sm) {
+    v = warp_sum(v);
+    if (tpr == 32) return v;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    v = lane < (blockDim.x >> 5) ? sm[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float row_max(float v, u32 tpr, float* sm) {
+    v = warp_max(v);
+    if (tpr == 32) return v;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    v = lane < (blockDim.x >> 5) ? sm[lane] : NEG_INF;
+    return warp_max(v);
+}
+
+// Thread t of the row holds packs t, t + tpr, t + 2 tpr, ... (coalesced), P packs of V values.
+template <typename T, int V>
+__device__ __forceinline__ void softmax_cached(const T* __restrict__ xr, T* __restrict__ yr, u32 cols, u32 t, u32 tpr, int log_mode, float* sm) {
+    constexpr int P = SM_CACHE / V;
+    float v[P][V];
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        const u32 c = (p * tpr + t) * V;
+        if (c < cols) {
+            const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(xr + c);
+#pragma unroll
+            for (int k = 0; k < V; ++k) v[p][k] = to_f32(pk.v[k]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < V; ++k) v[p][k] = NEG_INF;
+        }
+    }
+    float m = NEG_INF;
+#pragma unroll
+    for (int p = 0; p < P; ++p)
+#pragma unroll
+        for (int k = 0; k < V; ++k) m = fmaxf(m, v[p][k]);
+    m = row_max(m, tpr, sm);
+    float s = 0.0f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        if ((p * tpr + t) * V < cols) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float e = expf(v[p][k] - m);
+                s += e;
+                if (!log_mode) v[p][k] = e;
+            }
+        }
+    }
+    s = row_sum(s, tpr, sm);
+    const float a = log_mode ? logf(s) : 1.0f / s;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+        const u32 c = (p * tpr + t) * V;
+        if (c < cols) {
+            Pack<T, V> out;
+#pragma unroll
+            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(log_mode ? (v[p][k] - m) - a : v[p][k] * a);
+            *reinterpret_cast<Pack<T, V>*>(yr + c) = out;
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void softmax_rows(const T* __restrict__ x, T* __restrict__ y, u32 rows, u32 cols, u32 tpr, int log_mode) {
+    __shared__ float sm[32];
+    constexpr int V = 16 / sizeof(T);
+    const u32 row = blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
+    const u32 t = threadIdx.x % tpr;
+    // In warp mode a whole warp shares `row` and syncs nothing, so a warp past the end can leave;
+    // in block mode grid.x = rows.
+    if (row >= rows) return;
+    const T* xr = x + (u64)row * cols;
+    T* yr = y + (u64)row * cols;
+    if (cols % V == 0 && (u64)x % 16 == 0 && (u64)y % 16 == 0) softmax_cached<T, V>(xr, yr, cols, t, tpr, log_mode, sm);
+    else softmax_cached<T, 1>(xr, yr, cols, t, tpr, log_mode, sm);
+}
+
+// Online (max, sum of exp(x - max)) per thread, merged over the block; then a second read writes.
+template <typename T>
+__device__ __forceinline__ void softmax_long(const T* __restrict__ x, T* __restrict__ y, u32 cols, int log_mode) {
+    __shared__ float sm[32];
+    const T* xr = x + (u64)blockIdx.x * cols;
+    T* yr = y + (u64)blockIdx.x * cols;
+    const u32 tpr = blockDim.x;
+    float m = NEG_INF, s = 0.0f;
+    for (u32 i = threadIdx.x; i < cols; i += tpr) {
+        const float v = to_f32(xr[i]);
+        if (v > m) {
+            s = s * expf(m - v) + 1.0f;
+            m = v;
+        } else if (v != NEG_INF) {
+            s += expf(v - m);  // NaN propagates into s
+        }
+    }
+    const float mr = row_max(m, tpr, sm);
+    s = row_sum(s == 0.0f ? 0.0f : s * expf(m - mr), tpr, sm);
+    const float a = log_mode ? logf(s) : 1.0f / s;
+    for (u32 i = threadIdx.x; i < cols; i += tpr) {
+        const float v = to_f32(xr[i]);
+        yr[i] = from_f32<T>(log_mode ? (v - mr) - a : expf(v - mr) * a);
+    }
+}
+
+#define SOFTMAX_KERNELS(NAME, T)                                                                      \
+    extern "C" __global__ void __launch_bounds__(SM_MAX_BLOCK)                                        \
+        softmax_##NAME(const T* x, T* y, u32 rows, u32 cols, u32 tpr, int log_mode) {                 \
+        softmax_rows<T>(x, y, rows, cols, tpr, log_mode);                                             \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(SM_MAX_BLOCK)                                        \
+        softmax_long_##NAME(const T* x, T* y, u32 cols, int log_mode) {                               \
+        softmax_long<T>(x, y, cols, log_mode);                                                        \
+    }
+SOFTMAX_KERNELS(f32, float)
+SOFTMAX_KERNELS(bf16, bf16)
+SOFTMAX_KERNELS(f16, f16)
