@@ -105,7 +105,12 @@ impl CudaStorage {
         let dev = self.device().clone();
         let n = l.shape()[0] * l.shape()[1] * oh * ow;
         let out = CudaStorage::alloc(&dev, dt, n)?;
-        if n == 0 || l.elem_count() == 0 {
+        if n == 0 {
+            return Ok(out);
+        }
+        if l.elem_count() == 0 {
+            // Windows entirely in the padding of an empty image: zeros, as the CPU leaves them.
+            dev.memset(out.device_ptr(), 0, n * dt.size_in_bytes())?;
             return Ok(out);
         }
         let name = match kind {

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Runs ON the GPU machine, from the repo root: `bash scripts/gpu-check.sh`, with the binaries that
+# scripts/gpu-prepare.sh built here carried in .gpu-carry/ (that machine has no cargo). Writes to
+# $OUT (default /tmp/gpu-check-out), at most 8 files:
+#   summary.txt   device, nvidia-smi, libraries found, pass/fail + exit code + seconds per step
+#   <test>.log    each test executable's output (--test-threads=1 --nocapture); folded into one
+#                 tests.log if there are more than 5 of them
+#   bench.json    `lookahead bench --device cuda --baseline python3 --json`
+#   bench.txt     the same results as a table, plus the bench's stderr
+# Every step has a timeout inside one overall budget (BUDGET_S, default 330 s, so the whole run
+# stays under 6 minutes on an H100); a failing or hanging step is recorded and the next one runs.
+# Without a GPU the tests print that they skipped and the bench fails cleanly; summary.txt is
+# written either way. Exit status: 0 when every step passed, 1 otherwise.
+set -u
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/gpu-check-out}
+CARRY=${CARRY:-.gpu-carry}
+BUDGET_S=${BUDGET_S:-330}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+START=$(date +%s)
+FAILED=0
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+remaining() { echo $((BUDGET_S - ($(date +%s) - START))); }
+
+# Runs a step under `timeout` (its own limit, capped by what is left of the budget), logs its
+# exit status and duration. Usage: step NAME LIMIT_S LOGFILE COMMAND...
+step() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local left
+    left=$(remaining)
+    if [ "$left" -lt 15 ]; then
+        say "SKIP  $name (budget spent)"
+        FAILED=1
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    local t0 rc
+    t0=$(date +%s)
+    timeout --kill-after=5 "$limit" "$@" >> "$log" 2>&1
+    rc=$?
+    local took=$(($(date +%s) - t0))
+    if [ $rc -eq 0 ]; then
+        say "PASS  $name (${took}s)"
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        say "FAIL  $name: timed out after ${limit}s"
+        FAILED=1
+    else
+        say "FAIL  $name: exit $rc (${took}s)"
+        FAILED=1
+    fi
+}
+
+say "gpu-check on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+if command -v nvidia-smi > /dev/null; then
+    say "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+    nvidia-smi >> "$SUMMARY" 2>&1
+else
+    say "device: none (nvidia-smi not found)"
+fi
+
+if [ ! -x "$CARRY/lookahead" ] || [ ! -d "$CARRY/tests" ]; then
+    say "FAIL  $CARRY is missing: run scripts/gpu-prepare.sh here and carry .gpu-carry"
+    exit 1
+fi
+
+# ---- libraries: NVRTC (kernels), cuBLASLt (GEMMs), cuDNN (convolutions) ----------------------
+# The torch venv's wheels first (CUDA 13, matching the driver), then system CUDA installs.
+SEARCH=(/opt/torch/.venv /usr/local/cuda /usr/local/cuda-* /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/lib)
+find_lib() {
+    timeout 60 find "${SEARCH[@]}" -name "$1" 2> /dev/null | grep -v -e builtins -e stub | sort | head -1
+}
+NVRTC=$(find_lib 'libnvrtc.so*')
+CUBLASLT=$(find_lib 'libcublasLt.so*')
+CUDNN=$(find_lib 'libcudnn.so*')
+say "libnvrtc:   ${NVRTC:-not found}"
+say "libcublasLt: ${CUBLASLT:-not found}"
+say "libcudnn:   ${CUDNN:-not found}"
+[ -n "$NVRTC" ] && export LOOKAHEAD_NVRTC_LIB="$NVRTC"
+for lib in "$NVRTC" "$CUBLASLT" "$CUDNN"; do
+    [ -n "$lib" ] && LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
+# The kernel cache lives outside $OUT (only 8 files come back); the compile test fills it for
+# sm_90 first, so the parity tests load CUBINs instead of compiling again.
+export LOOKAHEAD_KERNEL_CACHE=${LOOKAHEAD_KERNEL_CACHE:-/tmp/lookahead-kcache}
+export RUST_BACKTRACE=1
+
+# The tests were built in another folder and read kernels/cuda (and fixtures) from there.
+MANIFEST=$(cat "$CARRY/manifest_dir" 2> /dev/null || true)
+if [ -n "$MANIFEST" ] && [ ! -e "$MANIFEST" ] && [ "$MANIFEST" != "$PWD" ]; then
+    mkdir -p "$(dirname "$MANIFEST")" && ln -s "$PWD" "$MANIFEST" && say "linked $MANIFEST -> $PWD (the tests' build folder)"
+fi
+
+# ---- tests: the compile check first (fills the kernel cache), then the parity suites ----------
+names=()
+[ -x "$CARRY/tests/cuda_compile" ] && names+=(cuda_compile)
+for t in "$CARRY"/tests/*; do
+    n=$(basename "$t")
+    [ "$n" = cuda_compile ] || names+=("$n")
+done
+for n in "${names[@]}"; do
+    case $n in
+        cuda_compile) limit=90 ;;
+        *) limit=100 ;;
+    esac
+    log="$OUT/$n.log"
+    : > "$log"
+    step "test $n" "$limit" "$log" "$CARRY/tests/$n" --test-threads=1 --nocapture
+    skipped=$(grep -c 'skipped: no CUDA device' "$log")
+    passed=$(grep -c '\.\.\. ok$' "$log")
+    failed=$(grep -c '\.\.\. FAILED$' "$log")
+    say "      $n: $passed ok, $failed failed, $skipped skipped for want of a GPU"
+done
+
+# ---- bench: JSON (with the PyTorch baseline timed in the same run), table rendered from it ----
+: > "$OUT/bench.txt"
+step "bench --device cuda --baseline python3" 150 "$OUT/bench.txt" sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json > '$OUT/bench.json'"
+if [ -s "$OUT/bench.json" ]; then
+    python3 - "$OUT/bench.json" >> "$OUT/bench.txt" 2>&1 << 'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"lookahead bench: {r.get('device')} ({r.get('device_name')}), {r.get('dtype')}")
+print(f"{'case':<38} {'ms':>10} {'throughput':>14} {'torch ms':>12} {'speedup':>9}")
+for row in r.get("rows", []):
+    base = row.get("baseline_seconds")
+    sp = row.get("speedup")
+    print(f"{row['name']:<38} {row['seconds'] * 1e3:>10.3f} {row['throughput'] / 1e9:>7.1f} G{row['unit']:<6} "
+          f"{(f'{base * 1e3:.3f}' if base else '-'):>12} {(f'{sp:.2f}x' if sp else '-'):>9}")
+EOF
+fi
+
+# ---- at most 8 files come back: fold the test logs together if needed --------------------------
+count=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+if [ "$count" -gt 8 ]; then
+    for n in "${names[@]}"; do
+        { echo "==================== $n ===================="; cat "$OUT/$n.log"; } >> "$OUT/tests.log"
+        rm -f "$OUT/$n.log"
+    done
+    say "(test logs folded into tests.log: at most 8 files come back)"
+fi
+
+say "total $(($(date +%s) - START))s; $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')"
+exit $FAILED
