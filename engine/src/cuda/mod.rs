@@ -24,6 +24,10 @@
 mod alloc;
 mod device;
 mod elementwise;
+// cuBLASLt GEMMs, cuDNN convolutions, and the loader of those libraries (helper C1).
+pub mod conv;
+pub mod gemm;
+pub mod libs;
 mod elementwise_backward;
 mod index;
 mod launch;

@@ -38,10 +38,10 @@ impl Tensor {
                 return Err(Error::ShapeMismatch { op: "scaled_dot_product_attention (mask vs [.., Lq, Lk])", lhs: m.shape().to_vec(), rhs: full(lq, lk) });
             }
         }
-        if matches!(&*q.read_storage(), Storage::Cuda(_)) {
-            return Err(crate::cuda::not_yet(OP));
-        }
         let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+        if matches!(&*q.read_storage(), Storage::Cuda(_)) {
+            return cuda_reference(q, k, v, mask, scale);
+        }
         let dtype = q.dtype();
         let (q32, k32, v32) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
         let nb = batch.len();
@@ -104,6 +104,35 @@ impl Tensor {
         }
         Tensor::from_vec(out, &full(lq, dv), Device::Cpu)?.to_dtype(dtype)
     }
+}
+
+/// The reference form on CUDA, composed of our CUDA ops: scores = scale * q k^T written in f32 by
+/// cuBLASLt (k^T is a transposed view, read in place), plus the mask, softmax in f32, then the
+/// probabilities in the inputs' dtype times v (f32 accumulation). Fully masked rows give zeros,
+/// as on the CPU. The fused flash-attention kernel replaces this later.
+fn cuda_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f32) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let mut scores = crate::cuda::gemm::matmul_scaled(q, &k.t()?, scale, DType::F32)?;
+    let fully_masked_possible = mask.is_some();
+    if let Some(m) = mask {
+        let additive = match m.dtype() {
+            // Boolean mask: 1 attends (adds 0), 0 does not (adds -inf).
+            DType::U8 => {
+                let zero = Tensor::zeros(&[], DType::F32, q.device())?;
+                let neg = Tensor::full(f64::NEG_INFINITY, &[], DType::F32, q.device())?;
+                Tensor::where_cond(m, &zero, &neg)?
+            }
+            _ => m.to_dtype(DType::F32)?,
+        };
+        scores = scores.add(&additive)?;
+    }
+    let mut p = scores.softmax(-1)?;
+    if fully_masked_possible {
+        // A row of -inf scores has no softmax (0/0): zeros instead, as PyTorch's SDPA gives.
+        let zero = Tensor::zeros(&[], DType::F32, q.device())?;
+        p = Tensor::where_cond(&p.cmp(&p, kernels::elementwise::CmpOp::Eq)?, &p, &zero)?;
+    }
+    p.to_dtype(dtype)?.matmul(v)
 }
 
 #[cfg(test)]

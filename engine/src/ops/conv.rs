@@ -66,7 +66,7 @@ impl Tensor {
             }
         }
         if matches!(&*self.read_storage(), Storage::Cuda(_)) {
-            return Err(crate::cuda::not_yet(OP));
+            return crate::cuda::conv::conv2d(self, weight, bias, p, oh, ow);
         }
         let g = ConvGeom { n, c, h, w, o, kh, kw, oh, ow, stride: p.stride, padding: p.padding, dilation: p.dilation, groups: p.groups };
         let bias_v = bias.map(|b| b.to_vec_f32()).transpose()?;

@@ -1,7 +1,7 @@
 //! Gradients of `conv2d` with respect to its input and its weight, for the autograd. CPU: per image
 //! and group, a GEMM against the weight (input gradient, then col2im) or against the im2col of the
 //! input (weight gradient). Images run in parallel; the weight gradient sums the per-image parts in
-//! image order, so results do not depend on the thread count. CUDA: not yet.
+//! image order, so results do not depend on the thread count. CUDA: cuDNN (cuda/conv.rs).
 
 use rayon::prelude::*;
 
@@ -92,13 +92,6 @@ fn col2im(cols: &[f32], g: &Geom, image: &mut [f32]) {
     }
 }
 
-fn cpu_only(t: &Tensor, op: &'static str) -> Result<()> {
-    if matches!(&*t.read_storage(), Storage::Cuda(_)) {
-        return Err(crate::cuda::not_yet(op));
-    }
-    Ok(())
-}
-
 impl Tensor {
     /// d loss / d input of `input.conv2d(weight, _, p)` given d loss / d output (`grad_out`,
     /// [N, O, OH, OW]); `input_shape` is [N, C, H, W]. Returns `grad_out`'s dtype.
@@ -108,7 +101,9 @@ impl Tensor {
         grad_out.float_only(OP)?;
         let ws: [usize; 4] = weight.shape().try_into().map_err(|_| Error::BadShape { op: OP, msg: "weight must be [O, C / groups, kH, kW]".into(), shape: weight.shape().to_vec() })?;
         let g = Geom::new(OP, input_shape, ws, grad_out, p)?;
-        cpu_only(grad_out, OP)?;
+        if matches!(&*grad_out.read_storage(), Storage::Cuda(_)) {
+            return crate::cuda::conv::conv2d_backward_input(grad_out, weight, input_shape, p);
+        }
         let (cg, og, kdim, pixels, hw) = (g.cg(), g.og(), g.kdim(), g.pixels(), g.h * g.w);
         let mut dx = vec![0f32; g.n * g.c * hw];
         if !dx.is_empty() && pixels > 0 && kdim > 0 {
@@ -143,7 +138,9 @@ impl Tensor {
         grad_out.float_only(OP)?;
         let is: [usize; 4] = input.shape().try_into().map_err(|_| Error::BadShape { op: OP, msg: "input must be [N, C, H, W]".into(), shape: input.shape().to_vec() })?;
         let g = Geom::new(OP, is, weight_shape, grad_out, p)?;
-        cpu_only(grad_out, OP)?;
+        if matches!(&*grad_out.read_storage(), Storage::Cuda(_)) {
+            return crate::cuda::conv::conv2d_backward_weight(input, grad_out, weight_shape, p);
+        }
         let (cg, og, kdim, pixels, hw) = (g.cg(), g.og(), g.kdim(), g.pixels(), g.h * g.w);
         let wlen = g.o * kdim;
         let mut dw = vec![0f32; wlen];

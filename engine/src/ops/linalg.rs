@@ -66,7 +66,12 @@ fn matmul_bias(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, op: &'static str) 
         a.same_dtype(bias, op)?;
     }
     if matches!(&*a.read_storage(), Storage::Cuda(_)) {
-        return Err(crate::cuda::not_yet(op));
+        if let Some(bias) = bias {
+            if bias.shape() != [n] {
+                return Err(Error::ShapeMismatch { op, lhs: bias.shape().to_vec(), rhs: vec![n] });
+            }
+        }
+        return crate::cuda::gemm::matmul_bias(a, b, bias, &batch, m, k, n);
     }
     let dtype = a.dtype();
     // f32 operands are read in place whatever their strides; bf16/f16 are converted first.
