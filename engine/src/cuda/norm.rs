@@ -253,7 +253,7 @@ pub(crate) fn layer_norm_backward(x: &Tensor, dy: &Tensor, weight: Option<&Tenso
     let dt = dt_name(OP, x.dtype())?;
     let cols = x.shape().last().copied().unwrap_or(1);
     let n = x.elem_count();
-    let rows = if cols == 0 { 0 } else { n / cols };
+    let rows = n.checked_div(cols).unwrap_or(0);
     let (xp, dev) = addr(x, OP)?;
     let (dyp, _) = addr(dy, OP)?;
     let (_w, wp) = param(weight)?;
@@ -437,7 +437,7 @@ fn gn_layout_checked(x: &Tensor) -> Result<GnLayout> {
     let mut l = gn_layout(x)?;
     if l.channels_last {
         let v = 16 / x.dtype().size_in_bytes();
-        l.vec = l.c % v == 0 && addr(&l.x, "group_norm")?.0 % 16 == 0;
+        l.vec = l.c.is_multiple_of(v) && addr(&l.x, "group_norm")?.0.is_multiple_of(16);
         let npk = if l.vec { l.c / v } else { l.c };
         if npk > BLOCK as usize {
             return Ok(GnLayout { x: x.contiguous()?, channels_last: false, vec: false, ..l });
@@ -478,7 +478,7 @@ fn apply_affine(dev: &Arc<CudaDevice>, dt: &str, xp: u64, yp: u64, coef: u64, to
     let mut b = dev.launch_builder(&f);
     b.arg(&xp).arg(&yp).arg(&coef).arg(&t32).arg(&c32).arg(&hw32).arg(&cs32).arg(&cl).arg(&act);
     // The kernel takes packs of v exactly when this holds (same test inside).
-    let vec_ok = (if channels_last { c % v == 0 } else { hw % v == 0 }) && xp % 16 == 0 && yp % 16 == 0;
+    let vec_ok = (if channels_last { c.is_multiple_of(v) } else { hw.is_multiple_of(v) }) && xp.is_multiple_of(16) && yp.is_multiple_of(16);
     let per = if vec_ok { v } else { 1 };
     // SAFETY: arguments match affine_apply_DT; coef holds 4 floats per (n * cstride + c) index.
     unsafe { b.launch(launch_1d(total.div_ceil(per), BLOCK)) }.map_err(launch_failed(&name))?;
@@ -494,7 +494,7 @@ pub(crate) fn group_norm_backward(x: &Tensor, dy: &Tensor, groups: usize, weight
     gn_check(OP, x, groups)?;
     let l = gn_layout_checked(x)?;
     let mut dyl = like_layout(&dy.to_dtype(x.dtype())?, &l)?;
-    if l.vec && addr(&dyl, OP)?.0 % 16 != 0 {
+    if l.vec && !addr(&dyl, OP)?.0.is_multiple_of(16) {
         // The kernel reads x and dy with the same pack width: give dy a fresh (aligned) copy.
         dyl = dyl.copy()?;
     }
