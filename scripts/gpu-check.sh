@@ -111,10 +111,10 @@ for n in "${names[@]}"; do
     log="$OUT/$n.log"
     : > "$log"
     step "test $n" "$limit" "$log" "$CARRY/tests/$n" --test-threads=1 --nocapture
-    skipped=$(grep -c 'skipped: no CUDA device' "$log")
-    passed=$(grep -c '\.\.\. ok$' "$log")
-    failed=$(grep -c '\.\.\. FAILED$' "$log")
-    say "      $n: $passed ok, $failed failed, $skipped skipped for want of a GPU"
+    # libtest's own summary line, and how many tests said they skipped (no GPU, no NVRTC).
+    result=$(grep -a '^test result:' "$log" | tail -1)
+    skipped=$(grep -ac -e 'skipped: no CUDA device' -e 'skipped: NVRTC not found' "$log")
+    say "      $n: ${result:-no test result line}; $skipped skip message(s)"
 done
 
 # ---- bench: JSON (with the PyTorch baseline timed in the same run), table rendered from it ----
