@@ -3,12 +3,17 @@
 //! MTCNN, schedulers and pipelines, with their weight loaders and presets. No training loop here.
 //! (Arrives with the SDXL-family and face-side issues.)
 
+pub mod align;
+pub mod arcface;
 pub mod attention;
 pub mod clip_text;
 pub mod conditioning;
 pub mod hub;
+pub mod mtcnn;
 pub mod nn;
+pub mod nn_face;
 pub mod presets;
+pub mod rgb_image;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
