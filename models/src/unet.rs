@@ -271,6 +271,19 @@ impl UNet2DConditionModel {
 
     /// The noise prediction for `sample` [B, C, H, W] at `timesteps` ([B], [1] or a scalar).
     pub fn forward(&self, sample: &Var, timesteps: &Tensor, cond: &UNetCond, extras: &AttnExtras) -> Result<Var> {
+        let h = self.forward_through(sample, timesteps, cond, extras, None)?;
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
+    }
+
+    /// The forward pass stopped after up block `last_up` (its output, upsampled if that block
+    /// upsamples), or, with None, the last up block's output before the output norm and conv.
+    /// The KV-encoder runs the UNet only as far as its last attention.
+    pub fn forward_through(&self, sample: &Var, timesteps: &Tensor, cond: &UNetCond, extras: &AttnExtras, last_up: Option<usize>) -> Result<Var> {
+        if let Some(i) = last_up {
+            if i >= self.up_blocks.len() {
+                return Err(Error::msg(format!("UNet: no up block {i} (the model has {})", self.up_blocks.len())));
+            }
+        }
         let b = sample.shape()[0];
         let dtype = sample.dtype();
         let ts = timesteps.to_vec_f32()?;
@@ -303,10 +316,13 @@ impl UNet2DConditionModel {
             h = d.forward(&h, &temb_act, context, extras, &mut skips)?;
         }
         h = self.mid_block.forward(&h, &temb_act, context, extras)?;
-        for u in &self.up_blocks {
+        for (i, u) in self.up_blocks.iter().enumerate() {
             h = u.forward(&h, &temb_act, context, extras, &mut skips)?;
+            if last_up == Some(i) {
+                break;
+            }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
+        Ok(h)
     }
 
     /// Names of every transformer block (the layer keys of extended attention), in diffusers'
@@ -320,7 +336,7 @@ impl UNet2DConditionModel {
         names
     }
 
-    fn transformer_blocks_mut(&mut self) -> Vec<&mut crate::attention::BasicTransformerBlock> {
+    pub(crate) fn transformer_blocks_mut(&mut self) -> Vec<&mut crate::attention::BasicTransformerBlock> {
         let mut out = Vec::new();
         for d in &mut self.down_blocks {
             for t in &mut d.attentions {
