@@ -1,27 +1,28 @@
 //! Reference scaled-dot-product attention over slices: out = softmax(q k^T * scale + mask) v, one
-//! query row at a time, with the softmax statistics (max, sum of exponentials) in f32. The flash
+//! query row at a time, with the softmax max in f32 and the sum of exponentials in f32 lanes
+//! combined in f64 (the softmax module's vectorized row loops). The flash
 //! attention CUDA kernels are tested against this; the engine's CPU backend computes the two
 //! products with a GEMM and uses `masked_softmax_row` for the middle step.
+
+use crate::softmax::{exp_shifted_in_place, row_max, with_wide_simd};
 
 /// In place: s[j] <- softmax_j(s[j] * scale + mask[j]). A row whose entries are all -inf (fully
 /// masked) becomes all zeros, as PyTorch's scaled_dot_product_attention gives (its "safe softmax").
 pub fn masked_softmax_row(s: &mut [f32], mask: Option<&[f32]>, scale: f32) {
-    match mask {
-        Some(m) => s.iter_mut().zip(m).for_each(|(v, &a)| *v = *v * scale + a),
-        None => s.iter_mut().for_each(|v| *v *= scale),
-    }
-    let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    if max == f32::NEG_INFINITY {
-        s.iter_mut().for_each(|v| *v = 0.0);
-        return;
-    }
-    let mut sum = 0f32;
-    for v in s.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    s.iter_mut().for_each(|v| *v *= inv);
+    with_wide_simd(|| {
+        match mask {
+            Some(m) => s.iter_mut().zip(m).for_each(|(v, &a)| *v = *v * scale + a),
+            None => s.iter_mut().for_each(|v| *v *= scale),
+        }
+        let max = row_max(s);
+        if max == f32::NEG_INFINITY {
+            s.iter_mut().for_each(|v| *v = 0.0);
+            return;
+        }
+        let sum = exp_shifted_in_place(s, max);
+        let inv = (1.0 / sum) as f32;
+        s.iter_mut().for_each(|v| *v *= inv);
+    })
 }
 
 /// Sizes of one attention head: lq queries, lk keys/values, head dims d (q, k) and dv (v).

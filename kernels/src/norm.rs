@@ -2,8 +2,9 @@
 //! (optionally fused with SiLU) and inference batch norm over NCHW data, and GEGLU. These are the
 //! CPU reference of the CUDA kernels of the same math and the engine's CPU backend.
 //!
-//! Statistics are two-pass (mean, then the mean of squared deviations) accumulated in f64, so they
-//! stay accurate for large offsets and long rows. Variances are biased, as in PyTorch's norms. Work
+//! Statistics are multi-pass (an approximate mean, then the sums of deviations from it and of their
+//! squares) accumulated in f32 lanes over short blocks and in f64 across blocks, so they stay accurate
+//! for large offsets and long rows while the loops vectorize. Variances are biased, as in PyTorch's norms. Work
 //! is split over independent rows/groups, so results do not depend on the thread count.
 
 /// kernels/cuda/norm.cu: layer norm (+ backward), group norm (+SiLU, + backward, NCHW or channels-last), batch norm, GEGLU, PReLU. The backward math's CPU reference is `norm_backward`.
@@ -11,12 +12,75 @@ pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { 
 
 use rayon::prelude::*;
 
-use crate::elementwise::{gelu_erf, sigmoid};
+use crate::elementwise::gelu_erf;
+#[cfg(test)]
+use crate::elementwise::sigmoid;
+use crate::softmax::{exp_f32, rows_per_task, with_wide_simd};
 
 /// Below this many elements in total the loops stay on the calling thread.
 const PAR_MIN: usize = 1 << 14;
 
-/// Mean and biased variance of a slice, in f64.
+/// Independent f32 accumulators of the statistics loops: the compiler keeps them in vector
+/// registers, so the loops vectorize. Fixed (not the machine's vector width), so the summation order
+/// and the result are the same on every CPU and thread count.
+const LANES: usize = 16;
+/// Elements summed in f32 lanes before the lanes are added into an f64 total (each lane adds at
+/// most BLOCK / LANES values in f32).
+const BLOCK: usize = 256;
+
+/// Σ f(x[j]) and Σ f(x[j])² with f32 lanes per block of BLOCK elements, the blocks added in f64.
+#[inline(always)]
+fn lane_sums(x: &[f32], f: impl Fn(f32) -> f32) -> (f64, f64) {
+    let (mut total, mut total_sq) = (0f64, 0f64);
+    for block in x.chunks(BLOCK) {
+        let (mut acc, mut acc_sq) = ([0f32; LANES], [0f32; LANES]);
+        let (chunks, tail) = block.as_chunks::<LANES>();
+        for c in chunks {
+            for l in 0..LANES {
+                let d = f(c[l]);
+                acc[l] += d;
+                acc_sq[l] += d * d;
+            }
+        }
+        for &v in tail {
+            let d = f(v);
+            acc[0] += d;
+            acc_sq[0] += d * d;
+        }
+        total += acc.iter().map(|&a| a as f64).sum::<f64>();
+        total_sq += acc_sq.iter().map(|&a| a as f64).sum::<f64>();
+    }
+    (total, total_sq)
+}
+
+/// Statistics of one row or group, ready for an f32 normalisation loop: x - mean is computed as
+/// (x - shift) - correction, where `shift` is the mean rounded to f32 (so x - shift is exact for x
+/// near the mean, however large the common offset) and `correction` = mean - shift is tiny.
+struct Stats {
+    shift: f32,
+    correction: f32,
+    /// 1 / sqrt(biased variance + eps).
+    rstd: f64,
+}
+
+/// Three passes, all vectorized: the sum of x - x[0] gives an approximate mean (relative to the
+/// data's spread, not its offset); the sums of d = x - shift and of d² around it give the mean and
+/// variance by the shifted-data formula var = Σd²/n - (Σd/n)², which is exact for any shift and,
+/// with the shift this close to the mean, loses nothing to cancellation.
+#[inline(always)]
+fn stats(x: &[f32], eps: f32) -> Stats {
+    let n = x.len() as f64;
+    let first = x[0];
+    let (s, _) = lane_sums(x, |v| v - first);
+    let shift = (first as f64 + s / n) as f32;
+    let (s1, s2) = lane_sums(x, |v| v - shift);
+    let correction = s1 / n;
+    let var = (s2 / n - correction * correction).max(0.0);
+    Stats { shift, correction: correction as f32, rstd: 1.0 / (var + eps as f64).sqrt() }
+}
+
+/// Mean and biased variance of a slice, in f64 (the tests' plain reference).
+#[cfg(test)]
 fn mean_var(x: &[f32]) -> (f64, f64) {
     let n = x.len() as f64;
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
@@ -43,23 +107,24 @@ pub fn layer_norm_rows(x: &[f32], cols: usize, weight: Option<&[f32]>, bias: Opt
     }
     assert_eq!(x.len() % cols, 0, "layer_norm: length {} is not a multiple of the row length {cols}", x.len());
     let row = |(o, r): (&mut [f32], &[f32])| {
-        let (mean, var) = mean_var(r);
-        let rstd = 1.0 / (var + eps as f64).sqrt();
-        for (j, (o, &v)) in o.iter_mut().zip(r).enumerate() {
-            let mut y = ((v as f64 - mean) * rstd) as f32;
-            if let Some(w) = weight {
-                y *= w[j];
-            }
-            if let Some(b) = bias {
-                y += b[j];
-            }
-            *o = y;
+        let Stats { shift, correction, rstd } = stats(r, eps);
+        let rstd = rstd as f32;
+        let norm = |v: f32| ((v - shift) - correction) * rstd;
+        // One loop per affine combination, so that no Option is tested per element.
+        match (weight, bias) {
+            (Some(w), Some(b)) => o.iter_mut().zip(r).zip(w).zip(b).for_each(|(((o, &v), &w), &b)| *o = norm(v) * w + b),
+            (Some(w), None) => o.iter_mut().zip(r).zip(w).for_each(|((o, &v), &w)| *o = norm(v) * w),
+            (None, Some(b)) => o.iter_mut().zip(r).zip(b).for_each(|((o, &v), &b)| *o = norm(v) + b),
+            (None, None) => o.iter_mut().zip(r).for_each(|(o, &v)| *o = norm(v)),
         }
     };
+    // Several rows per task, each task compiled for the widest vectors the CPU has.
+    let rows = |(o, x): (&mut [f32], &[f32])| with_wide_simd(|| o.chunks_mut(cols).zip(x.chunks(cols)).for_each(row));
     if x.len() >= PAR_MIN {
-        out.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each(row);
+        let chunk = rows_per_task(cols) * cols;
+        out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(rows);
     } else {
-        out.chunks_mut(cols).zip(x.chunks(cols)).for_each(row);
+        rows((out, x));
     }
 }
 
@@ -90,22 +155,27 @@ pub fn group_norm(
         return;
     }
     let group = |(idx, (o, r)): (usize, (&mut [f32], &[f32]))| {
-        let (mean, var) = mean_var(r);
-        let rstd = 1.0 / (var + eps as f64).sqrt();
+        let Stats { shift, correction, rstd } = stats(r, eps);
         let first_channel = (idx % groups) * cpg;
         for (k, (oc, rc)) in o.chunks_mut(hw).zip(r.chunks(hw)).enumerate() {
             let ch = first_channel + k;
-            // Subtract the mean first (rather than folding it into the shift) so that inputs with a
+            // Subtract the mean first (rather than folding it into the offset) so that inputs with a
             // large common offset keep their precision.
             let scale = (rstd * weight.map_or(1.0, |w| w[ch] as f64)) as f32;
-            let shift = bias.map_or(0.0, |b| b[ch]);
-            let mean = mean as f32;
-            for (o, &v) in oc.iter_mut().zip(rc) {
-                let y = (v - mean) * scale + shift;
-                *o = if silu { y * sigmoid(y) } else { y };
+            let offset = bias.map_or(0.0, |b| b[ch]);
+            let norm = |v: f32| ((v - shift) - correction) * scale + offset;
+            if silu {
+                // SiLU with the vectorizable exp (sigmoid(y) = 1 / (1 + e^-y)).
+                oc.iter_mut().zip(rc).for_each(|(o, &v)| {
+                    let y = norm(v);
+                    *o = y / (1.0 + exp_f32(-y));
+                });
+            } else {
+                oc.iter_mut().zip(rc).for_each(|(o, &v)| *o = norm(v));
             }
         }
     };
+    let group = |g| with_wide_simd(|| group(g));
     if x.len() >= PAR_MIN {
         out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(group);
     } else {

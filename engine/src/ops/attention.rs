@@ -6,9 +6,13 @@ use kernels::attention::masked_softmax_row;
 use rayon::prelude::*;
 
 use crate::cpu::gemm::gemm_f32;
+use crate::cpu::CpuStorage;
 use crate::layout::{broadcast_shape, Layout};
 use crate::storage::Storage;
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
+
+/// Query rows per CPU task (see the block loop below).
+const QUERY_BLOCK: usize = 64;
 
 impl Tensor {
     /// q [..., Lq, D], k [..., Lk, D], v [..., Lk, Dv] (leading dims broadcast, usually [B, H]);
@@ -54,8 +58,10 @@ impl Tensor {
         let (qo, q_rs, q_cs) = geometry(&q32, lq, d)?;
         let (ko, k_rs, k_cs) = geometry(&k32, lk, d)?;
         let (vo, v_rs, v_cs) = geometry(&v32, lk, dv)?;
-        let mut out = vec![0f32; heads * lq * dv];
+        // Written straight into the result's storage (no Vec to copy afterwards).
+        let mut storage = CpuStorage::zeros(DType::F32, heads * lq * dv);
         {
+            let out = storage.as_mut_slice::<f32>()?;
             let (gq, gk, gv) = (q32.read_storage(), k32.read_storage(), v32.read_storage());
             let (Storage::Cpu(sq), Storage::Cpu(sk), Storage::Cpu(sv)) = (&*gq, &*gk, &*gv) else { unreachable!("CUDA returned above") };
             let (qd, kd, vd) = (sq.as_slice::<f32>()?, sk.as_slice::<f32>()?, sv.as_slice::<f32>()?);
@@ -76,33 +82,40 @@ impl Tensor {
             // Views with their own strides: check the extents once so the raw GEMM reads stay inside.
             let fits = |data: &[f32], offs: &[usize], rows: usize, rs: usize, cols: usize, cs: usize| offs.iter().all(|&o| rows * cols == 0 || o + (rows - 1) * rs + (cols - 1) * cs < data.len());
             assert!(fits(qd, &qo, lq, q_rs, d, q_cs) && fits(kd, &ko, lk, k_rs, d, k_cs) && fits(vd, &vo, lk, v_rs, dv, v_cs), "attention operand views out of bounds");
-            let head = |(hi, o): (usize, &mut [f32])| {
-                let mut s = vec![0f32; lq * lk];
+            // One task per block of QUERY_BLOCK query rows of one head: the block's scores stay in
+            // the cache between the two products and the softmax, and a few heads still keep every
+            // thread busy. The blocks are fixed, so the result does not depend on the thread count.
+            let block = |hi: usize, i0: usize, o: &mut [f32]| {
+                let rows = o.len() / dv;
+                let mut s = vec![0f32; rows * lk];
                 let mut mask_row = vec![0f32; lk];
-                // SAFETY: extents checked above; `s` and `o` are exclusive buffers.
+                // SAFETY: extents checked above (rows i0..i0 + rows lie inside q's lq rows); `s`
+                // and `o` are exclusive buffers.
                 unsafe {
                     // s = q k^T: rhs (d x lk) element (i, j) is k[j, i].
                     if d > 0 {
-                        gemm_f32(lq, lk, d, s.as_mut_ptr(), lk, 1, false, qd.as_ptr().add(qo[hi]), q_rs, q_cs, kd.as_ptr().add(ko[hi]), k_cs, k_rs, gemm::Parallelism::None);
+                        gemm_f32(rows, lk, d, s.as_mut_ptr(), lk, 1, false, qd.as_ptr().add(qo[hi] + i0 * q_rs), q_rs, q_cs, kd.as_ptr().add(ko[hi]), k_cs, k_rs, gemm::Parallelism::None);
                     }
                 }
                 for (i, row) in s.chunks_mut(lk).enumerate() {
                     let m = mask.as_ref().map(|(values, offsets, m_rs, m_cs)| {
-                        let base = offsets[hi] + i * m_rs;
+                        let base = offsets[hi] + (i0 + i) * m_rs;
                         mask_row.iter_mut().enumerate().for_each(|(j, x)| *x = values[base + j * m_cs]);
                         &mask_row[..]
                     });
                     masked_softmax_row(row, m, scale);
                 }
                 unsafe {
-                    gemm_f32(lq, dv, lk, o.as_mut_ptr(), dv, 1, false, s.as_ptr(), lk, 1, vd.as_ptr().add(vo[hi]), v_rs, v_cs, gemm::Parallelism::None);
+                    gemm_f32(rows, dv, lk, o.as_mut_ptr(), dv, 1, false, s.as_ptr(), lk, 1, vd.as_ptr().add(vo[hi]), v_rs, v_cs, gemm::Parallelism::None);
                 }
             };
             if lq * dv > 0 && lk > 0 {
-                out.par_chunks_mut(lq * dv).enumerate().for_each(head);
+                out.par_chunks_mut(lq * dv).enumerate().for_each(|(hi, o)| {
+                    o.par_chunks_mut(QUERY_BLOCK * dv).enumerate().for_each(|(bi, ob)| block(hi, bi * QUERY_BLOCK, ob));
+                });
             }
         }
-        Tensor::from_vec(out, &full(lq, dv), Device::Cpu)?.to_dtype(dtype)
+        Tensor::from_storage(Storage::Cpu(storage), &full(lq, dv))?.to_dtype(dtype)
     }
 }
 

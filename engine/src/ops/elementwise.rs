@@ -37,6 +37,7 @@ impl Tensor {
     pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
         self.float_only("unary")?;
         let storage = match &*self.read_storage() {
+            Storage::Cpu(s) if s.dtype() == DType::F32 => Storage::Cpu(cpu::unary_f32(s.as_slice()?, self.layout(), op)),
             Storage::Cpu(s) => Storage::Cpu(float_dispatch!(s, "unary", |d: T| CpuStorage::from_vec(cpu::unary_map::<T>(d, self.layout(), |x| op.apply(x))))),
             Storage::Cuda(s) => Storage::Cuda(s.unary(self.layout(), op)?),
         };
@@ -51,7 +52,7 @@ impl Tensor {
         let (la, lb) = (self.layout().broadcast_to(&shape)?, rhs.layout().broadcast_to(&shape)?);
         let storage = match (&*self.read_storage(), &*rhs.read_storage()) {
             (Storage::Cpu(a), Storage::Cpu(b)) => Storage::Cpu(match a.dtype() {
-                DType::F32 => CpuStorage::from_vec(cpu::binary_map::<f32, f32>(a.as_slice()?, &la, b.as_slice()?, &lb, |x, y| op.apply(x, y))),
+                DType::F32 => cpu::binary_f32(a.as_slice()?, &la, b.as_slice()?, &lb, op),
                 DType::BF16 => CpuStorage::from_vec(cpu::binary_map::<half::bf16, half::bf16>(a.as_slice()?, &la, b.as_slice()?, &lb, |x, y| half::bf16::from_f32(op.apply(x, y)))),
                 DType::F16 => CpuStorage::from_vec(cpu::binary_map::<half::f16, half::f16>(a.as_slice()?, &la, b.as_slice()?, &lb, |x, y| half::f16::from_f32(op.apply(x, y)))),
                 dt => return Err(Error::UnsupportedDType { op: "binary", dtype: dt }),

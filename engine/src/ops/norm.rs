@@ -8,7 +8,9 @@
 use kernels::{norm as knorm, softmax as ksoftmax};
 
 use crate::layout::resolve_dim;
-use crate::{Device, Error, Result, Tensor};
+use crate::cpu::CpuStorage;
+use crate::storage::Storage;
+use crate::{DType, Device, Error, Result, Tensor};
 
 /// The CUDA arm of every op in this file until its kernel is wired in.
 fn cpu_only(x: &Tensor, op: &'static str) -> Result<()> {
@@ -16,6 +18,19 @@ fn cpu_only(x: &Tensor, op: &'static str) -> Result<()> {
         Device::Cpu => Ok(()),
         Device::Cuda(_) => Err(crate::cuda::not_yet(op)),
     }
+}
+
+/// Runs a CPU slice kernel on `x` as contiguous f32, with its output (`shape`) written straight into
+/// new f32 storage: no intermediate Vec to copy, which for these memory-bound ops would cost as much
+/// as the kernel. The result is converted to `dtype` (a no-op for f32).
+fn f32_kernel(x: &Tensor, shape: &[usize], dtype: DType, f: impl FnOnce(&[f32], &mut [f32])) -> Result<Tensor> {
+    let mut storage = CpuStorage::zeros(DType::F32, shape.iter().product());
+    let out = storage.as_mut_slice::<f32>()?;
+    x.with_cpu_f32(|xs| {
+        f(xs, out);
+        Ok(())
+    })?;
+    Tensor::from_storage(Storage::Cpu(storage), shape)?.to_dtype(dtype)
 }
 
 /// Checks an optional per-channel parameter without reading it (the CUDA arms pass it on as is).
@@ -57,12 +72,7 @@ impl Tensor {
         perm.push(d);
         let moved = self.permute(&perm)?;
         let cols = self.shape()[d];
-        let out = moved.with_cpu_f32(|x| {
-            let mut out = vec![0f32; x.len()];
-            f(x, cols, &mut out);
-            Ok(out)
-        })?;
-        let y = Tensor::from_f32_vec(out, moved.shape(), self.dtype())?;
+        let y = f32_kernel(&moved, moved.shape(), self.dtype(), |x, out| f(x, cols, out))?;
         if d == last {
             return Ok(y);
         }
@@ -122,12 +132,7 @@ impl Tensor {
         }
         let w = param_f32(OP, "weight", weight, cols, self)?;
         let b = param_f32(OP, "bias", bias, cols, self)?;
-        let out = self.with_cpu_f32(|x| {
-            let mut out = vec![0f32; x.len()];
-            knorm::layer_norm_rows(x, cols, w.as_deref(), b.as_deref(), eps, &mut out);
-            Ok(out)
-        })?;
-        Tensor::from_f32_vec(out, self.shape(), self.dtype())
+        f32_kernel(self, self.shape(), self.dtype(), |x, out| knorm::layer_norm_rows(x, cols, w.as_deref(), b.as_deref(), eps, out))
     }
 
     /// Group norm of an [N, C, *] tensor: `groups` must divide C; weight and bias are [C]. With
@@ -150,12 +155,7 @@ impl Tensor {
         let hw: usize = self.shape()[2..].iter().product();
         let w = param_f32(OP, "weight", weight, c, self)?;
         let b = param_f32(OP, "bias", bias, c, self)?;
-        let out = self.with_cpu_f32(|x| {
-            let mut out = vec![0f32; x.len()];
-            knorm::group_norm(x, n, c, hw, groups, w.as_deref(), b.as_deref(), eps, silu, &mut out);
-            Ok(out)
-        })?;
-        Tensor::from_f32_vec(out, self.shape(), self.dtype())
+        f32_kernel(self, self.shape(), self.dtype(), |x, out| knorm::group_norm(x, n, c, hw, groups, w.as_deref(), b.as_deref(), eps, silu, out))
     }
 
     /// Inference batch norm of an [N, C, *] tensor with running `mean` and `var` ([C]) over dim 1.
@@ -178,12 +178,7 @@ impl Tensor {
         let v = param_f32(OP, "running var", Some(var), c, self)?.unwrap_or_default();
         let w = param_f32(OP, "weight", weight, c, self)?;
         let b = param_f32(OP, "bias", bias, c, self)?;
-        let out = self.with_cpu_f32(|x| {
-            let mut out = vec![0f32; x.len()];
-            knorm::batch_norm(x, n, c, hw, &m, &v, w.as_deref(), b.as_deref(), eps, &mut out);
-            Ok(out)
-        })?;
-        Tensor::from_f32_vec(out, self.shape(), self.dtype())
+        f32_kernel(self, self.shape(), self.dtype(), |x, out| knorm::batch_norm(x, n, c, hw, &m, &v, w.as_deref(), b.as_deref(), eps, out))
     }
 
     /// GEGLU (diffusers): the last dimension splits into [h, gate]; returns h * gelu(gate).
@@ -199,12 +194,7 @@ impl Tensor {
         if self.device().is_cuda() {
             return crate::cuda::norm::geglu(&self.contiguous()?, &shape);
         }
-        let out = self.with_cpu_f32(|x| {
-            let mut out = vec![0f32; x.len() / 2];
-            knorm::geglu_rows(x, cols / 2, &mut out);
-            Ok(out)
-        })?;
-        Tensor::from_f32_vec(out, &shape, self.dtype())
+        f32_kernel(self, &shape, self.dtype(), |x, out| knorm::geglu_rows(x, cols / 2, out))
     }
 
     /// PReLU: x where x > 0, else weight * x; `weight` has one element or one per channel (dim 1).
