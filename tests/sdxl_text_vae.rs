@@ -238,3 +238,19 @@ fn vae_reads_legacy_attention_names() {
         assert_close("legacy-named vae decode", out.value(), &f["vae_dec_out"], 1e-4, 1e-4);
     });
 }
+
+/// The lookahead loss backpropagates through the decoder to the latents: the gradient of
+/// sum(w * decode(z)) with respect to z matches torch's autograd (frozen weights get none).
+#[test]
+fn decoders_backpropagate_to_the_latents() {
+    let tiny = fixture_path("sdxl_tiny");
+    let f = load_fixture("sdxl_text_vae.safetensors");
+    let taesd = AutoencoderTiny::from_folder(tiny.join("taesd"), None, Device::Cpu).unwrap();
+    let vae = AutoencoderKl::from_folder(tiny.join("vae"), None, Device::Cpu).unwrap();
+    let z = Var::leaf(f["taesd_dec_in"].clone(), true);
+    taesd.decode(&z).unwrap().mul(&input(&f["taesd_grad_w"])).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close("taesd d/dz", &z.grad().unwrap(), &f["taesd_grad_z"], 1e-4, 1e-4);
+    let z = Var::leaf(f["vae_dec_in"].clone(), true);
+    vae.decode(&z).unwrap().mul(&input(&f["vae_grad_w"])).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close("vae d/dz", &z.grad().unwrap(), &f["vae_grad_z"], 1e-4, 1e-4);
+}
