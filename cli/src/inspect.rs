@@ -22,6 +22,8 @@ pub struct InspectArgs {
 struct Report {
     path: String,
     format: String,
+    /// The model family recognised from the tensor names and shapes (models::family), if any.
+    family: Option<String>,
     tensor_count: usize,
     parameter_count: u64,
     size_in_bytes: u64,
@@ -52,6 +54,7 @@ fn build(args: &InspectArgs) -> Result<Report> {
     // The readers' errors already name the file (and the tensor, when one is at fault).
     let (format, mut list) = engine::io::list_any(&args.path)?;
     list.sort_by(|a, b| a.name.cmp(&b.name));
+    let family = models::family::identify(list.iter().map(|t| (t.name.as_str(), t.shape.as_slice()))).map(|f| f.to_string());
     let mut dtypes = BTreeMap::new();
     for t in &list {
         *dtypes.entry(t.dtype.clone()).or_insert(0) += 1;
@@ -63,6 +66,7 @@ fn build(args: &InspectArgs) -> Result<Report> {
     Ok(Report {
         path: args.path.display().to_string(),
         format: format.to_string(),
+        family,
         tensor_count: tensors.len(),
         // Saturating: the readers bound each tensor, not the sum over a corrupt file's many views.
         parameter_count: tensors.iter().map(|t| t.shape.iter().map(|&d| d as u64).product::<u64>()).fold(0, u64::saturating_add),
@@ -83,6 +87,7 @@ fn table(r: &Report) -> String {
     let dtypes: Vec<String> = r.dtypes.iter().map(|(d, n)| format!("{d} x{n}")).collect();
     out += &format!("\nfile        {}\n", r.path);
     out += &format!("format      {}\n", r.format);
+    out += &format!("family      {}\n", r.family.as_deref().unwrap_or("unknown"));
     out += &format!("tensors     {} ({})\n", r.tensor_count, dtypes.join(", "));
     out += &format!("parameters  {}\n", with_human(r.parameter_count, 1000.0, &["", " K", " M", " B"]));
     out += &format!("bytes       {}\n", with_human(r.size_in_bytes, 1024.0, &[" B", " KiB", " MiB", " GiB"]));
@@ -133,6 +138,16 @@ mod tests {
         assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted by name: {names:?}");
         let text = table(&bin);
         assert!(text.contains("ip_adapter.shared_b") && text.contains("[2, 3]") && text.contains("pytorch-zip"), "{text}");
+        assert!(text.contains("family      unknown"), "{text}");
+    }
+
+    #[test]
+    fn inspect_names_the_family() {
+        let r = build(&InspectArgs { path: fixture("ip_adapter_tiny.bin"), json: false }).unwrap();
+        assert!(r.family.as_deref().is_some_and(|f| f.starts_with("IP-Adapter Plus / Plus-Face")), "{:?}", r.family);
+        let r = build(&InspectArgs { path: fixture("mtcnn.safetensors"), json: true }).unwrap();
+        assert_eq!(r.family.as_deref(), Some("MTCNN P-Net + R-Net + O-Net"));
+        assert!(table(&r).contains("family      MTCNN"));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod convert;
 mod inspect;
 
 #[derive(Parser, Debug)]
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// List the tensors of a weights file (.safetensors, or a PyTorch .bin/.pth/.pt checkpoint).
     Inspect(inspect::InspectArgs),
+    /// Write any supported weights file (.bin/.pth/.pt or .safetensors) as safetensors.
+    Convert(convert::ConvertArgs),
     /// Time the engine's kernels at SDXL-like shapes (table, or --json), optionally next to PyTorch.
     Bench(bench::BenchArgs),
 }
@@ -26,6 +29,7 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match &cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a.clone()),
     };
     if let Err(e) = result {
