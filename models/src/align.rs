@@ -129,6 +129,17 @@ pub fn similarity_transform(src: &[[f32; 2]], dst: &[[f32; 2]]) -> Result<Affine
     }
     let uv: Vec<[f64; 2]> = src.iter().map(|p| [p[0] as f64, p[1] as f64]).collect();
     let xy: Vec<[f64; 2]> = dst.iter().map(|p| [p[0] as f64, p[1] as f64]).collect();
+    // Landmarks that (nearly) coincide have no similarity onto the template (the reference fails
+    // inverting a singular matrix); NaN landmarks are refused here too.
+    let spread = |pts: &[[f64; 2]]| -> f64 {
+        let n = pts.len() as f64;
+        let c = pts.iter().fold([0.0, 0.0], |a, p| [a[0] + p[0] / n, a[1] + p[1] / n]);
+        pts.iter().map(|p| (p[0] - c[0]).hypot(p[1] - c[1])).fold(0.0, f64::max)
+    };
+    let (su, sx) = (spread(&uv), spread(&xy));
+    if !(su > 1e-6 && sx > 1e-6) {
+        return Err(Error::msg(format!("face alignment: degenerate points (spread {su} px of the landmarks, {sx} px of the template)")));
+    }
     let trans1 = nonreflective_similarity(&uv, &xy)?;
     let xy_r: Vec<[f64; 2]> = xy.iter().map(|p| [-p[0], p[1]]).collect();
     let trans2r = nonreflective_similarity(&uv, &xy_r)?;
