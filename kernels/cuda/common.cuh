@@ -28,12 +28,23 @@ __device__ __forceinline__ float to_f32(i64 v) { return (float)v; }
 template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) {
+#if __CUDA_ARCH__ >= 800
+    // One hardware instruction instead of ~8 integer ones (this conversion dominated the bf16
+    // element-wise / softmax kernels): cvt.rn is round-to-nearest-even with overflow to inf and
+    // subnormals kept, as half's; only NaN differs (hardware gives the canonical 0x7fff, half
+    // keeps sign and payload, quieted), so NaN takes half's bits.
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    if (v != v) h = (u16)((__float_as_uint(v) >> 16) | 0x0040u);
+    return bf16{h};
+#else
     // Same steps as half::bf16::from_f32.
     u32 x = __float_as_uint(v);
     if ((x & 0x7fffffffu) > 0x7f800000u) return bf16{(u16)((x >> 16) | 0x0040u)};
     const u32 round_bit = 0x00008000u;
     if ((x & round_bit) != 0 && (x & (3u * round_bit - 1u)) != 0) return bf16{(u16)((x >> 16) + 1u)};
     return bf16{(u16)(x >> 16)};
+#endif
 }
 template <> __device__ __forceinline__ f16 from_f32<f16>(float v) {
     u16 h;

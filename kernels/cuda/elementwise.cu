@@ -186,7 +186,12 @@ __device__ __noinline__ float call_sinf(float x) { return sinf(x); }
 __device__ __noinline__ float call_cosf(float x) { return cosf(x); }
 __device__ __noinline__ float call_powf(float x, float y) { return powf(x, y); }
 
-template <int OP> __device__ __forceinline__ float unary_math(float x, float p0, float p1) {
+// exp for the sigmoid family: 16-bit results (LOW = true) take the MUFU ex2 approximation (a few
+// f32 ulps: far below a bf16/f16 rounding step, and 3x fewer instructions than expf, which kept
+// bf16 silu compute-bound); f32 results keep expf, as the CPU reference.
+template <bool LOW> __device__ __forceinline__ float act_exp(float x) { return LOW ? __expf(x) : expf(x); }
+
+template <int OP, bool LOW> __device__ __forceinline__ float unary_math(float x, float p0, float p1) {
     switch (OP) {
     case 0: return -x;                                   // Neg
     case 1: return fabsf(x);                             // Abs
@@ -199,8 +204,8 @@ template <int OP> __device__ __forceinline__ float unary_math(float x, float p0,
     case 8: return call_sinf(x);                            // Sin
     case 9: return call_cosf(x);                            // Cos
     case 10: return tanhf(x);                            // Tanh
-    case 11: return 1.0f / (1.0f + expf(-x));            // Sigmoid
-    case 12: return x * (1.0f / (1.0f + expf(-x)));      // Silu
+    case 11: return 1.0f / (1.0f + act_exp<LOW>(-x));    // Sigmoid
+    case 12: return x * (1.0f / (1.0f + act_exp<LOW>(-x))); // Silu
     case 13: return fmaxf(x, 0.0f);                      // Relu (NaN -> 0, as f32::max)
     case 14: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); // Gelu (erf)
     case 15: {                                           // GeluTanh
@@ -217,7 +222,7 @@ template <int OP> __device__ __forceinline__ float unary_math(float x, float p0,
 
 template <typename T, int OP> struct UnaryFn {
     float p0, p1;
-    __device__ __forceinline__ T operator()(T x) const { return from_f32<T>(unary_math<OP>(to_f32(x), p0, p1)); }
+    __device__ __forceinline__ T operator()(T x) const { return from_f32<T>(unary_math<OP, sizeof(T) == 2>(to_f32(x), p0, p1)); }
 };
 
 #define UNARY_OPS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19)
@@ -241,7 +246,7 @@ template <typename T> struct UnaryDynFn {
         float r = v;
         switch (op) {
 #define UNARY_CASE(k)                                                                                 \
-    case k: r = unary_math<k>(v, p0, p1); break;
+    case k: r = unary_math<k, sizeof(T) == 2>(v, p0, p1); break;
             UNARY_OPS(UNARY_CASE)
 #undef UNARY_CASE
         }

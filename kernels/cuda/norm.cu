@@ -8,7 +8,9 @@
 #include "common.cuh"
 
 #define LN_CACHE 16      // f32 values of its row each layer-norm thread holds
-#define LN_MAX_BLOCK 512   // the cached kernel: 128 registers a thread, no spills
+// The cached kernel: ~75 registers a thread (3 blocks of 256 threads per SM for a 4096-wide row);
+// capping it at 64 (launch bounds (512, 2)) spills, so it is left uncapped.
+#define LN_MAX_BLOCK 512
 #define LN_LONG_BLOCK 1024
 #define GN_BLOCK 256
 #define GN_MAX_C 4096    // channels-last group norm: per-channel sums of a block live in shared memory
@@ -35,6 +37,34 @@ __device__ __forceinline__ float row_sum(float v, u32 tpr, float* sm) {
 
 __device__ __forceinline__ float param(const float* p, u32 i, float absent) { return p ? __ldg(p + i) : absent; }
 __device__ __forceinline__ float silu(float y) { return y * (1.0f / (1.0f + expf(-y))); }
+// SiLU of a value about to be rounded to T: 16-bit outputs take the MUFU ex2 approximation (a few
+// f32 ulps, far below their rounding step; expf made the bf16 apply pass compute-bound).
+template <typename T> __device__ __forceinline__ float silu_out(float y) {
+    return sizeof(T) == 2 ? y * (1.0f / (1.0f + __expf(-y))) : silu(y);
+}
+
+// V consecutive per-channel parameters from index c (a multiple of V): `absent` when p is null,
+// 16-byte loads when V is a multiple of 4 and p is aligned (one load instead of four), else
+// scalar loads.
+template <int V>
+__device__ __forceinline__ void params_at(const float* __restrict__ p, u32 c, float absent, float (&out)[V]) {
+    if (!p) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) out[k] = absent;
+    } else if (V % 4 == 0 && (u64)p % 16 == 0) {
+#pragma unroll
+        for (int j = 0; j < V / 4; ++j) {
+            const float4 q = __ldg(reinterpret_cast<const float4*>(p + c) + j);
+            out[4 * j] = q.x;
+            out[4 * j + 1] = q.y;
+            out[4 * j + 2] = q.z;
+            out[4 * j + 3] = q.w;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) out[k] = __ldg(p + c + k);
+    }
+}
 
 // ---- layer norm ------------------------------------------------------------------------------
 // layer_norm_DT: like softmax_DT (kernels/cuda/softmax.cu): tpr = 32 (warp per row, blocks of 256
@@ -79,9 +109,12 @@ __device__ __forceinline__ void layer_norm_cached(const T* __restrict__ xr, T* _
     for (int p = 0; p < P; ++p) {
         const u32 c = (p * tpr + t) * V;
         if (c < cols) {
+            float wk[V], bk[V];
+            params_at<V>(w, c, 1.0f, wk);
+            params_at<V>(b, c, 0.0f, bk);
             Pack<T, V> out;
 #pragma unroll
-            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>((v[p][k] - mean) * rstd * param(w, c + k, 1.0f) + param(b, c + k, 0.0f));
+            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>((v[p][k] - mean) * rstd * wk[k] + bk[k]);
             *reinterpret_cast<Pack<T, V>*>(yr + c) = out;
         }
     }
@@ -218,6 +251,8 @@ __device__ __forceinline__ void gn_stats_nchw(const T* __restrict__ x, float* __
     const u32 start = lane * chunk, end = min(HW, start + chunk);
     float s1 = 0.0f, s2 = 0.0f;
     if (HW % V == 0 && (u64)x % 16 == 0) {
+        // Unrolled so that a thread's (up to 4) 16-byte loads are in flight together.
+#pragma unroll 4
         for (u32 i = start + threadIdx.x * V; i < end; i += blockDim.x * V) {
             const Pack<T, V> p = *reinterpret_cast<const Pack<T, V>*>(xp + i);
 #pragma unroll
@@ -414,12 +449,14 @@ __device__ __forceinline__ void affine_apply_body(const T* __restrict__ x, T* __
         c0 = plane % C;
     }
     const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(x + i);
+    // NCHW packs lie in one plane: one coefficient load for the whole pack.
+    const float4 f0 = coef[(u64)n * cstride + c0];
     Pack<T, V> out;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-        const float4 f = coef[(u64)n * cstride + (channels_last ? c0 + k : c0)];
+        const float4 f = (channels_last && k > 0) ? coef[(u64)n * cstride + c0 + k] : f0;
         float v = (to_f32(pk.v[k]) - f.x) * f.y + f.z;
-        if (act) v = silu(v);
+        if (act) v = silu_out<T>(v);
         out.v[k] = from_f32<T>(v);
     }
     *reinterpret_cast<Pack<T, V>*>(y + i) = out;

@@ -372,9 +372,10 @@ fn gn_lanes(dev: &CudaDevice, l: &GnLayout) -> (usize, usize) {
         let by_fill = (4 * sms).div_ceil(l.n.max(1));
         (by_work.min(by_fill).clamp(1, 65535), 0)
     } else {
-        // Chunks of >= 2048 elements (8 per thread), enough to give ~4 blocks an SM.
+        // Chunks of >= 2048 elements (8 per thread), enough to give ~8 blocks an SM (a full SM of
+        // 256-thread blocks, each thread's few 16-byte loads unrolled and in flight together).
         let planes = l.n * l.c;
-        let want = (4 * sms).div_ceil(planes.max(1)).max(1);
+        let want = (8 * sms).div_ceil(planes.max(1)).max(1);
         let chunk = l.hw.div_ceil(want).max(2048).div_ceil(8) * 8;
         (l.hw.div_ceil(chunk).clamp(1, 65535), chunk)
     }
