@@ -125,12 +125,14 @@ if [ -s "$OUT/bench.json" ]; then
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"lookahead bench: {r.get('device')} ({r.get('device_name')}), {r.get('dtype')}")
-print(f"{'case':<38} {'ms':>10} {'throughput':>14} {'torch ms':>12} {'speedup':>9}")
+print(f"{'case':<38} {'ms':>10} {'throughput':>14} {'of copy':>8} {'torch ms':>12} {'speedup':>9}")
 for row in r.get("rows", []):
-    base = row.get("baseline_seconds")
-    sp = row.get("speedup")
+    if row.get("error"):
+        print(f"{row['name']:<38} error: {row['error']}")
+        continue
+    base, sp, oc = row.get("baseline_seconds"), row.get("speedup"), row.get("of_copy")
     print(f"{row['name']:<38} {row['seconds'] * 1e3:>10.3f} {row['throughput'] / 1e9:>7.1f} G{row['unit']:<6} "
-          f"{(f'{base * 1e3:.3f}' if base else '-'):>12} {(f'{sp:.2f}x' if sp else '-'):>9}")
+          f"{(f'{oc * 100:.0f}%' if oc else '-'):>8} {(f'{base * 1e3:.3f}' if base else '-'):>12} {(f'{sp:.2f}x' if sp else '-'):>9}")
 EOF
 fi
 

@@ -111,12 +111,12 @@ fn cases(device: Device) -> Vec<Case> {
     }
 }
 
-fn randn(shape: &[usize], dtype: DType, device: Device, seed: u64) -> Result<Tensor> {
-    Ok(Tensor::randn(shape, DType::F32, Device::Cpu, seed)?.to_dtype(dtype)?.to_device(device)?)
+fn randn(shape: &[usize], dtype: DType, device: Device, seed: u64) -> engine::Result<Tensor> {
+    Tensor::randn(shape, DType::F32, Device::Cpu, seed)?.to_dtype(dtype)?.to_device(device)
 }
 
 /// Builds the inputs of a case and returns a closure running it once.
-fn prepare(op: &Op, dtype: DType, device: Device) -> Result<Box<dyn Fn() -> engine::Result<Tensor>>> {
+fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn() -> engine::Result<Tensor>>> {
     Ok(match *op {
         Op::Matmul { b, m, n, k } => {
             let (x, y) = (randn(&[b, m, k], dtype, device, 1)?, randn(&[b, k, n], dtype, device, 2)?);
@@ -158,7 +158,7 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> Result<Box<dyn Fn() -> engi
 }
 
 /// Median seconds of `f` over repeats lasting at least `min_time` (at least 3 runs).
-fn median_time(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, min_time: f64) -> Result<f64> {
+fn median_time(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, min_time: f64) -> engine::Result<f64> {
     f()?;
     device.synchronize()?;
     let mut times = Vec::new();
@@ -177,12 +177,15 @@ fn median_time(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, min_time:
 #[derive(Serialize)]
 struct Row {
     name: String,
-    seconds: f64,
-    throughput: f64,
+    seconds: Option<f64>,
+    throughput: Option<f64>,
     unit: &'static str,
     baseline_seconds: Option<f64>,
     /// Baseline time / our time: above 1 means we are faster.
     speedup: Option<f64>,
+    /// Throughput / the copy row's throughput, for memory-bound rows when a copy row ran.
+    of_copy: Option<f64>,
+    error: Option<String>,
 }
 
 fn run_baseline(python: &str, cases: &[Case], device: Device, dtype: DType, min_time: f64) -> Result<serde_json::Value> {
@@ -232,15 +235,34 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let mut rows = Vec::new();
     for c in &cases {
-        let f = prepare(&c.op, dtype, device).with_context(|| format!("case `{}`", c.name))?;
-        let secs = median_time(&*f, device, args.min_time).with_context(|| format!("case `{}`", c.name))?;
+        if !args.json {
+            eprint!("\r{}/{} {:<50}", rows.len() + 1, cases.len(), c.name);
+        }
         let (work, unit) = c.op.work(dtype.size_in_bytes());
         let base = baseline.as_ref().and_then(|b| b["results"][&c.name].as_f64());
-        rows.push(Row { name: c.name.clone(), seconds: secs, throughput: work / secs, unit, baseline_seconds: base, speedup: base.map(|b| b / secs) });
-        if !args.json {
-            eprint!("\r{}/{} {}                    ", rows.len(), cases.len(), c.name);
-        }
+        // One failing case (a missing library, an unsupported shape) must not hide the others.
+        let timed = prepare(&c.op, dtype, device).and_then(|f| median_time(&*f, device, args.min_time));
+        let (seconds, error) = match timed {
+            Ok(secs) => (Some(secs), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        rows.push(Row {
+            name: c.name.clone(),
+            seconds,
+            throughput: seconds.map(|s| work / s),
+            unit,
+            baseline_seconds: base,
+            speedup: base.zip(seconds).map(|(b, s)| b / s),
+            of_copy: None,
+            error,
+        });
     }
+    // Memory-bound rows are also given as a fraction of the copy bandwidth measured in this run.
+    let copy = rows.iter().find(|r| r.name.starts_with("copy")).and_then(|r| r.throughput);
+    for r in rows.iter_mut().filter(|r| r.unit == "B/s") {
+        r.of_copy = copy.zip(r.throughput).map(|(c, t)| t / c);
+    }
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
     if args.json {
         let report = serde_json::json!({
             "device": device.to_string(),
@@ -250,6 +272,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "rows": rows,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
+        if failed > 0 {
+            bail!("{failed} of {} cases failed (see \"error\" in the JSON)", rows.len());
+        }
         return Ok(());
     }
     eprintln!("\r{:60}", "");
@@ -257,17 +282,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(b) = &baseline {
         println!("baseline: torch {} on {} ({} threads), same run", b["torch"].as_str().unwrap_or("?"), b["device"].as_str().unwrap_or("?"), b["threads"]);
     }
-    println!("{:<38} {:>10} {:>14} {:>12} {:>9}", "case", "ms", "throughput", "torch ms", "speedup");
+    println!("{:<38} {:>10} {:>14} {:>8} {:>12} {:>9}", "case", "ms", "throughput", "of copy", "torch ms", "speedup");
+    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "-".into());
     for r in &rows {
+        if let Some(e) = &r.error {
+            println!("{:<38} error: {e}", r.name);
+            continue;
+        }
         println!(
-            "{:<38} {:>10.3} {:>7.1} G{:<6} {:>12} {:>9}",
+            "{:<38} {:>10} {:>14} {:>8} {:>12} {:>9}",
             r.name,
-            r.seconds * 1e3,
-            r.throughput / 1e9,
-            r.unit,
-            r.baseline_seconds.map(|s| format!("{:.3}", s * 1e3)).unwrap_or_else(|| "-".into()),
-            r.speedup.map(|s| format!("{s:.2}x")).unwrap_or_else(|| "-".into()),
+            opt(r.seconds, &|s| format!("{:.3}", s * 1e3)),
+            opt(r.throughput, &|t| format!("{:.1} G{}", t / 1e9, r.unit)),
+            opt(r.of_copy, &|c| format!("{:.0}%", c * 100.0)),
+            opt(r.baseline_seconds, &|s| format!("{:.3}", s * 1e3)),
+            opt(r.speedup, &|s| format!("{s:.2}x")),
         );
+    }
+    if failed > 0 {
+        bail!("{failed} of {} cases failed (see the table)", rows.len());
     }
     Ok(())
 }
