@@ -265,7 +265,7 @@ fn sdpa_with_masks() {
 fn library_probes_are_errors_not_panics() {
     for (name, r) in [("cuBLASLt", engine::cuda::gemm::probe_cublaslt()), ("cuDNN", engine::cuda::conv::probe_cudnn())] {
         match r {
-            Ok(()) => eprintln!("{name}: found"),
+            Ok(found) => eprintln!("{name}: {found}"),
             Err(e) => {
                 let msg = e.to_string();
                 eprintln!("{name}: {msg}");

@@ -127,76 +127,85 @@ fn int(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Cuda(format!("cuDNN convolution: {what} = {v} exceeds the 32-bit sizes of cuDNN's descriptors")))
 }
 
+/// The cuDNN functions, from the library libs.rs found and checked (never through cudarc's
+/// loader, which may open a different copy by name).
+fn api() -> Result<&'static libs::CudnnApi> {
+    Ok(&libs::cudnn()?.api)
+}
+
 // ---- descriptors (destroyed on drop) --------------------------------------------------------
 
-struct TensorDesc(dnn::cudnnTensorDescriptor_t);
+struct TensorDesc(dnn::cudnnTensorDescriptor_t, &'static libs::CudnnApi);
 impl Drop for TensorDesc {
     fn drop(&mut self) {
         // SAFETY: created by cudnnCreateTensorDescriptor, destroyed once.
-        unsafe { dnn::cudnnDestroyTensorDescriptor(self.0) };
+        unsafe { (self.1.cudnnDestroyTensorDescriptor)(self.0) };
     }
 }
 impl TensorDesc {
     fn new(dt: dnn::cudnnDataType_t, shape: [usize; 4], f: Format) -> Result<TensorDesc> {
+        let api = api()?;
         let mut d = std::ptr::null_mut();
         // SAFETY: out-pointer to a local.
-        check("creating a tensor descriptor", unsafe { dnn::cudnnCreateTensorDescriptor(&mut d) })?;
-        let d = TensorDesc(d);
+        check("creating a tensor descriptor", unsafe { (api.cudnnCreateTensorDescriptor)(&mut d) })?;
+        let d = TensorDesc(d, api);
         let s = f.strides(shape);
         let (n, c, h, w) = (int("N", shape[0])?, int("C", shape[1])?, int("H", shape[2])?, int("W", shape[3])?);
         let (sn, sc, sh, sw) = (int("stride", s[0])?, int("stride", s[1])?, int("stride", s[2])?, int("stride", s[3])?);
         // SAFETY: a live descriptor and plain integers.
-        check(&format!("describing a {shape:?} {f:?} tensor"), unsafe { dnn::cudnnSetTensor4dDescriptorEx(d.0, dt, n, c, h, w, sn, sc, sh, sw) })?;
+        check(&format!("describing a {shape:?} {f:?} tensor"), unsafe { (api.cudnnSetTensor4dDescriptorEx)(d.0, dt, n, c, h, w, sn, sc, sh, sw) })?;
         Ok(d)
     }
 }
 
-struct FilterDesc(dnn::cudnnFilterDescriptor_t);
+struct FilterDesc(dnn::cudnnFilterDescriptor_t, &'static libs::CudnnApi);
 impl Drop for FilterDesc {
     fn drop(&mut self) {
         // SAFETY: created by cudnnCreateFilterDescriptor, destroyed once.
-        unsafe { dnn::cudnnDestroyFilterDescriptor(self.0) };
+        unsafe { (self.1.cudnnDestroyFilterDescriptor)(self.0) };
     }
 }
 impl FilterDesc {
     fn new(dt: dnn::cudnnDataType_t, shape: [usize; 4], f: Format) -> Result<FilterDesc> {
+        let api = api()?;
         let mut d = std::ptr::null_mut();
         // SAFETY: out-pointer to a local.
-        check("creating a filter descriptor", unsafe { dnn::cudnnCreateFilterDescriptor(&mut d) })?;
-        let d = FilterDesc(d);
+        check("creating a filter descriptor", unsafe { (api.cudnnCreateFilterDescriptor)(&mut d) })?;
+        let d = FilterDesc(d, api);
         let (k, c, h, w) = (int("O", shape[0])?, int("C/groups", shape[1])?, int("kH", shape[2])?, int("kW", shape[3])?);
         // SAFETY: a live descriptor and plain integers; dims are logical KCRS whatever the format.
-        check(&format!("describing a {shape:?} {f:?} filter"), unsafe { dnn::cudnnSetFilter4dDescriptor(d.0, dt, f.cudnn(), k, c, h, w) })?;
+        check(&format!("describing a {shape:?} {f:?} filter"), unsafe { (api.cudnnSetFilter4dDescriptor)(d.0, dt, f.cudnn(), k, c, h, w) })?;
         Ok(d)
     }
 }
 
-struct ConvDesc(dnn::cudnnConvolutionDescriptor_t);
+struct ConvDesc(dnn::cudnnConvolutionDescriptor_t, &'static libs::CudnnApi);
 impl Drop for ConvDesc {
     fn drop(&mut self) {
         // SAFETY: created by cudnnCreateConvolutionDescriptor, destroyed once.
-        unsafe { dnn::cudnnDestroyConvolutionDescriptor(self.0) };
+        unsafe { (self.1.cudnnDestroyConvolutionDescriptor)(self.0) };
     }
 }
 impl ConvDesc {
     fn new(p: Conv2dParams, math: dnn::cudnnMathType_t) -> Result<ConvDesc> {
+        let api = api()?;
         let mut d = std::ptr::null_mut();
         // SAFETY: out-pointer to a local.
-        check("creating a convolution descriptor", unsafe { dnn::cudnnCreateConvolutionDescriptor(&mut d) })?;
-        let d = ConvDesc(d);
+        check("creating a convolution descriptor", unsafe { (api.cudnnCreateConvolutionDescriptor)(&mut d) })?;
+        let d = ConvDesc(d, api);
         let (ph, pw, sh, sw) = (int("padding", p.padding[0])?, int("padding", p.padding[1])?, int("stride", p.stride[0])?, int("stride", p.stride[1])?);
         let (dh, dw, g) = (int("dilation", p.dilation[0])?, int("dilation", p.dilation[1])?, int("groups", p.groups)?);
         // SAFETY: a live descriptor and plain values. Cross-correlation is what conv2d computes.
         unsafe {
-            check(&format!("setting convolution {p:?}"), dnn::cudnnSetConvolution2dDescriptor(d.0, ph, pw, sh, sw, dh, dw, dnn::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION, dnn::cudnnDataType_t::CUDNN_DATA_FLOAT))?;
-            check("setting the group count", dnn::cudnnSetConvolutionGroupCount(d.0, g))?;
-            check("setting the math type", dnn::cudnnSetConvolutionMathType(d.0, math))?;
+            check(&format!("setting convolution {p:?}"), (api.cudnnSetConvolution2dDescriptor)(d.0, ph, pw, sh, sw, dh, dw, dnn::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION, dnn::cudnnDataType_t::CUDNN_DATA_FLOAT))?;
+            check("setting the group count", (api.cudnnSetConvolutionGroupCount)(d.0, g))?;
+            check("setting the math type", (api.cudnnSetConvolutionMathType)(d.0, math))?;
         }
         Ok(d)
     }
     fn set_math(&self, math: dnn::cudnnMathType_t) -> Result<()> {
         // SAFETY: a live descriptor.
-        check("setting the math type", unsafe { dnn::cudnnSetConvolutionMathType(self.0, math) })
+        check("setting the math type", unsafe { (self.1.cudnnSetConvolutionMathType)(self.0, math) })
     }
 }
 
@@ -246,9 +255,10 @@ fn handles() -> &'static Mutex<HashMap<usize, Handle>> {
 /// The largest workspace an algorithm may ask for.
 const MAX_WORKSPACE: usize = 512 << 20;
 
-/// Checks that cuDNN can be used (library found, loadable, version 9).
-pub fn probe_cudnn() -> Result<()> {
-    libs::cudnn().map(|_| ())
+/// Checks that cuDNN can be used (library and sub-libraries found, loadable, version 9, host
+/// calls working); says which file.
+pub fn probe_cudnn() -> Result<String> {
+    libs::cudnn().map(|c| format!("{}; sub-libraries from {}", c.describe(), c.lib.path.parent().unwrap_or(std::path::Path::new("/")).display()))
 }
 
 /// The first usable candidate (status success, workspace within the limit, and for f32 no
@@ -271,13 +281,15 @@ struct Ptrs(u64, u64, u64);
 /// Runs one pass in format `f`; Ok(false) when cuDNN has no algorithm for it.
 #[allow(clippy::too_many_arguments)]
 fn run(dev: &Arc<CudaDevice>, pass: Pass, dtype: DType, f: Format, xs: [usize; 4], ws: [usize; 4], ys: [usize; 4], p: Conv2dParams, ptrs: Ptrs) -> Result<bool> {
+    let lib = libs::cudnn()?;
+    let api = &lib.api;
     let dt = data_type("conv2d (CUDA)", dtype)?;
     let f32_exact = dtype == DType::F32;
     let base_math = if f32_exact { dnn::cudnnMathType_t::CUDNN_FMA_MATH } else { dnn::cudnnMathType_t::CUDNN_TENSOR_OP_MATH };
     let (xd, wd, yd, cd) = (TensorDesc::new(dt, xs, f)?, FilterDesc::new(dt, ws, f)?, TensorDesc::new(dt, ys, f)?, ConvDesc::new(p, base_math)?);
     let (mut on, mut oc, mut oh, mut ow) = (0i32, 0i32, 0i32, 0i32);
     // SAFETY: live descriptors; out-pointers to locals.
-    check("computing the output size", unsafe { dnn::cudnnGetConvolution2dForwardOutputDim(cd.0, xd.0, wd.0, &mut on, &mut oc, &mut oh, &mut ow) })?;
+    check("computing the output size", unsafe { (api.cudnnGetConvolution2dForwardOutputDim)(cd.0, xd.0, wd.0, &mut on, &mut oc, &mut oh, &mut ow) })?;
     if [on, oc, oh, ow].map(|v| v as usize) != ys {
         return Err(Error::Cuda(format!("cuDNN computes output [{on}, {oc}, {oh}, {ow}] for input {xs:?}, weight {ws:?}, {p:?}; expected {ys:?}")));
     }
@@ -288,10 +300,11 @@ fn run(dev: &Arc<CudaDevice>, pass: Pass, dtype: DType, f: Format, xs: [usize; 4
         std::collections::hash_map::Entry::Vacant(e) => {
             let mut raw = std::ptr::null_mut();
             // SAFETY: out-pointer to a local; the device's context is current.
-            check("creating a handle", unsafe { dnn::cudnnCreate(&mut raw) })?;
+            // The first call that needs the GPU: a failure names the library in use.
+            check("creating a handle", unsafe { (api.cudnnCreate)(&mut raw) }).map_err(|e| Error::Cuda(format!("{e} ({})", lib.describe())))?;
             let h = Handle { raw, algos: HashMap::new() };
             // SAFETY: a live handle and the device's live stream.
-            check("setting the stream", unsafe { dnn::cudnnSetStream(h.raw, dev.stream().cu_stream() as dnn::cudaStream_t) })?;
+            check("setting the stream", unsafe { (api.cudnnSetStream)(h.raw, dev.stream().cu_stream() as dnn::cudaStream_t) })?;
             e.insert(h)
         }
     };
@@ -306,19 +319,19 @@ fn run(dev: &Arc<CudaDevice>, pass: Pass, dtype: DType, f: Format, xs: [usize; 4
                 match pass {
                     Pass::Forward => {
                         let mut perf: [dnn::cudnnConvolutionFwdAlgoPerf_t; 8] = std::mem::zeroed();
-                        check("choosing a forward algorithm", dnn::cudnnGetConvolutionForwardAlgorithm_v7(handle.raw, xd.0, wd.0, cd.0, yd.0, 8, &mut found, perf.as_mut_ptr()))?;
+                        check("choosing a forward algorithm", (api.cudnnGetConvolutionForwardAlgorithm_v7)(handle.raw, xd.0, wd.0, cd.0, yd.0, 8, &mut found, perf.as_mut_ptr()))?;
                         let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
                         pick(&c, f32_exact).map(|(a, m)| (Algo::Forward(a), m))
                     }
                     Pass::BackwardData => {
                         let mut perf: [dnn::cudnnConvolutionBwdDataAlgoPerf_t; 8] = std::mem::zeroed();
-                        check("choosing a backward-data algorithm", dnn::cudnnGetConvolutionBackwardDataAlgorithm_v7(handle.raw, wd.0, yd.0, cd.0, xd.0, 8, &mut found, perf.as_mut_ptr()))?;
+                        check("choosing a backward-data algorithm", (api.cudnnGetConvolutionBackwardDataAlgorithm_v7)(handle.raw, wd.0, yd.0, cd.0, xd.0, 8, &mut found, perf.as_mut_ptr()))?;
                         let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
                         pick(&c, f32_exact).map(|(a, m)| (Algo::BackwardData(a), m))
                     }
                     Pass::BackwardFilter => {
                         let mut perf: [dnn::cudnnConvolutionBwdFilterAlgoPerf_t; 8] = std::mem::zeroed();
-                        check("choosing a backward-filter algorithm", dnn::cudnnGetConvolutionBackwardFilterAlgorithm_v7(handle.raw, xd.0, yd.0, cd.0, wd.0, 8, &mut found, perf.as_mut_ptr()))?;
+                        check("choosing a backward-filter algorithm", (api.cudnnGetConvolutionBackwardFilterAlgorithm_v7)(handle.raw, xd.0, yd.0, cd.0, wd.0, 8, &mut found, perf.as_mut_ptr()))?;
                         let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
                         pick(&c, f32_exact).map(|(a, m)| (Algo::BackwardFilter(a), m))
                     }
@@ -336,9 +349,9 @@ fn run(dev: &Arc<CudaDevice>, pass: Pass, dtype: DType, f: Format, xs: [usize; 4
     // SAFETY: live descriptors; out-pointer to a local.
     unsafe {
         match algo {
-            Algo::Forward(a) => check("sizing the forward workspace", dnn::cudnnGetConvolutionForwardWorkspaceSize(handle.raw, xd.0, wd.0, cd.0, yd.0, a, &mut ws_bytes))?,
-            Algo::BackwardData(a) => check("sizing the backward-data workspace", dnn::cudnnGetConvolutionBackwardDataWorkspaceSize(handle.raw, wd.0, yd.0, cd.0, xd.0, a, &mut ws_bytes))?,
-            Algo::BackwardFilter(a) => check("sizing the backward-filter workspace", dnn::cudnnGetConvolutionBackwardFilterWorkspaceSize(handle.raw, xd.0, yd.0, cd.0, wd.0, a, &mut ws_bytes))?,
+            Algo::Forward(a) => check("sizing the forward workspace", (api.cudnnGetConvolutionForwardWorkspaceSize)(handle.raw, xd.0, wd.0, cd.0, yd.0, a, &mut ws_bytes))?,
+            Algo::BackwardData(a) => check("sizing the backward-data workspace", (api.cudnnGetConvolutionBackwardDataWorkspaceSize)(handle.raw, wd.0, yd.0, cd.0, xd.0, a, &mut ws_bytes))?,
+            Algo::BackwardFilter(a) => check("sizing the backward-filter workspace", (api.cudnnGetConvolutionBackwardFilterWorkspaceSize)(handle.raw, xd.0, yd.0, cd.0, wd.0, a, &mut ws_bytes))?,
         }
     }
     let workspace = dev.alloc(ws_bytes)?;
@@ -352,9 +365,9 @@ fn run(dev: &Arc<CudaDevice>, pass: Pass, dtype: DType, f: Format, xs: [usize; 4
     // the device's stream, ordered after the work that produced the inputs.
     let status = unsafe {
         match algo {
-            Algo::Forward(a) => dnn::cudnnConvolutionForward(handle.raw, al, xd.0, p0, wd.0, p1, cd.0, a, wsp, ws_bytes, be, yd.0, p2),
-            Algo::BackwardData(a) => dnn::cudnnConvolutionBackwardData(handle.raw, al, wd.0, p0, yd.0, p1, cd.0, a, wsp, ws_bytes, be, xd.0, p2),
-            Algo::BackwardFilter(a) => dnn::cudnnConvolutionBackwardFilter(handle.raw, al, xd.0, p0, yd.0, p1, cd.0, a, wsp, ws_bytes, be, wd.0, p2),
+            Algo::Forward(a) => (api.cudnnConvolutionForward)(handle.raw, al, xd.0, p0, wd.0, p1, cd.0, a, wsp, ws_bytes, be, yd.0, p2),
+            Algo::BackwardData(a) => (api.cudnnConvolutionBackwardData)(handle.raw, al, wd.0, p0, yd.0, p1, cd.0, a, wsp, ws_bytes, be, xd.0, p2),
+            Algo::BackwardFilter(a) => (api.cudnnConvolutionBackwardFilter)(handle.raw, al, xd.0, p0, yd.0, p1, cd.0, a, wsp, ws_bytes, be, wd.0, p2),
         }
     };
     if status == dnn::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED {
@@ -480,10 +493,13 @@ mod tests {
     /// descriptors are accepted and that cuDNN computes the output size conv2d validated.
     #[test]
     fn descriptors_are_accepted_where_cudnn_loads() {
-        if let Err(e) = libs::cudnn() {
-            eprintln!("descriptors_are_accepted_where_cudnn_loads: skipped: {e}");
-            return;
-        }
+        let api = match libs::cudnn() {
+            Ok(c) => &c.api,
+            Err(e) => {
+                eprintln!("descriptors_are_accepted_where_cudnn_loads: skipped: {e}");
+                return;
+            }
+        };
         let p = Conv2dParams { stride: [2, 1], padding: [1, 2], dilation: [1, 2], groups: 2 };
         for f in [Format::Nchw, Format::Nhwc] {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
@@ -491,7 +507,7 @@ mod tests {
                 let (xs, ws) = ([2, 4, 7, 9], [6, 2, 3, 2]);
                 let (xd, wd, cd) = (TensorDesc::new(dt, xs, f).unwrap(), FilterDesc::new(dt, ws, f).unwrap(), ConvDesc::new(p, dnn::cudnnMathType_t::CUDNN_FMA_MATH).unwrap());
                 let (mut n, mut c, mut h, mut w) = (0, 0, 0, 0);
-                check("out dim", unsafe { dnn::cudnnGetConvolution2dForwardOutputDim(cd.0, xd.0, wd.0, &mut n, &mut c, &mut h, &mut w) }).unwrap();
+                check("out dim", unsafe { (api.cudnnGetConvolution2dForwardOutputDim)(cd.0, xd.0, wd.0, &mut n, &mut c, &mut h, &mut w) }).unwrap();
                 // (7 + 2 - 3) / 2 + 1 = 4; (9 + 4 - (2 * 1 + 1)) / 1 + 1 = 11.
                 assert_eq!([n, c, h, w], [2, 6, 4, 11], "{f:?} {dtype}");
             }

@@ -114,74 +114,82 @@ fn check(what: &str, s: lt::cublasStatus_t) -> Result<()> {
     }
 }
 
+/// The cuBLASLt functions, from the library libs.rs found (never through cudarc's loader).
+fn api() -> Result<&'static libs::CublasLtApi> {
+    Ok(&libs::cublaslt()?.api)
+}
+
 // ---- descriptors (destroyed on drop) --------------------------------------------------------
 
-struct Desc(lt::cublasLtMatmulDesc_t);
+struct Desc(lt::cublasLtMatmulDesc_t, &'static libs::CublasLtApi);
 impl Drop for Desc {
     fn drop(&mut self) {
         // SAFETY: created by cublasLtMatmulDescCreate, destroyed once.
-        unsafe { lt::cublasLtMatmulDescDestroy(self.0) };
+        unsafe { (self.1.cublasLtMatmulDescDestroy)(self.0) };
     }
 }
 impl Desc {
     fn new() -> Result<Desc> {
+        let api = api()?;
         let mut d = std::ptr::null_mut();
         // SAFETY: out-pointer to a local.
-        check("creating a matmul descriptor", unsafe { lt::cublasLtMatmulDescCreate(&mut d, lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType_t::CUDA_R_32F) })?;
-        Ok(Desc(d))
+        check("creating a matmul descriptor", unsafe { (api.cublasLtMatmulDescCreate)(&mut d, lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType_t::CUDA_R_32F) })?;
+        Ok(Desc(d, api))
     }
     fn set<T>(&self, attr: lt::cublasLtMatmulDescAttributes_t, v: &T) -> Result<()> {
         // SAFETY: `v` is the attribute's C type (checked at each call site), read during the call.
-        check("setting a matmul attribute", unsafe { lt::cublasLtMatmulDescSetAttribute(self.0, attr, v as *const T as *const c_void, std::mem::size_of::<T>()) })
+        check("setting a matmul attribute", unsafe { (self.1.cublasLtMatmulDescSetAttribute)(self.0, attr, v as *const T as *const c_void, std::mem::size_of::<T>()) })
     }
 }
 
-struct MatLayout(lt::cublasLtMatrixLayout_t);
+struct MatLayout(lt::cublasLtMatrixLayout_t, &'static libs::CublasLtApi);
 impl Drop for MatLayout {
     fn drop(&mut self) {
         // SAFETY: created by cublasLtMatrixLayoutCreate, destroyed once.
-        unsafe { lt::cublasLtMatrixLayoutDestroy(self.0) };
+        unsafe { (self.1.cublasLtMatrixLayoutDestroy)(self.0) };
     }
 }
 impl MatLayout {
     /// Column-major rows x cols with leading dimension ld; `batch` matrices `stride` elements apart.
     fn new(dt: lt::cudaDataType_t, rows: usize, cols: usize, ld: usize, batch: usize, stride: usize) -> Result<MatLayout> {
+        let api = api()?;
         let mut l = std::ptr::null_mut();
         // SAFETY: out-pointer to a local.
-        check("creating a matrix layout", unsafe { lt::cublasLtMatrixLayoutCreate(&mut l, dt, rows as u64, cols as u64, ld as i64) })?;
-        let l = MatLayout(l);
+        check("creating a matrix layout", unsafe { (api.cublasLtMatrixLayoutCreate)(&mut l, dt, rows as u64, cols as u64, ld as i64) })?;
+        let l = MatLayout(l, api);
         if batch > 1 {
             let count = i32::try_from(batch).map_err(|_| Error::Cuda(format!("cuBLASLt: batch of {batch} matrices exceeds i32")))?;
             let stride = stride as i64;
             // SAFETY: BATCH_COUNT is int32_t, STRIDED_BATCH_OFFSET is int64_t.
             unsafe {
-                check("setting the batch count", lt::cublasLtMatrixLayoutSetAttribute(l.0, lt::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count as *const i32 as *const c_void, 4))?;
-                check("setting the batch stride", lt::cublasLtMatrixLayoutSetAttribute(l.0, lt::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride as *const i64 as *const c_void, 8))?;
+                check("setting the batch count", (api.cublasLtMatrixLayoutSetAttribute)(l.0, lt::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count as *const i32 as *const c_void, 4))?;
+                check("setting the batch stride", (api.cublasLtMatrixLayoutSetAttribute)(l.0, lt::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride as *const i64 as *const c_void, 8))?;
             }
         }
         Ok(l)
     }
 }
 
-struct Pref(lt::cublasLtMatmulPreference_t);
+struct Pref(lt::cublasLtMatmulPreference_t, &'static libs::CublasLtApi);
 impl Drop for Pref {
     fn drop(&mut self) {
         // SAFETY: created by cublasLtMatmulPreferenceCreate, destroyed once.
-        unsafe { lt::cublasLtMatmulPreferenceDestroy(self.0) };
+        unsafe { (self.1.cublasLtMatmulPreferenceDestroy)(self.0) };
     }
 }
 impl Pref {
     fn new(workspace: u64, align: [u32; 3]) -> Result<Pref> {
+        let api = api()?;
         let mut p = std::ptr::null_mut();
         // SAFETY: out-pointer to a local.
-        check("creating a matmul preference", unsafe { lt::cublasLtMatmulPreferenceCreate(&mut p) })?;
-        let p = Pref(p);
+        check("creating a matmul preference", unsafe { (api.cublasLtMatmulPreferenceCreate)(&mut p) })?;
+        let p = Pref(p, api);
         use lt::cublasLtMatmulPreferenceAttributes_t as A;
         // SAFETY: MAX_WORKSPACE_BYTES is uint64_t; the MIN_ALIGNMENT_* are uint32_t.
         unsafe {
-            check("setting the workspace size", lt::cublasLtMatmulPreferenceSetAttribute(p.0, A::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace as *const u64 as *const c_void, 8))?;
+            check("setting the workspace size", (api.cublasLtMatmulPreferenceSetAttribute)(p.0, A::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace as *const u64 as *const c_void, 8))?;
             for (attr, v) in [(A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0]), (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1]), (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2]), (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[2])] {
-                check("setting an alignment", lt::cublasLtMatmulPreferenceSetAttribute(p.0, attr, v as *const u32 as *const c_void, 4))?;
+                check("setting an alignment", (api.cublasLtMatmulPreferenceSetAttribute)(p.0, attr, v as *const u32 as *const c_void, 4))?;
             }
         }
         Ok(p)
@@ -228,9 +236,9 @@ fn max_workspace(dev: &CudaDevice) -> usize {
     }
 }
 
-/// Checks that cuBLASLt can be used (library found, loadable, new enough).
-pub fn probe_cublaslt() -> Result<()> {
-    libs::cublaslt().map(|_| ())
+/// Checks that cuBLASLt can be used (library found, loadable, new enough); says which file.
+pub fn probe_cublaslt() -> Result<String> {
+    libs::cublaslt().map(|l| l.describe())
 }
 
 // ---- the op ---------------------------------------------------------------------------------
@@ -291,7 +299,8 @@ fn gemm(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, batch: &[usize], (m, k, n
             _ => Ok(z),
         };
     }
-    libs::cublaslt()?;
+    let lib = libs::cublaslt()?;
+    let api = &lib.api;
     let nb = batch.len();
     let full = |r: usize, c: usize| -> Vec<usize> { batch.iter().copied().chain([r, c]).collect() };
     // Views no GEMM can read in place are copied to row-major first.
@@ -391,7 +400,7 @@ fn gemm(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, batch: &[usize], (m, k, n
         std::collections::hash_map::Entry::Vacant(e) => {
             let mut raw = std::ptr::null_mut();
             // SAFETY: out-pointer to a local; the device's context is current.
-            check("creating a handle", unsafe { lt::cublasLtCreate(&mut raw) })?;
+            check("creating a handle", unsafe { (api.cublasLtCreate)(&mut raw) }).map_err(|e| Error::Cuda(format!("{e} ({})", lib.describe())))?;
             e.insert(Handle { raw, algos: HashMap::new() })
         }
     };
@@ -405,7 +414,7 @@ fn gemm(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, batch: &[usize], (m, k, n
         // overwrites; all descriptors are live.
         let mut results: [lt::cublasLtMatmulHeuristicResult_t; 8] = unsafe { std::mem::zeroed() };
         let mut found = 0i32;
-        let status = unsafe { lt::cublasLtMatmulAlgoGetHeuristic(handle.raw, desc.0, lx.0, ly.0, ld.0, ld.0, pref.0, results.len() as i32, results.as_mut_ptr(), &mut found) };
+        let status = unsafe { (api.cublasLtMatmulAlgoGetHeuristic)(handle.raw, desc.0, lx.0, ly.0, ld.0, ld.0, pref.0, results.len() as i32, results.as_mut_ptr(), &mut found) };
         let pick = if status == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             results[..found.clamp(0, 8) as usize].iter().find(|r| r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= max_ws).map(|r| (r.algo, r.workspaceSize))
         } else if status == lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
@@ -436,7 +445,7 @@ fn gemm(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, batch: &[usize], (m, k, n
         // the caller's shape validation and `matrix_form`), the workspace holds `ws_bytes`, and
         // everything runs on the device's stream, after the work that produced the inputs.
         let status = unsafe {
-            lt::cublasLtMatmul(
+            (api.cublasLtMatmul)(
                 handle.raw,
                 desc.0,
                 &alpha as *const f32 as *const c_void,
