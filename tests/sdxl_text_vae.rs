@@ -10,7 +10,7 @@ use engine::{DType, Device, Tensor};
 use lookahead::{assert_close, fixture_path, load_fixture};
 use models::clip_text::{ClipTextConfig, ClipTextModel};
 use models::conditioning::{add_time_ids, encode_ids, SdxlTextEncoders};
-use models::taesd::AutoencoderTiny;
+use models::taesd::{AutoencoderTiny, TaesdConfig};
 use models::tokenizer::ClipTokenizer;
 use models::vae::{AutoencoderKl, VaeConfig};
 use models::weights::{Weights, WeightsOptions};
@@ -253,4 +253,23 @@ fn decoders_backpropagate_to_the_latents() {
     let z = Var::leaf(f["vae_dec_in"].clone(), true);
     vae.decode(&z).unwrap().mul(&input(&f["vae_grad_w"])).unwrap().sum_all().unwrap().backward().unwrap();
     assert_close("vae d/dz", &z.grad().unwrap(), &f["vae_grad_z"], 1e-4, 1e-4);
+}
+
+/// The tiny presets describe the committed tiny folders, and the tiny text encoders' conditioning
+/// has the tiny UNet's sizes.
+#[test]
+fn tiny_presets_match_the_fixture_folders() {
+    let tiny = fixture_path("sdxl_tiny");
+    let key = |c: &ClipTextConfig| (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.hidden_act, c.projection_dim, c.eos_token_id, c.max_position_embeddings);
+    assert_eq!(key(&ClipTextConfig::tiny_l()), key(&ClipTextConfig::from_file(&tiny.join("text_encoder/config.json")).unwrap()));
+    assert_eq!(key(&ClipTextConfig::tiny_g()), key(&ClipTextConfig::from_file(&tiny.join("text_encoder_2/config.json")).unwrap()));
+    let v = VaeConfig::from_file(&tiny.join("vae/config.json")).unwrap();
+    let p = VaeConfig::tiny();
+    assert_eq!((p.block_out_channels, p.norm_num_groups, p.layers_per_block, p.latent_channels, p.scaling_factor), (v.block_out_channels, v.norm_num_groups, v.layers_per_block, v.latent_channels, v.scaling_factor));
+    let t = TaesdConfig::from_file(&tiny.join("taesd/config.json")).unwrap();
+    let p = TaesdConfig::tiny();
+    assert_eq!((p.encoder_block_out_channels, p.decoder_block_out_channels, p.num_encoder_blocks, p.num_decoder_blocks), (t.encoder_block_out_channels, t.decoder_block_out_channels, t.num_encoder_blocks, t.num_decoder_blocks));
+    let unet = models::presets::tiny_unet();
+    assert_eq!(ClipTextConfig::tiny_l().hidden_size + ClipTextConfig::tiny_g().hidden_size, unet.cross_attention_dim);
+    assert_eq!(unet.text_time.map(|(per_id, total)| total - 6 * per_id), Some(ClipTextConfig::tiny_g().projection_dim));
 }

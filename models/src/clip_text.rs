@@ -90,6 +90,19 @@ impl ClipTextConfig {
         }
     }
 
+    /// The tiny preset's text_encoder (tests/fixtures/sdxl_tiny/text_encoder): ViT-L's topology
+    /// at width 12 (3 heads), 3 layers, over the fixture's 874-token vocabulary.
+    pub fn tiny_l() -> ClipTextConfig {
+        ClipTextConfig { vocab_size: 874, hidden_size: 12, intermediate_size: 48, num_hidden_layers: 3, num_attention_heads: 3, projection_dim: 12, ..ClipTextConfig::vit_l() }
+    }
+
+    /// The tiny preset's text_encoder_2: bigG's topology at width 20 (5 heads), 4 layers,
+    /// projection 32. With `tiny_l` the conditioning is [B, 77, 32] + pooled [B, 32], what the tiny
+    /// UNet (presets::tiny_unet) takes.
+    pub fn tiny_g() -> ClipTextConfig {
+        ClipTextConfig { vocab_size: 874, hidden_size: 20, intermediate_size: 80, num_hidden_layers: 4, num_attention_heads: 5, projection_dim: 32, eos_token_id: 873, ..ClipTextConfig::bigg() }
+    }
+
     pub fn from_file(path: &Path) -> Result<ClipTextConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
         let cfg: ClipTextConfig = serde_json::from_str(&text).map_err(|e| Error::File { path: path.display().to_string(), msg: format!("not a CLIP text config: {e}") })?;

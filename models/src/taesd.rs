@@ -107,6 +107,11 @@ impl TaesdConfig {
         }
     }
 
+    /// The tiny preset (tests/fixtures/sdxl_tiny/taesd): TAESD-XL's blocks at width 8.
+    pub fn tiny() -> TaesdConfig {
+        TaesdConfig { encoder_block_out_channels: vec![8; 4], decoder_block_out_channels: vec![8; 4], ..TaesdConfig::taesdxl() }
+    }
+
     pub fn from_file(path: &Path) -> Result<TaesdConfig> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: shown.clone(), source: e })?;

@@ -97,6 +97,12 @@ impl VaeConfig {
         }
     }
 
+    /// The tiny preset (tests/fixtures/sdxl_tiny/vae): SDXL's four stages at widths 8/16/16/32
+    /// with 4 norm groups.
+    pub fn tiny() -> VaeConfig {
+        VaeConfig { block_out_channels: vec![8, 16, 16, 32], norm_num_groups: 4, ..VaeConfig::sdxl() }
+    }
+
     pub fn from_file(path: &Path) -> Result<VaeConfig> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: shown.clone(), source: e })?;
