@@ -28,8 +28,10 @@ use crate::clip_text::{ClipActivation, ClipLayer};
 use crate::nn::{frozen, Embedding, LayerNorm, Linear};
 use crate::weights::{Weights, WeightsOptions};
 
-/// CLIP's normalisation (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
+/// CLIP's normalisation (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD), written as transformers writes them.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// The fields of a transformers `CLIPVisionConfig` this model uses.
