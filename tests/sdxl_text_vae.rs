@@ -273,3 +273,40 @@ fn tiny_presets_match_the_fixture_folders() {
     assert_eq!(ClipTextConfig::tiny_l().hidden_size + ClipTextConfig::tiny_g().hidden_size, unet.cross_attention_dim);
     assert_eq!(unet.text_time.map(|(per_id, total)| total - 6 * per_id), Some(ClipTextConfig::tiny_g().projection_dim));
 }
+
+/// The same parity on a CUDA device (f32; TF32-free tolerance of 1e-3). Without one the test says
+/// it skipped, visibly, and passes.
+#[test]
+fn text_encoders_and_autoencoders_on_cuda() {
+    let dev = match engine::cuda::probe() {
+        Ok(_) => Device::Cuda(0),
+        Err(e) => {
+            eprintln!("text_encoders_and_autoencoders_on_cuda: skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    let tiny = fixture_path("sdxl_tiny");
+    let f = load_fixture("sdxl_text_vae.safetensors");
+    let on = |t: &Tensor| Var::constant(t.to_device(dev).unwrap());
+    let close = |name: &str, got: &Var, want: &Tensor| {
+        assert_eq!(got.device(), dev, "{name}: result left the device");
+        assert_close(name, &got.value().to_device(Device::Cpu).unwrap(), want, 1e-3, 1e-3);
+    };
+    let enc = SdxlTextEncoders::from_folder(&tiny, None, dev).unwrap();
+    let vae = AutoencoderKl::from_folder(tiny.join("vae"), None, dev).unwrap();
+    let taesd = AutoencoderTiny::from_folder(tiny.join("taesd"), None, dev).unwrap();
+    no_grad(|| {
+        let c = encode_ids(&enc.text_encoder, &enc.text_encoder_2, &f["te1_ids"].to_device(dev).unwrap(), &f["te2_ids"].to_device(dev).unwrap(), None).unwrap();
+        close("cuda prompt_embeds", &c.prompt_embeds, &f["cond_prompt_embeds"]);
+        close("cuda pooled", &c.pooled_prompt_embeds, &f["cond_pooled"]);
+        let d = vae.encode(&on(&f["vae_in"])).unwrap();
+        close("cuda vae mean", &d.mean, &f["vae_mean"]);
+        close("cuda vae logvar", &d.logvar, &f["vae_logvar"]);
+        close("cuda vae decode", &vae.decode(&on(&f["vae_dec_in"])).unwrap(), &f["vae_dec_out"]);
+        close("cuda taesd encode", &taesd.encode(&on(&f["taesd_in"])).unwrap(), &f["taesd_latents"]);
+        close("cuda taesd decode", &taesd.decode(&on(&f["taesd_dec_in"])).unwrap(), &f["taesd_dec_out"]);
+    });
+    let z = Var::leaf(f["taesd_dec_in"].to_device(dev).unwrap(), true);
+    taesd.decode(&z).unwrap().mul(&on(&f["taesd_grad_w"])).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_close("cuda taesd d/dz", &z.grad().unwrap().to_device(Device::Cpu).unwrap(), &f["taesd_grad_z"], 1e-3, 1e-3);
+}
