@@ -91,8 +91,9 @@ fn nonreflective_similarity(uv: &[[f64; 2]], xy: &[[f64; 2]]) -> Result<Mat3> {
         b.swap(col, piv);
         for r in col + 1..4 {
             let f = a[r][col] / a[col][col];
-            for c in col..4 {
-                a[r][c] -= f * a[col][c];
+            let pivot_row = a[col];
+            for (x, p) in a[r].iter_mut().zip(pivot_row).skip(col) {
+                *x -= f * p;
             }
             b[r] -= f * b[col];
         }
@@ -255,4 +256,41 @@ pub fn extract_faces(images: &Var, mtcnn: &Mtcnn) -> Result<AlignedFaces> {
         out.crops = Some(Var::cat(&refs, 0)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exact_similarity_is_recovered() {
+        // dst = s·R·src + t with s = 1.5, a 20° rotation, t = (4, -3).
+        let (s, a) = (1.5f64, 20f64.to_radians());
+        let src = [[10.0f32, 12.0], [30.0, 11.0], [21.0, 25.0], [12.0, 35.0], [29.0, 36.0]];
+        let dst: Vec<[f32; 2]> = src.iter().map(|p| {
+            let (x, y) = (p[0] as f64, p[1] as f64);
+            [(s * (a.cos() * x - a.sin() * y) + 4.0) as f32, (s * (a.sin() * x + a.cos() * y) - 3.0) as f32]
+        }).collect();
+        let m = similarity_transform(&src, &dst).unwrap();
+        let want = [[s * a.cos(), -s * a.sin(), 4.0], [s * a.sin(), s * a.cos(), -3.0]];
+        for r in 0..2 {
+            for c in 0..3 {
+                assert!((m[r][c] - want[r][c]).abs() < 1e-4, "{m:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_identity_map_gives_the_identity_theta() {
+        let id: Affine = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]];
+        let t = warp_theta(&id, (112, 112), (112, 112)).unwrap();
+        assert_eq!(t, [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]);
+        // Half-size output of the same frame: the grid still spans the whole source.
+        let half: Affine = [[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]];
+        let t = warp_theta(&half, (9, 9), (5, 5)).unwrap();
+        for (g, w) in t.iter().flatten().zip([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]) {
+            assert!((g - w).abs() < 1e-6, "{t:?}");
+        }
+        assert!(warp_theta(&id, (1, 5), (112, 112)).is_err());
+    }
 }
