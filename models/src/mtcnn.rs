@@ -330,7 +330,9 @@ impl Mtcnn {
         Ok(m)
     }
 
-    /// From facenet-pytorch's data folder (pnet.pt, rnet.pt, onet.pt).
+    /// From facenet-pytorch's data folder (pnet.pt, rnet.pt, onet.pt). Those files are in torch's
+    /// legacy (pre-1.6) format, which engine::io refuses for now with an error saying so; the
+    /// safetensors conversion (tests/fixtures/gen/face.py writes one) loads with `from_file`.
     pub fn from_facenet_dir(dir: impl AsRef<Path>) -> Result<Mtcnn> {
         let dir = dir.as_ref();
         let load = |n: &str| Weights::from_files(&[dir.join(n)], WeightsOptions::default());
