@@ -9,19 +9,30 @@ use crate::softmax::{exp_shifted_in_place, row_max, with_wide_simd};
 /// In place: s[j] <- softmax_j(s[j] * scale + mask[j]). A row whose entries are all -inf (fully
 /// masked) becomes all zeros, as PyTorch's scaled_dot_product_attention gives (its "safe softmax").
 pub fn masked_softmax_row(s: &mut [f32], mask: Option<&[f32]>, scale: f32) {
-    with_wide_simd(|| {
+    with_wide_simd(#[inline(always)] || {
+        // Plain `for` loops: iterator adaptors' `fold` may stay outside the AVX2 instance.
         match mask {
-            Some(m) => s.iter_mut().zip(m).for_each(|(v, &a)| *v = *v * scale + a),
-            None => s.iter_mut().for_each(|v| *v *= scale),
+            Some(m) => {
+                for (v, &a) in s.iter_mut().zip(m) {
+                    *v = *v * scale + a;
+                }
+            }
+            None => {
+                for v in s.iter_mut() {
+                    *v *= scale;
+                }
+            }
         }
         let max = row_max(s);
         if max == f32::NEG_INFINITY {
-            s.iter_mut().for_each(|v| *v = 0.0);
+            s.fill(0.0);
             return;
         }
         let sum = exp_shifted_in_place(s, max);
         let inv = (1.0 / sum) as f32;
-        s.iter_mut().for_each(|v| *v *= inv);
+        for v in s.iter_mut() {
+            *v *= inv;
+        }
     })
 }
 

@@ -97,6 +97,37 @@ fn check_affine(name: &str, len: usize, weight: Option<&[f32]>, bias: Option<&[f
     }
 }
 
+/// One row of `layer_norm_rows`.
+#[inline(always)]
+fn layer_norm_row(r: &[f32], weight: Option<&[f32]>, bias: Option<&[f32]>, eps: f32, o: &mut [f32]) {
+    let Stats { shift, correction, rstd } = stats(r, eps);
+    let rstd = rstd as f32;
+    let norm = |v: f32| ((v - shift) - correction) * rstd;
+    // One loop per affine combination, so that no Option is tested per element.
+    match (weight, bias) {
+        (Some(w), Some(b)) => {
+            for (((o, &v), &w), &b) in o.iter_mut().zip(r).zip(w).zip(b) {
+                *o = norm(v) * w + b;
+            }
+        }
+        (Some(w), None) => {
+            for ((o, &v), &w) in o.iter_mut().zip(r).zip(w) {
+                *o = norm(v) * w;
+            }
+        }
+        (None, Some(b)) => {
+            for ((o, &v), &b) in o.iter_mut().zip(r).zip(b) {
+                *o = norm(v) + b;
+            }
+        }
+        (None, None) => {
+            for (o, &v) in o.iter_mut().zip(r) {
+                *o = norm(v);
+            }
+        }
+    }
+}
+
 /// Layer norm over rows of length `cols`: out = (x - mean) / sqrt(var + eps) * weight + bias, with
 /// `weight` and `bias` (length `cols`) optional.
 pub fn layer_norm_rows(x: &[f32], cols: usize, weight: Option<&[f32]>, bias: Option<&[f32]>, eps: f32, out: &mut [f32]) {
@@ -106,20 +137,15 @@ pub fn layer_norm_rows(x: &[f32], cols: usize, weight: Option<&[f32]>, bias: Opt
         return;
     }
     assert_eq!(x.len() % cols, 0, "layer_norm: length {} is not a multiple of the row length {cols}", x.len());
-    let row = |(o, r): (&mut [f32], &[f32])| {
-        let Stats { shift, correction, rstd } = stats(r, eps);
-        let rstd = rstd as f32;
-        let norm = |v: f32| ((v - shift) - correction) * rstd;
-        // One loop per affine combination, so that no Option is tested per element.
-        match (weight, bias) {
-            (Some(w), Some(b)) => o.iter_mut().zip(r).zip(w).zip(b).for_each(|(((o, &v), &w), &b)| *o = norm(v) * w + b),
-            (Some(w), None) => o.iter_mut().zip(r).zip(w).for_each(|((o, &v), &w)| *o = norm(v) * w),
-            (None, Some(b)) => o.iter_mut().zip(r).zip(b).for_each(|((o, &v), &b)| *o = norm(v) + b),
-            (None, None) => o.iter_mut().zip(r).for_each(|(o, &v)| *o = norm(v)),
-        }
+    // Several rows per task, each task compiled for the widest vectors the CPU has (plain `for`
+    // loops and #[inline(always)] helpers, so that nothing is left outside the AVX2 instance).
+    let rows = |(o, x): (&mut [f32], &[f32])| {
+        with_wide_simd(#[inline(always)] || {
+            for (o, r) in o.chunks_mut(cols).zip(x.chunks(cols)) {
+                layer_norm_row(r, weight, bias, eps, o);
+            }
+        })
     };
-    // Several rows per task, each task compiled for the widest vectors the CPU has.
-    let rows = |(o, x): (&mut [f32], &[f32])| with_wide_simd(|| o.chunks_mut(cols).zip(x.chunks(cols)).for_each(row));
     if x.len() >= PAR_MIN {
         let chunk = rows_per_task(cols) * cols;
         out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(rows);
@@ -154,28 +180,33 @@ pub fn group_norm(
     if group_len == 0 || n == 0 {
         return;
     }
+    // Each group compiled for the widest vectors the CPU has (plain `for` loops inside, so that
+    // nothing is left outside the AVX2 instance).
     let group = |(idx, (o, r)): (usize, (&mut [f32], &[f32]))| {
-        let Stats { shift, correction, rstd } = stats(r, eps);
-        let first_channel = (idx % groups) * cpg;
-        for (k, (oc, rc)) in o.chunks_mut(hw).zip(r.chunks(hw)).enumerate() {
-            let ch = first_channel + k;
-            // Subtract the mean first (rather than folding it into the offset) so that inputs with a
-            // large common offset keep their precision.
-            let scale = (rstd * weight.map_or(1.0, |w| w[ch] as f64)) as f32;
-            let offset = bias.map_or(0.0, |b| b[ch]);
-            let norm = |v: f32| ((v - shift) - correction) * scale + offset;
-            if silu {
-                // SiLU with the vectorizable exp (sigmoid(y) = 1 / (1 + e^-y)).
-                oc.iter_mut().zip(rc).for_each(|(o, &v)| {
-                    let y = norm(v);
-                    *o = y / (1.0 + exp_f32(-y));
-                });
-            } else {
-                oc.iter_mut().zip(rc).for_each(|(o, &v)| *o = norm(v));
+        with_wide_simd(#[inline(always)] || {
+            let Stats { shift, correction, rstd } = stats(r, eps);
+            let first_channel = (idx % groups) * cpg;
+            for (k, (oc, rc)) in o.chunks_mut(hw).zip(r.chunks(hw)).enumerate() {
+                let ch = first_channel + k;
+                // Subtract the mean first (rather than folding it into the offset) so that inputs
+                // with a large common offset keep their precision.
+                let scale = (rstd * weight.map_or(1.0, |w| w[ch] as f64)) as f32;
+                let offset = bias.map_or(0.0, |b| b[ch]);
+                let norm = |v: f32| ((v - shift) - correction) * scale + offset;
+                if silu {
+                    // SiLU with the vectorizable exp (sigmoid(y) = 1 / (1 + e^-y)).
+                    for (o, &v) in oc.iter_mut().zip(rc) {
+                        let y = norm(v);
+                        *o = y / (1.0 + exp_f32(-y));
+                    }
+                } else {
+                    for (o, &v) in oc.iter_mut().zip(rc) {
+                        *o = norm(v);
+                    }
+                }
             }
-        }
+        })
     };
-    let group = |g| with_wide_simd(|| group(g));
     if x.len() >= PAR_MIN {
         out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(group);
     } else {

@@ -120,12 +120,35 @@ pub(crate) fn exp_shifted_in_place(s: &mut [f32], shift: f32) -> f64 {
     total
 }
 
+/// out[j] = e^(x[j] - shift), the same sums as `exp_shifted_in_place` without a copy of the row
+/// first.
+#[inline(always)]
+fn exp_shifted_into(x: &[f32], shift: f32, out: &mut [f32]) -> f64 {
+    let mut total = 0f64;
+    for (ob, xb) in out.chunks_mut(BLOCK).zip(x.chunks(BLOCK)) {
+        let mut acc = [0f32; LANES];
+        let (oc, ot) = ob.as_chunks_mut::<LANES>();
+        let (xc, xt) = xb.as_chunks::<LANES>();
+        for (o, v) in oc.iter_mut().zip(xc) {
+            for l in 0..LANES {
+                let e = exp_f32(v[l] - shift);
+                o[l] = e;
+                acc[l] += e;
+            }
+        }
+        for (o, &v) in ot.iter_mut().zip(xt) {
+            *o = exp_f32(v - shift);
+            acc[0] += *o;
+        }
+        total += acc.iter().map(|&a| a as f64).sum::<f64>();
+    }
+    total
+}
+
 #[inline(always)]
 fn softmax_row(x: &[f32], out: &mut [f32]) {
     let max = row_max(x);
-    // A row fits in the L1/L2 cache, so copying it first costs little next to the exponentials.
-    out.copy_from_slice(x);
-    let sum = exp_shifted_in_place(out, max);
+    let sum = exp_shifted_into(x, max, out);
     let inv = (1.0 / sum) as f32;
     for o in out.iter_mut() {
         *o *= inv;
@@ -136,8 +159,7 @@ fn softmax_row(x: &[f32], out: &mut [f32]) {
 fn log_softmax_row(x: &[f32], out: &mut [f32]) {
     let max = row_max(x);
     // `out` is scratch for the exponentials here; it is overwritten below.
-    out.copy_from_slice(x);
-    let sum = exp_shifted_in_place(out, max);
+    let sum = exp_shifted_into(x, max, out);
     // (x - max) - log(sum), not x - (max + log(sum)): the shifted value is small, so no precision
     // is lost to a large max.
     let log_sum = sum.ln() as f32;
@@ -152,7 +174,15 @@ fn for_rows(x: &[f32], cols: usize, out: &mut [f32], f: impl Fn(&[f32], &mut [f3
         return;
     }
     assert_eq!(x.len() % cols, 0, "softmax: length {} is not a multiple of the row length {cols}", x.len());
-    let rows = |(o, x): (&mut [f32], &[f32])| with_wide_simd(|| o.chunks_mut(cols).zip(x.chunks(cols)).for_each(|(o, r)| f(r, o)));
+    // Several rows per task, each task compiled for the widest vectors the CPU has (a plain `for`
+    // loop and #[inline(always)] row functions, so that nothing is left outside the AVX2 instance).
+    let rows = |(o, x): (&mut [f32], &[f32])| {
+        with_wide_simd(#[inline(always)] || {
+            for (o, r) in o.chunks_mut(cols).zip(x.chunks(cols)) {
+                f(r, o);
+            }
+        })
+    };
     if x.len() >= PAR_MIN {
         let chunk = rows_per_task(cols) * cols;
         out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(rows);
@@ -266,6 +296,11 @@ mod tests {
 
     #[test]
     fn parallel_split_gives_identical_bits() {
+        // Also: the out-of-place and in-place exponentials give the same bits.
+        let x: Vec<f32> = (0..700).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let (mut a, mut b) = (vec![0f32; 700], x.clone());
+        assert_eq!(exp_shifted_into(&x, 1.5, &mut a), exp_shifted_in_place(&mut b, 1.5));
+        assert_eq!(a, b);
         let cols = 333;
         let x: Vec<f32> = (0..cols * 97).map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0).collect();
         let mut par = vec![0f32; x.len()];
