@@ -21,44 +21,112 @@ pub fn reset_peak() {
     PEAK_BYTES.store(LIVE_BYTES.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
-/// Owned words, counted in LIVE_BYTES while they exist.
-fn owned(words: Vec<u64>, len_bytes: usize) -> CpuBytes {
-    let live = LIVE_BYTES.fetch_add(words.len() * 8, Ordering::Relaxed) + words.len() * 8;
+/// An owned typed vector, counted in LIVE_BYTES while it exists.
+fn owned(v: OwnedVec) -> CpuBytes {
+    let bytes = v.capacity_bytes();
+    let live = LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
     PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
-    CpuBytes::Owned { words, len_bytes }
+    CpuBytes::Owned(v)
 }
 
 impl Drop for CpuBytes {
     fn drop(&mut self) {
-        if let CpuBytes::Owned { words, .. } = self {
-            LIVE_BYTES.fetch_sub(words.len() * 8, Ordering::Relaxed);
+        if let CpuBytes::Owned(v) = self {
+            LIVE_BYTES.fetch_sub(v.capacity_bytes(), Ordering::Relaxed);
         }
     }
 }
 
-/// Bytes of one dtype: owned (8-byte aligned) or a zero-copy window into a memory-mapped file.
+/// Bytes of one dtype: an owned vector of that element type, or a zero-copy window into a
+/// memory-mapped file.
 pub struct CpuStorage {
     bytes: CpuBytes,
     dtype: DType,
 }
 
 enum CpuBytes {
-    /// Backed by u64 words so that every dtype we have is aligned.
-    Owned { words: Vec<u64>, len_bytes: usize },
+    Owned(OwnedVec),
     Mapped { map: Arc<memmap2::Mmap>, start: usize, len_bytes: usize },
 }
 
+/// Kept as the vector an op produced (no copy into another buffer), typed so that its allocation
+/// is aligned for its elements.
+enum OwnedVec {
+    F32(Vec<f32>),
+    BF16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+    I64(Vec<i64>),
+    U8(Vec<u8>),
+}
+
+macro_rules! owned_vec_apply {
+    ($v:expr, |$x:ident| $body:expr) => {
+        match $v {
+            OwnedVec::F32($x) => $body,
+            OwnedVec::BF16($x) => $body,
+            OwnedVec::F16($x) => $body,
+            OwnedVec::I64($x) => $body,
+            OwnedVec::U8($x) => $body,
+        }
+    };
+}
+
+impl OwnedVec {
+    fn zeros(dtype: DType, len: usize) -> Self {
+        // vec![0; n] asks the allocator for zeroed pages: no separate fill pass.
+        match dtype {
+            DType::F32 => OwnedVec::F32(vec![0.0; len]),
+            DType::BF16 => OwnedVec::BF16(vec![half::bf16::ZERO; len]),
+            DType::F16 => OwnedVec::F16(vec![half::f16::ZERO; len]),
+            DType::I64 => OwnedVec::I64(vec![0; len]),
+            DType::U8 => OwnedVec::U8(vec![0; len]),
+        }
+    }
+    fn from_vec<T: WithDType>(v: Vec<T>) -> Self {
+        let any: Box<dyn std::any::Any> = Box::new(v);
+        let any = match any.downcast::<Vec<f32>>() {
+            Ok(v) => return OwnedVec::F32(*v),
+            Err(a) => a,
+        };
+        let any = match any.downcast::<Vec<half::bf16>>() {
+            Ok(v) => return OwnedVec::BF16(*v),
+            Err(a) => a,
+        };
+        let any = match any.downcast::<Vec<half::f16>>() {
+            Ok(v) => return OwnedVec::F16(*v),
+            Err(a) => a,
+        };
+        let any = match any.downcast::<Vec<i64>>() {
+            Ok(v) => return OwnedVec::I64(*v),
+            Err(a) => a,
+        };
+        match any.downcast::<Vec<u8>>() {
+            Ok(v) => OwnedVec::U8(*v),
+            Err(_) => unreachable!("WithDType is implemented for exactly these five types"),
+        }
+    }
+    fn capacity_bytes(&self) -> usize {
+        fn of<T>(v: &Vec<T>) -> usize {
+            v.capacity() * std::mem::size_of::<T>()
+        }
+        owned_vec_apply!(self, |v| of(v))
+    }
+    fn bytes(&self) -> &[u8] {
+        owned_vec_apply!(self, |v| bytemuck::cast_slice(v.as_slice()))
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        owned_vec_apply!(self, |v| bytemuck::cast_slice_mut(v.as_mut_slice()))
+    }
+}
+
 impl CpuStorage {
+    /// Takes ownership of `v` without copying it.
     pub fn from_vec<T: WithDType>(v: Vec<T>) -> Self {
-        let len_bytes = v.len() * std::mem::size_of::<T>();
-        let mut words = vec![0u64; len_bytes.div_ceil(8)];
-        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len_bytes].copy_from_slice(bytemuck::cast_slice(&v));
-        CpuStorage { bytes: owned(words, len_bytes), dtype: T::DTYPE }
+        CpuStorage { bytes: owned(OwnedVec::from_vec(v)), dtype: T::DTYPE }
     }
 
     pub fn zeros(dtype: DType, len: usize) -> Self {
-        let len_bytes = len * dtype.size_in_bytes();
-        CpuStorage { bytes: owned(vec![0u64; len_bytes.div_ceil(8)], len_bytes), dtype }
+        CpuStorage { bytes: owned(OwnedVec::zeros(dtype, len)), dtype }
     }
 
     /// Copies little-endian bytes of `dtype` elements.
@@ -97,7 +165,7 @@ impl CpuStorage {
 
     pub fn bytes(&self) -> &[u8] {
         match &self.bytes {
-            CpuBytes::Owned { words, len_bytes } => &bytemuck::cast_slice::<u64, u8>(words)[..*len_bytes],
+            CpuBytes::Owned(v) => v.bytes(),
             CpuBytes::Mapped { map, start, len_bytes } => &map[*start..*start + *len_bytes],
         }
     }
@@ -109,7 +177,7 @@ impl CpuStorage {
             self.bytes = copy.bytes;
         }
         match &mut self.bytes {
-            CpuBytes::Owned { words, len_bytes } => &mut bytemuck::cast_slice_mut::<u64, u8>(words)[..*len_bytes],
+            CpuBytes::Owned(v) => v.bytes_mut(),
             CpuBytes::Mapped { .. } => unreachable!("converted to owned above"),
         }
     }
