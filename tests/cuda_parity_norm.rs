@@ -81,6 +81,8 @@ const ROWS: &[(&str, &[usize], View)] = &[
     ("1x1", &[1, 1], |t| Ok(t.clone())),
     ("1x3", &[1, 3], |t| Ok(t.clone())),
     ("3x1000", &[3, 1000], |t| Ok(t.clone())),
+    // 16-bit softmax: 64 threads a row, 4 rows a block, the last block part empty.
+    ("7x1280", &[7, 1280], |t| Ok(t.clone())),
     ("2x4097", &[2, 4097], |t| Ok(t.clone())),
     ("5x33x7", &[5, 33, 7], |t| Ok(t.clone())),
     ("transposed", &[37, 19], |t| t.t()),
@@ -167,6 +169,8 @@ fn layer_norm_forward() {
     let shapes: &[(&str, &[usize], View)] = &[
         ("1x3", &[1, 3], |t| Ok(t.clone())),
         ("3x1000", &[3, 1000], |t| Ok(t.clone())),
+        // 16-bit packed kernel: 64 threads a row, 4 rows a block, the last block part empty.
+        ("7x1280", &[7, 1280], |t| Ok(t.clone())),
         ("2x4097", &[2, 4097], |t| Ok(t.clone())),
         ("transposed", &[64, 33], |t| t.t()),
         ("misaligned", &[4, 1001], |t| t.narrow(1, 1, 1000)),
@@ -238,6 +242,51 @@ fn group_norm_forward() {
                 });
             }
         }
+    }
+}
+
+/// Forward-only group-norm inputs sized for the single-launch cluster kernel on sm_90+
+/// (kernels/cuda/group_norm.cu): NCHW with HW a multiple of the 16-byte pack, clusters of 8 and
+/// 16 CTAs, 2 to 16 packs a thread, partly filled last packs; and shapes that fall back to the
+/// two-phase kernels (HW not a multiple of the pack, a group too large for 16 CTAs in f32,
+/// channels-last, a misaligned view). Each case prints the path it took.
+const GROUPS_CLUSTER: &[(&str, &[usize], View, usize)] = &[
+    ("cluster 2x24x40x40 g3", &[2, 24, 40, 40], |t| Ok(t.clone()), 3),
+    ("cluster 2x40x48x48 g4", &[2, 40, 48, 48], |t| Ok(t.clone()), 4),
+    ("cluster 1x16x128x120 g1 (16 packs)", &[1, 16, 128, 120], |t| Ok(t.clone()), 1),
+    ("cluster 1x32x128x136 g2 (16 CTAs; f32 falls back)", &[1, 32, 128, 136], |t| Ok(t.clone()), 2),
+    ("cluster 3x64x8x8 g32 rank 4", &[3, 64, 8, 8], |t| Ok(t.clone()), 32),
+    ("cluster rank 3 2x12x1000", &[2, 12, 1000], |t| Ok(t.clone()), 6),
+    ("fallback HW 9x9", &[2, 32, 9, 9], |t| Ok(t.clone()), 8),
+    ("fallback misaligned view", &[2, 16, 8, 9], |t| t.narrow(3, 1, 8), 4),
+    ("fallback channels_last 2x40x16x16", &[2, 16, 16, 40], |t| t.permute(&[0, 3, 1, 2]), 4),
+];
+
+#[test]
+fn group_norm_forward_cluster() {
+    let Some((dev, _gpu)) = gpu("group_norm_forward_cluster") else { return };
+    for dt in FLOATS {
+        for (i, (label, shape, view, groups)) in GROUPS_CLUSTER.iter().enumerate() {
+            let x = |dv| view(&input(shape, dt, -2.0, 3.0, i as u64 + 171, dv)?);
+            let path = engine::cuda::group_norm_forward_path(&x(dev).unwrap(), *groups).unwrap();
+            eprintln!("group_norm {dt} {label}: {path}");
+            let c = view(&Tensor::zeros(shape, DType::F32, Device::Cpu).unwrap()).unwrap().shape()[1];
+            for silu in [false, true] {
+                check(dev, &format!("group_norm {dt} {label} silu={silu} plain"), dt, |dv| x(dv)?.group_norm(*groups, None, None, 1e-5, silu));
+                check(dev, &format!("group_norm {dt} {label} silu={silu} weight only"), dt, |dv| {
+                    let w = input(&[c], DType::F32, -1.5, 1.5, 12, dv)?;
+                    x(dv)?.group_norm(*groups, Some(&w), None, 1e-5, silu)
+                });
+                check(dev, &format!("group_norm {dt} {label} silu={silu} affine"), dt, |dv| {
+                    let w = input(&[c], DType::F32, 0.5, 1.5, 10, dv)?;
+                    let b = input(&[c], DType::F32, -0.5, 0.5, 11, dv)?;
+                    x(dv)?.group_norm(*groups, Some(&w), Some(&b), 1e-5, silu)
+                });
+            }
+        }
+        // Large offset: the shifted first pass and the second pass keep the variance of values near 100.
+        let x = |dv| input(&[2, 16, 32, 32], dt, 99.0, 101.0, 991, dv);
+        check(dev, &format!("group_norm {dt} offset 100 2x16x32x32 g4"), dt, |dv| x(dv)?.group_norm(4, None, None, 1e-5, false));
     }
 }
 
@@ -385,8 +434,10 @@ fn norm_bandwidth_report() {
     for (shape, groups) in [([2usize, 320, 128, 128], 32usize), ([2, 640, 64, 64], 32), ([2, 1280, 32, 32], 32), ([1, 320, 128, 128], 32)] {
         let x = Tensor::randn(&shape, DType::BF16, dev, 4).unwrap();
         let w = Tensor::ones(&[shape[1]], DType::F32, dev).unwrap();
+        eprintln!("    path: {}", engine::cuda::group_norm_forward_path(&x, groups).unwrap());
         report(&format!("group_norm+silu bf16 {shape:?} NCHW"), &x, &|| drop(x.group_norm(groups, Some(&w), Some(&w), 1e-5, true).unwrap()));
         let cl = Tensor::randn(&[shape[0], shape[2], shape[3], shape[1]], DType::BF16, dev, 5).unwrap().permute(&[0, 3, 1, 2]).unwrap();
+        eprintln!("    path: {}", engine::cuda::group_norm_forward_path(&cl, groups).unwrap());
         report(&format!("group_norm+silu bf16 {shape:?} channels-last"), &cl, &|| drop(cl.group_norm(groups, Some(&w), Some(&w), 1e-5, true).unwrap()));
         let dy = Tensor::randn(cl.shape(), DType::BF16, dev, 6).unwrap().permute(&[0, 2, 3, 1]).unwrap().contiguous().unwrap().permute(&[0, 3, 1, 2]).unwrap();
         // Backward reads x and dy twice-ish and writes dx: reported against 2 tensor passes too.

@@ -9,6 +9,8 @@
 
 /// kernels/cuda/norm.cu: layer norm (+ backward), group norm (+SiLU, + backward, NCHW or channels-last), batch norm, GEGLU, PReLU. The backward math's CPU reference is `norm_backward`.
 pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "norm", code: include_str!("../cuda/norm.cu"), options: &[] };
+/// kernels/cuda/group_norm.cu: single-launch group norm (+SiLU) forward with thread-block clusters (sm_90+; empty kernels below).
+pub const GROUP_NORM_SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "group_norm", code: include_str!("../cuda/group_norm.cu"), options: &[] };
 
 use rayon::prelude::*;
 

@@ -39,6 +39,7 @@ mod storage;
 pub use alloc::{size_class, CudaBlock, MemoryStats};
 pub use device::{device, device_count, device_info, is_available, probe, CudaDevice, DeviceInfo, GpuTimer};
 pub use launch::{launch_1d, launch_failed, strided_config, ElementwisePlan, StridedArgs, MAX_DIMS};
+pub use norm::group_norm_forward_path;
 pub use storage::CudaStorage;
 pub use elementwise_backward::adamw_step;
 pub use spatial::PoolKind;

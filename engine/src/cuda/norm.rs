@@ -15,6 +15,7 @@ use super::device::CudaDevice;
 use super::launch::{launch_1d, launch_failed};
 use super::storage::CudaStorage;
 use super::{LaunchConfig, PushKernelArg};
+use cudarc::driver::sys;
 use crate::storage::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -461,10 +462,151 @@ pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bia
     }
     let (_w, wp) = param(weight)?;
     let (_b, bp) = param(bias)?;
+    if let Some(plan) = gn_cluster_plan(&dev, &l, groups, xp)? {
+        gn_cluster_launch(&dev, &plan, &l, groups, xp, out.device_ptr(), wp, bp, eps, silu)?;
+        return wrap_like(out, x.shape(), &l);
+    }
     let (_stats, coef) = gn_stats(&dev, &l, groups, wp, bp, eps, true)?;
     let coef = coef.expect("asked for coefficients");
     apply_affine(&dev, dt, xp, out.device_ptr(), coef.device_ptr(), x.elem_count(), l.c, l.hw, l.c, l.channels_last, silu)?;
     wrap_like(out, x.shape(), &l)
+}
+
+// ---- single-launch group norm with thread-block clusters (sm_90+) --------------------------------
+
+/// Threads of a CTA of the cluster kernels (GNC_BLOCK) and the packs a thread may hold (the
+/// kernels' P instances, kernels/cuda/group_norm.cu).
+const GNC_BLOCK: usize = 256;
+const GNC_PACKS: [usize; 5] = [2, 4, 8, 12, 16];
+
+/// A cluster launch of gn_cluster_DT_pP: `cs` CTAs per (sample, group).
+struct GnClusterPlan {
+    name: String,
+    f: super::CudaFunction,
+    cs: u32,
+    packs: usize,
+    grid: u32,
+}
+
+/// The CUlaunchConfig of a (grid, GNC_BLOCK) launch in clusters of `cs` CTAs; `attr` must outlive
+/// the config's use.
+fn cluster_config(dev: &CudaDevice, grid: u32, cs: u32, attr: &mut sys::CUlaunchAttribute) -> sys::CUlaunchConfig {
+    // SAFETY: an all-zero attribute value is a valid bit pattern (plain integers).
+    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+    value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: cs, y: 1, z: 1 };
+    *attr = sys::CUlaunchAttribute { id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, pad: [0; 4], value };
+    sys::CUlaunchConfig {
+        gridDimX: grid,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: GNC_BLOCK as u32,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: dev.stream().cu_stream(),
+        attrs: attr as *mut sys::CUlaunchAttribute,
+        numAttrs: 1,
+    }
+}
+
+/// The cluster kernel's plan for this input, or None where it does not apply (arch < 90,
+/// channels-last, spatial size not a multiple of the 16-byte pack, unaligned data, a group too
+/// large for 16 CTAs' registers, or a configuration the driver cannot co-schedule): the two-phase
+/// kernels run then. Cluster size: the smallest power of two up to 8 that gives >= 2 CTAs an SM
+/// and holds the group in <= 16 packs a thread; 16 CTAs (non-portable) only when 8 cannot hold it.
+fn gn_cluster_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64) -> Result<Option<GnClusterPlan>> {
+    let dt = dt_name("group_norm", l.x.dtype())?;
+    let v = 16 / l.x.dtype().size_in_bytes();
+    if dev.arch() < 90 || l.channels_last || !l.hw.is_multiple_of(v) || !xp.is_multiple_of(16) || groups == 0 || l.n == 0 {
+        return Ok(None);
+    }
+    let packs = (l.c / groups) * l.hw / v;
+    let clusters = l.n * groups;
+    let sms = dev.multiprocessors() as usize;
+    for cs in [1usize, 2, 4, 8, 16] {
+        let need = packs.div_ceil(cs * GNC_BLOCK);
+        let Some(p) = GNC_PACKS.into_iter().find(|&p| p >= need) else { continue };
+        if cs < 8 && clusters * cs < 2 * sms {
+            continue;
+        }
+        let Ok(grid) = u32::try_from(clusters * cs) else { return Ok(None) };
+        if grid > i32::MAX as u32 {
+            return Ok(None);
+        }
+        let name = format!("gn_cluster_{dt}_p{p}");
+        let f = dev.function(&knorm::GROUP_NORM_SOURCE, &name)?;
+        if !gn_cluster_schedulable(dev, &f, &name, grid, cs as u32)? {
+            return Ok(None);
+        }
+        return Ok(Some(GnClusterPlan { name, f, cs: cs as u32, packs: p, grid }));
+    }
+    Ok(None)
+}
+
+/// Whether the driver can run at least one cluster of `cs` CTAs of kernel `name` at a time
+/// (cuOccupancyMaxActiveClusters > 0; above 8 CTAs after opting the kernel in). Asked once per (device, kernel, cluster size): the query
+/// costs microseconds of host time, as much as the kernel itself on small tensors.
+fn gn_cluster_schedulable(dev: &CudaDevice, f: &super::CudaFunction, name: &str, grid: u32, cs: u32) -> Result<bool> {
+    type Key = (usize, String, u32);
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<Key, bool>>> = std::sync::OnceLock::new();
+    let key = (dev.ordinal(), name.to_string(), cs);
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some(&ok) = seen.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(ok);
+    }
+    dev.bind()?;
+    // Clusters above 8 CTAs need the kernel's opt-in (kept by the loaded function from now on).
+    if cs > 8 && f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1).is_err() {
+        seen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, false);
+        return Ok(false);
+    }
+    // SAFETY: zeroed, then every field written by cluster_config.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    let cfg = cluster_config(dev, grid, cs, &mut attr);
+    let mut active: std::ffi::c_int = 0;
+    // SAFETY: cfg (and the attribute it points to) and f are valid for the call.
+    let ok = unsafe { sys::cuOccupancyMaxActiveClusters(&mut active, f.cu_function(), &cfg) }.result().is_ok() && active > 0;
+    seen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, ok);
+    Ok(ok)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gn_cluster_launch(dev: &Arc<CudaDevice>, plan: &GnClusterPlan, l: &GnLayout, groups: usize, xp: u64, yp: u64, wp: u64, bp: u64, eps: f32, silu: bool) -> Result<()> {
+    let (c32, hw32, g32, cs, act) = (l.c as u32, l.hw as u32, groups as u32, plan.cs, silu as i32);
+    let mut args: [*mut std::ffi::c_void; 10] = [
+        &xp as *const u64 as *mut _,
+        &yp as *const u64 as *mut _,
+        &wp as *const u64 as *mut _,
+        &bp as *const u64 as *mut _,
+        &c32 as *const u32 as *mut _,
+        &hw32 as *const u32 as *mut _,
+        &g32 as *const u32 as *mut _,
+        &cs as *const u32 as *mut _,
+        &eps as *const f32 as *mut _,
+        &act as *const i32 as *mut _,
+    ];
+    dev.bind()?;
+    // SAFETY: zeroed, then every field written by cluster_config.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    let cfg = cluster_config(dev, plan.grid, plan.cs, &mut attr);
+    // SAFETY: the arguments match gn_cluster_DT_pP (x, y, w, b, C, HW, G, cs, eps, act) and live
+    // until the call returns (the driver copies them); gn_cluster_plan checked the kernel's
+    // conditions (NCHW, HW % V == 0, aligned x (y is a fresh allocation), the group fits cs * GNC_BLOCK * P packs).
+    unsafe { sys::cuLaunchKernelEx(&cfg, plan.f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(launch_failed(&plan.name))?;
+    Ok(())
+}
+
+/// Which forward kernels `x.group_norm(groups, ..)` runs on its CUDA device, for reports:
+/// "cluster (cs CTAs x P packs)" (one launch, sm_90+) or "two-phase" (statistics, finalize, apply).
+pub fn group_norm_forward_path(x: &Tensor, groups: usize) -> Result<String> {
+    const OP: &str = "group_norm";
+    gn_check(OP, x, groups)?;
+    let l = gn_layout_checked(x)?;
+    let (xp, dev) = addr(&l.x, OP)?;
+    Ok(match gn_cluster_plan(&dev, &l, groups, xp)? {
+        Some(p) => format!("cluster ({} CTAs x {} packs/thread, {})", p.cs, p.packs, p.name),
+        None => "two-phase".to_string(),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
