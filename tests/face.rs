@@ -115,20 +115,12 @@ fn mtcnn_pt_files_equal_the_safetensors_conversion() {
         return;
     };
     let conv = engine::io::safetensors::load(fixture_path("mtcnn.safetensors")).unwrap();
-    // facenet-pytorch ships these in the legacy (pre-1.6, non-zip) torch format, which engine::io
-    // refuses by design for now (tests/weights_io.rs); once it reads them this test compares them.
-    match engine::io::torch::load(dir.join("pnet.pt")) {
-        Err(e) if e.to_string().contains("legacy") => {
-            println!("SKIPPED: engine::io does not read the legacy .pt format of {} ({e}); the committed safetensors was converted by torch.load in tests/fixtures/gen/face.py", dir.display());
-            return;
-        }
-        r => {
-            r.unwrap();
-        }
-    }
+    // facenet-pytorch ships these in the legacy (pre-1.6, non-zip) torch format; the committed
+    // safetensors was converted from them by torch.load in tests/fixtures/gen/face.py.
     let mut n = 0;
     for net in ["pnet", "rnet", "onet"] {
-        let pt = engine::io::torch::load(dir.join(format!("{net}.pt"))).unwrap();
+        let (format, pt) = engine::io::load_any(dir.join(format!("{net}.pt"))).unwrap();
+        assert_eq!(format, engine::io::Format::TorchLegacy, "{net}");
         assert_eq!(pt.len(), conv.keys().filter(|k| k.starts_with(&format!("{net}."))).count(), "{net}: key count");
         for (k, t) in &pt {
             let c = &conv[&format!("{net}.{k}")];

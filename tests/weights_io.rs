@@ -159,12 +159,30 @@ fn torch_bin_matches_the_reference_values() {
 }
 
 #[test]
-fn legacy_torch_format_is_refused_clearly() {
+fn legacy_torch_file_holds_the_same_tensors_as_the_zip_one() {
+    // The generator saved the same object with `_use_new_zipfile_serialization=False`.
     let p = fixture_path("weights_io_legacy.pt");
-    let err = io::load_any(&p).unwrap_err().to_string();
-    assert!(err.contains("weights_io_legacy.pt") && err.contains("legacy"), "{err}");
-    let err = torch::load(&p).unwrap_err().to_string();
-    assert!(err.contains("weights_io_legacy.pt") && err.contains("legacy"), "{err}");
+    let (format, got) = io::load_any(&p).unwrap();
+    assert_eq!(format, Format::TorchLegacy);
+    assert_eq!(format.to_string(), "pytorch-legacy");
+    let (_, want) = io::load_any(fixture_path("weights_io.bin")).unwrap();
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    for (name, w) in &want {
+        assert_same(name, &got[name], w);
+        assert_eq!((got[name].strides(), got[name].layout().offset()), (w.strides(), w.layout().offset()), "{name}: layout");
+    }
+    // Views of one storage still share it.
+    assert!(got["ip_adapter.shared_a"].same_storage(&got["ip_adapter.shared_b"]));
+    assert_eq!(torch::TorchFile::open(&p).unwrap().format(), Format::TorchLegacy);
+    let (format, list) = io::list_any(&p).unwrap();
+    assert_eq!(format, Format::TorchLegacy);
+    let (_, zip_list) = io::list_any(fixture_path("weights_io.bin")).unwrap();
+    assert_eq!(list, zip_list);
+    // From memory too.
+    let mem = torch::load_from_bytes(&std::fs::read(&p).unwrap(), "mem.pt").unwrap();
+    for (name, w) in &want {
+        assert_same(name, &mem[name], w);
+    }
 }
 
 /// Reads `bytes` as the given format from memory, and (when `on_disk`; writing files is the slow
@@ -172,7 +190,7 @@ fn legacy_torch_format_is_refused_clearly() {
 fn read_both(format: Format, bytes: &[u8], dir: &TempDir, name: &str, on_disk: bool) -> Vec<Result<usize, String>> {
     let mem = match format {
         Format::Safetensors => safetensors::load_from_bytes(bytes, name).map(|m| m.len()),
-        Format::TorchZip => torch::load_from_bytes(bytes, name).map(|m| m.len()),
+        Format::TorchZip | Format::TorchLegacy => torch::load_from_bytes(bytes, name).map(|m| m.len()),
     };
     if !on_disk {
         return vec![mem.map_err(|e| e.to_string())];
@@ -181,7 +199,7 @@ fn read_both(format: Format, bytes: &[u8], dir: &TempDir, name: &str, on_disk: b
     std::fs::write(&path, bytes).unwrap();
     let file = match format {
         Format::Safetensors => safetensors::load(&path).map(|m| m.len()),
-        Format::TorchZip => torch::load(&path).map(|m| m.len()),
+        Format::TorchZip | Format::TorchLegacy => torch::load(&path).map(|m| m.len()),
     };
     vec![mem.map_err(|e| e.to_string()), file.map_err(|e| e.to_string())]
 }
@@ -230,6 +248,13 @@ fn truncated_or_corrupt_torch_checkpoints_error_cleanly() {
     bad[pos] ^= 1;
     let err = torch::load_from_bytes(&bad, "flipped.bin").unwrap_err().to_string();
     assert!(err.contains("flipped.bin") && err.contains("CRC"), "{err}");
+}
+
+#[test]
+fn truncated_or_corrupt_legacy_torch_files_error_cleanly() {
+    // The legacy format has no checksum: a flipped data byte loads as a wrong value (as in torch),
+    // but no cut or flip may panic, and a flip in the pickles or counts is an error naming the file.
+    check_corruptions("weights_io_legacy.pt", Format::TorchLegacy);
 }
 
 #[test]

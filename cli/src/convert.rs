@@ -1,5 +1,5 @@
 //! `lookahead convert IN OUT.safetensors [--force]`: rewrites any weights file the project reads
-//! (safetensors, or a PyTorch .bin/.pth/.pt zip checkpoint such as IP-Adapter's nested
+//! (safetensors, or a PyTorch .bin/.pth/.pt checkpoint, zip or legacy, such as IP-Adapter's nested
 //! {"image_proj": ..., "ip_adapter": ...} dict, IR-SE50 or MTCNN) as safetensors. Nested dicts
 //! become dotted names (`image_proj.latents`), non-tensor leaves are dropped, dtypes and shapes are
 //! kept. The file is written atomically (temporary file, fsync, rename) and an existing OUT is only
@@ -87,9 +87,13 @@ mod tests {
         }
         let e = convert(&fixture("weights_io.bin"), &dir.join("x.bin"), true).unwrap_err().to_string();
         assert!(e.contains(".safetensors"), "{e}");
-        let e = convert(&fixture("weights_io_legacy.pt"), &dir.join("y.safetensors"), true).unwrap_err().to_string();
-        assert!(e.contains("legacy"), "{e}");
+        let e = convert(&fixture("ip_adapter_tiny.safetensors.missing"), &dir.join("y.safetensors"), true).unwrap_err().to_string();
+        assert!(e.contains("ip_adapter_tiny.safetensors.missing"), "{e}");
         assert!(!dir.join("y.safetensors").exists());
+        // The legacy format converts to the same tensors as the zip one.
+        let report = convert(&fixture("weights_io_legacy.pt"), &dir.join("legacy.safetensors"), true).unwrap();
+        assert!(report.contains("pytorch-legacy"), "{report}");
+        same(&engine::io::load_any(fixture("weights_io.bin")).unwrap().1, &engine::io::safetensors::load(dir.join("legacy.safetensors")).unwrap());
         std::fs::remove_dir_all(&dir).ok();
     }
 }

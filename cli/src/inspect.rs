@@ -1,7 +1,7 @@
 //! `lookahead inspect PATH`: what a weights file holds (format, every tensor's name, dtype and
 //! shape, and totals), read from the header or pickle only: no tensor data is loaded, so it is
-//! instant on multi-GB checkpoints. Works on safetensors and PyTorch zip checkpoints (.bin, .pth,
-//! .pt), chosen by content rather than by file name.
+//! instant on multi-GB checkpoints. Works on safetensors and PyTorch checkpoints, zip or legacy
+//! (.bin, .pth, .pt), chosen by content rather than by file name.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -151,10 +151,25 @@ mod tests {
     }
 
     #[test]
+    fn inspect_reads_the_legacy_format_like_the_zip_one() {
+        let legacy = build(&InspectArgs { path: fixture("weights_io_legacy.pt"), json: false }).unwrap();
+        let bin = build(&InspectArgs { path: fixture("weights_io.bin"), json: false }).unwrap();
+        assert_eq!(legacy.format, "pytorch-legacy");
+        assert_eq!(serde_json::to_value(&legacy.tensors).unwrap(), serde_json::to_value(&bin.tensors).unwrap());
+        assert!(table(&legacy).contains("pytorch-legacy"));
+    }
+
+    #[test]
     fn inspect_errors_name_the_file() {
-        let Err(e) = build(&InspectArgs { path: fixture("weights_io_legacy.pt"), json: false }) else { panic!("a legacy file was accepted") };
+        let p = std::env::temp_dir().join(format!("lookahead-inspect-{}.pt", std::process::id()));
+        let mut cut = std::fs::read(fixture("weights_io_legacy.pt")).unwrap();
+        cut.truncate(cut.len() - 1);
+        std::fs::write(&p, &cut).unwrap();
+        let r = build(&InspectArgs { path: p.clone(), json: false });
+        std::fs::remove_file(&p).ok();
+        let Err(e) = r else { panic!("a truncated file was accepted") };
         let e = e.to_string();
-        assert!(e.contains("weights_io_legacy.pt") && e.contains("legacy"), "{e}");
+        assert!(e.contains(&p.display().to_string()) && e.contains("legacy"), "{e}");
     }
 
     #[test]

@@ -330,12 +330,19 @@ impl Mtcnn {
         Ok(m)
     }
 
-    /// From facenet-pytorch's data folder (pnet.pt, rnet.pt, onet.pt). Those files are in torch's
-    /// legacy (pre-1.6) format, which engine::io refuses for now with an error saying so; the
-    /// safetensors conversion (tests/fixtures/gen/face.py writes one) loads with `from_file`.
+    /// From facenet-pytorch's data folder (pnet.pt, rnet.pt, onet.pt, in torch's legacy pre-1.6
+    /// format, which engine::io reads), exactly as the PyPI package ships it.
     pub fn from_facenet_dir(dir: impl AsRef<Path>) -> Result<Mtcnn> {
         let dir = dir.as_ref();
-        let load = |n: &str| Weights::from_files(&[dir.join(n)], WeightsOptions::default());
+        let load = |n: &str| -> Result<Weights> {
+            let path = dir.join(n);
+            let (_, tensors) = engine::io::load_any(&path)?;
+            // The conv and dense weights in these files are transposed views (converted from
+            // another framework's layout); packing them once here gives the same contiguous
+            // weights, and so bit-identical results, as the safetensors conversion.
+            let tensors = tensors.into_iter().map(|(k, t)| Ok((k, t.contiguous()?))).collect::<Result<_>>()?;
+            Ok(Weights::from_map(tensors, &path.display().to_string(), WeightsOptions::default()))
+        };
         Mtcnn::load(&load("pnet.pt")?, &load("rnet.pt")?, &load("onet.pt")?)
     }
 

@@ -1,5 +1,6 @@
 //! Weights I/O: safetensors (memory-mapped, zero copy where the dtype and alignment allow, written
-//! atomically) and PyTorch zip checkpoints (read without Python through a small pickle VM).
+//! atomically) and PyTorch checkpoints, zip or legacy (read without Python through a small pickle
+//! VM).
 //! `load_any` and `list_any` pick the reader from the file's content, not its name.
 
 pub mod pickle;
@@ -17,6 +18,8 @@ pub enum Format {
     Safetensors,
     /// `torch.save`'s zip format (.bin, .pth, .pt).
     TorchZip,
+    /// `torch.save`'s legacy pre-1.6 format: a stream of pickles followed by the raw storages.
+    TorchLegacy,
 }
 
 impl std::fmt::Display for Format {
@@ -24,6 +27,7 @@ impl std::fmt::Display for Format {
         f.write_str(match self {
             Format::Safetensors => "safetensors",
             Format::TorchZip => "pytorch-zip",
+            Format::TorchLegacy => "pytorch-legacy",
         })
     }
 }
@@ -43,16 +47,19 @@ pub struct TensorInfo {
 pub fn detect(path: impl AsRef<Path>) -> Result<Format> {
     let path = path.as_ref();
     let shown = || path.display().to_string();
-    let mut head = Vec::with_capacity(16);
-    std::fs::File::open(path).and_then(|f| f.take(16).read_to_end(&mut head)).map_err(|source| Error::Io { path: shown(), source })?;
+    let mut head = Vec::with_capacity(32);
+    std::fs::File::open(path).and_then(|f| f.take(32).read_to_end(&mut head)).map_err(|source| Error::Io { path: shown(), source })?;
     detect_bytes(&head).ok_or_else(|| Error::File { path: shown(), msg: unknown_format_message(&head) })
 }
 
-/// The format of weights from their first bytes: a zip signature is a torch checkpoint, an 8-byte
-/// length followed by `{` is safetensors.
+/// The format of weights from their first bytes (32 are enough): a zip signature is a torch
+/// checkpoint, torch's pickled magic number a legacy one, an 8-byte length followed by `{` is
+/// safetensors.
 pub fn detect_bytes(head: &[u8]) -> Option<Format> {
     if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
         Some(Format::TorchZip)
+    } else if torch::is_legacy(head) {
+        Some(Format::TorchLegacy)
     } else if head.len() > 8 && head[8] == b'{' {
         Some(Format::Safetensors)
     } else {
@@ -62,19 +69,19 @@ pub fn detect_bytes(head: &[u8]) -> Option<Format> {
 
 fn unknown_format_message(head: &[u8]) -> String {
     if head.first() == Some(&0x80) {
-        "legacy (pre-1.6, non-zip) PyTorch format is not supported; re-save it with a current torch.save".into()
+        "a pickle, but not a PyTorch checkpoint (no torch magic number)".into()
     } else {
-        "unknown weights format (neither safetensors nor a PyTorch zip checkpoint)".into()
+        "unknown weights format (neither safetensors nor a PyTorch checkpoint)".into()
     }
 }
 
-/// Reads every tensor of a safetensors file or torch zip checkpoint, whichever the content is.
+/// Reads every tensor of a safetensors file or torch checkpoint, whichever the content is.
 pub fn load_any(path: impl AsRef<Path>) -> Result<(Format, BTreeMap<String, Tensor>)> {
     let path = path.as_ref();
     let format = detect(path)?;
     let tensors = match format {
         Format::Safetensors => safetensors::load(path)?,
-        Format::TorchZip => torch::load(path)?,
+        Format::TorchZip | Format::TorchLegacy => torch::load(path)?,
     };
     Ok((format, tensors))
 }
@@ -89,7 +96,7 @@ pub fn list_any(path: impl AsRef<Path>) -> Result<(Format, Vec<TensorInfo>)> {
             .iter()
             .map(|e| TensorInfo { name: e.name.clone(), dtype: e.dtype_name.clone(), shape: e.shape.clone(), size_in_bytes: e.size_in_bytes() })
             .collect(),
-        Format::TorchZip => torch::TorchFile::open(path)?
+        Format::TorchZip | Format::TorchLegacy => torch::TorchFile::open(path)?
             .tensor_refs()
             .iter()
             .map(|r| TensorInfo {

@@ -82,6 +82,12 @@ enum Slot {
 
 /// Parses a pickle. Errors say what went wrong and at which byte.
 pub fn parse(data: &[u8]) -> std::result::Result<Pickle, String> {
+    parse_prefix(data).map(|(p, _)| p)
+}
+
+/// Parses the pickle at the start of `data` and says how many bytes it took (up to and including
+/// its STOP), for streams of pickles such as torch's legacy format.
+pub fn parse_prefix(data: &[u8]) -> std::result::Result<(Pickle, usize), String> {
     Vm { data, pos: 0, stack: Vec::new(), memo: HashMap::new(), objs: Vec::new() }.run()
 }
 
@@ -261,7 +267,7 @@ impl<'a> Vm<'a> {
         self.new_obj(Obj::Call { func, args })
     }
 
-    fn run(mut self) -> std::result::Result<Pickle, String> {
+    fn run(mut self) -> std::result::Result<(Pickle, usize), String> {
         loop {
             let at = self.pos;
             let op = self.u8()?;
@@ -277,7 +283,7 @@ impl<'a> Vm<'a> {
                 }
                 b'.' => {
                     let root = self.pop()?;
-                    return Ok(Pickle { objs: self.objs, root });
+                    return Ok((Pickle { objs: self.objs, root }, self.pos));
                 }
                 b'(' => self.stack.push(Slot::Mark),
                 b'0' => {
@@ -529,6 +535,14 @@ mod tests {
         let pk = parse(p).unwrap();
         let l = pk.seq(&pk.root).unwrap();
         assert_eq!(l[0], l[1]);
+    }
+
+    #[test]
+    fn io_pickle_prefix_stops_at_stop() {
+        // Two pickles back to back: 7 then [].
+        let (p, n) = parse_prefix(b"\x80\x02K\x07.\x80\x02].").unwrap();
+        assert_eq!((p.root, n), (Value::Int(7), 5));
+        assert!(parse_prefix(b"\x80\x02K\x07").is_err());
     }
 
     #[test]
