@@ -159,6 +159,92 @@ __device__ __forceinline__ void layer_norm_long(const T* x, T* y, const float* w
     }
 }
 
+// layer_norm_packed_DT (16-bit dtypes; cols a multiple of 8, x and y 16-byte aligned): each thread
+// keeps up to LNP_PACKS packs of 8 raw 16-bit values of its row in registers (16 registers, where
+// 32 floats would need twice that), converting to f32 on the fly in each pass, so a block holds
+// several rows and the SM many more rows in flight than layer_norm_DT's one 4096-wide row per
+// 256 threads (16-bit rows carry half the bytes of f32 ones for the same latency). All loads of a
+// row are issued before its first reduction. tpr = a power of two from 32 to 1024 threads a row
+// (cols <= tpr * 8 * LNP_PACKS); blocks of max(256, tpr) threads hold blockDim / tpr rows; grid.x =
+// ceil(rows / rows per block). Rows past the end load and store nothing but join the barriers.
+#define LNP_PACKS 4
+#define LNP_MAX_BLOCK 1024
+
+// Sum over the tpr threads of a row (every one gets it): a warp's shuffles, then, for rows wider
+// than a warp, the row's warp totals through shared memory `sm` (a float per warp of the block;
+// one `sm` per reduction, so no barrier is needed before writing it).
+__device__ __forceinline__ float rows_group_sum(float v, u32 tpr, float* sm) {
+    v = warp_sum(v);
+    if (tpr <= 32) return v;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpr = tpr >> 5;
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    const u32 first = warp - warp % wpr;
+    v = lane < wpr ? sm[first + lane] : 0.0f;
+    return warp_sum(v);
+}
+
+template <typename T>
+__device__ __forceinline__ void layer_norm_packed(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b,
+                                                  u32 rows, u32 cols, u32 tpr, float eps) {
+    __shared__ float sm[2][LNP_MAX_BLOCK / 32];
+    constexpr int V = 8;
+    typedef Pack<T, V> PT;
+    const u32 row = blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
+    const u32 t = threadIdx.x % tpr;
+    const u32 npk = row < rows ? cols / V : 0;
+    const PT* xr = reinterpret_cast<const PT*>(x) + (u64)(row < rows ? row : 0) * (cols / V);
+    PT* yr = reinterpret_cast<PT*>(y) + (u64)(row < rows ? row : 0) * (cols / V);
+    PT v[LNP_PACKS];
+#pragma unroll
+    for (int p = 0; p < LNP_PACKS; ++p) {
+        if (p * tpr + t < npk) v[p] = xr[p * tpr + t];
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int p = 0; p < LNP_PACKS; ++p) {
+        if (p * tpr + t < npk) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) s += to_f32(v[p].v[k]);
+        }
+    }
+    const float mean = rows_group_sum(s, tpr, sm[0]) / (float)cols;
+    float q = 0.0f;
+#pragma unroll
+    for (int p = 0; p < LNP_PACKS; ++p) {
+        if (p * tpr + t < npk) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float d = to_f32(v[p].v[k]) - mean;
+                q += d * d;
+            }
+        }
+    }
+    const float rstd = 1.0f / sqrtf(rows_group_sum(q, tpr, sm[1]) / (float)cols + eps);
+#pragma unroll
+    for (int p = 0; p < LNP_PACKS; ++p) {
+        const u32 i = p * tpr + t;
+        if (i < npk) {
+            float wk[V], bk[V];
+            params_at<V>(w, i * V, 1.0f, wk);
+            params_at<V>(b, i * V, 0.0f, bk);
+            PT out;
+#pragma unroll
+            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>((to_f32(v[p].v[k]) - mean) * rstd * wk[k] + bk[k]);
+            yr[i] = out;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LNP_MAX_BLOCK)
+    layer_norm_packed_bf16(const bf16* x, bf16* y, const float* w, const float* b, u32 rows, u32 cols, u32 tpr, float eps) {
+    layer_norm_packed<bf16>(x, y, w, b, rows, cols, tpr, eps);
+}
+extern "C" __global__ void __launch_bounds__(LNP_MAX_BLOCK)
+    layer_norm_packed_f16(const f16* x, f16* y, const float* w, const float* b, u32 rows, u32 cols, u32 tpr, float eps) {
+    layer_norm_packed<f16>(x, y, w, b, rows, cols, tpr, eps);
+}
+
 // layer_norm_bwd_DT: same row split as layer_norm_DT (any cols). Per row: mean (pass 1), then the
 // squared deviations and sum(g), sum(g * (x - mean)) with g = dy * w (pass 2), then
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (pass 3). Writes (mean, rstd) of each row to

@@ -152,3 +152,95 @@ __device__ __forceinline__ void softmax_long(const T* __restrict__ x, T* __restr
 SOFTMAX_KERNELS(f32, float)
 SOFTMAX_KERNELS(bf16, bf16)
 SOFTMAX_KERNELS(f16, f16)
+// softmax_packed_DT (16-bit dtypes; cols a multiple of 8, x and y 16-byte aligned): each thread
+// keeps up to SMP_PACKS packs of 8 raw 16-bit values of its row in registers (16 registers where
+// floats would need 32) and converts on the fly in each pass, so an SM holds many more rows in
+// flight than softmax_DT (whose 16-bit rows carry half the bytes of f32 rows for the same
+// latency); all loads of a row are issued before its first reduction. The exponentials are
+// recomputed in the write pass, with exp2f on a log2(e)-scaled argument (MUFU ex2: a couple of f32
+// ulps, far below a bf16/f16 rounding step). tpr = a power of two from 32 to 1024 threads a row
+// (cols <= tpr * 8 * SMP_PACKS); blocks of max(256, tpr) threads hold blockDim / tpr rows; grid.x =
+// ceil(rows / rows per block). Rows past the end load and store nothing but join the barriers.
+#define SMP_PACKS 4
+#define SMP_MAX_BLOCK 1024
+#define LOG2E 1.4426950408889634f
+
+// Max / sum over the tpr threads of a row (every one gets it): a warp's shuffles, then, for rows
+// wider than a warp, the row's warp results through shared memory `sm` (a float per warp of the
+// block; one `sm` per reduction, so no barrier is needed before writing it).
+__device__ __forceinline__ float rows_group_max(float v, u32 tpr, float* sm) {
+    v = warp_max(v);
+    if (tpr <= 32) return v;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpr = tpr >> 5;
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    const u32 first = warp - warp % wpr;
+    v = lane < wpr ? sm[first + lane] : NEG_INF;
+    return warp_max(v);
+}
+__device__ __forceinline__ float rows_group_sum(float v, u32 tpr, float* sm) {
+    v = warp_sum(v);
+    if (tpr <= 32) return v;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpr = tpr >> 5;
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    const u32 first = warp - warp % wpr;
+    v = lane < wpr ? sm[first + lane] : 0.0f;
+    return warp_sum(v);
+}
+
+template <typename T>
+__device__ __forceinline__ void softmax_packed(const T* __restrict__ x, T* __restrict__ y, u32 rows, u32 cols, u32 tpr, int log_mode) {
+    __shared__ float sm[2][SMP_MAX_BLOCK / 32];
+    constexpr int V = 8;
+    typedef Pack<T, V> PT;
+    const u32 row = blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
+    const u32 t = threadIdx.x % tpr;
+    const u32 npk = row < rows ? cols / V : 0;
+    const PT* xr = reinterpret_cast<const PT*>(x) + (u64)(row < rows ? row : 0) * (cols / V);
+    PT* yr = reinterpret_cast<PT*>(y) + (u64)(row < rows ? row : 0) * (cols / V);
+    PT v[SMP_PACKS];
+#pragma unroll
+    for (int p = 0; p < SMP_PACKS; ++p) {
+        if (p * tpr + t < npk) v[p] = xr[p * tpr + t];
+    }
+    float m = NEG_INF;
+#pragma unroll
+    for (int p = 0; p < SMP_PACKS; ++p) {
+        if (p * tpr + t < npk) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) m = fmaxf(m, to_f32(v[p].v[k]));
+        }
+    }
+    m = rows_group_max(m, tpr, sm[0]);
+    float s = 0.0f;
+#pragma unroll
+    for (int p = 0; p < SMP_PACKS; ++p) {
+        if (p * tpr + t < npk) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) s += exp2f((to_f32(v[p].v[k]) - m) * LOG2E);
+        }
+    }
+    s = rows_group_sum(s, tpr, sm[1]);
+    const float a = log_mode ? logf(s) : 1.0f / s;
+#pragma unroll
+    for (int p = 0; p < SMP_PACKS; ++p) {
+        const u32 i = p * tpr + t;
+        if (i < npk) {
+            PT out;
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float d = to_f32(v[p].v[k]) - m;
+                out.v[k] = from_f32<T>(log_mode ? d - a : exp2f(d * LOG2E) * a);
+            }
+            yr[i] = out;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SMP_MAX_BLOCK) softmax_packed_bf16(const bf16* x, bf16* y, u32 rows, u32 cols, u32 tpr, int log_mode) {
+    softmax_packed<bf16>(x, y, rows, cols, tpr, log_mode);
+}
+extern "C" __global__ void __launch_bounds__(SMP_MAX_BLOCK) softmax_packed_f16(const f16* x, f16* y, u32 rows, u32 cols, u32 tpr, int log_mode) {
+    softmax_packed<f16>(x, y, rows, cols, tpr, log_mode);
+}
