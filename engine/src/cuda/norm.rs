@@ -95,7 +95,7 @@ const PACKED_MAX_BLOCK: usize = 1024;
 /// at copy speed), rows not a whole number of 16-byte packs or unaligned, rows too long. tpr is a
 /// power of two (32 ..= 1024) so that blocks of max(256, tpr) threads hold whole rows.
 fn packed_rows_config(dt: DType, rows: usize, cols: usize, src: u64, dst: u64) -> Option<(u32, LaunchConfig)> {
-    if !matches!(dt, DType::BF16 | DType::F16) || cols % 8 != 0 || src % 16 != 0 || dst % 16 != 0 {
+    if !matches!(dt, DType::BF16 | DType::F16) || !cols.is_multiple_of(8) || !src.is_multiple_of(16) || !dst.is_multiple_of(16) {
         return None;
     }
     let tpr = cols.div_ceil(PACKED_CACHE).next_power_of_two().max(32);
