@@ -7,7 +7,7 @@
 //! `Error::Cuda` that says why, never a panic.
 //!
 //! How an op gets a CUDA arm (see elementwise.rs for the full pattern):
-//! ```ignore
+//! ```text
 //! use crate::cuda::{CudaStorage, launch_1d, launch_failed, PushKernelArg};
 //! let dev = x.device();                                   // &Arc<CudaDevice>
 //! let out = CudaStorage::alloc(dev, DType::F32, n)?;      // pooled, uninitialised
