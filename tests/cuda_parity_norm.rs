@@ -393,6 +393,27 @@ fn philox_rand_randn_match_cpu() {
 /// Not a parity check: softmax, layer norm and group norm (+SiLU) GB/s (one read + one write of
 /// the tensor) next to the device-to-device copy bandwidth of the same run; the targets are
 /// >= 80% of copy (issue #3).
+/// The parity cases of the kernels behind `engine::cuda::experimental_kernels` (16-bit packed
+/// softmax / layer norm rows, cluster group norm), which the other tests run with the switch off.
+#[test]
+fn experimental_kernels_match_cpu() {
+    if !engine::cuda::is_available() {
+        eprintln!("experimental_kernels_match_cpu: skipped: no CUDA device");
+        return;
+    }
+    engine::cuda::set_experimental_kernels(true);
+    let result = std::panic::catch_unwind(|| {
+        softmax_and_log_softmax();
+        layer_norm_forward();
+        group_norm_forward();
+        group_norm_forward_cluster();
+    });
+    engine::cuda::set_experimental_kernels(false);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
 #[test]
 fn norm_bandwidth_report() {
     let Some((dev, _gpu)) = gpu("norm_bandwidth_report") else { return };
@@ -419,29 +440,35 @@ fn norm_bandwidth_report() {
         let gbs = time(bytes, f);
         eprintln!("  {name:<44} {gbs:>7.0} GB/s  {:>5.1}% of copy", 100.0 * gbs / copy);
     };
-    let x = Tensor::randn(&[81920, 4096], DType::BF16, dev, 1).unwrap();
-    report("softmax bf16 81920x4096", &x, &|| drop(x.softmax(-1).unwrap()));
-    report("log_softmax bf16 81920x4096", &x, &|| drop(x.log_softmax(-1).unwrap()));
-    let w = Tensor::ones(&[4096], DType::F32, dev).unwrap();
-    let b = Tensor::zeros(&[4096], DType::F32, dev).unwrap();
-    report("layer_norm bf16 81920x4096 (affine)", &x, &|| drop(x.layer_norm(Some(&w), Some(&b), 1e-5).unwrap()));
-    drop(x);
-    let x = Tensor::randn(&[4 * 4096, 1280], DType::BF16, dev, 2).unwrap();
-    let w = Tensor::ones(&[1280], DType::F32, dev).unwrap();
-    report("layer_norm bf16 16384x1280 (affine)", &x, &|| drop(x.layer_norm(Some(&w), Some(&w), 1e-5).unwrap()));
-    let x = Tensor::randn(&[8192, 4096], DType::F32, dev, 3).unwrap();
-    report("softmax f32 8192x4096", &x, &|| drop(x.softmax(-1).unwrap()));
-    for (shape, groups) in [([2usize, 320, 128, 128], 32usize), ([2, 640, 64, 64], 32), ([2, 1280, 32, 32], 32), ([1, 320, 128, 128], 32)] {
-        let x = Tensor::randn(&shape, DType::BF16, dev, 4).unwrap();
-        let w = Tensor::ones(&[shape[1]], DType::F32, dev).unwrap();
-        eprintln!("    path: {}", engine::cuda::group_norm_forward_path(&x, groups).unwrap());
-        report(&format!("group_norm+silu bf16 {shape:?} NCHW"), &x, &|| drop(x.group_norm(groups, Some(&w), Some(&w), 1e-5, true).unwrap()));
-        let cl = Tensor::randn(&[shape[0], shape[2], shape[3], shape[1]], DType::BF16, dev, 5).unwrap().permute(&[0, 3, 1, 2]).unwrap();
-        eprintln!("    path: {}", engine::cuda::group_norm_forward_path(&cl, groups).unwrap());
-        report(&format!("group_norm+silu bf16 {shape:?} channels-last"), &cl, &|| drop(cl.group_norm(groups, Some(&w), Some(&w), 1e-5, true).unwrap()));
-        let dy = Tensor::randn(cl.shape(), DType::BF16, dev, 6).unwrap().permute(&[0, 2, 3, 1]).unwrap().contiguous().unwrap().permute(&[0, 3, 1, 2]).unwrap();
-        // Backward reads x and dy twice-ish and writes dx: reported against 2 tensor passes too.
-        report(&format!("group_norm+silu backward bf16 {shape:?} ch-last"), &cl, &|| drop(cl.group_norm_backward(&dy, groups, Some(&w), Some(&w), 1e-5, true, true).unwrap()));
+    // The verified kernels first, then the experimental ones (engine::cuda::experimental_kernels).
+    for experimental in [false, true] {
+        engine::cuda::set_experimental_kernels(experimental);
+        eprintln!("experimental kernels {}:", if experimental { "ON" } else { "off" });
+        let x = Tensor::randn(&[81920, 4096], DType::BF16, dev, 1).unwrap();
+        report("softmax bf16 81920x4096", &x, &|| drop(x.softmax(-1).unwrap()));
+        report("log_softmax bf16 81920x4096", &x, &|| drop(x.log_softmax(-1).unwrap()));
+        let w = Tensor::ones(&[4096], DType::F32, dev).unwrap();
+        let b = Tensor::zeros(&[4096], DType::F32, dev).unwrap();
+        report("layer_norm bf16 81920x4096 (affine)", &x, &|| drop(x.layer_norm(Some(&w), Some(&b), 1e-5).unwrap()));
+        drop(x);
+        let x = Tensor::randn(&[4 * 4096, 1280], DType::BF16, dev, 2).unwrap();
+        let w = Tensor::ones(&[1280], DType::F32, dev).unwrap();
+        report("layer_norm bf16 16384x1280 (affine)", &x, &|| drop(x.layer_norm(Some(&w), Some(&w), 1e-5).unwrap()));
+        let x = Tensor::randn(&[8192, 4096], DType::F32, dev, 3).unwrap();
+        report("softmax f32 8192x4096", &x, &|| drop(x.softmax(-1).unwrap()));
+        for (shape, groups) in [([2usize, 320, 128, 128], 32usize), ([2, 640, 64, 64], 32), ([2, 1280, 32, 32], 32), ([1, 320, 128, 128], 32)] {
+            let x = Tensor::randn(&shape, DType::BF16, dev, 4).unwrap();
+            let w = Tensor::ones(&[shape[1]], DType::F32, dev).unwrap();
+            eprintln!("    path: {}", engine::cuda::group_norm_forward_path(&x, groups).unwrap());
+            report(&format!("group_norm+silu bf16 {shape:?} NCHW"), &x, &|| drop(x.group_norm(groups, Some(&w), Some(&w), 1e-5, true).unwrap()));
+            let cl = Tensor::randn(&[shape[0], shape[2], shape[3], shape[1]], DType::BF16, dev, 5).unwrap().permute(&[0, 3, 1, 2]).unwrap();
+            eprintln!("    path: {}", engine::cuda::group_norm_forward_path(&cl, groups).unwrap());
+            report(&format!("group_norm+silu bf16 {shape:?} channels-last"), &cl, &|| drop(cl.group_norm(groups, Some(&w), Some(&w), 1e-5, true).unwrap()));
+            let dy = Tensor::randn(cl.shape(), DType::BF16, dev, 6).unwrap().permute(&[0, 2, 3, 1]).unwrap().contiguous().unwrap().permute(&[0, 3, 1, 2]).unwrap();
+            // Backward reads x and dy twice-ish and writes dx: reported against 2 tensor passes too.
+            report(&format!("group_norm+silu backward bf16 {shape:?} ch-last"), &cl, &|| drop(cl.group_norm_backward(&dy, groups, Some(&w), Some(&w), 1e-5, true, true).unwrap()));
+        }
     }
+    engine::cuda::set_experimental_kernels(false);
     eprintln!("allocator: {:?}", cuda.memory_stats());
 }

@@ -49,6 +49,31 @@ pub use cudarc::driver::{CudaEvent, CudaFunction, CudaStream, DeviceRepr, Driver
 
 use crate::Error;
 
+/// Kernels written for speed but not yet run on a GPU are off unless switched on: by the
+/// environment (`LOOKAHEAD_EXPERIMENTAL_KERNELS=1`) or by `set_experimental_kernels`. With the
+/// switch off every op takes the kernels the GPU parity suite has verified; the suite runs both.
+/// Now behind it: the packed-register 16-bit softmax / layer norm rows and the single-launch
+/// thread-block-cluster group norm (sm_90).
+pub fn experimental_kernels() -> bool {
+    use std::sync::atomic::Ordering;
+    match EXPERIMENTAL.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("LOOKAHEAD_EXPERIMENTAL_KERNELS").is_ok_and(|v| v == "1");
+            EXPERIMENTAL.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 2,
+    }
+}
+
+/// Switches the experimental kernels on or off for the whole process (see `experimental_kernels`).
+pub fn set_experimental_kernels(on: bool) {
+    EXPERIMENTAL.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// 0: not read yet, 1: off, 2: on.
+static EXPERIMENTAL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 /// The error an op returns on CUDA tensors until its kernel is wired in.
 pub fn not_yet(op: &str) -> Error {
     Error::Cuda(format!("{op} has no CUDA implementation in this build"))

@@ -95,6 +95,9 @@ const PACKED_MAX_BLOCK: usize = 1024;
 /// at copy speed), rows not a whole number of 16-byte packs or unaligned, rows too long. tpr is a
 /// power of two (32 ..= 1024) so that blocks of max(256, tpr) threads hold whole rows.
 fn packed_rows_config(dt: DType, rows: usize, cols: usize, src: u64, dst: u64) -> Option<(u32, LaunchConfig)> {
+    if !super::experimental_kernels() {
+        return None;
+    }
     if !matches!(dt, DType::BF16 | DType::F16) || !cols.is_multiple_of(8) || !src.is_multiple_of(16) || !dst.is_multiple_of(16) {
         return None;
     }
@@ -558,6 +561,9 @@ fn cluster_config(dev: &CudaDevice, grid: u32, cs: u32, attr: &mut sys::CUlaunch
 /// kernels run then. Cluster size: the smallest power of two up to 8 that gives >= 2 CTAs an SM
 /// and holds the group in <= 16 packs a thread; 16 CTAs (non-portable) only when 8 cannot hold it.
 fn gn_cluster_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64) -> Result<Option<GnClusterPlan>> {
+    if !super::experimental_kernels() {
+        return Ok(None);
+    }
     let dt = dt_name("group_norm", l.x.dtype())?;
     let v = 16 / l.x.dtype().size_in_bytes();
     if dev.arch() < 90 || l.channels_last || !l.hw.is_multiple_of(v) || !xp.is_multiple_of(16) || groups == 0 || l.n == 0 {
