@@ -123,7 +123,13 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn()
             Box::new(move || x.matmul(&y))
         }
         Op::Conv2d { n, c, h, w, k, r, stride, pad } => {
-            let (x, wt) = (randn(&[n, c, h, w], dtype, device, 1)?, randn(&[k, c, r, r], dtype, device, 2)?);
+            // On CUDA activations and weights are channels-last (NHWC strides), as the UNet keeps
+            // them there and as the PyTorch baseline runs them (tensor-core convolutions).
+            let (x, wt) = if device.is_cuda() {
+                (randn(&[n, h, w, c], dtype, device, 1)?.permute(&[0, 3, 1, 2])?, randn(&[k, r, r, c], dtype, device, 2)?.permute(&[0, 3, 1, 2])?)
+            } else {
+                (randn(&[n, c, h, w], dtype, device, 1)?, randn(&[k, c, r, r], dtype, device, 2)?)
+            };
             let p = Conv2dParams { stride: [stride; 2], padding: [pad; 2], ..Default::default() };
             Box::new(move || x.conv2d(&wt, None, p))
         }
