@@ -7,73 +7,21 @@
 //! and calls `check(label, out_dtype, |device| { ...build inputs with input()/LAYOUTS on `device`,
 //! run the op... })` per case: `check` runs the closure on the CPU and on `dev` and compares.
 
-use std::sync::{Mutex, MutexGuard};
+#[path = "common/cuda_harness.rs"]
+mod cuda_harness;
 
+use cuda_harness::{cuda, gpu, input, values, Tolerances, View, ALL, FLOATS, UNARY};
 use engine::{DType, Device, Result, Tensor};
-use kernels::elementwise::{BinaryOp, CmpOp, UnaryOp};
+use kernels::elementwise::{BinaryOp, CmpOp};
 
-/// The CUDA device to test on and a lock that serializes the GPU tests (the allocator-statistics
-/// checks need the device to themselves), or None after printing why the test is skipped.
-fn gpu(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
-    static GPU: Mutex<()> = Mutex::new(());
-    match engine::cuda::probe() {
-        Ok(_) => Some((Device::Cuda(0), GPU.lock().unwrap_or_else(|e| e.into_inner()))),
-        Err(e) => {
-            eprintln!("{test}: skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
-/// (atol, rtol) for results of `dtype`: CPU and GPU both compute in f32 and may differ by a few
-/// f32 ulps (libm vs CUDA math), which can flip the final bf16/f16 rounding by one step.
-fn tolerance(dtype: DType) -> (f32, f32) {
-    match dtype {
-        DType::F32 => (1e-5, 1e-5),
-        DType::F16 => (1e-3, 2e-3),
-        DType::BF16 => (1e-2, 1e-2),
-        DType::I64 | DType::U8 => (0.0, 0.0),
-    }
-}
+/// CPU and GPU both compute in f32 and may differ by a few f32 ulps (libm vs CUDA math), which
+/// can flip the final bf16/f16 rounding by one step.
+const TOLERANCE: Tolerances = Tolerances { f32: (1e-5, 1e-5), f16: (1e-3, 2e-3), bf16: (1e-2, 1e-2) };
 
 /// Runs `run` on the CPU and on `dev`, and compares the results within `dtype`'s tolerance.
 fn check(dev: Device, label: &str, dtype: DType, run: impl Fn(Device) -> Result<Tensor>) {
-    let want = run(Device::Cpu).unwrap_or_else(|e| panic!("{label} on cpu: {e}"));
-    let got = run(dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
-    assert_eq!(got.device(), dev, "{label}: result left the device");
-    assert_eq!(got.dtype(), want.dtype(), "{label}: dtype");
-    let (atol, rtol) = tolerance(dtype);
-    lookahead::assert_close(label, &got.to_device(Device::Cpu).unwrap(), &want, atol, rtol);
+    cuda_harness::check_tol(dev, label, TOLERANCE.of(dtype), run)
 }
-
-/// Deterministic pseudo-random values in [lo, hi) (SplitMix64), the same on every run.
-fn values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
-
-/// A `dtype` tensor of `shape` on `device` with values in [lo, hi) (integers: truncated).
-fn input(shape: &[usize], dtype: DType, lo: f32, hi: f32, seed: u64, device: Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v = values(n, lo, hi, seed);
-    let t = match dtype {
-        DType::I64 => Tensor::from_vec(v.iter().map(|&x| x as i64).collect::<Vec<_>>(), shape, Device::Cpu)?,
-        DType::U8 => Tensor::from_vec(v.iter().map(|&x| x.clamp(0.0, 255.0) as u8).collect::<Vec<_>>(), shape, Device::Cpu)?,
-        _ => Tensor::from_vec(v, shape, Device::Cpu)?.to_dtype(dtype)?,
-    };
-    t.to_device(device)
-}
-
-type View = fn(&Tensor) -> Result<Tensor>;
 
 /// Input layouts every element-wise op is checked on: (label, shape of the stored tensor, view).
 const LAYOUTS: &[(&str, &[usize], View)] = &[
@@ -101,9 +49,6 @@ const PAIRS: &[Pair] = &[
     ("channels_last_both", &[2, 5, 6, 3], |t| t.permute(&[0, 3, 1, 2]), &[2, 5, 6, 3], |t| t.permute(&[0, 3, 1, 2])),
     ("misaligned", &[515], |t| t.narrow(0, 3, 511), &[511], |t| Ok(t.clone())),
 ];
-
-const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
-const ALL: [DType; 5] = [DType::F32, DType::BF16, DType::F16, DType::I64, DType::U8];
 
 #[test]
 fn copy_and_contiguous() {
@@ -138,30 +83,6 @@ fn casts_between_every_dtype_pair() {
         }
     }
 }
-
-/// Every UnaryOp with an input range inside its domain.
-const UNARY: &[(UnaryOp, f32, f32)] = &[
-    (UnaryOp::Neg, -4.0, 4.0),
-    (UnaryOp::Abs, -4.0, 4.0),
-    (UnaryOp::Sqr, -4.0, 4.0),
-    (UnaryOp::Sqrt, 0.0, 9.0),
-    (UnaryOp::Rsqrt, 0.1, 9.0),
-    (UnaryOp::Recip, 0.25, 4.0),
-    (UnaryOp::Exp, -8.0, 8.0),
-    (UnaryOp::Log, 0.01, 100.0),
-    (UnaryOp::Sin, -10.0, 10.0),
-    (UnaryOp::Cos, -10.0, 10.0),
-    (UnaryOp::Tanh, -5.0, 5.0),
-    (UnaryOp::Sigmoid, -10.0, 10.0),
-    (UnaryOp::Silu, -10.0, 10.0),
-    (UnaryOp::Relu, -4.0, 4.0),
-    (UnaryOp::Gelu, -6.0, 6.0),
-    (UnaryOp::GeluTanh, -6.0, 6.0),
-    (UnaryOp::Affine { mul: 1.5, add: -0.25 }, -4.0, 4.0),
-    (UnaryOp::Powf(1.7), 0.0, 4.0),
-    (UnaryOp::Clamp { min: -0.5, max: 1.25 }, -4.0, 4.0),
-    (UnaryOp::LeakyRelu(0.2), -4.0, 4.0),
-];
 
 #[test]
 fn unary_ops() {
@@ -231,7 +152,7 @@ fn where_cond_selects() {
 
 #[test]
 fn steady_state_loop_allocates_nothing() {
-    let Some((dev, _gpu)) = gpu("steady_state_loop_allocates_nothing") else { return };
+    let Some((dev, _gpu)) = cuda("steady_state_loop_allocates_nothing") else { return };
     let cuda = engine::cuda::device(0).unwrap();
     let x = input(&[64, 257], DType::BF16, -1.0, 1.0, 1, dev).unwrap();
     let step = |x: &Tensor| -> Tensor { x.silu().unwrap().mul(x).unwrap().add(&x.t().unwrap().t().unwrap()).unwrap().to_dtype(DType::F32).unwrap() };
@@ -252,7 +173,7 @@ fn steady_state_loop_allocates_nothing() {
 
 #[test]
 fn device_info_timer_and_bad_ordinal() {
-    let Some((dev, _gpu)) = gpu("device_info_timer_and_bad_ordinal") else { return };
+    let Some((dev, _gpu)) = cuda("device_info_timer_and_bad_ordinal") else { return };
     let info = engine::cuda::device_info(0).unwrap();
     eprintln!("{info}");
     assert!(info.total_memory > 0 && info.free_memory <= info.total_memory && info.compute_capability.0 >= 7);
@@ -285,7 +206,7 @@ fn no_device_is_an_error_not_a_panic() {
 /// measured in the same run (the target is >= 85% of copy for the contiguous kernels).
 #[test]
 fn elementwise_bandwidth_report() {
-    let Some((dev, _gpu)) = gpu("elementwise_bandwidth_report") else { return };
+    let Some((dev, _gpu)) = cuda("elementwise_bandwidth_report") else { return };
     let cuda = engine::cuda::device(0).unwrap();
     let n = 1usize << 26; // 64 Mi elements: far above L2
     let x = input(&[n], DType::F32, -1.0, 1.0, 1, dev).unwrap();

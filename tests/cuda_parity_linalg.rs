@@ -2,67 +2,26 @@
 //! backward passes (cuDNN), and scaled-dot-product attention in its reference form, each against
 //! the CPU backend on the same deterministic inputs: odd sizes, transposed / narrowed / misaligned
 //! / broadcast views, channels-last inputs, bf16/f16/f32. Without a CUDA device every test prints
-//! "skipped: no CUDA device (...)" and passes. (The harness mirrors tests/cuda_parity.rs.)
+//! "skipped: no CUDA device (...)" and passes. (Harness: tests/common/cuda_harness.rs.)
 
-use std::sync::{Mutex, MutexGuard};
+#[path = "common/cuda_harness.rs"]
+mod cuda_harness;
 
+use cuda_harness::{check_tol as check, gpu, Tolerances, View, FLOATS};
 use engine::{Conv2dParams, DType, Device, Result, Tensor};
 
-/// The device to test on. `LOOKAHEAD_PARITY_ON_CPU=1` runs every case CPU against CPU instead:
-/// a check of the test cases themselves (views, shapes) on machines without a GPU.
-fn gpu(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
-    static GPU: Mutex<()> = Mutex::new(());
-    if std::env::var_os("LOOKAHEAD_PARITY_ON_CPU").is_some_and(|v| v == "1") {
-        return Some((Device::Cpu, GPU.lock().unwrap_or_else(|e| e.into_inner())));
-    }
-    match engine::cuda::probe() {
-        Ok(_) => Some((Device::Cuda(0), GPU.lock().unwrap_or_else(|e| e.into_inner()))),
-        Err(e) => {
-            eprintln!("{test}: skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
+/// GEMM-like results with inputs in [-1, 1]: both sides accumulate in f32 but in different
+/// orders, and bf16/f16 results may round one step apart.
+const TOLERANCE: Tolerances = Tolerances { f32: (1e-4, 1e-4), f16: (2e-3, 4e-3), bf16: (1e-2, 1e-2) };
 
-/// (atol, rtol) for GEMM-like results of `dtype` with inputs in [-1, 1]: both sides accumulate in
-/// f32 but in different orders, and bf16/f16 results may round one step apart.
 fn tolerance(dtype: DType) -> (f32, f32) {
-    match dtype {
-        DType::F32 => (1e-4, 1e-4),
-        DType::F16 => (2e-3, 4e-3),
-        DType::BF16 => (1e-2, 1e-2),
-        DType::I64 | DType::U8 => (0.0, 0.0),
-    }
+    TOLERANCE.of(dtype)
 }
 
-fn check(dev: Device, label: &str, tol: (f32, f32), run: impl Fn(Device) -> Result<Tensor>) {
-    let want = run(Device::Cpu).unwrap_or_else(|e| panic!("{label} on cpu: {e}"));
-    let got = run(dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
-    assert_eq!(got.device(), dev, "{label}: result left the device");
-    assert_eq!(got.dtype(), want.dtype(), "{label}: dtype");
-    lookahead::assert_close(label, &got.to_device(Device::Cpu).unwrap(), &want, tol.0, tol.1);
-}
-
-fn values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
-
+/// A float tensor with values in [-1, 1).
 fn input(shape: &[usize], dtype: DType, seed: u64, device: Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    Tensor::from_vec(values(n, -1.0, 1.0, seed), shape, Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+    cuda_harness::input(shape, dtype, -1.0, 1.0, seed, device)
 }
-
-const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 #[test]
 fn matmul_odd_sizes() {
@@ -74,8 +33,6 @@ fn matmul_odd_sizes() {
         }
     }
 }
-
-type View = fn(&Tensor) -> Result<Tensor>;
 
 /// Operand views of a [rows, cols] matrix: (label, stored shape from (rows, cols), view).
 type MatrixView = (&'static str, fn(usize, usize) -> Vec<usize>, View);

@@ -5,76 +5,30 @@
 //! every test prints "skipped: no CUDA device (...)" and passes. The *_bandwidth_report tests
 //! print GB/s next to the device-to-device copy bandwidth of the same run (run with --nocapture).
 
-use std::sync::{Mutex, MutexGuard};
+#[path = "common/cuda_harness.rs"]
+mod cuda_harness;
 
+use cuda_harness::{cuda, gpu, input, Tolerances, View, FLOATS};
 use engine::{DType, Device, Result, Tensor};
 use kernels::elementwise::CmpOp;
 
-fn gpu(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
-    static GPU: Mutex<()> = Mutex::new(());
-    match engine::cuda::probe() {
-        Ok(_) => Some((Device::Cuda(0), GPU.lock().unwrap_or_else(|e| e.into_inner()))),
-        Err(e) => {
-            eprintln!("{test}: skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
+/// The GPU accumulates statistics in f32 where the CPU uses f64, so f32 results differ by more
+/// than a few ulps; bf16/f16 results may flip one rounding step.
+const TOLERANCE: Tolerances = Tolerances { f32: (1e-4, 1e-4), f16: (2e-3, 2e-3), bf16: (1.6e-2, 1.6e-2) };
 
-/// (atol, rtol) for results of `dtype`. The GPU accumulates statistics in f32 where the CPU uses
-/// f64, so f32 results differ by more than a few ulps; bf16/f16 results may flip one rounding step.
+/// (atol, rtol) for results of `dtype`, scaled by `loose`.
 fn tolerance(dtype: DType, loose: f32) -> (f32, f32) {
-    let (a, r) = match dtype {
-        DType::F32 => (1e-4, 1e-4),
-        DType::F16 => (2e-3, 2e-3),
-        DType::BF16 => (1.6e-2, 1.6e-2),
-        DType::I64 | DType::U8 => (0.0, 0.0),
-    };
+    let (a, r) = TOLERANCE.of(dtype);
     (a * loose, r * loose)
 }
 
 fn check_tol(dev: Device, label: &str, dtype: DType, loose: f32, run: impl Fn(Device) -> Result<Tensor>) {
-    let want = run(Device::Cpu).unwrap_or_else(|e| panic!("{label} on cpu: {e}"));
-    let got = run(dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
-    assert_eq!(got.device(), dev, "{label}: result left the device");
-    assert_eq!(got.dtype(), want.dtype(), "{label}: dtype");
-    let (atol, rtol) = tolerance(dtype, loose);
-    lookahead::assert_close(label, &got.to_device(Device::Cpu).unwrap(), &want, atol, rtol);
+    cuda_harness::check_tol(dev, label, tolerance(dtype, loose), run)
 }
 
 fn check(dev: Device, label: &str, dtype: DType, run: impl Fn(Device) -> Result<Tensor>) {
     check_tol(dev, label, dtype, 1.0, run)
 }
-
-/// Deterministic pseudo-random values in [lo, hi) (SplitMix64).
-fn values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
-
-fn input(shape: &[usize], dtype: DType, lo: f32, hi: f32, seed: u64, device: Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v = values(n, lo, hi, seed);
-    let t = match dtype {
-        DType::I64 => Tensor::from_vec(v.iter().map(|&x| x as i64).collect::<Vec<_>>(), shape, Device::Cpu)?,
-        DType::U8 => Tensor::from_vec(v.iter().map(|&x| x.clamp(0.0, 255.0) as u8).collect::<Vec<_>>(), shape, Device::Cpu)?,
-        _ => Tensor::from_vec(v, shape, Device::Cpu)?.to_dtype(dtype)?,
-    };
-    t.to_device(device)
-}
-
-const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
-
-type View = fn(&Tensor) -> Result<Tensor>;
 
 /// Row-shaped inputs: (label, stored shape, view). Rows of 1, 3, 1000, 4097 and long rows.
 const ROWS: &[(&str, &[usize], View)] = &[
@@ -264,7 +218,7 @@ const GROUPS_CLUSTER: &[(&str, &[usize], View, usize)] = &[
 
 #[test]
 fn group_norm_forward_cluster() {
-    let Some((dev, _gpu)) = gpu("group_norm_forward_cluster") else { return };
+    let Some((dev, _gpu)) = cuda("group_norm_forward_cluster") else { return };
     for dt in FLOATS {
         for (i, (label, shape, view, groups)) in GROUPS_CLUSTER.iter().enumerate() {
             let x = |dv| view(&input(shape, dt, -2.0, 3.0, i as u64 + 171, dv)?);
@@ -416,7 +370,7 @@ fn experimental_kernels_match_cpu() {
 
 #[test]
 fn norm_bandwidth_report() {
-    let Some((dev, _gpu)) = gpu("norm_bandwidth_report") else { return };
+    let Some((dev, _gpu)) = cuda("norm_bandwidth_report") else { return };
     let cuda = engine::cuda::device(0).unwrap();
     let time = |bytes: usize, f: &dyn Fn()| -> f64 {
         f();

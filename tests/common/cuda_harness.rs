@@ -1,0 +1,124 @@
+//! The harness shared by the GPU parity suites (tests/cuda_parity*.rs): the device under test, the
+//! CPU-vs-device comparison, per-dtype tolerance tables and deterministic random inputs. Included
+//! by each suite with `#[path = "common/cuda_harness.rs"] mod cuda_harness;` (a subfolder, so Cargo
+//! does not build it as a test target of its own); not every suite uses every item.
+#![allow(dead_code)]
+
+use std::sync::{Mutex, MutexGuard};
+
+use engine::{DType, Device, Result, Tensor};
+use kernels::elementwise::UnaryOp;
+
+/// The device to test on and a lock that serializes the GPU tests (the allocator-statistics
+/// checks need the device to themselves), or None after printing why the test is skipped
+/// (scripts/gpu-check.sh greps for "skipped: no CUDA device"). `LOOKAHEAD_PARITY_ON_CPU=1` runs
+/// every case CPU against CPU instead: a check of the test cases themselves (views, shapes) on
+/// machines without a GPU.
+pub fn gpu(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
+    if std::env::var_os("LOOKAHEAD_PARITY_ON_CPU").is_some_and(|v| v == "1") {
+        return Some((Device::Cpu, lock()));
+    }
+    cuda(test)
+}
+
+/// As `gpu`, for tests that need the CUDA device itself (allocator statistics, timers,
+/// bandwidth): never the CPU stand-in.
+pub fn cuda(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
+    match engine::cuda::probe() {
+        Ok(_) => Some((Device::Cuda(0), lock())),
+        Err(e) => {
+            eprintln!("{test}: skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn lock() -> MutexGuard<'static, ()> {
+    static GPU: Mutex<()> = Mutex::new(());
+    GPU.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// (atol, rtol) per float result dtype; integer results are compared exactly. Each suite keeps
+/// its own table (its ops accumulate differently).
+pub struct Tolerances {
+    pub f32: (f32, f32),
+    pub f16: (f32, f32),
+    pub bf16: (f32, f32),
+}
+
+impl Tolerances {
+    pub fn of(&self, dtype: DType) -> (f32, f32) {
+        match dtype {
+            DType::F32 => self.f32,
+            DType::F16 => self.f16,
+            DType::BF16 => self.bf16,
+            DType::I64 | DType::U8 => (0.0, 0.0),
+        }
+    }
+}
+
+/// Runs `run` on the CPU and on `dev`, and compares the results within `tol` (atol, rtol).
+pub fn check_tol(dev: Device, label: &str, tol: (f32, f32), run: impl Fn(Device) -> Result<Tensor>) {
+    let want = run(Device::Cpu).unwrap_or_else(|e| panic!("{label} on cpu: {e}"));
+    let got = run(dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
+    assert_eq!(got.device(), dev, "{label}: result left the device");
+    assert_eq!(got.dtype(), want.dtype(), "{label}: dtype");
+    lookahead::assert_close(label, &got.to_device(Device::Cpu).unwrap(), &want, tol.0, tol.1);
+}
+
+/// Deterministic pseudo-random values in [lo, hi) (SplitMix64), the same on every run.
+pub fn values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
+/// A `dtype` tensor of `shape` on `device` with values in [lo, hi) (integers: truncated).
+pub fn input(shape: &[usize], dtype: DType, lo: f32, hi: f32, seed: u64, device: Device) -> Result<Tensor> {
+    let v = values(shape.iter().product(), lo, hi, seed);
+    let t = match dtype {
+        DType::I64 => Tensor::from_vec(v.iter().map(|&x| x as i64).collect::<Vec<_>>(), shape, Device::Cpu)?,
+        DType::U8 => Tensor::from_vec(v.iter().map(|&x| x.clamp(0.0, 255.0) as u8).collect::<Vec<_>>(), shape, Device::Cpu)?,
+        _ => Tensor::from_vec(v, shape, Device::Cpu)?.to_dtype(dtype)?,
+    };
+    t.to_device(device)
+}
+
+/// A view of a stored test tensor (transposed, narrowed, permuted, broadcast, ...).
+pub type View = fn(&Tensor) -> Result<Tensor>;
+
+pub const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+pub const ALL: [DType; 5] = [DType::F32, DType::BF16, DType::F16, DType::I64, DType::U8];
+
+/// Every UnaryOp with an input range inside its domain (forward; the backward suite moves the
+/// ranges that start at 0 off it, where sqrt' and powf' blow up).
+pub const UNARY: &[(UnaryOp, f32, f32)] = &[
+    (UnaryOp::Neg, -4.0, 4.0),
+    (UnaryOp::Abs, -4.0, 4.0),
+    (UnaryOp::Sqr, -4.0, 4.0),
+    (UnaryOp::Sqrt, 0.0, 9.0),
+    (UnaryOp::Rsqrt, 0.1, 9.0),
+    (UnaryOp::Recip, 0.25, 4.0),
+    (UnaryOp::Exp, -8.0, 8.0),
+    (UnaryOp::Log, 0.01, 100.0),
+    (UnaryOp::Sin, -10.0, 10.0),
+    (UnaryOp::Cos, -10.0, 10.0),
+    (UnaryOp::Tanh, -5.0, 5.0),
+    (UnaryOp::Sigmoid, -10.0, 10.0),
+    (UnaryOp::Silu, -10.0, 10.0),
+    (UnaryOp::Relu, -4.0, 4.0),
+    (UnaryOp::Gelu, -6.0, 6.0),
+    (UnaryOp::GeluTanh, -6.0, 6.0),
+    (UnaryOp::Affine { mul: 1.5, add: -0.25 }, -4.0, 4.0),
+    (UnaryOp::Powf(1.7), 0.0, 4.0),
+    (UnaryOp::Clamp { min: -0.5, max: 1.25 }, -4.0, 4.0),
+    (UnaryOp::LeakyRelu(0.2), -4.0, 4.0),
+];
