@@ -34,7 +34,7 @@ fn nvrtc_or_skip() -> Option<Nvrtc> {
         }
         Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but NVRTC cannot be loaded, so the CUDA kernels are not compile-checked: {e}"),
         Err(e) => {
-            eprintln!("skipped: NVRTC not found ({e})");
+            lookahead::report_skip(&format!("skipped: NVRTC not found ({e})"));
             None
         }
     }

@@ -496,7 +496,7 @@ mod tests {
         let api = match libs::cudnn() {
             Ok(c) => &c.api,
             Err(e) => {
-                eprintln!("descriptors_are_accepted_where_cudnn_loads: skipped: {e}");
+                { use std::io::Write; let _ = writeln!(std::io::stderr(), "descriptors_are_accepted_where_cudnn_loads: skipped: {e}"); }
                 return;
             }
         };

@@ -570,12 +570,12 @@ mod tests {
     fn cudarc_math_library_loaders_are_not_linked() {
         let Ok(exe) = std::env::current_exe().and_then(std::fs::read) else { return };
         let Some(names) = symbol_names(&exe) else {
-            eprintln!("cudarc_math_library_loaders_are_not_linked: skipped (no ELF symbol table)");
+            { use std::io::Write; let _ = writeln!(std::io::stderr(), "cudarc_math_library_loaders_are_not_linked: skipped (no ELF symbol table)"); }
             return;
         };
         let names: Vec<String> = names.split(|&b| b == 0).map(|n| String::from_utf8_lossy(n).into_owned()).collect();
         if !names.iter().any(|n| n.starts_with("_ZN6cudarc6driver3sys")) {
-            eprintln!("cudarc_math_library_loaders_are_not_linked: skipped (symbols stripped)");
+            { use std::io::Write; let _ = writeln!(std::io::stderr(), "cudarc_math_library_loaders_are_not_linked: skipped (symbols stripped)"); }
             return;
         }
         let linked: Vec<&String> = names.iter().filter(|n| ["_ZN6cudarc5cudnn3sys", "_ZN6cudarc8cublaslt3sys", "_ZN6cudarc6cublas3sys"].iter().any(|p| n.starts_with(p)) && (n.contains("5culib3LIB") || n.contains("2_S17h"))).collect();
