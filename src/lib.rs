@@ -31,9 +31,10 @@ pub fn assert_close(name: &str, got: &engine::Tensor, expected: &engine::Tensor,
     assert!(worst.1 <= 0.0, "{name}: element {} is {} but expected {} (atol {atol}, rtol {rtol})", worst.0, g[worst.0], e[worst.0]);
 }
 
-/// Prints why a test skipped its work, straight to the process's stderr: the test harness captures
-/// `println!`/`eprintln!` of passing tests, and a skip must stay visible in the test output (CI logs).
-pub fn report_skip(message: &str) {
+/// Prints a line straight to the process's stderr: the test harness captures `println!`/`eprintln!`
+/// of passing tests, and some lines must stay visible in the test output (CI logs): why a test
+/// skipped its work, and the per-kernel register/spill report of the CUDA compile check.
+pub fn show(message: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "{message}");
 }

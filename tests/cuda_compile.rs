@@ -1,6 +1,6 @@
 //! CI compile check of the CUDA kernels: every kernels/cuda/*.cu compiles with NVRTC to CUBIN for
 //! sm_80 (A100) and sm_90 (H100/H200), and ptxas' registers / stack / spills per kernel are printed
-//! (with eprintln, so the CI log shows them). Needs no GPU, only libnvrtc: it is found like the
+//! (with `lookahead::show`, so the CI log shows them). Needs no GPU, only libnvrtc: it is found like the
 //! engine finds it (LOOKAHEAD_NVRTC_LIB, the loader path, CUDA_HOME, the CI / reference Python
 //! venvs; see kernels::compile::Nvrtc::find). Without NVRTC the test fails when `CI` is set and
 //! otherwise prints that it skipped.
@@ -29,12 +29,12 @@ fn files_with_ext(ext: &str) -> BTreeSet<String> {
 fn nvrtc_or_skip() -> Option<Nvrtc> {
     match Nvrtc::find() {
         Ok(n) => {
-            eprintln!("NVRTC {}.{} from {}", n.version().0, n.version().1, n.path().display());
+            lookahead::show(&format!("NVRTC {}.{} from {}", n.version().0, n.version().1, n.path().display()));
             Some(n)
         }
         Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but NVRTC cannot be loaded, so the CUDA kernels are not compile-checked: {e}"),
         Err(e) => {
-            lookahead::report_skip(&format!("skipped: NVRTC not found ({e})"));
+            lookahead::show(&format!("skipped: NVRTC not found ({e})"));
             None
         }
     }
@@ -76,26 +76,26 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                 Ok(c) => {
                     let res = c.resources();
                     let how = if c.cached { "from the kernel cache" } else { "compiled" };
-                    eprintln!("{} sm_{arch}: {} kernels, {} KiB cubin, {how} in {:.1} s", src.path(), res.len(), c.cubin.len() / 1024, took.as_secs_f32());
+                    lookahead::show(&format!("{} sm_{arch}: {} kernels, {} KiB cubin, {how} in {:.1} s", src.path(), res.len(), c.cubin.len() / 1024, took.as_secs_f32()));
                     assert!(!res.is_empty(), "{} sm_{arch}: no ptxas report in the NVRTC log:\n{}", src.path(), c.log);
                     for k in &res {
                         let flag = if k.spill_store_bytes + k.spill_load_bytes > 0 { "  <-- SPILLS" } else { "" };
-                        eprintln!(
+                        lookahead::show(&format!(
                             "  sm_{arch} {:<34} regs {:>3}  stack {:>4} B  spill st {:>4} B  ld {:>4} B  smem {:>6} B{flag}",
                             k.name, k.registers, k.stack_frame_bytes, k.spill_store_bytes, k.spill_load_bytes, k.shared_bytes
-                        );
+                        ));
                     }
                     kernels_seen += res.len();
                 }
                 Err(e) => {
-                    eprintln!("{e}");
+                    lookahead::show(&format!("{e}"));
                     failures.push(format!("{} sm_{arch}", src.path()));
                 }
             }
         }
     }
     assert!(failures.is_empty(), "kernel compile errors (log above): {failures:?}");
-    eprintln!("compiled {kernels_seen} kernels across {:?}", ARCHS);
+    lookahead::show(&format!("compiled {kernels_seen} kernels across {:?}", ARCHS));
 }
 
 /// A compile error names the kernel file and line, and quotes the line.
@@ -106,5 +106,5 @@ fn compile_errors_name_file_and_line() {
     let err = nvrtc.compile_uncached(&src, 90).expect_err("must not compile").to_string();
     assert!(err.contains("kernels/cuda/broken.cu(2)"), "{err}");
     assert!(err.contains("void k(float* y) { y[0] = not_declared; }"), "{err}");
-    eprintln!("{err}");
+    lookahead::show(&format!("{err}"));
 }

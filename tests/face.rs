@@ -111,7 +111,7 @@ fn facenet_data_dir() -> Option<PathBuf> {
 #[test]
 fn mtcnn_pt_files_equal_the_safetensors_conversion() {
     let Some(dir) = facenet_data_dir() else {
-        lookahead::report_skip("SKIPPED: facenet-pytorch's data folder not found (set FACENET_PYTORCH_DATA); the committed safetensors is used elsewhere");
+        lookahead::show("SKIPPED: facenet-pytorch's data folder not found (set FACENET_PYTORCH_DATA); the committed safetensors is used elsewhere");
         return;
     };
     let conv = engine::io::safetensors::load(fixture_path("mtcnn.safetensors")).unwrap();

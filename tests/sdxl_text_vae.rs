@@ -281,7 +281,7 @@ fn text_encoders_and_autoencoders_on_cuda() {
     let dev = match engine::cuda::probe() {
         Ok(_) => Device::Cuda(0),
         Err(e) => {
-            lookahead::report_skip(&format!("text_encoders_and_autoencoders_on_cuda: skipped: no CUDA device ({e})"));
+            lookahead::show(&format!("text_encoders_and_autoencoders_on_cuda: skipped: no CUDA device ({e})"));
             return;
         }
     };

@@ -27,7 +27,7 @@ pub fn cuda(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
     match engine::cuda::probe() {
         Ok(_) => Some((Device::Cuda(0), lock())),
         Err(e) => {
-            lookahead::report_skip(&format!("{test}: skipped: no CUDA device ({e})"));
+            lookahead::show(&format!("{test}: skipped: no CUDA device ({e})"));
             None
         }
     }
