@@ -356,6 +356,14 @@ fn home() -> Option<PathBuf> {
 }
 
 fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs = cuda_toolkit_dirs();
+    dirs.extend(python_wheel_dirs(&["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib", "nvidia/cu12/lib"]));
+    dirs
+}
+
+/// The library folders of CUDA toolkit installs: `$CUDA_HOME`, `$CUDA_PATH`, /usr/local/cuda.
+/// (The engine finds cuBLASLt and cuDNN with these too.)
+pub fn cuda_toolkit_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
@@ -365,6 +373,13 @@ fn search_dirs() -> Vec<PathBuf> {
     }
     dirs.push(PathBuf::from("/usr/local/cuda/lib64"));
     dirs.push(PathBuf::from("/usr/local/cuda/targets/x86_64-linux/lib"));
+    dirs
+}
+
+/// `subdirs` (e.g. "nvidia/cu13/lib") of the site-packages of every known Python environment
+/// ($VIRTUAL_ENV, $LOOKAHEAD_CI_VENV, ~/.cache/lookahead/{ci,ref}-venv, /opt/torch/.venv), newest
+/// Python first: where NVIDIA's PyPI wheels put their libraries.
+pub fn python_wheel_dirs(subdirs: &[&str]) -> Vec<PathBuf> {
     let mut venvs: Vec<PathBuf> = Vec::new();
     for var in ["VIRTUAL_ENV", "LOOKAHEAD_CI_VENV"] {
         if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
@@ -376,12 +391,13 @@ fn search_dirs() -> Vec<PathBuf> {
         venvs.push(h.join(".cache/lookahead/ref-venv"));
     }
     venvs.push(PathBuf::from("/opt/torch/.venv"));
+    let mut dirs = Vec::new();
     for venv in venvs {
         let Ok(entries) = std::fs::read_dir(venv.join("lib")) else { continue };
         let mut pythons: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3"))).collect();
         pythons.sort();
         for py in pythons.iter().rev() {
-            for sub in ["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib", "nvidia/cu12/lib"] {
+            for sub in subdirs {
                 dirs.push(py.join("site-packages").join(sub));
             }
         }

@@ -437,44 +437,11 @@ fn open(spec: &LibSpec, file: &Path) -> std::result::Result<LoadedLib, String> {
     }
 }
 
-fn home() -> Option<PathBuf> {
-    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from)
-}
-
 /// CUDA toolkit folders, then the wheel folders of every known Python environment: those in the
 /// environment NVRTC came from first, then those of NVRTC's CUDA major (`cu13` for NVRTC 13).
 fn search_dirs() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
-            dirs.push(PathBuf::from(&p).join("lib64"));
-            dirs.push(PathBuf::from(&p).join("lib"));
-        }
-    }
-    dirs.push(PathBuf::from("/usr/local/cuda/lib64"));
-    dirs.push(PathBuf::from("/usr/local/cuda/targets/x86_64-linux/lib"));
-    let mut venvs: Vec<PathBuf> = Vec::new();
-    for var in ["VIRTUAL_ENV", "LOOKAHEAD_CI_VENV"] {
-        if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
-            venvs.push(PathBuf::from(p));
-        }
-    }
-    if let Some(h) = home() {
-        venvs.push(h.join(".cache/lookahead/ci-venv"));
-        venvs.push(h.join(".cache/lookahead/ref-venv"));
-    }
-    venvs.push(PathBuf::from("/opt/torch/.venv"));
-    let mut wheels = Vec::new();
-    for venv in venvs {
-        let Ok(entries) = std::fs::read_dir(venv.join("lib")) else { continue };
-        let mut pythons: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3"))).collect();
-        pythons.sort();
-        for py in pythons.iter().rev() {
-            for sub in ["nvidia/cu13/lib", "nvidia/cublas/lib", "nvidia/cudnn/lib", "nvidia/cu12/lib"] {
-                wheels.push(py.join("site-packages").join(sub));
-            }
-        }
-    }
+    let mut dirs = kernels::compile::cuda_toolkit_dirs();
+    let wheels = kernels::compile::python_wheel_dirs(&["nvidia/cu13/lib", "nvidia/cublas/lib", "nvidia/cudnn/lib", "nvidia/cu12/lib"]);
     dirs.extend(rank_wheels(wheels, nvrtc()));
     dirs
 }
