@@ -216,28 +216,36 @@ impl Linear {
     }
 }
 
+/// The LoraHost methods shared by every layer whose LoRA deltas add to one `weight` and whose
+/// adapters live in a `loras: Loras` field (only `add_lora`, which checks shapes, differs).
+macro_rules! lora_host_over_weight {
+    () => {
+        fn weight_shape(&self) -> Vec<usize> {
+            self.weight.shape().to_vec()
+        }
+        fn remove_lora(&mut self, name: &str) -> Result<bool> {
+            remove(&mut self.weight, &mut self.loras, name)
+        }
+        fn loras(&self) -> &[LoraAdapter] {
+            &self.loras.adapters
+        }
+        fn fuse_lora(&mut self, name: &str) -> Result<()> {
+            fuse_into(&mut self.weight, &mut self.loras, name)
+        }
+        fn unfuse_lora(&mut self, name: &str) -> Result<()> {
+            unfuse_from(&mut self.weight, &mut self.loras, name)
+        }
+    };
+}
+
 impl LoraHost for Linear {
-    fn weight_shape(&self) -> Vec<usize> {
-        self.weight.shape().to_vec()
-    }
     fn add_lora(&mut self, adapter: LoraAdapter) -> Result<()> {
         let r = adapter.rank();
         check_new(&self.loras, &adapter, &[r, self.in_features()], &[self.out_features(), r], "Linear")?;
         self.loras.adapters.push(adapter);
         Ok(())
     }
-    fn remove_lora(&mut self, name: &str) -> Result<bool> {
-        remove(&mut self.weight, &mut self.loras, name)
-    }
-    fn loras(&self) -> &[LoraAdapter] {
-        &self.loras.adapters
-    }
-    fn fuse_lora(&mut self, name: &str) -> Result<()> {
-        fuse_into(&mut self.weight, &mut self.loras, name)
-    }
-    fn unfuse_lora(&mut self, name: &str) -> Result<()> {
-        unfuse_from(&mut self.weight, &mut self.loras, name)
-    }
+    lora_host_over_weight!();
 }
 
 impl Module for Linear {
@@ -286,9 +294,6 @@ impl Conv2d {
 }
 
 impl LoraHost for Conv2d {
-    fn weight_shape(&self) -> Vec<usize> {
-        self.weight.shape().to_vec()
-    }
     fn add_lora(&mut self, adapter: LoraAdapter) -> Result<()> {
         let r = adapter.rank();
         let ws = self.weight.shape();
@@ -299,18 +304,7 @@ impl LoraHost for Conv2d {
         self.loras.adapters.push(adapter);
         Ok(())
     }
-    fn remove_lora(&mut self, name: &str) -> Result<bool> {
-        remove(&mut self.weight, &mut self.loras, name)
-    }
-    fn loras(&self) -> &[LoraAdapter] {
-        &self.loras.adapters
-    }
-    fn fuse_lora(&mut self, name: &str) -> Result<()> {
-        fuse_into(&mut self.weight, &mut self.loras, name)
-    }
-    fn unfuse_lora(&mut self, name: &str) -> Result<()> {
-        unfuse_from(&mut self.weight, &mut self.loras, name)
-    }
+    lora_host_over_weight!();
 }
 
 impl Module for Conv2d {
