@@ -106,3 +106,13 @@ __device__ __forceinline__ void strided_offsets(I idx, const StridedArgs<NIN>& a
         }
     }
 }
+
+// ---- dynamic shared memory ------------------------------------------------------------------
+// `T* name` over the launch's dynamic shared memory (shared_mem_bytes), 16-byte aligned. One byte
+// array for every kernel of a file (extern arrays of different types may not share a name), and a
+// macro so that the CPU emulator (kernels/emu) can give it its own definition.
+#ifndef LOOKAHEAD_EMULATE
+#define LA_DYNAMIC_SHARED(T, name)                                \
+    extern __shared__ __align__(16) unsigned char la_dynamic_shared[]; \
+    T* name = reinterpret_cast<T*>(la_dynamic_shared)
+#endif
