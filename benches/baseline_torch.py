@@ -12,16 +12,22 @@ import torch
 import torch.nn.functional as F
 
 
-def median_time(fn, device, min_time, max_iters=200):
+def median_time(fn, device, min_time, max_samples=200):
+    """Median seconds per call, timed in batches between synchronisations as `lookahead bench` does."""
     fn()  # warm up (allocations, kernel selection)
     sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    batch = max(1, min(1000, int(1e-3 / max(time.perf_counter() - t0, 1e-9)) + 1))
     times = []
     start_all = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start_all < min_time and len(times) < max_iters):
+    while len(times) < 3 or (time.perf_counter() - start_all < min_time and len(times) < max_samples):
         t0 = time.perf_counter()
-        fn()
+        for _ in range(batch):
+            fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / batch)
     times.sort()
     return times[len(times) // 2]
 
@@ -50,6 +56,17 @@ def make(case, device, dtype):
         if case["silu"]:
             return lambda: F.silu(F.group_norm(x, case["groups"], wt, bs, 1e-5))
         return lambda: F.group_norm(x, case["groups"], wt, bs, 1e-5)
+    if k == "group_norm_backward":
+        x = r(case["n"], case["c"], case["h"], case["w"]).requires_grad_()
+        wt, bs = r(case["c"]).requires_grad_(), r(case["c"]).requires_grad_()
+        y = F.group_norm(x, case["groups"], wt, bs, 1e-5)
+        if case["silu"]:
+            y = F.silu(y)
+        dy = r(*y.shape)
+        return lambda: torch.autograd.grad(y, (x, wt, bs), dy, retain_graph=True)
+    if k == "linear":
+        x, w = r(case["m"], case["k"]), r(case["n"], case["k"])
+        return lambda: F.linear(x, w)
     if k == "softmax":
         x = r(case["rows"], case["cols"])
         return lambda: torch.softmax(x, dim=-1)

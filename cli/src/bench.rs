@@ -40,6 +40,10 @@ enum Op {
     Matmul { b: usize, m: usize, n: usize, k: usize },
     Conv2d { n: usize, c: usize, h: usize, w: usize, k: usize, r: usize, stride: usize, pad: usize },
     GroupNorm { n: usize, c: usize, h: usize, w: usize, groups: usize, silu: bool },
+    /// dx, dweight, dbias of group_norm (+SiLU).
+    GroupNormBackward { n: usize, c: usize, h: usize, w: usize, groups: usize, silu: bool },
+    /// x [m, k] times a weight [n, k] transposed (the base GEMM of a LoRA linear).
+    Linear { m: usize, n: usize, k: usize },
     Softmax { rows: usize, cols: usize },
     LayerNorm { rows: usize, cols: usize },
     Attention { b: usize, h: usize, lq: usize, lk: usize, d: usize },
@@ -66,6 +70,9 @@ impl Op {
             }
             Op::Attention { b, h, lq, lk, d } => (4.0 * f(b * h * lq * lk * d), "FLOP/s"),
             Op::GroupNorm { n, c, h, w, .. } => (2.0 * f(n * c * h * w * elem), "B/s"),
+            // Reads x and dy, writes dx.
+            Op::GroupNormBackward { n, c, h, w, .. } => (3.0 * f(n * c * h * w * elem), "B/s"),
+            Op::Linear { m, n, k } => (2.0 * f(m * n * k), "FLOP/s"),
             Op::Softmax { rows, cols } | Op::LayerNorm { rows, cols } => (2.0 * f(rows * cols * elem), "B/s"),
             Op::Add { len } => (3.0 * f(len * elem), "B/s"),
             Op::Copy { len } => (2.0 * f(len * elem), "B/s"),
@@ -102,6 +109,11 @@ fn cases(device: Device) -> Vec<Case> {
             case("group_norm+silu (2,320,128,128)", Op::GroupNorm { n: 2, c: 320, h: 128, w: 128, groups: 32, silu: true }),
             case("group_norm+silu (2,640,64,64)", Op::GroupNorm { n: 2, c: 640, h: 64, w: 64, groups: 32, silu: true }),
             case("group_norm+silu (2,1280,32,32)", Op::GroupNorm { n: 2, c: 1280, h: 32, w: 32, groups: 32, silu: true }),
+            case("group_norm+silu bwd (2,320,128,128)", Op::GroupNormBackward { n: 2, c: 320, h: 128, w: 128, groups: 32, silu: true }),
+            case("group_norm+silu bwd (2,640,64,64)", Op::GroupNormBackward { n: 2, c: 640, h: 64, w: 64, groups: 32, silu: true }),
+            case("group_norm+silu bwd (2,1280,32,32)", Op::GroupNormBackward { n: 2, c: 1280, h: 32, w: 32, groups: 32, silu: true }),
+            case("linear 8192x640x640", Op::Linear { m: 8192, n: 640, k: 640 }),
+            case("linear 2048x1280x1280", Op::Linear { m: 2048, n: 1280, k: 1280 }),
             case("softmax 81920x4096", Op::Softmax { rows: 81920, cols: 4096 }),
             case("layer_norm 8192x640", Op::LayerNorm { rows: 8192, cols: 640 }),
             case("layer_norm 2048x1280", Op::LayerNorm { rows: 2048, cols: 1280 }),
@@ -138,6 +150,15 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn()
             let (wt, bs) = (randn(&[c], dtype, device, 2)?, randn(&[c], dtype, device, 3)?);
             Box::new(move || x.group_norm(groups, Some(&wt), Some(&bs), 1e-5, silu))
         }
+        Op::GroupNormBackward { n, c, h, w, groups, silu } => {
+            let (x, dy) = (randn(&[n, c, h, w], dtype, device, 1)?, randn(&[n, c, h, w], dtype, device, 4)?);
+            let (wt, bs) = (randn(&[c], dtype, device, 2)?, randn(&[c], dtype, device, 3)?);
+            Box::new(move || x.group_norm_backward(&dy, groups, Some(&wt), Some(&bs), 1e-5, silu, true).map(|g| g.0))
+        }
+        Op::Linear { m, n, k } => {
+            let (x, wt) = (randn(&[m, k], dtype, device, 1)?, randn(&[n, k], dtype, device, 2)?);
+            Box::new(move || x.linear(&wt, None))
+        }
         Op::Softmax { rows, cols } => {
             let x = randn(&[rows, cols], dtype, device, 1)?;
             Box::new(move || x.softmax(-1))
@@ -163,18 +184,26 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn()
     })
 }
 
-/// Median seconds of `f` over repeats lasting at least `min_time` (at least 3 runs).
+/// Median seconds per run of `f`. Runs are timed in batches between two device synchronisations
+/// (as many runs as fill about a millisecond), so that the host's launch and synchronisation
+/// latency is not counted against microsecond kernels; the baseline script times the same way.
+/// Each run's output is dropped before the next (its memory returns to the pool).
 fn median_time(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, min_time: f64) -> engine::Result<f64> {
     f()?;
     device.synchronize()?;
+    let t = Instant::now();
+    f()?;
+    device.synchronize()?;
+    let batch = (1e-3 / t.elapsed().as_secs_f64().max(1e-9)).ceil().clamp(1.0, 1000.0) as usize;
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < 3 || (start.elapsed().as_secs_f64() < min_time && times.len() < 200) {
         let t = Instant::now();
-        let out = f()?;
+        for _ in 0..batch {
+            f()?;
+        }
         device.synchronize()?;
-        times.push(t.elapsed().as_secs_f64());
-        drop(out);
+        times.push(t.elapsed().as_secs_f64() / batch as f64);
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(times[times.len() / 2])
