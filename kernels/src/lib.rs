@@ -18,6 +18,7 @@ pub mod grid_sample_backward;
 pub mod adamw;
 pub mod reduce;
 pub mod index;
+pub mod flash_attention;
 pub mod flash_attention_backward;
 
 /// Every CUDA kernel family (one per kernels/cuda/*.cu). The CI compile test checks this list

@@ -29,6 +29,7 @@ pub mod conv;
 pub mod gemm;
 pub mod libs;
 mod elementwise_backward;
+pub mod flash_attention;
 mod index;
 mod launch;
 // Reductions, softmax, norms (+ backward), GEGLU, PReLU, RNG (helper C2).

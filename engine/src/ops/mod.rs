@@ -16,3 +16,4 @@ pub mod backward_norm;
 pub mod backward_spatial;
 pub mod conv_backward;
 pub mod adamw;
+pub mod flash_attention;

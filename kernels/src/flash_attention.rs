@@ -1,0 +1,167 @@
+//! Flash extended attention, forward: one (batch, head) attends over the keys/values
+//! [own ; reference] without their concatenation ever being built. Reference tokens can be dropped
+//! by a keep mask (training's kv-drop): a dropped token's score is -inf. Besides the output the
+//! forward returns each row's log-sum-exp (natural log) of the scaled scores, which the backward
+//! pass uses to recompute the probabilities.
+//!
+//! The CPU reference here works on one head of contiguous row-major slices; the engine's CPU
+//! backend uses `extended_softmax_row` for the middle step of its GEMM form. The CUDA kernel
+//! (kernels/cuda/flash_attention.cu) does the same math tile by tile with an online softmax.
+
+use crate::softmax::{exp_shifted_in_place, row_max, with_wide_simd};
+
+/// Sizes of one head: lq queries, lk own keys/values, lr reference keys/values, head dim d (the
+/// same for q, k and v).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashDims {
+    pub lq: usize,
+    pub lk: usize,
+    pub lr: usize,
+    pub d: usize,
+}
+
+/// In place over one row of scores [own (lk) ; reference (s.len() - lk)]: s[j] <- softmax_j(s[j] *
+/// scale), with reference token j dropped (score -inf) where keep[j] == 0. Returns the row's
+/// log-sum-exp ln(sum_j exp(s[j] * scale)) over the tokens kept. A row with no token left gives
+/// zeros and -inf.
+pub fn extended_softmax_row(s: &mut [f32], lk: usize, keep: Option<&[u8]>, scale: f32) -> f32 {
+    with_wide_simd(#[inline(always)] || {
+        for v in s.iter_mut() {
+            *v *= scale;
+        }
+        // After the scaling, so that a zero scale cannot turn -inf into NaN.
+        if let Some(keep) = keep {
+            for (v, &k) in s[lk..].iter_mut().zip(keep) {
+                if k == 0 {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let max = row_max(s);
+        if max == f32::NEG_INFINITY {
+            s.fill(0.0);
+            return f32::NEG_INFINITY;
+        }
+        let sum = exp_shifted_in_place(s, max);
+        let inv = (1.0 / sum) as f32;
+        for v in s.iter_mut() {
+            *v *= inv;
+        }
+        max + (sum.ln() as f32)
+    })
+}
+
+/// One head: q [lq, d], k/v [lk, d], k_ref/v_ref [lr, d] (empty when lr = 0), keep [lr] (1 =
+/// attend), all row-major. Writes out [lq, d] and lse [lq].
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_head(q: &[f32], k: &[f32], v: &[f32], k_ref: &[f32], v_ref: &[f32], keep: Option<&[u8]>, dims: FlashDims, scale: f32, out: &mut [f32], lse: &mut [f32]) {
+    let FlashDims { lq, lk, lr, d } = dims;
+    assert!(q.len() >= lq * d && k.len() >= lk * d && v.len() >= lk * d && k_ref.len() >= lr * d && v_ref.len() >= lr * d, "flash_attention_head: input slices shorter than the dims");
+    assert!(out.len() >= lq * d && lse.len() >= lq && keep.is_none_or(|m| m.len() >= lr), "flash_attention_head: output or keep slices shorter than the dims");
+    // Row j of the extended keys / values.
+    let key = |j: usize| if j < lk { &k[j * d..(j + 1) * d] } else { &k_ref[(j - lk) * d..(j - lk + 1) * d] };
+    let value = |j: usize| if j < lk { &v[j * d..(j + 1) * d] } else { &v_ref[(j - lk) * d..(j - lk + 1) * d] };
+    let mut s = vec![0f32; lk + lr];
+    for i in 0..lq {
+        let qi = &q[i * d..(i + 1) * d];
+        for (j, sj) in s.iter_mut().enumerate() {
+            *sj = qi.iter().zip(key(j)).map(|(a, b)| a * b).sum();
+        }
+        lse[i] = extended_softmax_row(&mut s, lk, keep, scale);
+        let o = &mut out[i * d..(i + 1) * d];
+        o.fill(0.0);
+        for (j, &p) in s.iter().enumerate() {
+            if p != 0.0 {
+                for (x, &vv) in o.iter_mut().zip(value(j)) {
+                    *x += p * vv;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{attention_head, AttnDims};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 20001) as f32 / 10000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The independent formula: explicit concatenation [own ; reference] and an additive mask of
+    /// 0 / -inf, through kernels::attention::attention_head; lse by its definition in f64.
+    fn concatenated(q: &[f32], k: &[f32], v: &[f32], kr: &[f32], vr: &[f32], keep: Option<&[u8]>, dims: FlashDims, scale: f32) -> (Vec<f32>, Vec<f32>) {
+        let FlashDims { lq, lk, lr, d } = dims;
+        let kc: Vec<f32> = k[..lk * d].iter().chain(&kr[..lr * d]).copied().collect();
+        let vc: Vec<f32> = v[..lk * d].iter().chain(&vr[..lr * d]).copied().collect();
+        let row_mask: Vec<f32> = (0..lk + lr).map(|j| if j >= lk && keep.is_some_and(|m| m[j - lk] == 0) { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask: Vec<f32> = (0..lq).flat_map(|_| row_mask.iter().copied()).collect();
+        let mut out = vec![0f32; lq * d];
+        attention_head(q, &kc, &vc, Some(&mask), AttnDims { lq, lk: lk + lr, d, dv: d }, scale, &mut out);
+        let lse = (0..lq)
+            .map(|i| {
+                let sum: f64 = (0..lk + lr)
+                    .filter(|&j| row_mask[j] == 0.0)
+                    .map(|j| ((scale as f64) * (0..d).map(|c| q[i * d + c] as f64 * kc[j * d + c] as f64).sum::<f64>()).exp())
+                    .sum();
+                sum.ln() as f32
+            })
+            .collect();
+        (out, lse)
+    }
+
+    fn check(dims: FlashDims, keep: Option<Vec<u8>>, scale: f32) {
+        let FlashDims { lq, lk, lr, d } = dims;
+        let (q, k, v, kr, vr) = (values(lq * d, 1), values(lk * d, 2), values(lk * d, 3), values(lr * d, 4), values(lr * d, 5));
+        let (mut out, mut lse) = (vec![f32::NAN; lq * d], vec![f32::NAN; lq]);
+        flash_attention_head(&q, &k, &v, &kr, &vr, keep.as_deref(), dims, scale, &mut out, &mut lse);
+        let (want, want_lse) = concatenated(&q, &k, &v, &kr, &vr, keep.as_deref(), dims, scale);
+        for (i, (a, e)) in out.iter().zip(&want).enumerate() {
+            assert!((a - e).abs() < 1e-5, "{dims:?} out[{i}]: {a} vs {e}");
+        }
+        for (i, (a, e)) in lse.iter().zip(&want_lse).enumerate() {
+            assert!(a == e || (a - e).abs() < 1e-5 * e.abs().max(1.0), "{dims:?} lse[{i}]: {a} vs {e}");
+        }
+    }
+
+    #[test]
+    fn matches_attention_over_the_explicit_concatenation() {
+        let dims = FlashDims { lq: 7, lk: 5, lr: 9, d: 6 };
+        check(dims, None, 0.4);
+        check(dims, Some(vec![1, 0, 1, 1, 0, 0, 1, 0, 1]), 0.4);
+        // No reference, and no own keys.
+        check(FlashDims { lq: 3, lk: 11, lr: 0, d: 5 }, None, 1.3);
+        check(FlashDims { lq: 4, lk: 0, lr: 6, d: 3 }, Some(vec![0, 1, 1, 0, 1, 0]), 0.7);
+    }
+
+    #[test]
+    fn a_row_with_no_key_left_gives_zeros_and_minus_infinity() {
+        let dims = FlashDims { lq: 2, lk: 0, lr: 3, d: 4 };
+        let (mut out, mut lse) = (vec![f32::NAN; 8], vec![0f32; 2]);
+        flash_attention_head(&values(8, 1), &[], &[], &values(12, 2), &values(12, 3), Some(&[0, 0, 0]), dims, 0.5, &mut out, &mut lse);
+        assert_eq!(out, vec![0.0; 8]);
+        assert_eq!(lse, vec![f32::NEG_INFINITY; 2]);
+        // A zero scale keeps dropped tokens dropped (no 0 * -inf = NaN).
+        let mut s = [1.0f32, 2.0, 3.0];
+        let lse = extended_softmax_row(&mut s, 1, Some(&[1, 0]), 0.0);
+        assert_eq!(s, [0.5, 0.5, 0.0]);
+        assert!((lse - 2f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn lse_is_stable_for_large_scores() {
+        let mut s = [1000.0f32, 1000.0, -1000.0];
+        let lse = extended_softmax_row(&mut s, 3, None, 1.0);
+        assert_eq!(s, [0.5, 0.5, 0.0]);
+        assert!((lse - (1000.0 + 2f32.ln())).abs() < 1e-3);
+    }
+}
