@@ -17,3 +17,4 @@ pub mod backward_spatial;
 pub mod conv_backward;
 pub mod adamw;
 pub mod flash_attention;
+pub mod flash_attention_backward;
