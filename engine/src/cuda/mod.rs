@@ -27,6 +27,7 @@ mod elementwise;
 // cuBLASLt GEMMs, cuDNN convolutions, and the loader of those libraries (helper C1).
 pub mod conv;
 pub mod gemm;
+pub mod lora_linear;
 pub mod libs;
 mod elementwise_backward;
 pub mod flash_attention;

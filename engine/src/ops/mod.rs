@@ -8,6 +8,7 @@ pub mod shape;
 pub mod attention;
 pub mod conv;
 pub mod linalg;
+pub mod lora_linear;
 pub mod random;
 pub mod spatial;
 pub mod backward_elementwise;
