@@ -10,6 +10,8 @@
 
 use crate::softmax::{exp_shifted_in_place, row_max, with_wide_simd};
 
+pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention", code: include_str!("../cuda/flash_attention.cu"), options: &[] };
+
 /// Sizes of one head: lq queries, lk own keys/values, lr reference keys/values, head dim d (the
 /// same for q, k and v).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

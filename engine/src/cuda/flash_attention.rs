@@ -1,14 +1,161 @@
-//! CUDA launch of the fused flash-attention forward kernel (kernels/cuda/flash_attention.cu).
+//! CUDA launch of the fused flash-attention forward kernel (kernels/cuda/flash_attention.cu):
+//! bf16/f16, head dim 64 or 128, sm_80+. Inputs are [B, H, L, D] views read in place when the
+//! kernel can (unit stride along D, row / head / batch strides multiples of 8 elements, 16-byte
+//! aligned start), else copied contiguous first. The output is allocated as [B, Lq, H, D] memory
+//! (heads merge afterwards with a free reshape) and returned as a [B, H, Lq, D] view; lse is f32
+//! [B, H, Lq] contiguous.
 
+use crate::cuda::{launch_failed, DeviceRepr, LaunchConfig, PushKernelArg};
 use crate::ops::flash_attention::{AttentionReference, FlashShape};
-use crate::{DType, Result, Tensor};
+use crate::storage::Storage;
+use crate::{DType, Device, Error, Result, Tensor};
+use cudarc::driver::sys;
 
-/// Whether the fused kernel takes these inputs: bf16/f16 with head dim 64 or 128.
-pub(crate) fn kernel_applies(dtype: DType, d: usize) -> bool {
-    let _ = (dtype, d);
-    false
+use super::storage::CudaStorage;
+
+const OP: &str = "flash_attention (CUDA)";
+/// FA_THREADS and FA_BR of the .cu file: 4 warps, 16 query rows each.
+const THREADS: u32 = 128;
+const ROWS_PER_BLOCK: usize = 64;
+/// FA_BC: keys per shared-memory tile.
+const KEYS_PER_TILE: usize = 64;
+
+/// Mirror of `FlashParams` in kernels/cuda/flash_attention.cu, field by field (see there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FlashParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    k_ref: u64,
+    v_ref: u64,
+    keep: u64,
+    out: u64,
+    lse: u64,
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    v_stride: [i64; 3],
+    k_ref_stride: [i64; 3],
+    v_ref_stride: [i64; 3],
+    out_stride: [i64; 3],
+    keep_batch_stride: i64,
+    heads: u32,
+    lq: u32,
+    lk: u32,
+    lr: u32,
+    scale_log2: f32,
+    pad: u32,
 }
 
+// SAFETY: plain #[repr(C)] integers and floats, laid out as the CUDA struct.
+unsafe impl DeviceRepr for FlashParams {}
+// 8 addresses, 19 strides, 6 four-byte fields: the CUDA struct's size, with no padding anywhere.
+const _: () = assert!(std::mem::size_of::<FlashParams>() == 8 * 8 + 19 * 8 + 6 * 4);
+
+/// Whether the fused kernel takes these inputs: bf16/f16 with head dim 64 or 128 (the device's
+/// arch is checked by `forward`). Until the kernel has run on a GPU it is an experimental kernel
+/// (crate::cuda::experimental_kernels), off by default; the parity suite runs both paths.
+pub(crate) fn kernel_applies(dtype: DType, d: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && matches!(d, 64 | 128) && super::experimental_kernels()
+}
+
+/// Dynamic shared memory of the kernel: two stages of one K and one V tile (fa_shared_bytes).
+fn shared_bytes(d: usize) -> u32 {
+    (2 * 2 * KEYS_PER_TILE * d * 2) as u32
+}
+
+/// Device address and (batch, head, row) strides of a [B, H, L, D] CUDA view the kernel can read
+/// in place; the view is copied contiguous first when it cannot.
+fn kernel_view(t: &Tensor) -> Result<(Tensor, u64, [i64; 3])> {
+    let readable = |t: &Tensor, addr: u64| {
+        let s = t.strides();
+        let d = t.shape()[3];
+        // Size-1 dims and empty tensors have no stride to honour.
+        (s[3] == 1 || d <= 1) && addr.is_multiple_of(16) && s[..3].iter().zip(t.shape()).all(|(&st, &n)| n <= 1 || st.is_multiple_of(8))
+    };
+    let addr = |t: &Tensor| -> Result<u64> {
+        match &*t.read_storage() {
+            Storage::Cuda(s) => Ok(s.ptr_at(t.layout().offset())),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch { op: OP, lhs: Device::Cpu, rhs: t.device() }),
+        }
+    };
+    let mut view = t.clone();
+    if !readable(&view, addr(&view)?) {
+        view = view.contiguous()?;
+        if !readable(&view, addr(&view)?) {
+            // A contiguous view at an unaligned offset: a fresh storage starts aligned.
+            view = view.copy()?;
+        }
+    }
+    let a = addr(&view)?;
+    let s = view.strides();
+    Ok((view.clone(), a, [s[0] as i64, s[1] as i64, s[2] as i64]))
+}
+
+fn u32_of(what: &str, v: usize, shape: &[usize]) -> Result<u32> {
+    u32::try_from(v).ok().filter(|&x| x < i32::MAX as u32).ok_or_else(|| Error::BadShape { op: OP, msg: format!("{what} = {v} is too large for the CUDA kernel (below 2^31)"), shape: shape.to_vec() })
+}
+
+/// The fused forward (composition of ops on devices older than sm_80); see the module doc.
 pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<AttentionReference>, scale: f32, shape: &FlashShape) -> Result<(Tensor, Tensor)> {
-    crate::ops::flash_attention::cuda_composition(q, k, v, reference, scale, shape)
+    let FlashShape { b, h, lq, lk, lr, d, keep_per_batch } = *shape;
+    let Device::Cuda(ordinal) = q.device() else {
+        return Err(Error::DeviceMismatch { op: OP, lhs: q.device(), rhs: Device::Cuda(0) });
+    };
+    let dev = crate::cuda::device(ordinal)?;
+    if dev.arch() < 80 || (shared_bytes(d) > 48 * 1024 && dev.max_shared_memory_per_block_optin() < shared_bytes(d)) {
+        return crate::ops::flash_attention::cuda_composition(q, k, v, reference, scale, shape);
+    }
+    let dtype = q.dtype();
+    let out_storage = CudaStorage::alloc(&dev, dtype, b * lq * h * d)?;
+    let lse_storage = CudaStorage::alloc(&dev, DType::F32, b * h * lq)?;
+    let (out_ptr, lse_ptr) = (out_storage.device_ptr(), lse_storage.device_ptr());
+    let out = Tensor::from_storage(Storage::Cuda(out_storage), &[b, lq, h, d])?.permute(&[0, 2, 1, 3])?;
+    let lse = Tensor::from_storage(Storage::Cuda(lse_storage), &[b, h, lq])?;
+    if b * h * lq == 0 {
+        return Ok((out, lse));
+    }
+    let (heads, lq32, lk32, lr32) = (u32_of("H", h, q.shape())?, u32_of("Lq", lq, q.shape())?, u32_of("Lk", lk, k.shape())?, u32_of("Lr", lr, q.shape())?);
+    if h > 65535 || b > 65535 {
+        return Err(Error::BadShape { op: OP, msg: "B and H must be at most 65535 (grid dims)".into(), shape: q.shape().to_vec() });
+    }
+    // Views kept alive until the launch is queued (the stream orders their later reuse).
+    let (qv, q_addr, q_stride) = kernel_view(q)?;
+    let (kv, k_addr, k_stride) = kernel_view(k)?;
+    let (vv, v_addr, v_stride) = kernel_view(v)?;
+    let mut p = FlashParams { q: q_addr, k: k_addr, v: v_addr, out: out_ptr, lse: lse_ptr, q_stride, k_stride, v_stride, heads, lq: lq32, lk: lk32, lr: lr32, scale_log2: scale * std::f32::consts::LOG2_E, ..Default::default() };
+    p.out_stride = [(lq * h * d) as i64, d as i64, (h * d) as i64];
+    let mut keep_alive = vec![qv, kv, vv];
+    if let Some(r) = reference.filter(|_| lr > 0) {
+        let (krv, kr_addr, kr_stride) = kernel_view(r.k)?;
+        let (vrv, vr_addr, vr_stride) = kernel_view(r.v)?;
+        (p.k_ref, p.k_ref_stride, p.v_ref, p.v_ref_stride) = (kr_addr, kr_stride, vr_addr, vr_stride);
+        keep_alive.extend([krv, vrv]);
+        if let Some(keep) = r.keep {
+            let keep = keep.contiguous()?;
+            p.keep = match &*keep.read_storage() {
+                Storage::Cuda(s) => s.ptr_at(keep.layout().offset()),
+                Storage::Cpu(_) => return Err(Error::DeviceMismatch { op: OP, lhs: Device::Cpu, rhs: q.device() }),
+            };
+            p.keep_batch_stride = if keep_per_batch { lr as i64 } else { 0 };
+            keep_alive.push(keep);
+        }
+    }
+    let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
+    let name = format!("flash_attention_fwd_{tn}_d{d}");
+    let f = dev.function(&kernels::flash_attention::SOURCE, &name)?;
+    let smem = shared_bytes(d);
+    if smem > 48 * 1024 {
+        dev.bind()?;
+        f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).map_err(|e| Error::Cuda(format!("{name}: cuFuncSetAttribute(max dynamic shared memory = {smem}): {e}")))?;
+    }
+    let cfg = LaunchConfig { grid_dim: (lq.div_ceil(ROWS_PER_BLOCK) as u32, heads, b as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
+    let mut builder = dev.launch_builder(&f);
+    builder.arg(&p);
+    // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live CUDA
+    // storage (the views in keep_alive, out and lse) covering the sizes and strides given, and
+    // the row strides and starts meet the kernel's alignment (kernel_view).
+    unsafe { builder.launch(cfg) }.map_err(launch_failed(&name))?;
+    drop(keep_alive);
+    Ok((out, lse))
 }

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use crate::cpu::gemm::gemm_f32;
 use crate::cpu::CpuStorage;
 use crate::storage::Storage;
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
 /// Query rows per CPU task: the block's scores (QUERY_BLOCK x (Lk + Lr) f32) stay in the cache
 /// between the products and the softmax, and a few heads still keep every thread busy.
@@ -266,6 +266,7 @@ pub(crate) fn cuda_composition(q: &Tensor, k: &Tensor, v: &Tensor, reference: Op
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Device;
     use kernels::flash_attention::{flash_attention_head, FlashDims};
 
     fn values(n: usize, seed: usize) -> Vec<f32> {

@@ -1,0 +1,246 @@
+// Flash extended attention, forward (FlashAttention-2 style, sm_80+, tensor cores through mma.cuh):
+// out_i = softmax_j(scale q_i . key_j) value_j over the keys/values [own (Lk) ; reference (Lr)],
+// reference tokens with keep == 0 left out, plus lse_i = ln sum_j exp(scale q_i . key_j) (f32).
+//
+// Launch (engine/src/cuda/flash_attention.rs): grid (ceil(Lq / FA_BR), H, B), FA_WARPS * 32 threads,
+// dynamic shared memory fa_shared_bytes<D>() = 2 stages x (K + V tiles of FA_BC x D) = 32 KiB (D 64)
+// / 64 KiB (D 128). A block owns FA_BR = 64 query rows, 16 per warp, whose Q fragments stay in
+// registers (loaded once through the stage-1 buffer, which the first prefetch then reuses). Key
+// tiles of FA_BC = 64 rows stream through two shared-memory stages with cp.async (tile j + 1 loads
+// while tile j computes); own tiles first, then reference tiles, never one straddling both. Per
+// tile: S = Q K^T (mma m16n8k16, K rows by ldmatrix), online softmax in base 2 (row max / sum over
+// the 4 lanes holding a row), P re-packed in registers as A fragments, O += P V (V by ldmatrix
+// .trans). Rows of 16-byte chunks are XOR-swizzled (chunk ^ row % 8) so that the 8 rows an ldmatrix
+// phase reads, and the chunks cp.async writes, fall in distinct banks.
+// Registers per thread: Q D/4, O D/2, S 32 (D 128: ~140 live values), no spills on sm_80/sm_90.
+// Host guarantees: rows 16-byte aligned with unit stride along D (row strides multiples of 8
+// elements), Lq/Lk/Lr < 2^31, grid.y = H <= 65535, grid.z = B <= 65535.
+#include "mma.cuh"
+
+#define FA_WARPS 4
+#define FA_THREADS (FA_WARPS * 32)
+#define FA_BR (FA_WARPS * 16)
+#define FA_BC 64
+#define FA_NEG_INF __uint_as_float(0xff800000u)
+
+// One call's parameters; mirrored field by field by `FlashParams` in engine/src/cuda/flash_attention.rs.
+struct FlashParams {
+    u64 q, k, v;           // [B, H, L, D] views (element strides below), T
+    u64 k_ref, v_ref;      // reference keys / values [B, H, Lr, D], T; unused when lr == 0
+    u64 keep;              // u8 [B or 1, Lr], 1 = attend; 0 (null) = keep every reference token
+    u64 out;               // [B, H, Lq, D] view, T
+    u64 lse;               // f32 [B, H, Lq] contiguous, natural log
+    i64 q_stride[3];       // batch, head, row strides of q in elements (the dim stride is 1)
+    i64 k_stride[3];
+    i64 v_stride[3];
+    i64 k_ref_stride[3];
+    i64 v_ref_stride[3];
+    i64 out_stride[3];
+    i64 keep_batch_stride; // Lr for a [B, Lr] mask, 0 for one [Lr] row shared by the batch
+    u32 heads, lq, lk, lr;
+    float scale_log2;      // scale * log2(e): scores go to exp2 directly
+    u32 pad;               // keeps the struct size a multiple of 8 on both sides
+};
+
+template <int D> __host__ __device__ constexpr u32 fa_shared_bytes() { return 2u * 2u * FA_BC * D * 2u; }
+
+// Offset (in elements) of 16-byte chunk `chunk` of row `row` in a swizzled tile of D-element rows.
+template <int D> __device__ __forceinline__ u32 fa_swizzle(u32 row, u32 chunk) { return row * D + ((chunk ^ (row & 7u)) << 3); }
+
+// cp.async of `rows` rows x D (zero-filled past `len`) from src (row stride `rs`) into the
+// swizzled tile at dst; every thread of the block takes its share of the 16-byte chunks.
+template <typename T, int D>
+__device__ __forceinline__ void fa_load_tile(T* dst, const T* src, i64 rs, u32 rows, u32 len) {
+    constexpr u32 CHUNKS = D / 8;
+    for (u32 c = threadIdx.x; c < rows * CHUNKS; c += FA_THREADS) {
+        u32 row = c / CHUNKS, chunk = c % CHUNKS;
+        bool full = row < len;
+        // A row past the end is not read (zero fill), but the address must still be valid.
+        const T* from = full ? src + (i64)row * rs + chunk * 8 : src;
+        cp_async_16(dst + fa_swizzle<D>(row, chunk), from, full);
+    }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
+    constexpr u32 TILE = FA_BC * D;  // elements of one K (or V) tile
+    constexpr int KSTEPS = D / 16;   // k-steps of S = Q K^T
+    constexpr int NT_S = FA_BC / 8;  // n-tiles of S (8 keys each)
+    constexpr int NT_O = D / 8;      // n-tiles of O (8 dims each)
+    LA_DYNAMIC_SHARED(T, smem);      // stage s: K at smem + 2 s TILE, V at smem + (2 s + 1) TILE
+
+    const u32 warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const u32 g = lane / 4, t = lane % 4;
+    const u32 bi = blockIdx.z, hi = blockIdx.y, row0 = blockIdx.x * FA_BR;
+    const T* q = (const T*)p.q + bi * p.q_stride[0] + hi * p.q_stride[1];
+    const T* k = (const T*)p.k + bi * p.k_stride[0] + hi * p.k_stride[1];
+    const T* v = (const T*)p.v + bi * p.v_stride[0] + hi * p.v_stride[1];
+    const T* kr = (const T*)p.k_ref + bi * p.k_ref_stride[0] + hi * p.k_ref_stride[1];
+    const T* vr = (const T*)p.v_ref + bi * p.v_ref_stride[0] + hi * p.v_ref_stride[1];
+    const u8* keep = p.keep ? (const u8*)p.keep + bi * p.keep_batch_stride : nullptr;
+    const u32 own_tiles = (p.lk + FA_BC - 1) / FA_BC;
+    const u32 tiles = own_tiles + (p.lr + FA_BC - 1) / FA_BC;
+
+    // Tile j into stage s: own keys first, then the reference, each with its own edge tile.
+    auto load_kv = [&](u32 j, u32 s) {
+        T* ks = smem + 2 * s * TILE;
+        if (j < own_tiles) {
+            u32 start = j * FA_BC;
+            fa_load_tile<T, D>(ks, k + (i64)start * p.k_stride[2], p.k_stride[2], FA_BC, p.lk - start);
+            fa_load_tile<T, D>(ks + TILE, v + (i64)start * p.v_stride[2], p.v_stride[2], FA_BC, p.lk - start);
+        } else {
+            u32 start = (j - own_tiles) * FA_BC;
+            fa_load_tile<T, D>(ks, kr + (i64)start * p.k_ref_stride[2], p.k_ref_stride[2], FA_BC, p.lr - start);
+            fa_load_tile<T, D>(ks + TILE, vr + (i64)start * p.v_ref_stride[2], p.v_ref_stride[2], FA_BC, p.lr - start);
+        }
+    };
+
+    // Q (FA_BR x D) through the stage-1 buffer, then tile 0 into stage 0; Q into registers.
+    T* qs = smem + 2 * TILE;
+    fa_load_tile<T, D>(qs, q + (i64)row0 * p.q_stride[2], p.q_stride[2], FA_BR, p.lq > row0 ? p.lq - row0 : 0);
+    cp_async_commit();
+    if (tiles > 0) load_kv(0, 0);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    u32 qf[KSTEPS][4];
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+        // Lane l: row l % 16 of the warp's 16, chunk 2 kk + l / 16 (A fragment of ldmatrix_x4).
+        u32 r = warp * 16 + lane % 16;
+        ldmatrix_x4(qf[kk], qs + fa_swizzle<D>(r, 2 * kk + lane / 16));
+    }
+    __syncthreads();  // every warp has its Q before stage 1 is overwritten
+
+    float o[NT_O][4];
+#pragma unroll
+    for (int n = 0; n < NT_O; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    // Running max (base-2 units) and this thread's part of the row sums, for rows g and g + 8.
+    float m[2] = {FA_NEG_INF, FA_NEG_INF}, l[2] = {0.0f, 0.0f};
+
+    for (u32 j = 0; j < tiles; ++j) {
+        if (j + 1 < tiles) load_kv(j + 1, (j + 1) & 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // tile j has landed (only tile j + 1 may still be in flight)
+        __syncthreads();
+        const T* ks = smem + 2 * (j & 1) * TILE;
+        const T* vs = ks + TILE;
+
+        // S = Q K^T for this warp's 16 rows and the tile's FA_BC keys.
+        float s[NT_S][4];
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+            for (int n = 0; n < NT_S; n += 2) {
+                // Matrices (keys n8.., dims 16kk..), (n8.., 16kk+8..), (n8+8.., 16kk..),
+                // (n8+8.., 16kk+8..): B fragments of n-tiles n and n + 1.
+                u32 r = n * 8 + lane % 8 + (lane / 16) * 8;
+                u32 kb[4];
+                ldmatrix_x4(kb, ks + fa_swizzle<D>(r, 2 * kk + (lane / 8) % 2));
+                const u32 b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+                mma_16816<T>(s[n], qf[kk], b0);
+                mma_16816<T>(s[n + 1], qf[kk], b1);
+            }
+        }
+
+        // Scale to base 2; keys past the tile's length, and dropped reference tokens, are -inf.
+        const bool reference = j >= own_tiles;
+        const u32 start = reference ? (j - own_tiles) * FA_BC : j * FA_BC;
+        const u32 len = reference ? p.lr - start : p.lk - start;
+        const bool check = len < FA_BC || (reference && keep != nullptr);
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[n][e] * p.scale_log2;
+                if (check) {
+                    u32 col = n * 8 + 2 * t + (e & 1);
+                    bool dropped = col >= len || (reference && keep != nullptr && keep[start + col] == 0);
+                    if (dropped) x = FA_NEG_INF;
+                }
+                s[n][e] = x;
+            }
+        }
+
+        // Online softmax per row (h = 0: row g, h = 1: row g + 8): new max over the 4 lanes of
+        // the row, rescale the old sum and output, p = exp2(s - max).
+        float corr[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = m[h];
+#pragma unroll
+            for (int n = 0; n < NT_S; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives 0,
+            // not NaN.
+            float base = mx == FA_NEG_INF ? 0.0f : mx;
+            corr[h] = exp2f(m[h] - base);
+            m[h] = mx;
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NT_S; ++n) {
+                s[n][2 * h] = exp2f(s[n][2 * h] - base);
+                s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - base);
+                sum += s[n][2 * h] + s[n][2 * h + 1];
+            }
+            l[h] = l[h] * corr[h] + sum;
+        }
+#pragma unroll
+        for (int n = 0; n < NT_O; ++n) {
+            o[n][0] *= corr[0];
+            o[n][1] *= corr[0];
+            o[n][2] *= corr[1];
+            o[n][3] *= corr[1];
+        }
+
+        // O += P V: the C fragments of S n-tiles 2kk and 2kk + 1 are the A fragment of k-step kk.
+#pragma unroll
+        for (int kk = 0; kk < FA_BC / 16; ++kk) {
+            const u32 pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < NT_O; n += 2) {
+                // .trans matrices (keys 16kk.., dims n8..), (16kk+8.., n8..), (16kk.., n8+8..),
+                // (16kk+8.., n8+8..): B fragments of output n-tiles n and n + 1.
+                u32 r = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+                u32 vb[4];
+                ldmatrix_x4_trans(vb, vs + fa_swizzle<D>(r, n + lane / 16));
+                const u32 b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+                mma_16816<T>(o[n], pa, b0);
+                mma_16816<T>(o[n + 1], pa, b1);
+            }
+        }
+        __syncthreads();  // every warp is done with stage j & 1 before tile j + 2 overwrites it
+    }
+    cp_async_wait<0>();
+
+    // Full row sums, then out = O / l (0 for a row with no key) and lse = ln 2 (m + log2 l).
+    T* out = (T*)p.out + bi * p.out_stride[0] + hi * p.out_stride[1];
+    float* lse = (float*)p.lse + ((u64)bi * p.heads + hi) * p.lq;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float sum = l[h];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const u32 row = row0 + warp * 16 + g + 8 * h;
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        if (row < p.lq) {
+            T* orow = out + (i64)row * p.out_stride[2];
+#pragma unroll
+            for (int n = 0; n < NT_O; ++n) *(u32*)(orow + n * 8 + 2 * t) = pack2<T>(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+            if (t == 0) lse[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
+        }
+    }
+}
+
+#define FA_INSTANCE(TN, T, D)                                                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_fwd_##TN##_d##D(const FlashParams p) { \
+        flash_attention_fwd<T, D>(p);                                                                    \
+    }
+FA_INSTANCE(bf16, bf16, 64)
+FA_INSTANCE(bf16, bf16, 128)
+FA_INSTANCE(f16, f16, 64)
+FA_INSTANCE(f16, f16, 128)
