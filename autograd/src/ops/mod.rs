@@ -4,6 +4,7 @@
 
 mod elementwise;
 mod linalg;
+mod lora;
 mod norm;
 mod reduce;
 mod shape;
