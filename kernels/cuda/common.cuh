@@ -18,9 +18,13 @@ struct __align__(2) f16 { u16 bits; };
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(bf16 v) { return __uint_as_float(((u32)v.bits) << 16); }
 __device__ __forceinline__ float to_f32(f16 v) {
+#ifdef LOOKAHEAD_EMULATE
+    return lookahead_emu::f16_bits_to_f32(v.bits);  // the CPU emulator's cvt.f32.f16 (kernels/emu)
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
     return f;
+#endif
 }
 __device__ __forceinline__ float to_f32(u8 v) { return (float)v; }
 __device__ __forceinline__ float to_f32(i64 v) { return (float)v; }
@@ -47,9 +51,13 @@ template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) {
 #endif
 }
 template <> __device__ __forceinline__ f16 from_f32<f16>(float v) {
+#ifdef LOOKAHEAD_EMULATE
+    return f16{lookahead_emu::f32_to_f16_bits(v)};  // the CPU emulator's cvt.rn.f16.f32 (kernels/emu)
+#else
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return f16{h};
+#endif
 }
 // Rust's `f32 as u8`: truncates toward zero, saturates, NaN -> 0.
 template <> __device__ __forceinline__ u8 from_f32<u8>(float v) {

@@ -4,6 +4,7 @@
 //! slices, sizes and raw device buffers, and the engine decides layouts and dtypes.
 
 pub mod compile;
+pub mod emulate;
 pub mod elementwise;
 pub mod norm;
 pub mod softmax;

@@ -1,0 +1,1075 @@
+// CPU emulation of our CUDA C kernels (kernels/cuda/*.cu). Force-included by the emulator's build:
+//   g++ -std=c++20 -O2 -fPIC -shared -fno-strict-aliasing -fvisibility=hidden -DLOOKAHEAD_EMULATE
+//       -include kernels/emu/cuda_emulator.h -I kernels/cuda -x c++ kernels/cuda/NAME.cu
+// it turns a .cu file into host C++ (the CUDA qualifiers, built-in variables and intrinsics our
+// kernels use) plus one entry point, lookahead_emu_run, that runs a kernel launch on the host.
+//
+// Execution model: the blocks of a grid run one after another; the threads of a block run as
+// cooperative fibers on the calling OS thread, one at a time, in thread-index order, each until
+// its next synchronisation point (a barrier, a warp collective) or its exit. Synchronisation is
+// real: __syncthreads releases when every live thread of the block waits at the same barrier; a
+// warp collective (shuffles, votes, __syncwarp, mma, ldmatrix) releases when every lane of its
+// mask waits at it, and its results are then computed from all lanes' inputs by the PTX ISA's
+// definition. A state where nothing can proceed is a deadlock and comes back as an error naming
+// the kernel, the block and where each thread waits; so does a collective whose mask names an
+// exited lane. Static __shared__ variables are `static` (blocks run one at a time, launches of one
+// module are serialised by a mutex); dynamic shared memory (LA_DYNAMIC_SHARED) is a per-launch
+// buffer filled with 0xff bytes (NaN as f32, bf16 and f16) before every block, so reads of
+// never-written shared memory show. See kernels/emu/README.md for what is not emulated.
+#pragma once
+#ifndef LOOKAHEAD_EMULATE
+#error "cuda_emulator.h is only for builds with -DLOOKAHEAD_EMULATE"
+#endif
+
+// System headers first: the CUDA qualifier macros below must not reach them.
+#include <math.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <limits>
+#include <type_traits>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+// ---- qualifiers ----------------------------------------------------------------------------------
+// Kernels are `extern "C" __global__`: exported from the module (built with -fvisibility=hidden).
+#define __global__ __attribute__((visibility("default")))
+#define __device__
+#define __host__
+#define __constant__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+// __restrict__ is GCC's own keyword already.
+
+// bf16 and f16 are defined by common.cuh; declared here so that the mma specialisations below
+// can name them.
+struct bf16;
+struct f16;
+
+// ---- vector types ----------------------------------------------------------------------------------
+#define LA_EMU_VECTOR_TYPES(T, NAME, ALIGN2, ALIGN4)                                                     \
+    struct NAME##1 { T x; };                                                                           \
+    struct __attribute__((aligned(ALIGN2))) NAME##2 { T x, y; };                                       \
+    struct NAME##3 { T x, y, z; };                                                                     \
+    struct __attribute__((aligned(ALIGN4))) NAME##4 { T x, y, z, w; };                                 \
+    inline NAME##1 make_##NAME##1(T x) { return NAME##1{x}; }                                          \
+    inline NAME##2 make_##NAME##2(T x, T y) { return NAME##2{x, y}; }                                  \
+    inline NAME##3 make_##NAME##3(T x, T y, T z) { return NAME##3{x, y, z}; }                          \
+    inline NAME##4 make_##NAME##4(T x, T y, T z, T w) { return NAME##4{x, y, z, w}; }
+LA_EMU_VECTOR_TYPES(signed char, char, 2, 4)
+LA_EMU_VECTOR_TYPES(unsigned char, uchar, 2, 4)
+LA_EMU_VECTOR_TYPES(short, short, 4, 8)
+LA_EMU_VECTOR_TYPES(unsigned short, ushort, 4, 8)
+LA_EMU_VECTOR_TYPES(int, int, 8, 16)
+LA_EMU_VECTOR_TYPES(unsigned int, uint, 8, 16)
+LA_EMU_VECTOR_TYPES(float, float, 8, 16)
+LA_EMU_VECTOR_TYPES(long long, longlong, 16, 16)
+LA_EMU_VECTOR_TYPES(unsigned long long, ulonglong, 16, 16)
+LA_EMU_VECTOR_TYPES(double, double, 16, 16)
+#undef LA_EMU_VECTOR_TYPES
+
+struct dim3 {
+    unsigned int x, y, z;
+    constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+    constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
+    constexpr operator uint3() const { return uint3{x, y, z}; }
+};
+
+constexpr int warpSize = 32;
+
+// ---- the runtime ---------------------------------------------------------------------------------
+namespace lookahead_emu {
+
+enum class State : int { Runnable, AtBlockBarrier, AtWarp, Exited };
+
+// What a thread waits at (op) and its variant (sub).
+enum Op : int { OpNone, OpSyncThreads, OpSyncWarp, OpShfl, OpVote, OpReduce, OpMma, OpLdmatrix };
+enum ShflMode : int { ShflIdx, ShflUp, ShflDown, ShflXor };
+enum VoteMode : int { VoteBallot, VoteAny, VoteAll, VoteUni };
+enum ReduceMode : int { ReduceAddU, ReduceMinU, ReduceMaxU, ReduceMinI, ReduceMaxI, ReduceAnd, ReduceOr, ReduceXor };
+enum BarrierMode : int { BarrierPlain, BarrierCount, BarrierAnd, BarrierOr };
+
+struct PendingCopy {
+    unsigned char* dst;
+    unsigned char data[16];
+};
+
+struct Launch;
+
+// One emulated thread. Lives at the (region-aligned) base of its fiber's memory region, so that a
+// running thread finds itself from its stack address: no thread-local storage on the hot path.
+struct Fiber {
+    uint64_t magic;
+    void* sp;  // saved stack pointer while switched out (x86-64)
+    Launch* launch;
+    uint3 tid;
+    unsigned linear, lane, warp;
+    State state;
+    // The synchronisation point it waits at: op, variant, lane mask and source location.
+    int op, sub;
+    unsigned mask;
+    const char* file;
+    int line;
+    // Inputs deposited for a collective, and the results the collective hands back.
+    uint32_t in[12];
+    uint64_t addr;
+    uint32_t out[4];
+    // cp.async: copies in issue order (data read at issue), and the end index of every committed
+    // group, oldest first; copies past the last end are not committed yet.
+    PendingCopy* copies;
+    unsigned ncopies, copies_cap;
+    unsigned* group_end;
+    unsigned ngroups, groups_cap;
+#if !defined(__x86_64__)
+    ucontext_t ctx;
+#endif
+};
+
+constexpr uint64_t kMagic = 0x6c61656d7566696bull;  // "laemufik"
+// Fiber memory region: the Fiber header, a guard page, then the stack (about 440 KiB: Rust
+// callbacks run on it). Regions are aligned to their size.
+constexpr uintptr_t kRegion = 512 * 1024;
+constexpr uintptr_t kHeader = 64 * 1024;
+
+struct Launch {
+    const char* kernel;
+    uint3 grid, block, block_idx;
+    unsigned nthreads, nwarps;
+    unsigned char* dyn_shared;
+    unsigned dyn_bytes;
+    Fiber** fibers;
+    int (*thread_fn)(void*, const void*);
+    void* ctx;
+    const void* kernel_fn;
+    bool failed;
+    bool callback_panicked;
+    char msg[8192];
+#if defined(__x86_64__)
+    void* sched_sp;
+#else
+    ucontext_t sched_ctx;
+#endif
+};
+
+[[noreturn]] inline void outside_launch() {
+    fprintf(stderr, "lookahead CUDA emulator: a CUDA built-in (threadIdx, __syncthreads, ...) was used outside an emulated launch\n");
+    abort();
+}
+
+inline Fiber* self() {
+    Fiber* f = reinterpret_cast<Fiber*>(reinterpret_cast<uintptr_t>(__builtin_frame_address(0)) & ~(kRegion - 1));
+    if (__builtin_expect(f->magic != kMagic, 0)) outside_launch();
+    return f;
+}
+
+inline const char* base_name(const char* path) {
+    const char* b = path;
+    for (const char* p = path; *p; ++p)
+        if (*p == '/') b = p + 1;
+    return b;
+}
+
+// ---- context switching ---------------------------------------------------------------------------
+#if defined(__x86_64__)
+// lookahead_emu_switch(save, to): saves the callee-saved registers, MXCSR and the x87 control word
+// on the current stack, stores the stack pointer in *save, and resumes the stack `to`.
+extern "C" void lookahead_emu_switch(void** save, void* to);
+asm(R"(
+    .pushsection .text
+    .p2align 4
+    .globl lookahead_emu_switch
+    .hidden lookahead_emu_switch
+    .type lookahead_emu_switch, @function
+lookahead_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size lookahead_emu_switch, .-lookahead_emu_switch
+    .popsection
+)");
+#endif
+
+void fiber_main();
+
+// A fresh start of `f` at fiber_main on its own stack.
+inline void reset_stack(Fiber* f) {
+    unsigned char* top = reinterpret_cast<unsigned char*>(f) + kRegion;
+#if defined(__x86_64__)
+    uint64_t* s = reinterpret_cast<uint64_t*>(top);
+    *--s = 0;  // fiber_main's return address: it never returns
+    *--s = reinterpret_cast<uint64_t>(&fiber_main);
+    for (int i = 0; i < 6; ++i) *--s = 0;  // rbp rbx r12 r13 r14 r15
+    uint32_t csr[2];
+    asm volatile("stmxcsr %0" : "=m"(csr[0]));
+    asm volatile("fnstcw %0" : "=m"(csr[1]));
+    *--s = (uint64_t)csr[0] | ((uint64_t)(csr[1] & 0xffff) << 32);
+    f->sp = s;
+#else
+    getcontext(&f->ctx);
+    f->ctx.uc_stack.ss_sp = reinterpret_cast<unsigned char*>(f) + kHeader + 65536;
+    f->ctx.uc_stack.ss_size = kRegion - kHeader - 65536;
+    f->ctx.uc_link = nullptr;
+    makecontext(&f->ctx, &fiber_main, 0);
+#endif
+}
+
+inline void enter_fiber(Launch* L, Fiber* f) {
+#if defined(__x86_64__)
+    lookahead_emu_switch(&L->sched_sp, f->sp);
+#else
+    swapcontext(&L->sched_ctx, &f->ctx);
+#endif
+}
+
+inline void leave_fiber(Fiber* f) {
+#if defined(__x86_64__)
+    lookahead_emu_switch(&f->sp, f->launch->sched_sp);
+#else
+    swapcontext(&f->ctx, &f->launch->sched_ctx);
+#endif
+}
+
+// ---- errors --------------------------------------------------------------------------------------
+// The first error of a launch is kept; the thread that raises it is never resumed.
+__attribute__((format(printf, 2, 3))) inline void set_error(Launch* L, const char* fmt, ...) {
+    if (L->failed) return;
+    L->failed = true;
+    int n = snprintf(L->msg, sizeof L->msg, "block (%u,%u,%u): ", L->block_idx.x, L->block_idx.y, L->block_idx.z);
+    if (n < 0 || (size_t)n >= sizeof L->msg) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(L->msg + n, sizeof L->msg - n, fmt, ap);
+    va_end(ap);
+}
+
+// Raised by a running thread: records the error and hands control back for good.
+template <typename... A> [[noreturn]] inline void thread_error(Fiber* f, const char* fmt, A... args) {
+    char buf[1024];
+    snprintf(buf, sizeof buf, fmt, args...);
+    set_error(f->launch, "thread (%u,%u,%u): %s", f->tid.x, f->tid.y, f->tid.z, buf);
+    leave_fiber(f);
+    __builtin_trap();  // never resumed
+}
+
+// ---- 16-bit floats -------------------------------------------------------------------------------
+inline float bits_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+inline float bf16_bits_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+// Exact f16 -> f32 (cvt.f32.f16); NaN keeps its sign and payload.
+inline float f16_bits_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0x1f) return bits_f32(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {
+        const float v = (float)man * 0x1p-24f;  // zero or subnormal, exact
+        return sign ? -v : v;
+    }
+    return bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+// f32 -> f16 rounded to nearest even (cvt.rn.f16.f32): overflow to infinity, subnormals kept;
+// NaN keeps its sign and the top of its payload, quieted (as the Rust half crate).
+inline uint16_t f32_to_f16_bits(float v) {
+    const uint32_t x = f32_bits(v), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(ax == 0x7f800000u ? sign | 0x7c00u : sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // >= 65520 rounds to infinity
+    if (ax >= 0x38800000u) {                                  // normal f16 (>= 2^-14)
+        const uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u);
+        return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+    }
+    if (ax < 0x33000000u) return (uint16_t)sign;  // <= 2^-25: rounds to zero
+    const uint32_t e = ax >> 23, man = (ax & 0x7fffffu) | 0x800000u, s = 126u - e;
+    uint32_t q = man >> s;
+    const uint32_t rem = man & ((1u << s) - 1u), half = 1u << (s - 1u);
+    if (rem > half || (rem == half && (q & 1u))) ++q;
+    return (uint16_t)(sign | q);
+}
+
+// ---- barriers and warp collectives (thread side) -----------------------------------------------------
+// Waits at a synchronisation point: the scheduler resumes the thread once it is released.
+inline void wait_at(Fiber* f, State st, int op, int sub, unsigned mask, const char* file, int line) {
+    f->state = st;
+    f->op = op;
+    f->sub = sub;
+    f->mask = mask;
+    f->file = file;
+    f->line = line;
+    leave_fiber(f);
+    f->op = OpNone;
+}
+
+inline unsigned block_barrier(int mode, int pred, const char* file, int line) {
+    Fiber* f = self();
+    f->in[0] = pred != 0;
+    wait_at(f, State::AtBlockBarrier, OpSyncThreads, mode, 0, file, line);
+    return f->out[0];
+}
+
+inline uint64_t shfl(int mode, unsigned mask, uint64_t bits, int b, int width, const char* file, int line) {
+    Fiber* f = self();
+    if (width <= 0 || width > 32 || (width & (width - 1)) != 0) thread_error(f, "shuffle width %d at %s:%d is not a power of two in 1..32", width, base_name(file), line);
+    f->in[0] = (uint32_t)bits;
+    f->in[1] = (uint32_t)(bits >> 32);
+    f->in[2] = (uint32_t)b;
+    f->in[3] = (uint32_t)width;
+    wait_at(f, State::AtWarp, OpShfl, mode, mask, file, line);
+    return (uint64_t)f->out[0] | ((uint64_t)f->out[1] << 32);
+}
+
+template <typename T> inline uint64_t to_bits64(T v) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "warp shuffles move values of at most 8 bytes");
+    uint64_t u = 0;
+    memcpy(&u, &v, sizeof(T));
+    return u;
+}
+template <typename T> inline T from_bits64(uint64_t u) {
+    T v;
+    memcpy(&v, &u, sizeof(T));
+    return v;
+}
+
+inline unsigned vote(int mode, unsigned mask, int pred, const char* file, int line) {
+    Fiber* f = self();
+    f->in[0] = pred != 0;
+    wait_at(f, State::AtWarp, OpVote, mode, mask, file, line);
+    return f->out[0];
+}
+
+inline unsigned warp_reduce(int mode, unsigned mask, unsigned v, const char* file, int line) {
+    Fiber* f = self();
+    f->in[0] = v;
+    wait_at(f, State::AtWarp, OpReduce, mode, mask, file, line);
+    return f->out[0];
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: sub 0 = bf16, 1 = f16.
+inline void mma_16816(int type, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const char* file, int line) {
+    Fiber* f = self();
+    for (int i = 0; i < 4; ++i) f->in[i] = a[i];
+    f->in[4] = b[0];
+    f->in[5] = b[1];
+    for (int i = 0; i < 4; ++i) f->in[6 + i] = f32_bits(d[i]);
+    wait_at(f, State::AtWarp, OpMma, type, 0xffffffffu, file, line);
+    for (int i = 0; i < 4; ++i) d[i] = bits_f32(f->out[i]);
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: sub = count | trans << 4.
+template <int N> inline void ldmatrix(uint32_t (&r)[N], const void* row, bool trans, const char* file, int line) {
+    Fiber* f = self();
+    f->addr = reinterpret_cast<uint64_t>(row);
+    wait_at(f, State::AtWarp, OpLdmatrix, N | (trans ? 16 : 0), 0xffffffffu, file, line);
+    for (int i = 0; i < N; ++i) r[i] = f->out[i];
+}
+
+// ---- cp.async (per thread; no synchronisation) ---------------------------------------------------
+inline void cp_async_16(void* dst, const void* src, bool full, const char* file, int line) {
+    Fiber* f = self();
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) thread_error(f, "cp_async_16 destination %p at %s:%d is not 16-byte aligned", dst, base_name(file), line);
+    if (full && reinterpret_cast<uintptr_t>(src) % 16 != 0) thread_error(f, "cp_async_16 source %p at %s:%d is not 16-byte aligned", src, base_name(file), line);
+    if (f->ncopies == f->copies_cap) {
+        f->copies_cap = f->copies_cap ? 2 * f->copies_cap : 16;
+        f->copies = static_cast<PendingCopy*>(realloc(f->copies, f->copies_cap * sizeof(PendingCopy)));
+        if (!f->copies) abort();
+    }
+    PendingCopy& c = f->copies[f->ncopies++];
+    c.dst = static_cast<unsigned char*>(dst);
+    // The source is read now: a later change to it does not reach the copy, as on the GPU once
+    // the copy is under way. The destination is written when a wait retires the group.
+    if (full) memcpy(c.data, src, 16);
+    else memset(c.data, 0, 16);
+}
+
+inline void cp_async_commit() {
+    Fiber* f = self();
+    if (f->ngroups == f->groups_cap) {
+        f->groups_cap = f->groups_cap ? 2 * f->groups_cap : 8;
+        f->group_end = static_cast<unsigned*>(realloc(f->group_end, f->groups_cap * sizeof(unsigned)));
+        if (!f->group_end) abort();
+    }
+    f->group_end[f->ngroups++] = f->ncopies;
+}
+
+// Writes the copies of the oldest `groups` committed groups (all copies when groups < 0, at exit).
+inline void retire_copies(Fiber* f, int groups) {
+    unsigned done;
+    if (groups < 0) {
+        done = f->ncopies;
+        f->ngroups = 0;
+    } else {
+        if (groups == 0) return;
+        done = f->group_end[groups - 1];
+        for (unsigned g = groups; g < f->ngroups; ++g) f->group_end[g - groups] = f->group_end[g] - done;
+        f->ngroups -= groups;
+    }
+    for (unsigned i = 0; i < done; ++i) memcpy(f->copies[i].dst, f->copies[i].data, 16);
+    memmove(f->copies, f->copies + done, (f->ncopies - done) * sizeof(PendingCopy));
+    f->ncopies -= done;
+}
+
+inline void cp_async_wait(int n) {
+    Fiber* f = self();
+    if ((int)f->ngroups > n) retire_copies(f, (int)f->ngroups - n);
+}
+
+inline unsigned char* dynamic_shared() { return self()->launch->dyn_shared; }
+
+// ---- the scheduler -------------------------------------------------------------------------------
+inline void fiber_main() {
+    Fiber* f = self();
+    Launch* L = f->launch;
+    if (L->thread_fn(L->ctx, L->kernel_fn) != 0) {
+        L->callback_panicked = true;
+        set_error(L, "thread (%u,%u,%u): the launch callback panicked", f->tid.x, f->tid.y, f->tid.z);
+    }
+    // Copies still in flight at exit land (the GPU completes them too).
+    retire_copies(f, -1);
+    f->state = State::Exited;
+    leave_fiber(f);
+    __builtin_trap();  // an exited thread is never resumed
+}
+
+inline const char* op_name(int op, int sub) {
+    switch (op) {
+    case OpSyncThreads:
+        return sub == BarrierCount ? "__syncthreads_count" : sub == BarrierAnd ? "__syncthreads_and" : sub == BarrierOr ? "__syncthreads_or" : "__syncthreads";
+    case OpSyncWarp: return "__syncwarp";
+    case OpShfl: return sub == ShflIdx ? "__shfl_sync" : sub == ShflUp ? "__shfl_up_sync" : sub == ShflDown ? "__shfl_down_sync" : "__shfl_xor_sync";
+    case OpVote: return sub == VoteBallot ? "__ballot_sync" : sub == VoteAny ? "__any_sync" : sub == VoteAll ? "__all_sync" : "__uni_sync";
+    case OpReduce: return "__reduce_*_sync";
+    case OpMma: return sub == 0 ? "mma_16816<bf16>" : "mma_16816<f16>";
+    case OpLdmatrix: {
+        static const char* names[] = {"?", "ldmatrix_x1", "ldmatrix_x2", "?", "ldmatrix_x4"};
+        static const char* tnames[] = {"?", "ldmatrix_x1_trans", "ldmatrix_x2_trans", "?", "ldmatrix_x4_trans"};
+        return (sub & 16) ? tnames[sub & 7] : names[sub & 7];
+    }
+    default: return "?";
+    }
+}
+
+inline bool same_site(const Fiber* a, const Fiber* b) { return a->line == b->line && (a->file == b->file || strcmp(a->file, b->file) == 0); }
+
+// "threads 0-31: waiting at __syncthreads (softmax.cu:40); threads 32-63: exited; ..."
+inline void describe_threads(Launch* L, char* out, size_t cap) {
+    size_t n = 0;
+    int groups = 0;
+    auto key_equal = [](const Fiber* a, const Fiber* b) {
+        if (a->state != b->state) return false;
+        if (a->state == State::Exited || a->state == State::Runnable) return true;
+        return a->op == b->op && a->sub == b->sub && a->mask == b->mask && same_site(a, b);
+    };
+    for (unsigned i = 0; i < L->nthreads;) {
+        unsigned j = i + 1;
+        while (j < L->nthreads && key_equal(L->fibers[i], L->fibers[j])) ++j;
+        const Fiber* f = L->fibers[i];
+        char what[256];
+        if (f->state == State::Exited) snprintf(what, sizeof what, "exited");
+        else if (f->state == State::Runnable) snprintf(what, sizeof what, "runnable");
+        else if (f->state == State::AtBlockBarrier) snprintf(what, sizeof what, "waiting at %s (%s:%d)", op_name(f->op, f->sub), base_name(f->file), f->line);
+        else snprintf(what, sizeof what, "waiting at %s (%s:%d, mask 0x%08x)", op_name(f->op, f->sub), base_name(f->file), f->line, f->mask);
+        int w;
+        if (++groups > 12) {
+            w = snprintf(out + n, cap - n, "; ...");
+            n += w > 0 ? (size_t)w : 0;
+            break;
+        }
+        if (j - i == 1) w = snprintf(out + n, cap - n, "%sthread %u: %s", n ? "; " : "", i, what);
+        else w = snprintf(out + n, cap - n, "%sthreads %u-%u: %s", n ? "; " : "", i, j - 1, what);
+        if (w < 0 || (size_t)w >= cap - n) break;
+        n += (size_t)w;
+        i = j;
+    }
+}
+
+inline uint16_t half_at(uint64_t row_addr, unsigned k) { return reinterpret_cast<const uint16_t*>(row_addr)[k]; }
+
+// Completes a collective whose lanes (mask `m` of warp `w`) all wait at it: computes every lane's
+// result from all lanes' inputs. False (with the launch error set) on a fault.
+inline bool complete_collective(Launch* L, unsigned w, unsigned m) {
+    Fiber** lanes = L->fibers + 32 * w;
+    const Fiber* first = lanes[__builtin_ctz(m)];
+    const int op = first->op, sub = first->sub;
+    switch (op) {
+    case OpSyncWarp: break;
+    case OpShfl:
+        for (unsigned i = 0; i < 32; ++i) {
+            if (!((m >> i) & 1u)) continue;
+            Fiber* f = lanes[i];
+            const unsigned width = f->in[3], b = f->in[2] & 31u;
+            const unsigned segmask = (32u - width) & 31u;
+            const unsigned cval = sub == ShflUp ? 0u : 31u;
+            const int max_lane = (int)((i & segmask) | (cval & ~segmask)), min_lane = (int)(i & segmask);
+            int j;
+            bool ok;
+            switch (sub) {
+            case ShflUp: j = (int)i - (int)b; ok = j >= max_lane; break;
+            case ShflDown: j = (int)i + (int)b; ok = j <= max_lane; break;
+            case ShflXor: j = (int)(i ^ b); ok = j <= max_lane; break;
+            default: j = min_lane | (int)(b & ~segmask); ok = j <= max_lane; break;
+            }
+            if (!ok) j = (int)i;
+            if (!((m >> j) & 1u)) {
+                set_error(L, "%s (%s:%d, mask 0x%08x): lane %u of warp %u reads lane %d, which is not in the mask", op_name(op, sub), base_name(f->file), f->line, m, i, w, j);
+                return false;
+            }
+            f->out[0] = lanes[j]->in[0];
+            f->out[1] = lanes[j]->in[1];
+        }
+        break;
+    case OpVote: {
+        unsigned ballot = 0;
+        for (unsigned i = 0; i < 32; ++i)
+            if (((m >> i) & 1u) && lanes[i]->in[0]) ballot |= 1u << i;
+        const unsigned r = sub == VoteBallot ? ballot : sub == VoteAny ? (ballot != 0) : sub == VoteAll ? (ballot == m) : (ballot == 0 || ballot == m);
+        for (unsigned i = 0; i < 32; ++i)
+            if ((m >> i) & 1u) lanes[i]->out[0] = r;
+        break;
+    }
+    case OpReduce: {
+        unsigned r = sub == ReduceMinU ? 0xffffffffu : sub == ReduceMinI ? 0x7fffffffu : sub == ReduceMaxI ? 0x80000000u : sub == ReduceAnd ? 0xffffffffu : 0u;
+        for (unsigned i = 0; i < 32; ++i) {
+            if (!((m >> i) & 1u)) continue;
+            const unsigned v = lanes[i]->in[0];
+            switch (sub) {
+            case ReduceAddU: r += v; break;
+            case ReduceMinU: r = v < r ? v : r; break;
+            case ReduceMaxU: r = v > r ? v : r; break;
+            case ReduceMinI: r = (int)v < (int)r ? v : r; break;
+            case ReduceMaxI: r = (int)v > (int)r ? v : r; break;
+            case ReduceAnd: r &= v; break;
+            case ReduceOr: r |= v; break;
+            default: r ^= v; break;
+            }
+        }
+        for (unsigned i = 0; i < 32; ++i)
+            if ((m >> i) & 1u) lanes[i]->out[0] = r;
+        break;
+    }
+    case OpMma: {
+        // Fragments (PTX ISA, mma.m16n8k16 with 16-bit A/B, f32 C/D), lane = 4 g + t.
+        float A[16][16], B[16][8], C[16][8];
+        auto h = [sub](uint32_t v, int hi) {
+            const uint16_t x = (uint16_t)(hi ? v >> 16 : v & 0xffffu);
+            return sub == 0 ? bf16_bits_to_f32(x) : f16_bits_to_f32(x);
+        };
+        for (unsigned l = 0; l < 32; ++l) {
+            const uint32_t* in = lanes[l]->in;
+            const unsigned g = l >> 2, t = l & 3;
+            for (int k = 0; k < 2; ++k) {
+                A[g][2 * t + k] = h(in[0], k);
+                A[g + 8][2 * t + k] = h(in[1], k);
+                A[g][2 * t + 8 + k] = h(in[2], k);
+                A[g + 8][2 * t + 8 + k] = h(in[3], k);
+                B[2 * t + k][g] = h(in[4], k);
+                B[2 * t + 8 + k][g] = h(in[5], k);
+            }
+            C[g][2 * t] = bits_f32(in[6]);
+            C[g][2 * t + 1] = bits_f32(in[7]);
+            C[g + 8][2 * t] = bits_f32(in[8]);
+            C[g + 8][2 * t + 1] = bits_f32(in[9]);
+        }
+        // f32 accumulation in k order; products of 16-bit values are exact in f32.
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 8; ++j) {
+                float acc = C[i][j];
+                for (int k = 0; k < 16; ++k) acc += A[i][k] * B[k][j];
+                C[i][j] = acc;
+            }
+        for (unsigned l = 0; l < 32; ++l) {
+            const unsigned g = l >> 2, t = l & 3;
+            uint32_t* out = lanes[l]->out;
+            out[0] = f32_bits(C[g][2 * t]);
+            out[1] = f32_bits(C[g][2 * t + 1]);
+            out[2] = f32_bits(C[g + 8][2 * t]);
+            out[3] = f32_bits(C[g + 8][2 * t + 1]);
+        }
+        break;
+    }
+    case OpLdmatrix: {
+        // Matrix i's rows 0..7 come from lanes 8i..8i+7 (16 bytes each, 16-byte aligned).
+        const unsigned count = sub & 7;
+        const bool trans = (sub & 16) != 0;
+        uint64_t rows[4][8];
+        for (unsigned mi = 0; mi < count; ++mi)
+            for (unsigned r = 0; r < 8; ++r) {
+                const Fiber* f = lanes[8 * mi + r];
+                if (f->addr % 16 != 0 || f->addr == 0) {
+                    set_error(L, "%s (%s:%d): row address %p from lane %u is not 16-byte aligned", op_name(op, sub), base_name(f->file), f->line, (void*)f->addr, 8 * mi + r);
+                    return false;
+                }
+                rows[mi][r] = f->addr;
+            }
+        for (unsigned l = 0; l < 32; ++l) {
+            const unsigned g = l >> 2, t = l & 3;
+            for (unsigned mi = 0; mi < count; ++mi) {
+                uint32_t lo, hi;
+                if (trans) {
+                    lo = half_at(rows[mi][2 * t], g);
+                    hi = half_at(rows[mi][2 * t + 1], g);
+                } else {
+                    lo = half_at(rows[mi][g], 2 * t);
+                    hi = half_at(rows[mi][g], 2 * t + 1);
+                }
+                lanes[l]->out[mi] = lo | (hi << 16);
+            }
+        }
+        break;
+    }
+    default: break;
+    }
+    for (unsigned i = 0; i < 32; ++i)
+        if ((m >> i) & 1u) lanes[i]->state = State::Runnable;
+    return true;
+}
+
+// Releases the collectives of warp `w` that every lane of their mask has reached. Sets `released`;
+// false (with the launch error set) on an error.
+inline bool resolve_warp(Launch* L, unsigned w, bool& released) {
+    const unsigned first = 32 * w, nl = L->nthreads - first < 32 ? L->nthreads - first : 32;
+    Fiber** lanes = L->fibers + first;
+    for (unsigned i = 0; i < nl; ++i) {
+        Fiber* f = lanes[i];
+        if (f->state != State::AtWarp) continue;
+        const unsigned m = f->mask;
+        const char* what = op_name(f->op, f->sub);
+        if (!((m >> i) & 1u)) {
+            set_error(L, "%s (%s:%d): mask 0x%08x of lane %u of warp %u does not include the lane itself", what, base_name(f->file), f->line, m, i, w);
+            return false;
+        }
+        bool all_here = true;
+        for (unsigned j = 0; j < 32 && all_here; ++j) {
+            if (!((m >> j) & 1u)) continue;
+            if (j >= nl) {
+                set_error(L, "%s (%s:%d, mask 0x%08x): lane %u of warp %u does not exist (the block has %u threads)", what, base_name(f->file), f->line, m, j, w, L->nthreads);
+                return false;
+            }
+            const Fiber* o = lanes[j];
+            if (o->state == State::Exited) {
+                set_error(L, "%s (%s:%d, mask 0x%08x): lane %u of warp %u has exited, so the collective cannot complete", what, base_name(f->file), f->line, m, j, w);
+                return false;
+            }
+            // Shuffles, votes and __syncwarp match by kind and mask (divergent call sites may
+            // meet, as on sm_70+); mma and ldmatrix are .aligned: one instruction for all lanes.
+            const bool aligned = f->op == OpMma || f->op == OpLdmatrix;
+            all_here = o->state == State::AtWarp && o->op == f->op && o->sub == f->sub && o->mask == m && (!aligned || same_site(o, f));
+        }
+        if (!all_here) continue;
+        if (!complete_collective(L, w, m)) return false;
+        released = true;
+    }
+    return true;
+}
+
+// Releases the block barrier when every live thread waits at the same one.
+inline bool resolve_block_barrier(Launch* L, bool& released) {
+    const Fiber* first = nullptr;
+    unsigned count = 0, live = 0;
+    for (unsigned i = 0; i < L->nthreads; ++i) {
+        const Fiber* f = L->fibers[i];
+        if (f->state == State::Exited) continue;
+        if (f->state != State::AtBlockBarrier) return true;
+        ++live;
+        count += f->in[0];
+        if (!first) {
+            first = f;
+        } else if (!same_site(first, f) || first->sub != f->sub) {
+            char states[4096];
+            describe_threads(L, states, sizeof states);
+            set_error(L, "deadlock: threads wait at different block barriers: %s", states);
+            return false;
+        }
+    }
+    if (!first) return true;
+    const unsigned r = first->sub == BarrierCount ? count : first->sub == BarrierAnd ? (count == live) : first->sub == BarrierOr ? (count != 0) : 0;
+    for (unsigned i = 0; i < L->nthreads; ++i) {
+        Fiber* f = L->fibers[i];
+        if (f->state == State::AtBlockBarrier) {
+            f->out[0] = r;
+            f->state = State::Runnable;
+        }
+    }
+    released = true;
+    return true;
+}
+
+inline bool run_block(Launch* L) {
+    const unsigned bx = L->block.x, by = L->block.y;
+    for (unsigned i = 0; i < L->nthreads; ++i) {
+        Fiber* f = L->fibers[i];
+        f->launch = L;
+        f->tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
+        f->linear = i;
+        f->lane = i & 31;
+        f->warp = i >> 5;
+        f->state = State::Runnable;
+        f->op = OpNone;
+        f->ncopies = 0;
+        f->ngroups = 0;
+        reset_stack(f);
+    }
+    if (L->dyn_bytes) memset(L->dyn_shared, 0xff, L->dyn_bytes);
+    for (;;) {
+        bool any_live = false;
+        for (unsigned i = 0; i < L->nthreads; ++i) {
+            Fiber* f = L->fibers[i];
+            if (f->state == State::Runnable) {
+                enter_fiber(L, f);
+                if (L->failed) return false;
+            }
+            any_live |= f->state != State::Exited;
+        }
+        if (!any_live) return true;
+        bool released = false;
+        for (unsigned w = 0; w < L->nwarps; ++w)
+            if (!resolve_warp(L, w, released)) return false;
+        if (!released && !resolve_block_barrier(L, released)) return false;
+        if (!released) {
+            char states[4096];
+            describe_threads(L, states, sizeof states);
+            set_error(L, "deadlock: %s", states);
+            return false;
+        }
+    }
+}
+
+// Fiber regions of this module, grown on demand and kept for later launches.
+struct FiberPool {
+    Fiber* fibers[1024];
+    unsigned count;
+};
+inline FiberPool g_pool;
+inline pthread_mutex_t g_launch_mutex = PTHREAD_MUTEX_INITIALIZER;
+
+inline Fiber* new_fiber() {
+    const size_t size = 2 * kRegion;
+    void* m = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    const uintptr_t start = reinterpret_cast<uintptr_t>(m), base = (start + kRegion - 1) & ~(kRegion - 1);
+    if (base > start) munmap(m, base - start);
+    if (start + size > base + kRegion) munmap(reinterpret_cast<void*>(base + kRegion), start + size - (base + kRegion));
+    // Guard below the stack: an overflow faults instead of overwriting the header.
+    mprotect(reinterpret_cast<void*>(base + kHeader), 65536, PROT_NONE);
+    Fiber* f = reinterpret_cast<Fiber*>(base);
+    memset(f, 0, sizeof(Fiber));
+    f->magic = kMagic;
+    return f;
+}
+
+}  // namespace lookahead_emu
+
+// Runs kernel `kernel_fn` (named `kernel`, for messages) over grid x block threads: every thread
+// calls thread_fn(ctx, kernel_fn), which invokes the kernel with its arguments. Returns 0 when the
+// launch completed, 1 on an error (message in err), 2 when thread_fn reported a failure (a Rust
+// panic: the caller resumes it).
+extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const char* kernel, const void* kernel_fn, const unsigned* grid, const unsigned* block,
+                                                                        unsigned shared_bytes, int (*thread_fn)(void*, const void*), void* ctx, char* err,
+                                                                        size_t err_len) {
+    using namespace lookahead_emu;
+    auto fail = [&](const char* msg) {
+        if (err_len) snprintf(err, err_len, "%s", msg);
+        return 1;
+    };
+    char buf[256];
+    const uint64_t threads = (uint64_t)block[0] * block[1] * block[2];
+    if (block[0] == 0 || block[1] == 0 || block[2] == 0 || block[0] > 1024 || block[1] > 1024 || block[2] > 64 || threads > 1024) {
+        snprintf(buf, sizeof buf, "bad block (%u,%u,%u): each size >= 1, x, y <= 1024, z <= 64, at most 1024 threads", block[0], block[1], block[2]);
+        return fail(buf);
+    }
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 2147483647u || grid[1] > 65535 || grid[2] > 65535) {
+        snprintf(buf, sizeof buf, "bad grid (%u,%u,%u): each size >= 1, x < 2^31, y, z <= 65535", grid[0], grid[1], grid[2]);
+        return fail(buf);
+    }
+    if (shared_bytes > 227 * 1024) {
+        snprintf(buf, sizeof buf, "dynamic shared memory of %u bytes is over the 227 KiB a block can have", shared_bytes);
+        return fail(buf);
+    }
+    pthread_mutex_lock(&g_launch_mutex);
+    int rc = 0;
+    Launch* L = static_cast<Launch*>(calloc(1, sizeof(Launch)));
+    Fiber* fibers[1024];
+    while (L && g_pool.count < threads) {
+        Fiber* f = new_fiber();
+        if (!f) break;
+        g_pool.fibers[g_pool.count++] = f;
+    }
+    if (!L || g_pool.count < threads) {
+        pthread_mutex_unlock(&g_launch_mutex);
+        free(L);
+        return fail("out of memory for the emulated threads' stacks");
+    }
+    for (unsigned i = 0; i < threads; ++i) fibers[i] = g_pool.fibers[i];
+    L->kernel = kernel;
+    L->grid = uint3{grid[0], grid[1], grid[2]};
+    L->block = uint3{block[0], block[1], block[2]};
+    L->nthreads = (unsigned)threads;
+    L->nwarps = (L->nthreads + 31) / 32;
+    L->fibers = fibers;
+    L->thread_fn = thread_fn;
+    L->ctx = ctx;
+    L->kernel_fn = kernel_fn;
+    L->dyn_bytes = shared_bytes;
+    L->dyn_shared = shared_bytes ? static_cast<unsigned char*>(aligned_alloc(128, (shared_bytes + 127) / 128 * 128)) : nullptr;
+    for (unsigned z = 0; z < grid[2] && !L->failed; ++z)
+        for (unsigned y = 0; y < grid[1] && !L->failed; ++y)
+            for (unsigned x = 0; x < grid[0] && !L->failed; ++x) {
+                L->block_idx = uint3{x, y, z};
+                run_block(L);
+            }
+    if (L->failed) {
+        rc = L->callback_panicked ? 2 : 1;
+        if (err_len) snprintf(err, err_len, "%s", L->msg);
+    }
+    free(L->dyn_shared);
+    free(L);
+    pthread_mutex_unlock(&g_launch_mutex);
+    return rc;
+}
+
+// ---- built-in variables --------------------------------------------------------------------------
+#define threadIdx (::lookahead_emu::self()->tid)
+#define blockIdx (::lookahead_emu::self()->launch->block_idx)
+#define blockDim (::lookahead_emu::self()->launch->block)
+#define gridDim (::lookahead_emu::self()->launch->grid)
+
+// ---- synchronisation and warp intrinsics ---------------------------------------------------------
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::block_barrier(lookahead_emu::BarrierPlain, 0, file, line); }
+inline int __syncthreads_count(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return (int)lookahead_emu::block_barrier(lookahead_emu::BarrierCount, pred, file, line);
+}
+inline int __syncthreads_and(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return (int)lookahead_emu::block_barrier(lookahead_emu::BarrierAnd, pred, file, line);
+}
+inline int __syncthreads_or(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return (int)lookahead_emu::block_barrier(lookahead_emu::BarrierOr, pred, file, line);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    lookahead_emu::Fiber* f = lookahead_emu::self();
+    lookahead_emu::wait_at(f, lookahead_emu::State::AtWarp, lookahead_emu::OpSyncWarp, 0, mask, file, line);
+}
+template <typename T> inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return lookahead_emu::from_bits64<T>(lookahead_emu::shfl(lookahead_emu::ShflIdx, mask, lookahead_emu::to_bits64(var), src_lane, width, file, line));
+}
+template <typename T> inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return lookahead_emu::from_bits64<T>(lookahead_emu::shfl(lookahead_emu::ShflUp, mask, lookahead_emu::to_bits64(var), (int)delta, width, file, line));
+}
+template <typename T> inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return lookahead_emu::from_bits64<T>(lookahead_emu::shfl(lookahead_emu::ShflDown, mask, lookahead_emu::to_bits64(var), (int)delta, width, file, line));
+}
+template <typename T> inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return lookahead_emu::from_bits64<T>(lookahead_emu::shfl(lookahead_emu::ShflXor, mask, lookahead_emu::to_bits64(var), lane_mask, width, file, line));
+}
+inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return lookahead_emu::vote(lookahead_emu::VoteBallot, mask, pred, file, line);
+}
+inline int __any_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return (int)lookahead_emu::vote(lookahead_emu::VoteAny, mask, pred, file, line); }
+inline int __all_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return (int)lookahead_emu::vote(lookahead_emu::VoteAll, mask, pred, file, line); }
+inline int __uni_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return (int)lookahead_emu::vote(lookahead_emu::VoteUni, mask, pred, file, line); }
+inline unsigned __reduce_add_sync(unsigned mask, unsigned v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return lookahead_emu::warp_reduce(lookahead_emu::ReduceAddU, mask, v, file, line); }
+inline unsigned __reduce_min_sync(unsigned mask, unsigned v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return lookahead_emu::warp_reduce(lookahead_emu::ReduceMinU, mask, v, file, line); }
+inline unsigned __reduce_max_sync(unsigned mask, unsigned v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return lookahead_emu::warp_reduce(lookahead_emu::ReduceMaxU, mask, v, file, line); }
+inline int __reduce_add_sync(unsigned mask, int v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return (int)lookahead_emu::warp_reduce(lookahead_emu::ReduceAddU, mask, (unsigned)v, file, line); }
+inline int __reduce_min_sync(unsigned mask, int v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return (int)lookahead_emu::warp_reduce(lookahead_emu::ReduceMinI, mask, (unsigned)v, file, line); }
+inline int __reduce_max_sync(unsigned mask, int v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return (int)lookahead_emu::warp_reduce(lookahead_emu::ReduceMaxI, mask, (unsigned)v, file, line); }
+inline unsigned __reduce_and_sync(unsigned mask, unsigned v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return lookahead_emu::warp_reduce(lookahead_emu::ReduceAnd, mask, v, file, line); }
+inline unsigned __reduce_or_sync(unsigned mask, unsigned v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return lookahead_emu::warp_reduce(lookahead_emu::ReduceOr, mask, v, file, line); }
+inline unsigned __reduce_xor_sync(unsigned mask, unsigned v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { return lookahead_emu::warp_reduce(lookahead_emu::ReduceXor, mask, v, file, line); }
+// The lanes of the calling thread's warp that have not exited.
+inline unsigned __activemask() {
+    lookahead_emu::Fiber* f = lookahead_emu::self();
+    lookahead_emu::Launch* L = f->launch;
+    unsigned m = 0;
+    for (unsigned i = 0; i < 32 && 32 * f->warp + i < L->nthreads; ++i)
+        if (L->fibers[32 * f->warp + i]->state != lookahead_emu::State::Exited) m |= 1u << i;
+    return m;
+}
+inline void __threadfence() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_system() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+inline void __nanosleep(unsigned) {}
+[[noreturn]] inline void __trap() {
+    lookahead_emu::Fiber* f = lookahead_emu::self();
+    lookahead_emu::thread_error(f, "%s", "__trap()");
+}
+inline long long clock64() {
+    static long long t = 0;
+    return t += 1;
+}
+
+// ---- memory access hints -------------------------------------------------------------------------
+template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldca(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+template <typename T> inline T __ldcs(const T* p) { return *p; }
+template <typename T> inline T __ldlu(const T* p) { return *p; }
+template <typename T> inline T __ldcv(const T* p) { return *p; }
+template <typename T> inline void __stwb(T* p, T v) { *p = v; }
+template <typename T> inline void __stcg(T* p, T v) { *p = v; }
+template <typename T> inline void __stcs(T* p, T v) { *p = v; }
+template <typename T> inline void __stwt(T* p, T v) { *p = v; }
+
+// ---- atomics: one emulated thread runs at a time, so plain read-modify-write is atomic ------------
+template <typename T> inline T atomicAdd(T* p, std::type_identity_t<T> v) { T o = *p; *p = o + v; return o; }
+template <typename T> inline T atomicSub(T* p, std::type_identity_t<T> v) { T o = *p; *p = o - v; return o; }
+template <typename T> inline T atomicExch(T* p, std::type_identity_t<T> v) { T o = *p; *p = v; return o; }
+template <typename T> inline T atomicMin(T* p, std::type_identity_t<T> v) { T o = *p; *p = v < o ? v : o; return o; }
+template <typename T> inline T atomicMax(T* p, std::type_identity_t<T> v) { T o = *p; *p = v > o ? v : o; return o; }
+template <typename T> inline T atomicAnd(T* p, std::type_identity_t<T> v) { T o = *p; *p = o & v; return o; }
+template <typename T> inline T atomicOr(T* p, std::type_identity_t<T> v) { T o = *p; *p = o | v; return o; }
+template <typename T> inline T atomicXor(T* p, std::type_identity_t<T> v) { T o = *p; *p = o ^ v; return o; }
+template <typename T> inline T atomicCAS(T* p, std::type_identity_t<T> cmp, std::type_identity_t<T> v) { T o = *p; if (o == cmp) *p = v; return o; }
+inline unsigned atomicInc(unsigned* p, unsigned v) { unsigned o = *p; *p = o >= v ? 0 : o + 1; return o; }
+inline unsigned atomicDec(unsigned* p, unsigned v) { unsigned o = *p; *p = (o == 0 || o > v) ? v : o - 1; return o; }
+
+// ---- min / max (CUDA's overloads: the usual arithmetic conversions, fmin/fmax for floats) ------------
+template <typename A, typename B, typename = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
+inline std::common_type_t<A, B> min(A a, B b) {
+    using C = std::common_type_t<A, B>;
+    if constexpr (std::is_floating_point_v<C>) return fmin((C)a, (C)b);
+    else return (C)b < (C)a ? (C)b : (C)a;
+}
+template <typename A, typename B, typename = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
+inline std::common_type_t<A, B> max(A a, B b) {
+    using C = std::common_type_t<A, B>;
+    if constexpr (std::is_floating_point_v<C>) return fmax((C)a, (C)b);
+    else return (C)b > (C)a ? (C)b : (C)a;
+}
+
+// ---- float and integer intrinsics ----------------------------------------------------------------
+inline float __int_as_float(int v) { return __builtin_bit_cast(float, v); }
+inline int __float_as_int(float v) { return __builtin_bit_cast(int, v); }
+inline float __uint_as_float(unsigned v) { return __builtin_bit_cast(float, v); }
+inline unsigned __float_as_uint(float v) { return __builtin_bit_cast(unsigned, v); }
+inline double __longlong_as_double(long long v) { return __builtin_bit_cast(double, v); }
+inline long long __double_as_longlong(double v) { return __builtin_bit_cast(long long, v); }
+// The MUFU approximations (ex2 / lg2 of a scaled argument) as their f32 formulas: the rounding of
+// the scaled argument, the main error of __expf on large arguments, is the same.
+inline float __expf(float x) { return exp2f(x * 1.4426950408889634f); }
+inline float __exp10f(float x) { return exp2f(x * 3.3219280948873623f); }
+inline float __logf(float x) { return log2f(x) * 0.6931471805599453f; }
+inline float __log2f(float x) { return log2f(x); }
+inline float __log10f(float x) { return log2f(x) * 0.3010299956639812f; }
+inline float __powf(float x, float y) { return exp2f(y * log2f(x)); }
+inline float __sinf(float x) { return sinf(x); }
+inline float __cosf(float x) { return cosf(x); }
+inline float __tanf(float x) { return tanf(x); }
+inline void __sincosf(float x, float* s, float* c) { *s = sinf(x); *c = cosf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
+inline float __frsqrt_rn(float a) { return 1.0f / sqrtf(a); }
+inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
+inline double rsqrt(double a) { return 1.0 / sqrt(a); }
+inline float rcbrtf(float a) { return 1.0f / cbrtf(a); }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __saturatef(float x) { return x >= 1.0f ? 1.0f : x > 0.0f ? x : 0.0f; }
+inline float sinpif(float x) { return sinf(x * 3.14159265358979f); }
+inline float cospif(float x) { return cosf(x * 3.14159265358979f); }
+// cvt.rni / rzi / rmi / rpi to integers: NaN -> 0, saturating.
+template <typename I> inline I la_emu_float_to_int(float r) {
+    if (r != r) return 0;
+    if (r >= (float)std::numeric_limits<I>::max()) return std::numeric_limits<I>::max();
+    if (r <= (float)std::numeric_limits<I>::min()) return std::numeric_limits<I>::min();
+    return (I)r;
+}
+inline int __float2int_rn(float x) { return la_emu_float_to_int<int>(nearbyintf(x)); }
+inline int __float2int_rz(float x) { return la_emu_float_to_int<int>(truncf(x)); }
+inline int __float2int_rd(float x) { return la_emu_float_to_int<int>(floorf(x)); }
+inline int __float2int_ru(float x) { return la_emu_float_to_int<int>(ceilf(x)); }
+inline unsigned __float2uint_rn(float x) { return la_emu_float_to_int<unsigned>(nearbyintf(x)); }
+inline unsigned __float2uint_rz(float x) { return la_emu_float_to_int<unsigned>(truncf(x)); }
+inline long long __float2ll_rn(float x) { return la_emu_float_to_int<long long>(nearbyintf(x)); }
+inline long long __float2ll_rz(float x) { return la_emu_float_to_int<long long>(truncf(x)); }
+inline float __int2float_rn(int x) { return (float)x; }
+inline float __uint2float_rn(unsigned x) { return (float)x; }
+inline float __ll2float_rn(long long x) { return (float)x; }
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+inline int __mulhi(int a, int b) { return (int)(((long long)a * b) >> 32); }
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) { return (unsigned long long)(((unsigned __int128)a * b) >> 64); }
+inline long long __mul64hi(long long a, long long b) { return (long long)(((__int128)a * b) >> 64); }
+inline int __mul24(int a, int b) { return (int)((long long)((a << 8) >> 8) * ((b << 8) >> 8)); }
+inline unsigned __umul24(unsigned a, unsigned b) { return (a & 0xffffffu) * (b & 0xffffffu); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll((unsigned long long)x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline unsigned __brev(unsigned x) {
+    unsigned r = 0;
+    for (int i = 0; i < 32; ++i) r |= ((x >> i) & 1u) << (31 - i);
+    return r;
+}
+inline unsigned long long __brevll(unsigned long long x) { return ((unsigned long long)__brev((unsigned)x) << 32) | __brev((unsigned)(x >> 32)); }
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long v = ((unsigned long long)y << 32) | x;
+    unsigned r = 0;
+    for (int i = 0; i < 4; ++i) r |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return r;
+}
+inline unsigned __funnelshift_l(unsigned lo, unsigned hi, unsigned s) { return (unsigned)(((((unsigned long long)hi << 32) | lo) << (s & 31)) >> 32); }
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned s) { return (unsigned)((((unsigned long long)hi << 32) | lo) >> (s & 31)); }
+inline unsigned __funnelshift_lc(unsigned lo, unsigned hi, unsigned s) { return s >= 32 ? lo : __funnelshift_l(lo, hi, s); }
+inline unsigned __funnelshift_rc(unsigned lo, unsigned hi, unsigned s) { return s >= 32 ? hi : __funnelshift_r(lo, hi, s); }
+
+// ---- dynamic shared memory (common.cuh leaves LA_DYNAMIC_SHARED to the emulator) -------------------
+#define LA_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::lookahead_emu::dynamic_shared())
+
+// ---- the tensor-core wrappers of mma.cuh, by their PTX ISA definitions ------------------------------
+// Shared-memory "address": the emulator keeps generic pointers, so this is only the low bits.
+inline unsigned smem_u32(const void* p) { return (unsigned)reinterpret_cast<uintptr_t>(p); }
+
+template <typename T>
+inline void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const char* file = __builtin_FILE(), int line = __builtin_LINE());
+template <> inline void mma_16816<bf16>(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const char* file, int line) {
+    lookahead_emu::mma_16816(0, d, a, b, file, line);
+}
+template <> inline void mma_16816<f16>(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const char* file, int line) {
+    lookahead_emu::mma_16816(1, d, a, b, file, line);
+}
+
+inline void ldmatrix_x4(unsigned (&r)[4], const void* row, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::ldmatrix<4>(r, row, false, file, line); }
+inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::ldmatrix<4>(r, row, true, file, line); }
+inline void ldmatrix_x2(unsigned (&r)[2], const void* row, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::ldmatrix<2>(r, row, false, file, line); }
+inline void ldmatrix_x2_trans(unsigned (&r)[2], const void* row, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::ldmatrix<2>(r, row, true, file, line); }
+
+inline void cp_async_16(void* dst, const void* src, bool full, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::cp_async_16(dst, src, full, file, line); }
+inline void cp_async_commit() { lookahead_emu::cp_async_commit(); }
+// cp.async.wait_group N: retires the oldest committed groups until at most N are in flight.
+template <int N> inline void cp_async_wait() { lookahead_emu::cp_async_wait(N); }

@@ -1,0 +1,333 @@
+//! CPU emulation of the CUDA kernel families, for checking kernels without a GPU (kernels/emu).
+//!
+//! A .cu file is compiled by the host C++ compiler with `-DLOOKAHEAD_EMULATE` and the emulation
+//! header kernels/emu/cuda_emulator.h force-included, into a shared library that is loaded with
+//! libloading. A launch runs the blocks one after another and the threads of a block as fibers
+//! on the calling thread; each thread calls back into Rust, which calls the kernel (an
+//! `extern "C"` function of the library) with its arguments:
+//!
+//! ```text
+//! let m = kernels::emulate::EmulatedModule::load(&kernels::softmax::SOURCE)?;
+//! unsafe { m.launch("softmax_f32", (gx, 1, 1), (256, 1, 1), 0, &|f| {
+//!     let k: extern "C" fn(u64, u64, u32, u32, u32, i32) = std::mem::transmute(f);
+//!     k(x.as_ptr() as u64, y.as_mut_ptr() as u64, rows, cols, 32, 0);
+//! })? };
+//! ```
+//!
+//! Pointers passed to kernels are host pointers. The compiler is `LOOKAHEAD_CXX`, else `c++` or
+//! `g++` on PATH. Compiled modules are cached under `$LOOKAHEAD_KERNEL_CACHE/emu` (or the default
+//! kernel cache's `emu` folder; a temporary folder when the cache is off), keyed by a hash of the
+//! source, the headers, the emulation header, the flags and the compiler's version.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::compile::{KernelCache, KernelSource, HEADERS};
+
+/// The emulation header, force-included in every emulated build.
+pub const EMULATOR_HEADER: &str = include_str!("../emu/cuda_emulator.h");
+
+/// Bump when the cache layout or the build changes in a way the hash does not see.
+const CACHE_FORMAT: u32 = 1;
+
+/// Compiler flags of every emulated build (before `-include`, `-I` and the file). No strict
+/// aliasing: kernels reinterpret buffers as packs (as CUDA allows).
+const FLAGS: &[&str] = &["-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-fvisibility=hidden", "-DLOOKAHEAD_EMULATE"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulateError {
+    #[error("no C++ compiler for the CUDA emulator: {0}")]
+    NoCompiler(String),
+    #[error("{file}: emulated build with {compiler} failed:\n{log}")]
+    Compile { file: String, compiler: String, log: String },
+    #[error("{file}: {what}: {msg}")]
+    Io { file: String, what: &'static str, msg: String },
+    #[error("{file}: loading the emulated module failed: {msg}")]
+    Load { file: String, msg: String },
+    #[error("{file}: no kernel `{kernel}` (an extern \"C\" __global__ function) in the emulated module")]
+    MissingKernel { file: String, kernel: String },
+    #[error("kernel {kernel} ({file}): {msg}")]
+    Launch { kernel: String, file: String, msg: String },
+}
+
+/// The C++ compiler the emulator builds with: `LOOKAHEAD_CXX` (a path, or a name looked up on
+/// PATH), else `c++` or `g++` on PATH.
+pub fn find_compiler() -> Result<PathBuf, EmulateError> {
+    if let Some(v) = std::env::var_os("LOOKAHEAD_CXX").filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(&v);
+        let found = if p.components().count() > 1 { p.is_file().then_some(p.clone()) } else { on_path(&v.to_string_lossy()) };
+        return found.ok_or_else(|| EmulateError::NoCompiler(format!("LOOKAHEAD_CXX={} is not a file or a program on PATH", p.display())));
+    }
+    on_path("c++").or_else(|| on_path("g++")).ok_or_else(|| EmulateError::NoCompiler("neither c++ nor g++ is on PATH (set LOOKAHEAD_CXX)".into()))
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// `cxx --version`, once per compiler and process (part of the cache key).
+fn compiler_version(cxx: &Path) -> Result<String, EmulateError> {
+    static VERSIONS: OnceLock<Mutex<HashMap<PathBuf, String>>> = OnceLock::new();
+    let versions = VERSIONS.get_or_init(Default::default);
+    if let Some(v) = versions.lock().unwrap_or_else(|e| e.into_inner()).get(cxx) {
+        return Ok(v.clone());
+    }
+    let out = std::process::Command::new(cxx)
+        .arg("--version")
+        .output()
+        .map_err(|e| EmulateError::NoCompiler(format!("{} --version: {e}", cxx.display())))?;
+    if !out.status.success() {
+        return Err(EmulateError::NoCompiler(format!("{} --version failed: {}", cxx.display(), String::from_utf8_lossy(&out.stderr))));
+    }
+    let v = String::from_utf8_lossy(&out.stdout).into_owned();
+    versions.lock().unwrap_or_else(|e| e.into_inner()).insert(cxx.to_path_buf(), v.clone());
+    Ok(v)
+}
+
+/// Where emulated modules are kept: the kernel cache's `emu` folder, or a per-process temporary
+/// folder when the cache is off.
+fn cache_dir() -> PathBuf {
+    match KernelCache::from_env() {
+        KernelCache::Dir(d) => d.join("emu"),
+        KernelCache::Off => std::env::temp_dir().join(format!("lookahead-emu-{}", std::process::id())),
+    }
+}
+
+/// The C entry point of an emulated module (lookahead_emu_run in cuda_emulator.h).
+type RunFn = unsafe extern "C" fn(
+    kernel: *const c_char,
+    kernel_fn: *const c_void,
+    grid: *const u32,
+    block: *const u32,
+    shared_bytes: u32,
+    thread_fn: unsafe extern "C" fn(*mut c_void, *const c_void) -> c_int,
+    ctx: *mut c_void,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int;
+
+/// A .cu file compiled for the CPU emulator and loaded.
+pub struct EmulatedModule {
+    lib: libloading::Library,
+    run: RunFn,
+    /// The source as errors name it (kernels/cuda/NAME.cu, or the path given to `load_file`).
+    file: String,
+}
+
+impl std::fmt::Debug for EmulatedModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EmulatedModule({})", self.file)
+    }
+}
+
+impl EmulatedModule {
+    /// Builds (or takes from the cache) and loads a kernel family.
+    pub fn load(src: &KernelSource) -> Result<EmulatedModule, EmulateError> {
+        Self::build(src.name, src.code, &src.path())
+    }
+
+    /// Builds and loads any .cu file (e.g. the emulator's own test kernels, kernels/emu/tests/);
+    /// it may include the kernel headers ("common.cuh", "mma.cuh").
+    pub fn load_file(path: &Path) -> Result<EmulatedModule, EmulateError> {
+        let shown = path.display().to_string();
+        let code = std::fs::read_to_string(path).map_err(|e| EmulateError::Io { file: shown.clone(), what: "reading the source", msg: e.to_string() })?;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "kernel".into());
+        let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+        Self::build(&name, &code, &shown)
+    }
+
+    fn build(name: &str, code: &str, shown: &str) -> Result<EmulatedModule, EmulateError> {
+        let cxx = find_compiler()?;
+        let version = compiler_version(&cxx)?;
+        let mut h = Hash128::new();
+        h.add(&CACHE_FORMAT.to_le_bytes());
+        h.add(version.as_bytes());
+        for f in FLAGS {
+            h.add(f.as_bytes());
+        }
+        h.add(name.as_bytes());
+        h.add(code.as_bytes());
+        for (n, c) in HEADERS {
+            h.add(n.as_bytes());
+            h.add(c.as_bytes());
+        }
+        h.add(EMULATOR_HEADER.as_bytes());
+        let key = h.finish();
+        let dir = cache_dir();
+        let lib_path = dir.join(format!("{name}-{key:032x}.so"));
+        if !lib_path.is_file() {
+            // One build per module at a time in this process (parallel tests load the same ones).
+            static BUILDING: OnceLock<Mutex<HashMap<u128, Arc<Mutex<()>>>>> = OnceLock::new();
+            let lock = BUILDING.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().clone();
+            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if !lib_path.is_file() {
+                compile(&cxx, name, code, shown, &dir, &lib_path)?;
+            }
+        }
+        // SAFETY: the library is our own build of the emulation header and a kernel file; its
+        // initialisers only set up plain data.
+        let lib = unsafe { libloading::Library::new(&lib_path) }.map_err(|e| EmulateError::Load { file: shown.to_string(), msg: format!("{}: {e}", lib_path.display()) })?;
+        // SAFETY: lookahead_emu_run has the RunFn signature (cuda_emulator.h).
+        let run: RunFn = unsafe { lib.get::<RunFn>("lookahead_emu_run") }
+            .map(|s| *s)
+            .map_err(|e| EmulateError::Load { file: shown.to_string(), msg: format!("lookahead_emu_run: {e}") })?;
+        Ok(EmulatedModule { lib, run, file: shown.to_string() })
+    }
+
+    /// The source as errors name it.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// Runs `kernel` over `grid` blocks of `block` threads with `shared_bytes` of dynamic shared
+    /// memory (LA_DYNAMIC_SHARED): every emulated thread calls `call` with the kernel's address,
+    /// which it transmutes to the kernel's `extern "C" fn` type and calls with the arguments.
+    /// Deadlocks, faults the emulator detects and bad launch configurations come back as errors
+    /// naming the kernel; a panic in `call` is resumed here.
+    ///
+    /// # Safety
+    /// `call` must call the kernel with its exact signature, and every pointer argument must be
+    /// valid for what the kernel reads and writes.
+    pub unsafe fn launch(&self, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, call: &dyn Fn(*const c_void)) -> Result<(), EmulateError> {
+        let launch_err = |msg: String| EmulateError::Launch { kernel: kernel.to_string(), file: self.file.clone(), msg };
+        let missing = || EmulateError::MissingKernel { file: self.file.clone(), kernel: kernel.to_string() };
+        let c_kernel = CString::new(kernel).map_err(|_| missing())?;
+        // SAFETY: the symbol's address is only handed to `call`, which knows its type.
+        let kernel_fn: *const c_void = match unsafe { self.lib.get::<*const c_void>(c_kernel.as_c_str()) } {
+            Ok(s) if !s.is_null() => *s,
+            _ => return Err(missing()),
+        };
+        let grid = [grid.0, grid.1, grid.2];
+        let block = [block.0, block.1, block.2];
+        let callback = Callback { call, panic: Cell::new(None) };
+        let mut err = vec![0u8; 16384];
+        // SAFETY: the pointers live for the call; run_thread receives `callback` as its context.
+        let rc = unsafe {
+            (self.run)(
+                c_kernel.as_ptr(),
+                kernel_fn,
+                grid.as_ptr(),
+                block.as_ptr(),
+                shared_bytes,
+                run_thread,
+                &callback as *const Callback as *mut c_void,
+                err.as_mut_ptr() as *mut c_char,
+                err.len(),
+            )
+        };
+        if let Some(p) = callback.panic.take() {
+            std::panic::resume_unwind(p);
+        }
+        match rc {
+            0 => Ok(()),
+            _ => Err(launch_err(CStr::from_bytes_until_nul(&err).map(|c| c.to_string_lossy().into_owned()).unwrap_or_else(|_| "launch failed".into()))),
+        }
+    }
+}
+
+struct Callback<'a> {
+    call: &'a dyn Fn(*const c_void),
+    /// The first panic of a thread's call; the launch stops and `launch` resumes it.
+    panic: Cell<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+/// Runs on each emulated thread's fiber (all on the launching OS thread, one at a time).
+unsafe extern "C" fn run_thread(ctx: *mut c_void, kernel_fn: *const c_void) -> c_int {
+    // SAFETY: ctx is the &Callback `launch` passed, alive for the whole launch; fibers only share
+    // it through a shared reference and a Cell.
+    let cb = unsafe { &*(ctx as *const Callback) };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (cb.call)(kernel_fn))) {
+        Ok(()) => 0,
+        Err(p) => {
+            let first = cb.panic.take().unwrap_or(p);
+            cb.panic.set(Some(first));
+            1
+        }
+    }
+}
+
+/// Compiles `code` into `lib_path` in a scratch folder of `dir` (renamed into place, so that
+/// concurrent processes never load a half-written library).
+fn compile(cxx: &Path, name: &str, code: &str, shown: &str, dir: &Path, lib_path: &Path) -> Result<(), EmulateError> {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let io = |what: &'static str, e: std::io::Error| EmulateError::Io { file: shown.to_string(), what, msg: e.to_string() };
+    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let build = dir.join(format!(".build-{name}-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&build).map_err(|e| io("creating the build folder", e))?;
+    let result = (|| {
+        let src = build.join(format!("{name}.cu"));
+        std::fs::write(&src, code).map_err(|e| io("writing the source", e))?;
+        for (h, c) in HEADERS {
+            std::fs::write(build.join(h), c).map_err(|e| io("writing a header", e))?;
+        }
+        let emu_header = build.join("cuda_emulator.h");
+        std::fs::write(&emu_header, EMULATOR_HEADER).map_err(|e| io("writing the emulation header", e))?;
+        let out_tmp = build.join(format!("{name}.so"));
+        let output = std::process::Command::new(cxx)
+            .args(FLAGS)
+            .arg("-include")
+            .arg(&emu_header)
+            .arg("-I")
+            .arg(&build)
+            .arg("-x")
+            .arg("c++")
+            .arg(&src)
+            .arg("-o")
+            .arg(&out_tmp)
+            .output()
+            .map_err(|e| EmulateError::NoCompiler(format!("running {}: {e}", cxx.display())))?;
+        if !output.status.success() {
+            let mut log = String::from_utf8_lossy(&output.stderr).into_owned();
+            log.push_str(&String::from_utf8_lossy(&output.stdout));
+            // Name the files as they are in the repository rather than their scratch copies.
+            let prefix = format!("{}/", build.display());
+            let log = log
+                .replace(&format!("{prefix}{name}.cu"), shown)
+                .replace(&format!("{prefix}cuda_emulator.h"), "kernels/emu/cuda_emulator.h")
+                .replace(&prefix, "kernels/cuda/");
+            return Err(EmulateError::Compile { file: shown.to_string(), compiler: cxx.display().to_string(), log });
+        }
+        std::fs::rename(&out_tmp, lib_path).map_err(|e| io("moving the built library into the cache", e))
+    })();
+    let _ = std::fs::remove_dir_all(&build);
+    result
+}
+
+/// Two independent 64-bit FNV-1a streams (as kernels::compile's cache key): stable across Rust
+/// releases, unlike std's hashers.
+struct Hash128(u64, u64);
+
+impl Hash128 {
+    fn new() -> Self {
+        Hash128(0xcbf2_9ce4_8422_2325, 0x6c62_272e_07bb_0142)
+    }
+    fn add(&mut self, bytes: &[u8]) {
+        for &b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            self.1 = (self.1 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(5);
+        }
+    }
+    fn finish(&self) -> u128 {
+        ((self.0 as u128) << 64) | self.1 as u128
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_separates_fields() {
+        let mut a = Hash128::new();
+        a.add(b"ab");
+        a.add(b"c");
+        let mut b = Hash128::new();
+        b.add(b"a");
+        b.add(b"bc");
+        assert_ne!(a.finish(), b.finish());
+    }
+}
