@@ -207,6 +207,14 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Var) -> Result<Var> {
+        let mut active = self.loras.active();
+        if let (Some((a, s)), None) = (active.next(), active.next()) {
+            // One adapter (the usual case): the fused op adds the LoRA term inside the product that
+            // writes y. An adapter kept in another dtype (f32 master weights on a bf16 base) is
+            // cast to the base's dtype; the casts pass its gradients back.
+            let dt = self.weight.dtype();
+            return x.lora_linear(&self.weight, self.bias.as_ref(), &a.down.to_dtype(dt)?, &a.up.to_dtype(dt)?, s);
+        }
         let mut y = x.linear(&self.weight, self.bias.as_ref())?;
         for (a, s) in self.loras.active() {
             let d = x.to_dtype(a.down.dtype())?.linear(&a.down, None)?.linear(&a.up, None)?.mul_scalar(s)?;
