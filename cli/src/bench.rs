@@ -6,6 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use engine::ops::flash_attention::AttentionReference;
+use engine::ops::lora_linear::LoraGradsWanted;
 use engine::{Conv2dParams, DType, Device, Tensor};
 use serde::Serialize;
 
@@ -47,6 +49,15 @@ enum Op {
     Softmax { rows: usize, cols: usize },
     LayerNorm { rows: usize, cols: usize },
     Attention { b: usize, h: usize, lq: usize, lk: usize, d: usize },
+    /// Extended attention: lq queries over [lk own ; lr reference] keys (flash_attention); the
+    /// baseline runs SDPA on the concatenated keys, its best backend.
+    FlashAttention { b: usize, h: usize, lq: usize, lk: usize, lr: usize, d: usize },
+    /// dq, dk, dv, dk_ref, dv_ref of the above.
+    FlashAttentionBackward { b: usize, h: usize, lq: usize, lk: usize, lr: usize, d: usize },
+    /// y = x W^T + s (x A^T) B^T, x [m, k], W [n, k], rank r.
+    LoraLinear { m: usize, n: usize, k: usize, r: usize },
+    /// dx, dA, dB of the above (W frozen).
+    LoraLinearBackward { m: usize, n: usize, k: usize, r: usize },
     Add { len: usize },
     Copy { len: usize },
 }
@@ -69,6 +80,12 @@ impl Op {
                 (2.0 * f(n * k * oh * ow * c * r * r), "FLOP/s")
             }
             Op::Attention { b, h, lq, lk, d } => (4.0 * f(b * h * lq * lk * d), "FLOP/s"),
+            Op::FlashAttention { b, h, lq, lk, lr, d } => (4.0 * f(b * h * lq * (lk + lr) * d), "FLOP/s"),
+            // The usual count: the backward's five products are 2.5 times the forward's two.
+            Op::FlashAttentionBackward { b, h, lq, lk, lr, d } => (10.0 * f(b * h * lq * (lk + lr) * d), "FLOP/s"),
+            Op::LoraLinear { m, n, k, r } => (2.0 * f(m * n * k + m * r * (n + k)), "FLOP/s"),
+            // dx = dy W + s (dy B) A, dA = s u^T x, dB = s dy^T t.
+            Op::LoraLinearBackward { m, n, k, r } => (2.0 * f(m * n * k + 2 * m * r * (n + k)), "FLOP/s"),
             Op::GroupNorm { n, c, h, w, .. } => (2.0 * f(n * c * h * w * elem), "B/s"),
             // Reads x and dy, writes dx.
             Op::GroupNormBackward { n, c, h, w, .. } => (3.0 * f(n * c * h * w * elem), "B/s"),
@@ -93,6 +110,8 @@ fn cases(device: Device) -> Vec<Case> {
             case("softmax 10240x1024", Op::Softmax { rows: 10240, cols: 1024 }),
             case("layer_norm 4096x640", Op::LayerNorm { rows: 4096, cols: 640 }),
             case("attention b1 h10 1024x1024 d64", Op::Attention { b: 1, h: 10, lq: 1024, lk: 1024, d: 64 }),
+            case("ext attention b1 h10 1024x(1024+1024)", Op::FlashAttention { b: 1, h: 10, lq: 1024, lk: 1024, lr: 1024, d: 64 }),
+            case("lora_linear 4096x640x640 r4", Op::LoraLinear { m: 4096, n: 640, k: 640, r: 4 }),
             case("add 4M", Op::Add { len: 1 << 22 }),
         ]
     } else {
@@ -119,6 +138,18 @@ fn cases(device: Device) -> Vec<Case> {
             case("layer_norm 2048x1280", Op::LayerNorm { rows: 2048, cols: 1280 }),
             case("attention b2 h10 4096x4096 d64", Op::Attention { b: 2, h: 10, lq: 4096, lk: 4096, d: 64 }),
             case("attention b2 h20 1024x1024 d64", Op::Attention { b: 2, h: 20, lq: 1024, lk: 1024, d: 64 }),
+            case("ext attention b2 h10 4096x(4096+4096)", Op::FlashAttention { b: 2, h: 10, lq: 4096, lk: 4096, lr: 4096, d: 64 }),
+            case("ext attention b2 h20 1024x(1024+1024)", Op::FlashAttention { b: 2, h: 20, lq: 1024, lk: 1024, lr: 1024, d: 64 }),
+            case("ext attention bwd b2 h10 4096x(4096+4096)", Op::FlashAttentionBackward { b: 2, h: 10, lq: 4096, lk: 4096, lr: 4096, d: 64 }),
+            case("ext attention bwd b2 h20 1024x(1024+1024)", Op::FlashAttentionBackward { b: 2, h: 20, lq: 1024, lk: 1024, lr: 1024, d: 64 }),
+            case("lora_linear 8192x640x640 r4", Op::LoraLinear { m: 8192, n: 640, k: 640, r: 4 }),
+            case("lora_linear 8192x640x640 r16", Op::LoraLinear { m: 8192, n: 640, k: 640, r: 16 }),
+            case("lora_linear 8192x640x640 r64", Op::LoraLinear { m: 8192, n: 640, k: 640, r: 64 }),
+            case("lora_linear 2048x1280x1280 r4", Op::LoraLinear { m: 2048, n: 1280, k: 1280, r: 4 }),
+            case("lora_linear 2048x1280x1280 r16", Op::LoraLinear { m: 2048, n: 1280, k: 1280, r: 16 }),
+            case("lora_linear 2048x1280x1280 r64", Op::LoraLinear { m: 2048, n: 1280, k: 1280, r: 64 }),
+            case("lora_linear bwd 8192x640x640 r16", Op::LoraLinearBackward { m: 8192, n: 640, k: 640, r: 16 }),
+            case("lora_linear bwd 2048x1280x1280 r16", Op::LoraLinearBackward { m: 2048, n: 1280, k: 1280, r: 16 }),
         ]
     }
 }
@@ -172,6 +203,30 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn()
             let q = randn(&[b, h, lq, d], dtype, device, 1)?;
             let (k, v) = (randn(&[b, h, lk, d], dtype, device, 2)?, randn(&[b, h, lk, d], dtype, device, 3)?);
             Box::new(move || Tensor::scaled_dot_product_attention(&q, &k, &v, None, None))
+        }
+        Op::FlashAttention { b, h, lq, lk, lr, d } | Op::FlashAttentionBackward { b, h, lq, lk, lr, d } => {
+            let q = randn(&[b, h, lq, d], dtype, device, 1)?;
+            let (k, v) = (randn(&[b, h, lk, d], dtype, device, 2)?, randn(&[b, h, lk, d], dtype, device, 3)?);
+            let (kr, vr) = (randn(&[b, h, lr, d], dtype, device, 4)?, randn(&[b, h, lr, d], dtype, device, 5)?);
+            let scale = 1.0 / (d as f32).sqrt();
+            if matches!(op, Op::FlashAttention { .. }) {
+                Box::new(move || Tensor::flash_attention(&q, &k, &v, Some(AttentionReference { k: &kr, v: &vr, keep: None }), scale).map(|(o, _)| o))
+            } else {
+                let (o, lse) = Tensor::flash_attention(&q, &k, &v, Some(AttentionReference { k: &kr, v: &vr, keep: None }), scale)?;
+                let dout = randn(&[b, h, lq, d], dtype, device, 6)?;
+                Box::new(move || Tensor::flash_attention_backward(&q, &k, &v, Some(AttentionReference { k: &kr, v: &vr, keep: None }), scale, &o, &lse, &dout).map(|g| g.dq))
+            }
+        }
+        Op::LoraLinear { m, n, k, r } | Op::LoraLinearBackward { m, n, k, r } => {
+            let (x, wt) = (randn(&[m, k], dtype, device, 1)?, randn(&[n, k], dtype, device, 2)?);
+            let (a, b) = (randn(&[r, k], dtype, device, 3)?, randn(&[n, r], dtype, device, 4)?);
+            if matches!(op, Op::LoraLinear { .. }) {
+                Box::new(move || x.lora_linear(&wt, None, &a, &b, 0.5))
+            } else {
+                let dy = randn(&[m, n], dtype, device, 5)?;
+                let need = LoraGradsWanted { dx: true, da: true, db: true, ..Default::default() };
+                Box::new(move || x.lora_linear_backward(&wt, &a, &b, 0.5, &dy, need).map(|g| g.dx.expect("dx was asked for")))
+            }
         }
         Op::Add { len } => {
             let (x, y) = (randn(&[len], dtype, device, 1)?, randn(&[len], dtype, device, 2)?);
