@@ -123,7 +123,7 @@ fn naive_matmul(a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
 
 fn run_mma(m: &EmulatedModule, kernel: &str, x: &[u16], y: &[u16], c: &[f32]) -> Vec<f32> {
     let (x, y, c) = (Aligned::from(x), Aligned::from(y), Aligned::from(c));
-    let mut d = Aligned::<f32>::zeroed(MT * NT);
+    let d = Aligned::<f32>::zeroed(MT * NT);
     let dp = d.addr();
     // SAFETY: the kernel reads 512 u16 from x and y and 256 f32 from c, writes 256 f32 to d.
     unsafe {
@@ -212,4 +212,352 @@ fn ldmatrix_registers_follow_the_ptx_layout() {
             }
         }
     }
+}
+
+// ---- (a) cp.async ------------------------------------------------------------------------------------
+
+#[test]
+fn cp_async_lands_only_when_a_wait_retires_its_group() {
+    if !have_compiler("cp_async_lands_only_when_a_wait_retires_its_group") {
+        return;
+    }
+    let m = test_module("async_copy");
+    let src = Aligned::from(&(0..256).map(|i| i as f32 + 0.5).collect::<Vec<f32>>());
+    let snap = Aligned::<f32>::zeroed(3 * 256);
+    let sp = snap.addr();
+    // SAFETY: the kernel reads 256 floats and writes 768.
+    unsafe {
+        m.launch("cp_async_groups", (1, 1, 1), (32, 1, 1), 0, &|f| {
+            let k: extern "C" fn(u64, u64) = std::mem::transmute(f);
+            k(src.addr(), sp);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    let s = snap.as_ref();
+    for j in 0..128 {
+        let t = j / 4;
+        let group1 = if t % 2 == 0 { src.as_ref()[128 + j] } else { 0.0 };
+        assert_eq!((s[j], s[128 + j]), (-1.0, -2.0), "before any wait, element {j}: the old shared data");
+        assert_eq!((s[256 + j], s[256 + 128 + j]), (src.as_ref()[j], -2.0), "after cp_async_wait<1>, element {j}: group 0 landed, group 1 not yet");
+        assert_eq!((s[512 + j], s[512 + 128 + j]), (src.as_ref()[j], group1), "after cp_async_wait<0>, element {j} (odd threads zero-fill)");
+    }
+}
+
+#[test]
+fn cp_async_pipeline_without_its_wait_reads_stale_data() {
+    if !have_compiler("cp_async_pipeline_without_its_wait_reads_stale_data") {
+        return;
+    }
+    let m = test_module("async_copy");
+    let stages = 3u32;
+    let src = Aligned::from(&(0..256 * stages as usize).map(|i| i as f32).collect::<Vec<f32>>());
+    let run = |wait: i32| {
+        let out = Aligned::<f32>::zeroed(256 * stages as usize);
+        let op = out.addr();
+        // SAFETY: the kernel reads and writes 256 * stages floats.
+        unsafe {
+            m.launch("cp_async_pipeline", (1, 1, 1), (64, 1, 1), 0, &|f| {
+                let k: extern "C" fn(u64, u64, u32, i32) = std::mem::transmute(f);
+                k(src.addr(), op, stages, wait);
+            })
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+        out.as_ref().to_vec()
+    };
+    let want: Vec<f32> = (0..256 * stages as usize).map(|i| ((i / 256) * 256 + (((i % 256) / 4 + 1) % 64) * 4 + i % 4) as f32).collect();
+    assert_eq!(run(1), want, "with cp_async_wait<1> before the barrier");
+    assert!(run(0).iter().all(|&v| v == -1.0), "without the wait every read must see the stale buffer");
+}
+
+// ---- (a) warp collectives --------------------------------------------------------------------------
+
+/// The CUDA programming guide's shuffle definitions, lane by lane (independent of the PTX formula
+/// the emulator implements).
+fn shuffle_reference(input: &[i32], width: usize) -> Vec<i32> {
+    let mut out = vec![0i32; 10 * 64];
+    for warp in 0..2 {
+        let lanes = &input[32 * warp..32 * warp + 32];
+        let ballot = (0..32).filter(|&l| lanes[l] % 3 == 0).fold(0u32, |b, l| b | 1 << l);
+        for lane in 0..32 {
+            let t = 32 * warp + lane;
+            let seg = lane / width * width;
+            let v = lanes[lane];
+            out[t] = lanes[seg + (v as usize % 64) % width];
+            out[64 + t] = if lane - seg >= 3 { lanes[lane - 3] } else { v };
+            out[2 * 64 + t] = if lane - seg + 5 < width { lanes[lane + 5] } else { v };
+            // Xor may reach an earlier segment but not a later one.
+            out[3 * 64 + t] = if (lane ^ 6) < seg + width { lanes[lane ^ 6] } else { v };
+            out[4 * 64 + t] = ballot as i32;
+            out[5 * 64 + t] = (0..32).any(|l| lanes[l] == (32 * warp + l) as i32) as i32;
+            out[6 * 64 + t] = lanes.iter().all(|&x| x >= 0) as i32;
+            out[7 * 64 + t] = lanes.iter().sum();
+            out[8 * 64 + t] = (t ^ 1) as i32;
+            out[9 * 64 + t] = lanes[lane ^ 1];
+        }
+    }
+    out
+}
+
+#[test]
+fn shuffles_and_votes_follow_the_cuda_definitions() {
+    if !have_compiler("shuffles_and_votes_follow_the_cuda_definitions") {
+        return;
+    }
+    let m = test_module("warp");
+    // Distinct values; lane 33 holds its own index, so __any_sync differs between the warps.
+    let input: Vec<i32> = (0..64).map(|t| if t == 33 { 33 } else { (t * 37 + 11) % 101 + 100 }).collect();
+    for width in [32, 16, 8, 4, 2, 1] {
+        let out = vec![0i32; 10 * 64];
+        // SAFETY: the kernel reads 64 ints and writes 640.
+        unsafe {
+            m.launch("shuffles", (1, 1, 1), (64, 1, 1), 0, &|f| {
+                let k: extern "C" fn(*const i32, *mut i32, i32) = std::mem::transmute(f);
+                k(input.as_ptr(), out.as_ptr() as *mut i32, width);
+            })
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+        let want = shuffle_reference(&input, width as usize);
+        let names = ["shfl", "shfl_up", "shfl_down", "shfl_xor", "ballot", "any", "all", "reduce_add", "shfl_xor 64-bit (low)", "shfl_xor 64-bit (high)"];
+        for (q, name) in names.iter().enumerate() {
+            assert_eq!(&out[q * 64..q * 64 + 64], &want[q * 64..q * 64 + 64], "{name}, width {width}");
+        }
+    }
+}
+
+#[test]
+fn half_warp_masks_meet_at_different_call_sites() {
+    if !have_compiler("half_warp_masks_meet_at_different_call_sites") {
+        return;
+    }
+    let m = test_module("warp");
+    let input: Vec<i32> = (0..64).map(|t| t * 3 + 1).collect();
+    let out = vec![0i32; 64];
+    // SAFETY: the kernel reads and writes 64 ints.
+    unsafe {
+        m.launch("half_warp_masks", (1, 1, 1), (64, 1, 1), 0, &|f| {
+            let k: extern "C" fn(*const i32, *mut i32) = std::mem::transmute(f);
+            k(input.as_ptr(), out.as_ptr() as *mut i32);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out, (0..64).map(|t| input[t ^ 1]).collect::<Vec<i32>>());
+}
+
+// ---- (a) block behaviour ---------------------------------------------------------------------------
+
+#[test]
+fn barriers_count_only_threads_that_have_not_returned() {
+    if !have_compiler("barriers_count_only_threads_that_have_not_returned") {
+        return;
+    }
+    let m = test_module("block");
+    for (threads, live) in [(64u32, 40u32), (96, 96), (1024, 999)] {
+        let out = vec![-1i32; live as usize + 1];
+        // SAFETY: the kernel writes live + 1 ints.
+        unsafe {
+            m.launch("early_exit_barrier", (1, 1, 1), (threads, 1, 1), 0, &|f| {
+                let k: extern "C" fn(*mut i32, u32) = std::mem::transmute(f);
+                k(out.as_ptr() as *mut i32, live);
+            })
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+        let want: Vec<i32> = (0..live as i32).rev().chain([(0..live).filter(|t| t % 3 == 0).count() as i32]).collect();
+        assert_eq!(out, want, "{threads} threads, {live} live");
+    }
+}
+
+#[test]
+fn dynamic_shared_memory_is_poisoned_then_shared() {
+    if !have_compiler("dynamic_shared_memory_is_poisoned_then_shared") {
+        return;
+    }
+    let m = test_module("block");
+    let n = 77u32;
+    let out = vec![0f32; 2 * n as usize];
+    // SAFETY: the kernel uses n floats of dynamic shared memory and writes 2n floats.
+    unsafe {
+        m.launch("dynamic_shared", (2, 1, 1), (n, 1, 1), 4 * n, &|f| {
+            let k: extern "C" fn(*mut f32, u32) = std::mem::transmute(f);
+            k(out.as_ptr() as *mut f32, n);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    // The second block ran last: it must see poison again, not the first block's values.
+    assert!(out[..n as usize].iter().all(|v| v.to_bits() == 0xffff_ffff), "unwritten dynamic shared memory reads as 0xff bytes");
+    assert_eq!(&out[n as usize..], &(0..n).map(|t| 100.0 + (n - 1 - t) as f32).collect::<Vec<f32>>()[..]);
+}
+
+#[test]
+fn block_and_thread_indices_cover_a_3d_launch() {
+    if !have_compiler("block_and_thread_indices_cover_a_3d_launch") {
+        return;
+    }
+    let m = test_module("block");
+    let (grid, block) = ((3u32, 2u32, 2u32), (5u32, 3u32, 2u32));
+    let threads = (block.0 * block.1 * block.2) as usize;
+    let out = vec![0u32; (grid.0 * grid.1 * grid.2) as usize * threads];
+    // SAFETY: the kernel writes one u32 per thread of the grid.
+    unsafe {
+        m.launch("coordinates", grid, block, 0, &|f| {
+            let k: extern "C" fn(*mut u32) = std::mem::transmute(f);
+            k(out.as_ptr() as *mut u32);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut i = 0;
+    for bz in 0..grid.2 {
+        for by in 0..grid.1 {
+            for bx in 0..grid.0 {
+                for tz in 0..block.2 {
+                    for ty in 0..block.1 {
+                        for tx in 0..block.0 {
+                            assert_eq!(out[i], bx << 24 | by << 20 | bz << 16 | tx << 8 | ty << 4 | tz, "block ({bx},{by},{bz}) thread ({tx},{ty},{tz})");
+                            i += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// common.cuh's emulated cvt.rn.f16.f32 / cvt.f32.f16 against the half crate: every f16 value,
+/// every rounding midpoint and its f32 neighbours, the overflow and underflow edges.
+#[test]
+fn f16_conversions_match_the_half_crate() {
+    if !have_compiler("f16_conversions_match_the_half_crate") {
+        return;
+    }
+    let m = test_module("block");
+    let mut x: Vec<f32> = Vec::new();
+    for h in 0..0x7c00u16 {
+        let (v, next) = (f16::from_bits(h).to_f32(), f16::from_bits(h + 1).to_f32());
+        let mid = (v + next) / 2.0;
+        for y in [v, mid, f32::from_bits(mid.to_bits() - 1), f32::from_bits(mid.to_bits() + 1)] {
+            x.push(y);
+            x.push(-y);
+        }
+    }
+    x.extend([65504.0, 65519.996, 65520.0, 1.0e10, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, 1.0e-10, 2f32.powi(-25), 2f32.powi(-25) * 1.0000001, 2f32.powi(-24), 3.0 * 2f32.powi(-26)]);
+    let bits = vec![0u16; x.len()];
+    let back = vec![0f32; 65536];
+    // SAFETY: one thread reads x.len() floats, writes as many u16 and 65536 floats.
+    unsafe {
+        m.launch("f16_conversions", (1, 1, 1), (1, 1, 1), 0, &|f| {
+            let k: extern "C" fn(*const f32, *mut u16, u32, *mut f32) = std::mem::transmute(f);
+            k(x.as_ptr(), bits.as_ptr() as *mut u16, x.len() as u32, back.as_ptr() as *mut f32);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    for (i, &v) in x.iter().enumerate() {
+        let want = f16::from_f32(v);
+        if v.is_nan() {
+            assert!(f16::from_bits(bits[i]).is_nan(), "from_f32<f16>(NaN) must be NaN");
+        } else {
+            assert_eq!(bits[i], want.to_bits(), "from_f32<f16>({v:e})");
+        }
+    }
+    for h in 0..=u16::MAX {
+        let want = f16::from_bits(h).to_f32();
+        assert!(back[h as usize].to_bits() == want.to_bits() || (want.is_nan() && back[h as usize].is_nan()), "to_f32(f16 0x{h:04x})");
+    }
+}
+
+// ---- (a) errors: deadlocks, faults, launch configuration ---------------------------------------------
+
+fn launch_error(m: &EmulatedModule, kernel: &str, threads: u32) -> String {
+    let out = vec![0f32; threads as usize];
+    // SAFETY: the kernel writes at most one float per thread.
+    let r = unsafe {
+        m.launch(kernel, (1, 1, 1), (threads, 1, 1), 0, &|f| {
+            let k: extern "C" fn(*mut f32) = std::mem::transmute(f);
+            k(out.as_ptr() as *mut f32);
+        })
+    };
+    match r {
+        Err(e @ EmulateError::Launch { .. }) => e.to_string(),
+        other => panic!("{kernel}: expected a launch error, got {other:?}"),
+    }
+}
+
+#[test]
+fn deadlocks_are_errors_naming_kernel_and_barriers() {
+    if !have_compiler("deadlocks_are_errors_naming_kernel_and_barriers") {
+        return;
+    }
+    let m = test_module("deadlock");
+    let e = launch_error(&m, "barrier_vs_shuffle", 64);
+    for part in ["barrier_vs_shuffle", "deadlock", "__syncthreads (deadlock.cu:", "__shfl_xor_sync (deadlock.cu:", "thread 0:", "threads 1-31:"] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    let e = launch_error(&m, "different_barriers", 64);
+    for part in ["different_barriers", "different block barriers", "threads 0-31: waiting at __syncthreads", "threads 32-63: waiting at __syncthreads"] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    let e = launch_error(&m, "shuffle_after_exit", 32);
+    for part in ["shuffle_after_exit", "__shfl_xor_sync", "lane 5", "exited"] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+}
+
+#[test]
+fn bad_launches_are_errors() {
+    if !have_compiler("bad_launches_are_errors") {
+        return;
+    }
+    let m = test_module("block");
+    let out = vec![0u32; 4096];
+    let launch = |kernel: &str, grid, block, shared| {
+        // SAFETY: never runs a thread with these configurations but (1,1,1) x (64,1,1), which
+        // writes 64 u32.
+        unsafe {
+            m.launch(kernel, grid, block, shared, &|f| {
+                let k: extern "C" fn(*mut u32) = std::mem::transmute(f);
+                k(out.as_ptr() as *mut u32);
+            })
+        }
+    };
+    let e = launch("coordinates", (1, 1, 1), (1025, 1, 1), 0).unwrap_err().to_string();
+    assert!(e.contains("coordinates") && e.contains("bad block (1025,1,1)"), "{e}");
+    let e = launch("coordinates", (1, 1, 1), (32, 32, 2), 0).unwrap_err().to_string();
+    assert!(e.contains("at most 1024 threads"), "{e}");
+    let e = launch("coordinates", (0, 1, 1), (32, 1, 1), 0).unwrap_err().to_string();
+    assert!(e.contains("bad grid"), "{e}");
+    let e = launch("coordinates", (1, 1, 1), (32, 1, 1), 228 * 1024).unwrap_err().to_string();
+    assert!(e.contains("227 KiB"), "{e}");
+    match launch("no_such_kernel", (1, 1, 1), (32, 1, 1), 0) {
+        Err(e @ EmulateError::MissingKernel { .. }) => assert!(e.to_string().contains("no_such_kernel"), "{e}"),
+        other => panic!("expected MissingKernel, got {other:?}"),
+    }
+    launch("coordinates", (1, 1, 1), (64, 1, 1), 0).expect("a valid launch after failed ones");
+}
+
+#[test]
+fn a_panic_in_the_launch_callback_reaches_the_caller() {
+    if !have_compiler("a_panic_in_the_launch_callback_reaches_the_caller") {
+        return;
+    }
+    let m = test_module("block");
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: the callback panics before calling the kernel.
+        unsafe { m.launch("coordinates", (2, 1, 1), (64, 1, 1), 0, &|_| panic!("callback panic on purpose")) }
+    }));
+    let payload = r.expect_err("the panic must propagate");
+    assert_eq!(payload.downcast_ref::<&str>().copied(), Some("callback panic on purpose"));
+}
+
+#[test]
+fn compile_errors_name_the_file_and_show_the_compiler_output() {
+    if !have_compiler("compile_errors_name_the_file_and_show_the_compiler_output") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("lookahead-emu-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("broken_kernel.cu");
+    std::fs::write(&path, "#include \"common.cuh\"\nextern \"C\" __global__ void broken(float* y) { y[0] = undefined_name; }\n").unwrap();
+    let e = EmulatedModule::load_file(&path).unwrap_err();
+    let _ = std::fs::remove_dir_all(&dir);
+    let msg = e.to_string();
+    assert!(matches!(e, EmulateError::Compile { .. }), "{msg}");
+    assert!(msg.contains("broken_kernel.cu:2") && msg.contains("undefined_name"), "{msg}");
 }
