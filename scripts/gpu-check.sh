@@ -6,7 +6,8 @@
 #   <test>.log    each test executable's output (--test-threads=1 --nocapture); folded into one
 #                 tests.log if there are more than 5 of them
 #   bench.json    `lookahead bench --device cuda --baseline python3 --json`
-#   bench.txt     the same results as a table, plus the bench's stderr
+#   bench-experimental.json  the experimental-kernel families again, with those kernels on
+#   bench.txt     both as tables, plus the bench's stderr
 # Every step has a timeout inside one overall budget (BUDGET_S, default 330 s, so the whole run
 # stays under 6 minutes on an H100); a failing or hanging step is recorded and the next one runs.
 # Without a GPU the tests print that they skipped and the bench fails cleanly; summary.txt is
@@ -118,23 +119,31 @@ for n in "${names[@]}"; do
 done
 
 # ---- bench: JSON (with the PyTorch baseline timed in the same run), table rendered from it ----
+# Twice: as dispatched by default, then the experimental-kernel families with
+# LOOKAHEAD_EXPERIMENTAL_KERNELS=1 (kernels no GPU has run before: flash attention, the fused
+# LoRA GEMM, packed softmax / layer-norm rows, cluster group norm), for the on/off comparison.
 : > "$OUT/bench.txt"
 step "bench --device cuda --baseline python3" 150 "$OUT/bench.txt" sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json > '$OUT/bench.json'"
-if [ -s "$OUT/bench.json" ]; then
-    python3 - "$OUT/bench.json" >> "$OUT/bench.txt" 2>&1 << 'EOF'
+EXPERIMENTAL_FAMILIES="copy,ext attention,lora_linear,softmax,layer_norm,group_norm"
+step "bench (experimental kernels on)" 120 "$OUT/bench.txt" env LOOKAHEAD_EXPERIMENTAL_KERNELS=1 sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json --filter '$EXPERIMENTAL_FAMILIES' > '$OUT/bench-experimental.json'"
+for json in "$OUT/bench.json" "$OUT/bench-experimental.json"; do
+    [ -s "$json" ] || continue
+    python3 - "$json" >> "$OUT/bench.txt" 2>&1 << 'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"lookahead bench: {r.get('device')} ({r.get('device_name')}), {r.get('dtype')}")
-print(f"{'case':<38} {'ms':>10} {'throughput':>14} {'of copy':>8} {'torch ms':>12} {'speedup':>9}")
+print(f"\n{sys.argv[1].split('/')[-1]} -- lookahead bench: {r.get('device')} ({r.get('device_name')}), {r.get('dtype')}")
+print(f"{'case':<42} {'ms':>10} {'throughput':>14} {'of copy':>8} {'torch ms':>12} {'speedup':>9}")
 for row in r.get("rows", []):
     if row.get("error"):
-        print(f"{row['name']:<38} error: {row['error']}")
+        print(f"{row['name']:<42} error: {row['error']}")
         continue
     base, sp, oc = row.get("baseline_seconds"), row.get("speedup"), row.get("of_copy")
-    print(f"{row['name']:<38} {row['seconds'] * 1e3:>10.3f} {row['throughput'] / 1e9:>7.1f} G{row['unit']:<6} "
+    print(f"{row['name']:<42} {row['seconds'] * 1e3:>10.3f} {row['throughput'] / 1e9:>7.1f} G{row['unit']:<6} "
           f"{(f'{oc * 100:.0f}%' if oc else '-'):>8} {(f'{base * 1e3:.3f}' if base else '-'):>12} {(f'{sp:.2f}x' if sp else '-'):>9}")
+for name, d in ((r.get("baseline") or {}).get("details") or {}).items():
+    print(f"  torch {name}: {d}")
 EOF
-fi
+done
 
 # ---- at most 8 files come back: fold the test logs together if needed --------------------------
 count=$(find "$OUT" -maxdepth 1 -type f | wc -l)

@@ -25,8 +25,10 @@ if ! git check-ignore -q "$CARRY/x"; then
 fi
 
 tests=()
-for t in cuda_compile cuda_parity cuda_parity_linalg cuda_parity_norm cuda_parity_spatial; do
-    [ -f "tests/$t.rs" ] && tests+=("$t")
+# The compile check and every CUDA parity suite (tests/cuda_parity*.rs); not the emulator tests,
+# which need a C++ compiler and no GPU.
+for f in tests/cuda_compile.rs tests/cuda_parity*.rs; do
+    tests+=("$(basename "$f" .rs)")
 done
 test_args=()
 for t in "${tests[@]}"; do test_args+=(--test "$t"); done

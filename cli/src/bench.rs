@@ -21,7 +21,7 @@ pub struct BenchArgs {
     /// Element type of the inputs (default: f32 on the CPU, bf16 on CUDA).
     #[arg(long)]
     dtype: Option<String>,
-    /// Only cases whose name contains this text.
+    /// Only cases whose name contains this text (or one of several, separated by commas).
     #[arg(long)]
     filter: Option<String>,
     /// Python interpreter with torch: time the same cases with PyTorch in this run and show ratios.
@@ -315,7 +315,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some("f16") => DType::F16,
         Some(other) => bail!("--dtype {other}: expected f32, bf16 or f16"),
     };
-    let cases: Vec<Case> = cases(device).into_iter().filter(|c| args.filter.as_deref().is_none_or(|f| c.name.contains(f))).collect();
+    let cases: Vec<Case> = cases(device).into_iter().filter(|c| args.filter.as_deref().is_none_or(|f| f.split(',').any(|part| c.name.contains(part)))).collect();
     if cases.is_empty() {
         bail!("--filter {:?} matches no case", args.filter.unwrap_or_default());
     }
