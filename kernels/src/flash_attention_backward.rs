@@ -17,6 +17,108 @@
 /// and the dq f32 -> 16-bit conversion.
 pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention_backward", code: include_str!("../cuda/flash_attention_backward.cu"), options: &[] };
 
+/// Mirror of `FlashBwdParams` in kernels/cuda/flash_attention_backward.cu, field by field (the
+/// three kernels of the file take it by value; the .cu checks the same size, 496 bytes).
+/// Pointers are device (or, under the emulator, host) addresses; strides are in elements
+/// (batch, head, row; the dim stride is 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlashBackwardParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub k_ref: u64,
+    pub v_ref: u64,
+    /// u8 [B or 1, Lr], 1 = attend; 0 (null) = every reference token attends.
+    pub keep: u64,
+    pub out: u64,
+    pub dout: u64,
+    /// f32 [B, H, Lq], natural log.
+    pub lse: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+    pub dk_ref: u64,
+    pub dv_ref: u64,
+    /// f32 [B, H, Lq, D] contiguous scratch, zeroed by the prep kernel.
+    pub dq_accum: u64,
+    /// f32 [B, H, lq_pad] contiguous scratch each, written by the prep kernel.
+    pub lse2: u64,
+    pub delta: u64,
+    pub q_stride: [i64; 3],
+    pub k_stride: [i64; 3],
+    pub v_stride: [i64; 3],
+    pub k_ref_stride: [i64; 3],
+    pub v_ref_stride: [i64; 3],
+    pub out_stride: [i64; 3],
+    pub dout_stride: [i64; 3],
+    pub lse_stride: [i64; 3],
+    pub dq_stride: [i64; 3],
+    pub dk_stride: [i64; 3],
+    pub dv_stride: [i64; 3],
+    pub dk_ref_stride: [i64; 3],
+    pub dv_ref_stride: [i64; 3],
+    /// Lr for a [B, Lr] keep mask, 0 for one [Lr] row shared by the batch.
+    pub keep_batch_stride: i64,
+    pub batch: u32,
+    pub heads: u32,
+    pub lq: u32,
+    pub lk: u32,
+    pub lr: u32,
+    /// Lq rounded up to a multiple of 4 (`lq_pad`).
+    pub lq_pad: u32,
+    pub d: u32,
+    pub scale: f32,
+    /// scale * log2(e).
+    pub scale_log2: f32,
+    pub pad: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<FlashBackwardParams>() == 496);
+
+/// Threads of the prep and dq-conversion kernels' blocks (FAB_PREP_THREADS, FAB_DQ_THREADS).
+pub const PREP_THREADS: u32 = 256;
+pub const DQ_THREADS: u32 = 256;
+
+/// Tiles of the main kernel for one head dim (FabConfig in the .cu): `warps` warps of 16 keys
+/// each (bc = 16 warps keys a block), query tiles of `br` rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackwardTiles {
+    pub warps: u32,
+    pub br: usize,
+    pub bc: usize,
+}
+
+impl BackwardTiles {
+    /// The tiles of head dim `d`, or None when the kernels do not take it (only 64 and 128).
+    pub fn for_head_dim(d: usize) -> Option<BackwardTiles> {
+        match d {
+            64 => Some(BackwardTiles { warps: 8, br: 64, bc: 128 }),
+            128 => Some(BackwardTiles { warps: 4, br: 32, bc: 64 }),
+            _ => None,
+        }
+    }
+    pub fn threads(&self) -> u32 {
+        32 * self.warps
+    }
+    /// Dynamic shared memory of the main kernel (fab_shared_bytes<D>): K, V, two stages of Q and
+    /// dO, dS^T (all 16-bit) and two stages of lse2 and delta (f32).
+    pub fn shared_bytes(&self, d: usize) -> u32 {
+        (2 * (2 * self.bc * d + 4 * self.br * d + self.bc * self.br) + 16 * self.br) as u32
+    }
+}
+
+/// Lq rounded up to a multiple of 4: the per-head row length of the lse2 / delta scratch (16-byte
+/// chunks for cp.async).
+pub fn lq_pad(lq: usize) -> usize {
+    lq.div_ceil(4) * 4
+}
+
+/// Kernel names for a dtype name ("bf16" or "f16"): (prep, main for head dim d, dq conversion).
+pub fn kernel_names(dtype: &str, d: usize) -> (String, String, String) {
+    (format!("flash_bwd_prep_{dtype}"), format!("flash_bwd_{dtype}_d{d}"), format!("flash_bwd_dq_{dtype}"))
+}
+
 /// Rows of one [L, D] matrix of a head: row r is data[r * row_stride .. r * row_stride + d]
 /// (the last dim contiguous; any row stride, so [B, L, H, D] memory viewed as [B, H, L, D] is read
 /// in place).
