@@ -6,7 +6,6 @@
 //! uses (kernels/src/{softmax,norm}.rs), on odd sizes. Needs a C++ compiler (LOOKAHEAD_CXX, c++ or
 //! g++); without one every test prints "skipped: no C++ compiler" and passes, unless `CI` is set.
 
-use std::ffi::c_void;
 use std::path::PathBuf;
 
 use half::{bf16, f16};
@@ -560,4 +559,333 @@ fn compile_errors_name_the_file_and_show_the_compiler_output() {
     let msg = e.to_string();
     assert!(matches!(e, EmulateError::Compile { .. }), "{msg}");
     assert!(msg.contains("broken_kernel.cu:2") && msg.contains("undefined_name"), "{msg}");
+}
+
+// ---- (b) existing kernel families under emulation, against the CPU reference --------------------------
+
+/// The element types of the kernel families, as stored in the buffers the kernels see.
+#[derive(Clone, Copy, Debug)]
+enum Dt {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dt {
+    fn name(self) -> &'static str {
+        match self {
+            Dt::F32 => "f32",
+            Dt::Bf16 => "bf16",
+            Dt::F16 => "f16",
+        }
+    }
+    /// `v` after a round trip through this type (what the kernel reads).
+    fn round(self, v: f32) -> f32 {
+        match self {
+            Dt::F32 => v,
+            Dt::Bf16 => bf16::from_f32(v).to_f32(),
+            Dt::F16 => f16::from_f32(v).to_f32(),
+        }
+    }
+    /// A 16-byte aligned buffer holding `v` in this type.
+    fn encode(self, v: &[f32]) -> Aligned<u8> {
+        let bytes: Vec<u8> = match self {
+            Dt::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Dt::Bf16 => v.iter().flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
+            Dt::F16 => v.iter().flat_map(|&x| f16::from_f32(x).to_bits().to_le_bytes()).collect(),
+        };
+        Aligned::from(&bytes)
+    }
+    fn zeroed(self, n: usize) -> Aligned<u8> {
+        Aligned::zeroed(n * if matches!(self, Dt::F32) { 4 } else { 2 })
+    }
+    fn decode(self, b: &Aligned<u8>) -> Vec<f32> {
+        match self {
+            Dt::F32 => b.as_ref().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dt::Bf16 => b.as_ref().chunks(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+            Dt::F16 => b.as_ref().chunks(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        }
+    }
+    /// (atol, rtol): f32 results differ from the f64-accumulating CPU by a few ulps; 16-bit
+    /// results may round one step the other way.
+    fn tolerance(self) -> (f32, f32) {
+        match self {
+            Dt::F32 => (2e-6, 2e-5),
+            Dt::Bf16 => (1e-5, 1.0 / 128.0),
+            Dt::F16 => (1e-6, 1.0 / 1024.0),
+        }
+    }
+}
+
+/// Row inputs with the cases the kernels treat specially: row 0 has a -inf entry (softmax gives
+/// an exact 0 there), row 1 sits at a large offset (the max shift matters).
+fn row_inputs(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut x: Vec<f32> = values(rows * cols, seed).iter().map(|v| v * 4.0).collect();
+    x[3.min(cols - 1)] = f32::NEG_INFINITY;
+    if rows > 1 {
+        for v in &mut x[cols..2 * cols] {
+            *v += 60.0;
+        }
+    }
+    x
+}
+
+/// engine/src/cuda/norm.rs: threads a row of the register-cached row kernels (16 values a
+/// thread), and their launch: 8 rows a 256-thread block in warp mode, else a block per row.
+fn cached_rows_launch(rows: usize, cols: usize, max_block: usize) -> Option<(u32, (u32, u32, u32), (u32, u32, u32))> {
+    let tpr = cols.div_ceil(16).div_ceil(32).max(1) * 32;
+    (tpr <= max_block).then(|| if tpr == 32 { (32, (rows.div_ceil(8) as u32, 1, 1), (256, 1, 1)) } else { (tpr as u32, (rows as u32, 1, 1), (tpr as u32, 1, 1)) })
+}
+
+/// engine/src/cuda/norm.rs packed_rows_config: a power-of-two tpr holding 32 values a thread,
+/// blocks of max(256, tpr) threads.
+fn packed_rows_launch(rows: usize, cols: usize) -> (u32, (u32, u32, u32), (u32, u32, u32)) {
+    let tpr = cols.div_ceil(32).next_power_of_two().max(32);
+    let block = tpr.max(256);
+    (tpr as u32, (rows.div_ceil(block / tpr) as u32, 1, 1), (block as u32, 1, 1))
+}
+
+fn softmax_reference(x: &[f32], cols: usize, log: bool) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    if log {
+        kernels::softmax::log_softmax_rows(x, cols, &mut out);
+    } else {
+        kernels::softmax::softmax_rows(x, cols, &mut out);
+    }
+    out
+}
+
+/// Runs one softmax kernel of softmax.cu on `rows` x `cols` inputs and checks it.
+fn check_softmax(m: &EmulatedModule, kind: &str, dt: Dt, rows: usize, cols: usize, log: bool) {
+    let x = row_inputs(rows, cols, (rows * 1000 + cols) as u64);
+    let xb = dt.encode(&x);
+    let y = dt.zeroed(rows * cols);
+    let (xp, yp, r32, c32, lm) = (xb.addr(), y.addr(), rows as u32, cols as u32, log as i32);
+    let name = format!("{kind}_{}", dt.name());
+    // SAFETY: the kernels read rows * cols elements of x and write as many of y; the argument
+    // lists are those of softmax.cu.
+    let result = unsafe {
+        match kind {
+            "softmax_long" => m.launch(&name, (rows as u32, 1, 1), (1024, 1, 1), 0, &|f| {
+                let k: extern "C" fn(u64, u64, u32, i32) = std::mem::transmute(f);
+                k(xp, yp, c32, lm);
+            }),
+            _ => {
+                let (tpr, grid, block) = if kind == "softmax_packed" { packed_rows_launch(rows, cols) } else { cached_rows_launch(rows, cols, 1024).expect("row fits the cached kernel") };
+                m.launch(&name, grid, block, 0, &|f| {
+                    let k: extern "C" fn(u64, u64, u32, u32, u32, i32) = std::mem::transmute(f);
+                    k(xp, yp, r32, c32, tpr, lm);
+                })
+            }
+        }
+    };
+    result.unwrap_or_else(|e| panic!("{e}"));
+    let rounded: Vec<f32> = x.iter().map(|&v| dt.round(v)).collect();
+    let want: Vec<f32> = softmax_reference(&rounded, cols, log).iter().map(|&v| dt.round(v)).collect();
+    let (atol, rtol) = dt.tolerance();
+    assert_close(&format!("{name} {rows}x{cols} log={log}"), &dt.decode(&y), &want, atol, rtol);
+}
+
+#[test]
+fn softmax_cached_and_long_kernels_match_the_cpu() {
+    if !have_compiler("softmax_cached_and_long_kernels_match_the_cpu") {
+        return;
+    }
+    let m = family(&kernels::softmax::SOURCE);
+    for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
+        // Warp per row (scalar and 16-byte packs), a block of 64 threads per row.
+        for (rows, cols) in [(13, 45), (11, 296), (5, 1000)] {
+            for log in [false, true] {
+                check_softmax(&m, "softmax", dt, rows, cols, log);
+            }
+        }
+    }
+    check_softmax(&m, "softmax_long", Dt::F32, 2, 17001, false);
+    check_softmax(&m, "softmax_long", Dt::Bf16, 2, 16390, true);
+}
+
+/// softmax_packed_DT (never run on a GPU yet): tpr 32 with 8 rows a block (a partly filled last
+/// block), tpr 128 with 2 rows a block, tpr 512 with one row a block.
+#[test]
+fn softmax_packed_kernels_match_the_cpu() {
+    if !have_compiler("softmax_packed_kernels_match_the_cpu") {
+        return;
+    }
+    let m = family(&kernels::softmax::SOURCE);
+    for dt in [Dt::Bf16, Dt::F16] {
+        for (rows, cols) in [(13, 200), (7, 1000), (5, 2056), (3, 9000)] {
+            for log in [false, true] {
+                check_softmax(&m, "softmax_packed", dt, rows, cols, log);
+            }
+        }
+    }
+}
+
+/// (weight, bias) of `cols` channels, or absent.
+fn affine_params(cols: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let w = values(cols, seed).iter().map(|v| 1.0 + 0.5 * v).collect();
+    let b = values(cols, seed + 1).iter().map(|v| 0.25 * v).collect();
+    (w, b)
+}
+
+fn check_layer_norm(m: &EmulatedModule, kind: &str, dt: Dt, rows: usize, cols: usize, with_affine: bool) {
+    let eps = 1e-5f32;
+    let mut x: Vec<f32> = values(rows * cols, (rows * 7 + cols) as u64).iter().map(|v| 3.0 * v).collect();
+    if rows > 1 {
+        for v in &mut x[cols..2 * cols] {
+            *v += 100.0; // a large common offset: the statistics must not lose the spread
+        }
+    }
+    let (w, b) = affine_params(cols, cols as u64);
+    let (wb, bb) = (Aligned::from(&w), Aligned::from(&b));
+    let (wp, bp) = if with_affine { (wb.addr(), bb.addr()) } else { (0, 0) };
+    let xb = dt.encode(&x);
+    let y = dt.zeroed(rows * cols);
+    let (xp, yp, r32, c32) = (xb.addr(), y.addr(), rows as u32, cols as u32);
+    let name = format!("{kind}_{}", dt.name());
+    // SAFETY: argument lists of norm.cu's layer-norm kernels; x and y hold rows * cols elements,
+    // w and b cols floats (or are null).
+    let result = unsafe {
+        match kind {
+            "layer_norm_long" => m.launch(&name, (rows as u32, 1, 1), (1024, 1, 1), 0, &|f| {
+                let k: extern "C" fn(u64, u64, u64, u64, u32, f32) = std::mem::transmute(f);
+                k(xp, yp, wp, bp, c32, eps);
+            }),
+            _ => {
+                let (tpr, grid, block) = if kind == "layer_norm_packed" { packed_rows_launch(rows, cols) } else { cached_rows_launch(rows, cols, 512).expect("row fits the cached kernel") };
+                m.launch(&name, grid, block, 0, &|f| {
+                    let k: extern "C" fn(u64, u64, u64, u64, u32, u32, u32, f32) = std::mem::transmute(f);
+                    k(xp, yp, wp, bp, r32, c32, tpr, eps);
+                })
+            }
+        }
+    };
+    result.unwrap_or_else(|e| panic!("{e}"));
+    let rounded: Vec<f32> = x.iter().map(|&v| dt.round(v)).collect();
+    let mut want = vec![0f32; rows * cols];
+    let affine = with_affine.then_some((&w[..], &b[..]));
+    kernels::norm::layer_norm_rows(&rounded, cols, affine.map(|a| a.0), affine.map(|a| a.1), eps, &mut want);
+    let want: Vec<f32> = want.iter().map(|&v| dt.round(v)).collect();
+    let (atol, rtol) = dt.tolerance();
+    // Normalised values near zero carry the statistics' absolute error.
+    assert_close(&format!("{name} {rows}x{cols} affine={with_affine}"), &dt.decode(&y), &want, atol.max(2e-5), rtol);
+}
+
+#[test]
+fn layer_norm_cached_and_long_kernels_match_the_cpu() {
+    if !have_compiler("layer_norm_cached_and_long_kernels_match_the_cpu") {
+        return;
+    }
+    let m = family(&kernels::norm::SOURCE);
+    for dt in [Dt::F32, Dt::Bf16, Dt::F16] {
+        for (rows, cols) in [(13, 45), (9, 296), (3, 1000)] {
+            check_layer_norm(&m, "layer_norm", dt, rows, cols, true);
+        }
+    }
+    check_layer_norm(&m, "layer_norm", Dt::F32, 5, 77, false);
+    check_layer_norm(&m, "layer_norm_long", Dt::F32, 2, 9001, true);
+}
+
+/// layer_norm_packed_DT (never run on a GPU yet), with and without weight and bias.
+#[test]
+fn layer_norm_packed_kernels_match_the_cpu() {
+    if !have_compiler("layer_norm_packed_kernels_match_the_cpu") {
+        return;
+    }
+    let m = family(&kernels::norm::SOURCE);
+    for dt in [Dt::Bf16, Dt::F16] {
+        for (rows, cols) in [(13, 200), (7, 1000), (5, 2056), (3, 9000)] {
+            check_layer_norm(&m, "layer_norm_packed", dt, rows, cols, true);
+        }
+        check_layer_norm(&m, "layer_norm_packed", dt, 9, 64, false);
+    }
+}
+
+/// Group norm through its two-phase kernels (norm.cu): gn_stats_{nchw,nhwc}_DT -> gn_finalize_DT
+/// -> affine_apply_DT, as engine/src/cuda/norm.rs launches them, against kernels::norm::group_norm,
+/// and the finalized (mean, rstd) against an f64 computation.
+#[allow(clippy::too_many_arguments)]
+fn check_group_norm(m: &EmulatedModule, dt: Dt, n: usize, c: usize, hw: usize, groups: usize, channels_last: bool, lanes: usize, silu: bool) {
+    let eps = 1e-5f32;
+    let label = format!("group norm {} n={n} c={c} hw={hw} g={groups} channels_last={channels_last} lanes={lanes} silu={silu}", dt.name());
+    // NCHW values; channel k of sample 1 sits at an offset (shifted sums must keep the spread).
+    let x: Vec<f32> = values(n * c * hw, (c * hw) as u64).iter().enumerate().map(|(i, v)| 2.0 * v + if i / (c * hw) == 1 { 40.0 } else { 0.0 }).collect();
+    let x: Vec<f32> = x.iter().map(|&v| dt.round(v)).collect();
+    let stored: Vec<f32> = if channels_last { (0..n * hw * c).map(|i| x[(i / (hw * c) * c + i % c) * hw + i / c % hw]).collect() } else { x.clone() };
+    let (w, b) = affine_params(c, 3);
+    let (wb, bb) = (Aligned::from(&w), Aligned::from(&b));
+    let xb = dt.encode(&stored);
+    let part = Aligned::<f32>::zeroed(3 * n * c * lanes);
+    let stats = Aligned::<f32>::zeroed(2 * n * groups);
+    let coef = Aligned::<f32>::zeroed(4 * n * c);
+    let y = dt.zeroed(n * c * hw);
+    let (xp, pp, sp, cp, yp, wp, bp) = (xb.addr(), part.addr(), stats.addr(), coef.addr(), y.addr(), wb.addr(), bb.addr());
+    let (n32, c32, hw32, g32, l32, cl) = (n as u32, c as u32, hw as u32, groups as u32, lanes as u32, channels_last as i32);
+    let chunk = (hw.div_ceil(lanes).div_ceil(8) * 8) as u32;
+    let dtn = dt.name();
+    // SAFETY: argument lists of norm.cu's group-norm kernels; part holds 3 N C L floats, stats
+    // 2 N G, coef 4 N C, x and y N C HW elements, w and b C floats.
+    unsafe {
+        if channels_last {
+            m.launch(&format!("gn_stats_nhwc_{dtn}"), (l32, n32, 1), (256, 1, 1), 0, &|f| {
+                let k: extern "C" fn(u64, u64, u32, u32) = std::mem::transmute(f);
+                k(xp, pp, c32, hw32);
+            })
+        } else {
+            assert!(hw.div_ceil(chunk as usize) == lanes, "{label}: lanes must cover hw in chunks of a multiple of 8");
+            m.launch(&format!("gn_stats_nchw_{dtn}"), ((n * c) as u32, l32, 1), (256, 1, 1), 0, &|f| {
+                let k: extern "C" fn(u64, u64, u32, u32) = std::mem::transmute(f);
+                k(xp, pp, hw32, chunk);
+            })
+        }
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        m.launch(&format!("gn_finalize_{dtn}"), ((n * groups) as u32, 1, 1), (256, 1, 1), 0, &|f| {
+            let k: extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, u32, i32, f32) = std::mem::transmute(f);
+            k(xp, pp, sp, cp, wp, bp, n32, c32, hw32, g32, l32, cl, eps);
+        })
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let v = if matches!(dt, Dt::F32) { 4 } else { 8 };
+        let per = if (if channels_last { c } else { hw }) % v == 0 { v } else { 1 };
+        let total = n * c * hw;
+        m.launch(&format!("affine_apply_{dtn}"), (total.div_ceil(per).div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, &|f| {
+            let k: extern "C" fn(u64, u64, u64, u32, u32, u32, u32, i32, i32) = std::mem::transmute(f);
+            k(xp, yp, cp, total as u32, c32, hw32, c32, cl, silu as i32);
+        })
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    }
+    // Statistics against f64.
+    let cpg = c / groups;
+    for s in 0..n {
+        for g in 0..groups {
+            let vals = &x[(s * c + g * cpg) * hw..(s * c + (g + 1) * cpg) * hw];
+            let mean = vals.iter().map(|&v| v as f64).sum::<f64>() / vals.len() as f64;
+            let var = vals.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+            let rstd = 1.0 / (var + eps as f64).sqrt();
+            let (gm, gr) = (stats.as_ref()[2 * (s * groups + g)], stats.as_ref()[2 * (s * groups + g) + 1]);
+            assert!((gm as f64 - mean).abs() <= 1e-5 * (1.0 + mean.abs()) && (gr as f64 - rstd).abs() <= 1e-4 * rstd, "{label}: (mean, rstd) of sample {s} group {g} = ({gm}, {gr}), f64 gives ({mean}, {rstd})");
+        }
+    }
+    let mut want = vec![0f32; n * c * hw];
+    kernels::norm::group_norm(&x, n, c, hw, groups, Some(&w), Some(&b), eps, silu, &mut want);
+    let got = dt.decode(&y);
+    let got: Vec<f32> = if channels_last { (0..n * c * hw).map(|i| got[(i / (c * hw) * hw + i % hw) * c + i / hw % c]).collect() } else { got };
+    let want: Vec<f32> = want.iter().map(|&v| dt.round(v)).collect();
+    let (atol, rtol) = dt.tolerance();
+    assert_close(&label, &got, &want, atol.max(3e-5), rtol.max(3e-5));
+}
+
+#[test]
+fn group_norm_statistics_and_apply_kernels_match_the_cpu() {
+    if !have_compiler("group_norm_statistics_and_apply_kernels_match_the_cpu") {
+        return;
+    }
+    let m = family(&kernels::norm::SOURCE);
+    // NCHW: HW not a multiple of the pack (scalar path) and a multiple (16-byte packs), several
+    // lanes per plane; channels-last: C a multiple of the pack and not.
+    check_group_norm(&m, Dt::F32, 2, 6, 4999, 3, false, 3, false);
+    check_group_norm(&m, Dt::Bf16, 2, 6, 5000, 2, false, 2, true);
+    check_group_norm(&m, Dt::F16, 2, 4, 63, 2, false, 1, true);
+    check_group_norm(&m, Dt::F32, 2, 12, 37 * 29, 4, true, 2, false);
+    check_group_norm(&m, Dt::Bf16, 2, 16, 33 * 7, 4, true, 3, true);
+    check_group_norm(&m, Dt::F32, 2, 10, 31, 5, true, 1, true);
 }
