@@ -12,6 +12,55 @@ use crate::softmax::{exp_shifted_in_place, row_max, with_wide_simd};
 
 pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention", code: include_str!("../cuda/flash_attention.cu"), options: &[] };
 
+/// Launch geometry of the CUDA kernel (FA_THREADS, FA_BR, FA_BC in the .cu file): 4 warps of 16
+/// query rows each a block, key tiles of 64 rows.
+pub const THREADS: u32 = 128;
+pub const ROWS_PER_BLOCK: usize = 64;
+pub const KEYS_PER_TILE: usize = 64;
+
+/// Dynamic shared memory of the kernel for head dim `d`: two stages of one K and one V tile of
+/// 16-bit values (fa_shared_bytes).
+pub fn shared_bytes(d: usize) -> u32 {
+    (2 * 2 * KEYS_PER_TILE * d * 2) as u32
+}
+
+/// The kernel instance for a 16-bit dtype ("bf16" or "f16") and head dim 64 or 128.
+pub fn kernel_name(dtype: &str, d: usize) -> String {
+    format!("flash_attention_fwd_{dtype}_d{d}")
+}
+
+/// The kernel's parameters, passed by value: `FlashParams` of kernels/cuda/flash_attention.cu,
+/// field by field (documented there). Addresses are device addresses (host addresses under the
+/// emulator); strides are in elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlashParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub k_ref: u64,
+    pub v_ref: u64,
+    pub keep: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub q_stride: [i64; 3],
+    pub k_stride: [i64; 3],
+    pub v_stride: [i64; 3],
+    pub k_ref_stride: [i64; 3],
+    pub v_ref_stride: [i64; 3],
+    pub out_stride: [i64; 3],
+    pub keep_batch_stride: i64,
+    pub heads: u32,
+    pub lq: u32,
+    pub lk: u32,
+    pub lr: u32,
+    pub scale_log2: f32,
+    pub pad: u32,
+}
+
+// 8 addresses, 19 strides, 6 four-byte fields: the CUDA struct's size, with no padding anywhere.
+const _: () = assert!(std::mem::size_of::<FlashParams>() == 8 * 8 + 19 * 8 + 6 * 4);
+
 /// Sizes of one head: lq queries, lk own keys/values, lr reference keys/values, head dim d (the
 /// same for q, k and v).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,6 +6,8 @@
 //! [B, H, Lq] contiguous.
 
 use crate::cuda::{launch_failed, DeviceRepr, LaunchConfig, PushKernelArg};
+use kernels::flash_attention::{kernel_name, shared_bytes, FlashParams, ROWS_PER_BLOCK, THREADS};
+
 use crate::ops::flash_attention::{AttentionReference, FlashShape};
 use crate::storage::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -14,54 +16,20 @@ use cudarc::driver::sys;
 use super::storage::CudaStorage;
 
 const OP: &str = "flash_attention (CUDA)";
-/// FA_THREADS and FA_BR of the .cu file: 4 warps, 16 query rows each.
-const THREADS: u32 = 128;
-const ROWS_PER_BLOCK: usize = 64;
-/// FA_BC: keys per shared-memory tile.
-const KEYS_PER_TILE: usize = 64;
 
-/// Mirror of `FlashParams` in kernels/cuda/flash_attention.cu, field by field (see there).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct FlashParams {
-    q: u64,
-    k: u64,
-    v: u64,
-    k_ref: u64,
-    v_ref: u64,
-    keep: u64,
-    out: u64,
-    lse: u64,
-    q_stride: [i64; 3],
-    k_stride: [i64; 3],
-    v_stride: [i64; 3],
-    k_ref_stride: [i64; 3],
-    v_ref_stride: [i64; 3],
-    out_stride: [i64; 3],
-    keep_batch_stride: i64,
-    heads: u32,
-    lq: u32,
-    lk: u32,
-    lr: u32,
-    scale_log2: f32,
-    pad: u32,
-}
-
-// SAFETY: plain #[repr(C)] integers and floats, laid out as the CUDA struct.
-unsafe impl DeviceRepr for FlashParams {}
-// 8 addresses, 19 strides, 6 four-byte fields: the CUDA struct's size, with no padding anywhere.
-const _: () = assert!(std::mem::size_of::<FlashParams>() == 8 * 8 + 19 * 8 + 6 * 4);
+/// The kernel's parameter struct (kernels::flash_attention::FlashParams, the CUDA struct's mirror)
+/// as a kernel argument.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct KernelParams(FlashParams);
+// SAFETY: a #[repr(C)] struct of plain integers and floats, laid out as the CUDA struct.
+unsafe impl DeviceRepr for KernelParams {}
 
 /// Whether the fused kernel takes these inputs: bf16/f16 with head dim 64 or 128 (the device's
 /// arch is checked by `forward`). Until the kernel has run on a GPU it is an experimental kernel
 /// (crate::cuda::experimental_kernels), off by default; the parity suite runs both paths.
 pub(crate) fn kernel_applies(dtype: DType, d: usize) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && matches!(d, 64 | 128) && super::experimental_kernels()
-}
-
-/// Dynamic shared memory of the kernel: two stages of one K and one V tile (fa_shared_bytes).
-fn shared_bytes(d: usize) -> u32 {
-    (2 * 2 * KEYS_PER_TILE * d * 2) as u32
 }
 
 /// Device address and (batch, head, row) strides of a [B, H, L, D] CUDA view the kernel can read
@@ -142,7 +110,7 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Atte
         }
     }
     let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
-    let name = format!("flash_attention_fwd_{tn}_d{d}");
+    let name = kernel_name(tn, d);
     let f = dev.function(&kernels::flash_attention::SOURCE, &name)?;
     let smem = shared_bytes(d);
     if smem > 48 * 1024 {
@@ -151,7 +119,8 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Atte
     }
     let cfg = LaunchConfig { grid_dim: (lq.div_ceil(ROWS_PER_BLOCK) as u32, heads, b as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
     let mut builder = dev.launch_builder(&f);
-    builder.arg(&p);
+    let params = KernelParams(p);
+    builder.arg(&params);
     // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live CUDA
     // storage (the views in keep_alive, out and lse) covering the sizes and strides given, and
     // the row strides and starts meet the kernel's alignment (kernel_view).

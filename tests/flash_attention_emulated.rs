@@ -1,0 +1,245 @@
+//! The flash-attention forward CUDA kernel (kernels/cuda/flash_attention.cu) run on the CPU
+//! emulator (kernels::emulate) against the CPU reference (kernels::flash_attention), on sizes that
+//! are not multiples of the tiles (Lq 77 over two query blocks, Lk 45 and Lr 70 with edge tiles),
+//! with a keep mask, a q view with heads interleaved ([B, Lq, H, D] memory), padded reference
+//! rows, bf16 and f16, head dims 64 and 128. Needs a C++ compiler; without one each test prints
+//! "skipped: no C++ compiler" and passes, unless `CI` is set.
+
+use half::{bf16, f16};
+use kernels::emulate::{find_compiler, EmulatedModule};
+use kernels::flash_attention::{flash_attention_head, kernel_name, shared_bytes, FlashDims, FlashParams, ROWS_PER_BLOCK, THREADS};
+
+fn have_compiler(test: &str) -> bool {
+    match find_compiler() {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but the CUDA emulator has no compiler: {e}"),
+        Err(e) => {
+            lookahead::show(&format!("{test}: skipped: no C++ compiler ({e})"));
+            false
+        }
+    }
+}
+
+/// Deterministic values in [-1, 1) (xorshift), the same on every run.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// u16 storage starting 16-byte aligned (the kernel's cp.async and ldmatrix need it).
+struct Buffer16 {
+    words: Vec<u128>,
+    len: usize,
+}
+
+impl Buffer16 {
+    fn new(bits: &[u16]) -> Buffer16 {
+        let mut words = vec![0u128; bits.len().div_ceil(8).max(1)];
+        // SAFETY: words holds at least bits.len() u16 values.
+        unsafe { std::ptr::copy_nonoverlapping(bits.as_ptr(), words.as_mut_ptr() as *mut u16, bits.len()) };
+        Buffer16 { words, len: bits.len() }
+    }
+    fn addr(&self) -> u64 {
+        self.words.as_ptr() as u64
+    }
+    fn bits(&self) -> &[u16] {
+        // SAFETY: the first `len` u16 values of words.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u16, self.len) }
+    }
+}
+
+/// A 16-bit element type of the kernel.
+#[derive(Clone, Copy)]
+struct Half {
+    name: &'static str,
+    to_bits: fn(f32) -> u16,
+    to_f32: fn(u16) -> f32,
+    /// (atol, rtol) of the output: P is rounded to this type before P V, and the output too.
+    tol: (f32, f32),
+}
+
+const BF16: Half = Half { name: "bf16", to_bits: |x| bf16::from_f32(x).to_bits(), to_f32: |b| bf16::from_bits(b).to_f32(), tol: (1e-2, 1e-2) };
+const F16: Half = Half { name: "f16", to_bits: |x| f16::from_f32(x).to_bits(), to_f32: |b| f16::from_bits(b).to_f32(), tol: (2e-3, 2e-3) };
+
+/// One [B, H, L, D] operand: rounded values (f32, [B, H, L, D] order) and its 16-bit storage with
+/// the given element strides (batch, head, row; unit along D).
+struct Operand {
+    vals: Vec<f32>,
+    buf: Buffer16,
+    strides: [i64; 3],
+}
+
+fn operand(ty: Half, (b, h, l, d): (usize, usize, usize, usize), strides: [usize; 3], storage_len: usize, seed: u64) -> Operand {
+    let vals: Vec<f32> = values(b * h * l * d, seed).into_iter().map(|x| (ty.to_f32)((ty.to_bits)(x))).collect();
+    // Unused storage (padding, gaps) holds NaN so that a read outside the view shows.
+    let mut bits = vec![(ty.to_bits)(f32::NAN); storage_len];
+    for (i, &x) in vals.iter().enumerate() {
+        let (bi, hi, li, c) = (i / (h * l * d), (i / (l * d)) % h, (i / d) % l, i % d);
+        bits[bi * strides[0] + hi * strides[1] + li * strides[2] + c] = (ty.to_bits)(x);
+    }
+    Operand { vals, buf: Buffer16::new(&bits), strides: strides.map(|s| s as i64) }
+}
+
+struct Case {
+    b: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    lr: usize,
+    d: usize,
+    /// [B, Lr] keep mask, or None (every reference token kept).
+    keep: Option<Vec<u8>>,
+    scale: f32,
+}
+
+fn run_case(ty: Half, c: &Case) {
+    let Case { b, h, lq, lk, lr, d, scale, .. } = *c;
+    // q: [B, Lq, H, D] memory (heads interleaved, as the models' projections give).
+    let q = operand(ty, (b, h, lq, d), [lq * h * d, d, h * d], b * lq * h * d, 1);
+    let k = operand(ty, (b, h, lk, d), [h * lk * d, lk * d, d], b * h * lk * d, 2);
+    let v = operand(ty, (b, h, lk, d), [h * lk * d, lk * d, d], b * h * lk * d, 3);
+    // Reference rows padded by 8 elements (a narrowed view of wider rows).
+    let rs = d + 8;
+    let kr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 4);
+    let vr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 5);
+    let keep = c.keep.clone();
+    let out = Buffer16::new(&vec![(ty.to_bits)(f32::NAN); b * lq * h * d]);
+    let mut lse = vec![f32::NAN; b * h * lq];
+    let p = FlashParams {
+        q: q.buf.addr(),
+        k: k.buf.addr(),
+        v: v.buf.addr(),
+        k_ref: kr.buf.addr(),
+        v_ref: vr.buf.addr(),
+        keep: keep.as_ref().map_or(0, |m| m.as_ptr() as u64),
+        out: out.addr(),
+        lse: lse.as_mut_ptr() as u64,
+        q_stride: q.strides,
+        k_stride: k.strides,
+        v_stride: v.strides,
+        k_ref_stride: kr.strides,
+        v_ref_stride: vr.strides,
+        out_stride: [(lq * h * d) as i64, d as i64, (h * d) as i64],
+        keep_batch_stride: lr as i64,
+        heads: h as u32,
+        lq: lq as u32,
+        lk: lk as u32,
+        lr: lr as u32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        pad: 0,
+    };
+    let m = EmulatedModule::load(&kernels::flash_attention::SOURCE).unwrap_or_else(|e| panic!("{e}"));
+    let name = kernel_name(ty.name, d);
+    let grid = (lq.div_ceil(ROWS_PER_BLOCK) as u32, h as u32, b as u32);
+    let t = std::time::Instant::now();
+    // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live buffer
+    // covering the strides and sizes given (out and lse written, the rest read).
+    unsafe {
+        m.launch(&name, grid, (THREADS, 1, 1), shared_bytes(d), &|f| {
+            let kernel: extern "C" fn(FlashParams) = std::mem::transmute(f);
+            kernel(p);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    let took = t.elapsed().as_secs_f32();
+
+    fn head(o: &Operand, bh: usize, l: usize, d: usize) -> &[f32] {
+        &o.vals[bh * l * d..(bh + 1) * l * d]
+    }
+    let mut worst = (0f32, 0f32);
+    for bh in 0..b * h {
+        let (bi, hi) = (bh / h, bh % h);
+        let (mut want, mut want_lse) = (vec![0f32; lq * d], vec![0f32; lq]);
+        let keep_b = keep.as_ref().map(|m| &m[bi * lr..(bi + 1) * lr]);
+        flash_attention_head(head(&q, bh, lq, d), head(&k, bh, lk, d), head(&v, bh, lk, d), head(&kr, bh, lr, d), head(&vr, bh, lr, d), keep_b, FlashDims { lq, lk, lr, d }, scale, &mut want, &mut want_lse);
+        for i in 0..lq {
+            for col in 0..d {
+                let got = (ty.to_f32)(out.bits()[((bi * lq + i) * h + hi) * d + col]);
+                let e = want[i * d + col];
+                let err = (got - e).abs();
+                worst.0 = worst.0.max(err);
+                assert!(err <= ty.tol.0 + ty.tol.1 * e.abs(), "{name} b{bi} h{hi} row {i} col {col}: {got} vs {e}");
+            }
+            let (got, e) = (lse[bh * lq + i], want_lse[i]);
+            if e == f32::NEG_INFINITY {
+                assert_eq!(got, e, "{name} b{bi} h{hi} lse[{i}]");
+            } else {
+                worst.1 = worst.1.max((got - e).abs());
+                assert!((got - e).abs() <= 1e-4 * e.abs().max(1.0), "{name} b{bi} h{hi} lse[{i}]: {got} vs {e}");
+            }
+        }
+    }
+    lookahead::show(&format!(
+        "{name} emulated: B {b} H {h} Lq {lq} Lk {lk} Lr {lr} keep {}: max |out err| {:.2e}, max |lse err| {:.2e} ({took:.1} s)",
+        if keep.is_some() { "mask" } else { "none" },
+        worst.0,
+        worst.1
+    ));
+}
+
+/// Some reference tokens dropped in each batch entry, a different set in each.
+fn keep_mask(b: usize, lr: usize) -> Vec<u8> {
+    (0..b * lr).map(|i| ((i * 7 + i / lr) % 5 != 0) as u8).collect()
+}
+
+fn odd_sizes(ty: Half, d: usize) {
+    let (b, lr) = (2, 70);
+    run_case(ty, &Case { b, h: 2, lq: 77, lk: 45, lr, d, keep: Some(keep_mask(b, lr)), scale: 1.0 / (d as f32).sqrt() });
+}
+
+#[test]
+fn bf16_d64_matches_the_cpu_reference() {
+    if have_compiler("bf16_d64_matches_the_cpu_reference") {
+        odd_sizes(BF16, 64);
+    }
+}
+
+#[test]
+fn bf16_d128_matches_the_cpu_reference() {
+    if have_compiler("bf16_d128_matches_the_cpu_reference") {
+        odd_sizes(BF16, 128);
+    }
+}
+
+#[test]
+fn f16_d64_matches_the_cpu_reference() {
+    if have_compiler("f16_d64_matches_the_cpu_reference") {
+        odd_sizes(F16, 64);
+    }
+}
+
+#[test]
+fn f16_d128_matches_the_cpu_reference() {
+    if have_compiler("f16_d128_matches_the_cpu_reference") {
+        odd_sizes(F16, 128);
+    }
+}
+
+/// No reference source; own keys only (one partial tile), larger scores (scale 0.5 on D 64).
+#[test]
+fn own_keys_only() {
+    if have_compiler("own_keys_only") {
+        run_case(BF16, &Case { b: 1, h: 3, lq: 19, lk: 33, lr: 0, d: 64, keep: None, scale: 0.5 });
+    }
+}
+
+/// No own keys and, in batch entry 0, every reference token dropped: that row gives out 0 and
+/// lse -inf; batch entry 1 keeps three tokens of a tile that is mostly dropped.
+#[test]
+fn rows_with_no_key_left() {
+    if have_compiler("rows_with_no_key_left") {
+        let (b, lr) = (2, 67);
+        let mut keep = vec![0u8; b * lr];
+        for j in [3, 40, 66] {
+            keep[lr + j] = 1;
+        }
+        run_case(F16, &Case { b, h: 1, lq: 5, lk: 0, lr, d: 64, keep: Some(keep), scale: 0.125 });
+    }
+}
