@@ -31,6 +31,7 @@ pub mod lora_linear;
 pub mod libs;
 mod elementwise_backward;
 pub mod flash_attention;
+pub mod flash_attention_backward;
 mod index;
 mod launch;
 // Reductions, softmax, norms (+ backward), GEGLU, PReLU, RNG (helper C2).

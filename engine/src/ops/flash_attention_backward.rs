@@ -6,8 +6,10 @@
 //! CPU: one rayon task per (batch, head), each running the per-head reference in f32 over the
 //! inputs' own row strides (no copies of f32 views whose last dim is contiguous); gradients are
 //! written per head, so the result does not depend on the thread count.
-//! CUDA: the fused kernels (kernels/cuda/flash_attention_backward.cu) for bf16/f16 with D in
-//! {64, 128}, else `composition`: existing CUDA ops over the explicit concatenation.
+//! CUDA: the fused kernels (kernels/cuda/flash_attention_backward.cu, launched by
+//! engine/src/cuda/flash_attention_backward.rs) for bf16/f16 with D in {64, 128} on sm_80+ (behind
+//! the experimental-kernels switch until they have run on a GPU), else `composition`: existing
+//! CUDA ops over the explicit concatenation.
 
 use rayon::prelude::*;
 
@@ -60,6 +62,9 @@ impl Tensor {
         let shape = flash_attention_shape(OP, q, k, v, reference)?;
         check_saved(q, out, lse, dout, &shape)?;
         if q.device().is_cuda() {
+            if crate::cuda::flash_attention_backward::kernel_applies(q.dtype(), shape.d) {
+                return crate::cuda::flash_attention_backward::backward(q, k, v, reference, scale, out, lse, dout, &shape);
+            }
             return composition(q, k, v, reference, scale, out, lse, dout, &shape);
         }
         cpu_backward(q, k, v, reference, scale, out, lse, dout, &shape)
@@ -353,7 +358,7 @@ mod tests {
         let (q, k, v) = (heads(1, 4, 2, 8, 1), heads(1, 3, 2, 8, 2), heads(1, 3, 2, 8, 3));
         let (out, lse) = Tensor::flash_attention(&q, &k, &v, None, 1.0).unwrap();
         let err = |r: Result<FlashAttentionGrads>| {
-            let e = r.err().expect("an error").to_string();
+            let e = r.expect_err("an error").to_string();
             assert!(e.contains("flash_attention_backward"), "{e}");
         };
         err(Tensor::flash_attention_backward(&q, &k.narrow(3, 0, 4).unwrap(), &v, None, 1.0, &out, &lse, &out));
