@@ -342,6 +342,26 @@ fn half_warp_masks_meet_at_different_call_sites() {
     assert_eq!(out, (0..64).map(|t| input[t ^ 1]).collect::<Vec<i32>>());
 }
 
+#[test]
+fn syncwarp_waits_only_for_lanes_that_have_not_returned() {
+    if !have_compiler("syncwarp_waits_only_for_lanes_that_have_not_returned") {
+        return;
+    }
+    let m = test_module("warp");
+    let input: Vec<i32> = (0..64).map(|t| t * 5 + 2).collect();
+    let out = vec![-1i32; 64];
+    // SAFETY: the kernel reads and writes at most 64 ints.
+    unsafe {
+        m.launch("syncwarp_after_exit", (1, 1, 1), (64, 1, 1), 0, &|f| {
+            let k: extern "C" fn(*const i32, *mut i32) = std::mem::transmute(f);
+            k(input.as_ptr(), out.as_ptr() as *mut i32);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    let want: Vec<i32> = (0..64).map(|t| if t % 32 < 19 { input[t + 1] } else { -1 }).collect();
+    assert_eq!(out, want);
+}
+
 // ---- (a) block behaviour ---------------------------------------------------------------------------
 
 #[test]

@@ -670,8 +670,12 @@ inline bool resolve_warp(Launch* L, unsigned w, bool& released) {
             return false;
         }
         bool all_here = true;
+        unsigned arrived = 0;  // the lanes the collective releases
         for (unsigned j = 0; j < 32 && all_here; ++j) {
             if (!((m >> j) & 1u)) continue;
+            // __syncwarp waits for the non-exited lanes of its mask only (bar.warp.sync); the
+            // data-exchanging collectives need every lane of the mask.
+            if (f->op == OpSyncWarp && (j >= nl || lanes[j]->state == State::Exited)) continue;
             if (j >= nl) {
                 set_error(L, "%s (%s:%d, mask 0x%08x): lane %u of warp %u does not exist (the block has %u threads)", what, base_name(f->file), f->line, m, j, w, L->nthreads);
                 return false;
@@ -685,9 +689,10 @@ inline bool resolve_warp(Launch* L, unsigned w, bool& released) {
             // meet, as on sm_70+); mma and ldmatrix are .aligned: one instruction for all lanes.
             const bool aligned = f->op == OpMma || f->op == OpLdmatrix;
             all_here = o->state == State::AtWarp && o->op == f->op && o->sub == f->sub && o->mask == m && (!aligned || same_site(o, f));
+            arrived |= 1u << j;
         }
         if (!all_here) continue;
-        if (!complete_collective(L, w, m)) return false;
+        if (!complete_collective(L, w, arrived)) return false;
         released = true;
     }
     return true;
@@ -773,6 +778,16 @@ struct FiberPool {
 inline FiberPool g_pool;
 inline pthread_mutex_t g_launch_mutex = PTHREAD_MUTEX_INITIALIZER;
 
+// Unmaps the fibers when the module is unloaded (tests load and drop modules many times).
+__attribute__((destructor)) static void free_fiber_pool() {
+    for (unsigned i = 0; i < g_pool.count; ++i) {
+        free(g_pool.fibers[i]->copies);
+        free(g_pool.fibers[i]->group_end);
+        munmap(g_pool.fibers[i], kRegion);
+    }
+    g_pool.count = 0;
+}
+
 inline Fiber* new_fiber() {
     const size_t size = 2 * kRegion;
     void* m = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -841,7 +856,17 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
     L->ctx = ctx;
     L->kernel_fn = kernel_fn;
     L->dyn_bytes = shared_bytes;
-    L->dyn_shared = shared_bytes ? static_cast<unsigned char*>(aligned_alloc(128, (shared_bytes + 127) / 128 * 128)) : nullptr;
+    // Dynamic shared memory ends at an inaccessible page: an access past the launch's size
+    // faults (a crash of the test, not silent corruption). With 0 bytes the pointer is that page.
+    const size_t dyn_rounded = (shared_bytes + 15) / 16 * 16, dyn_map = (dyn_rounded + 4095) / 4096 * 4096 + 4096;
+    void* dyn_region = mmap(nullptr, dyn_map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (dyn_region == MAP_FAILED) {
+        pthread_mutex_unlock(&g_launch_mutex);
+        free(L);
+        return fail("out of memory for dynamic shared memory");
+    }
+    mprotect(static_cast<unsigned char*>(dyn_region) + dyn_map - 4096, 4096, PROT_NONE);
+    L->dyn_shared = static_cast<unsigned char*>(dyn_region) + dyn_map - 4096 - dyn_rounded;
     for (unsigned z = 0; z < grid[2] && !L->failed; ++z)
         for (unsigned y = 0; y < grid[1] && !L->failed; ++y)
             for (unsigned x = 0; x < grid[0] && !L->failed; ++x) {
@@ -852,7 +877,7 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
         rc = L->callback_panicked ? 2 : 1;
         if (err_len) snprintf(err, err_len, "%s", L->msg);
     }
-    free(L->dyn_shared);
+    munmap(dyn_region, dyn_map);
     free(L);
     pthread_mutex_unlock(&g_launch_mutex);
     return rc;

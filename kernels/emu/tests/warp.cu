@@ -35,3 +35,14 @@ extern "C" __global__ void half_warp_masks(const int* in, int* out) {
         out[t] = __shfl_xor_sync(0xffff0000u, v, 1);
     }
 }
+
+// Lanes t % 32 >= 20 return; __syncwarp waits for the lanes that are left (as bar.warp.sync
+// does): out[t] = in[t + 1] for the live lanes except the last, read through shared memory.
+extern "C" __global__ void syncwarp_after_exit(const int* in, int* out) {
+    __shared__ int s[64];
+    const u32 t = threadIdx.x, lane = t % 32;
+    if (lane >= 20) return;
+    s[t] = in[t];
+    __syncwarp();
+    if (lane < 19) out[t] = s[t + 1];
+}
