@@ -226,7 +226,7 @@ fn cpu_forward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<AttentionRe
 }
 
 /// Flash attention on CUDA composed of existing ops over the explicit concatenation (dtypes and
-/// head dims the fused kernel does not take): scores = scale q [k ; k_ref]^T in f32 (cuBLASLt),
+/// head dims the fused kernel does not take; runs on the CPU too, for the tests): scores = scale q [k ; k_ref]^T in f32 (cuBLASLt),
 /// dropped tokens -inf, lse = m + ln(sum exp(s - m)) with m the row max (0 for rows with no key),
 /// p = exp(s - m) / sum in f32 (0 where the sum is 0), out = p [v ; v_ref] in q's dtype.
 pub(crate) fn cuda_composition(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<AttentionReference>, scale: f32, shape: &FlashShape) -> Result<(Tensor, Tensor)> {
@@ -240,7 +240,12 @@ pub(crate) fn cuda_composition(q: &Tensor, k: &Tensor, v: &Tensor, reference: Op
         let out = Tensor::zeros(&[b, lq, h, d], q.dtype(), dev)?.permute(&[0, 2, 1, 3])?;
         return Ok((out, Tensor::full(f64::NEG_INFINITY, &[b, h, lq], DType::F32, dev)?));
     }
-    let mut scores = crate::cuda::gemm::matmul_scaled(q, &kc.t()?, scale, DType::F32)?;
+    let mut scores = if dev.is_cuda() {
+        crate::cuda::gemm::matmul_scaled(q, &kc.t()?, scale, DType::F32)?
+    } else {
+        // The same steps on the CPU, so that unit tests can check the composition here.
+        q.to_dtype(DType::F32)?.matmul(&kc.to_dtype(DType::F32)?.t()?)?.mul_scalar(scale)?
+    };
     if let Some(keep) = reference.and_then(|r| r.keep).filter(|_| lr > 0) {
         let zero = Tensor::zeros(&[], DType::F32, dev)?;
         let neg = Tensor::full(f64::NEG_INFINITY, &[], DType::F32, dev)?;
@@ -381,6 +386,37 @@ mod tests {
             })
         };
         assert_eq!(run(1), run(3));
+    }
+
+    /// The composition the CUDA backend falls back to, run with the CPU's ops, against the CPU
+    /// path: masks per batch and shared, no reference, rows with no key left.
+    #[test]
+    fn the_composition_of_ops_matches_the_cpu_path() {
+        let (b, h, lq, lk, lr, d) = (2, 2, 9, 6, 11, 8);
+        let (q, k, v, kr, vr) = (heads(b, lq, h, d, 1), heads(b, lk, h, d, 2), heads(b, lk, h, d, 3), heads(b, lr, h, d, 4), heads(b, lr, h, d, 5));
+        let keep_b = Tensor::from_vec((0..b * lr).map(|i| (i % 3 != 0) as u8).collect::<Vec<_>>(), &[b, lr], Device::Cpu).unwrap();
+        let keep_1 = Tensor::from_vec((0..lr).map(|i| (i % 4 != 1) as u8).collect::<Vec<_>>(), &[lr], Device::Cpu).unwrap();
+        let (k0, v0) = (k.narrow(2, 0, 0).unwrap(), v.narrow(2, 0, 0).unwrap());
+        let none = Tensor::zeros(&[b, lr], DType::U8, Device::Cpu).unwrap();
+        type Inputs<'a> = (&'a Tensor, &'a Tensor, Option<AttentionReference<'a>>);
+        let cases: [Inputs; 4] = [
+            (&k, &v, Some(AttentionReference { k: &kr, v: &vr, keep: Some(&keep_b) })),
+            (&k, &v, Some(AttentionReference { k: &kr, v: &vr, keep: Some(&keep_1) })),
+            (&k, &v, None),
+            (&k0, &v0, Some(AttentionReference { k: &kr, v: &vr, keep: Some(&none) })),
+        ];
+        for (i, (k, v, r)) in cases.into_iter().enumerate() {
+            let shape = flash_attention_shape("test", &q, k, v, r).unwrap();
+            let (out, lse) = cuda_composition(&q, k, v, r, 0.4, &shape).unwrap();
+            let (want, want_lse) = Tensor::flash_attention(&q, k, v, r, 0.4).unwrap();
+            assert_eq!((out.shape(), lse.shape()), (want.shape(), want_lse.shape()), "case {i}");
+            for (a, e) in out.to_vec_f32().unwrap().iter().zip(&want.to_vec_f32().unwrap()) {
+                assert!((a - e).abs() < 1e-5, "case {i}: {a} vs {e}");
+            }
+            for (a, e) in lse.to_vec_f32().unwrap().iter().zip(&want_lse.to_vec_f32().unwrap()) {
+                assert!(a == e || (a - e).abs() < 1e-5 * e.abs().max(1.0), "case {i}: lse {a} vs {e}");
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,176 @@
+//! GPU parity of flash extended attention, forward (`Tensor::flash_attention`): the CUDA result
+//! (fused kernel kernels/cuda/flash_attention.cu for bf16/f16 with D 64/128, else the composition
+//! of CUDA ops) against the CPU backend (kernels::flash_attention's math), and the fused kernel
+//! against the unfused CUDA composition on the same device. Odd sizes (Lq 77, Lk 45, Lr 70: partial
+//! query blocks and key tiles), keep masks per batch and shared, interleaved-head and misaligned
+//! views, rows with no key left. The fused kernel sits behind engine::cuda::experimental_kernels
+//! until it has run on a GPU: every case runs with the switch off and on. Without a CUDA device
+//! every test prints "skipped: no CUDA device (...)" and passes.
+
+#[path = "common/cuda_harness.rs"]
+mod cuda_harness;
+
+use cuda_harness::{cuda, gpu, input, Tolerances, FLOATS};
+use engine::ops::flash_attention::AttentionReference;
+use engine::{DType, Device, Result, Tensor};
+
+/// Outputs: the fused kernel rounds P to the input type before P V (the CPU keeps f32), and the
+/// output is rounded once more. lse is f32 on both sides (f32 products summed in another order).
+const OUT_TOLERANCE: Tolerances = Tolerances { f32: (1e-4, 1e-4), f16: (2e-3, 2e-3), bf16: (1.6e-2, 1.6e-2) };
+const LSE_TOLERANCE: (f32, f32) = (2e-4, 2e-4);
+
+/// One parity case: sizes, how the operands are viewed, the keep mask.
+#[derive(Clone, Copy)]
+struct Case {
+    label: &'static str,
+    b: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    lr: usize,
+    /// Reference tokens: None (no reference source), Some(false) every token kept, Some(true)
+    /// with a keep mask of shape [B, Lr] (or [Lr] when `shared_keep`).
+    keep: Option<bool>,
+    shared_keep: bool,
+    /// q stored [B, Lq, H, D] (heads interleaved, the models' layout) instead of [B, H, Lq, D].
+    interleaved: bool,
+    /// k and v narrowed one element into wider rows: unaligned starts the kernel cannot read in
+    /// place (copied first).
+    misaligned: bool,
+}
+
+const CASES: &[Case] = &[
+    Case { label: "odd sizes, keep [B, Lr]", b: 2, h: 2, lq: 77, lk: 45, lr: 70, keep: Some(true), shared_keep: false, interleaved: true, misaligned: false },
+    Case { label: "odd sizes, keep [Lr]", b: 2, h: 3, lq: 65, lk: 64, lr: 129, keep: Some(true), shared_keep: true, interleaved: false, misaligned: false },
+    Case { label: "reference, no mask, misaligned k/v", b: 1, h: 2, lq: 33, lk: 100, lr: 31, keep: Some(false), shared_keep: false, interleaved: true, misaligned: true },
+    Case { label: "no reference", b: 2, h: 1, lq: 130, lk: 77, lr: 0, keep: None, shared_keep: false, interleaved: false, misaligned: false },
+    Case { label: "long rows", b: 1, h: 2, lq: 1000, lk: 1000, lr: 1000, keep: Some(true), shared_keep: false, interleaved: true, misaligned: false },
+];
+
+/// A [B, H, L, D] operand of `dt` on `dev`, viewed as the case says.
+fn operand(c: &Case, l: usize, d: usize, dt: DType, seed: u64, dev: Device, interleaved: bool, misaligned: bool) -> Result<Tensor> {
+    let (b, h) = (c.b, c.h);
+    if misaligned {
+        return input(&[b, h, l, d + 1], dt, -1.0, 1.0, seed, dev)?.narrow(3, 1, d);
+    }
+    if interleaved {
+        return input(&[b, l, h, d], dt, -1.0, 1.0, seed, dev)?.transpose(1, 2);
+    }
+    input(&[b, h, l, d], dt, -1.0, 1.0, seed, dev)
+}
+
+/// Some reference tokens dropped, a different set per batch entry.
+fn keep_mask(c: &Case, dev: Device) -> Result<Tensor> {
+    let lr = c.lr;
+    if c.shared_keep {
+        return Tensor::from_vec((0..lr).map(|j| (j % 5 != 2) as u8).collect::<Vec<_>>(), &[lr], dev);
+    }
+    Tensor::from_vec((0..c.b * lr).map(|i| ((i * 7 + i / lr) % 5 != 0) as u8).collect::<Vec<_>>(), &[c.b, lr], dev)
+}
+
+/// (out, lse) of the case on `dev`.
+fn run(c: &Case, d: usize, dt: DType, dev: Device) -> Result<(Tensor, Tensor)> {
+    let q = operand(c, c.lq, d, dt, 1, dev, c.interleaved, false)?;
+    let k = operand(c, c.lk, d, dt, 2, dev, false, c.misaligned)?;
+    let v = operand(c, c.lk, d, dt, 3, dev, false, c.misaligned)?;
+    let kr = operand(c, c.lr, d, dt, 4, dev, c.interleaved, false)?;
+    let vr = operand(c, c.lr, d, dt, 5, dev, c.interleaved, false)?;
+    let keep = match c.keep {
+        Some(true) => Some(keep_mask(c, dev)?),
+        _ => None,
+    };
+    let reference = c.keep.map(|_| AttentionReference { k: &kr, v: &vr, keep: keep.as_ref() });
+    Tensor::flash_attention(&q, &k, &v, reference, 1.0 / (d as f32).sqrt())
+}
+
+fn compare(label: &str, dt: DType, got: &(Tensor, Tensor), want: &(Tensor, Tensor)) {
+    assert_eq!((got.0.dtype(), got.1.dtype()), (want.0.dtype(), DType::F32), "{label}: dtypes");
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu).unwrap();
+    let (a, r) = OUT_TOLERANCE.of(dt);
+    lookahead::assert_close(&format!("{label}: out"), &cpu(&got.0), &cpu(&want.0), a, r);
+    lookahead::assert_close(&format!("{label}: lse"), &cpu(&got.1), &cpu(&want.1), LSE_TOLERANCE.0, LSE_TOLERANCE.1);
+}
+
+#[test]
+fn flash_attention_matches_cpu() {
+    let Some((dev, _gpu)) = gpu("flash_attention_matches_cpu") else { return };
+    // The verified path first, then the experimental fused kernel.
+    for experimental in [false, true] {
+        engine::cuda::set_experimental_kernels(experimental);
+        for dt in FLOATS {
+            // 64 and 128 take the fused kernel (16-bit types), 40 the composition.
+            for d in [64, 128, 40] {
+                for c in CASES {
+                    let label = format!("flash_attention {dt} D {d} {} (experimental {experimental})", c.label);
+                    let want = run(c, d, dt, Device::Cpu).unwrap_or_else(|e| panic!("{label} on cpu: {e}"));
+                    let got = run(c, d, dt, dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
+                    assert_eq!(got.0.device(), dev, "{label}: result left the device");
+                    compare(&label, dt, &got, &want);
+                }
+            }
+        }
+    }
+    engine::cuda::set_experimental_kernels(false);
+}
+
+#[test]
+fn fused_kernel_matches_the_unfused_composition() {
+    let Some((dev, _gpu)) = cuda("fused_kernel_matches_the_unfused_composition") else { return };
+    for dt in [DType::BF16, DType::F16] {
+        for d in [64, 128] {
+            for c in CASES {
+                let label = format!("fused vs composition {dt} D {d} {}", c.label);
+                engine::cuda::set_experimental_kernels(false);
+                let unfused = run(c, d, dt, dev).unwrap_or_else(|e| panic!("{label}, composition: {e}"));
+                engine::cuda::set_experimental_kernels(true);
+                let fused = run(c, d, dt, dev).unwrap_or_else(|e| panic!("{label}, fused: {e}"));
+                compare(&label, dt, &fused, &unfused);
+            }
+        }
+    }
+    engine::cuda::set_experimental_kernels(false);
+}
+
+/// No own keys, and in batch entry 0 every reference token dropped: out 0 and lse -inf there;
+/// batch entry 1 keeps two tokens.
+#[test]
+fn rows_with_no_key_left() {
+    let Some((dev, _gpu)) = gpu("rows_with_no_key_left") else { return };
+    let (b, h, lq, lr) = (2, 2, 9, 70);
+    let mut keep = vec![0u8; b * lr];
+    keep[lr + 5] = 1;
+    keep[lr + 66] = 1;
+    for experimental in [false, true] {
+        engine::cuda::set_experimental_kernels(experimental);
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            for d in [64, 128] {
+                let label = format!("no key left {dt} D {d} (experimental {experimental})");
+                let go = |dv: Device| -> Result<(Tensor, Tensor)> {
+                    let q = input(&[b, h, lq, d], dt, -1.0, 1.0, 1, dv)?;
+                    let k = input(&[b, h, 0, d], dt, -1.0, 1.0, 2, dv)?;
+                    let kr = input(&[b, h, lr, d], dt, -1.0, 1.0, 4, dv)?;
+                    let vr = input(&[b, h, lr, d], dt, -1.0, 1.0, 5, dv)?;
+                    let keep = Tensor::from_vec(keep.clone(), &[b, lr], dv)?;
+                    Tensor::flash_attention(&q, &k, &k, Some(AttentionReference { k: &kr, v: &vr, keep: Some(&keep) }), 0.125)
+                };
+                let (want, got) = (go(Device::Cpu).unwrap(), go(dev).unwrap_or_else(|e| panic!("{label}: {e}")));
+                compare(&label, dt, &got, &want);
+                let (out, lse) = (got.0.to_vec_f32().unwrap(), got.1.to_vec_f32().unwrap());
+                assert!(out[..h * lq * d].iter().all(|&x| x == 0.0), "{label}: out of the rows with no key");
+                assert!(lse[..h * lq].iter().all(|&x| x == f32::NEG_INFINITY), "{label}: lse of the rows with no key");
+            }
+        }
+    }
+    engine::cuda::set_experimental_kernels(false);
+}
+
+#[test]
+fn inputs_on_two_devices_are_an_error() {
+    let Some((dev, _gpu)) = cuda("inputs_on_two_devices_are_an_error") else { return };
+    let t = |d| input(&[1, 2, 7, 64], DType::BF16, -1.0, 1.0, 1, d).unwrap();
+    let (q, k) = (t(dev), t(dev));
+    let keep_cpu = Tensor::from_vec(vec![1u8; 7], &[7], Device::Cpu).unwrap();
+    let e = Tensor::flash_attention(&q, &k, &k, Some(AttentionReference { k: &k, v: &k, keep: Some(&keep_cpu) }), 0.1).err().expect("an error");
+    assert!(e.to_string().contains("flash_attention"), "{e}");
+    assert!(Tensor::flash_attention(&q, &t(Device::Cpu), &k, None, 0.1).is_err());
+}
