@@ -1,0 +1,191 @@
+//! GPU parity of the fused LoRA linear (Tensor::lora_linear / lora_linear_backward): CUDA against
+//! the CPU on the same deterministic inputs, for the fused kernel (LoraPath::Fused) and the
+//! unfused cuBLASLt composition (LoraPath::Composed), and the two CUDA paths against each other;
+//! odd sizes (M 200 as [2, 100], N 136, K 72; ranks 4, 16, 20), bf16/f16 (f32 and widths that are
+//! not multiples of 8 take the composition), with and without bias. A timing report prints the
+//! fused kernel against the base GEMM and the composition on the SDXL shapes. Without a
+//! CUDA device every test prints "skipped: no CUDA device (...)" and passes; with
+//! LOOKAHEAD_PARITY_ON_CPU=1 the cases run CPU against CPU (a check of the cases themselves).
+//! (Harness: tests/common/cuda_harness.rs.)
+
+#[path = "common/cuda_harness.rs"]
+mod cuda_harness;
+
+use cuda_harness::{check_tol as check, gpu, Tolerances, FLOATS};
+use engine::ops::lora_linear::{LoraGradsWanted, LoraPath};
+use engine::{DType, Device, Result, Tensor};
+
+/// x, W, dy in [-1, 1), the LoRA factors in [-0.25, 0.25) (as trained adapters are small). CUDA
+/// rounds t = s x A^T (or s dy B) to the 16-bit dtype before the second product, the CPU keeps it
+/// in f32: the bf16/f16 tolerances cover that rounding (Σ_q |t| 2^-8 |B| stays below ~1e-2).
+const TOLERANCE: Tolerances = Tolerances { f32: (1e-4, 1e-4), f16: (4e-3, 4e-3), bf16: (2.5e-2, 2e-2) };
+
+struct Case {
+    lead: [usize; 2],
+    n: usize,
+    k: usize,
+    r: usize,
+}
+
+const CASES: &[Case] = &[
+    Case { lead: [2, 100], n: 136, k: 72, r: 4 },
+    Case { lead: [2, 100], n: 136, k: 72, r: 16 },
+    Case { lead: [1, 200], n: 136, k: 72, r: 20 },
+    // One row, and a single partial tile.
+    Case { lead: [1, 1], n: 24, k: 40, r: 3 },
+    Case { lead: [3, 13], n: 8, k: 16, r: 1 },
+];
+
+struct Inputs {
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor,
+    a: Tensor,
+    b: Tensor,
+    dy: Tensor,
+}
+
+fn inputs(c: &Case, dtype: DType, seed: u64, device: Device) -> Result<Inputs> {
+    let f = |shape: &[usize], lo: f32, hi: f32, s: u64| cuda_harness::input(shape, dtype, lo, hi, seed * 10 + s, device);
+    Ok(Inputs {
+        x: f(&[c.lead[0], c.lead[1], c.k], -1.0, 1.0, 1)?,
+        w: f(&[c.n, c.k], -1.0, 1.0, 2)?,
+        bias: f(&[c.n], -1.0, 1.0, 3)?,
+        a: f(&[c.r, c.k], -0.25, 0.25, 4)?,
+        b: f(&[c.n, c.r], -0.25, 0.25, 5)?,
+        dy: f(&[c.lead[0], c.lead[1], c.n], -1.0, 1.0, 6)?,
+    })
+}
+
+const SCALE: f32 = 0.75;
+const ALL: LoraGradsWanted = LoraGradsWanted { dx: true, dw: true, da: true, db: true, dbias: true };
+
+/// The paths a case runs on CUDA: the kernel only where it applies.
+fn paths(dtype: DType, c: &Case) -> Vec<LoraPath> {
+    if dtype != DType::F32 && c.n % 8 == 0 && c.k % 8 == 0 {
+        vec![LoraPath::Fused, LoraPath::Composed, LoraPath::Auto]
+    } else {
+        vec![LoraPath::Composed, LoraPath::Auto]
+    }
+}
+
+#[test]
+fn forward_matches_cpu() {
+    let Some((dev, _gpu)) = gpu("lora forward_matches_cpu") else { return };
+    for dt in FLOATS {
+        for (i, c) in CASES.iter().enumerate() {
+            for path in paths(dt, c) {
+                for with_bias in [false, true] {
+                    let label = format!("lora_linear {dt} {:?} n {} k {} r {} {path:?} bias {with_bias}", c.lead, c.n, c.k, c.r);
+                    check(dev, &label, TOLERANCE.of(dt), |d| {
+                        let t = inputs(c, dt, i as u64, d)?;
+                        t.x.lora_linear_with(&t.w, with_bias.then_some(&t.bias), &t.a, &t.b, SCALE, path)
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_matches_cpu() {
+    let Some((dev, _gpu)) = gpu("lora backward_matches_cpu") else { return };
+    type Pick = fn(engine::ops::lora_linear::LoraLinearGrads) -> Option<Tensor>;
+    let grads: [(&str, Pick); 5] = [("dx", |g| g.dx), ("dw", |g| g.dw), ("da", |g| g.da), ("db", |g| g.db), ("dbias", |g| g.dbias)];
+    for dt in FLOATS {
+        for (i, c) in CASES.iter().enumerate() {
+            for path in paths(dt, c) {
+                for (name, pick) in grads {
+                    let label = format!("lora_linear_backward {name} {dt} {:?} n {} k {} r {} {path:?}", c.lead, c.n, c.k, c.r);
+                    // Reductions over M (dW, dA, dB, dbias) sum 200 terms with cancellation, and dA
+                    // / dB use the rounded s u / t: three times the tolerance (a CPU simulation of
+                    // the CUDA rounding points gave up to 0.034 (1 + |want|) for bf16 dA).
+                    let (atol, rtol) = TOLERANCE.of(dt);
+                    let tol = if name == "dx" { (atol, rtol) } else { (3.0 * atol, 3.0 * rtol) };
+                    check(dev, &label, tol, |d| {
+                        let t = inputs(c, dt, 100 + i as u64, d)?;
+                        let g = t.x.lora_linear_backward_with(&t.w, &t.a, &t.b, SCALE, &t.dy, ALL, path)?;
+                        pick(g).ok_or_else(|| engine::Error::msg(format!("{name} missing")))
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_kernel_matches_the_composition_on_device() {
+    let Some((dev, _gpu)) = gpu("lora fused_kernel_matches_the_composition_on_device") else { return };
+    if dev == Device::Cpu {
+        lookahead::show("lora fused_kernel_matches_the_composition_on_device: nothing to compare on the CPU (one path)");
+        return;
+    }
+    for dt in [DType::BF16, DType::F16] {
+        // The composition rounds twice (x W^T + bias, then the LoRA product, then the sum): allow
+        // two output roundings.
+        let (atol, rtol) = TOLERANCE.of(dt);
+        for (i, c) in CASES.iter().enumerate() {
+            let t = inputs(c, dt, 200 + i as u64, dev).unwrap();
+            let label = format!("{dt} {:?} n {} k {} r {}", c.lead, c.n, c.k, c.r);
+            let fused = t.x.lora_linear_with(&t.w, Some(&t.bias), &t.a, &t.b, SCALE, LoraPath::Fused).unwrap();
+            let composed = t.x.lora_linear_with(&t.w, Some(&t.bias), &t.a, &t.b, SCALE, LoraPath::Composed).unwrap();
+            lookahead::assert_close(&format!("fused vs composed forward {label}"), &fused.to_device(Device::Cpu).unwrap(), &composed.to_device(Device::Cpu).unwrap(), atol, rtol);
+            let dx = |path| t.x.lora_linear_backward_with(&t.w, &t.a, &t.b, SCALE, &t.dy, LoraGradsWanted { dx: true, ..Default::default() }, path).unwrap().dx.unwrap().to_device(Device::Cpu).unwrap();
+            lookahead::assert_close(&format!("fused vs composed dx {label}"), &dx(LoraPath::Fused), &dx(LoraPath::Composed), atol, rtol);
+        }
+        // Where the kernel does not apply, asking for it is an error naming the sizes.
+        let odd = inputs(&Case { lead: [1, 5], n: 12, k: 70, r: 2 }, dt, 7, dev).unwrap();
+        let e = odd.x.lora_linear_with(&odd.w, None, &odd.a, &odd.b, 1.0, LoraPath::Fused).unwrap_err().to_string();
+        assert!(e.contains("lora_linear") && e.contains("70"), "{e}");
+    }
+    let f32s = inputs(&CASES[0], DType::F32, 8, dev).unwrap();
+    assert!(f32s.x.lora_linear_with(&f32s.w, None, &f32s.a, &f32s.b, 1.0, LoraPath::Fused).is_err());
+}
+
+/// Milliseconds per call of `f` on the device (median of 5 timed runs of 10 calls, after a warm-up).
+fn time_ms(dev: &std::sync::Arc<engine::cuda::CudaDevice>, f: &dyn Fn() -> Result<Tensor>) -> f32 {
+    f().unwrap();
+    let mut runs: Vec<f32> = (0..5)
+        .map(|_| {
+            let timer = dev.start_timer().unwrap();
+            for _ in 0..10 {
+                f().unwrap();
+            }
+            timer.stop().unwrap() / 10.0
+        })
+        .collect();
+    runs.sort_by(|a, b| a.total_cmp(b));
+    runs[2]
+}
+
+/// The SDXL shapes (batch 2 at 1024²): the base GEMM (cuBLASLt linear), the unfused
+/// composition and the fused kernel, forward and dx, with TFLOP/s of the LoRA linear's useful
+/// work (2 M N K + 2 M r (K + N)) and the overhead over the base GEMM.
+#[test]
+fn timing_report() {
+    let Some((dev, _gpu)) = cuda_harness::cuda("lora timing_report") else { return };
+    let Device::Cuda(ordinal) = dev else { return };
+    let cuda = engine::cuda::device(ordinal).unwrap();
+    lookahead::show(&format!("lora timing on {}", cuda.info().map(|i| i.to_string()).unwrap_or_default()));
+    for (m, nk) in [(8192usize, 640usize), (2048, 1280)] {
+        for r in [4usize, 16, 64] {
+            let c = Case { lead: [1, m], n: nk, k: nk, r };
+            let t = inputs(&c, DType::BF16, 9, dev).unwrap();
+            let flops = 2.0 * (m * nk * nk) as f64 + 2.0 * (m * r * 2 * nk) as f64;
+            let tf = |ms: f32| flops / (ms as f64 * 1e-3) / 1e12;
+            let base = time_ms(&cuda, &|| t.x.linear(&t.w, Some(&t.bias)));
+            let composed = time_ms(&cuda, &|| t.x.lora_linear_with(&t.w, Some(&t.bias), &t.a, &t.b, SCALE, LoraPath::Composed));
+            let fused = time_ms(&cuda, &|| t.x.lora_linear_with(&t.w, Some(&t.bias), &t.a, &t.b, SCALE, LoraPath::Fused));
+            let dx = |path| Ok(t.x.lora_linear_backward_with(&t.w, &t.a, &t.b, SCALE, &t.dy, LoraGradsWanted { dx: true, ..Default::default() }, path)?.dx.expect("asked for"));
+            let base_dx = time_ms(&cuda, &|| t.dy.matmul(&t.w));
+            let composed_dx = time_ms(&cuda, &|| dx(LoraPath::Composed));
+            let fused_dx = time_ms(&cuda, &|| dx(LoraPath::Fused));
+            lookahead::show(&format!(
+                "lora bf16 M {m} N=K {nk} r {r}: forward base {base:.4} ms, composed {composed:.4} ms, fused {fused:.4} ms ({:.0} TFLOP/s, {:+.1}% over base); dx base {base_dx:.4} ms, composed {composed_dx:.4} ms, fused {fused_dx:.4} ms ({:+.1}% over base)",
+                tf(fused),
+                (fused / base - 1.0) * 100.0,
+                (fused_dx / base_dx - 1.0) * 100.0
+            ));
+        }
+    }
+}
