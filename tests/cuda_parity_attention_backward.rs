@@ -1,0 +1,225 @@
+//! GPU parity of flash extended attention, backward (`Tensor::flash_attention_backward`): the CUDA
+//! gradients (fused kernels kernels/cuda/flash_attention_backward.cu for bf16/f16 with D 64/128,
+//! else the composition of CUDA ops) against the CPU backend (kernels::flash_attention_backward's
+//! math), and the fused kernels against the unfused CUDA composition on the same device. Both
+//! sides get the same inputs, out and lse (the forward run once on the CPU). Odd sizes (partial
+//! query and key tiles, several tiles per source), keep masks per batch and shared,
+//! interleaved-head and misaligned views, rows with no key left. The fused kernels sit behind
+//! engine::cuda::experimental_kernels until they have run on a GPU: every case runs with the
+//! switch off and on. Without a CUDA device every test prints "skipped: no CUDA device (...)" and
+//! passes.
+
+#[path = "common/cuda_harness.rs"]
+mod cuda_harness;
+
+use cuda_harness::{cuda, gpu, input, Tolerances, FLOATS};
+use engine::ops::flash_attention::AttentionReference;
+use engine::ops::flash_attention_backward::FlashAttentionGrads;
+use engine::{DType, Device, Result, Tensor};
+
+/// Gradients: the fused kernels round P and dS to the input type for the tensor-core products and
+/// accumulate dQ with atomics in another order (the CPU keeps f32 throughout); each gradient is
+/// rounded once more to the input type.
+const GRAD_TOLERANCE: Tolerances = Tolerances { f32: (2e-4, 2e-4), f16: (4e-3, 4e-3), bf16: (2e-2, 2e-2) };
+
+/// One parity case: sizes, how the operands are viewed, the keep mask.
+#[derive(Clone, Copy)]
+struct Case {
+    label: &'static str,
+    b: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    lr: usize,
+    /// Reference tokens: None (no reference source), Some(false) every token kept, Some(true)
+    /// with a keep mask of shape [B, Lr] (or [Lr] when `shared_keep`).
+    keep: Option<bool>,
+    shared_keep: bool,
+    /// q, dout and the reference stored [B, L, H, D] (heads interleaved, the models' layout).
+    interleaved: bool,
+    /// k and v narrowed one element into wider rows: unaligned starts the kernels cannot read in
+    /// place (copied first).
+    misaligned: bool,
+}
+
+const CASES: &[Case] = &[
+    Case { label: "odd sizes, keep [B, Lr]", b: 2, h: 2, lq: 77, lk: 45, lr: 70, keep: Some(true), shared_keep: false, interleaved: true, misaligned: false },
+    Case { label: "odd sizes, keep [Lr]", b: 2, h: 3, lq: 65, lk: 64, lr: 129, keep: Some(true), shared_keep: true, interleaved: false, misaligned: false },
+    Case { label: "reference, no mask, misaligned k/v", b: 1, h: 2, lq: 33, lk: 100, lr: 31, keep: Some(false), shared_keep: false, interleaved: true, misaligned: true },
+    Case { label: "no reference", b: 2, h: 1, lq: 130, lk: 77, lr: 0, keep: None, shared_keep: false, interleaved: false, misaligned: false },
+    Case { label: "long rows", b: 1, h: 2, lq: 1000, lk: 1000, lr: 1000, keep: Some(true), shared_keep: false, interleaved: true, misaligned: false },
+];
+
+/// A [B, H, L, D] operand of `dt` on `dev`, viewed as the case says.
+#[allow(clippy::too_many_arguments)]
+fn operand(c: &Case, l: usize, d: usize, dt: DType, seed: u64, dev: Device, interleaved: bool, misaligned: bool) -> Result<Tensor> {
+    let (b, h) = (c.b, c.h);
+    if misaligned {
+        return input(&[b, h, l, d + 1], dt, -1.0, 1.0, seed, dev)?.narrow(3, 1, d);
+    }
+    if interleaved {
+        return input(&[b, l, h, d], dt, -1.0, 1.0, seed, dev)?.transpose(1, 2);
+    }
+    input(&[b, h, l, d], dt, -1.0, 1.0, seed, dev)
+}
+
+/// Some reference tokens dropped, a different set per batch entry.
+fn keep_mask(c: &Case, dev: Device) -> Result<Tensor> {
+    let lr = c.lr;
+    if c.shared_keep {
+        return Tensor::from_vec((0..lr).map(|j| (j % 5 != 2) as u8).collect::<Vec<_>>(), &[lr], dev);
+    }
+    Tensor::from_vec((0..c.b * lr).map(|i| !(i * 7 + i / lr).is_multiple_of(5) as u8).collect::<Vec<_>>(), &[c.b, lr], dev)
+}
+
+/// The forward's (out, lse) of the case, computed once on the CPU (so that both sides of a
+/// comparison differentiate at the same point).
+fn saved(c: &Case, d: usize, dt: DType) -> Result<(Tensor, Tensor)> {
+    let dev = Device::Cpu;
+    let q = operand(c, c.lq, d, dt, 1, dev, c.interleaved, false)?;
+    let k = operand(c, c.lk, d, dt, 2, dev, false, c.misaligned)?;
+    let v = operand(c, c.lk, d, dt, 3, dev, false, c.misaligned)?;
+    let kr = operand(c, c.lr, d, dt, 4, dev, c.interleaved, false)?;
+    let vr = operand(c, c.lr, d, dt, 5, dev, c.interleaved, false)?;
+    let keep = match c.keep {
+        Some(true) => Some(keep_mask(c, dev)?),
+        _ => None,
+    };
+    let reference = c.keep.map(|_| AttentionReference { k: &kr, v: &vr, keep: keep.as_ref() });
+    Tensor::flash_attention(&q, &k, &v, reference, 1.0 / (d as f32).sqrt())
+}
+
+/// The gradients of the case on `dev`, given the forward's (out, lse).
+fn run(c: &Case, d: usize, dt: DType, fwd: &(Tensor, Tensor), dev: Device) -> Result<FlashAttentionGrads> {
+    let q = operand(c, c.lq, d, dt, 1, dev, c.interleaved, false)?;
+    let k = operand(c, c.lk, d, dt, 2, dev, false, c.misaligned)?;
+    let v = operand(c, c.lk, d, dt, 3, dev, false, c.misaligned)?;
+    let kr = operand(c, c.lr, d, dt, 4, dev, c.interleaved, false)?;
+    let vr = operand(c, c.lr, d, dt, 5, dev, c.interleaved, false)?;
+    let dout = operand(c, c.lq, d, dt, 6, dev, c.interleaved, false)?;
+    let keep = match c.keep {
+        Some(true) => Some(keep_mask(c, dev)?),
+        _ => None,
+    };
+    let reference = c.keep.map(|_| AttentionReference { k: &kr, v: &vr, keep: keep.as_ref() });
+    let (out, lse) = (fwd.0.to_device(dev)?, fwd.1.to_device(dev)?);
+    Tensor::flash_attention_backward(&q, &k, &v, reference, 1.0 / (d as f32).sqrt(), &out, &lse, &dout)
+}
+
+fn compare(label: &str, dt: DType, got: &FlashAttentionGrads, want: &FlashAttentionGrads) {
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu).unwrap();
+    let (a, r) = GRAD_TOLERANCE.of(dt);
+    let pairs = [("dq", Some(&got.dq), Some(&want.dq)), ("dk", Some(&got.dk), Some(&want.dk)), ("dv", Some(&got.dv), Some(&want.dv)), ("dk_ref", got.dk_ref.as_ref(), want.dk_ref.as_ref()), ("dv_ref", got.dv_ref.as_ref(), want.dv_ref.as_ref())];
+    for (name, g, w) in pairs {
+        match (g, w) {
+            (Some(g), Some(w)) => {
+                assert_eq!((g.dtype(), g.shape()), (w.dtype(), w.shape()), "{label}: {name} dtype / shape");
+                lookahead::assert_close(&format!("{label}: {name}"), &cpu(g), &cpu(w), a, r);
+            }
+            (None, None) => {}
+            _ => panic!("{label}: {name} present on one side only"),
+        }
+    }
+}
+
+#[test]
+fn flash_attention_backward_matches_cpu() {
+    let Some((dev, _gpu)) = gpu("flash_attention_backward_matches_cpu") else { return };
+    for dt in FLOATS {
+        // 64 and 128 take the fused kernels (16-bit types), 40 the composition.
+        for d in [64, 128, 40] {
+            for c in CASES {
+                let fwd = saved(c, d, dt).unwrap_or_else(|e| panic!("{} forward: {e}", c.label));
+                let want = run(c, d, dt, &fwd, Device::Cpu).unwrap_or_else(|e| panic!("{} on cpu: {e}", c.label));
+                // The verified path first, then the experimental fused kernels.
+                for experimental in [false, true] {
+                    engine::cuda::set_experimental_kernels(experimental);
+                    let label = format!("flash_attention_backward {dt} D {d} {} (experimental {experimental})", c.label);
+                    let got = run(c, d, dt, &fwd, dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
+                    assert_eq!(got.dq.device(), dev, "{label}: result left the device");
+                    compare(&label, dt, &got, &want);
+                }
+            }
+        }
+    }
+    engine::cuda::set_experimental_kernels(false);
+}
+
+#[test]
+fn fused_backward_matches_the_unfused_composition() {
+    let Some((dev, _gpu)) = cuda("fused_backward_matches_the_unfused_composition") else { return };
+    for dt in [DType::BF16, DType::F16] {
+        for d in [64, 128] {
+            for c in CASES {
+                let label = format!("fused vs composition {dt} D {d} {}", c.label);
+                let fwd = saved(c, d, dt).unwrap_or_else(|e| panic!("{label} forward: {e}"));
+                engine::cuda::set_experimental_kernels(false);
+                let unfused = run(c, d, dt, &fwd, dev).unwrap_or_else(|e| panic!("{label}, composition: {e}"));
+                engine::cuda::set_experimental_kernels(true);
+                let fused = run(c, d, dt, &fwd, dev).unwrap_or_else(|e| panic!("{label}, fused: {e}"));
+                compare(&label, dt, &fused, &unfused);
+            }
+        }
+    }
+    engine::cuda::set_experimental_kernels(false);
+}
+
+/// No own keys, and in batch entry 0 every reference token dropped: every gradient of batch entry
+/// 0 is exactly 0; batch entry 1 keeps two tokens.
+#[test]
+fn rows_with_no_key_left_get_zero_gradients() {
+    let Some((dev, _gpu)) = gpu("rows_with_no_key_left_get_zero_gradients") else { return };
+    let (b, h, lq, lr) = (2, 2, 9, 70);
+    let mut keep = vec![0u8; b * lr];
+    keep[lr + 5] = 1;
+    keep[lr + 66] = 1;
+    for experimental in [false, true] {
+        engine::cuda::set_experimental_kernels(experimental);
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            for d in [64, 128] {
+                let label = format!("no key left {dt} D {d} (experimental {experimental})");
+                let go = |dv: Device| -> Result<FlashAttentionGrads> {
+                    let q = input(&[b, h, lq, d], dt, -1.0, 1.0, 1, dv)?;
+                    let k = input(&[b, h, 0, d], dt, -1.0, 1.0, 2, dv)?;
+                    let kr = input(&[b, h, lr, d], dt, -1.0, 1.0, 4, dv)?;
+                    let vr = input(&[b, h, lr, d], dt, -1.0, 1.0, 5, dv)?;
+                    let dout = input(&[b, h, lq, d], dt, -1.0, 1.0, 6, dv)?;
+                    let keep = Tensor::from_vec(keep.clone(), &[b, lr], dv)?;
+                    let reference = Some(AttentionReference { k: &kr, v: &vr, keep: Some(&keep) });
+                    let (out, lse) = Tensor::flash_attention(&q, &k, &k, reference, 0.125)?;
+                    Tensor::flash_attention_backward(&q, &k, &k, reference, 0.125, &out, &lse, &dout)
+                };
+                let (want, got) = (go(Device::Cpu).unwrap(), go(dev).unwrap_or_else(|e| panic!("{label}: {e}")));
+                compare(&label, dt, &got, &want);
+                let zero = |t: &Tensor, n: usize| t.to_vec_f32().unwrap()[..n].iter().all(|&x| x == 0.0);
+                assert!(zero(&got.dq, h * lq * d), "{label}: dq of the rows with no key");
+                assert!(zero(got.dk_ref.as_ref().unwrap(), h * lr * d) && zero(got.dv_ref.as_ref().unwrap(), h * lr * d), "{label}: reference gradients of batch entry 0");
+                assert_eq!(got.dk.shape(), &[b, h, 0, d]);
+            }
+        }
+    }
+    engine::cuda::set_experimental_kernels(false);
+}
+
+/// out / dout of another float dtype than q are converted (the autograd may hand f32 dout).
+#[test]
+fn dout_in_f32_with_16_bit_inputs() {
+    let Some((dev, _gpu)) = gpu("dout_in_f32_with_16_bit_inputs") else { return };
+    let c = CASES[0];
+    for experimental in [false, true] {
+        engine::cuda::set_experimental_kernels(experimental);
+        let label = format!("f32 dout, bf16 inputs (experimental {experimental})");
+        let go = |dv: Device| -> Result<FlashAttentionGrads> {
+            let t = |l, seed| operand(&c, l, 64, DType::BF16, seed, dv, c.interleaved, false);
+            let (q, k, v, kr, vr) = (t(c.lq, 1)?, t(c.lk, 2)?, t(c.lk, 3)?, t(c.lr, 4)?, t(c.lr, 5)?);
+            let dout = operand(&c, c.lq, 64, DType::F32, 6, dv, true, false)?;
+            let reference = Some(AttentionReference { k: &kr, v: &vr, keep: None });
+            let (out, lse) = Tensor::flash_attention(&q.to_device(Device::Cpu)?, &k.to_device(Device::Cpu)?, &v.to_device(Device::Cpu)?, Some(AttentionReference { k: &kr.to_device(Device::Cpu)?, v: &vr.to_device(Device::Cpu)?, keep: None }), 0.125)?;
+            Tensor::flash_attention_backward(&q, &k, &v, reference, 0.125, &out.to_device(dv)?, &lse.to_device(dv)?, &dout)
+        };
+        let (want, got) = (go(Device::Cpu).unwrap(), go(dev).unwrap_or_else(|e| panic!("{label}: {e}")));
+        assert_eq!(got.dq.dtype(), DType::BF16, "{label}");
+        compare(&label, DType::BF16, &got, &want);
+    }
+    engine::cuda::set_experimental_kernels(false);
+}
