@@ -2,6 +2,7 @@
 //! the forward with the engine and records what its backward needs (usually the inputs, or the
 //! output where that is cheaper), nothing more.
 
+mod attention;
 mod elementwise;
 mod linalg;
 mod lora;
