@@ -343,9 +343,18 @@ fn bf16_d128_per_batch_keep_mask() {
 }
 
 #[test]
-fn f16_d128_no_keep_mask() {
-    if have_compiler("f16_d128_no_keep_mask") {
-        run(Case { dtype: Half::F16, b: 2, h: 2, lq: 77, lk: 45, lr: 70, d: 128, keep_per_batch: None, drop_all_in_batch0: false });
+fn f16_d128_several_own_tiles_no_keep_mask() {
+    if have_compiler("f16_d128_several_own_tiles_no_keep_mask") {
+        // Three own tiles (130 = 64 + 64 + 2), one reference tile.
+        run(Case { dtype: Half::F16, b: 2, h: 2, lq: 77, lk: 130, lr: 45, d: 128, keep_per_batch: None, drop_all_in_batch0: false });
+    }
+}
+
+#[test]
+fn bf16_d64_no_reference() {
+    if have_compiler("bf16_d64_no_reference") {
+        // Two own tiles (150 = 128 + 22), no reference tokens; Lq a multiple of 4 but not of 64.
+        run(Case { dtype: Half::Bf16, b: 1, h: 3, lq: 52, lk: 150, lr: 0, d: 64, keep_per_batch: None, drop_all_in_batch0: false });
     }
 }
 
