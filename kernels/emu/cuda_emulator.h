@@ -34,7 +34,11 @@
 #include <sys/mman.h>
 #include <limits>
 #include <type_traits>
-#if !defined(__x86_64__)
+// The hand-written x86-64 context switch, or ucontext (other targets, or forced with
+// -DLOOKAHEAD_EMU_UCONTEXT to test that path).
+#if defined(__x86_64__) && !defined(LOOKAHEAD_EMU_UCONTEXT)
+#define LA_EMU_X86_SWITCH 1
+#else
 #include <ucontext.h>
 #endif
 
@@ -130,7 +134,7 @@ struct Fiber {
     unsigned ncopies, copies_cap;
     unsigned* group_end;
     unsigned ngroups, groups_cap;
-#if !defined(__x86_64__)
+#if !defined(LA_EMU_X86_SWITCH)
     ucontext_t ctx;
 #endif
 };
@@ -154,7 +158,7 @@ struct Launch {
     bool failed;
     bool callback_panicked;
     char msg[8192];
-#if defined(__x86_64__)
+#if defined(LA_EMU_X86_SWITCH)
     void* sched_sp;
 #else
     ucontext_t sched_ctx;
@@ -180,7 +184,7 @@ inline const char* base_name(const char* path) {
 }
 
 // ---- context switching ---------------------------------------------------------------------------
-#if defined(__x86_64__)
+#if defined(LA_EMU_X86_SWITCH)
 // lookahead_emu_switch(save, to): saves the callee-saved registers, MXCSR and the x87 control word
 // on the current stack, stores the stack pointer in *save, and resumes the stack `to`.
 extern "C" void lookahead_emu_switch(void** save, void* to);
@@ -222,7 +226,7 @@ void fiber_main();
 // A fresh start of `f` at fiber_main on its own stack.
 inline void reset_stack(Fiber* f) {
     unsigned char* top = reinterpret_cast<unsigned char*>(f) + kRegion;
-#if defined(__x86_64__)
+#if defined(LA_EMU_X86_SWITCH)
     uint64_t* s = reinterpret_cast<uint64_t*>(top);
     *--s = 0;  // fiber_main's return address: it never returns
     *--s = reinterpret_cast<uint64_t>(&fiber_main);
@@ -242,7 +246,7 @@ inline void reset_stack(Fiber* f) {
 }
 
 inline void enter_fiber(Launch* L, Fiber* f) {
-#if defined(__x86_64__)
+#if defined(LA_EMU_X86_SWITCH)
     lookahead_emu_switch(&L->sched_sp, f->sp);
 #else
     swapcontext(&L->sched_ctx, &f->ctx);
@@ -250,7 +254,7 @@ inline void enter_fiber(Launch* L, Fiber* f) {
 }
 
 inline void leave_fiber(Fiber* f) {
-#if defined(__x86_64__)
+#if defined(LA_EMU_X86_SWITCH)
     lookahead_emu_switch(&f->sp, f->launch->sched_sp);
 #else
     swapcontext(&f->ctx, &f->launch->sched_ctx);
