@@ -583,6 +583,18 @@ fn compile_errors_name_the_file_and_show_the_compiler_output() {
 
 // ---- (b) existing kernel families under emulation, against the CPU reference --------------------------
 
+/// Every kernel family (kernels::ALL_SOURCES) builds under the emulator, so any of them can be
+/// checked here; a .cu with inline PTX outside mma.cuh's wrappers or an intrinsic the emulator
+/// lacks fails this test with the compiler's message.
+#[test]
+fn every_kernel_family_builds_under_the_emulator() {
+    if !have_compiler("every_kernel_family_builds_under_the_emulator") {
+        return;
+    }
+    let failures: Vec<String> = kernels::ALL_SOURCES.iter().filter_map(|src| EmulatedModule::load(src).err().map(|e| e.to_string())).collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// The element types of the kernel families, as stored in the buffers the kernels see.
 #[derive(Clone, Copy, Debug)]
 enum Dt {
@@ -650,16 +662,19 @@ fn row_inputs(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     x
 }
 
+/// Threads a row, grid and block of a row-kernel launch.
+type RowsLaunch = (u32, (u32, u32, u32), (u32, u32, u32));
+
 /// engine/src/cuda/norm.rs: threads a row of the register-cached row kernels (16 values a
 /// thread), and their launch: 8 rows a 256-thread block in warp mode, else a block per row.
-fn cached_rows_launch(rows: usize, cols: usize, max_block: usize) -> Option<(u32, (u32, u32, u32), (u32, u32, u32))> {
+fn cached_rows_launch(rows: usize, cols: usize, max_block: usize) -> Option<RowsLaunch> {
     let tpr = cols.div_ceil(16).div_ceil(32).max(1) * 32;
     (tpr <= max_block).then(|| if tpr == 32 { (32, (rows.div_ceil(8) as u32, 1, 1), (256, 1, 1)) } else { (tpr as u32, (rows as u32, 1, 1), (tpr as u32, 1, 1)) })
 }
 
 /// engine/src/cuda/norm.rs packed_rows_config: a power-of-two tpr holding 32 values a thread,
 /// blocks of max(256, tpr) threads.
-fn packed_rows_launch(rows: usize, cols: usize) -> (u32, (u32, u32, u32), (u32, u32, u32)) {
+fn packed_rows_launch(rows: usize, cols: usize) -> RowsLaunch {
     let tpr = cols.div_ceil(32).next_power_of_two().max(32);
     let block = tpr.max(256);
     (tpr as u32, (rows.div_ceil(block / tpr) as u32, 1, 1), (block as u32, 1, 1))
