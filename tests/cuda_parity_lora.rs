@@ -62,7 +62,7 @@ const ALL: LoraGradsWanted = LoraGradsWanted { dx: true, dw: true, da: true, db:
 
 /// The paths a case runs on CUDA: the kernel only where it applies.
 fn paths(dtype: DType, c: &Case) -> Vec<LoraPath> {
-    if dtype != DType::F32 && c.n % 8 == 0 && c.k % 8 == 0 {
+    if dtype != DType::F32 && c.n.is_multiple_of(8) && c.k.is_multiple_of(8) {
         vec![LoraPath::Fused, LoraPath::Composed, LoraPath::Auto]
     } else {
         vec![LoraPath::Composed, LoraPath::Auto]

@@ -103,7 +103,7 @@ fn run_kernel(module: &EmulatedModule, h: Half, layout: BLayout, a1: &[f32], b1:
     let (ba2, bb2) = (Buffer::new(&to(a2), skew_lora), Buffer::new(&to(b2), if layout == BLayout::KMajor { 0 } else { skew_lora }));
     let bbias = bias.map(|b| Buffer::new(&to(b), 1));
     let mut c = Buffer::new(&vec![0x7fffu16; m * n], 0); // NaN in both formats: unwritten shows
-    let aligned_rows = |p: u64| (k2 % 8 == 0 && p % 16 == 0) as u32;
+    let aligned_rows = |p: u64| (k2.is_multiple_of(8) && p.is_multiple_of(16)) as u32;
     let args = LoraGemmArgs {
         a1: ba1.addr(),
         b1: bb1.addr(),

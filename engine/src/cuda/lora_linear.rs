@@ -35,8 +35,8 @@ unsafe impl DeviceRepr for Args {}
 pub fn fused_supported(dev: &CudaDevice, dtype: DType, m: usize, n: usize, k1: usize, k2: usize) -> bool {
     let fits = |v: usize| v < (1 << 31);
     matches!(dtype, DType::BF16 | DType::F16)
-        && n % 8 == 0
-        && k1 % 8 == 0
+        && n.is_multiple_of(8)
+        && k1.is_multiple_of(8)
         && m > 0
         && n > 0
         && fits(m)
@@ -59,7 +59,7 @@ fn addr(t: &Tensor) -> Result<(u64, Arc<CudaDevice>)> {
 /// `t` contiguous with its first element 16-byte aligned (a copy when it is not).
 fn aligned(t: &Tensor) -> Result<Tensor> {
     let c = t.contiguous()?;
-    if addr(&c)?.0 % 16 == 0 {
+    if addr(&c)?.0.is_multiple_of(16) {
         Ok(c)
     } else {
         c.copy()
@@ -105,7 +105,7 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
         _ => b2.contiguous()?,
     };
     let (pb2, _) = if k2 > 0 { addr(&b2)? } else { (0, dev.clone()) };
-    let vec = |p: u64| (k2 % 8 == 0 && p % 16 == 0) as u32;
+    let vec = |p: u64| (k2.is_multiple_of(8) && p.is_multiple_of(16)) as u32;
     let bias = bias.map(|b| b.contiguous()).transpose()?;
     let pbias = match &bias {
         Some(b) => addr(b)?.0,
@@ -113,7 +113,7 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
     };
     let out = CudaStorage::alloc(&dev, dtype, m * n)?;
     let pc = out.device_ptr();
-    if pc % 16 != 0 {
+    if !pc.is_multiple_of(16) {
         return Err(Error::Cuda(format!("{OP}: output allocation not 16-byte aligned")));
     }
     let args = Args(LoraGemmArgs {
