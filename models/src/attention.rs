@@ -6,11 +6,15 @@
 //! block, named by its diffusers module path, e.g. "up_blocks.0.attentions.1.transformer_blocks.0"):
 //! - extended self-attention (paper §4.3): attn1 can export the K/V it computes ([B, L, inner],
 //!   before the head split, from its own to_k/to_v or from a separate K/V copy) into a `KvStore`,
-//!   and can attend over [own K, V ; reference K, V] taken from another `KvStore` (concatenated
-//!   along the token axis, as the official decoder does);
+//!   and can attend over [own K, V ; reference K, V] taken from another `KvStore` (the official
+//!   decoder concatenates them along the token axis; flash attention reads both sources in place
+//!   instead, with the same result);
 //! - decoupled IP cross-attention (IP-Adapter): attn2 may carry to_k_ip/to_v_ip; the encoder
 //!   hidden states are then [text tokens ; IP tokens] with the last `num_tokens` being the IP
 //!   tokens, and the output is attn(q, text) + scale · attn(q, IP tokens).
+//!
+//! Every attention runs as `Var::flash_attention` (engine: flash attention with the log-sum-exp
+//! kept for the backward) over [B, H, L, D] views of the projections, without copies.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -96,7 +100,8 @@ fn split_heads(x: &Var, heads: usize) -> Result<Var> {
     x.reshape(&[s[0], s[1], heads, s[2] / heads])?.permute(&[0, 2, 1, 3])
 }
 
-/// [B, H, L, D] -> [B, L, H·D].
+/// [B, H, L, D] -> [B, L, H·D] (a view when x is [B, L, H, D] memory, as flash attention's
+/// output is).
 fn merge_heads(x: &Var) -> Result<Var> {
     let s = x.shape().to_vec();
     x.permute(&[0, 2, 1, 3])?.contiguous()?.reshape(&[s[0], s[2], s[1] * s[3]])
@@ -116,16 +121,32 @@ impl Attention {
         })
     }
 
-    fn attend(&self, q: &Var, k: &Var, v: &Var) -> Result<Var> {
-        let o = Var::scaled_dot_product_attention(&split_heads(q, self.heads)?, &split_heads(k, self.heads)?, &split_heads(v, self.heads)?, None, None)?;
+    /// Multi-head attention of q [B, Lq, inner] over k/v [B or 1, Lk, inner] and the optional
+    /// reference K/V [B, Lr, inner] (extended attention over [own ; reference]), scale
+    /// 1/sqrt(head dim); [B, Lq, inner].
+    fn attend(&self, q: &Var, k: &Var, v: &Var, reference: Option<(&Var, &Var)>) -> Result<Var> {
+        let q = split_heads(q, self.heads)?;
+        let (mut k, mut v) = (split_heads(k, self.heads)?, split_heads(v, self.heads)?);
+        // A context shared by the batch ([1, Lk, inner]) is read through a stride-0 view.
+        let b = q.shape()[0];
+        if k.shape()[0] == 1 && b != 1 {
+            let to = |t: &Var| t.broadcast_to(&[b, t.shape()[1], t.shape()[2], t.shape()[3]]);
+            (k, v) = (to(&k)?, to(&v)?);
+        }
+        let reference = match reference {
+            Some((rk, rv)) => Some((split_heads(rk, self.heads)?, split_heads(rv, self.heads)?)),
+            None => None,
+        };
+        let scale = 1.0 / (q.shape()[3] as f32).sqrt();
+        let o = Var::flash_attention(&q, &k, &v, reference.as_ref().map(|(rk, rv)| (rk, rv)), None, scale)?;
         merge_heads(&o)
     }
 
     /// Self-attention of `x` [B, L, C] for layer `layer`, with K/V export and reference K/V.
     pub fn forward_self(&self, x: &Var, layer: &str, extras: &AttnExtras) -> Result<Var> {
         let q = self.to_q.forward(x)?;
-        let mut k = self.to_k.forward(x)?;
-        let mut v = self.to_v.forward(x)?;
+        let k = self.to_k.forward(x)?;
+        let v = self.to_v.forward(x)?;
         if let Some(sink) = &extras.kv_capture {
             match &self.kv_copy {
                 Some((ck, cv)) => sink.insert(layer, ck.forward(x)?, cv.forward(x)?),
@@ -141,10 +162,10 @@ impl Attention {
                     k.shape()
                 )));
             }
-            k = Var::cat(&[&k, &rk.to_dtype(k.dtype())?], 1)?;
-            v = Var::cat(&[&v, &rv.to_dtype(v.dtype())?], 1)?;
+            let (rk, rv) = (rk.to_dtype(k.dtype())?, rv.to_dtype(v.dtype())?);
+            return self.to_out.forward(&self.attend(&q, &k, &v, Some((&rk, &rv)))?);
         }
-        self.to_out.forward(&self.attend(&q, &k, &v)?)
+        self.to_out.forward(&self.attend(&q, &k, &v, None)?)
     }
 
     /// Cross-attention of `x` over `context` [B, L_ctx, C_ctx]; with IP projections the last
@@ -152,7 +173,7 @@ impl Attention {
     pub fn forward_cross(&self, x: &Var, context: &Var) -> Result<Var> {
         let q = self.to_q.forward(x)?;
         let o = match &self.ip {
-            None => self.attend(&q, &self.to_k.forward(context)?, &self.to_v.forward(context)?)?,
+            None => self.attend(&q, &self.to_k.forward(context)?, &self.to_v.forward(context)?, None)?,
             Some(ip) => {
                 let l = context.shape()[1];
                 if ip.num_tokens > l {
@@ -161,12 +182,12 @@ impl Attention {
                 let end = l - ip.num_tokens;
                 let text = context.narrow(1, 0, end)?;
                 let toks = context.narrow(1, end, ip.num_tokens)?;
-                let o = self.attend(&q, &self.to_k.forward(&text)?, &self.to_v.forward(&text)?)?;
+                let o = self.attend(&q, &self.to_k.forward(&text)?, &self.to_v.forward(&text)?, None)?;
                 let s = ip.scale.get();
                 if s == 0.0 {
                     o
                 } else {
-                    let o_ip = self.attend(&q, &ip.to_k_ip.forward(&toks)?, &ip.to_v_ip.forward(&toks)?)?;
+                    let o_ip = self.attend(&q, &ip.to_k_ip.forward(&toks)?, &ip.to_v_ip.forward(&toks)?, None)?;
                     o.add(&o_ip.mul_scalar(s)?)?
                 }
             }
