@@ -3,9 +3,9 @@
 //! forward's inputs, its (out, lse) and dout. P is recomputed from lse, so nothing of size
 //! Lq x (Lk + Lr) is kept between the passes. Math per head: kernels::flash_attention_backward.
 //!
-//! CPU: one rayon task per (batch, head), each running the per-head reference in f32 over the
-//! inputs' own row strides (no copies of f32 views whose last dim is contiguous); gradients are
-//! written per head, so the result does not depend on the thread count.
+//! CPU: one rayon task per (batch, head), each running GEMMs over blocks of query rows in f32
+//! (`head_by_gemm`) on the inputs' own row strides (no copies of f32 views whose last dim is
+//! contiguous); gradients are written per head, so the result does not depend on the thread count.
 //! CUDA: the fused kernels (kernels/cuda/flash_attention_backward.cu, launched by
 //! engine/src/cuda/flash_attention_backward.rs) for bf16/f16 with D in {64, 128} on sm_80+ (behind
 //! the experimental-kernels switch until they have run on a GPU), else `composition`: existing
@@ -13,9 +13,10 @@
 
 use rayon::prelude::*;
 
-use kernels::flash_attention_backward::{flash_attention_backward_head, BackwardDims, HeadGrads, HeadInputs, Rows};
+use kernels::flash_attention_backward::{BackwardDims, HeadGrads, HeadInputs, Rows};
 
 use super::flash_attention::{flash_attention_shape, AttentionReference, FlashShape};
+use crate::cpu::gemm::gemm_f32;
 use crate::cpu::CpuStorage;
 use crate::storage::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -156,7 +157,9 @@ fn cpu_backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<AttentionR
                 lse: rows_of(5, bh).data,
                 lse_stride: views[5].row_stride,
             };
-            flash_attention_backward_head(&x, BackwardDims { lq, lk, lr: if with_reference { lr } else { 0 }, d }, scale, HeadGrads { dq, dk, dv, dk_ref, dv_ref });
+            let dims = BackwardDims { lq, lk, lr: if with_reference { lr } else { 0 }, d };
+            // SAFETY: every view's extent was checked above (rows of d unit-stride elements).
+            unsafe { head_by_gemm(&x, dims, scale, HeadGrads { dq, dk, dv, dk_ref, dv_ref }) };
         });
     }
     let mut grads = grads.into_iter();
@@ -170,6 +173,81 @@ fn cpu_backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<AttentionR
         None => (None, None),
     };
     Ok(FlashAttentionGrads { dq, dk, dv, dk_ref, dv_ref })
+}
+
+/// Query rows per block of the CPU path: the block's P and dS (QUERY_BLOCK x (Lk + Lr) f32 each)
+/// stay in the cache between the products.
+const QUERY_BLOCK: usize = 64;
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The gradients of one head (the math of kernels::flash_attention_backward, which the tests
+/// compare against) as GEMMs over blocks of QUERY_BLOCK query rows, each product single-threaded
+/// (the caller runs heads in parallel; the result does not depend on the thread count):
+///   P  = exp(scale Q_blk [K ; K_ref]^T - lse)  (dropped keys and rows with lse = -inf: 0)
+///   dS = scale P (dO_blk [V ; V_ref]^T - delta)
+///   dV += P^T dO_blk, dK += dS^T Q_blk (own and reference parts), dQ_blk = dS [K ; K_ref]
+/// The gradients are zero-filled buffers on entry (every product accumulates).
+///
+/// # Safety
+/// Every `Rows` of `x` must hold its rows (dims) of d elements (checked with `Rows::holds`).
+unsafe fn head_by_gemm(x: &HeadInputs, dims: BackwardDims, scale: f32, g: HeadGrads) {
+    let BackwardDims { lq, lk, lr, d } = dims;
+    let lkv = lk + lr;
+    if d == 0 || lkv == 0 || lq == 0 {
+        return;
+    }
+    let (kr, vr) = x.reference.unwrap_or((x.k, x.v));
+    let none = gemm::Parallelism::None;
+    let mut p = vec![0f32; QUERY_BLOCK.min(lq) * lkv];
+    let mut ds = vec![0f32; QUERY_BLOCK.min(lq) * lkv];
+    for i0 in (0..lq).step_by(QUERY_BLOCK) {
+        let rows = QUERY_BLOCK.min(lq - i0);
+        let (q_at, do_at) = (x.q.data.as_ptr().add(i0 * x.q.row_stride), x.dout.data.as_ptr().add(i0 * x.dout.row_stride));
+        let (p_at, ds_at) = (p.as_mut_ptr(), ds.as_mut_ptr());
+        // Scores in p, dO V^T in ds: own keys in columns 0..lk, reference keys after them.
+        // rhs (d x L) element (c, j) is k[j, c].
+        if lk > 0 {
+            gemm_f32(rows, lk, d, p_at, lkv, 1, false, q_at, x.q.row_stride, 1, x.k.data.as_ptr(), 1, x.k.row_stride, none);
+            gemm_f32(rows, lk, d, ds_at, lkv, 1, false, do_at, x.dout.row_stride, 1, x.v.data.as_ptr(), 1, x.v.row_stride, none);
+        }
+        if lr > 0 {
+            gemm_f32(rows, lr, d, p_at.add(lk), lkv, 1, false, q_at, x.q.row_stride, 1, kr.data.as_ptr(), 1, kr.row_stride, none);
+            gemm_f32(rows, lr, d, ds_at.add(lk), lkv, 1, false, do_at, x.dout.row_stride, 1, vr.data.as_ptr(), 1, vr.row_stride, none);
+        }
+        for (r, (pr, dsr)) in p.chunks_mut(lkv).zip(ds.chunks_mut(lkv)).take(rows).enumerate() {
+            let i = i0 + r;
+            let l = x.lse[i * x.lse_stride];
+            if l == f32::NEG_INFINITY {
+                // No key at all: nothing flows back.
+                pr.fill(0.0);
+                dsr.fill(0.0);
+                continue;
+            }
+            let delta = dot(&x.dout.data[i * x.dout.row_stride..][..d], &x.out.data[i * x.out.row_stride..][..d]);
+            for (j, (pv, dv)) in pr.iter_mut().zip(dsr.iter_mut()).enumerate() {
+                let live = j < lk || x.keep.is_none_or(|m| m[j - lk] != 0);
+                let e = if live { (scale * *pv - l).exp() } else { 0.0 };
+                *pv = e;
+                *dv = scale * e * (*dv - delta);
+            }
+        }
+        // dV += P^T dO, dK += dS^T Q: lhs (L x rows) element (j, r) is p[r, j].
+        let (p_at, ds_at) = (p.as_ptr(), ds.as_ptr());
+        if lk > 0 {
+            gemm_f32(lk, d, rows, g.dv.as_mut_ptr(), d, 1, true, p_at, 1, lkv, do_at, x.dout.row_stride, 1, none);
+            gemm_f32(lk, d, rows, g.dk.as_mut_ptr(), d, 1, true, ds_at, 1, lkv, q_at, x.q.row_stride, 1, none);
+            gemm_f32(rows, d, lk, g.dq.as_mut_ptr().add(i0 * d), d, 1, true, ds_at, lkv, 1, x.k.data.as_ptr(), x.k.row_stride, 1, none);
+        }
+        if lr > 0 {
+            gemm_f32(lr, d, rows, g.dv_ref.as_mut_ptr(), d, 1, true, p_at.add(lk), 1, lkv, do_at, x.dout.row_stride, 1, none);
+            gemm_f32(lr, d, rows, g.dk_ref.as_mut_ptr(), d, 1, true, ds_at.add(lk), 1, lkv, q_at, x.q.row_stride, 1, none);
+            gemm_f32(rows, d, lr, g.dq.as_mut_ptr().add(i0 * d), d, 1, true, ds_at.add(lk), lkv, 1, kr.data.as_ptr(), kr.row_stride, 1, none);
+        }
+    }
 }
 
 /// alpha (a b) written as `out_dtype`: cuBLASLt on CUDA (f32 output from 16-bit inputs rounds
@@ -281,9 +359,66 @@ mod tests {
         got
     }
 
+    /// The CPU path vs kernels::flash_attention_backward_head (the per-row reference) on
+    /// contiguous per-head copies.
+    fn check_against_reference(q: &Tensor, k: &Tensor, v: &Tensor, kr: &Tensor, vr: &Tensor, keep: Option<(&[u8], bool)>, scale: f32) {
+        use kernels::flash_attention_backward::flash_attention_backward_head;
+        let keep_shape = |per_batch: bool| if per_batch { vec![q.shape()[0], kr.shape()[2]] } else { vec![kr.shape()[2]] };
+        let keep_t = keep.map(|(m, per_batch)| Tensor::from_vec(m.to_vec(), &keep_shape(per_batch), Device::Cpu).unwrap());
+        let r = AttentionReference { k: kr, v: vr, keep: keep_t.as_ref() };
+        let (out, lse) = Tensor::flash_attention(q, k, v, Some(r), scale).unwrap();
+        let dout = heads(q.shape()[0], q.shape()[2], q.shape()[1], q.shape()[3], 98);
+        let got = Tensor::flash_attention_backward(q, k, v, Some(r), scale, &out, &lse, &dout).unwrap();
+        let (b, h, lq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+        let (lk, lr) = (k.shape()[2], kr.shape()[2]);
+        let c = |t: &Tensor| t.to_vec_f32().unwrap();
+        let (qc, kc, vc, krc, vrc, oc, doc, lc) = (c(q), c(k), c(v), c(kr), c(vr), c(&out), c(&dout), c(&lse));
+        let got: Vec<Vec<f32>> = [&got.dq, &got.dk, &got.dv, got.dk_ref.as_ref().unwrap(), got.dv_ref.as_ref().unwrap()].iter().map(|t| c(t)).collect();
+        for bh in 0..b * h {
+            let keep_row = keep.map(|(m, per_batch)| if per_batch { &m[(bh / h) * lr..(bh / h + 1) * lr] } else { m });
+            let rows = |x: &[f32], l: usize, bh: usize| -> Vec<f32> { x[bh * l * d..(bh + 1) * l * d].to_vec() };
+            let (qh, kh, vh, krh, vrh, oh, doh) = (rows(&qc, lq, bh), rows(&kc, lk, bh), rows(&vc, lk, bh), rows(&krc, lr, bh), rows(&vrc, lr, bh), rows(&oc, lq, bh), rows(&doc, lq, bh));
+            let x = HeadInputs {
+                q: Rows { data: &qh, row_stride: d },
+                k: Rows { data: &kh, row_stride: d },
+                v: Rows { data: &vh, row_stride: d },
+                reference: Some((Rows { data: &krh, row_stride: d }, Rows { data: &vrh, row_stride: d })),
+                keep: keep_row,
+                out: Rows { data: &oh, row_stride: d },
+                dout: Rows { data: &doh, row_stride: d },
+                lse: &lc[bh * lq..(bh + 1) * lq],
+                lse_stride: 1,
+            };
+            let mut want: Vec<Vec<f32>> = [lq, lk, lk, lr, lr].iter().map(|&l| vec![0f32; l * d]).collect();
+            {
+                let [dq, dk, dv, dkr, dvr] = &mut want[..] else { unreachable!() };
+                flash_attention_backward_head(&x, BackwardDims { lq, lk, lr, d }, scale, HeadGrads { dq, dk, dv, dk_ref: dkr, dv_ref: dvr });
+            }
+            for (which, (g, w)) in got.iter().zip(&want).enumerate() {
+                let n = w.len();
+                for (i, (a, e)) in g[bh * n..(bh + 1) * n].iter().zip(w).enumerate() {
+                    assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()), "gradient {which} head {bh} element {i}: {a} vs reference {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_per_row_reference() {
+        // Lq spans two query blocks and ends in a partial one; [B, L, H, D] views.
+        let (b, h, lq, lk, lr, d) = (2, 3, 77, 13, 21, 8);
+        let (q, k, v, kr, vr) = (heads(b, lq, h, d, 1), heads(b, lk, h, d, 2), heads(b, lk, h, d, 3), heads(b, lr, h, d, 4), heads(b, lr, h, d, 5));
+        let keep: Vec<u8> = (0..b * lr).map(|i| (i % 3 != 1) as u8).collect();
+        check_against_reference(&q, &k, &v, &kr, &vr, Some((&keep, true)), 0.3);
+        check_against_reference(&q, &k, &v, &kr, &vr, Some((&keep[..lr], false)), 0.3);
+        check_against_reference(&q, &k, &v, &kr, &vr, None, 0.3);
+        // No own keys.
+        check_against_reference(&q, &k.narrow(2, 0, 0).unwrap(), &v.narrow(2, 0, 0).unwrap(), &kr, &vr, Some((&keep, true)), 0.3);
+    }
+
     #[test]
     fn matches_the_composition_on_strided_views_with_a_keep_mask() {
-        let (b, h, lq, lk, lr, d) = (2, 3, 37, 13, 21, 8);
+        let (b, h, lq, lk, lr, d) = (2, 3, 77, 13, 21, 8);
         let (q, k, v, kr, vr) = (heads(b, lq, h, d, 1), heads(b, lk, h, d, 2), heads(b, lk, h, d, 3), heads(b, lr, h, d, 4), heads(b, lr, h, d, 5));
         let keep: Vec<u8> = (0..b * lr).map(|i| (i % 3 != 1) as u8).collect();
         let keep_t = Tensor::from_vec(keep.clone(), &[b, lr], Device::Cpu).unwrap();
@@ -338,7 +473,7 @@ mod tests {
 
     #[test]
     fn the_result_does_not_depend_on_the_thread_count() {
-        let (b, h, lq, lk, lr, d) = (1, 3, 40, 17, 11, 8);
+        let (b, h, lq, lk, lr, d) = (1, 3, 150, 17, 11, 8);
         let (q, k, v, kr, vr) = (heads(b, lq, h, d, 1), heads(b, lk, h, d, 2), heads(b, lk, h, d, 3), heads(b, lr, h, d, 4), heads(b, lr, h, d, 5));
         let r = Some(AttentionReference { k: &kr, v: &vr, keep: None });
         let (out, lse) = Tensor::flash_attention(&q, &k, &v, r, 0.2).unwrap();
