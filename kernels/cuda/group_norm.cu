@@ -12,7 +12,7 @@
 // `rank` of cluster q = (n G + g) owns packs rank * GNC_BLOCK + tid + k * cs * GNC_BLOCK, k < P.
 // Host guarantees: HW % V == 0 (a pack stays in one channel), x and y 16-byte aligned,
 // cpg * HW / V <= cs * GNC_BLOCK * P, N * C * HW < 2^32. Weight / bias: f32 per channel or null.
-#include "common.cuh"
+#include "warp_reduce.cuh"
 
 #define GNC_BLOCK 256
 
@@ -38,17 +38,11 @@ __device__ __forceinline__ float gnc_load_remote(const float* p, u32 rank) {
     return v;
 }
 
-__device__ __forceinline__ float gnc_warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // Sum of `v` over every thread of the cluster's `cs` CTAs (all threads call; all get the same
 // total: CTA partials are added in rank order everywhere). `slot` is this sum's own shared
 // float (not reused by a later sum of the same launch), `red` a float per warp.
 __device__ __forceinline__ float gnc_cluster_sum(float v, float* red, float* slot, u32 cs) {
-    v = gnc_warp_sum(v);
+    v = warp_sum(v);
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) red[warp] = v;
     __syncthreads();

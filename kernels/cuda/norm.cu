@@ -5,7 +5,7 @@
 // norm; shifted sums merged with Chan's formula for group norm). Launch parameters: see each
 // section and engine/src/cuda/norm.rs. Per-channel parameters (weight, bias, running stats) are
 // f32 vectors; a null pointer means "absent" (weight 1, bias 0).
-#include "common.cuh"
+#include "warp_reduce.cuh"
 
 #define LN_CACHE 16      // f32 values of its row each layer-norm thread holds
 // The cached kernel: ~75 registers a thread (3 blocks of 256 threads per SM for a 4096-wide row);
@@ -15,25 +15,6 @@
 #define GN_BLOCK 256
 #define GN_MAX_C 4096    // channels-last group norm: per-channel sums of a block live in shared memory
 #define EW_BLOCK 256
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// Sum over the threads of a row (a warp when tpr == 32, else the whole block); every thread gets
-// the total. Whole-block calls are made by every thread of the block. `sm` holds a float per warp.
-__device__ __forceinline__ float row_sum(float v, u32 tpr, float* sm) {
-    v = warp_sum(v);
-    if (tpr == 32) return v;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) sm[warp] = v;
-    __syncthreads();
-    v = lane < (blockDim.x >> 5) ? sm[lane] : 0.0f;
-    return warp_sum(v);
-}
 
 __device__ __forceinline__ float param(const float* p, u32 i, float absent) { return p ? __ldg(p + i) : absent; }
 __device__ __forceinline__ float silu(float y) { return y * (1.0f / (1.0f + expf(-y))); }

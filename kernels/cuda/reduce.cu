@@ -8,28 +8,9 @@
 //   covers columns [c * chunk_len, (c + 1) * chunk_len), chunk_len a multiple of 8. With one chunk
 //   the kernel writes the result; with several it writes (s1, s2) partials that sum_finalize adds
 //   in chunk order (deterministic, no atomics).
-#include "common.cuh"
+#include "warp_reduce.cuh"
 
 #define RED_BLOCK 256
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// Sum over the threads of a row (a warp, or the whole block); every thread gets the total. Whole-
-// block calls are made by every thread (tpr is uniform per launch). `sm` holds a float per warp.
-__device__ __forceinline__ float row_sum(float v, u32 tpr, float* sm) {
-    v = warp_sum(v);
-    if (tpr == 32) return v;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();  // a previous call may still be reading sm
-    if (lane == 0) sm[warp] = v;
-    __syncthreads();
-    v = lane < (blockDim.x >> 5) ? sm[lane] : 0.0f;
-    return warp_sum(v);
-}
 
 // op: 0 sum, 1 mean, 2 var. s1/s2 are sums of d and d^2 with d = x - shift (the row's first
 // element for var, so that a large common offset does not eat the variance; 0 otherwise).

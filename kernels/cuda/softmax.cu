@@ -10,45 +10,11 @@
 //   and both pointers are 16-byte aligned, else single elements (chosen inside, per launch).
 // - softmax_long_DT: rows longer than 1024 * SM_CACHE; a block of 1024 threads per row, online
 //   (max, sum) in one read, a second read to write.
-#include "common.cuh"
+#include "warp_reduce.cuh"
 
 #define SM_CACHE 16
 #define NEG_INF __int_as_float(0xff800000)
 #define SM_MAX_BLOCK 1024
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Sum / max over the threads of a row (a warp, or the whole block); every thread gets the result.
-// Whole-block calls are made by every thread of the block. `sm` holds a float per warp.
-__device__ __forceinline__ float row_sum(float v, u32 tpr, float* sm) {
-    v = warp_sum(v);
-    if (tpr == 32) return v;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) sm[warp] = v;
-    __syncthreads();
-    v = lane < (blockDim.x >> 5) ? sm[lane] : 0.0f;
-    return warp_sum(v);
-}
-__device__ __forceinline__ float row_max(float v, u32 tpr, float* sm) {
-    v = warp_max(v);
-    if (tpr == 32) return v;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) sm[warp] = v;
-    __syncthreads();
-    v = lane < (blockDim.x >> 5) ? sm[lane] : NEG_INF;
-    return warp_max(v);
-}
 
 // Thread t of the row holds packs t, t + tpr, t + 2 tpr, ... (coalesced), P packs of V values.
 template <typename T, int V>
