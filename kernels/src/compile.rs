@@ -449,21 +449,21 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()>
 }
 
 /// Two independent 64-bit FNV-1a streams: a stable 128-bit content hash for cache keys (std's
-/// hashers are not stable across Rust releases).
-struct Hash128(u64, u64);
+/// hashers are not stable across Rust releases). Also keys the emulator's builds.
+pub(crate) struct Hash128(u64, u64);
 
 impl Hash128 {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Hash128(0xcbf2_9ce4_8422_2325, 0x6c62_272e_07bb_0142)
     }
-    fn add(&mut self, bytes: &[u8]) {
+    pub(crate) fn add(&mut self, bytes: &[u8]) {
         // Length first, so that ("ab","c") and ("a","bc") differ.
         for &b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
             self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
             self.1 = (self.1 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(5);
         }
     }
-    fn finish(&self) -> u128 {
+    pub(crate) fn finish(&self) -> u128 {
         ((self.0 as u128) << 64) | self.1 as u128
     }
 }
@@ -471,6 +471,17 @@ impl Hash128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_key_separates_fields() {
+        let mut a = Hash128::new();
+        a.add(b"ab");
+        a.add(b"c");
+        let mut b = Hash128::new();
+        b.add(b"a");
+        b.add(b"bc");
+        assert_ne!(a.finish(), b.finish());
+    }
 
     #[test]
     fn parses_ptxas_report() {

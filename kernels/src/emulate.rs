@@ -25,7 +25,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::compile::{KernelCache, KernelSource, HEADERS};
+use crate::compile::{Hash128, KernelCache, KernelSource, HEADERS};
 
 /// The emulation header, force-included in every emulated build.
 pub const EMULATOR_HEADER: &str = include_str!("../emu/cuda_emulator.h");
@@ -295,39 +295,4 @@ fn compile(cxx: &Path, name: &str, code: &str, shown: &str, dir: &Path, lib_path
     })();
     let _ = std::fs::remove_dir_all(&build);
     result
-}
-
-/// Two independent 64-bit FNV-1a streams (as kernels::compile's cache key): stable across Rust
-/// releases, unlike std's hashers.
-struct Hash128(u64, u64);
-
-impl Hash128 {
-    fn new() -> Self {
-        Hash128(0xcbf2_9ce4_8422_2325, 0x6c62_272e_07bb_0142)
-    }
-    fn add(&mut self, bytes: &[u8]) {
-        for &b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-            self.1 = (self.1 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(5);
-        }
-    }
-    fn finish(&self) -> u128 {
-        ((self.0 as u128) << 64) | self.1 as u128
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cache_key_separates_fields() {
-        let mut a = Hash128::new();
-        a.add(b"ab");
-        a.add(b"c");
-        let mut b = Hash128::new();
-        b.add(b"a");
-        b.add(b"bc");
-        assert_ne!(a.finish(), b.finish());
-    }
 }
