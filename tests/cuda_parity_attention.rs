@@ -47,16 +47,25 @@ const CASES: &[Case] = &[
     Case { label: "long rows", b: 1, h: 2, lq: 1000, lk: 1000, lr: 1000, keep: Some(true), shared_keep: false, interleaved: true, misaligned: false },
 ];
 
-/// A [B, H, L, D] operand of `dt` on `dev`, viewed as the case says.
-fn operand(c: &Case, l: usize, d: usize, dt: DType, seed: u64, dev: Device, interleaved: bool, misaligned: bool) -> Result<Tensor> {
+/// How an operand is stored and viewed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Storage {
+    /// [B, H, L, D] contiguous.
+    Plain,
+    /// [B, L, H, D] memory viewed as [B, H, L, D] (heads interleaved, the models' layout).
+    Interleaved,
+    /// Narrowed one element into rows of D + 1: unaligned rows the kernel cannot read in place.
+    Misaligned,
+}
+
+/// A [B, H, L, D] operand of `dt` on `dev`.
+fn operand(c: &Case, l: usize, d: usize, dt: DType, seed: u64, dev: Device, storage: Storage) -> Result<Tensor> {
     let (b, h) = (c.b, c.h);
-    if misaligned {
-        return input(&[b, h, l, d + 1], dt, -1.0, 1.0, seed, dev)?.narrow(3, 1, d);
+    match storage {
+        Storage::Plain => input(&[b, h, l, d], dt, -1.0, 1.0, seed, dev),
+        Storage::Interleaved => input(&[b, l, h, d], dt, -1.0, 1.0, seed, dev)?.transpose(1, 2),
+        Storage::Misaligned => input(&[b, h, l, d + 1], dt, -1.0, 1.0, seed, dev)?.narrow(3, 1, d),
     }
-    if interleaved {
-        return input(&[b, l, h, d], dt, -1.0, 1.0, seed, dev)?.transpose(1, 2);
-    }
-    input(&[b, h, l, d], dt, -1.0, 1.0, seed, dev)
 }
 
 /// Some reference tokens dropped, a different set per batch entry.
@@ -65,16 +74,17 @@ fn keep_mask(c: &Case, dev: Device) -> Result<Tensor> {
     if c.shared_keep {
         return Tensor::from_vec((0..lr).map(|j| (j % 5 != 2) as u8).collect::<Vec<_>>(), &[lr], dev);
     }
-    Tensor::from_vec((0..c.b * lr).map(|i| ((i * 7 + i / lr) % 5 != 0) as u8).collect::<Vec<_>>(), &[c.b, lr], dev)
+    Tensor::from_vec((0..c.b * lr).map(|i| !(i * 7 + i / lr).is_multiple_of(5) as u8).collect::<Vec<_>>(), &[c.b, lr], dev)
 }
 
 /// (out, lse) of the case on `dev`.
 fn run(c: &Case, d: usize, dt: DType, dev: Device) -> Result<(Tensor, Tensor)> {
-    let q = operand(c, c.lq, d, dt, 1, dev, c.interleaved, false)?;
-    let k = operand(c, c.lk, d, dt, 2, dev, false, c.misaligned)?;
-    let v = operand(c, c.lk, d, dt, 3, dev, false, c.misaligned)?;
-    let kr = operand(c, c.lr, d, dt, 4, dev, c.interleaved, false)?;
-    let vr = operand(c, c.lr, d, dt, 5, dev, c.interleaved, false)?;
+    let (qr, kv) = (if c.interleaved { Storage::Interleaved } else { Storage::Plain }, if c.misaligned { Storage::Misaligned } else { Storage::Plain });
+    let q = operand(c, c.lq, d, dt, 1, dev, qr)?;
+    let k = operand(c, c.lk, d, dt, 2, dev, kv)?;
+    let v = operand(c, c.lk, d, dt, 3, dev, kv)?;
+    let kr = operand(c, c.lr, d, dt, 4, dev, qr)?;
+    let vr = operand(c, c.lr, d, dt, 5, dev, qr)?;
     let keep = match c.keep {
         Some(true) => Some(keep_mask(c, dev)?),
         _ => None,
@@ -170,7 +180,7 @@ fn inputs_on_two_devices_are_an_error() {
     let t = |d| input(&[1, 2, 7, 64], DType::BF16, -1.0, 1.0, 1, d).unwrap();
     let (q, k) = (t(dev), t(dev));
     let keep_cpu = Tensor::from_vec(vec![1u8; 7], &[7], Device::Cpu).unwrap();
-    let e = Tensor::flash_attention(&q, &k, &k, Some(AttentionReference { k: &k, v: &k, keep: Some(&keep_cpu) }), 0.1).err().expect("an error");
+    let e = Tensor::flash_attention(&q, &k, &k, Some(AttentionReference { k: &k, v: &k, keep: Some(&keep_cpu) }), 0.1).expect_err("an error");
     assert!(e.to_string().contains("flash_attention"), "{e}");
     assert!(Tensor::flash_attention(&q, &t(Device::Cpu), &k, None, 0.1).is_err());
 }

@@ -186,7 +186,7 @@ fn run_case(ty: Half, c: &Case) {
 
 /// Some reference tokens dropped in each batch entry, a different set in each.
 fn keep_mask(b: usize, lr: usize) -> Vec<u8> {
-    (0..b * lr).map(|i| ((i * 7 + i / lr) % 5 != 0) as u8).collect()
+    (0..b * lr).map(|i| !(i * 7 + i / lr).is_multiple_of(5) as u8).collect()
 }
 
 fn odd_sizes(ty: Half, d: usize) {

@@ -150,6 +150,7 @@ mod tests {
 
     /// The independent formula: explicit concatenation [own ; reference] and an additive mask of
     /// 0 / -inf, through kernels::attention::attention_head; lse by its definition in f64.
+    #[allow(clippy::too_many_arguments)]
     fn concatenated(q: &[f32], k: &[f32], v: &[f32], kr: &[f32], vr: &[f32], keep: Option<&[u8]>, dims: FlashDims, scale: f32) -> (Vec<f32>, Vec<f32>) {
         let FlashDims { lq, lk, lr, d } = dims;
         let kc: Vec<f32> = k[..lk * d].iter().chain(&kr[..lr * d]).copied().collect();

@@ -284,6 +284,7 @@ mod tests {
     }
 
     /// Per head through kernels::flash_attention_head on contiguous copies.
+    #[allow(clippy::too_many_arguments)]
     fn reference_result(q: &Tensor, k: &Tensor, v: &Tensor, kr: &Tensor, vr: &Tensor, keep: Option<&[u8]>, keep_per_batch: bool, scale: f32) -> (Vec<f32>, Vec<f32>) {
         let (b, h, lq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
         let (lk, lr) = (k.shape()[2], kr.shape()[2]);
@@ -424,7 +425,7 @@ mod tests {
         let (q, k, v) = (heads(1, 4, 2, 8, 1), heads(1, 3, 2, 8, 2), heads(1, 3, 2, 8, 3));
         let (kr, vr) = (heads(1, 5, 2, 8, 4), heads(1, 5, 2, 8, 5));
         let err = |r: Result<(Tensor, Tensor)>| {
-            let e = r.err().expect("an error").to_string();
+            let e = r.expect_err("an error").to_string();
             assert!(e.contains("flash_attention"), "{e}");
             e
         };
