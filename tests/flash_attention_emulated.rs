@@ -243,3 +243,11 @@ fn rows_with_no_key_left() {
         run_case(F16, &Case { b, h: 1, lq: 5, lk: 0, lr, d: 64, keep: Some(keep), scale: 0.125 });
     }
 }
+
+/// No keys at all (Lk = 0, no reference): the key loop never runs; out 0, lse -inf everywhere.
+#[test]
+fn no_keys_at_all() {
+    if have_compiler("no_keys_at_all") {
+        run_case(BF16, &Case { b: 1, h: 2, lq: 3, lk: 0, lr: 0, d: 128, keep: None, scale: 0.1 });
+    }
+}
