@@ -2,14 +2,15 @@
 //! with purpose-written kernels (kernels/emu/tests/*.cu) checked against plain Rust math: mma
 //! and every ldmatrix variant through matmuls and register dumps, cp.async group ordering, warp
 //! shuffles and votes, barriers with early exits, dynamic shared memory, deadlock and launch
-//! errors; (b) existing kernel families run under emulation against the CPU reference the engine
+//! errors, missing barriers that the far-apart schedule must expose (and their fixed versions
+//! passing under every schedule); (b) existing kernel families run under emulation against the CPU reference the engine
 //! uses (kernels/src/{softmax,norm}.rs), on odd sizes. Needs a C++ compiler (LOOKAHEAD_CXX, c++ or
 //! g++); without one every test prints "skipped: no C++ compiler" and passes, unless `CI` is set.
 
 use std::path::PathBuf;
 
 use half::{bf16, f16};
-use kernels::emulate::{find_compiler, EmulateError, EmulatedModule};
+use kernels::emulate::{find_compiler, EmulateError, EmulatedModule, Schedule};
 
 // ---- harness ---------------------------------------------------------------------------------------
 
@@ -216,8 +217,8 @@ fn ldmatrix_registers_follow_the_ptx_layout() {
 // ---- (a) cp.async ------------------------------------------------------------------------------------
 
 #[test]
-fn cp_async_lands_only_when_a_wait_retires_its_group() {
-    if !have_compiler("cp_async_lands_only_when_a_wait_retires_its_group") {
+fn cp_async_destination_is_poisoned_until_a_wait_retires_its_group() {
+    if !have_compiler("cp_async_destination_is_poisoned_until_a_wait_retires_its_group") {
         return;
     }
     let m = test_module("async_copy");
@@ -232,19 +233,21 @@ fn cp_async_lands_only_when_a_wait_retires_its_group() {
         })
     }
     .unwrap_or_else(|e| panic!("{e}"));
-    let s = snap.as_ref();
+    let s: Vec<u32> = snap.as_ref().iter().map(|v| v.to_bits()).collect();
+    let bits = |v: f32| v.to_bits();
+    const POISON: u32 = 0xffff_ffff;
     for j in 0..128 {
         let t = j / 4;
         let group1 = if t % 2 == 0 { src.as_ref()[128 + j] } else { 0.0 };
-        assert_eq!((s[j], s[128 + j]), (-1.0, -2.0), "before any wait, element {j}: the old shared data");
-        assert_eq!((s[256 + j], s[256 + 128 + j]), (src.as_ref()[j], -2.0), "after cp_async_wait<1>, element {j}: group 0 landed, group 1 not yet");
-        assert_eq!((s[512 + j], s[512 + 128 + j]), (src.as_ref()[j], group1), "after cp_async_wait<0>, element {j} (odd threads zero-fill)");
+        assert_eq!((s[j], s[128 + j]), (POISON, POISON), "before any wait, element {j}: both destinations in flight (0xff bytes)");
+        assert_eq!((s[256 + j], s[256 + 128 + j]), (bits(src.as_ref()[j]), POISON), "after cp_async_wait<1>, element {j}: group 0 landed, group 1 not yet");
+        assert_eq!((s[512 + j], s[512 + 128 + j]), (bits(src.as_ref()[j]), bits(group1)), "after cp_async_wait<0>, element {j} (odd threads zero-fill)");
     }
 }
 
 #[test]
-fn cp_async_pipeline_without_its_wait_reads_stale_data() {
-    if !have_compiler("cp_async_pipeline_without_its_wait_reads_stale_data") {
+fn cp_async_pipeline_without_its_wait_reads_poison() {
+    if !have_compiler("cp_async_pipeline_without_its_wait_reads_poison") {
         return;
     }
     let m = test_module("async_copy");
@@ -265,7 +268,101 @@ fn cp_async_pipeline_without_its_wait_reads_stale_data() {
     };
     let want: Vec<f32> = (0..256 * stages as usize).map(|i| ((i / 256) * 256 + (((i % 256) / 4 + 1) % 64) * 4 + i % 4) as f32).collect();
     assert_eq!(run(1), want, "with cp_async_wait<1> before the barrier");
-    assert!(run(0).iter().all(|&v| v == -1.0), "without the wait every read must see the stale buffer");
+    assert!(run(0).iter().all(|v| v.to_bits() == 0xffff_ffff), "without the wait every read must see the in-flight destination's 0xff bytes");
+}
+
+// ---- (a) schedules: races that only some thread orders expose ----------------------------------------
+
+/// Every schedule, with two seeds of the random one.
+const SCHEDULES: [Schedule; 4] = [Schedule::RoundRobin, Schedule::FarApart, Schedule::Random(1), Schedule::Random(0x5eed)];
+
+/// Small integers as f32, so that every sum of the race kernels is exact whatever its order.
+fn small_integers(n: usize, seed: u64) -> Vec<f32> {
+    values(n, seed).iter().map(|v| ((v + 1.0) * 32.0).floor()).collect()
+}
+
+const RACE_THREADS: u32 = 128;
+const RACE_STAGE: usize = 512;
+
+#[test]
+fn a_pipeline_stage_overwritten_while_a_slower_warp_reads_it_is_caught_far_apart() {
+    if !have_compiler("a_pipeline_stage_overwritten_while_a_slower_warp_reads_it_is_caught_far_apart") {
+        return;
+    }
+    let m = test_module("races");
+    let tiles = 5u32;
+    let src = Aligned::from(&small_integers(tiles as usize * RACE_STAGE, 7));
+    // out[j * 4 + w]: the sum of tile j (each warp reads all of it, in its own order).
+    let want: Vec<f32> = (0..tiles as usize * 4).map(|i| src.as_ref()[(i / 4) * RACE_STAGE..(i / 4 + 1) * RACE_STAGE].iter().sum()).collect();
+    let run = |schedule: Schedule, end_barrier: i32| {
+        let out = Aligned::<f32>::zeroed(tiles as usize * 4);
+        let op = out.addr();
+        // SAFETY: the kernel reads tiles * RACE_STAGE floats and writes tiles * 4.
+        unsafe {
+            m.launch_with("pipeline_stage_reuse", (1, 1, 1), (RACE_THREADS, 1, 1), 0, schedule, &|f| {
+                let k: extern "C" fn(u64, u64, u32, i32) = std::mem::transmute(f);
+                k(src.addr(), op, tiles, end_barrier);
+            })
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+        out.as_ref().to_vec()
+    };
+    for schedule in SCHEDULES {
+        assert_eq!(run(schedule, 1), want, "with the end-of-iteration barrier, schedule {schedule}");
+    }
+    let buggy = run(Schedule::FarApart, 0);
+    assert!(buggy.iter().any(|v| v.is_nan()), "far-apart must show the prefetch into a stage a slower warp still reads (poisoned reads): {buggy:?}");
+    let caught: Vec<String> = SCHEDULES.iter().filter(|&&s| run(s, 0) != want).map(|s| s.to_string()).collect();
+    lookahead::show(&format!("pipeline without its end-of-iteration barrier: wrong results under {caught:?}"));
+}
+
+#[test]
+fn a_shared_exchange_fenced_by_syncwarp_only_is_caught_far_apart() {
+    if !have_compiler("a_shared_exchange_fenced_by_syncwarp_only_is_caught_far_apart") {
+        return;
+    }
+    let m = test_module("races");
+    let blocks = 3usize;
+    let input = small_integers(blocks * RACE_THREADS as usize, 11);
+    let want: Vec<f32> = (0..blocks * RACE_THREADS as usize).map(|i| input[(i / 128) * 128..(i / 128 + 1) * 128].iter().sum()).collect();
+    let run = |schedule: Schedule, sync: i32| {
+        let out = vec![0f32; blocks * RACE_THREADS as usize];
+        // SAFETY: the kernel reads and writes 128 floats per block, with 4 floats of dynamic
+        // shared memory.
+        unsafe {
+            m.launch_with("block_sum_exchange", (blocks as u32, 1, 1), (RACE_THREADS, 1, 1), 16, schedule, &|f| {
+                let k: extern "C" fn(*const f32, *mut f32, i32) = std::mem::transmute(f);
+                k(input.as_ptr(), out.as_ptr() as *mut f32, sync);
+            })
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+        out
+    };
+    for schedule in SCHEDULES {
+        assert_eq!(run(schedule, 1), want, "with __syncthreads, schedule {schedule}");
+    }
+    let buggy = run(Schedule::FarApart, 0);
+    // Every block: the first warp to run reads sums not yet written (poisoned dynamic shared memory).
+    for b in 0..blocks {
+        assert!(buggy[b * 128..(b + 1) * 128].iter().any(|v| v.is_nan()), "far-apart must show the missing __syncthreads in block {b}");
+    }
+    let caught: Vec<String> = SCHEDULES.iter().filter(|&&s| run(s, 0) != want).map(|s| s.to_string()).collect();
+    lookahead::show(&format!("shared exchange fenced by __syncwarp only: wrong results under {caught:?}"));
+}
+
+#[test]
+fn schedules_parse_and_print() {
+    for (text, want) in [("round-robin", Schedule::RoundRobin), ("far-apart", Schedule::FarApart), ("random:42", Schedule::Random(42)), (" random:0x1F ", Schedule::Random(31))] {
+        let got = Schedule::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got, want, "{text:?}");
+        assert_eq!(Schedule::parse(&got.to_string()).unwrap_or_else(|e| panic!("{e}")), got, "{got} round trip");
+    }
+    for bad in ["", "roundrobin", "random", "random:", "random:-1", "random:0xg"] {
+        match Schedule::parse(bad) {
+            Err(e @ EmulateError::BadSchedule { .. }) => assert!(e.to_string().contains("LOOKAHEAD_EMU_SCHEDULE"), "{e}"),
+            other => panic!("{bad:?}: expected BadSchedule, got {other:?}"),
+        }
+    }
 }
 
 // ---- (a) warp collectives --------------------------------------------------------------------------

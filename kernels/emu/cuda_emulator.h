@@ -5,8 +5,9 @@
 // kernels use) plus one entry point, lookahead_emu_run, that runs a kernel launch on the host.
 //
 // Execution model: the blocks of a grid run one after another; the threads of a block run as
-// cooperative fibers on the calling OS thread, one at a time, in thread-index order, each until
-// its next synchronisation point (a barrier, a warp collective) or its exit. Synchronisation is
+// cooperative fibers on the calling OS thread, one at a time, each until its next
+// synchronisation point (a barrier, a warp collective) or its exit, in the order of the launch's
+// schedule (round-robin, far-apart or random; see `Schedule` below). Synchronisation is
 // real: __syncthreads releases when every live thread of the block waits at the same barrier; a
 // warp collective (shuffles, votes, __syncwarp, mma, ldmatrix) releases when every lane of its
 // mask waits at it, and its results are then computed from all lanes' inputs by the PTX ISA's
@@ -15,7 +16,8 @@
 // exited lane. Static __shared__ variables are `static` (blocks run one at a time, launches of one
 // module are serialised by a mutex); dynamic shared memory (LA_DYNAMIC_SHARED) is a per-launch
 // buffer filled with 0xff bytes (NaN as f32, bf16 and f16) before every block, so reads of
-// never-written shared memory show. See kernels/emu/README.md for what is not emulated.
+// never-written shared memory show; so does a cp.async destination between the issue and the
+// wait that retires it. See kernels/emu/README.md for what is not emulated.
 #pragma once
 #ifndef LOOKAHEAD_EMULATE
 #error "cuda_emulator.h is only for builds with -DLOOKAHEAD_EMULATE"
@@ -145,8 +147,23 @@ constexpr uint64_t kMagic = 0x6c61656d7566696bull;  // "laemufik"
 constexpr uintptr_t kRegion = 512 * 1024;
 constexpr uintptr_t kHeader = 64 * 1024;
 
+// The order in which the threads of a block run between synchronisation points (the `schedule`
+// argument of lookahead_emu_run; kernels/emu/README.md says what each one exposes):
+// - round-robin: rounds of every runnable thread in index order, each to its next sync point;
+//   then the warps' collectives and the block barrier are resolved. Warps stay in step.
+// - far-apart: one warp runs as far as it can (until each lane waits at a block barrier or has
+//   exited) before the next warp starts; the warp order (and the lane order inside each warp)
+//   alternates forward / reverse at every block barrier and starts reversed in odd blocks. A
+//   fast warp thus finishes a whole barrier interval, including the writes and cp.async issues
+//   that start the next one, before a slow warp has done anything in it.
+// - random: a seeded generator picks the next warp among those with a runnable lane, the lane
+//   order, and how many sync points (1 .. 256, log-uniform) the warp runs before the next pick.
+enum Schedule : int { ScheduleRoundRobin = 0, ScheduleFarApart = 1, ScheduleRandom = 2 };
+
 struct Launch {
     const char* kernel;
+    int schedule;
+    uint64_t rng;  // state of the random schedule's generator
     uint3 grid, block, block_idx;
     unsigned nthreads, nwarps;
     unsigned char* dyn_shared;
@@ -415,6 +432,11 @@ inline void cp_async_16(void* dst, const void* src, bool full, const char* file,
     // the copy is under way. The destination is written when a wait retires the group.
     if (full) memcpy(c.data, src, 16);
     else memset(c.data, 0, 16);
+    // Until then the destination is undefined (the hardware may write it at any moment after
+    // the issue): it holds 0xff bytes (NaN as f32 / bf16 / f16), so that a read of it — by this
+    // thread before its wait, or by another thread that still uses the old contents (a stage
+    // overwritten before every warp is done with it) — shows in the results.
+    memset(dst, 0xff, 16);
 }
 
 inline void cp_async_commit() {
@@ -734,22 +756,51 @@ inline bool resolve_block_barrier(Launch* L, bool& released) {
     return true;
 }
 
-inline bool run_block(Launch* L) {
-    const unsigned bx = L->block.x, by = L->block.y;
-    for (unsigned i = 0; i < L->nthreads; ++i) {
-        Fiber* f = L->fibers[i];
-        f->launch = L;
-        f->tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
-        f->linear = i;
-        f->lane = i & 31;
-        f->warp = i >> 5;
-        f->state = State::Runnable;
-        f->op = OpNone;
-        f->ncopies = 0;
-        f->ngroups = 0;
-        reset_stack(f);
+// Runs the runnable lanes of warp w once each (lane order, or reversed), each until its next
+// synchronisation point or its exit. False when the launch failed.
+inline bool run_warp_lanes(Launch* L, unsigned w, bool reverse) {
+    const unsigned first = 32 * w, nl = L->nthreads - first < 32 ? L->nthreads - first : 32;
+    for (unsigned k = 0; k < nl; ++k) {
+        Fiber* f = L->fibers[first + (reverse ? nl - 1 - k : k)];
+        if (f->state != State::Runnable) continue;
+        enter_fiber(L, f);
+        if (L->failed) return false;
     }
-    if (L->dyn_bytes) memset(L->dyn_shared, 0xff, L->dyn_bytes);
+    return true;
+}
+
+// Runs warp w alone for up to `steps` steps (0: no limit), a step being its runnable lanes to
+// their next sync point and then its collectives resolved; it stops early when no collective is
+// released (every lane waits at a block barrier, has exited, or waits at a collective that other
+// lanes cannot reach). False when the launch failed.
+inline bool run_warp(Launch* L, unsigned w, bool reverse, unsigned steps) {
+    for (unsigned s = 0; steps == 0 || s < steps; ++s) {
+        if (!run_warp_lanes(L, w, reverse)) return false;
+        bool released = false;
+        if (!resolve_warp(L, w, released)) return false;
+        if (!released) break;
+    }
+    return true;
+}
+
+// When no thread can run: 0 when every thread has exited, 1 when the block barrier was released,
+// -1 on an error (a deadlock, or threads at different barriers; the launch error is set).
+inline int release_block_barrier(Launch* L) {
+    bool any_live = false;
+    for (unsigned i = 0; i < L->nthreads; ++i) any_live |= L->fibers[i]->state != State::Exited;
+    if (!any_live) return 0;
+    bool released = false;
+    if (!resolve_block_barrier(L, released)) return -1;
+    if (!released) {
+        char states[4096];
+        describe_threads(L, states, sizeof states);
+        set_error(L, "deadlock: %s", states);
+        return -1;
+    }
+    return 1;
+}
+
+inline bool run_round_robin(Launch* L) {
     for (;;) {
         bool any_live = false;
         for (unsigned i = 0; i < L->nthreads; ++i) {
@@ -771,6 +822,73 @@ inline bool run_block(Launch* L) {
             set_error(L, "deadlock: %s", states);
             return false;
         }
+    }
+}
+
+inline bool run_far_apart(Launch* L, bool forward) {
+    for (;;) {
+        for (unsigned k = 0; k < L->nwarps; ++k)
+            if (!run_warp(L, forward ? k : L->nwarps - 1 - k, !forward, 0)) return false;
+        const int r = release_block_barrier(L);
+        if (r <= 0) return r == 0;
+        forward = !forward;
+    }
+}
+
+// splitmix64
+inline uint64_t next_random(Launch* L) {
+    uint64_t z = (L->rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+inline bool run_random(Launch* L) {
+    for (;;) {
+        unsigned ready[32], n = 0;
+        for (unsigned w = 0; w < L->nwarps; ++w) {
+            const unsigned first = 32 * w, nl = L->nthreads - first < 32 ? L->nthreads - first : 32;
+            for (unsigned i = 0; i < nl; ++i)
+                if (L->fibers[first + i]->state == State::Runnable) {
+                    ready[n++] = w;
+                    break;
+                }
+        }
+        if (n == 0) {
+            const int r = release_block_barrier(L);
+            if (r <= 0) return r == 0;
+            continue;
+        }
+        const uint64_t x = next_random(L);
+        // Runs of 1 .. 256 steps, log-uniform: both fine interleavings and warps far apart.
+        if (!run_warp(L, ready[x % n], (x >> 32) & 1, 1u << ((x >> 40) % 9))) return false;
+    }
+}
+
+inline bool run_block(Launch* L) {
+    const unsigned bx = L->block.x, by = L->block.y;
+    for (unsigned i = 0; i < L->nthreads; ++i) {
+        Fiber* f = L->fibers[i];
+        f->launch = L;
+        f->tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
+        f->linear = i;
+        f->lane = i & 31;
+        f->warp = i >> 5;
+        f->state = State::Runnable;
+        f->op = OpNone;
+        f->ncopies = 0;
+        f->ngroups = 0;
+        reset_stack(f);
+    }
+    if (L->dyn_bytes) memset(L->dyn_shared, 0xff, L->dyn_bytes);
+    switch (L->schedule) {
+    case ScheduleFarApart: {
+        // Odd blocks start in reverse order: both orders even in a kernel without a barrier.
+        const uint64_t linear = ((uint64_t)L->block_idx.z * L->grid.y + L->block_idx.y) * L->grid.x + L->block_idx.x;
+        return run_far_apart(L, linear % 2 == 0);
+    }
+    case ScheduleRandom: return run_random(L);
+    default: return run_round_robin(L);
     }
 }
 
@@ -810,12 +928,13 @@ inline Fiber* new_fiber() {
 }  // namespace lookahead_emu
 
 // Runs kernel `kernel_fn` (named `kernel`, for messages) over grid x block threads: every thread
-// calls thread_fn(ctx, kernel_fn), which invokes the kernel with its arguments. Returns 0 when the
+// calls thread_fn(ctx, kernel_fn), which invokes the kernel with its arguments. `schedule` is a
+// Schedule, `seed` the random schedule's seed (ignored by the others). Returns 0 when the
 // launch completed, 1 on an error (message in err), 2 when thread_fn reported a failure (a Rust
 // panic: the caller resumes it).
 extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const char* kernel, const void* kernel_fn, const unsigned* grid, const unsigned* block,
-                                                                        unsigned shared_bytes, int (*thread_fn)(void*, const void*), void* ctx, char* err,
-                                                                        size_t err_len) {
+                                                                        unsigned shared_bytes, int schedule, uint64_t seed, int (*thread_fn)(void*, const void*),
+                                                                        void* ctx, char* err, size_t err_len) {
     using namespace lookahead_emu;
     auto fail = [&](const char* msg) {
         if (err_len) snprintf(err, err_len, "%s", msg);
@@ -829,6 +948,10 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
     }
     if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 2147483647u || grid[1] > 65535 || grid[2] > 65535) {
         snprintf(buf, sizeof buf, "bad grid (%u,%u,%u): each size >= 1, x < 2^31, y, z <= 65535", grid[0], grid[1], grid[2]);
+        return fail(buf);
+    }
+    if (schedule != ScheduleRoundRobin && schedule != ScheduleFarApart && schedule != ScheduleRandom) {
+        snprintf(buf, sizeof buf, "unknown schedule %d", schedule);
         return fail(buf);
     }
     if (shared_bytes > 227 * 1024) {
@@ -851,6 +974,8 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
     }
     for (unsigned i = 0; i < threads; ++i) fibers[i] = g_pool.fibers[i];
     L->kernel = kernel;
+    L->schedule = schedule;
+    L->rng = seed;
     L->grid = uint3{grid[0], grid[1], grid[2]};
     L->block = uint3{block[0], block[1], block[2]};
     L->nthreads = (unsigned)threads;

@@ -14,7 +14,10 @@
 //! })? };
 //! ```
 //!
-//! Pointers passed to kernels are host pointers. The compiler is `LOOKAHEAD_CXX`, else `c++` or
+//! Pointers passed to kernels are host pointers. The order in which the threads of a block run
+//! between synchronisation points is a `Schedule`: `launch` takes it from `LOOKAHEAD_EMU_SCHEDULE`
+//! (round-robin | far-apart | random:SEED; far-apart when unset), `launch_with` from its caller.
+//! The compiler is `LOOKAHEAD_CXX`, else `c++` or
 //! `g++` on PATH. Compiled modules are cached under `$LOOKAHEAD_KERNEL_CACHE/emu` (or the default
 //! kernel cache's `emu` folder; a temporary folder when the cache is off), keyed by a hash of the
 //! source, the headers, the emulation header, the flags and the compiler's version.
@@ -49,8 +52,82 @@ pub enum EmulateError {
     Load { file: String, msg: String },
     #[error("{file}: no kernel `{kernel}` (an extern \"C\" __global__ function) in the emulated module")]
     MissingKernel { file: String, kernel: String },
-    #[error("kernel {kernel} ({file}): {msg}")]
-    Launch { kernel: String, file: String, msg: String },
+    #[error("kernel {kernel} ({file}, schedule {schedule}): {msg}")]
+    Launch { kernel: String, file: String, schedule: Schedule, msg: String },
+    #[error("{SCHEDULE_ENV}={value:?}: {msg}; expected round-robin, far-apart or random:SEED (SEED a decimal or 0x-hex u64)")]
+    BadSchedule { value: String, msg: String },
+}
+
+/// The environment variable that picks the schedule of `EmulatedModule::launch`.
+pub const SCHEDULE_ENV: &str = "LOOKAHEAD_EMU_SCHEDULE";
+
+/// The order in which the emulated threads of a block run between synchronisation points (barriers,
+/// warp collectives). Threads run one at a time, so a missing barrier shows only when the order
+/// puts a read before the write it needs (or a write, or a cp.async issue, before a read of the
+/// old contents); each schedule exposes a different set of such races (kernels/emu/README.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    /// Every runnable thread in index order to its next sync point, then the collectives are
+    /// resolved: all warps advance in step, one sync point at a time.
+    RoundRobin,
+    /// One warp runs until each of its lanes waits at a block barrier or has exited before the
+    /// next warp starts; warp (and lane) order alternates forward / reverse at every block
+    /// barrier, and odd blocks start reversed. Exposes missing `__syncthreads` between warps,
+    /// e.g. a cp.async prefetch into a stage that a slower warp still reads.
+    FarApart,
+    /// A seeded generator picks the next warp among the runnable ones, the lane order, and how
+    /// many sync points (1 to 256, log-uniform) it runs before the next pick.
+    Random(u64),
+}
+
+impl Schedule {
+    /// The schedule of `launch` when `LOOKAHEAD_EMU_SCHEDULE` is unset or empty.
+    pub const DEFAULT: Schedule = Schedule::FarApart;
+
+    /// `round-robin`, `far-apart` or `random:SEED` (decimal or `0x` hexadecimal).
+    pub fn parse(text: &str) -> Result<Schedule, EmulateError> {
+        let bad = |msg: &str| EmulateError::BadSchedule { value: text.to_string(), msg: msg.to_string() };
+        match text.trim() {
+            "round-robin" => Ok(Schedule::RoundRobin),
+            "far-apart" => Ok(Schedule::FarApart),
+            t => {
+                let seed = t.strip_prefix("random:").ok_or_else(|| bad("unknown schedule"))?.trim();
+                let parsed = match seed.strip_prefix("0x").or_else(|| seed.strip_prefix("0X")) {
+                    Some(hex) => u64::from_str_radix(hex, 16),
+                    None => seed.parse::<u64>(),
+                };
+                parsed.map(Schedule::Random).map_err(|_| bad("the seed is not a u64"))
+            }
+        }
+    }
+
+    /// The schedule `LOOKAHEAD_EMU_SCHEDULE` names, or `DEFAULT` when it is unset or empty.
+    pub fn from_env() -> Result<Schedule, EmulateError> {
+        match std::env::var(SCHEDULE_ENV) {
+            Ok(v) if !v.trim().is_empty() => Schedule::parse(&v),
+            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(Schedule::DEFAULT),
+            Err(std::env::VarError::NotUnicode(v)) => Err(EmulateError::BadSchedule { value: v.to_string_lossy().into_owned(), msg: "not unicode".into() }),
+        }
+    }
+
+    /// The schedule code and seed of lookahead_emu_run (`Schedule` in cuda_emulator.h).
+    fn code(self) -> (c_int, u64) {
+        match self {
+            Schedule::RoundRobin => (0, 0),
+            Schedule::FarApart => (1, 0),
+            Schedule::Random(seed) => (2, seed),
+        }
+    }
+}
+
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Schedule::RoundRobin => write!(f, "round-robin"),
+            Schedule::FarApart => write!(f, "far-apart"),
+            Schedule::Random(seed) => write!(f, "random:{seed}"),
+        }
+    }
 }
 
 /// The C++ compiler the emulator builds with: `LOOKAHEAD_CXX` (a path, or a name looked up on
@@ -104,6 +181,8 @@ type RunFn = unsafe extern "C" fn(
     grid: *const u32,
     block: *const u32,
     shared_bytes: u32,
+    schedule: c_int,
+    seed: u64,
     thread_fn: unsafe extern "C" fn(*mut c_void, *const c_void) -> c_int,
     ctx: *mut c_void,
     err: *mut c_char,
@@ -186,14 +265,26 @@ impl EmulatedModule {
     /// Runs `kernel` over `grid` blocks of `block` threads with `shared_bytes` of dynamic shared
     /// memory (LA_DYNAMIC_SHARED): every emulated thread calls `call` with the kernel's address,
     /// which it transmutes to the kernel's `extern "C" fn` type and calls with the arguments.
-    /// Deadlocks, faults the emulator detects and bad launch configurations come back as errors
-    /// naming the kernel; a panic in `call` is resumed here.
+    /// The threads run in the order of the schedule `LOOKAHEAD_EMU_SCHEDULE` names
+    /// (`Schedule::from_env`; `Schedule::DEFAULT` when unset). Deadlocks, faults the emulator
+    /// detects and bad launch configurations come back as errors naming the kernel; a panic in
+    /// `call` is resumed here.
     ///
     /// # Safety
     /// `call` must call the kernel with its exact signature, and every pointer argument must be
     /// valid for what the kernel reads and writes.
     pub unsafe fn launch(&self, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, call: &dyn Fn(*const c_void)) -> Result<(), EmulateError> {
-        let launch_err = |msg: String| EmulateError::Launch { kernel: kernel.to_string(), file: self.file.clone(), msg };
+        let schedule = Schedule::from_env()?;
+        // SAFETY: the caller's guarantees, passed on.
+        unsafe { self.launch_with(kernel, grid, block, shared_bytes, schedule, call) }
+    }
+
+    /// `launch` with the given schedule (whatever `LOOKAHEAD_EMU_SCHEDULE` says).
+    ///
+    /// # Safety
+    /// As for `launch`.
+    pub unsafe fn launch_with(&self, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, schedule: Schedule, call: &dyn Fn(*const c_void)) -> Result<(), EmulateError> {
+        let launch_err = |msg: String| EmulateError::Launch { kernel: kernel.to_string(), file: self.file.clone(), schedule, msg };
         let missing = || EmulateError::MissingKernel { file: self.file.clone(), kernel: kernel.to_string() };
         let c_kernel = CString::new(kernel).map_err(|_| missing())?;
         // SAFETY: the symbol's address is only handed to `call`, which knows its type.
@@ -203,6 +294,7 @@ impl EmulatedModule {
         };
         let grid = [grid.0, grid.1, grid.2];
         let block = [block.0, block.1, block.2];
+        let (schedule_code, seed) = schedule.code();
         let callback = Callback { call, panic: Cell::new(None) };
         let mut err = vec![0u8; 16384];
         // SAFETY: the pointers live for the call; run_thread receives `callback` as its context.
@@ -213,6 +305,8 @@ impl EmulatedModule {
                 grid.as_ptr(),
                 block.as_ptr(),
                 shared_bytes,
+                schedule_code,
+                seed,
                 run_thread,
                 &callback as *const Callback as *mut c_void,
                 err.as_mut_ptr() as *mut c_char,

@@ -1,6 +1,6 @@
 // Test kernel of the emulator's cp.async (mma.cuh: cp_async_16 / cp_async_commit /
-// cp_async_wait<N>): the destination changes only when a wait retires the copy's group, so a
-// kernel that reads before waiting sees the old shared data. One block of 32 threads.
+// cp_async_wait<N>): the destination holds 0xff bytes (NaN) from the issue until a wait retires
+// the copy's group, so a kernel that reads before waiting sees poison. One block of 32 threads.
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -38,7 +38,7 @@ extern "C" __global__ void cp_async_groups(const float* src, float* snap) {
 // A double-buffered pipeline as the tensor-core kernels use it: stage s + 1 is issued before
 // stage s is consumed; with `wait` = 1 each thread waits for its stage (cp_async_wait<1>) and the
 // block syncs before reading another thread's data; with `wait` = 0 the wait is left out (the
-// bug the emulator must expose: the reads then see the stale buffer). Block of 64 threads, each
+// bug the emulator must expose: the reads then see the in-flight poison). Block of 64 threads, each
 // copies 16 bytes of a stage of 256 floats; out[s * 256 + j] = the stage's element read by
 // thread (j / 4 + 1) % 64 (another thread's copy).
 extern "C" __global__ void cp_async_pipeline(const float* src, float* out, u32 stages, int wait) {
