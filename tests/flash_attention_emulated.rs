@@ -2,12 +2,16 @@
 //! emulator (kernels::emulate) against the CPU reference (kernels::flash_attention), on sizes that
 //! are not multiples of the tiles (Lq 77 over two query blocks, Lk 45 and Lr 70 with edge tiles),
 //! with a keep mask, a q view with heads interleaved ([B, Lq, H, D] memory), padded reference
-//! rows, bf16 and f16, head dims 64 and 128. Needs a C++ compiler; without one each test prints
-//! "skipped: no C++ compiler" and passes, unless `CI` is set.
+//! rows, bf16 and f16, head dims 64 and 128. The decoupled mode (IP-Adapter's text + s2 x IP
+//! cross-attention, two independent softmaxes) against kernels::flash_attention's
+//! `decoupled_attention_head`: 77 text keys with 16 or 5 IP keys (a partial tile), a text context
+//! shared by the batch (batch stride 0), several IP tiles (the statistics pass), no text keys, no IP
+//! keys. Needs a C++ compiler; without one each test prints "skipped: no C++ compiler" and passes,
+//! unless `CI` is set.
 
 use half::{bf16, f16};
 use kernels::emulate::{find_compiler, EmulatedModule};
-use kernels::flash_attention::{flash_attention_head, kernel_name, shared_bytes, FlashDims, FlashParams, ROWS_PER_BLOCK, THREADS};
+use kernels::flash_attention::{decoupled_attention_head, decoupled_kernel_name, flash_attention_head, kernel_name, shared_bytes, DecoupledDims, FlashDims, FlashParams, ROWS_PER_BLOCK, THREADS};
 
 fn have_compiler(test: &str) -> bool {
     match find_compiler() {
@@ -121,6 +125,7 @@ fn run_case(ty: Half, c: &Case) {
         keep: keep.as_ref().map_or(0, |m| m.as_ptr() as u64),
         out: out.addr(),
         lse: lse.as_mut_ptr() as u64,
+        lse2: 0,
         q_stride: q.strides,
         k_stride: k.strides,
         v_stride: v.strides,
@@ -133,7 +138,7 @@ fn run_case(ty: Half, c: &Case) {
         lk: lk as u32,
         lr: lr as u32,
         scale_log2: scale * std::f32::consts::LOG2_E,
-        pad: 0,
+        decoupled_scale: 0.0,
     };
     let m = EmulatedModule::load(&kernels::flash_attention::SOURCE).unwrap_or_else(|e| panic!("{e}"));
     let name = kernel_name(ty.name, d);
@@ -249,5 +254,164 @@ fn rows_with_no_key_left() {
 fn no_keys_at_all() {
     if have_compiler("no_keys_at_all") {
         run_case(BF16, &Case { b: 1, h: 2, lq: 3, lk: 0, lr: 0, d: 128, keep: None, scale: 0.1 });
+    }
+}
+
+/// A decoupled-mode case: l1 text keys (source 1), l2 IP keys (source 2), weight s2.
+struct DecoupledCase {
+    b: usize,
+    h: usize,
+    lq: usize,
+    l1: usize,
+    l2: usize,
+    d: usize,
+    s2: f32,
+    /// The text K/V are one [1, L1, H, D] context read by every batch entry (batch stride 0), as
+    /// the models pass a batch-1 text embedding.
+    shared_text: bool,
+}
+
+fn run_decoupled(ty: Half, c: &DecoupledCase) {
+    let DecoupledCase { b, h, lq, l1, l2, d, s2, shared_text } = *c;
+    let scale = 1.0 / (d as f32).sqrt();
+    // q, and the IP K/V: [B, L, H, D] memory (the projections' layout, heads interleaved).
+    let q = operand(ty, (b, h, lq, d), [lq * h * d, d, h * d], b * lq * h * d, 11);
+    let k2 = operand(ty, (b, h, l2, d), [l2 * h * d, d, h * d], b * l2 * h * d, 14);
+    let v2 = operand(ty, (b, h, l2, d), [l2 * h * d, d, h * d], b * l2 * h * d, 15);
+    // Text K/V: [B, H, L1, D], or one [1, L1, H, D] context for the whole batch.
+    let (k1, v1) = if shared_text {
+        let one = |seed| {
+            let o = operand(ty, (1, h, l1, d), [l1 * h * d, d, h * d], l1 * h * d, seed);
+            // Batch entry bi reads the same values: repeat them for the reference, stride 0 for the kernel.
+            let vals = o.vals.iter().copied().cycle().take(b * h * l1 * d).collect();
+            Operand { vals, buf: o.buf, strides: [0, o.strides[1], o.strides[2]] }
+        };
+        (one(12), one(13))
+    } else {
+        (operand(ty, (b, h, l1, d), [h * l1 * d, l1 * d, d], b * h * l1 * d, 12), operand(ty, (b, h, l1, d), [h * l1 * d, l1 * d, d], b * h * l1 * d, 13))
+    };
+    let out = Buffer16::new(&vec![(ty.to_bits)(f32::NAN); b * lq * h * d]);
+    let (mut lse1, mut lse2) = (vec![f32::NAN; b * h * lq], vec![f32::NAN; b * h * lq]);
+    let p = FlashParams {
+        q: q.buf.addr(),
+        k: k1.buf.addr(),
+        v: v1.buf.addr(),
+        k_ref: k2.buf.addr(),
+        v_ref: v2.buf.addr(),
+        keep: 0,
+        out: out.addr(),
+        lse: lse1.as_mut_ptr() as u64,
+        lse2: lse2.as_mut_ptr() as u64,
+        q_stride: q.strides,
+        k_stride: k1.strides,
+        v_stride: v1.strides,
+        k_ref_stride: k2.strides,
+        v_ref_stride: v2.strides,
+        out_stride: [(lq * h * d) as i64, d as i64, (h * d) as i64],
+        keep_batch_stride: 0,
+        heads: h as u32,
+        lq: lq as u32,
+        lk: l1 as u32,
+        lr: l2 as u32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        decoupled_scale: s2,
+    };
+    let m = EmulatedModule::load(&kernels::flash_attention::SOURCE).unwrap_or_else(|e| panic!("{e}"));
+    let name = decoupled_kernel_name(ty.name, d);
+    let grid = (lq.div_ceil(ROWS_PER_BLOCK) as u32, h as u32, b as u32);
+    let t = std::time::Instant::now();
+    // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live buffer
+    // covering the strides and sizes given (out, lse and lse2 written, the rest read).
+    unsafe {
+        m.launch(&name, grid, (THREADS, 1, 1), shared_bytes(d), &|f| {
+            let kernel: extern "C" fn(FlashParams) = std::mem::transmute(f);
+            kernel(p);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    let took = t.elapsed().as_secs_f32();
+
+    let head = |o: &Operand, bh: usize, l: usize| o.vals[bh * l * d..(bh + 1) * l * d].to_vec();
+    let mut worst = (0f32, 0f32);
+    for bh in 0..b * h {
+        let (bi, hi) = (bh / h, bh % h);
+        let (mut want, mut want1, mut want2) = (vec![0f32; lq * d], vec![0f32; lq], vec![0f32; lq]);
+        let dims = DecoupledDims { lq, l1, l2, d };
+        decoupled_attention_head(&head(&q, bh, lq), &head(&k1, bh, l1), &head(&v1, bh, l1), &head(&k2, bh, l2), &head(&v2, bh, l2), dims, s2, scale, &mut want, &mut want1, &mut want2);
+        for i in 0..lq {
+            for col in 0..d {
+                let got = (ty.to_f32)(out.bits()[((bi * lq + i) * h + hi) * d + col]);
+                let e = want[i * d + col];
+                let err = (got - e).abs();
+                worst.0 = worst.0.max(err);
+                // Two outputs' rounding errors (each as the extended mode's), the second weighted.
+                let allowed = (1.0 + s2.abs()) * ty.tol.0 + ty.tol.1 * e.abs();
+                assert!(err <= allowed, "{name} b{bi} h{hi} row {i} col {col}: {got} vs {e}");
+            }
+            for (which, got, e) in [("lse1", lse1[bh * lq + i], want1[i]), ("lse2", lse2[bh * lq + i], want2[i])] {
+                if e == f32::NEG_INFINITY {
+                    assert_eq!(got, e, "{name} b{bi} h{hi} {which}[{i}]");
+                } else {
+                    worst.1 = worst.1.max((got - e).abs());
+                    assert!((got - e).abs() <= 1e-4 * e.abs().max(1.0), "{name} b{bi} h{hi} {which}[{i}]: {got} vs {e}");
+                }
+            }
+        }
+    }
+    lookahead::show(&format!(
+        "{name} emulated: B {b} H {h} Lq {lq} L1 {l1} L2 {l2} s2 {s2}{}: max |out err| {:.2e}, max |lse err| {:.2e} ({took:.1} s)",
+        if shared_text { " shared text" } else { "" },
+        worst.0,
+        worst.1
+    ));
+}
+
+/// SDXL's cross-attention shape at odd sizes: 77 text keys (a full and a partial tile) and 16
+/// IP keys (IP-Adapter Plus), or 5 (not a multiple of 8: a partial n-tile of the one IP tile).
+#[test]
+fn decoupled_bf16_d64_text_77_ip_16() {
+    if have_compiler("decoupled_bf16_d64_text_77_ip_16") {
+        run_decoupled(BF16, &DecoupledCase { b: 2, h: 2, lq: 77, l1: 77, l2: 16, d: 64, s2: 0.7, shared_text: true });
+    }
+}
+
+#[test]
+fn decoupled_f16_d64_text_77_ip_5() {
+    if have_compiler("decoupled_f16_d64_text_77_ip_5") {
+        run_decoupled(F16, &DecoupledCase { b: 2, h: 2, lq: 77, l1: 77, l2: 5, d: 64, s2: 1.3, shared_text: false });
+    }
+}
+
+#[test]
+fn decoupled_bf16_d128_text_77_ip_5() {
+    if have_compiler("decoupled_bf16_d128_text_77_ip_5") {
+        run_decoupled(BF16, &DecoupledCase { b: 1, h: 2, lq: 77, l1: 77, l2: 5, d: 128, s2: 0.5, shared_text: false });
+    }
+}
+
+#[test]
+fn decoupled_f16_d128_text_77_ip_16() {
+    if have_compiler("decoupled_f16_d128_text_77_ip_16") {
+        run_decoupled(F16, &DecoupledCase { b: 2, h: 1, lq: 77, l1: 77, l2: 16, d: 128, s2: 0.6, shared_text: true });
+    }
+}
+
+/// Source 2 over three tiles (a statistics pass over its K tiles, then the accumulation pass),
+/// a negative weight.
+#[test]
+fn decoupled_several_ip_tiles() {
+    if have_compiler("decoupled_several_ip_tiles") {
+        run_decoupled(BF16, &DecoupledCase { b: 1, h: 2, lq: 70, l1: 45, l2: 131, d: 64, s2: -0.8, shared_text: false });
+    }
+}
+
+/// No text keys (source 1 gives 0, lse1 -inf), and no IP keys (out = the text attention, lse2
+/// -inf; the boundary between the sources is never reached inside the key loop).
+#[test]
+fn decoupled_empty_sources() {
+    if have_compiler("decoupled_empty_sources") {
+        run_decoupled(F16, &DecoupledCase { b: 1, h: 2, lq: 19, l1: 0, l2: 16, d: 64, s2: 0.9, shared_text: false });
+        run_decoupled(BF16, &DecoupledCase { b: 1, h: 2, lq: 19, l1: 77, l2: 0, d: 64, s2: 0.9, shared_text: false });
+        run_decoupled(BF16, &DecoupledCase { b: 1, h: 1, lq: 3, l1: 0, l2: 0, d: 128, s2: 0.9, shared_text: false });
     }
 }

@@ -1,6 +1,11 @@
 // Flash extended attention, forward (FlashAttention-2 style, sm_80+, tensor cores through mma.cuh):
 // out_i = softmax_j(scale q_i . key_j) value_j over the keys/values [own (Lk) ; reference (Lr)],
 // reference tokens with keep == 0 left out, plus lse_i = ln sum_j exp(scale q_i . key_j) (f32).
+// Decoupled mode (flash_attention_decoupled_fwd_*, IP-Adapter's decoupled cross-attention): the own
+// keys (source 1, text) and the reference slot (source 2, IP tokens, no keep mask) get two
+// independent softmaxes, out = softmax(q K1^T) V1 + s2 softmax(q K2^T) V2, lse and lse2 one per
+// source. Cross-attention has few keys (77 + 16) for Lq = 1024..4096 queries, so it is bound by
+// reading Q and writing O: one pass instead of two flash calls and a scaled add.
 //
 // Launch (engine/src/cuda/flash_attention.rs): grid (ceil(Lq / FA_BR), H, B), FA_WARPS * 32 threads,
 // dynamic shared memory fa_shared_bytes<D>() = 2 stages x (K + V tiles of FA_BC x D) = 32 KiB (D 64)
@@ -13,6 +18,11 @@
 // .trans). Rows of 16-byte chunks are XOR-swizzled (chunk ^ row % 8) so that the 8 rows an ldmatrix
 // phase reads, and the chunks cp.async writes, fall in distinct banks.
 // Registers per thread: Q D/4, O D/2, S 32 (D 128: ~140 live values), no spills on sm_80/sm_90.
+// The decoupled mode adds no O registers: when source 2 starts, O holds source 1's normalized
+// output O1/l1 (lse written); source 2's row max and sum are known before its P V is added
+// (its only tile, or a first pass over its K tiles when it has several), so P is scaled by
+// s2 / l2 before the product and lands in the same O registers (2 more floats per thread: the
+// weights s2 / l2 of the thread's two rows).
 // Host guarantees: rows 16-byte aligned with unit stride along D (row strides multiples of 8
 // elements), Lq/Lk/Lr < 2^31, grid.y = H <= 65535, grid.z = B <= 65535.
 #include "mma.cuh"
@@ -23,13 +33,15 @@
 #define FA_BC 64
 #define FA_NEG_INF __uint_as_float(0xff800000u)
 
-// One call's parameters; mirrored field by field by `FlashParams` in engine/src/cuda/flash_attention.rs.
+// One call's parameters; mirrored field by field by `FlashParams` in kernels/src/flash_attention.rs.
+// In the decoupled mode k/v are source 1 and k_ref/v_ref source 2, and keep must be 0.
 struct FlashParams {
     u64 q, k, v;           // [B, H, L, D] views (element strides below), T
     u64 k_ref, v_ref;      // reference keys / values [B, H, Lr, D], T; unused when lr == 0
     u64 keep;              // u8 [B or 1, Lr], 1 = attend; 0 (null) = keep every reference token
     u64 out;               // [B, H, Lq, D] view, T
-    u64 lse;               // f32 [B, H, Lq] contiguous, natural log
+    u64 lse;               // f32 [B, H, Lq] contiguous, natural log (decoupled mode: of source 1)
+    u64 lse2;              // decoupled mode: f32 [B, H, Lq] lse of source 2 (the reference slot); unused otherwise
     i64 q_stride[3];       // batch, head, row strides of q in elements (the dim stride is 1)
     i64 k_stride[3];
     i64 v_stride[3];
@@ -39,7 +51,7 @@ struct FlashParams {
     i64 keep_batch_stride; // Lr for a [B, Lr] mask, 0 for one [Lr] row shared by the batch
     u32 heads, lq, lk, lr;
     float scale_log2;      // scale * log2(e): scores go to exp2 directly
-    u32 pad;               // keeps the struct size a multiple of 8 on both sides
+    float decoupled_scale; // decoupled mode: s2, the weight of source 2's output; unused otherwise
 };
 
 template <int D> __host__ __device__ constexpr u32 fa_shared_bytes() { return 2u * 2u * FA_BC * D * 2u; }
@@ -61,7 +73,8 @@ __device__ __forceinline__ void fa_load_tile(T* dst, const T* src, i64 rs, u32 r
     }
 }
 
-template <typename T, int D>
+// DECOUPLED: the decoupled mode (see the top of the file), else extended attention.
+template <typename T, int D, bool DECOUPLED>
 __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
     constexpr u32 TILE = FA_BC * D;  // elements of one K (or V) tile
     constexpr int KSTEPS = D / 16;   // k-steps of S = Q K^T
@@ -77,11 +90,17 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
     const T* v = (const T*)p.v + bi * p.v_stride[0] + hi * p.v_stride[1];
     const T* kr = (const T*)p.k_ref + bi * p.k_ref_stride[0] + hi * p.k_ref_stride[1];
     const T* vr = (const T*)p.v_ref + bi * p.v_ref_stride[0] + hi * p.v_ref_stride[1];
-    const u8* keep = p.keep ? (const u8*)p.keep + bi * p.keep_batch_stride : nullptr;
+    const u8* keep = !DECOUPLED && p.keep ? (const u8*)p.keep + bi * p.keep_batch_stride : nullptr;
     const u32 own_tiles = (p.lk + FA_BC - 1) / FA_BC;
-    const u32 tiles = own_tiles + (p.lr + FA_BC - 1) / FA_BC;
+    const u32 ref_tiles = (p.lr + FA_BC - 1) / FA_BC;
+    // Decoupled mode, source 2 over several tiles: its K tiles are read twice, a first pass (stat
+    // tiles) for its row max and sum, then the pass that adds its normalized P V. With one tile
+    // (IP-Adapter's 4 or 16 tokens) the statistics come from that tile itself.
+    const u32 stat_tiles = DECOUPLED && ref_tiles > 1 ? ref_tiles : 0;
+    const u32 tiles = own_tiles + stat_tiles + ref_tiles;
 
-    // Tile j into stage s: own keys first, then the reference, each with its own edge tile.
+    // Tile j into stage s: own keys first, then the reference, each with its own edge tile (a
+    // stat tile loads K only).
     auto load_kv = [&](u32 j, u32 s) {
         T* ks = smem + 2 * s * TILE;
         if (j < own_tiles) {
@@ -89,9 +108,12 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
             fa_load_tile<T, D>(ks, k + (i64)start * p.k_stride[2], p.k_stride[2], FA_BC, p.lk - start);
             fa_load_tile<T, D>(ks + TILE, v + (i64)start * p.v_stride[2], p.v_stride[2], FA_BC, p.lk - start);
         } else {
-            u32 start = (j - own_tiles) * FA_BC;
+            u32 r = j - own_tiles;
+            const bool stat = DECOUPLED && r < stat_tiles;
+            if (DECOUPLED && !stat) r -= stat_tiles;
+            u32 start = r * FA_BC;
             fa_load_tile<T, D>(ks, kr + (i64)start * p.k_ref_stride[2], p.k_ref_stride[2], FA_BC, p.lr - start);
-            fa_load_tile<T, D>(ks + TILE, vr + (i64)start * p.v_ref_stride[2], p.v_ref_stride[2], FA_BC, p.lr - start);
+            if (!stat) fa_load_tile<T, D>(ks + TILE, vr + (i64)start * p.v_ref_stride[2], p.v_ref_stride[2], FA_BC, p.lr - start);
         }
     };
 
@@ -117,6 +139,78 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
     for (int n = 0; n < NT_O; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     // Running max (base-2 units) and this thread's part of the row sums, for rows g and g + 8.
     float m[2] = {FA_NEG_INF, FA_NEG_INF}, l[2] = {0.0f, 0.0f};
+    // Decoupled mode: the weights s2 / l2 of source 2's probabilities, rows g and g + 8.
+    float w[2] = {0.0f, 0.0f};
+
+    // Decoupled mode, between the sources: O <- O / l (source 1's output, 0 for a row with no
+    // key), its lse written, max and sum reset for source 2.
+    auto finish_source_1 = [&]() {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float sum = l[h];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+            for (int n = 0; n < NT_O; ++n) {
+                o[n][2 * h] *= inv;
+                o[n][2 * h + 1] *= inv;
+            }
+            const u32 row = row0 + warp * 16 + g + 8 * h;
+            float* lse1 = (float*)p.lse + ((u64)bi * p.heads + hi) * p.lq;
+            if (row < p.lq && t == 0) lse1[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
+            m[h] = FA_NEG_INF;
+            l[h] = 0.0f;
+        }
+    };
+
+    // Online softmax per row (h = 0: row g, h = 1: row g + 8): new max over the 4 lanes of the
+    // row, the old sum rescaled, s <- p = exp2(s - max); corr[h] = exp2(old max - new max), the
+    // factor the caller applies to its output so far.
+    auto online_softmax = [&](float (&s)[NT_S][4], float (&corr)[2]) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = m[h];
+#pragma unroll
+            for (int n = 0; n < NT_S; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives 0,
+            // not NaN.
+            float base = mx == FA_NEG_INF ? 0.0f : mx;
+            corr[h] = exp2f(m[h] - base);
+            m[h] = mx;
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NT_S; ++n) {
+                s[n][2 * h] = exp2f(s[n][2 * h] - base);
+                s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - base);
+                sum += s[n][2 * h] + s[n][2 * h + 1];
+            }
+            l[h] = l[h] * corr[h] + sum;
+        }
+    };
+
+    // O += P V over the tile's values vs: the C fragments of S n-tiles 2kk and 2kk + 1 are the A
+    // fragment of k-step kk.
+    auto accumulate_pv = [&](float (&s)[NT_S][4], const T* vs) {
+#pragma unroll
+        for (int kk = 0; kk < FA_BC / 16; ++kk) {
+            const u32 pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < NT_O; n += 2) {
+                // .trans matrices (keys 16kk.., dims n8..), (16kk+8.., n8..), (16kk.., n8+8..),
+                // (16kk+8.., n8+8..): B fragments of output n-tiles n and n + 1.
+                u32 r = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+                u32 vb[4];
+                ldmatrix_x4_trans(vb, vs + fa_swizzle<D>(r, n + lane / 16));
+                const u32 b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+                mma_16816<T>(o[n], pa, b0);
+                mma_16816<T>(o[n + 1], pa, b1);
+            }
+        }
+    };
 
     for (u32 j = 0; j < tiles; ++j) {
         if (j + 1 < tiles) load_kv(j + 1, (j + 1) & 1);
@@ -125,6 +219,7 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
         __syncthreads();
         const T* ks = smem + 2 * (j & 1) * TILE;
         const T* vs = ks + TILE;
+        if (DECOUPLED && j == own_tiles) finish_source_1();
 
         // S = Q K^T for this warp's 16 rows and the tile's FA_BC keys.
         float s[NT_S][4];
@@ -147,7 +242,15 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
 
         // Scale to base 2; keys past the tile's length, and dropped reference tokens, are -inf.
         const bool reference = j >= own_tiles;
-        const u32 start = reference ? (j - own_tiles) * FA_BC : j * FA_BC;
+        u32 start = reference ? (j - own_tiles) * FA_BC : j * FA_BC;
+        // Decoupled mode: a stat tile of source 2, or the index of its accumulation tile.
+        bool stat = false;
+        u32 acc_tile = 0;
+        if (DECOUPLED && reference) {
+            stat = j - own_tiles < stat_tiles;
+            acc_tile = j - own_tiles - stat_tiles;
+            if (!stat) start = acc_tile * FA_BC;
+        }
         const u32 len = reference ? p.lr - start : p.lk - start;
         const bool check = len < FA_BC || (reference && keep != nullptr);
 #pragma unroll
@@ -164,69 +267,67 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
             }
         }
 
-        // Online softmax per row (h = 0: row g, h = 1: row g + 8): new max over the 4 lanes of
-        // the row, rescale the old sum and output, p = exp2(s - max).
-        float corr[2];
+        if (!DECOUPLED || !reference) {
+            float corr[2];
+            online_softmax(s, corr);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float mx = m[h];
-#pragma unroll
-            for (int n = 0; n < NT_S; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives 0,
-            // not NaN.
-            float base = mx == FA_NEG_INF ? 0.0f : mx;
-            corr[h] = exp2f(m[h] - base);
-            m[h] = mx;
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < NT_S; ++n) {
-                s[n][2 * h] = exp2f(s[n][2 * h] - base);
-                s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - base);
-                sum += s[n][2 * h] + s[n][2 * h + 1];
+            for (int n = 0; n < NT_O; ++n) {
+                o[n][0] *= corr[0];
+                o[n][1] *= corr[0];
+                o[n][2] *= corr[1];
+                o[n][3] *= corr[1];
             }
-            l[h] = l[h] * corr[h] + sum;
-        }
+            accumulate_pv(s, vs);
+        } else {
+            // Source 2 of the decoupled mode. O holds source 1's finished output: never rescaled.
+            if (stat || stat_tiles == 0) {
+                float corr[2];  // applies to the sum only
+                online_softmax(s, corr);
+            }
+            if (!stat) {
+                // Source 2's max and sum are final: P = s2 exp2(s - max) / sum goes straight into O.
+                if (acc_tile == 0) {
 #pragma unroll
-        for (int n = 0; n < NT_O; ++n) {
-            o[n][0] *= corr[0];
-            o[n][1] *= corr[0];
-            o[n][2] *= corr[1];
-            o[n][3] *= corr[1];
-        }
-
-        // O += P V: the C fragments of S n-tiles 2kk and 2kk + 1 are the A fragment of k-step kk.
+                    for (int h = 0; h < 2; ++h) {
+                        float sum = l[h];
+                        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                        w[h] = sum > 0.0f ? p.decoupled_scale / sum : 0.0f;
+                    }
+                }
 #pragma unroll
-        for (int kk = 0; kk < FA_BC / 16; ++kk) {
-            const u32 pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                for (int h = 0; h < 2; ++h) {
+                    const float base = m[h] == FA_NEG_INF ? 0.0f : m[h];
 #pragma unroll
-            for (int n = 0; n < NT_O; n += 2) {
-                // .trans matrices (keys 16kk.., dims n8..), (16kk+8.., n8..), (16kk.., n8+8..),
-                // (16kk+8.., n8+8..): B fragments of output n-tiles n and n + 1.
-                u32 r = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
-                u32 vb[4];
-                ldmatrix_x4_trans(vb, vs + fa_swizzle<D>(r, n + lane / 16));
-                const u32 b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-                mma_16816<T>(o[n], pa, b0);
-                mma_16816<T>(o[n + 1], pa, b1);
+                    for (int n = 0; n < NT_S; ++n) {
+#pragma unroll
+                        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                            // One tile: s already holds exp2(s - max) from the statistics above.
+                            float x = stat_tiles == 0 ? s[n][e] : exp2f(s[n][e] - base);
+                            s[n][e] = x * w[h];
+                        }
+                    }
+                }
+                accumulate_pv(s, vs);
             }
         }
         __syncthreads();  // every warp is done with stage j & 1 before tile j + 2 overwrites it
     }
     cp_async_wait<0>();
+    // Decoupled mode with no source-2 key: source 1 is finished here (lse2 is then -inf).
+    if (DECOUPLED && ref_tiles == 0) finish_source_1();
 
     // Full row sums, then out = O / l (0 for a row with no key) and lse = ln 2 (m + log2 l).
+    // Decoupled mode: O is already O1 / l1 + s2 O2 / l2, and the lse is source 2's.
     T* out = (T*)p.out + bi * p.out_stride[0] + hi * p.out_stride[1];
-    float* lse = (float*)p.lse + ((u64)bi * p.heads + hi) * p.lq;
+    float* lse = (float*)(DECOUPLED ? p.lse2 : p.lse) + ((u64)bi * p.heads + hi) * p.lq;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         float sum = l[h];
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         const u32 row = row0 + warp * 16 + g + 8 * h;
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        const float inv = DECOUPLED ? 1.0f : sum > 0.0f ? 1.0f / sum : 0.0f;
         if (row < p.lq) {
             T* orow = out + (i64)row * p.out_stride[2];
 #pragma unroll
@@ -236,9 +337,12 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
     }
 }
 
-#define FA_INSTANCE(TN, T, D)                                                                            \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_fwd_##TN##_d##D(const FlashParams p) { \
-        flash_attention_fwd<T, D>(p);                                                                    \
+#define FA_INSTANCE(TN, T, D)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_fwd_##TN##_d##D(const FlashParams p) {           \
+        flash_attention_fwd<T, D, false>(p);                                                                                  \
+    }                                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_decoupled_fwd_##TN##_d##D(const FlashParams p) { \
+        flash_attention_fwd<T, D, true>(p);                                                                                   \
     }
 FA_INSTANCE(bf16, bf16, 64)
 FA_INSTANCE(bf16, bf16, 128)

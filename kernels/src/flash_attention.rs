@@ -4,6 +4,11 @@
 //! forward returns each row's log-sum-exp (natural log) of the scaled scores, which the backward
 //! pass uses to recompute the probabilities.
 //!
+//! The same kernel has a decoupled mode (IP-Adapter's decoupled cross-attention): the own keys
+//! (source 1, text) and the reference slot (source 2, IP tokens, no keep mask) get two independent
+//! softmaxes, out = softmax(q K1^T) V1 + s2 softmax(q K2^T) V2, with one lse per source
+//! (`decoupled_attention_head` is its CPU reference).
+//!
 //! The CPU reference here works on one head of contiguous row-major slices; the engine's CPU
 //! backend uses `extended_softmax_row` for the middle step of its GEMM form. The CUDA kernel
 //! (kernels/cuda/flash_attention.cu) does the same math tile by tile with an online softmax.
@@ -29,6 +34,11 @@ pub fn kernel_name(dtype: &str, d: usize) -> String {
     format!("flash_attention_fwd_{dtype}_d{d}")
 }
 
+/// The decoupled-mode instance (same parameters, same launch geometry and shared memory).
+pub fn decoupled_kernel_name(dtype: &str, d: usize) -> String {
+    format!("flash_attention_decoupled_fwd_{dtype}_d{d}")
+}
+
 /// The kernel's parameters, passed by value: `FlashParams` of kernels/cuda/flash_attention.cu,
 /// field by field (documented there). Addresses are device addresses (host addresses under the
 /// emulator); strides are in elements.
@@ -43,6 +53,8 @@ pub struct FlashParams {
     pub keep: u64,
     pub out: u64,
     pub lse: u64,
+    /// Decoupled mode only: lse of source 2 (the reference slot).
+    pub lse2: u64,
     pub q_stride: [i64; 3],
     pub k_stride: [i64; 3],
     pub v_stride: [i64; 3],
@@ -55,11 +67,12 @@ pub struct FlashParams {
     pub lk: u32,
     pub lr: u32,
     pub scale_log2: f32,
-    pub pad: u32,
+    /// Decoupled mode only: s2, the weight of source 2's output.
+    pub decoupled_scale: f32,
 }
 
-// 8 addresses, 19 strides, 6 four-byte fields: the CUDA struct's size, with no padding anywhere.
-const _: () = assert!(std::mem::size_of::<FlashParams>() == 8 * 8 + 19 * 8 + 6 * 4);
+// 9 addresses, 19 strides, 6 four-byte fields: the CUDA struct's size, with no padding anywhere.
+const _: () = assert!(std::mem::size_of::<FlashParams>() == 9 * 8 + 19 * 8 + 6 * 4);
 
 /// Sizes of one head: lq queries, lk own keys/values, lr reference keys/values, head dim d (the
 /// same for q, k and v).
@@ -128,6 +141,31 @@ pub fn flash_attention_head(q: &[f32], k: &[f32], v: &[f32], k_ref: &[f32], v_re
                 }
             }
         }
+    }
+}
+
+/// Sizes of one head in the decoupled mode: lq queries, l1 keys/values of source 1, l2 of source
+/// 2, head dim d.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecoupledDims {
+    pub lq: usize,
+    pub l1: usize,
+    pub l2: usize,
+    pub d: usize,
+}
+
+/// One head of decoupled attention: out = softmax(scale q k1^T) v1 + s2 softmax(scale q k2^T) v2
+/// (q [lq, d], k1/v1 [l1, d], k2/v2 [l2, d], row-major), lse1 / lse2 [lq] each source's
+/// log-sum-exp; a source with no key contributes 0 and has lse -inf. Two calls of
+/// `flash_attention_head`, one per source, summed in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn decoupled_attention_head(q: &[f32], k1: &[f32], v1: &[f32], k2: &[f32], v2: &[f32], dims: DecoupledDims, s2: f32, scale: f32, out: &mut [f32], lse1: &mut [f32], lse2: &mut [f32]) {
+    let DecoupledDims { lq, l1, l2, d } = dims;
+    let mut out2 = vec![0f32; lq * d];
+    flash_attention_head(q, k1, v1, &[], &[], None, FlashDims { lq, lk: l1, lr: 0, d }, scale, out, lse1);
+    flash_attention_head(q, k2, v2, &[], &[], None, FlashDims { lq, lk: l2, lr: 0, d }, scale, &mut out2, lse2);
+    for (o, &o2) in out[..lq * d].iter_mut().zip(&out2) {
+        *o += s2 * o2;
     }
 }
 
@@ -207,6 +245,36 @@ mod tests {
         let lse = extended_softmax_row(&mut s, 1, Some(&[1, 0]), 0.0);
         assert_eq!(s, [0.5, 0.5, 0.0]);
         assert!((lse - 2f32.ln()).abs() < 1e-6);
+    }
+
+    /// The decoupled head against its definition written out per row in f64: two softmaxes, the
+    /// second weighted by s2; a source with no key adds nothing.
+    #[test]
+    fn decoupled_head_is_two_independent_softmaxes() {
+        let naive = |q: &[f32], k: &[f32], v: &[f32], l: usize, d: usize, i: usize, scale: f64| -> (Vec<f64>, f64) {
+            let s: Vec<f64> = (0..l).map(|j| scale * (0..d).map(|c| q[i * d + c] as f64 * k[j * d + c] as f64).sum::<f64>()).collect();
+            let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            let o = (0..d).map(|c| if l == 0 { 0.0 } else { (0..l).map(|j| e[j] * v[j * d + c] as f64).sum::<f64>() / sum }).collect();
+            (o, if l == 0 { f64::NEG_INFINITY } else { mx + sum.ln() })
+        };
+        for (l1, l2) in [(7, 5), (0, 3), (4, 0)] {
+            let dims = DecoupledDims { lq: 6, l1, l2, d: 5 };
+            let (q, k1, v1, k2, v2) = (values(30, 1), values(l1 * 5, 2), values(l1 * 5, 3), values(l2 * 5, 4), values(l2 * 5, 5));
+            let (mut out, mut lse1, mut lse2) = (vec![f32::NAN; 30], vec![f32::NAN; 6], vec![f32::NAN; 6]);
+            decoupled_attention_head(&q, &k1, &v1, &k2, &v2, dims, 0.6, 0.45, &mut out, &mut lse1, &mut lse2);
+            for i in 0..6 {
+                let ((o1, e1), (o2, e2)) = (naive(&q, &k1, &v1, l1, 5, i, 0.45), naive(&q, &k2, &v2, l2, 5, i, 0.45));
+                for c in 0..5 {
+                    let want = o1[c] + 0.6 * o2[c];
+                    assert!((out[i * 5 + c] as f64 - want).abs() < 1e-5, "l1 {l1} l2 {l2} out[{i}, {c}]: {} vs {want}", out[i * 5 + c]);
+                }
+                for (got, want) in [(lse1[i], e1), (lse2[i], e2)] {
+                    assert!(got as f64 == want || (got as f64 - want).abs() < 1e-5, "l1 {l1} l2 {l2} lse row {i}: {got} vs {want}");
+                }
+            }
+        }
     }
 
     #[test]
