@@ -1,21 +1,26 @@
 //! CUDA launch of the fused flash-attention forward kernel (kernels/cuda/flash_attention.cu):
-//! bf16/f16, head dim 64 or 128, sm_80+. Inputs are [B, H, L, D] views read in place when the
-//! kernel can (unit stride along D, row / head / batch strides multiples of 8 elements, 16-byte
-//! aligned start), else copied contiguous first. The output is allocated as [B, Lq, H, D] memory
-//! (heads merge afterwards with a free reshape) and returned as a [B, H, Lq, D] view; lse is f32
-//! [B, H, Lq] contiguous.
+//! bf16/f16, head dim 64 or 128, sm_80+; extended attention (`forward`) and the decoupled mode of
+//! IP cross-attention (`decoupled_forward`: own K/V = source 1, the reference slot = source 2).
+//! Inputs are [B, H, L, D] views read in place when the kernel can (unit stride along D, row /
+//! head / batch strides multiples of 8 elements, 16-byte aligned start), else copied contiguous
+//! first. The output is allocated as [B, Lq, H, D] memory
+//! (heads merge afterwards with a free reshape) and returned as a [B, H, Lq, D] view; lse (and
+//! the decoupled mode's lse2) is f32 [B, H, Lq] contiguous.
 
 use crate::cuda::{launch_failed, DeviceRepr, LaunchConfig, PushKernelArg};
-use kernels::flash_attention::{kernel_name, shared_bytes, FlashParams, ROWS_PER_BLOCK, THREADS};
+use kernels::flash_attention::{decoupled_kernel_name, kernel_name, shared_bytes, FlashParams, ROWS_PER_BLOCK, THREADS};
 
 use crate::ops::flash_attention::{AttentionReference, FlashShape};
 use crate::storage::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
 use cudarc::driver::sys;
+use std::sync::Arc;
 
+use super::device::CudaDevice;
 use super::storage::CudaStorage;
 
 const OP: &str = "flash_attention (CUDA)";
+const DECOUPLED_OP: &str = "flash_attention_decoupled (CUDA)";
 
 /// The kernel's parameter struct (kernels::flash_attention::FlashParams, the CUDA struct's mirror)
 /// as a kernel argument.
@@ -34,7 +39,7 @@ pub(crate) fn kernel_applies(dtype: DType, d: usize) -> bool {
 
 /// Device address and (batch, head, row) strides of a [B, H, L, D] CUDA view the kernel can read
 /// in place; the view is copied contiguous first when it cannot.
-fn kernel_view(t: &Tensor) -> Result<(Tensor, u64, [i64; 3])> {
+fn kernel_view(op: &'static str, t: &Tensor) -> Result<(Tensor, u64, [i64; 3])> {
     let readable = |t: &Tensor, addr: u64| {
         let s = t.strides();
         let d = t.shape()[3];
@@ -44,7 +49,7 @@ fn kernel_view(t: &Tensor) -> Result<(Tensor, u64, [i64; 3])> {
     let addr = |t: &Tensor| -> Result<u64> {
         match &*t.read_storage() {
             Storage::Cuda(s) => Ok(s.ptr_at(t.layout().offset())),
-            Storage::Cpu(_) => Err(Error::DeviceMismatch { op: OP, lhs: Device::Cpu, rhs: t.device() }),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch { op, lhs: Device::Cpu, rhs: t.device() }),
         }
     };
     let mut view = t.clone();
@@ -60,57 +65,114 @@ fn kernel_view(t: &Tensor) -> Result<(Tensor, u64, [i64; 3])> {
     Ok((view.clone(), a, [s[0] as i64, s[1] as i64, s[2] as i64]))
 }
 
-fn u32_of(what: &str, v: usize, shape: &[usize]) -> Result<u32> {
-    u32::try_from(v).ok().filter(|&x| x < i32::MAX as u32).ok_or_else(|| Error::BadShape { op: OP, msg: format!("{what} = {v} is too large for the CUDA kernel (below 2^31)"), shape: shape.to_vec() })
+fn u32_of(op: &'static str, what: &str, v: usize, shape: &[usize]) -> Result<u32> {
+    u32::try_from(v).ok().filter(|&x| x < i32::MAX as u32).ok_or_else(|| Error::BadShape { op, msg: format!("{what} = {v} is too large for the CUDA kernel (below 2^31)"), shape: shape.to_vec() })
+}
+
+/// Which instance of the kernel a launch runs.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// One softmax over [own ; reference] (keep mask on the reference).
+    Extended,
+    /// Two softmaxes, own (source 1) and reference slot (source 2, no keep mask); source 2's
+    /// output weighted by s2.
+    Decoupled { s2: f32 },
+}
+
+/// Whether the device runs the kernel: sm_80+ with enough opt-in shared memory for head dim d.
+fn device_takes_kernel(dev: &CudaDevice, d: usize) -> bool {
+    dev.arch() >= 80 && (shared_bytes(d) <= 48 * 1024 || dev.max_shared_memory_per_block_optin() >= shared_bytes(d))
 }
 
 /// The fused forward (composition of ops on devices older than sm_80); see the module doc.
 pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<AttentionReference>, scale: f32, shape: &FlashShape) -> Result<(Tensor, Tensor)> {
-    let FlashShape { b, h, lq, lk, lr, d, keep_per_batch } = *shape;
-    let Device::Cuda(ordinal) = q.device() else {
-        return Err(Error::DeviceMismatch { op: OP, lhs: q.device(), rhs: Device::Cuda(0) });
-    };
-    let dev = crate::cuda::device(ordinal)?;
-    if dev.arch() < 80 || (shared_bytes(d) > 48 * 1024 && dev.max_shared_memory_per_block_optin() < shared_bytes(d)) {
+    let dev = device_of(OP, q)?;
+    if !device_takes_kernel(&dev, shape.d) {
         return crate::ops::flash_attention::cuda_composition(q, k, v, reference, scale, shape);
     }
+    let (out, lse, _) = launch(OP, &dev, q, k, v, reference, Mode::Extended, scale, shape)?;
+    Ok((out, lse))
+}
+
+/// The fused decoupled forward: q over source 1 (k1, v1) and source 2 (k2, v2) with independent
+/// softmaxes, out = o1 + s2 o2; returns (out, lse1, lse2). `shape` is that of extended attention
+/// with (k2, v2) as the reference (lk = L1, lr = L2, no keep mask). Composition of ops on devices
+/// older than sm_80.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decoupled_forward(q: &Tensor, k1: &Tensor, v1: &Tensor, k2: &Tensor, v2: &Tensor, s2: f32, scale: f32, shape: &FlashShape) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = device_of(DECOUPLED_OP, q)?;
+    if !device_takes_kernel(&dev, shape.d) {
+        return crate::ops::flash_attention_decoupled::composition(q, k1, v1, k2, v2, s2, scale);
+    }
+    let reference = AttentionReference { k: k2, v: v2, keep: None };
+    let (out, lse1, lse2) = launch(DECOUPLED_OP, &dev, q, k1, v1, Some(reference), Mode::Decoupled { s2 }, scale, shape)?;
+    Ok((out, lse1, lse2.expect("the decoupled mode writes lse2")))
+}
+
+fn device_of(op: &'static str, q: &Tensor) -> Result<Arc<CudaDevice>> {
+    let Device::Cuda(ordinal) = q.device() else {
+        return Err(Error::DeviceMismatch { op, lhs: q.device(), rhs: Device::Cuda(0) });
+    };
+    crate::cuda::device(ordinal)
+}
+
+/// One launch of the kernel instance of `mode`: (out, lse, lse2 in the decoupled mode).
+#[allow(clippy::too_many_arguments)]
+fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<AttentionReference>, mode: Mode, scale: f32, shape: &FlashShape) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let FlashShape { b, h, lq, lk, lr, d, keep_per_batch } = *shape;
     let dtype = q.dtype();
-    let out_storage = CudaStorage::alloc(&dev, dtype, b * lq * h * d)?;
-    let lse_storage = CudaStorage::alloc(&dev, DType::F32, b * h * lq)?;
+    let out_storage = CudaStorage::alloc(dev, dtype, b * lq * h * d)?;
+    let lse_storage = CudaStorage::alloc(dev, DType::F32, b * h * lq)?;
     let (out_ptr, lse_ptr) = (out_storage.device_ptr(), lse_storage.device_ptr());
     let out = Tensor::from_storage(Storage::Cuda(out_storage), &[b, lq, h, d])?.permute(&[0, 2, 1, 3])?;
     let lse = Tensor::from_storage(Storage::Cuda(lse_storage), &[b, h, lq])?;
+    let (lse2, lse2_ptr) = match mode {
+        Mode::Extended => (None, 0),
+        Mode::Decoupled { .. } => {
+            let st = CudaStorage::alloc(dev, DType::F32, b * h * lq)?;
+            let ptr = st.device_ptr();
+            (Some(Tensor::from_storage(Storage::Cuda(st), &[b, h, lq])?), ptr)
+        }
+    };
     if b * h * lq == 0 {
-        return Ok((out, lse));
+        return Ok((out, lse, lse2));
     }
-    let (heads, lq32, lk32, lr32) = (u32_of("H", h, q.shape())?, u32_of("Lq", lq, q.shape())?, u32_of("Lk", lk, k.shape())?, u32_of("Lr", lr, q.shape())?);
+    let (heads, lq32, lk32, lr32) = (u32_of(op, "H", h, q.shape())?, u32_of(op, "Lq", lq, q.shape())?, u32_of(op, "Lk", lk, k.shape())?, u32_of(op, "Lr", lr, q.shape())?);
     if h > 65535 || b > 65535 {
-        return Err(Error::BadShape { op: OP, msg: "B and H must be at most 65535 (grid dims)".into(), shape: q.shape().to_vec() });
+        return Err(Error::BadShape { op, msg: "B and H must be at most 65535 (grid dims)".into(), shape: q.shape().to_vec() });
     }
     // Views kept alive until the launch is queued (the stream orders their later reuse).
-    let (qv, q_addr, q_stride) = kernel_view(q)?;
-    let (kv, k_addr, k_stride) = kernel_view(k)?;
-    let (vv, v_addr, v_stride) = kernel_view(v)?;
-    let mut p = FlashParams { q: q_addr, k: k_addr, v: v_addr, out: out_ptr, lse: lse_ptr, q_stride, k_stride, v_stride, heads, lq: lq32, lk: lk32, lr: lr32, scale_log2: scale * std::f32::consts::LOG2_E, ..Default::default() };
+    let (qv, q_addr, q_stride) = kernel_view(op, q)?;
+    let (kv, k_addr, k_stride) = kernel_view(op, k)?;
+    let (vv, v_addr, v_stride) = kernel_view(op, v)?;
+    let mut p = FlashParams { q: q_addr, k: k_addr, v: v_addr, out: out_ptr, lse: lse_ptr, lse2: lse2_ptr, q_stride, k_stride, v_stride, heads, lq: lq32, lk: lk32, lr: lr32, scale_log2: scale * std::f32::consts::LOG2_E, ..Default::default() };
     p.out_stride = [(lq * h * d) as i64, d as i64, (h * d) as i64];
+    if let Mode::Decoupled { s2 } = mode {
+        p.decoupled_scale = s2;
+    }
     let mut keep_alive = vec![qv, kv, vv];
     if let Some(r) = reference.filter(|_| lr > 0) {
-        let (krv, kr_addr, kr_stride) = kernel_view(r.k)?;
-        let (vrv, vr_addr, vr_stride) = kernel_view(r.v)?;
+        let (krv, kr_addr, kr_stride) = kernel_view(op, r.k)?;
+        let (vrv, vr_addr, vr_stride) = kernel_view(op, r.v)?;
         (p.k_ref, p.k_ref_stride, p.v_ref, p.v_ref_stride) = (kr_addr, kr_stride, vr_addr, vr_stride);
         keep_alive.extend([krv, vrv]);
         if let Some(keep) = r.keep {
+            // The decoupled mode has no keep mask (its callers never pass one).
+            debug_assert!(matches!(mode, Mode::Extended));
             let keep = keep.contiguous()?;
             p.keep = match &*keep.read_storage() {
                 Storage::Cuda(s) => s.ptr_at(keep.layout().offset()),
-                Storage::Cpu(_) => return Err(Error::DeviceMismatch { op: OP, lhs: Device::Cpu, rhs: q.device() }),
+                Storage::Cpu(_) => return Err(Error::DeviceMismatch { op, lhs: Device::Cpu, rhs: q.device() }),
             };
             p.keep_batch_stride = if keep_per_batch { lr as i64 } else { 0 };
             keep_alive.push(keep);
         }
     }
     let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
-    let name = kernel_name(tn, d);
+    let name = match mode {
+        Mode::Extended => kernel_name(tn, d),
+        Mode::Decoupled { .. } => decoupled_kernel_name(tn, d),
+    };
     let f = dev.function(&kernels::flash_attention::SOURCE, &name)?;
     let smem = shared_bytes(d);
     if smem > 48 * 1024 {
@@ -122,9 +184,9 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Atte
     let params = KernelParams(p);
     builder.arg(&params);
     // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live CUDA
-    // storage (the views in keep_alive, out and lse) covering the sizes and strides given, and
-    // the row strides and starts meet the kernel's alignment (kernel_view).
+    // storage (the views in keep_alive, out, lse and lse2) covering the sizes and strides given,
+    // and the row strides and starts meet the kernel's alignment (kernel_view).
     unsafe { builder.launch(cfg) }.map_err(launch_failed(&name))?;
     drop(keep_alive);
-    Ok((out, lse))
+    Ok((out, lse, lse2))
 }

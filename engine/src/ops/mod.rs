@@ -19,3 +19,4 @@ pub mod conv_backward;
 pub mod adamw;
 pub mod flash_attention;
 pub mod flash_attention_backward;
+pub mod flash_attention_decoupled;
