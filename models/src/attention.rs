@@ -11,10 +11,12 @@
 //!   instead, with the same result);
 //! - decoupled IP cross-attention (IP-Adapter): attn2 may carry to_k_ip/to_v_ip; the encoder
 //!   hidden states are then [text tokens ; IP tokens] with the last `num_tokens` being the IP
-//!   tokens, and the output is attn(q, text) + scale · attn(q, IP tokens).
+//!   tokens, and the output is attn(q, text) + scale · attn(q, IP tokens), computed as one
+//!   decoupled flash attention (two independent softmaxes in one pass over q).
 //!
 //! Every attention runs as `Var::flash_attention` (engine: flash attention with the log-sum-exp
-//! kept for the backward) over [B, H, L, D] views of the projections, without copies.
+//! kept for the backward), or `Var::flash_attention_decoupled` for IP cross-attention, over
+//! [B, H, L, D] views of the projections, without copies.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -126,13 +128,7 @@ impl Attention {
     /// 1/sqrt(head dim); [B, Lq, inner].
     fn attend(&self, q: &Var, k: &Var, v: &Var, reference: Option<(&Var, &Var)>) -> Result<Var> {
         let q = split_heads(q, self.heads)?;
-        let (mut k, mut v) = (split_heads(k, self.heads)?, split_heads(v, self.heads)?);
-        // A context shared by the batch ([1, Lk, inner]) is read through a stride-0 view.
-        let b = q.shape()[0];
-        if k.shape()[0] == 1 && b != 1 {
-            let to = |t: &Var| t.broadcast_to(&[b, t.shape()[1], t.shape()[2], t.shape()[3]]);
-            (k, v) = (to(&k)?, to(&v)?);
-        }
+        let (k, v) = self.kv_heads(k, v, q.shape()[0])?;
         let reference = match reference {
             Some((rk, rv)) => Some((split_heads(rk, self.heads)?, split_heads(rv, self.heads)?)),
             None => None,
@@ -140,6 +136,17 @@ impl Attention {
         let scale = 1.0 / (q.shape()[3] as f32).sqrt();
         let o = Var::flash_attention(&q, &k, &v, reference.as_ref().map(|(rk, rv)| (rk, rv)), None, scale)?;
         merge_heads(&o)
+    }
+
+    /// K/V projections [B or 1, L, inner] as [B, H, L, D] views for `b` queries' batch: a context
+    /// shared by the batch ([1, L, inner]) is read through a stride-0 view.
+    fn kv_heads(&self, k: &Var, v: &Var, b: usize) -> Result<(Var, Var)> {
+        let (k, v) = (split_heads(k, self.heads)?, split_heads(v, self.heads)?);
+        if k.shape()[0] == 1 && b != 1 {
+            let to = |t: &Var| t.broadcast_to(&[b, t.shape()[1], t.shape()[2], t.shape()[3]]);
+            return Ok((to(&k)?, to(&v)?));
+        }
+        Ok((k, v))
     }
 
     /// Self-attention of `x` [B, L, C] for layer `layer`, with K/V export and reference K/V.
@@ -182,13 +189,19 @@ impl Attention {
                 let end = l - ip.num_tokens;
                 let text = context.narrow(1, 0, end)?;
                 let toks = context.narrow(1, end, ip.num_tokens)?;
-                let o = self.attend(&q, &self.to_k.forward(&text)?, &self.to_v.forward(&text)?, None)?;
+                let (k, v) = (self.to_k.forward(&text)?, self.to_v.forward(&text)?);
                 let s = ip.scale.get();
                 if s == 0.0 {
-                    o
+                    // The IP tokens do not count: no IP projections, no second softmax.
+                    self.attend(&q, &k, &v, None)?
                 } else {
-                    let o_ip = self.attend(&q, &ip.to_k_ip.forward(&toks)?, &ip.to_v_ip.forward(&toks)?, None)?;
-                    o.add(&o_ip.mul_scalar(s)?)?
+                    // attn(q, text) + s attn(q, IP tokens) in one pass over q.
+                    let q = split_heads(&q, self.heads)?;
+                    let b = q.shape()[0];
+                    let (k1, v1) = self.kv_heads(&k, &v, b)?;
+                    let (k2, v2) = self.kv_heads(&ip.to_k_ip.forward(&toks)?, &ip.to_v_ip.forward(&toks)?, b)?;
+                    let scale = 1.0 / (q.shape()[3] as f32).sqrt();
+                    merge_heads(&Var::flash_attention_decoupled(&q, &k1, &v1, &k2, &v2, s, scale)?)?
                 }
             }
         };
