@@ -351,6 +351,26 @@ fn a_shared_exchange_fenced_by_syncwarp_only_is_caught_far_apart() {
 }
 
 #[test]
+fn a_warp_spinning_on_another_warps_flag_finishes_under_every_schedule() {
+    if !have_compiler("a_warp_spinning_on_another_warps_flag_finishes_under_every_schedule") {
+        return;
+    }
+    let m = test_module("races");
+    for schedule in SCHEDULES {
+        let out = vec![0i32; 32];
+        // SAFETY: the kernel writes 32 ints.
+        unsafe {
+            m.launch_with("spin_on_flag", (1, 1, 1), (64, 1, 1), 0, schedule, &|f| {
+                let k: extern "C" fn(*mut i32) = std::mem::transmute(f);
+                k(out.as_ptr() as *mut i32);
+            })
+        }
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out, vec![7; 32], "schedule {schedule}");
+    }
+}
+
+#[test]
 fn schedules_parse_and_print() {
     for (text, want) in [("round-robin", Schedule::RoundRobin), ("far-apart", Schedule::FarApart), ("random:42", Schedule::Random(42)), (" random:0x1F ", Schedule::Random(31))] {
         let got = Schedule::parse(text).unwrap_or_else(|e| panic!("{e}"));

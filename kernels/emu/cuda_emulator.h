@@ -825,10 +825,20 @@ inline bool run_round_robin(Launch* L) {
     }
 }
 
+// A warp that syncs more often than this without reaching a block barrier hands over to the next
+// one (and runs on in a later pass): a warp spinning on a flag another warp sets, with warp
+// collectives in the loop, then still gets its flag. Real kernels stay far below it.
+constexpr unsigned kFarApartMaxSteps = 1u << 16;
+
 inline bool run_far_apart(Launch* L, bool forward) {
     for (;;) {
-        for (unsigned k = 0; k < L->nwarps; ++k)
-            if (!run_warp(L, forward ? k : L->nwarps - 1 - k, !forward, 0)) return false;
+        bool runnable = true;
+        while (runnable) {
+            for (unsigned k = 0; k < L->nwarps; ++k)
+                if (!run_warp(L, forward ? k : L->nwarps - 1 - k, !forward, kFarApartMaxSteps)) return false;
+            runnable = false;
+            for (unsigned i = 0; i < L->nthreads && !runnable; ++i) runnable = L->fibers[i]->state == State::Runnable;
+        }
         const int r = release_block_barrier(L);
         if (r <= 0) return r == 0;
         forward = !forward;

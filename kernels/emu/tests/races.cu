@@ -50,3 +50,19 @@ extern "C" __global__ void block_sum_exchange(const float* in, float* out, int s
     else __syncwarp();
     out[blockIdx.x * RACE_THREADS + t] = s[0] + s[1] + s[2] + s[3];
 }
+
+// Warp 0 spins (with __syncwarp in the loop) until warp 1 sets a shared flag; no block barrier
+// between them. Every schedule must let warp 1 run: far-apart hands over after its step limit.
+// out[t] (t < 32) = the flag value warp 0 sees once it is set. Launch: (1, 1, 1) x 64.
+extern "C" __global__ void spin_on_flag(int* out) {
+    __shared__ volatile int flag;
+    const u32 t = threadIdx.x;
+    if (t == 0) flag = 0;
+    __syncthreads();
+    if (t < 32) {
+        while (flag == 0) __syncwarp();
+        out[t] = flag;
+    } else if (t == 32) {
+        flag = 7;
+    }
+}
