@@ -94,6 +94,13 @@ def make(case, device, dtype):
             return lambda: torch.autograd.grad(out, (q, kc, vc), dout, retain_graph=True)
 
         return best_sdpa_backend(case, backward_of_sdpa, device)
+    if k == "decoupled_attention":
+        # IP-Adapter's attention processor: SDPA over the text tokens plus the scaled SDPA over
+        # the IP tokens (the same backend for both).
+        b, h, lq, l1, l2, d = (case[x] for x in ("b", "h", "lq", "l1", "l2", "d"))
+        q = r(b, h, lq, d)
+        k1, v1, k2, v2 = r(b, h, l1, d), r(b, h, l1, d), r(b, h, l2, d), r(b, h, l2, d)
+        return best_sdpa_backend(case, lambda: (lambda: F.scaled_dot_product_attention(q, k1, v1) + 0.5 * F.scaled_dot_product_attention(q, k2, v2)), device)
     if k in ("lora_linear", "lora_linear_backward"):
         # PEFT's LoRA linear: base(x) + lora_B(lora_A(x)) * scaling.
         x, w = r(case["m"], case["k"]), r(case["n"], case["k"])

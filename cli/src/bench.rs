@@ -54,6 +54,10 @@ enum Op {
     FlashAttention { b: usize, h: usize, lq: usize, lk: usize, lr: usize, d: usize },
     /// dq, dk, dv, dk_ref, dv_ref of the above.
     FlashAttentionBackward { b: usize, h: usize, lq: usize, lk: usize, lr: usize, d: usize },
+    /// IP-Adapter's decoupled cross-attention: lq queries over l1 text keys and, with their own
+    /// softmax, l2 IP keys, out = attn(text) + 0.5 attn(IP) (flash_attention_decoupled); the
+    /// baseline runs SDPA twice and the weighted sum, its best backend.
+    DecoupledAttention { b: usize, h: usize, lq: usize, l1: usize, l2: usize, d: usize },
     /// y = x W^T + s (x A^T) B^T, x [m, k], W [n, k], rank r.
     LoraLinear { m: usize, n: usize, k: usize, r: usize },
     /// dx, dA, dB of the above (W frozen).
@@ -83,6 +87,10 @@ impl Op {
             Op::FlashAttention { b, h, lq, lk, lr, d } => (4.0 * f(b * h * lq * (lk + lr) * d), "FLOP/s"),
             // The usual count: the backward's five products are 2.5 times the forward's two.
             Op::FlashAttentionBackward { b, h, lq, lk, lr, d } => (10.0 * f(b * h * lq * (lk + lr) * d), "FLOP/s"),
+            // Memory-bound (4 FLOP per byte of q and out for each key: 93 keys give ~93 FLOP/B,
+            // below an H100's ~300 at the tensor-core peak): the bytes any implementation must
+            // move, q read and out written once, K/V of both sources read once (lse left out).
+            Op::DecoupledAttention { b, h, lq, l1, l2, d } => (f(2 * b * h * (lq + l1 + l2) * d * elem), "B/s"),
             Op::LoraLinear { m, n, k, r } => (2.0 * f(m * n * k + m * r * (n + k)), "FLOP/s"),
             // dx = dy W + s (dy B) A, dA = s u^T x, dB = s dy^T t.
             Op::LoraLinearBackward { m, n, k, r } => (2.0 * f(m * n * k + 2 * m * r * (n + k)), "FLOP/s"),
@@ -111,6 +119,7 @@ fn cases(device: Device) -> Vec<Case> {
             case("layer_norm 4096x640", Op::LayerNorm { rows: 4096, cols: 640 }),
             case("attention b1 h10 1024x1024 d64", Op::Attention { b: 1, h: 10, lq: 1024, lk: 1024, d: 64 }),
             case("ext attention b1 h10 1024x(1024+1024)", Op::FlashAttention { b: 1, h: 10, lq: 1024, lk: 1024, lr: 1024, d: 64 }),
+            case("ip attention b1 h10 1024x(77|16)", Op::DecoupledAttention { b: 1, h: 10, lq: 1024, l1: 77, l2: 16, d: 64 }),
             case("lora_linear 4096x640x640 r4", Op::LoraLinear { m: 4096, n: 640, k: 640, r: 4 }),
             case("add 4M", Op::Add { len: 1 << 22 }),
         ]
@@ -142,6 +151,9 @@ fn cases(device: Device) -> Vec<Case> {
             case("ext attention b2 h20 1024x(1024+1024)", Op::FlashAttention { b: 2, h: 20, lq: 1024, lk: 1024, lr: 1024, d: 64 }),
             case("ext attention bwd b2 h10 4096x(4096+4096)", Op::FlashAttentionBackward { b: 2, h: 10, lq: 4096, lk: 4096, lr: 4096, d: 64 }),
             case("ext attention bwd b2 h20 1024x(1024+1024)", Op::FlashAttentionBackward { b: 2, h: 20, lq: 1024, lk: 1024, lr: 1024, d: 64 }),
+            // SDXL's IP cross-attention: 77 text tokens, 16 IP tokens (IP-Adapter Plus).
+            case("ip attention b2 h10 4096x(77|16)", Op::DecoupledAttention { b: 2, h: 10, lq: 4096, l1: 77, l2: 16, d: 64 }),
+            case("ip attention b2 h20 1024x(77|16)", Op::DecoupledAttention { b: 2, h: 20, lq: 1024, l1: 77, l2: 16, d: 64 }),
             case("lora_linear 8192x640x640 r4", Op::LoraLinear { m: 8192, n: 640, k: 640, r: 4 }),
             case("lora_linear 8192x640x640 r16", Op::LoraLinear { m: 8192, n: 640, k: 640, r: 16 }),
             case("lora_linear 8192x640x640 r64", Op::LoraLinear { m: 8192, n: 640, k: 640, r: 64 }),
@@ -216,6 +228,13 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn()
                 let dout = randn(&[b, h, lq, d], dtype, device, 6)?;
                 Box::new(move || Tensor::flash_attention_backward(&q, &k, &v, Some(AttentionReference { k: &kr, v: &vr, keep: None }), scale, &o, &lse, &dout).map(|g| g.dq))
             }
+        }
+        Op::DecoupledAttention { b, h, lq, l1, l2, d } => {
+            let q = randn(&[b, h, lq, d], dtype, device, 1)?;
+            let (k1, v1) = (randn(&[b, h, l1, d], dtype, device, 2)?, randn(&[b, h, l1, d], dtype, device, 3)?);
+            let (k2, v2) = (randn(&[b, h, l2, d], dtype, device, 4)?, randn(&[b, h, l2, d], dtype, device, 5)?);
+            let scale = 1.0 / (d as f32).sqrt();
+            Box::new(move || Tensor::flash_attention_decoupled(&q, &k1, &v1, &k2, &v2, 0.5, scale).map(|(o, ..)| o))
         }
         Op::LoraLinear { m, n, k, r } | Op::LoraLinearBackward { m, n, k, r } => {
             let (x, wt) = (randn(&[m, k], dtype, device, 1)?, randn(&[n, k], dtype, device, 2)?);
