@@ -473,17 +473,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cache_key_separates_fields() {
-        let mut a = Hash128::new();
-        a.add(b"ab");
-        a.add(b"c");
-        let mut b = Hash128::new();
-        b.add(b"a");
-        b.add(b"bc");
-        assert_ne!(a.finish(), b.finish());
-    }
-
-    #[test]
     fn parses_ptxas_report() {
         let log = "ptxas info    : 0 bytes gmem\n\
                    ptxas info    : Compiling entry function 'unary_f32' for 'sm_90'\n\
