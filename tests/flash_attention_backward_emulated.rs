@@ -6,57 +6,12 @@
 //! c++ or g++); without one each test says it skipped (a failure when `CI` is set).
 
 use half::{bf16, f16};
-use kernels::emulate::{find_compiler, EmulatedModule};
+use kernels::emulate::EmulatedModule;
 use kernels::flash_attention_backward::{self as fab, flash_attention_backward_head, BackwardDims, BackwardTiles, FlashBackwardParams, HeadGrads, HeadInputs, Rows};
 
-fn have_compiler(test: &str) -> bool {
-    match find_compiler() {
-        Ok(_) => true,
-        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but the CUDA emulator has no compiler: {e}"),
-        Err(e) => {
-            lookahead::show(&format!("{test}: skipped: no C++ compiler ({e})"));
-            false
-        }
-    }
-}
-
-/// A zeroed buffer of `n` values of T whose start is 16-byte aligned (cp.async sources).
-struct Aligned<T: Copy> {
-    store: Vec<u128>,
-    len: usize,
-    _t: std::marker::PhantomData<T>,
-}
-
-impl<T: Copy> Aligned<T> {
-    fn zeroed(len: usize) -> Self {
-        let words = (len * std::mem::size_of::<T>()).div_ceil(16).max(1);
-        Aligned { store: vec![0u128; words], len, _t: std::marker::PhantomData }
-    }
-    fn from(v: &[T]) -> Self {
-        let mut a = Self::zeroed(v.len());
-        // SAFETY: the store holds at least len T values, 16-byte aligned; T is plain data.
-        unsafe { std::slice::from_raw_parts_mut(a.store.as_mut_ptr() as *mut T, a.len) }.copy_from_slice(v);
-        a
-    }
-    fn to_vec(&self) -> Vec<T> {
-        // SAFETY: as in `from`.
-        unsafe { std::slice::from_raw_parts(self.store.as_ptr() as *const T, self.len) }.to_vec()
-    }
-    fn addr(&self) -> u64 {
-        self.store.as_ptr() as u64
-    }
-}
-
-/// Deterministic values in [-1, 1), different per seed.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+#[path = "common/emulation.rs"]
+mod emulation;
+use emulation::{have_compiler, values, Aligned};
 
 #[derive(Clone, Copy, Debug)]
 enum Half {

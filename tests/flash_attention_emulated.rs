@@ -10,54 +10,12 @@
 //! unless `CI` is set.
 
 use half::{bf16, f16};
-use kernels::emulate::{find_compiler, EmulatedModule};
+use kernels::emulate::EmulatedModule;
 use kernels::flash_attention::{decoupled_attention_head, decoupled_kernel_name, flash_attention_head, kernel_name, shared_bytes, DecoupledDims, FlashDims, FlashParams, ROWS_PER_BLOCK, THREADS};
 
-fn have_compiler(test: &str) -> bool {
-    match find_compiler() {
-        Ok(_) => true,
-        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but the CUDA emulator has no compiler: {e}"),
-        Err(e) => {
-            lookahead::show(&format!("{test}: skipped: no C++ compiler ({e})"));
-            false
-        }
-    }
-}
-
-/// Deterministic values in [-1, 1) (xorshift), the same on every run.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-/// u16 storage starting 16-byte aligned (the kernel's cp.async and ldmatrix need it).
-struct Buffer16 {
-    words: Vec<u128>,
-    len: usize,
-}
-
-impl Buffer16 {
-    fn new(bits: &[u16]) -> Buffer16 {
-        let mut words = vec![0u128; bits.len().div_ceil(8).max(1)];
-        // SAFETY: words holds at least bits.len() u16 values.
-        unsafe { std::ptr::copy_nonoverlapping(bits.as_ptr(), words.as_mut_ptr() as *mut u16, bits.len()) };
-        Buffer16 { words, len: bits.len() }
-    }
-    fn addr(&self) -> u64 {
-        self.words.as_ptr() as u64
-    }
-    fn bits(&self) -> &[u16] {
-        // SAFETY: the first `len` u16 values of words.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u16, self.len) }
-    }
-}
+#[path = "common/emulation.rs"]
+mod emulation;
+use emulation::{have_compiler, values, Aligned};
 
 /// A 16-bit element type of the kernel.
 #[derive(Clone, Copy)]
@@ -76,7 +34,7 @@ const F16: Half = Half { name: "f16", to_bits: |x| f16::from_f32(x).to_bits(), t
 /// the given element strides (batch, head, row; unit along D).
 struct Operand {
     vals: Vec<f32>,
-    buf: Buffer16,
+    buf: Aligned<u16>,
     strides: [i64; 3],
 }
 
@@ -88,7 +46,7 @@ fn operand(ty: Half, (b, h, l, d): (usize, usize, usize, usize), strides: [usize
         let (bi, hi, li, c) = (i / (h * l * d), (i / (l * d)) % h, (i / d) % l, i % d);
         bits[bi * strides[0] + hi * strides[1] + li * strides[2] + c] = (ty.to_bits)(x);
     }
-    Operand { vals, buf: Buffer16::new(&bits), strides: strides.map(|s| s as i64) }
+    Operand { vals, buf: Aligned::from(&bits), strides: strides.map(|s| s as i64) }
 }
 
 struct Case {
@@ -114,7 +72,7 @@ fn run_case(ty: Half, c: &Case) {
     let kr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 4);
     let vr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 5);
     let keep = c.keep.clone();
-    let out = Buffer16::new(&vec![(ty.to_bits)(f32::NAN); b * lq * h * d]);
+    let out = Aligned::from(&vec![(ty.to_bits)(f32::NAN); b * lq * h * d]);
     let mut lse = vec![f32::NAN; b * h * lq];
     let p = FlashParams {
         q: q.buf.addr(),
@@ -166,7 +124,7 @@ fn run_case(ty: Half, c: &Case) {
         flash_attention_head(head(&q, bh, lq, d), head(&k, bh, lk, d), head(&v, bh, lk, d), head(&kr, bh, lr, d), head(&vr, bh, lr, d), keep_b, FlashDims { lq, lk, lr, d }, scale, &mut want, &mut want_lse);
         for i in 0..lq {
             for col in 0..d {
-                let got = (ty.to_f32)(out.bits()[((bi * lq + i) * h + hi) * d + col]);
+                let got = (ty.to_f32)(out.as_ref()[((bi * lq + i) * h + hi) * d + col]);
                 let e = want[i * d + col];
                 let err = (got - e).abs();
                 worst.0 = worst.0.max(err);
@@ -290,7 +248,7 @@ fn run_decoupled(ty: Half, c: &DecoupledCase) {
     } else {
         (operand(ty, (b, h, l1, d), [h * l1 * d, l1 * d, d], b * h * l1 * d, 12), operand(ty, (b, h, l1, d), [h * l1 * d, l1 * d, d], b * h * l1 * d, 13))
     };
-    let out = Buffer16::new(&vec![(ty.to_bits)(f32::NAN); b * lq * h * d]);
+    let out = Aligned::from(&vec![(ty.to_bits)(f32::NAN); b * lq * h * d]);
     let (mut lse1, mut lse2) = (vec![f32::NAN; b * h * lq], vec![f32::NAN; b * h * lq]);
     let p = FlashParams {
         q: q.buf.addr(),
@@ -340,7 +298,7 @@ fn run_decoupled(ty: Half, c: &DecoupledCase) {
         decoupled_attention_head(&head(&q, bh, lq), &head(&k1, bh, l1), &head(&v1, bh, l1), &head(&k2, bh, l2), &head(&v2, bh, l2), dims, s2, scale, &mut want, &mut want1, &mut want2);
         for i in 0..lq {
             for col in 0..d {
-                let got = (ty.to_f32)(out.bits()[((bi * lq + i) * h + hi) * d + col]);
+                let got = (ty.to_f32)(out.as_ref()[((bi * lq + i) * h + hi) * d + col]);
                 let e = want[i * d + col];
                 let err = (got - e).abs();
                 worst.0 = worst.0.max(err);
