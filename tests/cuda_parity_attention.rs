@@ -11,7 +11,10 @@
 
 #[path = "common/cuda_harness.rs"]
 mod cuda_harness;
+#[path = "common/attention_cases.rs"]
+mod attention_cases;
 
+use attention_cases::{Case, Operands, CASES, NO_KEY_LEFT};
 use cuda_harness::{cuda, gpu, input, Tolerances, FLOATS};
 use engine::ops::flash_attention::AttentionReference;
 use engine::{DType, Device, Result, Tensor};
@@ -21,78 +24,10 @@ use engine::{DType, Device, Result, Tensor};
 const OUT_TOLERANCE: Tolerances = Tolerances { f32: (1e-4, 1e-4), f16: (2e-3, 2e-3), bf16: (1.6e-2, 1.6e-2) };
 const LSE_TOLERANCE: (f32, f32) = (2e-4, 2e-4);
 
-/// One parity case: sizes, how the operands are viewed, the keep mask.
-#[derive(Clone, Copy)]
-struct Case {
-    label: &'static str,
-    b: usize,
-    h: usize,
-    lq: usize,
-    lk: usize,
-    lr: usize,
-    /// Reference tokens: None (no reference source), Some(false) every token kept, Some(true)
-    /// with a keep mask of shape [B, Lr] (or [Lr] when `shared_keep`).
-    keep: Option<bool>,
-    shared_keep: bool,
-    /// q stored [B, Lq, H, D] (heads interleaved, the models' layout) instead of [B, H, Lq, D].
-    interleaved: bool,
-    /// k and v narrowed one element into wider rows: unaligned starts the kernel cannot read in
-    /// place (copied first).
-    misaligned: bool,
-}
-
-const CASES: &[Case] = &[
-    Case { label: "odd sizes, keep [B, Lr]", b: 2, h: 2, lq: 77, lk: 45, lr: 70, keep: Some(true), shared_keep: false, interleaved: true, misaligned: false },
-    Case { label: "odd sizes, keep [Lr]", b: 2, h: 3, lq: 65, lk: 64, lr: 129, keep: Some(true), shared_keep: true, interleaved: false, misaligned: false },
-    Case { label: "reference, no mask, misaligned k/v", b: 1, h: 2, lq: 33, lk: 100, lr: 31, keep: Some(false), shared_keep: false, interleaved: true, misaligned: true },
-    Case { label: "no reference", b: 2, h: 1, lq: 130, lk: 77, lr: 0, keep: None, shared_keep: false, interleaved: false, misaligned: false },
-    Case { label: "long rows", b: 1, h: 2, lq: 1000, lk: 1000, lr: 1000, keep: Some(true), shared_keep: false, interleaved: true, misaligned: false },
-];
-
-/// How an operand is stored and viewed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Storage {
-    /// [B, H, L, D] contiguous.
-    Plain,
-    /// [B, L, H, D] memory viewed as [B, H, L, D] (heads interleaved, the models' layout).
-    Interleaved,
-    /// Narrowed one element into rows of D + 1: unaligned rows the kernel cannot read in place.
-    Misaligned,
-}
-
-/// A [B, H, L, D] operand of `dt` on `dev`.
-fn operand(c: &Case, l: usize, d: usize, dt: DType, seed: u64, dev: Device, storage: Storage) -> Result<Tensor> {
-    let (b, h) = (c.b, c.h);
-    match storage {
-        Storage::Plain => input(&[b, h, l, d], dt, -1.0, 1.0, seed, dev),
-        Storage::Interleaved => input(&[b, l, h, d], dt, -1.0, 1.0, seed, dev)?.transpose(1, 2),
-        Storage::Misaligned => input(&[b, h, l, d + 1], dt, -1.0, 1.0, seed, dev)?.narrow(3, 1, d),
-    }
-}
-
-/// Some reference tokens dropped, a different set per batch entry.
-fn keep_mask(c: &Case, dev: Device) -> Result<Tensor> {
-    let lr = c.lr;
-    if c.shared_keep {
-        return Tensor::from_vec((0..lr).map(|j| (j % 5 != 2) as u8).collect::<Vec<_>>(), &[lr], dev);
-    }
-    Tensor::from_vec((0..c.b * lr).map(|i| !(i * 7 + i / lr).is_multiple_of(5) as u8).collect::<Vec<_>>(), &[c.b, lr], dev)
-}
-
 /// (out, lse) of the case on `dev`.
 fn run(c: &Case, d: usize, dt: DType, dev: Device) -> Result<(Tensor, Tensor)> {
-    let (qr, kv) = (if c.interleaved { Storage::Interleaved } else { Storage::Plain }, if c.misaligned { Storage::Misaligned } else { Storage::Plain });
-    let q = operand(c, c.lq, d, dt, 1, dev, qr)?;
-    let k = operand(c, c.lk, d, dt, 2, dev, kv)?;
-    let v = operand(c, c.lk, d, dt, 3, dev, kv)?;
-    let kr = operand(c, c.lr, d, dt, 4, dev, qr)?;
-    let vr = operand(c, c.lr, d, dt, 5, dev, qr)?;
-    let keep = match c.keep {
-        Some(true) => Some(keep_mask(c, dev)?),
-        _ => None,
-    };
-    let reference = c.keep.map(|_| AttentionReference { k: &kr, v: &vr, keep: keep.as_ref() });
-    Tensor::flash_attention(&q, &k, &v, reference, 1.0 / (d as f32).sqrt())
+    let x = Operands::new(c, d, dt, dev)?;
+    Tensor::flash_attention(&x.q, &x.k, &x.v, x.reference(), 1.0 / (d as f32).sqrt())
 }
 
 fn compare(label: &str, dt: DType, got: &(Tensor, Tensor), want: &(Tensor, Tensor)) {
@@ -148,22 +83,15 @@ fn fused_kernel_matches_the_unfused_composition() {
 #[test]
 fn rows_with_no_key_left() {
     let Some((dev, _gpu)) = gpu("rows_with_no_key_left") else { return };
-    let (b, h, lq, lr) = (2, 2, 9, 70);
-    let mut keep = vec![0u8; b * lr];
-    keep[lr + 5] = 1;
-    keep[lr + 66] = 1;
+    let Case { h, lq, .. } = NO_KEY_LEFT;
     for experimental in [false, true] {
         engine::cuda::set_experimental_kernels(experimental);
         for dt in [DType::BF16, DType::F16, DType::F32] {
             for d in [64, 128] {
                 let label = format!("no key left {dt} D {d} (experimental {experimental})");
                 let go = |dv: Device| -> Result<(Tensor, Tensor)> {
-                    let q = input(&[b, h, lq, d], dt, -1.0, 1.0, 1, dv)?;
-                    let k = input(&[b, h, 0, d], dt, -1.0, 1.0, 2, dv)?;
-                    let kr = input(&[b, h, lr, d], dt, -1.0, 1.0, 4, dv)?;
-                    let vr = input(&[b, h, lr, d], dt, -1.0, 1.0, 5, dv)?;
-                    let keep = Tensor::from_vec(keep.clone(), &[b, lr], dv)?;
-                    Tensor::flash_attention(&q, &k, &k, Some(AttentionReference { k: &kr, v: &vr, keep: Some(&keep) }), 0.125)
+                    let x = Operands::no_key_left(d, dt, dv)?;
+                    Tensor::flash_attention(&x.q, &x.k, &x.v, x.reference(), 0.125)
                 };
                 let (want, got) = (go(Device::Cpu).unwrap(), go(dev).unwrap_or_else(|e| panic!("{label}: {e}")));
                 compare(&label, dt, &got, &want);

@@ -11,7 +11,10 @@
 
 #[path = "common/cuda_harness.rs"]
 mod cuda_harness;
+#[path = "common/attention_cases.rs"]
+mod attention_cases;
 
+use attention_cases::{operand, Case, Operands, Storage, CASES, NO_KEY_LEFT};
 use cuda_harness::{cuda, gpu, input, Tolerances, FLOATS};
 use engine::ops::flash_attention::AttentionReference;
 use engine::ops::flash_attention_backward::FlashAttentionGrads;
@@ -22,88 +25,19 @@ use engine::{DType, Device, Result, Tensor};
 /// rounded once more to the input type.
 const GRAD_TOLERANCE: Tolerances = Tolerances { f32: (2e-4, 2e-4), f16: (4e-3, 4e-3), bf16: (2e-2, 2e-2) };
 
-/// One parity case: sizes, how the operands are viewed, the keep mask.
-#[derive(Clone, Copy)]
-struct Case {
-    label: &'static str,
-    b: usize,
-    h: usize,
-    lq: usize,
-    lk: usize,
-    lr: usize,
-    /// Reference tokens: None (no reference source), Some(false) every token kept, Some(true)
-    /// with a keep mask of shape [B, Lr] (or [Lr] when `shared_keep`).
-    keep: Option<bool>,
-    shared_keep: bool,
-    /// q, dout and the reference stored [B, L, H, D] (heads interleaved, the models' layout).
-    interleaved: bool,
-    /// k and v narrowed one element into wider rows: unaligned starts the kernels cannot read in
-    /// place (copied first).
-    misaligned: bool,
-}
-
-const CASES: &[Case] = &[
-    Case { label: "odd sizes, keep [B, Lr]", b: 2, h: 2, lq: 77, lk: 45, lr: 70, keep: Some(true), shared_keep: false, interleaved: true, misaligned: false },
-    Case { label: "odd sizes, keep [Lr]", b: 2, h: 3, lq: 65, lk: 64, lr: 129, keep: Some(true), shared_keep: true, interleaved: false, misaligned: false },
-    Case { label: "reference, no mask, misaligned k/v", b: 1, h: 2, lq: 33, lk: 100, lr: 31, keep: Some(false), shared_keep: false, interleaved: true, misaligned: true },
-    Case { label: "no reference", b: 2, h: 1, lq: 130, lk: 77, lr: 0, keep: None, shared_keep: false, interleaved: false, misaligned: false },
-    Case { label: "long rows", b: 1, h: 2, lq: 1000, lk: 1000, lr: 1000, keep: Some(true), shared_keep: false, interleaved: true, misaligned: false },
-];
-
-/// A [B, H, L, D] operand of `dt` on `dev`, viewed as the case says.
-#[allow(clippy::too_many_arguments)]
-fn operand(c: &Case, l: usize, d: usize, dt: DType, seed: u64, dev: Device, interleaved: bool, misaligned: bool) -> Result<Tensor> {
-    let (b, h) = (c.b, c.h);
-    if misaligned {
-        return input(&[b, h, l, d + 1], dt, -1.0, 1.0, seed, dev)?.narrow(3, 1, d);
-    }
-    if interleaved {
-        return input(&[b, l, h, d], dt, -1.0, 1.0, seed, dev)?.transpose(1, 2);
-    }
-    input(&[b, h, l, d], dt, -1.0, 1.0, seed, dev)
-}
-
-/// Some reference tokens dropped, a different set per batch entry.
-fn keep_mask(c: &Case, dev: Device) -> Result<Tensor> {
-    let lr = c.lr;
-    if c.shared_keep {
-        return Tensor::from_vec((0..lr).map(|j| (j % 5 != 2) as u8).collect::<Vec<_>>(), &[lr], dev);
-    }
-    Tensor::from_vec((0..c.b * lr).map(|i| !(i * 7 + i / lr).is_multiple_of(5) as u8).collect::<Vec<_>>(), &[c.b, lr], dev)
-}
-
 /// The forward's (out, lse) of the case, computed once on the CPU (so that both sides of a
 /// comparison differentiate at the same point).
 fn saved(c: &Case, d: usize, dt: DType) -> Result<(Tensor, Tensor)> {
-    let dev = Device::Cpu;
-    let q = operand(c, c.lq, d, dt, 1, dev, c.interleaved, false)?;
-    let k = operand(c, c.lk, d, dt, 2, dev, false, c.misaligned)?;
-    let v = operand(c, c.lk, d, dt, 3, dev, false, c.misaligned)?;
-    let kr = operand(c, c.lr, d, dt, 4, dev, c.interleaved, false)?;
-    let vr = operand(c, c.lr, d, dt, 5, dev, c.interleaved, false)?;
-    let keep = match c.keep {
-        Some(true) => Some(keep_mask(c, dev)?),
-        _ => None,
-    };
-    let reference = c.keep.map(|_| AttentionReference { k: &kr, v: &vr, keep: keep.as_ref() });
-    Tensor::flash_attention(&q, &k, &v, reference, 1.0 / (d as f32).sqrt())
+    let x = Operands::new(c, d, dt, Device::Cpu)?;
+    Tensor::flash_attention(&x.q, &x.k, &x.v, x.reference(), 1.0 / (d as f32).sqrt())
 }
 
 /// The gradients of the case on `dev`, given the forward's (out, lse).
 fn run(c: &Case, d: usize, dt: DType, fwd: &(Tensor, Tensor), dev: Device) -> Result<FlashAttentionGrads> {
-    let q = operand(c, c.lq, d, dt, 1, dev, c.interleaved, false)?;
-    let k = operand(c, c.lk, d, dt, 2, dev, false, c.misaligned)?;
-    let v = operand(c, c.lk, d, dt, 3, dev, false, c.misaligned)?;
-    let kr = operand(c, c.lr, d, dt, 4, dev, c.interleaved, false)?;
-    let vr = operand(c, c.lr, d, dt, 5, dev, c.interleaved, false)?;
-    let dout = operand(c, c.lq, d, dt, 6, dev, c.interleaved, false)?;
-    let keep = match c.keep {
-        Some(true) => Some(keep_mask(c, dev)?),
-        _ => None,
-    };
-    let reference = c.keep.map(|_| AttentionReference { k: &kr, v: &vr, keep: keep.as_ref() });
+    let x = Operands::new(c, d, dt, dev)?;
+    let dout = operand(c, c.lq, d, dt, 6, dev, c.rows_storage())?;
     let (out, lse) = (fwd.0.to_device(dev)?, fwd.1.to_device(dev)?);
-    Tensor::flash_attention_backward(&q, &k, &v, reference, 1.0 / (d as f32).sqrt(), &out, &lse, &dout)
+    Tensor::flash_attention_backward(&x.q, &x.k, &x.v, x.reference(), 1.0 / (d as f32).sqrt(), &out, &lse, &dout)
 }
 
 fn compare(label: &str, dt: DType, got: &FlashAttentionGrads, want: &FlashAttentionGrads) {
@@ -169,25 +103,17 @@ fn fused_backward_matches_the_unfused_composition() {
 #[test]
 fn rows_with_no_key_left_get_zero_gradients() {
     let Some((dev, _gpu)) = gpu("rows_with_no_key_left_get_zero_gradients") else { return };
-    let (b, h, lq, lr) = (2, 2, 9, 70);
-    let mut keep = vec![0u8; b * lr];
-    keep[lr + 5] = 1;
-    keep[lr + 66] = 1;
+    let Case { b, h, lq, lr, .. } = NO_KEY_LEFT;
     for experimental in [false, true] {
         engine::cuda::set_experimental_kernels(experimental);
         for dt in [DType::BF16, DType::F16, DType::F32] {
             for d in [64, 128] {
                 let label = format!("no key left {dt} D {d} (experimental {experimental})");
                 let go = |dv: Device| -> Result<FlashAttentionGrads> {
-                    let q = input(&[b, h, lq, d], dt, -1.0, 1.0, 1, dv)?;
-                    let k = input(&[b, h, 0, d], dt, -1.0, 1.0, 2, dv)?;
-                    let kr = input(&[b, h, lr, d], dt, -1.0, 1.0, 4, dv)?;
-                    let vr = input(&[b, h, lr, d], dt, -1.0, 1.0, 5, dv)?;
+                    let x = Operands::no_key_left(d, dt, dv)?;
                     let dout = input(&[b, h, lq, d], dt, -1.0, 1.0, 6, dv)?;
-                    let keep = Tensor::from_vec(keep.clone(), &[b, lr], dv)?;
-                    let reference = Some(AttentionReference { k: &kr, v: &vr, keep: Some(&keep) });
-                    let (out, lse) = Tensor::flash_attention(&q, &k, &k, reference, 0.125)?;
-                    Tensor::flash_attention_backward(&q, &k, &k, reference, 0.125, &out, &lse, &dout)
+                    let (out, lse) = Tensor::flash_attention(&x.q, &x.k, &x.v, x.reference(), 0.125)?;
+                    Tensor::flash_attention_backward(&x.q, &x.k, &x.v, x.reference(), 0.125, &out, &lse, &dout)
                 };
                 let (want, got) = (go(Device::Cpu).unwrap(), go(dev).unwrap_or_else(|e| panic!("{label}: {e}")));
                 compare(&label, dt, &got, &want);
@@ -210,9 +136,9 @@ fn dout_in_f32_with_16_bit_inputs() {
         engine::cuda::set_experimental_kernels(experimental);
         let label = format!("f32 dout, bf16 inputs (experimental {experimental})");
         let go = |dv: Device| -> Result<FlashAttentionGrads> {
-            let t = |l, seed| operand(&c, l, 64, DType::BF16, seed, dv, c.interleaved, false);
+            let t = |l, seed| operand(&c, l, 64, DType::BF16, seed, dv, c.rows_storage());
             let (q, k, v, kr, vr) = (t(c.lq, 1)?, t(c.lk, 2)?, t(c.lk, 3)?, t(c.lr, 4)?, t(c.lr, 5)?);
-            let dout = operand(&c, c.lq, 64, DType::F32, 6, dv, true, false)?;
+            let dout = operand(&c, c.lq, 64, DType::F32, 6, dv, Storage::Interleaved)?;
             let reference = Some(AttentionReference { k: &kr, v: &vr, keep: None });
             let (out, lse) = Tensor::flash_attention(&q.to_device(Device::Cpu)?, &k.to_device(Device::Cpu)?, &v.to_device(Device::Cpu)?, Some(AttentionReference { k: &kr.to_device(Device::Cpu)?, v: &vr.to_device(Device::Cpu)?, keep: None }), 0.125)?;
             Tensor::flash_attention_backward(&q, &k, &v, reference, 0.125, &out.to_device(dv)?, &lse.to_device(dv)?, &dout)
