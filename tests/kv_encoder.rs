@@ -13,7 +13,7 @@ use lookahead::{assert_close, fixture_path, load_fixture};
 use models::attention::{AttnExtras, KvStore};
 use models::clip_vision::ClipVisionModel;
 use models::ip_adapter::IpAdapterPlus;
-use models::kv_encoder::{add_noise, drop_kv_tokens, scaled_linear_alphas_cumprod, KvEncoder};
+use models::kv_encoder::{add_noise, drop_kv_tokens, mask_kv_tokens, scaled_linear_alphas_cumprod, KvEncoder};
 use models::presets;
 use models::resampler::ResamplerConfig;
 use models::unet::{UNet2DConditionModel, UNetCond};
@@ -219,4 +219,33 @@ fn kv_drop_removes_the_same_tokens_for_the_batch() {
     let other_layer = d.get("b").unwrap().0.value().to_vec_f32().unwrap();
     let other_seed = drop_kv_tokens(&store, 0.3, 4).unwrap().get("a").unwrap().0.value().to_vec_f32().unwrap();
     assert!(other_layer != dk && other_seed != dk);
+}
+
+/// Dropping reference tokens with a keep mask (the flash kernel skips them) gives the decoder the
+/// same output as copying the kept tokens out, and both differ from keeping every token.
+#[test]
+fn kv_drop_by_mask_matches_kv_drop_by_copy() {
+    let fx = Fx(load_fixture("kv_encoder.safetensors"));
+    let unet = tiny_unet();
+    no_grad(|| {
+        let x = fx.v("x0");
+        let store = KvStore::new();
+        run(&unet, &fx, &x, "dec_ehs", &AttnExtras { kv_capture: Some(store.clone()), kv_reference: None });
+        let masked = mask_kv_tokens(&store, 0.4, 11).unwrap();
+        let copied = drop_kv_tokens(&store, 0.4, 11).unwrap();
+        assert_eq!(masked.layers(), copied.layers());
+        for layer in masked.layers() {
+            let (k, _) = masked.get(&layer).unwrap();
+            let keep = masked.keep(&layer).expect("a keep mask with p > 0").to_vec::<u8>().unwrap();
+            assert_eq!(k.shape(), store.get(&layer).unwrap().0.shape(), "the masked store keeps every token");
+            let kept = keep.iter().filter(|&&b| b == 1).count();
+            assert_eq!(kept, copied.get(&layer).unwrap().0.shape()[1], "{layer}: mask and copy keep the same number of tokens");
+        }
+        let by_mask = run(&unet, &fx, &x, "dec_ehs", &AttnExtras { kv_capture: None, kv_reference: Some(masked) });
+        let by_copy = run(&unet, &fx, &x, "dec_ehs", &AttnExtras { kv_capture: None, kv_reference: Some(copied) });
+        assert_close("masked vs copied kv drop", &by_mask, &by_copy, 1e-5, 1e-5);
+        let full = run(&unet, &fx, &x, "dec_ehs", &AttnExtras { kv_capture: None, kv_reference: Some(store) });
+        let diff = full.sub(&by_mask).unwrap().abs().unwrap().max_all_f32();
+        assert!(diff > 1e-4, "dropping 40% of the reference tokens changed nothing ({diff})");
+    });
 }

@@ -22,27 +22,44 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use autograd::Var;
-use engine::{Error, Result};
+use engine::{Error, Result, Tensor};
 
 use crate::nn::{join, GroupNorm, LayerNorm, Linear, LoraScale, Module, Visitor};
 use crate::weights::Weights;
 
+/// One layer's K/V in a `KvStore`, with the reference tokens' keep mask when some are dropped.
+#[derive(Clone)]
+struct KvEntry {
+    k: Var,
+    v: Var,
+    keep: Option<Tensor>,
+}
+
 /// Per-layer K/V, keyed by transformer-block name. Cloning shares it.
 #[derive(Clone, Default)]
-pub struct KvStore(Arc<Mutex<BTreeMap<String, (Var, Var)>>>);
+pub struct KvStore(Arc<Mutex<BTreeMap<String, KvEntry>>>);
 
 impl KvStore {
     pub fn new() -> KvStore {
         KvStore::default()
     }
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Var, Var)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, KvEntry>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
     pub fn insert(&self, layer: &str, k: Var, v: Var) {
-        self.lock().insert(layer.to_string(), (k, v));
+        self.lock().insert(layer.to_string(), KvEntry { k, v, keep: None });
+    }
+    /// K/V [B, L, inner] whose tokens with `keep` [L] (u8) == 0 are not attended to when this
+    /// store is another pass's reference (kv drop without copying the kept tokens out).
+    pub fn insert_with_keep(&self, layer: &str, k: Var, v: Var, keep: Tensor) {
+        self.lock().insert(layer.to_string(), KvEntry { k, v, keep: Some(keep) });
     }
     pub fn get(&self, layer: &str) -> Option<(Var, Var)> {
-        self.lock().get(layer).cloned()
+        self.lock().get(layer).map(|e| (e.k.clone(), e.v.clone()))
+    }
+    /// The keep mask stored with `layer`'s K/V, if any.
+    pub fn keep(&self, layer: &str) -> Option<Tensor> {
+        self.lock().get(layer).and_then(|e| e.keep.clone())
     }
     pub fn layers(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
@@ -126,7 +143,7 @@ impl Attention {
     /// Multi-head attention of q [B, Lq, inner] over k/v [B or 1, Lk, inner] and the optional
     /// reference K/V [B, Lr, inner] (extended attention over [own ; reference]), scale
     /// 1/sqrt(head dim); [B, Lq, inner].
-    fn attend(&self, q: &Var, k: &Var, v: &Var, reference: Option<(&Var, &Var)>) -> Result<Var> {
+    fn attend(&self, q: &Var, k: &Var, v: &Var, reference: Option<(&Var, &Var)>, keep: Option<&Tensor>) -> Result<Var> {
         let q = split_heads(q, self.heads)?;
         let (k, v) = self.kv_heads(k, v, q.shape()[0])?;
         let reference = match reference {
@@ -134,7 +151,7 @@ impl Attention {
             None => None,
         };
         let scale = 1.0 / (q.shape()[3] as f32).sqrt();
-        let o = Var::flash_attention(&q, &k, &v, reference.as_ref().map(|(rk, rv)| (rk, rv)), None, scale)?;
+        let o = Var::flash_attention(&q, &k, &v, reference.as_ref().map(|(rk, rv)| (rk, rv)), keep, scale)?;
         merge_heads(&o)
     }
 
@@ -170,9 +187,10 @@ impl Attention {
                 )));
             }
             let (rk, rv) = (rk.to_dtype(k.dtype())?, rv.to_dtype(v.dtype())?);
-            return self.to_out.forward(&self.attend(&q, &k, &v, Some((&rk, &rv)))?);
+            let keep = extras.kv_reference.as_ref().and_then(|r| r.keep(layer));
+            return self.to_out.forward(&self.attend(&q, &k, &v, Some((&rk, &rv)), keep.as_ref())?);
         }
-        self.to_out.forward(&self.attend(&q, &k, &v, None)?)
+        self.to_out.forward(&self.attend(&q, &k, &v, None, None)?)
     }
 
     /// Cross-attention of `x` over `context` [B, L_ctx, C_ctx]; with IP projections the last
@@ -180,7 +198,7 @@ impl Attention {
     pub fn forward_cross(&self, x: &Var, context: &Var) -> Result<Var> {
         let q = self.to_q.forward(x)?;
         let o = match &self.ip {
-            None => self.attend(&q, &self.to_k.forward(context)?, &self.to_v.forward(context)?, None)?,
+            None => self.attend(&q, &self.to_k.forward(context)?, &self.to_v.forward(context)?, None, None)?,
             Some(ip) => {
                 let l = context.shape()[1];
                 if ip.num_tokens > l {
@@ -193,7 +211,7 @@ impl Attention {
                 let s = ip.scale.get();
                 if s == 0.0 {
                     // The IP tokens do not count: no IP projections, no second softmax.
-                    self.attend(&q, &k, &v, None)?
+                    self.attend(&q, &k, &v, None, None)?
                 } else {
                     // attn(q, text) + s attn(q, IP tokens) in one pass over q.
                     let q = split_heads(&q, self.heads)?;

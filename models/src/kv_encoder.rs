@@ -179,29 +179,62 @@ impl KvEncoder {
 /// Drops each layer's reference tokens with probability `p`: one uniform draw per token (Philox,
 /// `seed` and the layer's index), the same tokens for every batch row, as the official drop_kvs.
 /// A layer that loses all its tokens is left out of the returned store (attention over its own
-/// tokens only).
+/// tokens only). The kept tokens are copied out (index_select); `mask_kv_tokens` drops the same
+/// tokens with a keep mask instead.
 pub fn drop_kv_tokens(store: &KvStore, p: f32, seed: u64) -> Result<KvStore> {
-    if !(0.0..=1.0).contains(&p) {
-        return Err(Error::msg(format!("drop_kv_tokens: probability {p} outside [0, 1]")));
-    }
+    check_drop_probability(p)?;
     let out = KvStore::new();
     for (i, layer) in store.layers().iter().enumerate() {
         let Some((k, v)) = store.get(layer) else { continue };
-        if p == 0.0 {
+        let Some(keep) = kept_tokens(k.shape()[1], p, seed, i)? else {
             out.insert(layer, k, v);
             continue;
-        }
-        let l = k.shape()[1];
-        let u = Tensor::rand(&[l], DType::F32, Device::Cpu, seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(i as u64))?.to_vec_f32()?;
-        let keep: Vec<i64> = u.iter().enumerate().filter(|(_, &x)| x > p).map(|(j, _)| j as i64).collect();
-        if keep.is_empty() {
+        };
+        let kept: Vec<i64> = keep.iter().enumerate().filter(|(_, &x)| x).map(|(j, _)| j as i64).collect();
+        if kept.is_empty() {
             continue;
         }
-        let n = keep.len();
-        let idx = Tensor::from_vec(keep, &[n], Device::Cpu)?.to_device(k.device())?;
+        let n = kept.len();
+        let idx = Tensor::from_vec(kept, &[n], Device::Cpu)?.to_device(k.device())?;
         out.insert(layer, k.index_select(1, &idx)?, v.index_select(1, &idx)?);
     }
     Ok(out)
+}
+
+/// The tokens `drop_kv_tokens` drops, left in place with a keep mask [L] (u8) that the flash
+/// attention kernel applies: no copy of the kept K/V, and dropped tokens get zero gradients.
+pub fn mask_kv_tokens(store: &KvStore, p: f32, seed: u64) -> Result<KvStore> {
+    check_drop_probability(p)?;
+    let out = KvStore::new();
+    for (i, layer) in store.layers().iter().enumerate() {
+        let Some((k, v)) = store.get(layer) else { continue };
+        match kept_tokens(k.shape()[1], p, seed, i)? {
+            None => out.insert(layer, k, v),
+            Some(keep) if keep.iter().any(|&x| x) => {
+                let l = keep.len();
+                let mask = Tensor::from_vec(keep.into_iter().map(u8::from).collect::<Vec<u8>>(), &[l], Device::Cpu)?.to_device(k.device())?;
+                out.insert_with_keep(layer, k, v, mask);
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+fn check_drop_probability(p: f32) -> Result<()> {
+    if !(0.0..=1.0).contains(&p) {
+        return Err(Error::msg(format!("kv drop: probability {p} outside [0, 1]")));
+    }
+    Ok(())
+}
+
+/// Which of a layer's `l` tokens survive a drop with probability `p` (None: p = 0, all of them).
+fn kept_tokens(l: usize, p: f32, seed: u64, layer_index: usize) -> Result<Option<Vec<bool>>> {
+    if p == 0.0 {
+        return Ok(None);
+    }
+    let u = Tensor::rand(&[l], DType::F32, Device::Cpu, seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(layer_index as u64))?.to_vec_f32()?;
+    Ok(Some(u.iter().map(|&x| x > p).collect()))
 }
 
 /// SDXL's training noise schedule: "scaled_linear" betas from 0.00085 to 0.012 over `steps`
