@@ -342,7 +342,11 @@ mod tests {
     }
 
     fn tiny() -> ClipTokenizer {
-        let dir = std::env::temp_dir().join(format!("clip_tok_test_{}", std::process::id()));
+        // A folder per call: tests run in parallel, and one rewriting the files while another
+        // reads them made a reader see a truncated vocab.json.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("clip_tok_test_{}_{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let table = bytes_to_unicode();
         let mut vocab: Vec<String> = table.iter().map(|c| c.to_string()).collect();
