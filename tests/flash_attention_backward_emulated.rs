@@ -5,44 +5,12 @@
 //! as [B, H, L, D] views, bf16 and f16, head dims 64 and 128. Needs a C++ compiler (LOOKAHEAD_CXX,
 //! c++ or g++); without one each test says it skipped (a failure when `CI` is set).
 
-use half::{bf16, f16};
 use kernels::emulate::EmulatedModule;
 use kernels::flash_attention_backward::{self as fab, flash_attention_backward_head, BackwardDims, BackwardTiles, FlashBackwardParams, HeadGrads, HeadInputs, Rows};
 
 #[path = "common/emulation.rs"]
 mod emulation;
-use emulation::{have_compiler, values, Aligned};
-
-#[derive(Clone, Copy, Debug)]
-enum Half {
-    Bf16,
-    F16,
-}
-
-impl Half {
-    fn name(self) -> &'static str {
-        match self {
-            Half::Bf16 => "bf16",
-            Half::F16 => "f16",
-        }
-    }
-    fn bits(self, x: f32) -> u16 {
-        match self {
-            Half::Bf16 => bf16::from_f32(x).to_bits(),
-            Half::F16 => f16::from_f32(x).to_bits(),
-        }
-    }
-    fn value(self, b: u16) -> f32 {
-        match self {
-            Half::Bf16 => bf16::from_bits(b).to_f32(),
-            Half::F16 => f16::from_bits(b).to_f32(),
-        }
-    }
-    /// Values as this type holds them (rounded).
-    fn round(self, x: &[f32]) -> Vec<f32> {
-        x.iter().map(|&v| self.value(self.bits(v))).collect()
-    }
-}
+use emulation::{have_compiler, values, Aligned, Half};
 
 #[derive(Clone, Copy, Debug)]
 struct Case {

@@ -9,26 +9,20 @@
 //! keys. Needs a C++ compiler; without one each test prints "skipped: no C++ compiler" and passes,
 //! unless `CI` is set.
 
-use half::{bf16, f16};
 use kernels::emulate::EmulatedModule;
 use kernels::flash_attention::{decoupled_attention_head, decoupled_kernel_name, flash_attention_head, kernel_name, shared_bytes, DecoupledDims, FlashDims, FlashParams, ROWS_PER_BLOCK, THREADS};
 
 #[path = "common/emulation.rs"]
 mod emulation;
-use emulation::{have_compiler, values, Aligned};
+use emulation::{have_compiler, values, Aligned, Half};
 
-/// A 16-bit element type of the kernel.
-#[derive(Clone, Copy)]
-struct Half {
-    name: &'static str,
-    to_bits: fn(f32) -> u16,
-    to_f32: fn(u16) -> f32,
-    /// (atol, rtol) of the output: P is rounded to this type before P V, and the output too.
-    tol: (f32, f32),
+/// (atol, rtol) of the output: P is rounded to the 16-bit type before P V, and the output too.
+fn out_tolerance(ty: Half) -> (f32, f32) {
+    match ty {
+        Half::Bf16 => (1e-2, 1e-2),
+        Half::F16 => (2e-3, 2e-3),
+    }
 }
-
-const BF16: Half = Half { name: "bf16", to_bits: |x| bf16::from_f32(x).to_bits(), to_f32: |b| bf16::from_bits(b).to_f32(), tol: (1e-2, 1e-2) };
-const F16: Half = Half { name: "f16", to_bits: |x| f16::from_f32(x).to_bits(), to_f32: |b| f16::from_bits(b).to_f32(), tol: (2e-3, 2e-3) };
 
 /// One [B, H, L, D] operand: rounded values (f32, [B, H, L, D] order) and its 16-bit storage with
 /// the given element strides (batch, head, row; unit along D).
@@ -39,12 +33,12 @@ struct Operand {
 }
 
 fn operand(ty: Half, (b, h, l, d): (usize, usize, usize, usize), strides: [usize; 3], storage_len: usize, seed: u64) -> Operand {
-    let vals: Vec<f32> = values(b * h * l * d, seed).into_iter().map(|x| (ty.to_f32)((ty.to_bits)(x))).collect();
+    let vals = ty.round(&values(b * h * l * d, seed));
     // Unused storage (padding, gaps) holds NaN so that a read outside the view shows.
-    let mut bits = vec![(ty.to_bits)(f32::NAN); storage_len];
+    let mut bits = vec![ty.bits(f32::NAN); storage_len];
     for (i, &x) in vals.iter().enumerate() {
         let (bi, hi, li, c) = (i / (h * l * d), (i / (l * d)) % h, (i / d) % l, i % d);
-        bits[bi * strides[0] + hi * strides[1] + li * strides[2] + c] = (ty.to_bits)(x);
+        bits[bi * strides[0] + hi * strides[1] + li * strides[2] + c] = ty.bits(x);
     }
     Operand { vals, buf: Aligned::from(&bits), strides: strides.map(|s| s as i64) }
 }
@@ -72,7 +66,7 @@ fn run_case(ty: Half, c: &Case) {
     let kr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 4);
     let vr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 5);
     let keep = c.keep.clone();
-    let out = Aligned::from(&vec![(ty.to_bits)(f32::NAN); b * lq * h * d]);
+    let out = Aligned::from(&vec![ty.bits(f32::NAN); b * lq * h * d]);
     let mut lse = vec![f32::NAN; b * h * lq];
     let p = FlashParams {
         q: q.buf.addr(),
@@ -99,7 +93,7 @@ fn run_case(ty: Half, c: &Case) {
         decoupled_scale: 0.0,
     };
     let m = EmulatedModule::load(&kernels::flash_attention::SOURCE).unwrap_or_else(|e| panic!("{e}"));
-    let name = kernel_name(ty.name, d);
+    let name = kernel_name(ty.name(), d);
     let grid = (lq.div_ceil(ROWS_PER_BLOCK) as u32, h as u32, b as u32);
     let t = std::time::Instant::now();
     // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live buffer
@@ -116,6 +110,7 @@ fn run_case(ty: Half, c: &Case) {
     fn head(o: &Operand, bh: usize, l: usize, d: usize) -> &[f32] {
         &o.vals[bh * l * d..(bh + 1) * l * d]
     }
+    let (atol, rtol) = out_tolerance(ty);
     let mut worst = (0f32, 0f32);
     for bh in 0..b * h {
         let (bi, hi) = (bh / h, bh % h);
@@ -124,11 +119,11 @@ fn run_case(ty: Half, c: &Case) {
         flash_attention_head(head(&q, bh, lq, d), head(&k, bh, lk, d), head(&v, bh, lk, d), head(&kr, bh, lr, d), head(&vr, bh, lr, d), keep_b, FlashDims { lq, lk, lr, d }, scale, &mut want, &mut want_lse);
         for i in 0..lq {
             for col in 0..d {
-                let got = (ty.to_f32)(out.as_ref()[((bi * lq + i) * h + hi) * d + col]);
+                let got = ty.value(out.as_ref()[((bi * lq + i) * h + hi) * d + col]);
                 let e = want[i * d + col];
                 let err = (got - e).abs();
                 worst.0 = worst.0.max(err);
-                assert!(err <= ty.tol.0 + ty.tol.1 * e.abs(), "{name} b{bi} h{hi} row {i} col {col}: {got} vs {e}");
+                assert!(err <= atol + rtol * e.abs(), "{name} b{bi} h{hi} row {i} col {col}: {got} vs {e}");
             }
             let (got, e) = (lse[bh * lq + i], want_lse[i]);
             if e == f32::NEG_INFINITY {
@@ -160,28 +155,28 @@ fn odd_sizes(ty: Half, d: usize) {
 #[test]
 fn bf16_d64_matches_the_cpu_reference() {
     if have_compiler("bf16_d64_matches_the_cpu_reference") {
-        odd_sizes(BF16, 64);
+        odd_sizes(Half::Bf16, 64);
     }
 }
 
 #[test]
 fn bf16_d128_matches_the_cpu_reference() {
     if have_compiler("bf16_d128_matches_the_cpu_reference") {
-        odd_sizes(BF16, 128);
+        odd_sizes(Half::Bf16, 128);
     }
 }
 
 #[test]
 fn f16_d64_matches_the_cpu_reference() {
     if have_compiler("f16_d64_matches_the_cpu_reference") {
-        odd_sizes(F16, 64);
+        odd_sizes(Half::F16, 64);
     }
 }
 
 #[test]
 fn f16_d128_matches_the_cpu_reference() {
     if have_compiler("f16_d128_matches_the_cpu_reference") {
-        odd_sizes(F16, 128);
+        odd_sizes(Half::F16, 128);
     }
 }
 
@@ -189,7 +184,7 @@ fn f16_d128_matches_the_cpu_reference() {
 #[test]
 fn own_keys_only() {
     if have_compiler("own_keys_only") {
-        run_case(BF16, &Case { b: 1, h: 3, lq: 19, lk: 33, lr: 0, d: 64, keep: None, scale: 0.5 });
+        run_case(Half::Bf16, &Case { b: 1, h: 3, lq: 19, lk: 33, lr: 0, d: 64, keep: None, scale: 0.5 });
     }
 }
 
@@ -203,7 +198,7 @@ fn rows_with_no_key_left() {
         for j in [3, 40, 66] {
             keep[lr + j] = 1;
         }
-        run_case(F16, &Case { b, h: 1, lq: 5, lk: 0, lr, d: 64, keep: Some(keep), scale: 0.125 });
+        run_case(Half::F16, &Case { b, h: 1, lq: 5, lk: 0, lr, d: 64, keep: Some(keep), scale: 0.125 });
     }
 }
 
@@ -211,7 +206,7 @@ fn rows_with_no_key_left() {
 #[test]
 fn no_keys_at_all() {
     if have_compiler("no_keys_at_all") {
-        run_case(BF16, &Case { b: 1, h: 2, lq: 3, lk: 0, lr: 0, d: 128, keep: None, scale: 0.1 });
+        run_case(Half::Bf16, &Case { b: 1, h: 2, lq: 3, lk: 0, lr: 0, d: 128, keep: None, scale: 0.1 });
     }
 }
 
@@ -248,7 +243,7 @@ fn run_decoupled(ty: Half, c: &DecoupledCase) {
     } else {
         (operand(ty, (b, h, l1, d), [h * l1 * d, l1 * d, d], b * h * l1 * d, 12), operand(ty, (b, h, l1, d), [h * l1 * d, l1 * d, d], b * h * l1 * d, 13))
     };
-    let out = Aligned::from(&vec![(ty.to_bits)(f32::NAN); b * lq * h * d]);
+    let out = Aligned::from(&vec![ty.bits(f32::NAN); b * lq * h * d]);
     let (mut lse1, mut lse2) = (vec![f32::NAN; b * h * lq], vec![f32::NAN; b * h * lq]);
     let p = FlashParams {
         q: q.buf.addr(),
@@ -275,7 +270,7 @@ fn run_decoupled(ty: Half, c: &DecoupledCase) {
         decoupled_scale: s2,
     };
     let m = EmulatedModule::load(&kernels::flash_attention::SOURCE).unwrap_or_else(|e| panic!("{e}"));
-    let name = decoupled_kernel_name(ty.name, d);
+    let name = decoupled_kernel_name(ty.name(), d);
     let grid = (lq.div_ceil(ROWS_PER_BLOCK) as u32, h as u32, b as u32);
     let t = std::time::Instant::now();
     // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live buffer
@@ -290,6 +285,7 @@ fn run_decoupled(ty: Half, c: &DecoupledCase) {
     let took = t.elapsed().as_secs_f32();
 
     let head = |o: &Operand, bh: usize, l: usize| o.vals[bh * l * d..(bh + 1) * l * d].to_vec();
+    let (atol, rtol) = out_tolerance(ty);
     let mut worst = (0f32, 0f32);
     for bh in 0..b * h {
         let (bi, hi) = (bh / h, bh % h);
@@ -298,12 +294,12 @@ fn run_decoupled(ty: Half, c: &DecoupledCase) {
         decoupled_attention_head(&head(&q, bh, lq), &head(&k1, bh, l1), &head(&v1, bh, l1), &head(&k2, bh, l2), &head(&v2, bh, l2), dims, s2, scale, &mut want, &mut want1, &mut want2);
         for i in 0..lq {
             for col in 0..d {
-                let got = (ty.to_f32)(out.as_ref()[((bi * lq + i) * h + hi) * d + col]);
+                let got = ty.value(out.as_ref()[((bi * lq + i) * h + hi) * d + col]);
                 let e = want[i * d + col];
                 let err = (got - e).abs();
                 worst.0 = worst.0.max(err);
                 // Two outputs' rounding errors (each as the extended mode's), the second weighted.
-                let allowed = (1.0 + s2.abs()) * ty.tol.0 + ty.tol.1 * e.abs();
+                let allowed = (1.0 + s2.abs()) * atol + rtol * e.abs();
                 assert!(err <= allowed, "{name} b{bi} h{hi} row {i} col {col}: {got} vs {e}");
             }
             for (which, got, e) in [("lse1", lse1[bh * lq + i], want1[i]), ("lse2", lse2[bh * lq + i], want2[i])] {
@@ -329,28 +325,28 @@ fn run_decoupled(ty: Half, c: &DecoupledCase) {
 #[test]
 fn decoupled_bf16_d64_text_77_ip_16() {
     if have_compiler("decoupled_bf16_d64_text_77_ip_16") {
-        run_decoupled(BF16, &DecoupledCase { b: 2, h: 2, lq: 77, l1: 77, l2: 16, d: 64, s2: 0.7, shared_text: true });
+        run_decoupled(Half::Bf16, &DecoupledCase { b: 2, h: 2, lq: 77, l1: 77, l2: 16, d: 64, s2: 0.7, shared_text: true });
     }
 }
 
 #[test]
 fn decoupled_f16_d64_text_77_ip_5() {
     if have_compiler("decoupled_f16_d64_text_77_ip_5") {
-        run_decoupled(F16, &DecoupledCase { b: 2, h: 2, lq: 77, l1: 77, l2: 5, d: 64, s2: 1.3, shared_text: false });
+        run_decoupled(Half::F16, &DecoupledCase { b: 2, h: 2, lq: 77, l1: 77, l2: 5, d: 64, s2: 1.3, shared_text: false });
     }
 }
 
 #[test]
 fn decoupled_bf16_d128_text_77_ip_5() {
     if have_compiler("decoupled_bf16_d128_text_77_ip_5") {
-        run_decoupled(BF16, &DecoupledCase { b: 1, h: 2, lq: 77, l1: 77, l2: 5, d: 128, s2: 0.5, shared_text: false });
+        run_decoupled(Half::Bf16, &DecoupledCase { b: 1, h: 2, lq: 77, l1: 77, l2: 5, d: 128, s2: 0.5, shared_text: false });
     }
 }
 
 #[test]
 fn decoupled_f16_d128_text_77_ip_16() {
     if have_compiler("decoupled_f16_d128_text_77_ip_16") {
-        run_decoupled(F16, &DecoupledCase { b: 2, h: 1, lq: 77, l1: 77, l2: 16, d: 128, s2: 0.6, shared_text: true });
+        run_decoupled(Half::F16, &DecoupledCase { b: 2, h: 1, lq: 77, l1: 77, l2: 16, d: 128, s2: 0.6, shared_text: true });
     }
 }
 
@@ -359,7 +355,7 @@ fn decoupled_f16_d128_text_77_ip_16() {
 #[test]
 fn decoupled_several_ip_tiles() {
     if have_compiler("decoupled_several_ip_tiles") {
-        run_decoupled(BF16, &DecoupledCase { b: 1, h: 2, lq: 70, l1: 45, l2: 131, d: 64, s2: -0.8, shared_text: false });
+        run_decoupled(Half::Bf16, &DecoupledCase { b: 1, h: 2, lq: 70, l1: 45, l2: 131, d: 64, s2: -0.8, shared_text: false });
     }
 }
 
@@ -368,8 +364,8 @@ fn decoupled_several_ip_tiles() {
 #[test]
 fn decoupled_empty_sources() {
     if have_compiler("decoupled_empty_sources") {
-        run_decoupled(F16, &DecoupledCase { b: 1, h: 2, lq: 19, l1: 0, l2: 16, d: 64, s2: 0.9, shared_text: false });
-        run_decoupled(BF16, &DecoupledCase { b: 1, h: 2, lq: 19, l1: 77, l2: 0, d: 64, s2: 0.9, shared_text: false });
-        run_decoupled(BF16, &DecoupledCase { b: 1, h: 1, lq: 3, l1: 0, l2: 0, d: 128, s2: 0.9, shared_text: false });
+        run_decoupled(Half::F16, &DecoupledCase { b: 1, h: 2, lq: 19, l1: 0, l2: 16, d: 64, s2: 0.9, shared_text: false });
+        run_decoupled(Half::Bf16, &DecoupledCase { b: 1, h: 2, lq: 19, l1: 77, l2: 0, d: 64, s2: 0.9, shared_text: false });
+        run_decoupled(Half::Bf16, &DecoupledCase { b: 1, h: 1, lq: 3, l1: 0, l2: 0, d: 128, s2: 0.9, shared_text: false });
     }
 }

@@ -7,56 +7,19 @@
 //! cp.async), both B-operand layouts (forward y = [x | t] [W | B]^T, n-major; dx = [dy | s u]
 //! [W ; A], k-major), bf16 and f16, with and without bias.
 
-use half::{bf16, f16};
 use kernels::emulate::EmulatedModule;
 use kernels::lora_linear::{self as lora, BLayout, LoraDims, LoraGemmArgs};
 
 #[path = "common/emulation.rs"]
 mod emulation;
-use emulation::{have_compiler, values};
+use emulation::{have_compiler, values, Half};
 
-#[derive(Clone, Copy, Debug)]
-enum Half {
-    Bf16,
-    F16,
-}
-
-impl Half {
-    fn name(self) -> &'static str {
-        match self {
-            Half::Bf16 => "bf16",
-            Half::F16 => "f16",
-        }
-    }
-    fn bits(self, v: f32) -> u16 {
-        match self {
-            Half::Bf16 => bf16::from_f32(v).to_bits(),
-            Half::F16 => f16::from_f32(v).to_bits(),
-        }
-    }
-    fn value(self, b: u16) -> f32 {
-        match self {
-            Half::Bf16 => bf16::from_bits(b).to_f32(),
-            Half::F16 => f16::from_bits(b).to_f32(),
-        }
-    }
-    fn round(self, v: &[f32]) -> Vec<f32> {
-        v.iter().map(|&x| self.value(self.bits(x))).collect()
-    }
-    /// An upper bound of |round(v) - v| / |v| (half an ulp; normal numbers).
-    fn unit_roundoff(self) -> f32 {
-        match self {
-            Half::Bf16 => 1.0 / 256.0,
-            Half::F16 => 1.0 / 2048.0,
-        }
-    }
-    /// (atol, rtol) of the kernel against the f32 reference on the same 16-bit inputs: one
-    /// rounding of the output plus f32 accumulation-order noise.
-    fn tolerance(self) -> (f32, f32) {
-        match self {
-            Half::Bf16 => (1e-2, 8e-3),
-            Half::F16 => (2e-3, 1.5e-3),
-        }
+/// (atol, rtol) of the kernel against the f32 reference on the same 16-bit inputs: one rounding
+/// of the output plus f32 accumulation-order noise.
+fn tolerance(h: Half) -> (f32, f32) {
+    match h {
+        Half::Bf16 => (1e-2, 8e-3),
+        Half::F16 => (2e-3, 1.5e-3),
     }
 }
 
@@ -151,7 +114,7 @@ fn assert_within(label: &str, got: &[f32], want: &[f32], allowed: &[f32]) {
 /// The end-to-end allowance: the kernel tolerance plus what rounding the LoRA operand lhs [m, r]
 /// (t = s x A^T, or s u) to 16 bits can move C [m, n] = lhs · rhs^T (rhs [n, r]): Σ_q |lhs[i][q]| u |rhs[j][q]|.
 fn rounding_allowance(h: Half, want: &[f32], lhs: &[f32], rhs: &[f32], (m, n, r): (usize, usize, usize)) -> Vec<f32> {
-    let (atol, rtol) = h.tolerance();
+    let (atol, rtol) = tolerance(h);
     (0..m * n)
         .map(|e| {
             let (i, j) = (e / n, e % n);
@@ -198,7 +161,7 @@ fn forward_n_major_matches_the_reference() {
                 let label = format!("forward {} r {r} bias {with_bias}", h.name());
                 let got = run_kernel(&module, h, BLayout::NMajor, &x, &w, &t, &b, bias, (M, N, K, r), 0);
                 // The kernel's contract on the same 16-bit operands...
-                assert_close(&label, &got, &lora::concat_gemm(&x, &w, &t, &b, bias, (M, N, K, r), BLayout::NMajor), h.tolerance());
+                assert_close(&label, &got, &lora::concat_gemm(&x, &w, &t, &b, bias, (M, N, K, r), BLayout::NMajor), tolerance(h));
                 // ... and the op itself (t exact in f32: looser, t's rounding included).
                 let want = lora::forward(&x, &w, bias, &a, &b, s, d);
                 assert_within(&format!("{label} vs forward"), &got, &want, &rounding_allowance(h, &want, &t_exact, &b, (M, N, r)));
@@ -225,7 +188,7 @@ fn dx_k_major_matches_the_reference() {
                 let label = format!("dx {} r {r} bias {with_bias}", h.name());
                 // dx [M, K] = [dy | s u] · [W ; A]: output width K, reduction N then r.
                 let got = run_kernel(&module, h, BLayout::KMajor, &dy, &w, &su, &a, bias, (M, K, N, r), 0);
-                assert_close(&label, &got, &lora::concat_gemm(&dy, &w, &su, &a, bias, (M, K, N, r), BLayout::KMajor), h.tolerance());
+                assert_close(&label, &got, &lora::concat_gemm(&dy, &w, &su, &a, bias, (M, K, N, r), BLayout::KMajor), tolerance(h));
                 if bias.is_none() {
                     // rhs of the LoRA term as [K, r] rows: A^T.
                     let at: Vec<f32> = (0..K * r).map(|i| a[(i % r) * K + i / r]).collect();
@@ -244,7 +207,7 @@ fn rank_zero_misaligned_lora_and_single_tile() {
     // Rank 0: the plain GEMM (no LoRA tiles at all).
     let (x, w) = (h.round(&values(M * K, 21)), h.round(&values(N * K, 22)));
     let got = run_kernel(&module, h, BLayout::NMajor, &x, &w, &[], &[], None, (M, N, K, 0), 0);
-    assert_close("rank 0", &got, &lora::concat_gemm(&x, &w, &[], &[], None, (M, N, K, 0), BLayout::NMajor), h.tolerance());
+    assert_close("rank 0", &got, &lora::concat_gemm(&x, &w, &[], &[], None, (M, N, K, 0), BLayout::NMajor), tolerance(h));
     // Rank 8 with the LoRA operands one element off 16-byte alignment: element loads instead of
     // cp.async. One partial tile in each direction (m 37, n 24), k 40 (a k-tile of 8).
     let (m, n, k, r) = (37, 24, 40, 8);
@@ -252,6 +215,6 @@ fn rank_zero_misaligned_lora_and_single_tile() {
     let bias = h.round(&values(n, 27));
     for layout in [BLayout::NMajor, BLayout::KMajor] {
         let got = run_kernel(&module, h, layout, &x, &w, &t, &b, Some(&bias), (m, n, k, r), if layout == BLayout::NMajor { 1 } else { 0 });
-        assert_close(&format!("misaligned lora {layout:?}"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), layout), h.tolerance());
+        assert_close(&format!("misaligned lora {layout:?}"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), layout), tolerance(h));
     }
 }

@@ -1,8 +1,9 @@
 //! What the tests that run CUDA kernels on the CPU emulator (kernels::emulate) share: the
 //! compiler check with its visible skip, 16-byte aligned host buffers (cp.async and vector loads
-//! need them), and deterministic input values.
+//! need them), deterministic input values, and the kernels' 16-bit float types.
 #![allow(dead_code)]
 
+use half::{bf16, f16};
 use kernels::emulate::find_compiler;
 
 /// False (after saying so) when there is no C++ compiler for the emulator; a failure under CI.
@@ -60,4 +61,46 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
+}
+
+/// A 16-bit float type of the kernels (its elements travel as u16 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    Bf16,
+    F16,
+}
+
+impl Half {
+    /// The dtype's name in kernel names ("bf16", "f16").
+    pub fn name(self) -> &'static str {
+        match self {
+            Half::Bf16 => "bf16",
+            Half::F16 => "f16",
+        }
+    }
+    /// The bits of `x` rounded to this type (to nearest even).
+    pub fn bits(self, x: f32) -> u16 {
+        match self {
+            Half::Bf16 => bf16::from_f32(x).to_bits(),
+            Half::F16 => f16::from_f32(x).to_bits(),
+        }
+    }
+    /// The value of bits of this type.
+    pub fn value(self, b: u16) -> f32 {
+        match self {
+            Half::Bf16 => bf16::from_bits(b).to_f32(),
+            Half::F16 => f16::from_bits(b).to_f32(),
+        }
+    }
+    /// Values as this type holds them (rounded).
+    pub fn round(self, x: &[f32]) -> Vec<f32> {
+        x.iter().map(|&v| self.value(self.bits(v))).collect()
+    }
+    /// An upper bound of |round(v) - v| / |v| (half an ulp; normal numbers).
+    pub fn unit_roundoff(self) -> f32 {
+        match self {
+            Half::Bf16 => 1.0 / 256.0,
+            Half::F16 => 1.0 / 2048.0,
+        }
+    }
 }
