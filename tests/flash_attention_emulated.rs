@@ -55,6 +55,80 @@ struct Case {
     scale: f32,
 }
 
+/// The kernel's parameters for these operands, out ([B, Lq, H, D] memory) and lse ([B, H, Lq]):
+/// the extended mode without a keep mask (callers set the keep mask or the decoupled fields).
+#[allow(clippy::too_many_arguments)]
+fn params([q, k, v, kr, vr]: [&Operand; 5], out: &Aligned<u16>, lse: &mut [f32], h: usize, lq: usize, lk: usize, lr: usize, d: usize, scale: f32) -> FlashParams {
+    FlashParams {
+        q: q.buf.addr(),
+        k: k.buf.addr(),
+        v: v.buf.addr(),
+        k_ref: kr.buf.addr(),
+        v_ref: vr.buf.addr(),
+        keep: 0,
+        out: out.addr(),
+        lse: lse.as_mut_ptr() as u64,
+        lse2: 0,
+        q_stride: q.strides,
+        k_stride: k.strides,
+        v_stride: v.strides,
+        k_ref_stride: kr.strides,
+        v_ref_stride: vr.strides,
+        out_stride: [(lq * h * d) as i64, d as i64, (h * d) as i64],
+        keep_batch_stride: 0,
+        heads: h as u32,
+        lq: lq as u32,
+        lk: lk as u32,
+        lr: lr as u32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        decoupled_scale: 0.0,
+    }
+}
+
+/// Runs kernel `name` on the emulator over (query blocks, H, B); returns the seconds it took.
+///
+/// # Safety
+/// Every address in `p` points into a live buffer covering the strides and sizes given.
+unsafe fn launch(name: &str, p: FlashParams, b: usize, h: usize, lq: usize, d: usize) -> f32 {
+    let m = EmulatedModule::load(&kernels::flash_attention::SOURCE).unwrap_or_else(|e| panic!("{e}"));
+    let grid = (lq.div_ceil(ROWS_PER_BLOCK) as u32, h as u32, b as u32);
+    let t = std::time::Instant::now();
+    // SAFETY: FlashParams mirrors the kernel's struct; the addresses are the caller's promise.
+    unsafe {
+        m.launch(name, grid, (THREADS, 1, 1), shared_bytes(d), &|f| {
+            let kernel: extern "C" fn(FlashParams) = std::mem::transmute(f);
+            kernel(p);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    t.elapsed().as_secs_f32()
+}
+
+/// One output row of the kernel (16-bit) against the reference: |got - want| <= atol + rtol |want|
+/// per element. Returns the largest error.
+fn check_out_row(what: &str, ty: Half, got: &[u16], want: &[f32], (atol, rtol): (f32, f32)) -> f32 {
+    let mut worst = 0f32;
+    for (col, (&g, &e)) in got.iter().zip(want).enumerate() {
+        let got = ty.value(g);
+        let err = (got - e).abs();
+        worst = worst.max(err);
+        assert!(err <= atol + rtol * e.abs(), "{what} col {col}: {got} vs {e}");
+    }
+    worst
+}
+
+/// One lse of the kernel against the reference: -inf exactly (a row with no key), else within
+/// 1e-4 relative (absolute below 1). Returns the error (0 for -inf).
+fn check_lse(what: &str, got: f32, want: f32) -> f32 {
+    if want == f32::NEG_INFINITY {
+        assert_eq!(got, want, "{what}");
+        return 0.0;
+    }
+    let err = (got - want).abs();
+    assert!(err <= 1e-4 * want.abs().max(1.0), "{what}: {got} vs {want}");
+    err
+}
+
 fn run_case(ty: Half, c: &Case) {
     let Case { b, h, lq, lk, lr, d, scale, .. } = *c;
     // q: [B, Lq, H, D] memory (heads interleaved, as the models' projections give).
@@ -69,48 +143,18 @@ fn run_case(ty: Half, c: &Case) {
     let out = Aligned::from(&vec![ty.bits(f32::NAN); b * lq * h * d]);
     let mut lse = vec![f32::NAN; b * h * lq];
     let p = FlashParams {
-        q: q.buf.addr(),
-        k: k.buf.addr(),
-        v: v.buf.addr(),
-        k_ref: kr.buf.addr(),
-        v_ref: vr.buf.addr(),
         keep: keep.as_ref().map_or(0, |m| m.as_ptr() as u64),
-        out: out.addr(),
-        lse: lse.as_mut_ptr() as u64,
-        lse2: 0,
-        q_stride: q.strides,
-        k_stride: k.strides,
-        v_stride: v.strides,
-        k_ref_stride: kr.strides,
-        v_ref_stride: vr.strides,
-        out_stride: [(lq * h * d) as i64, d as i64, (h * d) as i64],
         keep_batch_stride: lr as i64,
-        heads: h as u32,
-        lq: lq as u32,
-        lk: lk as u32,
-        lr: lr as u32,
-        scale_log2: scale * std::f32::consts::LOG2_E,
-        decoupled_scale: 0.0,
+        ..params([&q, &k, &v, &kr, &vr], &out, &mut lse, h, lq, lk, lr, d, scale)
     };
-    let m = EmulatedModule::load(&kernels::flash_attention::SOURCE).unwrap_or_else(|e| panic!("{e}"));
     let name = kernel_name(ty.name(), d);
-    let grid = (lq.div_ceil(ROWS_PER_BLOCK) as u32, h as u32, b as u32);
-    let t = std::time::Instant::now();
-    // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live buffer
-    // covering the strides and sizes given (out and lse written, the rest read).
-    unsafe {
-        m.launch(&name, grid, (THREADS, 1, 1), shared_bytes(d), &|f| {
-            let kernel: extern "C" fn(FlashParams) = std::mem::transmute(f);
-            kernel(p);
-        })
-    }
-    .unwrap_or_else(|e| panic!("{e}"));
-    let took = t.elapsed().as_secs_f32();
+    // SAFETY: every address in p points into a live buffer covering the strides and sizes given
+    // (out and lse written, the rest read).
+    let took = unsafe { launch(&name, p, b, h, lq, d) };
 
     fn head(o: &Operand, bh: usize, l: usize, d: usize) -> &[f32] {
         &o.vals[bh * l * d..(bh + 1) * l * d]
     }
-    let (atol, rtol) = out_tolerance(ty);
     let mut worst = (0f32, 0f32);
     for bh in 0..b * h {
         let (bi, hi) = (bh / h, bh % h);
@@ -118,20 +162,9 @@ fn run_case(ty: Half, c: &Case) {
         let keep_b = keep.as_ref().map(|m| &m[bi * lr..(bi + 1) * lr]);
         flash_attention_head(head(&q, bh, lq, d), head(&k, bh, lk, d), head(&v, bh, lk, d), head(&kr, bh, lr, d), head(&vr, bh, lr, d), keep_b, FlashDims { lq, lk, lr, d }, scale, &mut want, &mut want_lse);
         for i in 0..lq {
-            for col in 0..d {
-                let got = ty.value(out.as_ref()[((bi * lq + i) * h + hi) * d + col]);
-                let e = want[i * d + col];
-                let err = (got - e).abs();
-                worst.0 = worst.0.max(err);
-                assert!(err <= atol + rtol * e.abs(), "{name} b{bi} h{hi} row {i} col {col}: {got} vs {e}");
-            }
-            let (got, e) = (lse[bh * lq + i], want_lse[i]);
-            if e == f32::NEG_INFINITY {
-                assert_eq!(got, e, "{name} b{bi} h{hi} lse[{i}]");
-            } else {
-                worst.1 = worst.1.max((got - e).abs());
-                assert!((got - e).abs() <= 1e-4 * e.abs().max(1.0), "{name} b{bi} h{hi} lse[{i}]: {got} vs {e}");
-            }
+            let row = ((bi * lq + i) * h + hi) * d;
+            worst.0 = worst.0.max(check_out_row(&format!("{name} b{bi} h{hi} row {i}"), ty, &out.as_ref()[row..row + d], &want[i * d..(i + 1) * d], out_tolerance(ty)));
+            worst.1 = worst.1.max(check_lse(&format!("{name} b{bi} h{hi} lse[{i}]"), lse[bh * lq + i], want_lse[i]));
         }
     }
     lookahead::show(&format!(
@@ -245,47 +278,16 @@ fn run_decoupled(ty: Half, c: &DecoupledCase) {
     };
     let out = Aligned::from(&vec![ty.bits(f32::NAN); b * lq * h * d]);
     let (mut lse1, mut lse2) = (vec![f32::NAN; b * h * lq], vec![f32::NAN; b * h * lq]);
-    let p = FlashParams {
-        q: q.buf.addr(),
-        k: k1.buf.addr(),
-        v: v1.buf.addr(),
-        k_ref: k2.buf.addr(),
-        v_ref: v2.buf.addr(),
-        keep: 0,
-        out: out.addr(),
-        lse: lse1.as_mut_ptr() as u64,
-        lse2: lse2.as_mut_ptr() as u64,
-        q_stride: q.strides,
-        k_stride: k1.strides,
-        v_stride: v1.strides,
-        k_ref_stride: k2.strides,
-        v_ref_stride: v2.strides,
-        out_stride: [(lq * h * d) as i64, d as i64, (h * d) as i64],
-        keep_batch_stride: 0,
-        heads: h as u32,
-        lq: lq as u32,
-        lk: l1 as u32,
-        lr: l2 as u32,
-        scale_log2: scale * std::f32::consts::LOG2_E,
-        decoupled_scale: s2,
-    };
-    let m = EmulatedModule::load(&kernels::flash_attention::SOURCE).unwrap_or_else(|e| panic!("{e}"));
+    let p = FlashParams { lse2: lse2.as_mut_ptr() as u64, decoupled_scale: s2, ..params([&q, &k1, &v1, &k2, &v2], &out, &mut lse1, h, lq, l1, l2, d, scale) };
     let name = decoupled_kernel_name(ty.name(), d);
-    let grid = (lq.div_ceil(ROWS_PER_BLOCK) as u32, h as u32, b as u32);
-    let t = std::time::Instant::now();
-    // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live buffer
-    // covering the strides and sizes given (out, lse and lse2 written, the rest read).
-    unsafe {
-        m.launch(&name, grid, (THREADS, 1, 1), shared_bytes(d), &|f| {
-            let kernel: extern "C" fn(FlashParams) = std::mem::transmute(f);
-            kernel(p);
-        })
-    }
-    .unwrap_or_else(|e| panic!("{e}"));
-    let took = t.elapsed().as_secs_f32();
+    // SAFETY: every address in p points into a live buffer covering the strides and sizes given
+    // (out, lse and lse2 written, the rest read).
+    let took = unsafe { launch(&name, p, b, h, lq, d) };
 
     let head = |o: &Operand, bh: usize, l: usize| o.vals[bh * l * d..(bh + 1) * l * d].to_vec();
+    // Two outputs' rounding errors (each as the extended mode's), the second weighted.
     let (atol, rtol) = out_tolerance(ty);
+    let (atol, rtol) = ((1.0 + s2.abs()) * atol, rtol);
     let mut worst = (0f32, 0f32);
     for bh in 0..b * h {
         let (bi, hi) = (bh / h, bh % h);
@@ -293,22 +295,10 @@ fn run_decoupled(ty: Half, c: &DecoupledCase) {
         let dims = DecoupledDims { lq, l1, l2, d };
         decoupled_attention_head(&head(&q, bh, lq), &head(&k1, bh, l1), &head(&v1, bh, l1), &head(&k2, bh, l2), &head(&v2, bh, l2), dims, s2, scale, &mut want, &mut want1, &mut want2);
         for i in 0..lq {
-            for col in 0..d {
-                let got = ty.value(out.as_ref()[((bi * lq + i) * h + hi) * d + col]);
-                let e = want[i * d + col];
-                let err = (got - e).abs();
-                worst.0 = worst.0.max(err);
-                // Two outputs' rounding errors (each as the extended mode's), the second weighted.
-                let allowed = (1.0 + s2.abs()) * atol + rtol * e.abs();
-                assert!(err <= allowed, "{name} b{bi} h{hi} row {i} col {col}: {got} vs {e}");
-            }
+            let row = ((bi * lq + i) * h + hi) * d;
+            worst.0 = worst.0.max(check_out_row(&format!("{name} b{bi} h{hi} row {i}"), ty, &out.as_ref()[row..row + d], &want[i * d..(i + 1) * d], (atol, rtol)));
             for (which, got, e) in [("lse1", lse1[bh * lq + i], want1[i]), ("lse2", lse2[bh * lq + i], want2[i])] {
-                if e == f32::NEG_INFINITY {
-                    assert_eq!(got, e, "{name} b{bi} h{hi} {which}[{i}]");
-                } else {
-                    worst.1 = worst.1.max((got - e).abs());
-                    assert!((got - e).abs() <= 1e-4 * e.abs().max(1.0), "{name} b{bi} h{hi} {which}[{i}]: {got} vs {e}");
-                }
+                worst.1 = worst.1.max(check_lse(&format!("{name} b{bi} h{hi} {which}[{i}]"), got, e));
             }
         }
     }
