@@ -13,31 +13,11 @@
 // Host guarantees: HW % V == 0 (a pack stays in one channel), x and y 16-byte aligned,
 // cpg * HW / V <= cs * GNC_BLOCK * P, N * C * HW < 2^32. Weight / bias: f32 per channel or null.
 #include "warp_reduce.cuh"
+#include "cluster.cuh"
 
 #define GNC_BLOCK 256
 
-#if __CUDA_ARCH__ >= 900
-__device__ __forceinline__ u32 gnc_rank() {
-    u32 r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-
-// Whole-cluster barrier: release orders this thread's earlier (shared) writes before the other
-// CTAs' reads after their wait (acquire).
-__device__ __forceinline__ void gnc_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
-__device__ __forceinline__ void gnc_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
-
-// The f32 at shared address `p` (this CTA's) in CTA `rank` of the cluster.
-__device__ __forceinline__ float gnc_load_remote(const float* p, u32 rank) {
-    u32 local, remote;
-    float v;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(local) : "l"(p));
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-    return v;
-}
-
+#if __CUDA_ARCH__ >= 900 || defined(LOOKAHEAD_EMULATE)
 // Sum of `v` over every thread of the cluster's `cs` CTAs (all threads call; all get the same
 // total: CTA partials are added in rank order everywhere). `slot` is this sum's own shared
 // float (not reused by a later sum of the same launch), `red` a float per warp.
@@ -52,10 +32,10 @@ __device__ __forceinline__ float gnc_cluster_sum(float v, float* red, float* slo
         for (int i = 0; i < GNC_BLOCK / 32; ++i) t += red[i];
         *slot = t;
     }
-    gnc_arrive();
-    gnc_wait();
+    cluster_arrive();
+    cluster_wait();
     float tot = 0.0f;
-    for (u32 r = 0; r < cs; ++r) tot += gnc_load_remote(slot, r);
+    for (u32 r = 0; r < cs; ++r) tot += cluster_load_remote(slot, r);
     return tot;
 }
 #endif
@@ -63,11 +43,11 @@ __device__ __forceinline__ float gnc_cluster_sum(float v, float* red, float* slo
 template <typename T, int P>
 __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, u32 C, u32 HW, u32 G,
                                            u32 cs, float eps, int act) {
-#if __CUDA_ARCH__ >= 900
+#if __CUDA_ARCH__ >= 900 || defined(LOOKAHEAD_EMULATE)
     constexpr int V = 16 / sizeof(T);
     __shared__ float red[GNC_BLOCK / 32];
     __shared__ float slots[2];
-    const u32 rank = gnc_rank();
+    const u32 rank = cluster_rank();
     const u32 q = blockIdx.x / cs, g = q % G, cpg = C / G;
     const u32 M = cpg * HW, packs = M / V;
     const u64 base = (u64)q * M;  // (n C + g cpg) HW: groups are consecutive blocks of M elements
@@ -107,7 +87,7 @@ __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restric
     const float var = gnc_cluster_sum(ss, red, &slots[1], cs) / (float)M;
     // This CTA's reads of the other CTAs' slots are done: arrive now, wait before exiting (a CTA's
     // shared memory must outlive the other CTAs' reads of it).
-    gnc_arrive();
+    cluster_arrive();
     const float rstd = 1.0f / sqrtf(var + eps);
 #pragma unroll
     for (int k = 0; k < P; ++k) {
@@ -125,7 +105,7 @@ __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restric
             yp[i] = o;
         }
     }
-    gnc_wait();
+    cluster_wait();
 #endif
 }
 
