@@ -6,7 +6,8 @@
 //! c++ or g++); without one each test says it skipped (a failure when `CI` is set).
 
 use kernels::emulate::EmulatedModule;
-use kernels::flash_attention_backward::{self as fab, flash_attention_backward_head, BackwardDims, BackwardTiles, FlashBackwardParams, HeadGrads, HeadInputs, Rows};
+use kernels::flash_attention::FlashDims;
+use kernels::flash_attention_backward::{self as fab, flash_attention_backward_head, BackwardTiles, FlashBackwardParams, HeadGrads, HeadInputs, Rows};
 
 #[path = "common/emulation.rs"]
 mod emulation;
@@ -114,7 +115,7 @@ fn run(case: Case) {
             let mut g: Vec<Vec<f32>> = [lq, lk, lk, lr, lr].iter().map(|&l| vec![0f32; l * d]).collect();
             {
                 let [dq, dk, dv, dkr, dvr] = &mut g[..] else { unreachable!() };
-                flash_attention_backward_head(&x, BackwardDims { lq, lk, lr, d }, scale, HeadGrads { dq, dk, dv, dk_ref: dkr, dv_ref: dvr });
+                flash_attention_backward_head(&x, FlashDims { lq, lk, lr, d }, scale, HeadGrads { dq, dk, dv, dk_ref: dkr, dv_ref: dvr });
             }
             for (which, l) in [lq, lk, lk, lr, lr].into_iter().enumerate() {
                 for r in 0..l {

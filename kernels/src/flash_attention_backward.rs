@@ -13,6 +13,8 @@
 //! contributes nothing. All math in f32; every gradient is written (overwritten), rows in a fixed
 //! order, so the result is deterministic.
 
+use crate::flash_attention::FlashDims;
+
 /// kernels/cuda/flash_attention_backward.cu: the delta preprocess, the main kernel over key tiles,
 /// and the dq f32 -> 16-bit conversion.
 pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention_backward", code: include_str!("../cuda/flash_attention_backward.cu"), options: &[] };
@@ -139,15 +141,6 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// Sizes of one head: lq queries, lk own keys, lr reference keys, head dim d.
-#[derive(Clone, Copy, Debug)]
-pub struct BackwardDims {
-    pub lq: usize,
-    pub lk: usize,
-    pub lr: usize,
-    pub d: usize,
-}
-
 /// The inputs of one head. `reference` is (k_ref, v_ref) with dims.lr rows (ignored when
 /// dims.lr == 0); `keep` has dims.lr entries (1 = attend) or is None (all attend); `lse` has lq
 /// entries `lse_stride` apart.
@@ -198,8 +191,8 @@ struct KeySource<'s, 'a> {
 
 /// The gradients of one head (see the module comment). Panics only on slices too short for `dims`
 /// (the engine checks extents before calling).
-pub fn flash_attention_backward_head(x: &HeadInputs, dims: BackwardDims, scale: f32, g: HeadGrads) {
-    let BackwardDims { lq, lk, lr, d } = dims;
+pub fn flash_attention_backward_head(x: &HeadInputs, dims: FlashDims, scale: f32, g: HeadGrads) {
+    let FlashDims { lq, lk, lr, d } = dims;
     assert!(g.dq.len() == lq * d && g.dk.len() == lk * d && g.dv.len() == lk * d, "flash_attention_backward_head: own output sizes");
     assert!(g.dk_ref.len() == lr * d && g.dv_ref.len() == lr * d, "flash_attention_backward_head: reference output sizes");
     assert!(x.q.holds(lq, d) && x.out.holds(lq, d) && x.dout.holds(lq, d) && x.k.holds(lk, d) && x.v.holds(lk, d), "flash_attention_backward_head: input extents");
@@ -260,8 +253,8 @@ mod tests {
     /// The naive forward in f64: keys [k ; k_ref] with dropped reference tokens left out.
     /// Returns (out [lq, d], lse [lq]).
     #[allow(clippy::too_many_arguments)]
-    fn forward(q: &[f64], k: &[f64], v: &[f64], kr: &[f64], vr: &[f64], keep: &[u8], dims: BackwardDims, scale: f64) -> (Vec<f64>, Vec<f64>) {
-        let BackwardDims { lq, lk, lr, d } = dims;
+    fn forward(q: &[f64], k: &[f64], v: &[f64], kr: &[f64], vr: &[f64], keep: &[u8], dims: FlashDims, scale: f64) -> (Vec<f64>, Vec<f64>) {
+        let FlashDims { lq, lk, lr, d } = dims;
         let mut keys: Vec<(&[f64], &[f64])> = (0..lk).map(|j| (&k[j * d..(j + 1) * d], &v[j * d..(j + 1) * d])).collect();
         keys.extend((0..lr).filter(|&j| keep[j] != 0).map(|j| (&kr[j * d..(j + 1) * d], &vr[j * d..(j + 1) * d])));
         let mut out = vec![0f64; lq * d];
@@ -295,8 +288,8 @@ mod tests {
 
     /// Gradients from the reference vs central finite differences of L = sum(out * dout) through
     /// the f64 forward, for every input element.
-    fn check(dims: BackwardDims, keep: &[u8], seed: u64) {
-        let BackwardDims { lq, lk, lr, d } = dims;
+    fn check(dims: FlashDims, keep: &[u8], seed: u64) {
+        let FlashDims { lq, lk, lr, d } = dims;
         let scale = 0.7;
         let mut inputs = [values(lq * d, seed), values(lk * d, seed + 1), values(lk * d, seed + 2), values(lr * d, seed + 3), values(lr * d, seed + 4)];
         let dout = values(lq * d, seed + 5);
@@ -341,20 +334,20 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        check(BackwardDims { lq: 3, lk: 2, lr: 4, d: 3 }, &[1, 1, 1, 1], 1);
+        check(FlashDims { lq: 3, lk: 2, lr: 4, d: 3 }, &[1, 1, 1, 1], 1);
         // Dropped reference tokens get zero gradients (checked against the finite differences,
         // which are exactly 0 there).
-        check(BackwardDims { lq: 5, lk: 3, lr: 5, d: 4 }, &[1, 0, 1, 0, 0], 7);
+        check(FlashDims { lq: 5, lk: 3, lr: 5, d: 4 }, &[1, 0, 1, 0, 0], 7);
         // No own keys at all.
-        check(BackwardDims { lq: 2, lk: 0, lr: 3, d: 2 }, &[0, 1, 1], 13);
+        check(FlashDims { lq: 2, lk: 0, lr: 3, d: 2 }, &[0, 1, 1], 13);
         // No reference.
-        check(BackwardDims { lq: 4, lk: 5, lr: 0, d: 3 }, &[], 17);
+        check(FlashDims { lq: 4, lk: 5, lr: 0, d: 3 }, &[], 17);
     }
 
     #[test]
     fn a_row_without_keys_gives_zero_gradients() {
         // Lk = 0 and every reference token dropped: out = 0, lse = -inf, all gradients 0.
-        let dims = BackwardDims { lq: 3, lk: 0, lr: 2, d: 2 };
+        let dims = FlashDims { lq: 3, lk: 0, lr: 2, d: 2 };
         check(dims, &[0, 0], 21);
         let ones = vec![1f32; 6];
         let lse = [f32::NEG_INFINITY; 3];
@@ -369,7 +362,7 @@ mod tests {
     fn strided_rows_read_in_place() {
         // q/k/v/out/dout as heads of [L, H=2, D] memory (row stride 2 d) give the same gradients as
         // contiguous copies of head 1.
-        let dims = BackwardDims { lq: 3, lk: 4, lr: 2, d: 3 };
+        let dims = FlashDims { lq: 3, lk: 4, lr: 2, d: 3 };
         let d = dims.d;
         let interleaved = |l: usize, seed: u64| f32s(&values(l * 2 * d, seed));
         let head1 = |x: &[f32], l: usize| -> Vec<f32> { (0..l).flat_map(|r| x[r * 2 * d + d..r * 2 * d + 2 * d].to_vec()).collect() };

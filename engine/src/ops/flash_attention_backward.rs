@@ -13,7 +13,8 @@
 
 use rayon::prelude::*;
 
-use kernels::flash_attention_backward::{BackwardDims, HeadGrads, HeadInputs, Rows};
+use kernels::flash_attention::FlashDims;
+use kernels::flash_attention_backward::{HeadGrads, HeadInputs, Rows};
 
 use super::flash_attention::{flash_attention_shape, AttentionReference, FlashShape};
 use crate::cpu::gemm::gemm_f32;
@@ -157,7 +158,7 @@ fn cpu_backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<AttentionR
                 lse: rows_of(5, bh).data,
                 lse_stride: views[5].row_stride,
             };
-            let dims = BackwardDims { lq, lk, lr: if with_reference { lr } else { 0 }, d };
+            let dims = FlashDims { lq, lk, lr: if with_reference { lr } else { 0 }, d };
             // SAFETY: every view's extent was checked above (rows of d unit-stride elements).
             unsafe { head_by_gemm(&x, dims, scale, HeadGrads { dq, dk, dv, dk_ref, dv_ref }) };
         });
@@ -194,8 +195,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 ///
 /// # Safety
 /// Every `Rows` of `x` must hold its rows (dims) of d elements (checked with `Rows::holds`).
-unsafe fn head_by_gemm(x: &HeadInputs, dims: BackwardDims, scale: f32, g: HeadGrads) {
-    let BackwardDims { lq, lk, lr, d } = dims;
+unsafe fn head_by_gemm(x: &HeadInputs, dims: FlashDims, scale: f32, g: HeadGrads) {
+    let FlashDims { lq, lk, lr, d } = dims;
     let lkv = lk + lr;
     if d == 0 || lkv == 0 || lq == 0 {
         return;
@@ -392,7 +393,7 @@ mod tests {
             let mut want: Vec<Vec<f32>> = [lq, lk, lk, lr, lr].iter().map(|&l| vec![0f32; l * d]).collect();
             {
                 let [dq, dk, dv, dkr, dvr] = &mut want[..] else { unreachable!() };
-                flash_attention_backward_head(&x, BackwardDims { lq, lk, lr, d }, scale, HeadGrads { dq, dk, dv, dk_ref: dkr, dv_ref: dvr });
+                flash_attention_backward_head(&x, FlashDims { lq, lk, lr, d }, scale, HeadGrads { dq, dk, dv, dk_ref: dkr, dv_ref: dvr });
             }
             for (which, (g, w)) in got.iter().zip(&want).enumerate() {
                 let n = w.len();
