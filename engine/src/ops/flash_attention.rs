@@ -268,20 +268,28 @@ pub(crate) fn cuda_composition(q: &Tensor, k: &Tensor, v: &Tensor, reference: Op
     Ok((out, lse))
 }
 
+/// Inputs of the flash-attention op tests (forward, backward, decoupled).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::Device;
-    use kernels::flash_attention::{flash_attention_head, FlashDims};
+pub(crate) mod test_inputs {
+    use crate::{Device, Tensor};
 
+    /// Deterministic values in [-1, 1].
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| (((i + seed * 7919) * 2654435761usize) % 2001) as f32 / 1000.0 - 1.0).collect()
     }
 
-    /// [B, L, H, D] memory viewed as [B, H, L, D] (the models' layout).
-    fn heads(b: usize, l: usize, h: usize, d: usize, seed: usize) -> Tensor {
+    /// f32 [B, L, H, D] memory viewed as [B, H, L, D] (the models' layout), on the CPU.
+    pub(crate) fn heads(b: usize, l: usize, h: usize, d: usize, seed: usize) -> Tensor {
         Tensor::from_vec(values(b * l * h * d, seed), &[b, l, h, d], Device::Cpu).unwrap().transpose(1, 2).unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_inputs::heads;
+    use super::*;
+    use crate::Device;
+    use kernels::flash_attention::{flash_attention_head, FlashDims};
 
     /// Per head through kernels::flash_attention_head on contiguous copies.
     #[allow(clippy::too_many_arguments)]

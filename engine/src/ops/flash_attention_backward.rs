@@ -314,15 +314,7 @@ pub(crate) fn composition(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| (((i + seed * 7919) * 2654435761usize) % 2001) as f32 / 1000.0 - 1.0).collect()
-    }
-
-    /// [B, L, H, D] memory viewed as [B, H, L, D] (the models' layout).
-    fn heads(b: usize, l: usize, h: usize, d: usize, seed: usize) -> Tensor {
-        Tensor::from_vec(values(b * l * h * d, seed), &[b, l, h, d], Device::Cpu).unwrap().transpose(1, 2).unwrap()
-    }
+    use crate::ops::flash_attention::test_inputs::heads;
 
     fn close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
         assert_eq!(got.shape(), want.shape(), "{what}");

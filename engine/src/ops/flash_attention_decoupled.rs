@@ -66,17 +66,8 @@ pub(crate) fn composition(q: &Tensor, k1: &Tensor, v1: &Tensor, k2: &Tensor, v2:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Device;
+    use crate::ops::flash_attention::test_inputs::heads;
     use kernels::flash_attention::{decoupled_attention_head, DecoupledDims};
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| (((i + seed * 7919) * 2654435761usize) % 2001) as f32 / 1000.0 - 1.0).collect()
-    }
-
-    /// [B, L, H, D] memory viewed as [B, H, L, D] (the models' layout).
-    fn heads(b: usize, l: usize, h: usize, d: usize, seed: usize) -> Tensor {
-        Tensor::from_vec(values(b * l * h * d, seed), &[b, l, h, d], Device::Cpu).unwrap().transpose(1, 2).unwrap()
-    }
 
     /// (out, lse1, lse2) per head through kernels' decoupled_attention_head on contiguous copies.
     fn reference_result(q: &Tensor, k1: &Tensor, v1: &Tensor, k2: &Tensor, v2: &Tensor, s2: f32, scale: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
