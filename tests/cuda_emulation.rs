@@ -992,3 +992,174 @@ fn group_norm_statistics_and_apply_kernels_match_the_cpu() {
     check_group_norm(&m, Dt::Bf16, 2, 16, 33 * 7, 4, true, 3, true);
     check_group_norm(&m, Dt::F32, 2, 10, 31, 5, true, 1, true);
 }
+
+// ---- thread-block clusters (kernels/emu/tests/cluster.cu, group_norm.cu) ----------------------------
+
+/// Runs cluster_sum over `grid` blocks of `nt` threads in clusters of `cluster`; returns (out,
+/// out2, ranks) or the launch error.
+type ClusterSumResult = Result<(Vec<f32>, Vec<f32>, Vec<u32>), EmulateError>;
+fn run_cluster_sum(m: &EmulatedModule, grid: (u32, u32), cluster: (u32, u32), nt: u32, x: &[f32], barrier: bool, schedule: Schedule) -> ClusterSumResult {
+    let blocks = (grid.0 * grid.1) as usize;
+    let xb = Aligned::from(x);
+    let (out, out2, ranks) = (Aligned::<f32>::zeroed(x.len()), Aligned::<f32>::zeroed(x.len()), Aligned::<u32>::zeroed(blocks));
+    let (xp, op, o2p, rp) = (xb.addr(), out.addr(), out2.addr(), ranks.addr());
+    let cs = cluster.0 * cluster.1;
+    // SAFETY: cluster_sum(x, out, out2, ranks, cs, barrier) reads and writes one float per thread
+    // of x, out, out2 and one u32 per block of ranks.
+    unsafe {
+        m.launch_cluster_with("cluster_sum", (grid.0, grid.1, 1), (nt, 1, 1), (cluster.0, cluster.1, 1), 4, schedule, &|f| {
+            let k: extern "C" fn(u64, u64, u64, u64, u32, i32) = std::mem::transmute(f);
+            k(xp, op, o2p, rp, cs, barrier as i32);
+        })?
+    };
+    Ok((out.to_vec(), out2.to_vec(), ranks.to_vec()))
+}
+
+#[test]
+fn cluster_sums_through_distributed_shared_memory() {
+    if !have_compiler("cluster_sums_through_distributed_shared_memory") {
+        return;
+    }
+    let m = test_module("cluster");
+    let nt = 96u32;
+    // Clusters of 2 and 4 CTAs along x, and 2 x 2 (rank = x + 2 y inside the cluster).
+    for (grid, cluster) in [((6u32, 1u32), (2u32, 1u32)), ((8, 3), (4, 1)), ((4, 4), (2, 2))] {
+        // Multiples of 1/16 in [-4, 4): every sum is exact in f32, in any order.
+        let x: Vec<f32> = values((grid.0 * grid.1 * nt) as usize, 17).iter().map(|v| (v * 64.0).round() / 16.0).collect();
+        let block_of = |bx: u32, by: u32| (by * grid.0 + bx) as usize;
+        let block_sum = |b: usize| x[b * nt as usize..(b + 1) * nt as usize].iter().sum::<f32>();
+        for schedule in SCHEDULES {
+            let label = format!("grid {grid:?} cluster {cluster:?} schedule {schedule:?}");
+            let (out, out2, ranks) = run_cluster_sum(&m, grid, cluster, nt, &x, true, schedule).unwrap_or_else(|e| panic!("{label}: {e}"));
+            for by in 0..grid.1 {
+                for bx in 0..grid.0 {
+                    let b = block_of(bx, by);
+                    let (x0, y0) = (bx / cluster.0 * cluster.0, by / cluster.1 * cluster.1);
+                    let mut want = 0.0f32;
+                    for dy in 0..cluster.1 {
+                        for dx in 0..cluster.0 {
+                            want += block_sum(block_of(x0 + dx, y0 + dy));
+                        }
+                    }
+                    assert_eq!(ranks[b], bx % cluster.0 + (by % cluster.1) * cluster.0, "{label}: rank of block ({bx},{by})");
+                    for t in 0..nt as usize {
+                        let g = b * nt as usize + t;
+                        assert_eq!(out[g], want, "{label}: static-shared cluster sum at block ({bx},{by}) thread {t}");
+                        assert_eq!(out2[g], want, "{label}: dynamic-shared cluster sum at block ({bx},{by}) thread {t}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Remote reads without the cluster barrier (only __syncthreads) race with the other CTA's
+/// writes: far-apart runs one CTA's warps through the reads before the other CTA has written,
+/// and never-written shared memory reads as NaN, so the race must show as wrong sums.
+#[test]
+fn cluster_read_without_the_cluster_barrier_is_caught() {
+    if !have_compiler("cluster_read_without_the_cluster_barrier_is_caught") {
+        return;
+    }
+    let m = test_module("cluster");
+    let x: Vec<f32> = values(4 * 64, 5).iter().map(|v| (v * 64.0).round() / 16.0).collect();
+    let (out, out2, _) = run_cluster_sum(&m, (4, 1), (2, 1), 64, &x, false, Schedule::FarApart).unwrap_or_else(|e| panic!("{e}"));
+    let want: Vec<f32> = (0..4 * 64).map(|g| x[g / 128 * 128..g / 128 * 128 + 128].iter().sum()).collect();
+    let wrong = out.iter().zip(&want).filter(|(g, w)| g != w).count();
+    let wrong2 = out2.iter().zip(&want).filter(|(g, w)| g != w).count();
+    assert!(wrong > 0 && wrong2 > 0, "the racy remote reads gave the right sums under far-apart ({wrong}, {wrong2} wrong)");
+    // With the barrier the same launch is right.
+    let (out, _, _) = run_cluster_sum(&m, (4, 1), (2, 1), 64, &x, true, Schedule::FarApart).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out, want);
+}
+
+#[test]
+fn cluster_errors_are_reported() {
+    if !have_compiler("cluster_errors_are_reported") {
+        return;
+    }
+    let m = test_module("cluster");
+    let out = Aligned::<i32>::zeroed(64);
+    let op = out.addr();
+    // SAFETY: cluster_deadlock writes at most 64 ints of out.
+    let err = unsafe {
+        m.launch_cluster_with("cluster_deadlock", (2, 1, 1), (64, 1, 1), (2, 1, 1), 0, Schedule::FarApart, &|f| {
+            let k: extern "C" fn(u64) = std::mem::transmute(f);
+            k(op);
+        })
+    }
+    .expect_err("a cluster barrier against a block barrier must deadlock");
+    let msg = err.to_string();
+    assert!(msg.contains("deadlock") && msg.contains("cluster_wait") && msg.contains("__syncthreads"), "{msg}");
+    let x = vec![0f32; 64 * 3];
+    for (grid, cluster, what) in [((3u32, 1u32), (2u32, 1u32), "grid not a multiple"), ((17, 1), (17, 1), "17 CTAs")] {
+        let x = if grid.0 as usize * 64 > x.len() { vec![0f32; grid.0 as usize * 64] } else { x.clone() };
+        let err = run_cluster_sum(&m, grid, cluster, 64, &x, true, Schedule::RoundRobin).expect_err(what);
+        assert!(err.to_string().contains("bad cluster"), "{what}: {err}");
+    }
+}
+
+/// The sm_90 single-launch cluster group norm (group_norm.cu gn_cluster_DT_pP), launched as
+/// engine/src/cuda/norm.rs does (grid N G cs, GNC_BLOCK = 256 threads, clusters (cs, 1, 1), no
+/// dynamic shared memory, arguments x, y, w, b, C, HW, G, cs, eps, act), against
+/// kernels::norm::group_norm. `p` must hold the group: cpg HW / V <= cs 256 p.
+#[allow(clippy::too_many_arguments)]
+fn check_gn_cluster(m: &EmulatedModule, dt: Dt, n: usize, c: usize, hw: usize, groups: usize, cs: u32, p: usize, affine: bool, silu: bool, schedule: Option<Schedule>) {
+    let eps = 1e-5f32;
+    let v = if matches!(dt, Dt::F32) { 4 } else { 8 };
+    let label = format!("gn_cluster {} n={n} c={c} hw={hw} g={groups} cs={cs} p={p} affine={affine} silu={silu} schedule={schedule:?}", dt.name());
+    assert!(hw % v == 0 && (c / groups) * hw / v <= cs as usize * 256 * p, "{label}: outside the kernel's host guarantees");
+    // Sample 1 sits at an offset (the kernel's first pass is shifted by the group's first element).
+    let x: Vec<f32> = values(n * c * hw, (c * hw + 7) as u64).iter().enumerate().map(|(i, v)| 2.0 * v + if i / (c * hw) == 1 { 40.0 } else { 0.0 }).collect();
+    let x: Vec<f32> = x.iter().map(|&v| dt.round(v)).collect();
+    let (w, b) = affine_params(c, 11);
+    let (wb, bb) = (Aligned::from(&w), Aligned::from(&b));
+    let xb = dt.encode(&x);
+    let y = dt.zeroed(n * c * hw);
+    let (xp, yp) = (xb.addr(), y.addr());
+    let (wp, bp) = if affine { (wb.addr(), bb.addr()) } else { (0, 0) };
+    let (c32, hw32, g32, act) = (c as u32, hw as u32, groups as u32, silu as i32);
+    let grid = (n * groups) as u32 * cs;
+    let name = format!("gn_cluster_{}_p{p}", dt.name());
+    let call = |f: *const std::ffi::c_void| {
+        // SAFETY: gn_cluster_DT_pP(x, y, w, b, C, HW, G, cs, eps, act).
+        let k: extern "C" fn(u64, u64, u64, u64, u32, u32, u32, u32, f32, i32) = unsafe { std::mem::transmute(f) };
+        k(xp, yp, wp, bp, c32, hw32, g32, cs, eps, act);
+    };
+    // SAFETY: x and y hold N C HW elements (16-byte aligned), w and b C floats or null.
+    unsafe {
+        match schedule {
+            Some(s) => m.launch_cluster_with(&name, (grid, 1, 1), (256, 1, 1), (cs, 1, 1), 0, s, &call),
+            None => m.launch_cluster(&name, (grid, 1, 1), (256, 1, 1), (cs, 1, 1), 0, &call),
+        }
+    }
+    .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let mut want = vec![0f32; n * c * hw];
+    let (wo, bo) = if affine { (Some(&w[..]), Some(&b[..])) } else { (None, None) };
+    kernels::norm::group_norm(&x, n, c, hw, groups, wo, bo, eps, silu, &mut want);
+    let want: Vec<f32> = want.iter().map(|&v| dt.round(v)).collect();
+    let (atol, rtol) = dt.tolerance();
+    assert_close(&label, &dt.decode(&y), &want, atol.max(3e-5), rtol.max(3e-5));
+}
+
+#[test]
+fn group_norm_cluster_kernel_matches_the_cpu() {
+    if !have_compiler("group_norm_cluster_kernel_matches_the_cpu") {
+        return;
+    }
+    let m = family(&kernels::norm::GROUP_NORM_SOURCE);
+    // Every P instance, cluster sizes 1, 2 and 4, HW a multiple of the pack but not of the CTA's
+    // share (partial last packs of a CTA, CTAs with no pack in the last round).
+    check_gn_cluster(&m, Dt::F32, 2, 6, 4 * 251, 3, 2, 2, true, false, None); // 502 packs
+    check_gn_cluster(&m, Dt::Bf16, 2, 4, 8 * 601, 2, 2, 4, true, true, None); // 1202 packs
+    check_gn_cluster(&m, Dt::F16, 1, 6, 8 * 1001, 2, 2, 8, true, true, None); // 3003 packs
+    check_gn_cluster(&m, Dt::F32, 1, 2, 18004, 1, 4, 12, false, true, None); // 9002 packs
+    check_gn_cluster(&m, Dt::Bf16, 1, 8, 14000, 2, 2, 16, true, false, None); // 7000 packs
+    check_gn_cluster(&m, Dt::F16, 2, 3, 8 * 77, 1, 4, 2, true, false, None); // 231 packs: CTAs 1.. idle
+    check_gn_cluster(&m, Dt::F16, 2, 4, 8 * 37, 2, 1, 2, false, true, None); // one CTA per group
+    // The other schedules.
+    for s in [Schedule::RoundRobin, Schedule::Random(3)] {
+        check_gn_cluster(&m, Dt::F32, 2, 6, 4 * 251, 3, 4, 2, true, true, Some(s));
+        check_gn_cluster(&m, Dt::Bf16, 1, 4, 8 * 601, 2, 2, 4, true, true, Some(s));
+    }
+}

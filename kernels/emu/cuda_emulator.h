@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <link.h>
 #include <limits>
 #include <type_traits>
 // The hand-written x86-64 context switch, or ucontext (other targets, or forced with
@@ -54,7 +55,10 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-#define __shared__ static
+// Static shared variables are thread-local: the module's TLS block (nothing else of the module is
+// thread-local) holds the shared memory of the CTA that runs now; the launch swaps in another
+// CTA's copy when it switches to one of its threads (thread-block clusters run several CTAs at once).
+#define __shared__ static thread_local
 // __restrict__ is GCC's own keyword already.
 
 // bf16 and f16 are defined by common.cuh; declared here so that the mma specialisations below
@@ -96,10 +100,10 @@ constexpr int warpSize = 32;
 // ---- the runtime ---------------------------------------------------------------------------------
 namespace lookahead_emu {
 
-enum class State : int { Runnable, AtBlockBarrier, AtWarp, Exited };
+enum class State : int { Runnable, AtBlockBarrier, AtWarp, AtCluster, Exited };
 
 // What a thread waits at (op) and its variant (sub).
-enum Op : int { OpNone, OpSyncThreads, OpSyncWarp, OpShfl, OpVote, OpReduce, OpMma, OpLdmatrix };
+enum Op : int { OpNone, OpSyncThreads, OpSyncWarp, OpShfl, OpVote, OpReduce, OpMma, OpLdmatrix, OpClusterWait };
 enum ShflMode : int { ShflIdx, ShflUp, ShflDown, ShflXor };
 enum VoteMode : int { VoteBallot, VoteAny, VoteAll, VoteUni };
 enum ReduceMode : int { ReduceAddU, ReduceMinU, ReduceMaxU, ReduceMinI, ReduceMaxI, ReduceAnd, ReduceOr, ReduceXor };
@@ -118,8 +122,10 @@ struct Fiber {
     uint64_t magic;
     void* sp;  // saved stack pointer while switched out (x86-64)
     Launch* launch;
-    uint3 tid;
+    uint3 tid, block_idx;
     unsigned linear, lane, warp;
+    unsigned cta;               // rank of its CTA in the cluster (0 without clusters)
+    unsigned arrives, waits;    // cluster barrier: arrivals and completed waits so far
     State state;
     // The synchronisation point it waits at: op, variant, lane mask and source location.
     int op, sub;
@@ -164,11 +170,20 @@ struct Launch {
     const char* kernel;
     int schedule;
     uint64_t rng;  // state of the random schedule's generator
-    uint3 grid, block, block_idx;
-    unsigned nthreads, nwarps;
-    unsigned char* dyn_shared;
+    uint3 grid, block, block_idx;  // block_idx: the first CTA of the cluster that runs (errors)
+    uint3 cluster;                  // cluster dims; (1,1,1) without clusters
+    unsigned nthreads, nwarps;      // per CTA
+    unsigned ncta, total;           // CTAs per cluster; threads of the cluster (ncta * nthreads)
+    unsigned char* dyn_shared[16];  // per CTA
     unsigned dyn_bytes;
-    Fiber** fibers;
+    // Static shared memory: the module's TLS block (live: the CTA whose copy is in it) and a
+    // saved copy per CTA of the cluster.
+    unsigned char* tls_base;
+    size_t tls_size;
+    unsigned char* tls_save;
+    unsigned live_cta;
+    unsigned exited[16];            // exited threads per CTA
+    Fiber** fibers;                 // CTA r's threads at fibers[r * nthreads ...]
     int (*thread_fn)(void*, const void*);
     void* ctx;
     const void* kernel_fn;
@@ -181,6 +196,24 @@ struct Launch {
     ucontext_t sched_ctx;
 #endif
 };
+
+// Makes CTA `cta`'s static shared memory the one in the TLS block.
+inline void make_live(Launch* L, unsigned cta) {
+    if (cta == L->live_cta || L->tls_size == 0) return;
+    memcpy(L->tls_save + (size_t)L->live_cta * L->tls_size, L->tls_base, L->tls_size);
+    memcpy(L->tls_base, L->tls_save + (size_t)cta * L->tls_size, L->tls_size);
+    L->live_cta = cta;
+}
+// Where CTA `cta`'s static shared memory is now.
+inline unsigned char* static_shared_of(Launch* L, unsigned cta) { return cta == L->live_cta ? L->tls_base : L->tls_save + (size_t)cta * L->tls_size; }
+
+// The lanes of warp `w` (numbered over the cluster: CTA w / nwarps, warp w % nwarps of it) and
+// how many there are.
+inline Fiber** warp_lanes(Launch* L, unsigned w, unsigned& nl) {
+    const unsigned cta = w / L->nwarps, first = 32 * (w % L->nwarps);
+    nl = L->nthreads - first < 32 ? L->nthreads - first : 32;
+    return L->fibers + (size_t)cta * L->nthreads + first;
+}
 
 [[noreturn]] inline void outside_launch() {
     fprintf(stderr, "lookahead CUDA emulator: a CUDA built-in (threadIdx, __syncthreads, ...) was used outside an emulated launch\n");
@@ -263,6 +296,7 @@ inline void reset_stack(Fiber* f) {
 }
 
 inline void enter_fiber(Launch* L, Fiber* f) {
+    make_live(L, f->cta);
 #if defined(LA_EMU_X86_SWITCH)
     lookahead_emu_switch(&L->sched_sp, f->sp);
 #else
@@ -283,7 +317,8 @@ inline void leave_fiber(Fiber* f) {
 __attribute__((format(printf, 2, 3))) inline void set_error(Launch* L, const char* fmt, ...) {
     if (L->failed) return;
     L->failed = true;
-    int n = snprintf(L->msg, sizeof L->msg, "block (%u,%u,%u): ", L->block_idx.x, L->block_idx.y, L->block_idx.z);
+    int n = L->ncta > 1 ? snprintf(L->msg, sizeof L->msg, "cluster of blocks (%u,%u,%u)+(%u,%u,%u): ", L->block_idx.x, L->block_idx.y, L->block_idx.z, L->cluster.x, L->cluster.y, L->cluster.z)
+                        : snprintf(L->msg, sizeof L->msg, "block (%u,%u,%u): ", L->block_idx.x, L->block_idx.y, L->block_idx.z);
     if (n < 0 || (size_t)n >= sizeof L->msg) return;
     va_list ap;
     va_start(ap, fmt);
@@ -295,7 +330,8 @@ __attribute__((format(printf, 2, 3))) inline void set_error(Launch* L, const cha
 template <typename... A> [[noreturn]] inline void thread_error(Fiber* f, const char* fmt, A... args) {
     char buf[1024];
     snprintf(buf, sizeof buf, fmt, args...);
-    set_error(f->launch, "thread (%u,%u,%u): %s", f->tid.x, f->tid.y, f->tid.z, buf);
+    if (f->launch->ncta > 1) set_error(f->launch, "block (%u,%u,%u) thread (%u,%u,%u): %s", f->block_idx.x, f->block_idx.y, f->block_idx.z, f->tid.x, f->tid.y, f->tid.z, buf);
+    else set_error(f->launch, "thread (%u,%u,%u): %s", f->tid.x, f->tid.y, f->tid.z, buf);
     leave_fiber(f);
     __builtin_trap();  // never resumed
 }
@@ -471,7 +507,40 @@ inline void cp_async_wait(int n) {
     if ((int)f->ngroups > n) retire_copies(f, (int)f->ngroups - n);
 }
 
-inline unsigned char* dynamic_shared() { return self()->launch->dyn_shared; }
+inline unsigned char* dynamic_shared() {
+    Fiber* f = self();
+    return f->launch->dyn_shared[f->cta];
+}
+
+// ---- thread-block clusters -------------------------------------------------------------------------
+// barrier.cluster.arrive: does not block (the thread may work before its wait).
+inline void cluster_arrive(const char* file, int line) {
+    Fiber* f = self();
+    if (f->arrives != f->waits) thread_error(f, "cluster_arrive at %s:%d: arrived again before waiting for the previous arrival", base_name(file), line);
+    ++f->arrives;
+}
+// barrier.cluster.wait: until every (non-exited) thread of the cluster has arrived as often as
+// this one.
+inline void cluster_wait(const char* file, int line) {
+    Fiber* f = self();
+    if (f->arrives == f->waits) thread_error(f, "cluster_wait at %s:%d without a cluster_arrive before it", base_name(file), line);
+    ++f->waits;
+    wait_at(f, State::AtCluster, OpClusterWait, 0, 0, file, line);
+}
+// ld.shared::cluster of the f32 at this CTA's shared address p, in CTA `rank`'s shared memory.
+inline float cluster_load_remote(const float* p, unsigned rank, const char* file, int line) {
+    Fiber* f = self();
+    Launch* L = f->launch;
+    if (rank >= L->ncta) thread_error(f, "cluster_load_remote at %s:%d: rank %u, but the cluster has %u CTAs", base_name(file), line, rank, L->ncta);
+    const unsigned char* a = reinterpret_cast<const unsigned char*>(p);
+    const unsigned char* src = nullptr;
+    if (L->tls_size && a >= L->tls_base && a + 4 <= L->tls_base + L->tls_size) src = static_shared_of(L, rank) + (a - L->tls_base);
+    else if (a >= L->dyn_shared[f->cta] && a + 4 <= L->dyn_shared[f->cta] + L->dyn_bytes) src = L->dyn_shared[rank] + (a - L->dyn_shared[f->cta]);
+    else thread_error(f, "cluster_load_remote at %s:%d: %p is not in this CTA's shared memory", base_name(file), line, (const void*)p);
+    float v;
+    memcpy(&v, src, 4);
+    return v;
+}
 
 // ---- the scheduler -------------------------------------------------------------------------------
 inline void fiber_main() {
@@ -484,6 +553,12 @@ inline void fiber_main() {
     // Copies still in flight at exit land (the GPU completes them too).
     retire_copies(f, -1);
     f->state = State::Exited;
+    // A CTA's shared memory ends with its last thread: later reads from other CTAs of the
+    // cluster see 0xff bytes (a missing cluster barrier before exit shows).
+    if (++L->exited[f->cta] == L->nthreads && L->ncta > 1) {
+        memset(static_shared_of(L, f->cta), 0xff, L->tls_size);
+        if (L->dyn_bytes) memset(L->dyn_shared[f->cta], 0xff, L->dyn_bytes);
+    }
     leave_fiber(f);
     __builtin_trap();  // an exited thread is never resumed
 }
@@ -496,6 +571,7 @@ inline const char* op_name(int op, int sub) {
     case OpShfl: return sub == ShflIdx ? "__shfl_sync" : sub == ShflUp ? "__shfl_up_sync" : sub == ShflDown ? "__shfl_down_sync" : "__shfl_xor_sync";
     case OpVote: return sub == VoteBallot ? "__ballot_sync" : sub == VoteAny ? "__any_sync" : sub == VoteAll ? "__all_sync" : "__uni_sync";
     case OpReduce: return "__reduce_*_sync";
+    case OpClusterWait: return "cluster_wait";
     case OpMma: return sub == 0 ? "mma_16816<bf16>" : "mma_16816<f16>";
     case OpLdmatrix: {
         static const char* names[] = {"?", "ldmatrix_x1", "ldmatrix_x2", "?", "ldmatrix_x4"};
@@ -513,18 +589,18 @@ inline void describe_threads(Launch* L, char* out, size_t cap) {
     size_t n = 0;
     int groups = 0;
     auto key_equal = [](const Fiber* a, const Fiber* b) {
-        if (a->state != b->state) return false;
+        if (a->state != b->state || a->cta != b->cta) return false;
         if (a->state == State::Exited || a->state == State::Runnable) return true;
         return a->op == b->op && a->sub == b->sub && a->mask == b->mask && same_site(a, b);
     };
-    for (unsigned i = 0; i < L->nthreads;) {
+    for (unsigned i = 0; i < L->total;) {
         unsigned j = i + 1;
-        while (j < L->nthreads && key_equal(L->fibers[i], L->fibers[j])) ++j;
+        while (j < L->total && key_equal(L->fibers[i], L->fibers[j])) ++j;
         const Fiber* f = L->fibers[i];
         char what[256];
         if (f->state == State::Exited) snprintf(what, sizeof what, "exited");
         else if (f->state == State::Runnable) snprintf(what, sizeof what, "runnable");
-        else if (f->state == State::AtBlockBarrier) snprintf(what, sizeof what, "waiting at %s (%s:%d)", op_name(f->op, f->sub), base_name(f->file), f->line);
+        else if (f->state == State::AtBlockBarrier || f->state == State::AtCluster) snprintf(what, sizeof what, "waiting at %s (%s:%d)", op_name(f->op, f->sub), base_name(f->file), f->line);
         else snprintf(what, sizeof what, "waiting at %s (%s:%d, mask 0x%08x)", op_name(f->op, f->sub), base_name(f->file), f->line, f->mask);
         int w;
         if (++groups > 12) {
@@ -532,8 +608,11 @@ inline void describe_threads(Launch* L, char* out, size_t cap) {
             n += w > 0 ? (size_t)w : 0;
             break;
         }
-        if (j - i == 1) w = snprintf(out + n, cap - n, "%sthread %u: %s", n ? "; " : "", i, what);
-        else w = snprintf(out + n, cap - n, "%sthreads %u-%u: %s", n ? "; " : "", i, j - 1, what);
+        char cta[32] = "";
+        if (L->ncta > 1) snprintf(cta, sizeof cta, "CTA %u ", f->cta);
+        const unsigned a = i % L->nthreads, b = (j - 1) % L->nthreads;
+        if (j - i == 1) w = snprintf(out + n, cap - n, "%s%sthread %u: %s", n ? "; " : "", cta, a, what);
+        else w = snprintf(out + n, cap - n, "%s%sthreads %u-%u: %s", n ? "; " : "", cta, a, b, what);
         if (w < 0 || (size_t)w >= cap - n) break;
         n += (size_t)w;
         i = j;
@@ -545,7 +624,9 @@ inline uint16_t half_at(uint64_t row_addr, unsigned k) { return reinterpret_cast
 // Completes a collective whose lanes (mask `m` of warp `w`) all wait at it: computes every lane's
 // result from all lanes' inputs. False (with the launch error set) on a fault.
 inline bool complete_collective(Launch* L, unsigned w, unsigned m) {
-    Fiber** lanes = L->fibers + 32 * w;
+    unsigned nl_unused;
+    Fiber** lanes = warp_lanes(L, w, nl_unused);
+    make_live(L, lanes[__builtin_ctz(m)]->cta);  // ldmatrix reads this CTA's shared memory
     const Fiber* first = lanes[__builtin_ctz(m)];
     const int op = first->op, sub = first->sub;
     switch (op) {
@@ -684,8 +765,8 @@ inline bool complete_collective(Launch* L, unsigned w, unsigned m) {
 // Releases the collectives of warp `w` that every lane of their mask has reached. Sets `released`;
 // false (with the launch error set) on an error.
 inline bool resolve_warp(Launch* L, unsigned w, bool& released) {
-    const unsigned first = 32 * w, nl = L->nthreads - first < 32 ? L->nthreads - first : 32;
-    Fiber** lanes = L->fibers + first;
+    unsigned nl;
+    Fiber** lanes = warp_lanes(L, w, nl);
     for (unsigned i = 0; i < nl; ++i) {
         Fiber* f = lanes[i];
         if (f->state != State::AtWarp) continue;
@@ -725,11 +806,12 @@ inline bool resolve_warp(Launch* L, unsigned w, bool& released) {
 }
 
 // Releases the block barrier when every live thread waits at the same one.
-inline bool resolve_block_barrier(Launch* L, bool& released) {
+inline bool resolve_block_barrier(Launch* L, unsigned cta, bool& released) {
     const Fiber* first = nullptr;
     unsigned count = 0, live = 0;
+    Fiber** fibers = L->fibers + (size_t)cta * L->nthreads;
     for (unsigned i = 0; i < L->nthreads; ++i) {
-        const Fiber* f = L->fibers[i];
+        const Fiber* f = fibers[i];
         if (f->state == State::Exited) continue;
         if (f->state != State::AtBlockBarrier) return true;
         ++live;
@@ -746,7 +828,7 @@ inline bool resolve_block_barrier(Launch* L, bool& released) {
     if (!first) return true;
     const unsigned r = first->sub == BarrierCount ? count : first->sub == BarrierAnd ? (count == live) : first->sub == BarrierOr ? (count != 0) : 0;
     for (unsigned i = 0; i < L->nthreads; ++i) {
-        Fiber* f = L->fibers[i];
+        Fiber* f = fibers[i];
         if (f->state == State::AtBlockBarrier) {
             f->out[0] = r;
             f->state = State::Runnable;
@@ -756,12 +838,42 @@ inline bool resolve_block_barrier(Launch* L, bool& released) {
     return true;
 }
 
+// Releases the threads waiting at the cluster barrier whose arrival every non-exited thread of
+// the cluster has matched.
+inline void resolve_cluster_barrier(Launch* L, bool& released) {
+    unsigned min_arrives = UINT_MAX;
+    bool any_waiting = false;
+    for (unsigned i = 0; i < L->total; ++i) {
+        const Fiber* f = L->fibers[i];
+        if (f->state == State::Exited) continue;
+        if (f->arrives < min_arrives) min_arrives = f->arrives;
+        any_waiting |= f->state == State::AtCluster;
+    }
+    if (!any_waiting) return;
+    for (unsigned i = 0; i < L->total; ++i) {
+        Fiber* f = L->fibers[i];
+        if (f->state == State::AtCluster && f->waits <= min_arrives) {
+            f->state = State::Runnable;
+            released = true;
+        }
+    }
+}
+
+// Every CTA's block barrier and the cluster barrier; false on an error.
+inline bool resolve_barriers(Launch* L, bool& released) {
+    for (unsigned r = 0; r < L->ncta; ++r)
+        if (!resolve_block_barrier(L, r, released)) return false;
+    resolve_cluster_barrier(L, released);
+    return true;
+}
+
 // Runs the runnable lanes of warp w once each (lane order, or reversed), each until its next
 // synchronisation point or its exit. False when the launch failed.
 inline bool run_warp_lanes(Launch* L, unsigned w, bool reverse) {
-    const unsigned first = 32 * w, nl = L->nthreads - first < 32 ? L->nthreads - first : 32;
+    unsigned nl;
+    Fiber** lanes = warp_lanes(L, w, nl);
     for (unsigned k = 0; k < nl; ++k) {
-        Fiber* f = L->fibers[first + (reverse ? nl - 1 - k : k)];
+        Fiber* f = lanes[reverse ? nl - 1 - k : k];
         if (f->state != State::Runnable) continue;
         enter_fiber(L, f);
         if (L->failed) return false;
@@ -787,10 +899,10 @@ inline bool run_warp(Launch* L, unsigned w, bool reverse, unsigned steps) {
 // -1 on an error (a deadlock, or threads at different barriers; the launch error is set).
 inline int release_block_barrier(Launch* L) {
     bool any_live = false;
-    for (unsigned i = 0; i < L->nthreads; ++i) any_live |= L->fibers[i]->state != State::Exited;
+    for (unsigned i = 0; i < L->total; ++i) any_live |= L->fibers[i]->state != State::Exited;
     if (!any_live) return 0;
     bool released = false;
-    if (!resolve_block_barrier(L, released)) return -1;
+    if (!resolve_barriers(L, released)) return -1;
     if (!released) {
         char states[4096];
         describe_threads(L, states, sizeof states);
@@ -803,7 +915,7 @@ inline int release_block_barrier(Launch* L) {
 inline bool run_round_robin(Launch* L) {
     for (;;) {
         bool any_live = false;
-        for (unsigned i = 0; i < L->nthreads; ++i) {
+        for (unsigned i = 0; i < L->total; ++i) {
             Fiber* f = L->fibers[i];
             if (f->state == State::Runnable) {
                 enter_fiber(L, f);
@@ -813,9 +925,9 @@ inline bool run_round_robin(Launch* L) {
         }
         if (!any_live) return true;
         bool released = false;
-        for (unsigned w = 0; w < L->nwarps; ++w)
+        for (unsigned w = 0; w < L->ncta * L->nwarps; ++w)
             if (!resolve_warp(L, w, released)) return false;
-        if (!released && !resolve_block_barrier(L, released)) return false;
+        if (!released && !resolve_barriers(L, released)) return false;
         if (!released) {
             char states[4096];
             describe_threads(L, states, sizeof states);
@@ -830,18 +942,32 @@ inline bool run_round_robin(Launch* L) {
 // collectives in the loop, then still gets its flag. Real kernels stay far below it.
 constexpr unsigned kFarApartMaxSteps = 1u << 16;
 
+// Far-apart over a cluster: one CTA runs as far as it can (its warps far apart, its block
+// barriers released as they fill) before the next CTA starts; the CTA order alternates at every
+// cluster barrier. Without clusters this is one warp after another within the block.
 inline bool run_far_apart(Launch* L, bool forward) {
+    bool cta_forward = forward;
     for (;;) {
-        bool runnable = true;
-        while (runnable) {
-            for (unsigned k = 0; k < L->nwarps; ++k)
-                if (!run_warp(L, forward ? k : L->nwarps - 1 - k, !forward, kFarApartMaxSteps)) return false;
-            runnable = false;
-            for (unsigned i = 0; i < L->nthreads && !runnable; ++i) runnable = L->fibers[i]->state == State::Runnable;
+        for (unsigned k = 0; k < L->ncta; ++k) {
+            const unsigned r = cta_forward ? k : L->ncta - 1 - k;
+            for (;;) {
+                bool runnable = true;
+                while (runnable) {
+                    for (unsigned j = 0; j < L->nwarps; ++j)
+                        if (!run_warp(L, r * L->nwarps + (forward ? j : L->nwarps - 1 - j), !forward, kFarApartMaxSteps)) return false;
+                    runnable = false;
+                    for (unsigned i = 0; i < L->nthreads && !runnable; ++i) runnable = L->fibers[(size_t)r * L->nthreads + i]->state == State::Runnable;
+                }
+                bool released = false;
+                if (!resolve_block_barrier(L, r, released)) return false;
+                if (!released) break;
+                forward = !forward;
+            }
         }
+        // Every CTA waits at the cluster barrier, a block barrier it cannot pass, or has exited.
         const int r = release_block_barrier(L);
         if (r <= 0) return r == 0;
-        forward = !forward;
+        cta_forward = !cta_forward;
     }
 }
 
@@ -855,11 +981,12 @@ inline uint64_t next_random(Launch* L) {
 
 inline bool run_random(Launch* L) {
     for (;;) {
-        unsigned ready[32], n = 0;
-        for (unsigned w = 0; w < L->nwarps; ++w) {
-            const unsigned first = 32 * w, nl = L->nthreads - first < 32 ? L->nthreads - first : 32;
+        unsigned ready[16 * 32], n = 0;
+        for (unsigned w = 0; w < L->ncta * L->nwarps; ++w) {
+            unsigned nl;
+            Fiber** lanes = warp_lanes(L, w, nl);
             for (unsigned i = 0; i < nl; ++i)
-                if (L->fibers[first + i]->state == State::Runnable) {
+                if (lanes[i]->state == State::Runnable) {
                     ready[n++] = w;
                     break;
                 }
@@ -871,16 +998,28 @@ inline bool run_random(Launch* L) {
         }
         const uint64_t x = next_random(L);
         // Runs of 1 .. 256 steps, log-uniform: both fine interleavings and warps far apart.
-        if (!run_warp(L, ready[x % n], (x >> 32) & 1, 1u << ((x >> 40) % 9))) return false;
+        const unsigned w = ready[x % n];
+        if (!run_warp(L, w, (x >> 32) & 1, 1u << ((x >> 40) % 9))) return false;
+        // A CTA passes its block barrier as soon as it fills (the other CTAs of a cluster need
+        // not be there).
+        bool released = false;
+        if (L->ncta > 1 && !resolve_block_barrier(L, w / L->nwarps, released)) return false;
     }
 }
 
-inline bool run_block(Launch* L) {
-    const unsigned bx = L->block.x, by = L->block.y;
-    for (unsigned i = 0; i < L->nthreads; ++i) {
-        Fiber* f = L->fibers[i];
+// Runs the cluster whose first CTA is L->block_idx (a cluster of one CTA without clusters).
+inline bool run_cluster(Launch* L) {
+    const unsigned bx = L->block.x, by = L->block.y, cx = L->cluster.x, cy = L->cluster.y;
+    for (unsigned k = 0; k < L->total; ++k) {
+        Fiber* f = L->fibers[k];
+        const unsigned i = k % L->nthreads, r = k / L->nthreads;
         f->launch = L;
         f->tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
+        f->cta = r;
+        // %cluster_ctarank: x fastest within the cluster.
+        f->block_idx = uint3{L->block_idx.x + r % cx, L->block_idx.y + (r / cx) % cy, L->block_idx.z + r / (cx * cy)};
+        f->arrives = 0;
+        f->waits = 0;
         f->linear = i;
         f->lane = i & 31;
         f->warp = i >> 5;
@@ -890,11 +1029,21 @@ inline bool run_block(Launch* L) {
         f->ngroups = 0;
         reset_stack(f);
     }
-    if (L->dyn_bytes) memset(L->dyn_shared, 0xff, L->dyn_bytes);
+    // Shared memory starts as 0xff bytes (NaN in f32 / bf16 / f16): reads of never-written
+    // shared memory show.
+    for (unsigned r = 0; r < L->ncta; ++r) {
+        if (L->dyn_bytes) memset(L->dyn_shared[r], 0xff, L->dyn_bytes);
+        L->exited[r] = 0;
+    }
+    if (L->tls_size) {
+        memset(L->tls_base, 0xff, L->tls_size);
+        memset(L->tls_save, 0xff, L->tls_size * L->ncta);
+    }
+    L->live_cta = 0;
     switch (L->schedule) {
     case ScheduleFarApart: {
-        // Odd blocks start in reverse order: both orders even in a kernel without a barrier.
-        const uint64_t linear = ((uint64_t)L->block_idx.z * L->grid.y + L->block_idx.y) * L->grid.x + L->block_idx.x;
+        // Odd clusters (blocks) start in reverse order: both orders even in a kernel without a barrier.
+        const uint64_t linear = (((uint64_t)L->block_idx.z / L->cluster.z * (L->grid.y / L->cluster.y) + L->block_idx.y / L->cluster.y) * (L->grid.x / L->cluster.x)) + L->block_idx.x / L->cluster.x;
         return run_far_apart(L, linear % 2 == 0);
     }
     case ScheduleRandom: return run_random(L);
@@ -904,7 +1053,7 @@ inline bool run_block(Launch* L) {
 
 // Fiber regions of this module, grown on demand and kept for later launches.
 struct FiberPool {
-    Fiber* fibers[1024];
+    Fiber* fibers[16 * 1024];
     unsigned count;
 };
 inline FiberPool g_pool;
@@ -935,16 +1084,45 @@ inline Fiber* new_fiber() {
     return f;
 }
 
+// Touched before a launch so that this thread has the module's TLS block (static shared memory;
+// allocated on first use in modules loaded with dlopen).
+inline thread_local volatile unsigned char tls_anchor;
+
+// The calling thread's TLS block of this module and its size (null, 0 when it has none).
+struct TlsBlock {
+    unsigned char* base;
+    size_t size;
+};
+inline int find_tls_block(dl_phdr_info* info, size_t, void* data) {
+    const uintptr_t here = reinterpret_cast<uintptr_t>(&find_tls_block);
+    bool ours = false;
+    const ElfW(Phdr)* tls = nullptr;
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        if (ph.p_type == PT_LOAD && here >= info->dlpi_addr + ph.p_vaddr && here < info->dlpi_addr + ph.p_vaddr + ph.p_memsz) ours = true;
+        if (ph.p_type == PT_TLS) tls = &ph;
+    }
+    if (!ours) return 0;
+    TlsBlock* t = static_cast<TlsBlock*>(data);
+    if (tls && info->dlpi_tls_data) {
+        t->base = static_cast<unsigned char*>(info->dlpi_tls_data);
+        t->size = tls->p_memsz;
+    }
+    return 1;
+}
+
 }  // namespace lookahead_emu
 
 // Runs kernel `kernel_fn` (named `kernel`, for messages) over grid x block threads: every thread
-// calls thread_fn(ctx, kernel_fn), which invokes the kernel with its arguments. `schedule` is a
-// Schedule, `seed` the random schedule's seed (ignored by the others). Returns 0 when the
-// launch completed, 1 on an error (message in err), 2 when thread_fn reported a failure (a Rust
-// panic: the caller resumes it).
+// calls thread_fn(ctx, kernel_fn), which invokes the kernel with its arguments. `cluster` gives
+// the thread-block cluster dims ((1,1,1): no clusters); the CTAs of a cluster run together (their
+// threads interleaved by the schedule), clusters one after another. `schedule` is a Schedule,
+// `seed` the random schedule's seed (ignored by the others). Returns 0 when the launch
+// completed, 1 on an error (message in err), 2 when thread_fn reported a failure (a Rust panic:
+// the caller resumes it).
 extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const char* kernel, const void* kernel_fn, const unsigned* grid, const unsigned* block,
-                                                                        unsigned shared_bytes, int schedule, uint64_t seed, int (*thread_fn)(void*, const void*),
-                                                                        void* ctx, char* err, size_t err_len) {
+                                                                        const unsigned* cluster, unsigned shared_bytes, int schedule, uint64_t seed,
+                                                                        int (*thread_fn)(void*, const void*), void* ctx, char* err, size_t err_len) {
     using namespace lookahead_emu;
     auto fail = [&](const char* msg) {
         if (err_len) snprintf(err, err_len, "%s", msg);
@@ -960,6 +1138,12 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
         snprintf(buf, sizeof buf, "bad grid (%u,%u,%u): each size >= 1, x < 2^31, y, z <= 65535", grid[0], grid[1], grid[2]);
         return fail(buf);
     }
+    const uint64_t ncta = (uint64_t)cluster[0] * cluster[1] * cluster[2];
+    if (cluster[0] == 0 || cluster[1] == 0 || cluster[2] == 0 || ncta > 16 || grid[0] % cluster[0] || grid[1] % cluster[1] || grid[2] % cluster[2]) {
+        snprintf(buf, sizeof buf, "bad cluster (%u,%u,%u) for grid (%u,%u,%u): each size >= 1, at most 16 CTAs, the grid a multiple of it", cluster[0], cluster[1],
+                 cluster[2], grid[0], grid[1], grid[2]);
+        return fail(buf);
+    }
     if (schedule != ScheduleRoundRobin && schedule != ScheduleFarApart && schedule != ScheduleRandom) {
         snprintf(buf, sizeof buf, "unknown schedule %d", schedule);
         return fail(buf);
@@ -969,62 +1153,85 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
         return fail(buf);
     }
     pthread_mutex_lock(&g_launch_mutex);
-    int rc = 0;
+    const unsigned total = (unsigned)(threads * ncta);
     Launch* L = static_cast<Launch*>(calloc(1, sizeof(Launch)));
-    Fiber* fibers[1024];
-    while (L && g_pool.count < threads) {
+    Fiber** fibers = static_cast<Fiber**>(calloc(total, sizeof(Fiber*)));
+    while (L && fibers && g_pool.count < total) {
         Fiber* f = new_fiber();
         if (!f) break;
         g_pool.fibers[g_pool.count++] = f;
     }
-    if (!L || g_pool.count < threads) {
+    if (!L || !fibers || g_pool.count < total) {
         pthread_mutex_unlock(&g_launch_mutex);
         free(L);
+        free(fibers);
         return fail("out of memory for the emulated threads' stacks");
     }
-    for (unsigned i = 0; i < threads; ++i) fibers[i] = g_pool.fibers[i];
+    for (unsigned i = 0; i < total; ++i) fibers[i] = g_pool.fibers[i];
     L->kernel = kernel;
     L->schedule = schedule;
     L->rng = seed;
     L->grid = uint3{grid[0], grid[1], grid[2]};
     L->block = uint3{block[0], block[1], block[2]};
+    L->cluster = uint3{cluster[0], cluster[1], cluster[2]};
     L->nthreads = (unsigned)threads;
     L->nwarps = (L->nthreads + 31) / 32;
+    L->ncta = (unsigned)ncta;
+    L->total = total;
     L->fibers = fibers;
     L->thread_fn = thread_fn;
     L->ctx = ctx;
     L->kernel_fn = kernel_fn;
     L->dyn_bytes = shared_bytes;
-    // Dynamic shared memory ends at an inaccessible page: an access past the launch's size
-    // faults (a crash of the test, not silent corruption). With 0 bytes the pointer is that page.
+    // Static shared memory: this thread's TLS block of the module, a saved copy per CTA.
+    tls_anchor = 0;
+    TlsBlock tls{nullptr, 0};
+    dl_iterate_phdr(find_tls_block, &tls);
+    L->tls_base = tls.base;
+    L->tls_size = tls.size;
+    L->tls_save = tls.size ? static_cast<unsigned char*>(malloc(tls.size * ncta)) : nullptr;
+    // Dynamic shared memory, per CTA, ends at an inaccessible page: an access past the launch's
+    // size faults (a crash of the test, not silent corruption). With 0 bytes the pointer is that page.
     const size_t dyn_rounded = (shared_bytes + 15) / 16 * 16, dyn_map = (dyn_rounded + 4095) / 4096 * 4096 + 4096;
-    void* dyn_region = mmap(nullptr, dyn_map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (dyn_region == MAP_FAILED) {
-        pthread_mutex_unlock(&g_launch_mutex);
-        free(L);
-        return fail("out of memory for dynamic shared memory");
+    void* dyn_region[16] = {};
+    bool ok = tls.size == 0 || L->tls_save;
+    for (unsigned r = 0; r < ncta && ok; ++r) {
+        void* m = mmap(nullptr, dyn_map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            ok = false;
+            break;
+        }
+        dyn_region[r] = m;
+        mprotect(static_cast<unsigned char*>(m) + dyn_map - 4096, 4096, PROT_NONE);
+        L->dyn_shared[r] = static_cast<unsigned char*>(m) + dyn_map - 4096 - dyn_rounded;
     }
-    mprotect(static_cast<unsigned char*>(dyn_region) + dyn_map - 4096, 4096, PROT_NONE);
-    L->dyn_shared = static_cast<unsigned char*>(dyn_region) + dyn_map - 4096 - dyn_rounded;
-    for (unsigned z = 0; z < grid[2] && !L->failed; ++z)
-        for (unsigned y = 0; y < grid[1] && !L->failed; ++y)
-            for (unsigned x = 0; x < grid[0] && !L->failed; ++x) {
-                L->block_idx = uint3{x, y, z};
-                run_block(L);
-            }
-    if (L->failed) {
-        rc = L->callback_panicked ? 2 : 1;
-        if (err_len) snprintf(err, err_len, "%s", L->msg);
+    int rc = 0;
+    if (!ok) {
+        rc = fail("out of memory for shared memory");
+    } else {
+        for (unsigned z = 0; z < grid[2] && !L->failed; z += cluster[2])
+            for (unsigned y = 0; y < grid[1] && !L->failed; y += cluster[1])
+                for (unsigned x = 0; x < grid[0] && !L->failed; x += cluster[0]) {
+                    L->block_idx = uint3{x, y, z};
+                    run_cluster(L);
+                }
+        if (L->failed) {
+            rc = L->callback_panicked ? 2 : 1;
+            if (err_len) snprintf(err, err_len, "%s", L->msg);
+        }
     }
-    munmap(dyn_region, dyn_map);
+    for (unsigned r = 0; r < ncta; ++r)
+        if (dyn_region[r]) munmap(dyn_region[r], dyn_map);
+    free(L->tls_save);
     free(L);
+    free(fibers);
     pthread_mutex_unlock(&g_launch_mutex);
     return rc;
 }
 
 // ---- built-in variables --------------------------------------------------------------------------
 #define threadIdx (::lookahead_emu::self()->tid)
-#define blockIdx (::lookahead_emu::self()->launch->block_idx)
+#define blockIdx (::lookahead_emu::self()->block_idx)
 #define blockDim (::lookahead_emu::self()->launch->block)
 #define gridDim (::lookahead_emu::self()->launch->grid)
 
@@ -1075,8 +1282,10 @@ inline unsigned __activemask() {
     lookahead_emu::Fiber* f = lookahead_emu::self();
     lookahead_emu::Launch* L = f->launch;
     unsigned m = 0;
-    for (unsigned i = 0; i < 32 && 32 * f->warp + i < L->nthreads; ++i)
-        if (L->fibers[32 * f->warp + i]->state != lookahead_emu::State::Exited) m |= 1u << i;
+    unsigned nl;
+    lookahead_emu::Fiber** lanes = lookahead_emu::warp_lanes(L, f->cta * L->nwarps + f->warp, nl);
+    for (unsigned i = 0; i < nl; ++i)
+        if (lanes[i]->state != lookahead_emu::State::Exited) m |= 1u << i;
     return m;
 }
 inline void __threadfence() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
@@ -1237,3 +1446,11 @@ inline void cp_async_16(void* dst, const void* src, bool full, const char* file 
 inline void cp_async_commit() { lookahead_emu::cp_async_commit(); }
 // cp.async.wait_group N: retires the oldest committed groups until at most N are in flight.
 template <int N> inline void cp_async_wait() { lookahead_emu::cp_async_wait(N); }
+
+// ---- the thread-block cluster wrappers of cluster.cuh ---------------------------------------------
+inline unsigned cluster_rank() { return lookahead_emu::self()->cta; }
+inline void cluster_arrive(const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::cluster_arrive(file, line); }
+inline void cluster_wait(const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::cluster_wait(file, line); }
+inline float cluster_load_remote(const float* p, unsigned rank, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return lookahead_emu::cluster_load_remote(p, rank, file, line);
+}

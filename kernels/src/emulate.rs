@@ -180,6 +180,7 @@ type RunFn = unsafe extern "C" fn(
     kernel_fn: *const c_void,
     grid: *const u32,
     block: *const u32,
+    cluster: *const u32,
     shared_bytes: u32,
     schedule: c_int,
     seed: u64,
@@ -284,6 +285,39 @@ impl EmulatedModule {
     /// # Safety
     /// As for `launch`.
     pub unsafe fn launch_with(&self, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, schedule: Schedule, call: &dyn Fn(*const c_void)) -> Result<(), EmulateError> {
+        // SAFETY: the caller's guarantees, passed on.
+        unsafe { self.launch_cluster_with(kernel, grid, block, (1, 1, 1), shared_bytes, schedule, call) }
+    }
+
+    /// `launch` of a kernel that uses thread-block clusters (cluster.cuh): `cluster` CTAs per
+    /// cluster (each grid size a multiple of the cluster's, at most 16 CTAs, else an error). The
+    /// CTAs of a cluster run together, each with its own shared memory; clusters run one after
+    /// another. The schedule is `LOOKAHEAD_EMU_SCHEDULE`'s, as for `launch`.
+    ///
+    /// # Safety
+    /// As for `launch`.
+    pub unsafe fn launch_cluster(&self, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), cluster: (u32, u32, u32), shared_bytes: u32, call: &dyn Fn(*const c_void)) -> Result<(), EmulateError> {
+        let schedule = Schedule::from_env()?;
+        // SAFETY: the caller's guarantees, passed on.
+        unsafe { self.launch_cluster_with(kernel, grid, block, cluster, shared_bytes, schedule, call) }
+    }
+
+    /// `launch_cluster` with the given schedule. The schedules treat the warps of all CTAs of the
+    /// cluster as one set (far-apart: one warp after another over the whole cluster).
+    ///
+    /// # Safety
+    /// As for `launch`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn launch_cluster_with(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        cluster: (u32, u32, u32),
+        shared_bytes: u32,
+        schedule: Schedule,
+        call: &dyn Fn(*const c_void),
+    ) -> Result<(), EmulateError> {
         let launch_err = |msg: String| EmulateError::Launch { kernel: kernel.to_string(), file: self.file.clone(), schedule, msg };
         let missing = || EmulateError::MissingKernel { file: self.file.clone(), kernel: kernel.to_string() };
         let c_kernel = CString::new(kernel).map_err(|_| missing())?;
@@ -294,6 +328,7 @@ impl EmulatedModule {
         };
         let grid = [grid.0, grid.1, grid.2];
         let block = [block.0, block.1, block.2];
+        let cluster = [cluster.0, cluster.1, cluster.2];
         let (schedule_code, seed) = schedule.code();
         let callback = Callback { call, panic: Cell::new(None) };
         let mut err = vec![0u8; 16384];
@@ -304,6 +339,7 @@ impl EmulatedModule {
                 kernel_fn,
                 grid.as_ptr(),
                 block.as_ptr(),
+                cluster.as_ptr(),
                 shared_bytes,
                 schedule_code,
                 seed,
