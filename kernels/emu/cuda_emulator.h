@@ -4,7 +4,7 @@
 // it turns a .cu file into host C++ (the CUDA qualifiers, built-in variables and intrinsics our
 // kernels use) plus one entry point, lookahead_emu_run, that runs a kernel launch on the host.
 //
-// Execution model: the blocks of a grid run one after another; the threads of a block run as
+// Execution model: the blocks (clusters) of a grid run one after another; the threads of a block run as
 // cooperative fibers on the calling OS thread, one at a time, each until its next
 // synchronisation point (a barrier, a warp collective) or its exit, in the order of the launch's
 // schedule (round-robin, far-apart or random; see `Schedule` below). Synchronisation is
@@ -13,11 +13,14 @@
 // mask waits at it, and its results are then computed from all lanes' inputs by the PTX ISA's
 // definition. A state where nothing can proceed is a deadlock and comes back as an error naming
 // the kernel, the block and where each thread waits; so does a collective whose mask names an
-// exited lane. Static __shared__ variables are `static` (blocks run one at a time, launches of one
-// module are serialised by a mutex); dynamic shared memory (LA_DYNAMIC_SHARED) is a per-launch
-// buffer filled with 0xff bytes (NaN as f32, bf16 and f16) before every block, so reads of
-// never-written shared memory show; so does a cp.async destination between the issue and the
-// wait that retires it. See kernels/emu/README.md for what is not emulated.
+// exited lane. Thread-block clusters: the CTAs of a cluster run together (their warps interleaved
+// by the schedule), with the split cluster barrier and reads of each other's shared memory
+// (cluster.cuh). Static __shared__ variables are thread_local: the module's TLS block holds the
+// running CTA's copy and is swapped per CTA (launches of one module are serialised by a mutex);
+// dynamic shared memory (LA_DYNAMIC_SHARED) is a buffer per CTA of the cluster. Both are filled
+// with 0xff bytes (NaN as f32, bf16 and f16) before every block (and when a CTA of a cluster
+// exits), so reads of never-written shared memory show; so does a cp.async destination between
+// the issue and the wait that retires it. See kernels/emu/README.md for what is not emulated.
 #pragma once
 #ifndef LOOKAHEAD_EMULATE
 #error "cuda_emulator.h is only for builds with -DLOOKAHEAD_EMULATE"
