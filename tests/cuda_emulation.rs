@@ -995,9 +995,10 @@ fn group_norm_statistics_and_apply_kernels_match_the_cpu() {
 
 // ---- thread-block clusters (kernels/emu/tests/cluster.cu, group_norm.cu) ----------------------------
 
-/// Runs cluster_sum over `grid` blocks of `nt` threads in clusters of `cluster`; returns (out,
-/// out2, ranks) or the launch error.
+/// cluster_sum's (out, out2, ranks), or the launch error.
 type ClusterSumResult = Result<(Vec<f32>, Vec<f32>, Vec<u32>), EmulateError>;
+
+/// Runs cluster_sum over `grid` blocks of `nt` threads in clusters of `cluster`.
 fn run_cluster_sum(m: &EmulatedModule, grid: (u32, u32), cluster: (u32, u32), nt: u32, x: &[f32], barrier: bool, schedule: Schedule) -> ClusterSumResult {
     let blocks = (grid.0 * grid.1) as usize;
     let xb = Aligned::from(x);
@@ -1108,7 +1109,7 @@ fn check_gn_cluster(m: &EmulatedModule, dt: Dt, n: usize, c: usize, hw: usize, g
     let eps = 1e-5f32;
     let v = if matches!(dt, Dt::F32) { 4 } else { 8 };
     let label = format!("gn_cluster {} n={n} c={c} hw={hw} g={groups} cs={cs} p={p} affine={affine} silu={silu} schedule={schedule:?}", dt.name());
-    assert!(hw % v == 0 && (c / groups) * hw / v <= cs as usize * 256 * p, "{label}: outside the kernel's host guarantees");
+    assert!(hw.is_multiple_of(v) && (c / groups) * hw / v <= cs as usize * 256 * p, "{label}: outside the kernel's host guarantees");
     // Sample 1 sits at an offset (the kernel's first pass is shifted by the group's first element).
     let x: Vec<f32> = values(n * c * hw, (c * hw + 7) as u64).iter().enumerate().map(|(i, v)| 2.0 * v + if i / (c * hw) == 1 { 40.0 } else { 0.0 }).collect();
     let x: Vec<f32> = x.iter().map(|&v| dt.round(v)).collect();
