@@ -118,3 +118,198 @@ __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restric
 GNC_KERNELS(float, f32)
 GNC_KERNELS(bf16, bf16)
 GNC_KERNELS(f16, f16)
+
+// ---- backward ---------------------------------------------------------------------------------
+// Single-pass group norm (+SiLU) backward, same clusters as the forward: each CTA loads its packs
+// of x and dy into registers once, recomputes the group's mean and rstd with the forward's two
+// cluster sums (bit-identical statistics), then, with z = xhat w + b and dz = dy silu'(z) (SiLU
+// fused) or dy, one cluster round sums dxhat = dz w and dxhat xhat over the group, and
+// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) is written once: one read of x and dy,
+// one write of dx, against five passes over the tensors in norm.cu's gn_bwd_* path.
+// Parameter gradients (dw, db non-null, zeroed by the host): dw[c] = sum over (n, hw) of dz xhat,
+// db[c] = sum of dz. A pack stays in one channel (HW % V == 0), so each thread's pack partials are
+// summed per channel across the warp (a segmented shuffle sum: the warp's packs are consecutive),
+// then per CTA in shared memory, then added to dw / db with f32 atomics: C * N * cs additions in
+// all (each CTA adds once per channel of its group), negligible next to the tensor traffic; the
+// order of those additions varies from run to run, so dw / db are not bit-reproducible (dx is).
+// Launch: as the forward (grid.x = N*G*cs CTAs of GNC_BLOCK threads, cluster dims (cs, 1, 1),
+// the same pack ownership). Host guarantees: the forward's, dy and dx 16-byte aligned, and
+// C / G <= GNC_MAX_CPG (the per-CTA channel partials).
+#define GNC_MAX_CPG 512
+
+#if __CUDA_ARCH__ >= 900 || defined(LOOKAHEAD_EMULATE)
+// Replaces `a` and `b` by their sums over every thread of the cluster, in one barrier round (as
+// gnc_cluster_sum; `red` holds 2 floats per warp, `slot` 2 floats of this sum's own).
+__device__ __forceinline__ void gnc_cluster_sum2(float& a, float& b, float* red, float* slot, u32 cs) {
+    a = warp_sum(a);
+    b = warp_sum(b);
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        red[2 * warp] = a;
+        red[2 * warp + 1] = b;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float ta = 0.0f, tb = 0.0f;
+#pragma unroll
+        for (int i = 0; i < GNC_BLOCK / 32; ++i) {
+            ta += red[2 * i];
+            tb += red[2 * i + 1];
+        }
+        slot[0] = ta;
+        slot[1] = tb;
+    }
+    cluster_arrive();
+    cluster_wait();
+    a = b = 0.0f;
+    for (u32 r = 0; r < cs; ++r) {
+        a += cluster_load_remote(slot, r);
+        b += cluster_load_remote(slot + 1, r);
+    }
+}
+
+// Adds this lane's (db, dw) partials of channel `cl` (local to the group; pack `i` of the group,
+// channel packs [cl * ppc, (cl + 1) * ppc)) to the CTA's shared per-channel sums. The warp's 32
+// packs are consecutive, so equal channels form runs: a segmented shuffle sum leaves each run's
+// total in its first lane, which adds it. Lanes past the group's end carry zeros.
+__device__ __forceinline__ void gnc_channel_add(float pb, float pw, u32 i, u32 cl, u32 ppc, float* pb_s, float* pw_s) {
+    const u32 lane = threadIdx.x & 31, end = (cl + 1) * ppc;
+#pragma unroll
+    for (u32 off = 1; off < 32; off <<= 1) {
+        const float tb = __shfl_down_sync(0xffffffffu, pb, off), tw = __shfl_down_sync(0xffffffffu, pw, off);
+        if (lane + off < 32 && i + off < end) {
+            pb += tb;
+            pw += tw;
+        }
+    }
+    if ((lane == 0 || i == cl * ppc) && cl < GNC_MAX_CPG) {
+        atomicAdd(pb_s + cl, pb);
+        atomicAdd(pw_s + cl, pw);
+    }
+}
+
+// silu'(z) = s (1 + z (1 - s)), s = sigmoid(z), with the forward's exp (fast for 16-bit data).
+template <typename T>
+__device__ __forceinline__ float gnc_dsilu(float z) {
+    const float s = 1.0f / (1.0f + (sizeof(T) == 2 ? __expf(-z) : expf(-z)));
+    return s * (1.0f + z * (1.0f - s));
+}
+#endif
+
+template <typename T, int P>
+__device__ __forceinline__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, const float* __restrict__ w, const float* __restrict__ b,
+                                               float* __restrict__ dw, float* __restrict__ db, u32 C, u32 HW, u32 G, u32 cs, float eps, int act) {
+#if __CUDA_ARCH__ >= 900 || defined(LOOKAHEAD_EMULATE)
+    constexpr int V = 16 / sizeof(T);
+    __shared__ float red[2 * (GNC_BLOCK / 32)];
+    __shared__ float slots[4];
+    __shared__ float pb_s[GNC_MAX_CPG], pw_s[GNC_MAX_CPG];
+    const u32 rank = cluster_rank();
+    const u32 q = blockIdx.x / cs, g = q % G, cpg = C / G;
+    const u32 M = cpg * HW, packs = M / V, ppc = HW / V;
+    const u64 base = (u64)q * M;
+    const Pack<T, V>* xp = reinterpret_cast<const Pack<T, V>*>(x + base);
+    const Pack<T, V>* dyp = reinterpret_cast<const Pack<T, V>*>(dy + base);
+    Pack<T, V>* dxp = reinterpret_cast<Pack<T, V>*>(dx + base);
+    const u32 first = rank * GNC_BLOCK + threadIdx.x, stride = cs * GNC_BLOCK;
+    const bool params = dw != nullptr;
+    // Zeroed before the cluster sums' block barriers, used after them.
+    if (params)
+        for (u32 t = threadIdx.x; t < cpg; t += GNC_BLOCK) pb_s[t] = pw_s[t] = 0.0f;
+    Pack<T, V> rx[P], rd[P];
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        const u32 i = first + k * stride;
+        if (i < packs) {
+            rx[k] = xp[i];
+            rd[k] = dyp[i];
+        }
+    }
+    // The forward's statistics, term for term.
+    const float K = to_f32(x[base]);
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        if (first + k * stride < packs) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) s += to_f32(rx[k].v[j]) - K;
+        }
+    }
+    const float mean = K + gnc_cluster_sum(s, red, &slots[0], cs) / (float)M;
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        if (first + k * stride < packs) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const float d = to_f32(rx[k].v[j]) - mean;
+                ss += d * d;
+            }
+        }
+    }
+    const float var = gnc_cluster_sum(ss, red, &slots[1], cs) / (float)M;
+    const float rstd = 1.0f / sqrtf(var + eps);
+    // Sums of dxhat = dz w and dxhat xhat; per-channel sums of dz and dz xhat for dw / db.
+    float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        const u32 i = first + k * stride;
+        const bool in = i < packs;
+        const u32 cl = in ? i / ppc : GNC_MAX_CPG;
+        float pb = 0.0f, pw = 0.0f;
+        if (in) {
+            const float wc = w ? __ldg(w + g * cpg + cl) : 1.0f, bc = b ? __ldg(b + g * cpg + cl) : 0.0f;
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const float xh = (to_f32(rx[k].v[j]) - mean) * rstd;
+                float dz = to_f32(rd[k].v[j]);
+                if (act) dz *= gnc_dsilu<T>(xh * wc + bc);
+                pb += dz;
+                pw += dz * xh;
+            }
+            sg += pb * wc;
+            sgx += pw * wc;
+        }
+        if (params) gnc_channel_add(pb, pw, i, cl, ppc, pb_s, pw_s);
+    }
+    gnc_cluster_sum2(sg, sgx, red, &slots[2], cs);
+    // This CTA's reads of the other CTAs' slots are done: arrive now, wait before exiting.
+    cluster_arrive();
+    const float mg = sg / (float)M, mgx = sgx / (float)M;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        const u32 i = first + k * stride;
+        if (i < packs) {
+            const u32 cl = i / ppc;
+            const float wc = w ? __ldg(w + g * cpg + cl) : 1.0f, bc = b ? __ldg(b + g * cpg + cl) : 0.0f;
+            Pack<T, V> o;
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const float xh = (to_f32(rx[k].v[j]) - mean) * rstd;
+                float dz = to_f32(rd[k].v[j]);
+                if (act) dz *= gnc_dsilu<T>(xh * wc + bc);
+                o.v[j] = from_f32<T>(rstd * (dz * wc - mg - xh * mgx));
+            }
+            dxp[i] = o;
+        }
+    }
+    // Every warp's channel adds came before gnc_cluster_sum2's block barrier.
+    if (params) {
+        for (u32 t = threadIdx.x; t < cpg; t += GNC_BLOCK) {
+            atomicAdd(db + g * cpg + t, pb_s[t]);
+            atomicAdd(dw + g * cpg + t, pw_s[t]);
+        }
+    }
+    cluster_wait();
+#endif
+}
+
+#define GNC_BWD_KERNEL(T, NAME, P)                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(GNC_BLOCK) gn_cluster_bwd_##NAME##_p##P(const T* x, const T* dy, T* dx, const float* w, const float* b, float* dw, \
+                                                                                          float* db, u32 C, u32 HW, u32 G, u32 cs, float eps, int act) {        \
+        gn_cluster_bwd<T, P>(x, dy, dx, w, b, dw, db, C, HW, G, cs, eps, act);                                                                                     \
+    }
+#define GNC_BWD_KERNELS(T, NAME) GNC_BWD_KERNEL(T, NAME, 2) GNC_BWD_KERNEL(T, NAME, 4) GNC_BWD_KERNEL(T, NAME, 8) GNC_BWD_KERNEL(T, NAME, 12) GNC_BWD_KERNEL(T, NAME, 16)
+GNC_BWD_KERNELS(float, f32)
+GNC_BWD_KERNELS(bf16, bf16)
+GNC_BWD_KERNELS(f16, f16)

@@ -1,0 +1,190 @@
+//! The single-pass cluster group-norm (+SiLU) backward (gn_cluster_bwd_DT_pP,
+//! kernels/cuda/group_norm.cu) on the CPU emulator of CUDA with thread-block clusters, against
+//! the CPU reference (kernels::norm_backward::group_norm_backward): dx, and dweight / dbias summed
+//! by the kernel's f32 atomic adds into zeroed buffers; f32, bf16 and f16; SiLU on and off; with
+//! and without weight / bias; clusters of 2 and 4 CTAs. Shapes: channels of 130 / 260 packs
+//! (channel boundaries inside warps, packs past one stride of the cluster so each thread holds
+//! several, a partly used last stride), and channels of 1-2 packs (many channel runs per warp, most
+//! threads idle). dx starts as NaN, so an unwritten element shows.
+
+use kernels::emulate::EmulatedModule;
+use kernels::norm as knorm;
+use kernels::norm_backward::group_norm_backward;
+
+#[path = "common/emulation.rs"]
+mod emulation;
+use emulation::{have_compiler, values, Aligned, Half};
+
+/// Threads of a CTA (GNC_BLOCK) and the kernels' packs-per-thread instances (GNC_BWD_KERNELS).
+const BLOCK: usize = 256;
+const PACKS: [usize; 5] = [2, 4, 8, 12, 16];
+
+#[derive(Clone, Copy, Debug)]
+enum Dt {
+    F32,
+    Half(Half),
+}
+
+impl Dt {
+    fn name(self) -> &'static str {
+        match self {
+            Dt::F32 => "f32",
+            Dt::Half(h) => h.name(),
+        }
+    }
+    /// Elements of a 16-byte pack.
+    fn pack(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            Dt::Half(_) => 8,
+        }
+    }
+    fn round(self, v: &[f32]) -> Vec<f32> {
+        match self {
+            Dt::F32 => v.to_vec(),
+            Dt::Half(h) => h.round(v),
+        }
+    }
+    /// (atol, rtol) of dx against the f32 reference on the same (rounded) inputs: one rounding of
+    /// dx to the dtype plus f32 accumulation-order noise (and __expf in the 16-bit SiLU).
+    fn dx_tolerance(self) -> (f32, f32) {
+        match self {
+            Dt::F32 => (2e-5, 2e-5),
+            Dt::Half(h) => (2e-4, h.unit_roundoff() + 2e-5),
+        }
+    }
+}
+
+/// A tensor of the kernel's dtype in a 16-byte aligned buffer.
+enum Buf {
+    F32(Aligned<f32>),
+    U16(Aligned<u16>, Half),
+}
+
+impl Buf {
+    fn new(dt: Dt, v: &[f32]) -> Buf {
+        match dt {
+            Dt::F32 => Buf::F32(Aligned::from(v)),
+            Dt::Half(h) => Buf::U16(Aligned::from(&v.iter().map(|&x| h.bits(x)).collect::<Vec<_>>()), h),
+        }
+    }
+    fn addr(&self) -> u64 {
+        match self {
+            Buf::F32(a) => a.addr(),
+            Buf::U16(a, _) => a.addr(),
+        }
+    }
+    fn values(&self) -> Vec<f32> {
+        match self {
+            Buf::F32(a) => a.to_vec(),
+            Buf::U16(a, h) => a.as_ref().iter().map(|&b| h.value(b)).collect(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    n: usize,
+    c: usize,
+    hw: usize,
+    groups: usize,
+}
+
+/// What one emulated launch returns: dx, and (dweight, dbias) when asked.
+type Grads = (Vec<f32>, Option<(Vec<f32>, Vec<f32>)>);
+
+/// Runs gn_cluster_bwd_DT_pP in clusters of `cs` CTAs with the smallest P that holds the group,
+/// as the engine's plan picks it.
+#[allow(clippy::too_many_arguments)]
+fn run_kernel(module: &EmulatedModule, dt: Dt, k: Case, cs: usize, x: &[f32], dy: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, silu: bool, params: bool) -> Grads {
+    let packs = (k.c / k.groups) * k.hw / dt.pack();
+    let p = PACKS.into_iter().find(|&p| p * cs * BLOCK >= packs).expect("the group fits 16 packs a thread");
+    let name = format!("gn_cluster_bwd_{}_p{p}", dt.name());
+    let (bx, bdy) = (Buf::new(dt, x), Buf::new(dt, dy));
+    let bdx = Buf::new(dt, &vec![f32::NAN; x.len()]);
+    let (bw, bb) = (w.map(Aligned::from), b.map(Aligned::from));
+    let (dw, db) = (Aligned::<f32>::zeroed(k.c), Aligned::<f32>::zeroed(k.c));
+    let (dwp, dbp) = if params { (dw.addr(), db.addr()) } else { (0, 0) };
+    let (wp, bp) = (bw.as_ref().map_or(0, |a| a.addr()), bb.as_ref().map_or(0, |a| a.addr()));
+    let (xp, dyp, dxp) = (bx.addr(), bdy.addr(), bdx.addr());
+    let grid = (k.n * k.groups * cs) as u32;
+    // SAFETY: the signature is gn_cluster_bwd_DT_pP's (x, dy, dx, w, b, dw, db, C, HW, G, cs, eps,
+    // act); every buffer outlives the launch and holds what the kernel reads or writes (host
+    // guarantees: 16-byte aligned tensors, HW % V == 0, the group fits cs * BLOCK * P packs,
+    // C / G <= GNC_MAX_CPG, dw / db zeroed).
+    unsafe {
+        module
+            .launch_cluster(&name, (grid, 1, 1), (BLOCK as u32, 1, 1), (cs as u32, 1, 1), 0, &|f| {
+                let kernel: extern "C" fn(u64, u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, f32, i32) = std::mem::transmute(f);
+                kernel(xp, dyp, dxp, wp, bp, dwp, dbp, k.c as u32, k.hw as u32, k.groups as u32, cs as u32, 1e-5, silu as i32);
+            })
+            .unwrap_or_else(|e| panic!("{name} {k:?} cs {cs}: {e}"));
+    }
+    (bdx.values(), params.then(|| (dw.to_vec(), db.to_vec())))
+}
+
+/// Asserts |got - want| <= atol + rtol |want| elementwise (NaN fails), naming the worst element.
+fn assert_close(label: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{label}: lengths");
+    let mut worst = (0usize, 0f32);
+    for (i, (&g, &r)) in got.iter().zip(want).enumerate() {
+        let excess = (g - r).abs() - (atol + rtol * r.abs());
+        assert!(!g.is_nan(), "{label}: element {i} is NaN (unwritten?), want {r}");
+        if excess > worst.1 {
+            worst = (i, excess);
+        }
+    }
+    let i = worst.0;
+    assert!(worst.1 <= 0.0, "{label}: element {i}: got {} want {} (atol {atol}, rtol {rtol})", got[i], want[i]);
+}
+
+#[test]
+fn cluster_backward_matches_cpu_reference() {
+    if !have_compiler("cluster_backward_matches_cpu_reference") {
+        return;
+    }
+    let module = EmulatedModule::load(&knorm::GROUP_NORM_SOURCE).expect("group_norm.cu builds for the emulator");
+    let cases = [
+        // 5 channels a group of 1040 = 130 packs (16-bit) / 260 packs (f32): runs end mid-warp;
+        // 650 / 1300 packs a group: P 2 / 4 with 2 CTAs, P 2 / 2 with 4.
+        Case { n: 2, c: 10, hw: 1040, groups: 2 },
+        // 1 / 2 packs a channel, 3 samples, 4 channels a group: many runs in a warp, idle threads.
+        Case { n: 3, c: 12, hw: 8, groups: 3 },
+    ];
+    for dt in [Dt::F32, Dt::Half(Half::Bf16), Dt::Half(Half::F16)] {
+        for (ci, &k) in cases.iter().enumerate() {
+            let len = k.n * k.c * k.hw;
+            let seed = 10 * ci as u64;
+            // x with a common offset (the shifted first sum) and a spread; dy in [-1, 1).
+            let x = dt.round(&values(len, seed + 1).iter().map(|v| 1.5 + 2.0 * v).collect::<Vec<_>>());
+            let dy = dt.round(&values(len, seed + 2));
+            let w: Vec<f32> = values(k.c, seed + 3).iter().map(|v| 1.5 * v).collect();
+            let b: Vec<f32> = values(k.c, seed + 4).iter().map(|v| 0.5 * v).collect();
+            for cs in [2, 4] {
+                for silu in [false, true] {
+                    for affine in [false, true] {
+                        let (wo, bo) = if affine { (Some(&w[..]), Some(&b[..])) } else { (None, None) };
+                        let label = format!("{} {k:?} cs {cs} silu {silu} affine {affine}", dt.name());
+                        let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0f32; len], vec![0f32; k.c], vec![0f32; k.c]);
+                        group_norm_backward(&x, &dy, k.n, k.c, k.hw, k.groups, wo, bo, 1e-5, silu, &mut dx_ref, Some(&mut dw_ref), Some(&mut db_ref));
+                        let (dx, grads) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, true);
+                        let (atol, rtol) = dt.dx_tolerance();
+                        assert_close(&format!("{label} dx"), &dx, &dx_ref, atol, rtol);
+                        // dw / db: sums of n * hw f32 terms in another order (per-warp runs, per-CTA
+                        // shared sums, atomics) than the reference's f64; the scale is sqrt(terms).
+                        let (dw, db) = grads.expect("asked");
+                        let atol_p = 2e-5 * ((k.n * k.hw) as f32).sqrt() * if matches!(dt, Dt::F32) { 1.0 } else { 4.0 };
+                        assert_close(&format!("{label} dweight"), &dw, &dw_ref, atol_p, 1e-5);
+                        assert_close(&format!("{label} dbias"), &db, &db_ref, atol_p, 1e-5);
+                        // Without parameter gradients: the same dx (dw / db untouched).
+                        if cs == 2 && affine {
+                            let (dx2, none) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, false);
+                            assert!(none.is_none());
+                            assert_eq!(dx2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), dx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{label}: dx without dw / db");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
