@@ -244,6 +244,42 @@ fn group_norm_forward_cluster() {
     }
 }
 
+/// The backward of GROUPS_CLUSTER's inputs: with the experimental switch on (from
+/// experimental_kernels_match_cpu), the NCHW cases run the single-launch cluster backward on
+/// sm_90+ (gn_cluster_bwd_DT_pP: dx, and dw / db by atomic adds), the others the five-pass path.
+#[test]
+fn group_norm_backward_cluster() {
+    let Some((dev, _gpu)) = gpu("group_norm_backward_cluster") else { return };
+    for dt in FLOATS {
+        for (i, (label, shape, view, groups)) in GROUPS_CLUSTER.iter().enumerate() {
+            let x = |dv| view(&input(shape, dt, -2.0, 3.0, i as u64 + 271, dv)?);
+            if dev != Device::Cpu {
+                eprintln!("group_norm_backward {dt} {label}: forward path {}", engine::cuda::group_norm_forward_path(&x(dev).unwrap(), *groups).unwrap());
+            }
+            for silu in [false, true] {
+                for affine in [false, true] {
+                    let run = |dv: Device| {
+                        let x = x(dv)?;
+                        let c = x.shape()[1];
+                        let dy = input(x.shape(), dt, -1.0, 1.0, i as u64 + 291, dv)?;
+                        let w = input(&[c], DType::F32, -1.5, 1.5, 14, dv)?;
+                        let b = input(&[c], DType::F32, -0.5, 0.5, 15, dv)?;
+                        if affine {
+                            x.group_norm_backward(&dy, *groups, Some(&w), Some(&b), 1e-5, silu, true)
+                        } else {
+                            x.group_norm_backward(&dy, *groups, None, None, 1e-5, silu, true)
+                        }
+                    };
+                    let label = format!("group_norm_backward {dt} {label} silu={silu} affine={affine}");
+                    check_tol(dev, &format!("{label} dx"), dt, 2.0, |dv| Ok(run(dv)?.0));
+                    check_tol(dev, &format!("{label} dweight"), DType::F32, 20.0, |dv| Ok(run(dv)?.1.expect("asked")));
+                    check_tol(dev, &format!("{label} dbias"), DType::F32, 20.0, |dv| Ok(run(dv)?.2.expect("asked")));
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn group_norm_backward() {
     let Some((dev, _gpu)) = gpu("group_norm_backward") else { return };
@@ -344,9 +380,6 @@ fn philox_rand_randn_match_cpu() {
     }
 }
 
-/// Not a parity check: softmax, layer norm and group norm (+SiLU) GB/s (one read + one write of
-/// the tensor) next to the device-to-device copy bandwidth of the same run; the targets are
-/// >= 80% of copy (issue #3).
 /// The parity cases of the kernels behind `engine::cuda::experimental_kernels` (16-bit packed
 /// softmax / layer norm rows, cluster group norm), which the other tests run with the switch off.
 #[test]
@@ -361,6 +394,7 @@ fn experimental_kernels_match_cpu() {
         layer_norm_forward();
         group_norm_forward();
         group_norm_forward_cluster();
+        group_norm_backward_cluster();
     });
     engine::cuda::set_experimental_kernels(false);
     if let Err(e) = result {
@@ -368,6 +402,9 @@ fn experimental_kernels_match_cpu() {
     }
 }
 
+/// Not a parity check: softmax, layer norm and group norm (+SiLU) GB/s (one read + one write of
+/// the tensor) next to the device-to-device copy bandwidth of the same run; the targets are
+/// >= 80% of copy (issue #3).
 #[test]
 fn norm_bandwidth_report() {
     let Some((dev, _gpu)) = cuda("norm_bandwidth_report") else { return };
@@ -421,6 +458,10 @@ fn norm_bandwidth_report() {
             let dy = Tensor::randn(cl.shape(), DType::BF16, dev, 6).unwrap().permute(&[0, 2, 3, 1]).unwrap().contiguous().unwrap().permute(&[0, 3, 1, 2]).unwrap();
             // Backward reads x and dy twice-ish and writes dx: reported against 2 tensor passes too.
             report(&format!("group_norm+silu backward bf16 {shape:?} ch-last"), &cl, &|| drop(cl.group_norm_backward(&dy, groups, Some(&w), Some(&w), 1e-5, true, true).unwrap()));
+            // NCHW backward (the cluster kernel with the switch on): x and dy read, dx written.
+            let dyn_ = Tensor::randn(&shape, DType::BF16, dev, 7).unwrap();
+            let gbs = time(3 * x.elem_count() * 2, &|| drop(x.group_norm_backward(&dyn_, groups, Some(&w), Some(&w), 1e-5, true, true).unwrap()));
+            eprintln!("  {:<44} {gbs:>7.0} GB/s  {:>5.1}% of copy (3 passes)", format!("group_norm+silu backward bf16 {shape:?} NCHW"), 100.0 * gbs / copy);
         }
     }
     engine::cuda::set_experimental_kernels(false);

@@ -508,8 +508,13 @@ pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bia
     }
     let (_w, wp) = param(weight)?;
     let (_b, bp) = param(bias)?;
-    if let Some(plan) = gn_cluster_plan(&dev, &l, groups, xp)? {
-        gn_cluster_launch(&dev, &plan, &l, groups, xp, out.device_ptr(), wp, bp, eps, silu)?;
+    if let Some(plan) = gn_cluster_plan(&dev, &l, groups, xp, GnClusterKernel::Forward)? {
+        let (yp, c32, hw32, g32, cs, act) = (out.device_ptr(), l.c as u32, l.hw as u32, groups as u32, plan.cs, silu as i32);
+        let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&eps), karg(&act)];
+        // SAFETY: the arguments match gn_cluster_DT_pP (x, y, w, b, C, HW, G, cs, eps, act) and
+        // live until the call returns; gn_cluster_plan checked the kernel's conditions (NCHW,
+        // HW % V == 0, aligned x (y is a fresh allocation), the group fits cs * GNC_BLOCK * P packs).
+        unsafe { gn_cluster_launch(&dev, &plan, &mut args) }?;
         return wrap_like(out, x.shape(), &l);
     }
     let (_stats, coef) = gn_stats(&dev, &l, groups, wp, bp, eps, true)?;
@@ -555,12 +560,23 @@ fn cluster_config(dev: &CudaDevice, grid: u32, cs: u32, attr: &mut sys::CUlaunch
     }
 }
 
+/// Which cluster kernel family a plan is for: the forward (gn_cluster_DT_pP) or the backward
+/// (gn_cluster_bwd_DT_pP, same clusters and pack ownership).
+#[derive(Clone, Copy)]
+enum GnClusterKernel {
+    Forward,
+    Backward,
+}
+
+/// Channels of a group the backward cluster kernel's per-CTA partials hold (GNC_MAX_CPG).
+const GNC_MAX_CPG: usize = 512;
+
 /// The cluster kernel's plan for this input, or None where it does not apply (arch < 90,
 /// channels-last, spatial size not a multiple of the 16-byte pack, unaligned data, a group too
 /// large for 16 CTAs' registers, or a configuration the driver cannot co-schedule): the two-phase
 /// kernels run then. Cluster size: the smallest power of two up to 8 that gives >= 2 CTAs an SM
 /// and holds the group in <= 16 packs a thread; 16 CTAs (non-portable) only when 8 cannot hold it.
-fn gn_cluster_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64) -> Result<Option<GnClusterPlan>> {
+fn gn_cluster_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64, kernel: GnClusterKernel) -> Result<Option<GnClusterPlan>> {
     if !super::experimental_kernels() {
         return Ok(None);
     }
@@ -582,7 +598,10 @@ fn gn_cluster_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64) 
         if grid > i32::MAX as u32 {
             return Ok(None);
         }
-        let name = format!("gn_cluster_{dt}_p{p}");
+        let name = match kernel {
+            GnClusterKernel::Forward => format!("gn_cluster_{dt}_p{p}"),
+            GnClusterKernel::Backward => format!("gn_cluster_bwd_{dt}_p{p}"),
+        };
         let f = dev.function(&knorm::GROUP_NORM_SOURCE, &name)?;
         if !gn_cluster_schedulable(dev, &f, &name, grid, cs as u32)? {
             return Ok(None);
@@ -619,30 +638,24 @@ fn gn_cluster_schedulable(dev: &CudaDevice, f: &super::CudaFunction, name: &str,
     Ok(ok)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gn_cluster_launch(dev: &Arc<CudaDevice>, plan: &GnClusterPlan, l: &GnLayout, groups: usize, xp: u64, yp: u64, wp: u64, bp: u64, eps: f32, silu: bool) -> Result<()> {
-    let (c32, hw32, g32, cs, act) = (l.c as u32, l.hw as u32, groups as u32, plan.cs, silu as i32);
-    let mut args: [*mut std::ffi::c_void; 10] = [
-        &xp as *const u64 as *mut _,
-        &yp as *const u64 as *mut _,
-        &wp as *const u64 as *mut _,
-        &bp as *const u64 as *mut _,
-        &c32 as *const u32 as *mut _,
-        &hw32 as *const u32 as *mut _,
-        &g32 as *const u32 as *mut _,
-        &cs as *const u32 as *mut _,
-        &eps as *const f32 as *mut _,
-        &act as *const i32 as *mut _,
-    ];
+/// Launches `plan`'s kernel with its (pointer-to-value) arguments, in clusters of `plan.cs` CTAs.
+///
+/// # Safety
+/// `args` must point at values matching the kernel's parameters, alive until the call returns
+/// (the driver copies them), and the buffers they name must satisfy the kernel's host guarantees.
+unsafe fn gn_cluster_launch(dev: &Arc<CudaDevice>, plan: &GnClusterPlan, args: &mut [*mut std::ffi::c_void]) -> Result<()> {
     dev.bind()?;
     // SAFETY: zeroed, then every field written by cluster_config.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     let cfg = cluster_config(dev, plan.grid, plan.cs, &mut attr);
-    // SAFETY: the arguments match gn_cluster_DT_pP (x, y, w, b, C, HW, G, cs, eps, act) and live
-    // until the call returns (the driver copies them); gn_cluster_plan checked the kernel's
-    // conditions (NCHW, HW % V == 0, aligned x (y is a fresh allocation), the group fits cs * GNC_BLOCK * P packs).
+    // SAFETY: cfg and its attribute live for the call; the arguments are the caller's promise.
     unsafe { sys::cuLaunchKernelEx(&cfg, plan.f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(launch_failed(&plan.name))?;
     Ok(())
+}
+
+/// A kernel argument as cuLaunchKernelEx takes it (a pointer to the value).
+fn karg<T>(v: &T) -> *mut std::ffi::c_void {
+    v as *const T as *mut std::ffi::c_void
 }
 
 /// Which forward kernels `x.group_norm(groups, ..)` runs on its CUDA device, for reports:
@@ -652,7 +665,7 @@ pub fn group_norm_forward_path(x: &Tensor, groups: usize) -> Result<String> {
     gn_check(OP, x, groups)?;
     let l = gn_layout_checked(x)?;
     let (xp, dev) = addr(&l.x, OP)?;
-    Ok(match gn_cluster_plan(&dev, &l, groups, xp)? {
+    Ok(match gn_cluster_plan(&dev, &l, groups, xp, GnClusterKernel::Forward)? {
         Some(p) => format!("cluster ({} CTAs x {} packs/thread, {})", p.cs, p.packs, p.name),
         None => "two-phase".to_string(),
     })
@@ -699,6 +712,25 @@ pub(crate) fn group_norm_backward(x: &Tensor, dy: &Tensor, groups: usize, weight
     if total == 0 {
         let z = Tensor::zeros(&[l.c], DType::F32, x.device())?;
         return Ok((wrap_like(dx, x.shape(), &l)?, param_grads.then(|| (z.clone(), z))));
+    }
+    // One launch (sm_90 clusters, experimental): reads x and dy once, writes dx once.
+    if groups > 0 && l.c / groups <= GNC_MAX_CPG && dyp.is_multiple_of(16) {
+        if let Some(plan) = gn_cluster_plan(&dev, &l, groups, xp, GnClusterKernel::Backward)? {
+            // dw / db are sums of atomic adds into zeroed f32 buffers.
+            let grads = if param_grads { Some((Tensor::zeros(&[l.c], DType::F32, x.device())?, Tensor::zeros(&[l.c], DType::F32, x.device())?)) } else { None };
+            let (dwp, dbp) = match &grads {
+                Some((dw, db)) => (addr(dw, OP)?.0, addr(db, OP)?.0),
+                None => (0u64, 0u64),
+            };
+            let (dxp, c32, hw32, g32, cs, act) = (dx.device_ptr(), l.c as u32, l.hw as u32, groups as u32, plan.cs, silu as i32);
+            let mut args = [karg(&xp), karg(&dyp), karg(&dxp), karg(&wp), karg(&bp), karg(&dwp), karg(&dbp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&eps), karg(&act)];
+            // SAFETY: the arguments match gn_cluster_bwd_DT_pP (x, dy, dx, w, b, dw, db, C, HW, G,
+            // cs, eps, act) and live until the call returns; gn_cluster_plan checked the forward's
+            // conditions, dy is aligned (checked above; dy has x's NCHW layout, like_layout), dx
+            // is a fresh allocation, C / G <= GNC_MAX_CPG, and dw / db hold C zeroed floats.
+            unsafe { gn_cluster_launch(&dev, &plan, &mut args) }?;
+            return Ok((wrap_like(dx, x.shape(), &l)?, grads));
+        }
     }
     let (stats, _) = gn_stats(&dev, &l, groups, wp, bp, eps, false)?;
     let sp = stats.device_ptr();
