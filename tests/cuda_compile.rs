@@ -106,5 +106,5 @@ fn compile_errors_name_file_and_line() {
     let err = nvrtc.compile_uncached(&src, 90).expect_err("must not compile").to_string();
     assert!(err.contains("kernels/cuda/broken.cu(2)"), "{err}");
     assert!(err.contains("void k(float* y) { y[0] = not_declared; }"), "{err}");
-    lookahead::show(&format!("{err}"));
+    lookahead::show(&err);
 }

@@ -199,9 +199,9 @@ mod tests {
             layer_norm_rows(x, cols, Some(w), Some(b), 1e-5, &mut out);
             out.iter().zip(&dy).map(|(&o, &d)| o as f64 * d as f64).sum::<f64>()
         };
-        for i in 0..15 {
+        for (i, &got) in dx.iter().enumerate().take(15) {
             let want = fd(&x, i, &|xx| loss(xx, &w, &b));
-            assert!((dx[i] as f64 - want).abs() < 1e-2, "dx[{i}] {} vs {want}", dx[i]);
+            assert!((got as f64 - want).abs() < 1e-2, "dx[{i}] {got} vs {want}");
         }
         for j in 0..cols {
             let want = fd(&w, j, &|ww| loss(&x, ww, &b));
@@ -228,9 +228,9 @@ mod tests {
                 group_norm(x, n, c, hw, groups, Some(w), Some(b), 1e-5, silu, &mut out);
                 out.iter().zip(&dy).map(|(&o, &d)| o as f64 * d as f64).sum::<f64>()
             };
-            for i in 0..len {
+            for (i, &got) in dx.iter().enumerate().take(len) {
                 let want = fd(&x, i, &|xx| loss(xx, &w, &b));
-                assert!((dx[i] as f64 - want).abs() < 1e-2, "silu {silu} dx[{i}] {} vs {want}", dx[i]);
+                assert!((got as f64 - want).abs() < 1e-2, "silu {silu} dx[{i}] {got} vs {want}");
             }
             for j in 0..c {
                 assert!((dw[j] as f64 - fd(&w, j, &|ww| loss(&x, ww, &b))).abs() < 1e-2, "dw[{j}]");

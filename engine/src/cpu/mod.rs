@@ -131,7 +131,7 @@ impl CpuStorage {
 
     /// Copies little-endian bytes of `dtype` elements.
     pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Result<Self> {
-        if bytes.len() % dtype.size_in_bytes() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size_in_bytes()) {
             return Err(Error::msg(format!("{} bytes is not a whole number of {dtype} elements", bytes.len())));
         }
         let mut s = Self::zeros(dtype, bytes.len() / dtype.size_in_bytes());
@@ -142,8 +142,8 @@ impl CpuStorage {
     /// A zero-copy view of `len_bytes` bytes at `start` in a mapped file; `None` if the start is not
     /// aligned for the dtype (the caller then copies).
     pub fn mapped(map: Arc<memmap2::Mmap>, start: usize, len_bytes: usize, dtype: DType) -> Option<Self> {
-        let aligned = (map.as_ptr() as usize + start) % dtype.size_in_bytes() == 0;
-        (aligned && start + len_bytes <= map.len() && len_bytes % dtype.size_in_bytes() == 0)
+        let aligned = (map.as_ptr() as usize + start).is_multiple_of(dtype.size_in_bytes());
+        (aligned && start + len_bytes <= map.len() && len_bytes.is_multiple_of(dtype.size_in_bytes()))
             .then_some(CpuStorage { bytes: CpuBytes::Mapped { map, start, len_bytes }, dtype })
     }
 
