@@ -154,9 +154,12 @@ fn cases(device: Device) -> Vec<Case> {
             // SDXL's IP cross-attention: 77 text tokens, 16 IP tokens (IP-Adapter Plus).
             case("ip attention b2 h10 4096x(77|16)", Op::DecoupledAttention { b: 2, h: 10, lq: 4096, l1: 77, l2: 16, d: 64 }),
             case("ip attention b2 h20 1024x(77|16)", Op::DecoupledAttention { b: 2, h: 20, lq: 1024, l1: 77, l2: 16, d: 64 }),
+            // Rank 0: our fused GEMM with no LoRA term, against the cuBLASLt "linear" rows above.
+            case("lora_linear 8192x640x640 r0", Op::LoraLinear { m: 8192, n: 640, k: 640, r: 0 }),
             case("lora_linear 8192x640x640 r4", Op::LoraLinear { m: 8192, n: 640, k: 640, r: 4 }),
             case("lora_linear 8192x640x640 r16", Op::LoraLinear { m: 8192, n: 640, k: 640, r: 16 }),
             case("lora_linear 8192x640x640 r64", Op::LoraLinear { m: 8192, n: 640, k: 640, r: 64 }),
+            case("lora_linear 2048x1280x1280 r0", Op::LoraLinear { m: 2048, n: 1280, k: 1280, r: 0 }),
             case("lora_linear 2048x1280x1280 r4", Op::LoraLinear { m: 2048, n: 1280, k: 1280, r: 4 }),
             case("lora_linear 2048x1280x1280 r16", Op::LoraLinear { m: 2048, n: 1280, k: 1280, r: 16 }),
             case("lora_linear 2048x1280x1280 r64", Op::LoraLinear { m: 2048, n: 1280, k: 1280, r: 64 }),
