@@ -38,6 +38,37 @@ __device__ __forceinline__ float gnc_cluster_sum(float v, float* red, float* slo
     for (u32 r = 0; r < cs; ++r) tot += cluster_load_remote(slot, r);
     return tot;
 }
+
+// The group's mean and variance from this thread's packs r[k] (pack index first + k stride, valid
+// below `packs`) over the group's M elements: pass 1 sums x - K with K the group's first element,
+// so that a large common offset does not eat the f32 sum's precision; pass 2 sums the squared
+// deviations from the mean; each pass is combined over the cluster in slots[0] / slots[1]. The
+// forward and the backward both call this, so they see the same statistics, term for term.
+template <typename T, int V, int P>
+__device__ __forceinline__ void gnc_group_stats(const Pack<T, V> (&r)[P], float K, u32 first, u32 stride, u32 packs, u32 M, float* red, float* slots, u32 cs,
+                                                float& mean, float& var) {
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        if (first + k * stride < packs) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) s += to_f32(r[k].v[j]) - K;
+        }
+    }
+    mean = K + gnc_cluster_sum(s, red, &slots[0], cs) / (float)M;
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        if (first + k * stride < packs) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const float d = to_f32(r[k].v[j]) - mean;
+                ss += d * d;
+            }
+        }
+    }
+    var = gnc_cluster_sum(ss, red, &slots[1], cs) / (float)M;
+}
 #endif
 
 template <typename T, int P>
@@ -61,30 +92,8 @@ __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restric
         const u32 i = first + k * stride;
         if (i < packs) r[k] = xp[i];
     }
-    // Pass 1 sums x - K with K the group's first element, so that a large common offset does not
-    // eat the f32 sum's precision.
-    const float K = to_f32(x[base]);
-    float s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < P; ++k) {
-        if (first + k * stride < packs) {
-#pragma unroll
-            for (int j = 0; j < V; ++j) s += to_f32(r[k].v[j]) - K;
-        }
-    }
-    const float mean = K + gnc_cluster_sum(s, red, &slots[0], cs) / (float)M;
-    float ss = 0.0f;
-#pragma unroll
-    for (int k = 0; k < P; ++k) {
-        if (first + k * stride < packs) {
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                const float d = to_f32(r[k].v[j]) - mean;
-                ss += d * d;
-            }
-        }
-    }
-    const float var = gnc_cluster_sum(ss, red, &slots[1], cs) / (float)M;
+    float mean, var;
+    gnc_group_stats<T, V, P>(r, to_f32(x[base]), first, stride, packs, M, red, slots, cs, mean, var);
     // This CTA's reads of the other CTAs' slots are done: arrive now, wait before exiting (a CTA's
     // shared memory must outlive the other CTAs' reads of it).
     cluster_arrive();
@@ -226,28 +235,8 @@ __device__ __forceinline__ void gn_cluster_bwd(const T* __restrict__ x, const T*
         }
     }
     // The forward's statistics, term for term.
-    const float K = to_f32(x[base]);
-    float s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < P; ++k) {
-        if (first + k * stride < packs) {
-#pragma unroll
-            for (int j = 0; j < V; ++j) s += to_f32(rx[k].v[j]) - K;
-        }
-    }
-    const float mean = K + gnc_cluster_sum(s, red, &slots[0], cs) / (float)M;
-    float ss = 0.0f;
-#pragma unroll
-    for (int k = 0; k < P; ++k) {
-        if (first + k * stride < packs) {
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                const float d = to_f32(rx[k].v[j]) - mean;
-                ss += d * d;
-            }
-        }
-    }
-    const float var = gnc_cluster_sum(ss, red, &slots[1], cs) / (float)M;
+    float mean, var;
+    gnc_group_stats<T, V, P>(rx, to_f32(x[base]), first, stride, packs, M, red, slots, cs, mean, var);
     const float rstd = 1.0f / sqrtf(var + eps);
     // Sums of dxhat = dz w and dxhat xhat; per-channel sums of dz and dz xhat for dw / db.
     float sg = 0.0f, sgx = 0.0f;
