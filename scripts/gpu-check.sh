@@ -119,7 +119,7 @@ done
 # LoRA GEMM, packed softmax / layer-norm rows, cluster group norm), for the on/off comparison.
 : > "$OUT/bench.txt"
 step "bench --device cuda --baseline python3" 150 "$OUT/bench.txt" sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json > '$OUT/bench.json'"
-EXPERIMENTAL_FAMILIES="copy,ext attention,lora_linear,softmax,layer_norm,group_norm"
+EXPERIMENTAL_FAMILIES="copy,ext attention,ip attention,lora_linear,softmax,layer_norm,group_norm"
 step "bench (experimental kernels on)" 120 "$OUT/bench.txt" env LOOKAHEAD_EXPERIMENTAL_KERNELS=1 sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json --filter '$EXPERIMENTAL_FAMILIES' > '$OUT/bench-experimental.json'"
 for json in "$OUT/bench.json" "$OUT/bench-experimental.json"; do
     [ -s "$json" ] || continue
