@@ -1,6 +1,7 @@
 //! The flash-attention forward CUDA kernel (kernels/cuda/flash_attention.cu) run on the CPU
 //! emulator (kernels::emulate) against the CPU reference (kernels::flash_attention), on sizes that
-//! are not multiples of the tiles (Lq 77 over two query blocks, Lk 45 and Lr 70 with edge tiles),
+//! are not multiples of the tiles (Lq over two query blocks, the second partial: 141 at head dim 64,
+//! whose blocks hold 128 rows, 77 at 128, whose blocks hold 64; Lk 45 and Lr 70 with edge tiles),
 //! with a keep mask, a q view with heads interleaved ([B, Lq, H, D] memory), padded reference
 //! rows, bf16 and f16, head dims 64 and 128. The decoupled mode (IP-Adapter's text + s2 x IP
 //! cross-attention, two independent softmaxes) against kernels::flash_attention's
@@ -10,7 +11,7 @@
 //! unless `CI` is set.
 
 use kernels::emulate::EmulatedModule;
-use kernels::flash_attention::{decoupled_attention_head, decoupled_kernel_name, flash_attention_head, kernel_name, shared_bytes, DecoupledDims, FlashDims, FlashParams, ROWS_PER_BLOCK, THREADS};
+use kernels::flash_attention::{decoupled_attention_head, decoupled_kernel_name, flash_attention_head, kernel_name, rows_per_block, shared_bytes, DecoupledDims, FlashDims, FlashParams, THREADS};
 
 #[path = "common/emulation.rs"]
 mod emulation;
@@ -91,7 +92,7 @@ fn params([q, k, v, kr, vr]: [&Operand; 5], out: &Aligned<u16>, lse: &mut [f32],
 /// Every address in `p` points into a live buffer covering the strides and sizes given.
 unsafe fn launch(name: &str, p: FlashParams, b: usize, h: usize, lq: usize, d: usize) -> f32 {
     let m = EmulatedModule::load(&kernels::flash_attention::SOURCE).unwrap_or_else(|e| panic!("{e}"));
-    let grid = (lq.div_ceil(ROWS_PER_BLOCK) as u32, h as u32, b as u32);
+    let grid = (lq.div_ceil(rows_per_block(d)) as u32, h as u32, b as u32);
     let t = std::time::Instant::now();
     // SAFETY: FlashParams mirrors the kernel's struct; the addresses are the caller's promise.
     unsafe {
@@ -180,9 +181,12 @@ fn keep_mask(b: usize, lr: usize) -> Vec<u8> {
     (0..b * lr).map(|i| !(i * 7 + i / lr).is_multiple_of(5) as u8).collect()
 }
 
+/// Lq over two query blocks, the second with 13 rows: 141 at d 64 (128-row blocks), 77 at d 128
+/// (64-row blocks).
 fn odd_sizes(ty: Half, d: usize) {
     let (b, lr) = (2, 70);
-    run_case(ty, &Case { b, h: 2, lq: 77, lk: 45, lr, d, keep: Some(keep_mask(b, lr)), scale: 1.0 / (d as f32).sqrt() });
+    let lq = rows_per_block(d) + 13;
+    run_case(ty, &Case { b, h: 2, lq, lk: 45, lr, d, keep: Some(keep_mask(b, lr)), scale: 1.0 / (d as f32).sqrt() });
 }
 
 #[test]

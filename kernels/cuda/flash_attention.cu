@@ -9,29 +9,35 @@
 // reason it skips the products of 16-key groups past a tile's end (77 + 16 keys take 6 groups of
 // 16 instead of the 12 that three full tiles would).
 //
-// Launch (engine/src/cuda/flash_attention.rs): grid (ceil(Lq / FA_BR), H, B), FA_WARPS * 32 threads,
-// dynamic shared memory fa_shared_bytes<D>() = 2 stages x (K + V tiles of FA_BC x D) = 32 KiB (D 64)
-// / 64 KiB (D 128). A block owns FA_BR = 64 query rows, 16 per warp, whose Q fragments stay in
-// registers (loaded once through the stage-1 buffer, which the first prefetch then reuses). Key
-// tiles of FA_BC = 64 rows stream through two shared-memory stages with cp.async (tile j + 1 loads
-// while tile j computes); own tiles first, then reference tiles, never one straddling both. Per
-// tile: S = Q K^T (mma m16n8k16, K rows by ldmatrix), online softmax in base 2 (row max / sum over
-// the 4 lanes holding a row), P re-packed in registers as A fragments, O += P V (V by ldmatrix
-// .trans). Rows of 16-byte chunks are XOR-swizzled (chunk ^ row % 8) so that the 8 rows an ldmatrix
-// phase reads, and the chunks cp.async writes, fall in distinct banks.
-// Registers per thread: Q D/4, O D/2, S 32 (D 128: ~140 live values), no spills on sm_80/sm_90.
+// Launch (engine/src/cuda/flash_attention.rs): grid (ceil(Lq / fa_rows<D>()), H, B), FA_WARPS * 32
+// threads, dynamic shared memory fa_shared_bytes<D>() = 2 stages x (K + V tiles of FA_BC x D) =
+// 32 KiB (D 64) / 64 KiB (D 128). Each warp owns fa_mtiles<D>() m-tiles of 16 query rows: 2 at
+// D 64, 1 at D 128, so a block owns fa_rows<D>() = 128 (D 64) / 64 (D 128) rows. Every K and V
+// fragment a warp reads from shared memory (ldmatrix) feeds the mma of each of its m-tiles: with 2
+// m-tiles the shared-memory traffic per mma halves (one m16n8k16 would otherwise read 256 bytes, and
+// an SM reads 128 bytes of shared memory a clock against about one mma a clock). D 128 keeps 1
+// m-tile: twice its Q, S and O registers would not fit. The Q fragments stay in registers (loaded
+// once through the stage-1 buffer, 2 x FA_BC x D elements = 128 rows of D, which the first prefetch
+// then reuses). Key tiles of FA_BC = 64 rows stream through two shared-memory stages with cp.async
+// (tile j + 1 loads while tile j computes); own tiles first, then reference tiles, never one
+// straddling both. Per tile: S = Q K^T (mma m16n8k16, K rows by ldmatrix), online softmax in base
+// 2 (row max / sum over the 4 lanes holding a row), P re-packed in registers as A fragments,
+// O += P V (V by ldmatrix .trans). Rows of 16-byte chunks are XOR-swizzled (chunk ^ row % 8) so
+// that the 8 rows an ldmatrix phase reads, and the chunks cp.async writes, fall in distinct banks.
+// Registers per thread, per m-tile: Q D/4, O D/2, S 32 (D 64 with 2 m-tiles: ~170 live values,
+// 220..249 registers after ptxas, so 2 blocks = 256 rows an SM; D 128 with 1: ~140 live values),
+// no spills on sm_80/sm_90.
 // The decoupled mode adds no O registers: when source 2 starts, O holds source 1's normalized
 // output O1/l1 (lse written); source 2's row max and sum are known before its P V is added
 // (its only tile, or a first pass over its K tiles when it has several), so P is scaled by
-// s2 / l2 before the product and lands in the same O registers (2 more floats per thread: the
-// weights s2 / l2 of the thread's two rows).
+// s2 / l2 before the product and lands in the same O registers (2 more floats per thread and
+// m-tile: the weights s2 / l2 of the thread's rows).
 // Host guarantees: rows 16-byte aligned with unit stride along D (row strides multiples of 8
 // elements), Lq/Lk/Lr < 2^31, grid.y = H <= 65535, grid.z = B <= 65535.
 #include "mma.cuh"
 
 #define FA_WARPS 4
 #define FA_THREADS (FA_WARPS * 32)
-#define FA_BR (FA_WARPS * 16)
 #define FA_BC 64
 #define FA_NEG_INF __uint_as_float(0xff800000u)
 
@@ -57,6 +63,10 @@ struct FlashParams {
 };
 
 template <int D> __host__ __device__ constexpr u32 fa_shared_bytes() { return 2u * 2u * FA_BC * D * 2u; }
+// m-tiles (16 query rows each) per warp, and query rows per block; mirrored by `rows_per_block` in
+// kernels/src/flash_attention.rs.
+template <int D> __host__ __device__ constexpr int fa_mtiles() { return D <= 64 ? 2 : 1; }
+template <int D> __host__ __device__ constexpr u32 fa_rows() { return FA_WARPS * 16u * fa_mtiles<D>(); }
 
 // Offset (in elements) of 16-byte chunk `chunk` of row `row` in a swizzled tile of D-element rows.
 template <int D> __device__ __forceinline__ u32 fa_swizzle(u32 row, u32 chunk) { return row * D + ((chunk ^ (row & 7u)) << 3); }
@@ -75,18 +85,22 @@ __device__ __forceinline__ void fa_load_tile(T* dst, const T* src, i64 rs, u32 r
     }
 }
 
-// DECOUPLED: the decoupled mode (see the top of the file), else extended attention.
-template <typename T, int D, bool DECOUPLED>
+// MT: m-tiles of 16 query rows per warp (1 or 2; the instances use fa_mtiles<D>()). DECOUPLED: the
+// decoupled mode (see the top of the file), else extended attention.
+template <typename T, int D, int MT, bool DECOUPLED>
 __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
     constexpr u32 TILE = FA_BC * D;  // elements of one K (or V) tile
     constexpr int KSTEPS = D / 16;   // k-steps of S = Q K^T
     constexpr int NT_S = FA_BC / 8;  // n-tiles of S (8 keys each)
     constexpr int NT_O = D / 8;      // n-tiles of O (8 dims each)
+    constexpr u32 BR = FA_WARPS * 16 * MT;  // query rows per block
+    static_assert(MT == 1 || MT == 2, "1 or 2 m-tiles per warp");
+    static_assert(BR * D <= 2 * TILE, "Q is staged through the stage-1 buffer (one K and one V tile)");
     LA_DYNAMIC_SHARED(T, smem);      // stage s: K at smem + 2 s TILE, V at smem + (2 s + 1) TILE
 
     const u32 warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const u32 g = lane / 4, t = lane % 4;
-    const u32 bi = blockIdx.z, hi = blockIdx.y, row0 = blockIdx.x * FA_BR;
+    const u32 bi = blockIdx.z, hi = blockIdx.y, row0 = blockIdx.x * BR;
     const T* q = (const T*)p.q + bi * p.q_stride[0] + hi * p.q_stride[1];
     const T* k = (const T*)p.k + bi * p.k_stride[0] + hi * p.k_stride[1];
     const T* v = (const T*)p.v + bi * p.v_stride[0] + hi * p.v_stride[1];
@@ -119,88 +133,114 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
         }
     };
 
-    // Q (FA_BR x D) through the stage-1 buffer, then tile 0 into stage 0; Q into registers.
+    // Q (BR x D) through the stage-1 buffer, then tile 0 into stage 0; Q into registers.
     T* qs = smem + 2 * TILE;
-    fa_load_tile<T, D>(qs, q + (i64)row0 * p.q_stride[2], p.q_stride[2], FA_BR, p.lq > row0 ? p.lq - row0 : 0);
+    fa_load_tile<T, D>(qs, q + (i64)row0 * p.q_stride[2], p.q_stride[2], BR, p.lq > row0 ? p.lq - row0 : 0);
     cp_async_commit();
     if (tiles > 0) load_kv(0, 0);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    u32 qf[KSTEPS][4];
+    // The warp's rows: m-tile mt holds block rows (warp MT + mt) 16 .. + 15.
+    u32 qf[MT][KSTEPS][4];
 #pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk) {
-        // Lane l: row l % 16 of the warp's 16, chunk 2 kk + l / 16 (A fragment of ldmatrix_x4).
-        u32 r = warp * 16 + lane % 16;
-        ldmatrix_x4(qf[kk], qs + fa_swizzle<D>(r, 2 * kk + lane / 16));
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            // Lane l: row l % 16 of the m-tile, chunk 2 kk + l / 16 (A fragment of ldmatrix_x4).
+            u32 r = (warp * MT + mt) * 16 + lane % 16;
+            ldmatrix_x4(qf[mt][kk], qs + fa_swizzle<D>(r, 2 * kk + lane / 16));
+        }
     }
     __syncthreads();  // every warp has its Q before stage 1 is overwritten
 
-    float o[NT_O][4];
+    float o[MT][NT_O][4];
 #pragma unroll
-    for (int n = 0; n < NT_O; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-    // Running max (base-2 units) and this thread's part of the row sums, for rows g and g + 8.
-    float m[2] = {FA_NEG_INF, FA_NEG_INF}, l[2] = {0.0f, 0.0f};
-    // Decoupled mode: the weights s2 / l2 of source 2's probabilities, rows g and g + 8.
-    float w[2] = {0.0f, 0.0f};
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < NT_O; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+    // Running max (base-2 units) and this thread's part of the row sums, for rows g and g + 8 of
+    // each m-tile.
+    float m[MT][2], l[MT][2];
+    // Decoupled mode: the weights s2 / l2 of source 2's probabilities, the same rows.
+    float w[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        m[mt][0] = m[mt][1] = FA_NEG_INF;
+        l[mt][0] = l[mt][1] = 0.0f;
+        w[mt][0] = w[mt][1] = 0.0f;
+    }
 
     // Decoupled mode, between the sources: O <- O / l (source 1's output, 0 for a row with no
     // key), its lse written, max and sum reset for source 2.
     auto finish_source_1 = [&]() {
+        float* lse1 = (float*)p.lse + ((u64)bi * p.heads + hi) * p.lq;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float sum = l[h];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int n = 0; n < NT_O; ++n) {
-                o[n][2 * h] *= inv;
-                o[n][2 * h + 1] *= inv;
+            for (int h = 0; h < 2; ++h) {
+                float sum = l[mt][h];
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+                for (int n = 0; n < NT_O; ++n) {
+                    o[mt][n][2 * h] *= inv;
+                    o[mt][n][2 * h + 1] *= inv;
+                }
+                const u32 row = row0 + (warp * MT + mt) * 16 + g + 8 * h;
+                if (row < p.lq && t == 0) lse1[row] = sum > 0.0f ? (m[mt][h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
+                m[mt][h] = FA_NEG_INF;
+                l[mt][h] = 0.0f;
             }
-            const u32 row = row0 + warp * 16 + g + 8 * h;
-            float* lse1 = (float*)p.lse + ((u64)bi * p.heads + hi) * p.lq;
-            if (row < p.lq && t == 0) lse1[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
-            m[h] = FA_NEG_INF;
-            l[h] = 0.0f;
         }
     };
 
-    // Online softmax per row (h = 0: row g, h = 1: row g + 8): new max over the 4 lanes of the
-    // row, the old sum rescaled, s <- p = exp2(s - max); corr[h] = exp2(old max - new max), the
-    // factor the caller applies to its output so far.
-    auto online_softmax = [&](float (&s)[NT_S][4], float (&corr)[2]) {
+    // Online softmax per row (m-tile mt; h = 0: row g, h = 1: row g + 8): new max over the 4
+    // lanes of the row, the old sum rescaled, s <- p = exp2(s - max); corr[mt][h] = exp2(old max -
+    // new max), the factor the caller applies to its output so far.
+    auto online_softmax = [&](float (&s)[MT][NT_S][4], float (&corr)[MT][2]) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float mx = m[h];
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int n = 0; n < NT_S; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives 0,
-            // not NaN.
-            float base = mx == FA_NEG_INF ? 0.0f : mx;
-            corr[h] = exp2f(m[h] - base);
-            m[h] = mx;
-            float sum = 0.0f;
+            for (int h = 0; h < 2; ++h) {
+                float mx = m[mt][h];
 #pragma unroll
-            for (int n = 0; n < NT_S; ++n) {
-                s[n][2 * h] = exp2f(s[n][2 * h] - base);
-                s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - base);
-                sum += s[n][2 * h] + s[n][2 * h + 1];
+                for (int n = 0; n < NT_S; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives
+                // 0, not NaN.
+                float base = mx == FA_NEG_INF ? 0.0f : mx;
+                corr[mt][h] = exp2f(m[mt][h] - base);
+                m[mt][h] = mx;
+                float sum = 0.0f;
+#pragma unroll
+                for (int n = 0; n < NT_S; ++n) {
+                    s[mt][n][2 * h] = exp2f(s[mt][n][2 * h] - base);
+                    s[mt][n][2 * h + 1] = exp2f(s[mt][n][2 * h + 1] - base);
+                    sum += s[mt][n][2 * h] + s[mt][n][2 * h + 1];
+                }
+                l[mt][h] = l[mt][h] * corr[mt][h] + sum;
             }
-            l[h] = l[h] * corr[h] + sum;
         }
     };
 
     // O += P V over the tile's values vs: the C fragments of S n-tiles 2kk and 2kk + 1 are the A
-    // fragment of k-step kk. Decoupled mode: k-steps past the tile's `len` keys (P = 0) skipped.
-    auto accumulate_pv = [&](float (&s)[NT_S][4], const T* vs, u32 len) {
+    // fragment of k-step kk. Each V fragment is read once for all the warp's m-tiles. Decoupled
+    // mode: k-steps past the tile's `len` keys (P = 0) skipped.
+    auto accumulate_pv = [&](float (&s)[MT][NT_S][4], const T* vs, u32 len) {
 #pragma unroll
         for (int kk = 0; kk < FA_BC / 16; ++kk) {
             if (DECOUPLED && kk * 16 >= len) continue;
-            const u32 pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            u32 pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int n = 0; n < NT_O; n += 2) {
                 // .trans matrices (keys 16kk.., dims n8..), (16kk+8.., n8..), (16kk.., n8+8..),
@@ -209,8 +249,11 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
                 u32 vb[4];
                 ldmatrix_x4_trans(vb, vs + fa_swizzle<D>(r, n + lane / 16));
                 const u32 b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-                mma_16816<T>(o[n], pa, b0);
-                mma_16816<T>(o[n + 1], pa, b1);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(o[mt][n], pa[mt], b0);
+                    mma_16816<T>(o[mt][n + 1], pa[mt], b1);
+                }
             }
         }
     };
@@ -237,10 +280,12 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
         }
         const u32 len = reference ? p.lr - start : p.lk - start;
 
-        // S = Q K^T for this warp's 16 rows and the tile's FA_BC keys.
-        float s[NT_S][4];
+        // S = Q K^T for this warp's 16 MT rows and the tile's FA_BC keys.
+        float s[MT][NT_S][4];
 #pragma unroll
-        for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < NT_S; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
 #pragma unroll
@@ -250,13 +295,16 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
                 // 13 keys, IP-Adapter's 16): a quarter of the products there.
                 if (DECOUPLED && n * 8 >= len) continue;
                 // Matrices (keys n8.., dims 16kk..), (n8.., 16kk+8..), (n8+8.., 16kk..),
-                // (n8+8.., 16kk+8..): B fragments of n-tiles n and n + 1.
+                // (n8+8.., 16kk+8..): B fragments of n-tiles n and n + 1, for every m-tile.
                 u32 r = n * 8 + lane % 8 + (lane / 16) * 8;
                 u32 kb[4];
                 ldmatrix_x4(kb, ks + fa_swizzle<D>(r, 2 * kk + (lane / 8) % 2));
                 const u32 b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-                mma_16816<T>(s[n], qf[kk], b0);
-                mma_16816<T>(s[n + 1], qf[kk], b1);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_16816<T>(s[mt][n], qf[mt][kk], b0);
+                    mma_16816<T>(s[mt][n + 1], qf[mt][kk], b1);
+                }
             }
         }
 
@@ -266,54 +314,61 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
         for (int n = 0; n < NT_S; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float x = s[n][e] * p.scale_log2;
+                // The column (key) is the same in every m-tile.
+                bool dropped = false;
                 if (check) {
                     u32 col = n * 8 + 2 * t + (e & 1);
-                    bool dropped = col >= len || (reference && keep != nullptr && keep[start + col] == 0);
-                    if (dropped) x = FA_NEG_INF;
+                    dropped = col >= len || (reference && keep != nullptr && keep[start + col] == 0);
                 }
-                s[n][e] = x;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) s[mt][n][e] = dropped ? FA_NEG_INF : s[mt][n][e] * p.scale_log2;
             }
         }
 
         if (!DECOUPLED || !reference) {
-            float corr[2];
+            float corr[MT][2];
             online_softmax(s, corr);
 #pragma unroll
-            for (int n = 0; n < NT_O; ++n) {
-                o[n][0] *= corr[0];
-                o[n][1] *= corr[0];
-                o[n][2] *= corr[1];
-                o[n][3] *= corr[1];
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int n = 0; n < NT_O; ++n) {
+                    o[mt][n][0] *= corr[mt][0];
+                    o[mt][n][1] *= corr[mt][0];
+                    o[mt][n][2] *= corr[mt][1];
+                    o[mt][n][3] *= corr[mt][1];
+                }
             }
             accumulate_pv(s, vs, len);
         } else {
             // Source 2 of the decoupled mode. O holds source 1's finished output: never rescaled.
             if (stat || stat_tiles == 0) {
-                float corr[2];  // applies to the sum only
+                float corr[MT][2];  // applies to the sum only
                 online_softmax(s, corr);
             }
             if (!stat) {
                 // Source 2's max and sum are final: P = s2 exp2(s - max) / sum goes straight into O.
-                if (acc_tile == 0) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    if (acc_tile == 0) {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            float sum = l[mt][h];
+                            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                            w[mt][h] = sum > 0.0f ? p.decoupled_scale / sum : 0.0f;
+                        }
+                    }
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        float sum = l[h];
-                        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-                        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-                        w[h] = sum > 0.0f ? p.decoupled_scale / sum : 0.0f;
-                    }
-                }
+                        const float base = m[mt][h] == FA_NEG_INF ? 0.0f : m[mt][h];
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const float base = m[h] == FA_NEG_INF ? 0.0f : m[h];
+                        for (int n = 0; n < NT_S; ++n) {
 #pragma unroll
-                    for (int n = 0; n < NT_S; ++n) {
-#pragma unroll
-                        for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                            // One tile: s already holds exp2(s - max) from the statistics above.
-                            float x = stat_tiles == 0 ? s[n][e] : exp2f(s[n][e] - base);
-                            s[n][e] = x * w[h];
+                            for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                                // One tile: s already holds exp2(s - max) from the statistics above.
+                                float x = stat_tiles == 0 ? s[mt][n][e] : exp2f(s[mt][n][e] - base);
+                                s[mt][n][e] = x * w[mt][h];
+                            }
                         }
                     }
                 }
@@ -331,27 +386,30 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
     T* out = (T*)p.out + bi * p.out_stride[0] + hi * p.out_stride[1];
     float* lse = (float*)(DECOUPLED ? p.lse2 : p.lse) + ((u64)bi * p.heads + hi) * p.lq;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float sum = l[h];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const u32 row = row0 + warp * 16 + g + 8 * h;
-        const float inv = DECOUPLED ? 1.0f : sum > 0.0f ? 1.0f / sum : 0.0f;
-        if (row < p.lq) {
-            T* orow = out + (i64)row * p.out_stride[2];
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-            for (int n = 0; n < NT_O; ++n) *(u32*)(orow + n * 8 + 2 * t) = pack2<T>(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
-            if (t == 0) lse[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
+        for (int h = 0; h < 2; ++h) {
+            float sum = l[mt][h];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const u32 row = row0 + (warp * MT + mt) * 16 + g + 8 * h;
+            const float inv = DECOUPLED ? 1.0f : sum > 0.0f ? 1.0f / sum : 0.0f;
+            if (row < p.lq) {
+                T* orow = out + (i64)row * p.out_stride[2];
+#pragma unroll
+                for (int n = 0; n < NT_O; ++n) *(u32*)(orow + n * 8 + 2 * t) = pack2<T>(o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
+                if (t == 0) lse[row] = sum > 0.0f ? (m[mt][h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
+            }
         }
     }
 }
 
-#define FA_INSTANCE(TN, T, D)                                                                                      \
+#define FA_INSTANCE(TN, T, D)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_fwd_##TN##_d##D(const FlashParams p) {           \
-        flash_attention_fwd<T, D, false>(p);                                                                                  \
-    }                                                                                                                          \
+        flash_attention_fwd<T, D, fa_mtiles<D>(), false>(p);                                                                  \
+    }                                                                                                                         \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_decoupled_fwd_##TN##_d##D(const FlashParams p) { \
-        flash_attention_fwd<T, D, true>(p);                                                                                   \
+        flash_attention_fwd<T, D, fa_mtiles<D>(), true>(p);                                                                   \
     }
 FA_INSTANCE(bf16, bf16, 64)
 FA_INSTANCE(bf16, bf16, 128)

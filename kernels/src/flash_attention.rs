@@ -17,11 +17,18 @@ use crate::softmax::{exp_shifted_in_place, row_max, with_wide_simd};
 
 pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention", code: include_str!("../cuda/flash_attention.cu"), options: &[] };
 
-/// Launch geometry of the CUDA kernel (FA_THREADS, FA_BR, FA_BC in the .cu file): 4 warps of 16
-/// query rows each a block, key tiles of 64 rows.
+/// Launch geometry of the CUDA kernel (FA_THREADS, FA_BC in the .cu file): 4 warps a block, key
+/// tiles of 64 rows.
 pub const THREADS: u32 = 128;
-pub const ROWS_PER_BLOCK: usize = 64;
 pub const KEYS_PER_TILE: usize = 64;
+
+/// Query rows a block owns for head dim `d` (fa_rows in the .cu file): 4 warps of 2 m-tiles of 16
+/// rows at d 64 (each K/V fragment read from shared memory feeds two mmas), 1 m-tile at d 128
+/// (two would not fit in registers).
+pub fn rows_per_block(d: usize) -> usize {
+    let m_tiles_per_warp = if d <= 64 { 2 } else { 1 };
+    4 * 16 * m_tiles_per_warp
+}
 
 /// Dynamic shared memory of the kernel for head dim `d`: two stages of one K and one V tile of
 /// 16-bit values (fa_shared_bytes).

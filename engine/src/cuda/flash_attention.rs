@@ -8,7 +8,7 @@
 //! the decoupled mode's lse2) is f32 [B, H, Lq] contiguous.
 
 use crate::cuda::{launch_failed, DeviceRepr, LaunchConfig, PushKernelArg};
-use kernels::flash_attention::{decoupled_kernel_name, kernel_name, shared_bytes, FlashParams, ROWS_PER_BLOCK, THREADS};
+use kernels::flash_attention::{decoupled_kernel_name, kernel_name, rows_per_block, shared_bytes, FlashParams, THREADS};
 
 use crate::ops::flash_attention::{AttentionReference, FlashShape};
 use crate::storage::Storage;
@@ -179,7 +179,7 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
         dev.bind()?;
         f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).map_err(|e| Error::Cuda(format!("{name}: cuFuncSetAttribute(max dynamic shared memory = {smem}): {e}")))?;
     }
-    let cfg = LaunchConfig { grid_dim: (lq.div_ceil(ROWS_PER_BLOCK) as u32, heads, b as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
+    let cfg = LaunchConfig { grid_dim: (lq.div_ceil(rows_per_block(d)) as u32, heads, b as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
     let mut builder = dev.launch_builder(&f);
     let params = KernelParams(p);
     builder.arg(&params);
