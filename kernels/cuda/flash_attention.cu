@@ -68,6 +68,16 @@ template <int D> __host__ __device__ constexpr u32 fa_shared_bytes() { return 2u
 template <int D> __host__ __device__ constexpr int fa_mtiles() { return D <= 64 ? 2 : 1; }
 template <int D> __host__ __device__ constexpr u32 fa_rows() { return FA_WARPS * 16u * fa_mtiles<D>(); }
 
+// Sum / max over the 4 lanes (t = 0..3) that hold one row of an mma C fragment.
+__device__ __forceinline__ float fa_quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float fa_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
 // Offset (in elements) of 16-byte chunk `chunk` of row `row` in a swizzled tile of D-element rows.
 template <int D> __device__ __forceinline__ u32 fa_swizzle(u32 row, u32 chunk) { return row * D + ((chunk ^ (row & 7u)) << 3); }
 
@@ -180,8 +190,7 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 float sum = l[mt][h];
-                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                sum = fa_quad_sum(sum);
                 const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
 #pragma unroll
                 for (int n = 0; n < NT_O; ++n) {
@@ -207,8 +216,7 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
                 float mx = m[mt][h];
 #pragma unroll
                 for (int n = 0; n < NT_S; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                mx = fa_quad_max(mx);
                 // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives
                 // 0, not NaN.
                 float base = mx == FA_NEG_INF ? 0.0f : mx;
@@ -353,8 +361,7 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
 #pragma unroll
                         for (int h = 0; h < 2; ++h) {
                             float sum = l[mt][h];
-                            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-                            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                            sum = fa_quad_sum(sum);
                             w[mt][h] = sum > 0.0f ? p.decoupled_scale / sum : 0.0f;
                         }
                     }
@@ -390,8 +397,7 @@ __device__ __forceinline__ void flash_attention_fwd(const FlashParams& p) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float sum = l[mt][h];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            sum = fa_quad_sum(sum);
             const u32 row = row0 + (warp * MT + mt) * 16 + g + 8 * h;
             const float inv = DECOUPLED ? 1.0f : sum > 0.0f ? 1.0f / sum : 0.0f;
             if (row < p.lq) {
