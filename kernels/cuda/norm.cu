@@ -151,20 +151,6 @@ __device__ __forceinline__ void layer_norm_long(const T* x, T* y, const float* w
 #define LNP_PACKS 4
 #define LNP_MAX_BLOCK 1024
 
-// Sum over the tpr threads of a row (every one gets it): a warp's shuffles, then, for rows wider
-// than a warp, the row's warp totals through shared memory `sm` (a float per warp of the block;
-// one `sm` per reduction, so no barrier is needed before writing it).
-__device__ __forceinline__ float rows_group_sum(float v, u32 tpr, float* sm) {
-    v = warp_sum(v);
-    if (tpr <= 32) return v;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpr = tpr >> 5;
-    if (lane == 0) sm[warp] = v;
-    __syncthreads();
-    const u32 first = warp - warp % wpr;
-    v = lane < wpr ? sm[first + lane] : 0.0f;
-    return warp_sum(v);
-}
-
 template <typename T>
 __device__ __forceinline__ void layer_norm_packed(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b,
                                                   u32 rows, u32 cols, u32 tpr, float eps) {

@@ -131,30 +131,6 @@ SOFTMAX_KERNELS(f16, f16)
 #define SMP_MAX_BLOCK 1024
 #define LOG2E 1.4426950408889634f
 
-// Max / sum over the tpr threads of a row (every one gets it): a warp's shuffles, then, for rows
-// wider than a warp, the row's warp results through shared memory `sm` (a float per warp of the
-// block; one `sm` per reduction, so no barrier is needed before writing it).
-__device__ __forceinline__ float rows_group_max(float v, u32 tpr, float* sm) {
-    v = warp_max(v);
-    if (tpr <= 32) return v;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpr = tpr >> 5;
-    if (lane == 0) sm[warp] = v;
-    __syncthreads();
-    const u32 first = warp - warp % wpr;
-    v = lane < wpr ? sm[first + lane] : NEG_INF;
-    return warp_max(v);
-}
-__device__ __forceinline__ float rows_group_sum(float v, u32 tpr, float* sm) {
-    v = warp_sum(v);
-    if (tpr <= 32) return v;
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpr = tpr >> 5;
-    if (lane == 0) sm[warp] = v;
-    __syncthreads();
-    const u32 first = warp - warp % wpr;
-    v = lane < wpr ? sm[first + lane] : 0.0f;
-    return warp_sum(v);
-}
-
 template <typename T>
 __device__ __forceinline__ void softmax_packed(const T* __restrict__ x, T* __restrict__ y, u32 rows, u32 cols, u32 tpr, int log_mode) {
     __shared__ float sm[2][SMP_MAX_BLOCK / 32];

@@ -37,3 +37,28 @@ __device__ __forceinline__ float row_max(float v, u32 tpr, float* sm) {
     v = lane < (blockDim.x >> 5) ? sm[lane] : __int_as_float(0xff800000);
     return warp_max(v);
 }
+
+// Max / sum over the tpr threads of a row when a block holds several rows (tpr a power of two,
+// 32..1024; every thread gets its row's result): a warp's shuffles, then, for rows wider than a
+// warp, the row's warp results through shared memory `sm` (a float per warp of the block; one
+// `sm` per reduction, so no barrier is needed before writing it).
+__device__ __forceinline__ float rows_group_max(float v, u32 tpr, float* sm) {
+    v = warp_max(v);
+    if (tpr <= 32) return v;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpr = tpr >> 5;
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    const u32 first = warp - warp % wpr;
+    v = lane < wpr ? sm[first + lane] : __int_as_float(0xff800000);
+    return warp_max(v);
+}
+__device__ __forceinline__ float rows_group_sum(float v, u32 tpr, float* sm) {
+    v = warp_sum(v);
+    if (tpr <= 32) return v;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpr = tpr >> 5;
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    const u32 first = warp - warp % wpr;
+    v = lane < wpr ? sm[first + lane] : 0.0f;
+    return warp_sum(v);
+}
