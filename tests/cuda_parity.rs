@@ -10,7 +10,7 @@
 #[path = "common/cuda_harness.rs"]
 mod cuda_harness;
 
-use cuda_harness::{cuda, gpu, input, values, Tolerances, View, ALL, FLOATS, UNARY};
+use cuda_harness::{cuda, gb_per_s, gpu, input, values, Tolerances, View, ALL, FLOATS, UNARY};
 use engine::{DType, Device, Result, Tensor};
 use kernels::elementwise::{BinaryOp, CmpOp};
 
@@ -213,17 +213,7 @@ fn elementwise_bandwidth_report() {
     let y = input(&[n], DType::F32, -1.0, 1.0, 2, dev).unwrap();
     let xb = x.to_dtype(DType::BF16).unwrap();
     let yb = y.to_dtype(DType::BF16).unwrap();
-    let time = |bytes: usize, f: &dyn Fn()| -> f64 {
-        f();
-        cuda.synchronize().unwrap();
-        let iters = 10;
-        let timer = cuda.start_timer().unwrap();
-        for _ in 0..iters {
-            f();
-        }
-        let ms = timer.stop().unwrap() as f64 / iters as f64;
-        bytes as f64 / (ms * 1e-3) / 1e9
-    };
+    let time = |bytes: usize, f: &dyn Fn()| gb_per_s(&cuda, bytes, f);
     let dst = cuda.alloc(n * 4).unwrap();
     let src = engine::cuda::CudaStorage::alloc(&cuda, DType::F32, n).unwrap();
     let copy = time(2 * n * 4, &|| cuda.copy_dtod(dst.ptr(), src.device_ptr(), n * 4).unwrap());

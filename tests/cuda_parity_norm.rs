@@ -8,7 +8,7 @@
 #[path = "common/cuda_harness.rs"]
 mod cuda_harness;
 
-use cuda_harness::{cuda, gpu, input, Tolerances, View, FLOATS};
+use cuda_harness::{cuda, gb_per_s, gpu, input, Tolerances, View, FLOATS};
 use engine::{DType, Device, Result, Tensor};
 use kernels::elementwise::CmpOp;
 
@@ -409,17 +409,7 @@ fn experimental_kernels_match_cpu() {
 fn norm_bandwidth_report() {
     let Some((dev, _gpu)) = cuda("norm_bandwidth_report") else { return };
     let cuda = engine::cuda::device(0).unwrap();
-    let time = |bytes: usize, f: &dyn Fn()| -> f64 {
-        f();
-        cuda.synchronize().unwrap();
-        let iters = 10;
-        let timer = cuda.start_timer().unwrap();
-        for _ in 0..iters {
-            f();
-        }
-        let ms = timer.stop().unwrap() as f64 / iters as f64;
-        bytes as f64 / (ms * 1e-3) / 1e9
-    };
+    let time = |bytes: usize, f: &dyn Fn()| gb_per_s(&cuda, bytes, f);
     let n = 1usize << 28; // 512 MiB of bf16: far above L2
     let dst = cuda.alloc(n * 2).unwrap();
     let src = engine::cuda::CudaStorage::alloc(&cuda, DType::BF16, n).unwrap();

@@ -122,3 +122,17 @@ pub const UNARY: &[(UnaryOp, f32, f32)] = &[
     (UnaryOp::Clamp { min: -0.5, max: 1.25 }, -4.0, 4.0),
     (UnaryOp::LeakyRelu(0.2), -4.0, 4.0),
 ];
+
+/// GB/s of `f`, which moves `bytes`, timed with CUDA events over 10 runs after a warm-up (the
+/// bandwidth reports' measure).
+pub fn gb_per_s(cuda: &std::sync::Arc<engine::cuda::CudaDevice>, bytes: usize, f: &dyn Fn()) -> f64 {
+    f();
+    cuda.synchronize().unwrap();
+    let iters = 10;
+    let timer = cuda.start_timer().unwrap();
+    for _ in 0..iters {
+        f();
+    }
+    let ms = timer.stop().unwrap() as f64 / iters as f64;
+    bytes as f64 / (ms * 1e-3) / 1e9
+}
