@@ -237,9 +237,9 @@ impl Nvrtc {
         }
     }
 
-    /// The full NVRTC option list for `src` on `sm_{arch}`.
+    /// The full NVRTC option list for `src` on `sm_{arch}` (`sm_90a` for 90, see [`arch_name`]).
     pub fn options(&self, src: &KernelSource, arch: u32) -> Vec<String> {
-        let mut o = vec![format!("--gpu-architecture=sm_{arch}")];
+        let mut o = vec![format!("--gpu-architecture={}", arch_name(arch))];
         o.extend(BASE_OPTIONS.iter().map(|s| s.to_string()));
         o.extend(src.options.iter().map(|s| s.to_string()));
         o
@@ -353,6 +353,17 @@ fn annotate_log(log: &str, src: &KernelSource) -> String {
 
 fn home() -> Option<PathBuf> {
     std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from)
+}
+
+/// The architecture NVRTC compiles for: `sm_{arch}`, except `sm_90a` on compute capability 9.0 so
+/// that the Hopper-only instructions (wgmma, setmaxnreg) are available to the kernels that guard
+/// them with `__CUDA_ARCH_FEAT_SM90_ALL`. A CUBIN for sm_90a loads on every 9.0 device.
+pub fn arch_name(arch: u32) -> String {
+    if arch == 90 {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{arch}")
+    }
 }
 
 fn search_dirs() -> Vec<PathBuf> {

@@ -52,30 +52,64 @@ pub use cudarc::driver::{CudaEvent, CudaFunction, CudaStream, DeviceRepr, Driver
 
 use crate::Error;
 
+/// A process-wide on/off switch read once from an environment variable (`NAME=1` is on) unless
+/// set first by the program.
+struct KernelSwitch {
+    env: &'static str,
+    /// 0: not read yet, 1: off, 2: on.
+    state: std::sync::atomic::AtomicU8,
+}
+
+impl KernelSwitch {
+    const fn new(env: &'static str) -> Self {
+        KernelSwitch { env, state: std::sync::atomic::AtomicU8::new(0) }
+    }
+    fn get(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        match self.state.load(Ordering::Relaxed) {
+            0 => {
+                let on = std::env::var(self.env).is_ok_and(|v| v == "1");
+                self.set(on);
+                on
+            }
+            v => v == 2,
+        }
+    }
+    fn set(&self, on: bool) {
+        self.state.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+static EXPERIMENTAL: KernelSwitch = KernelSwitch::new("LOOKAHEAD_EXPERIMENTAL_KERNELS");
+static HOPPER: KernelSwitch = KernelSwitch::new("LOOKAHEAD_HOPPER_KERNELS");
+
 /// Kernels written for speed but not yet run on a GPU are off unless switched on: by the
 /// environment (`LOOKAHEAD_EXPERIMENTAL_KERNELS=1`) or by `set_experimental_kernels`. With the
 /// switch off every op takes the kernels the GPU parity suite has verified; the suite runs both.
-/// Now behind it: the packed-register 16-bit softmax / layer norm rows and the single-launch
-/// thread-block-cluster group norm (sm_90).
+/// Now behind it: the packed-register 16-bit softmax / layer norm rows, the single-launch
+/// thread-block-cluster group norm (sm_90), flash attention forward/backward and the fused LoRA
+/// GEMM (mma.sync, sm_80+).
 pub fn experimental_kernels() -> bool {
-    use std::sync::atomic::Ordering;
-    match EXPERIMENTAL.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("LOOKAHEAD_EXPERIMENTAL_KERNELS").is_ok_and(|v| v == "1");
-            EXPERIMENTAL.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
-        }
-        v => v == 2,
-    }
+    EXPERIMENTAL.get()
 }
 
 /// Switches the experimental kernels on or off for the whole process (see `experimental_kernels`).
 pub fn set_experimental_kernels(on: bool) {
-    EXPERIMENTAL.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+    EXPERIMENTAL.set(on)
 }
 
-/// 0: not read yet, 1: off, 2: on.
-static EXPERIMENTAL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// The Hopper (sm_90a: wgmma warpgroup MMA) variants of the performance kernels, never run on a
+/// GPU yet, are off unless switched on: `LOOKAHEAD_HOPPER_KERNELS=1` or `set_hopper_kernels`. They
+/// apply only on compute capability 9.0 devices and only where the experimental kernels are on too
+/// (they replace those kernels' mma.sync versions).
+pub fn hopper_kernels() -> bool {
+    HOPPER.get() && experimental_kernels()
+}
+
+/// Switches the Hopper kernels on or off for the whole process (see `hopper_kernels`).
+pub fn set_hopper_kernels(on: bool) {
+    HOPPER.set(on)
+}
 
 /// The error an op returns on CUDA tensors until its kernel is wired in.
 pub fn not_yet(op: &str) -> Error {
