@@ -108,3 +108,37 @@ fn compile_errors_name_file_and_line() {
     assert!(err.contains("void k(float* y) { y[0] = not_declared; }"), "{err}");
     lookahead::show(&err);
 }
+
+/// The warpgroup MMA wrappers of mma.cuh (inline PTX for sm_90a: wgmma.mma_async in every form,
+/// type, N and B major the test kernels use, fence / commit / wait, fence.proxy.async) compile
+/// with NVRTC for sm_90a without errors or spills: the only check of their PTX syntax without a
+/// GPU. kernels/emu/tests/warpgroup_mma.cu instantiates wgmma_ss and wgmma_rs for bf16 and f16,
+/// N = 64, 96, 128, 192, 256 and both B majors; its emulated results are checked by
+/// tests/cuda_emulation.rs. For sm_80 the same file must compile to empty kernels (LA_WGMMA 0).
+#[test]
+fn warpgroup_mma_wrappers_compile_for_sm90a() {
+    let Some(nvrtc) = nvrtc_or_skip() else { return };
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels/emu/tests/warpgroup_mma.cu");
+    let code: &'static str = Box::leak(std::fs::read_to_string(&path).expect("kernels/emu/tests/warpgroup_mma.cu").into_boxed_str());
+    let src = KernelSource { name: "emu_tests_warpgroup_mma", code, options: &[] };
+    for arch in ARCHS {
+        let c = nvrtc.compile_uncached(&src, arch).unwrap_or_else(|e| panic!("warpgroup_mma.cu does not compile for {}: {e}", kernels::compile::arch_name(arch)));
+        let res = c.resources();
+        assert_eq!(res.len(), 23, "{}: kernels in the ptxas report:\n{}", kernels::compile::arch_name(arch), c.log);
+        for k in &res {
+            lookahead::show(&format!(
+                "  {} {:<24} regs {:>3}  stack {:>4} B  spill st {:>4} B  ld {:>4} B",
+                kernels::compile::arch_name(arch),
+                k.name,
+                k.registers,
+                k.stack_frame_bytes,
+                k.spill_store_bytes,
+                k.spill_load_bytes
+            ));
+        }
+        if arch == 90 {
+            // Real wgmma instructions, not empty kernels (the guard picked the sm_90a path).
+            assert!(res.iter().all(|k| k.registers > 16), "sm_90a kernels look empty:\n{}", c.log);
+        }
+    }
+}
