@@ -7,6 +7,7 @@
 #                 tests.log if there are more than 5 of them
 #   bench.json    `lookahead bench --device cuda --baseline python3 --json`
 #   bench-experimental.json  the experimental-kernel families again, with those kernels on
+#   bench-hopper.json        attention and LoRA again with the Hopper (wgmma, sm_90a) kernels on
 #   bench.txt     both as tables, plus the bench's stderr
 # Every step has a timeout inside one overall budget (BUDGET_S, default 330 s, so the whole run
 # stays under 6 minutes on an H100); a failing or hanging step is recorded and the next one runs.
@@ -121,7 +122,11 @@ done
 step "bench --device cuda --baseline python3" 150 "$OUT/bench.txt" sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json > '$OUT/bench.json'"
 EXPERIMENTAL_FAMILIES="copy,ext attention,ip attention,lora_linear,softmax,layer_norm,group_norm"
 step "bench (experimental kernels on)" 120 "$OUT/bench.txt" env LOOKAHEAD_EXPERIMENTAL_KERNELS=1 sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json --filter '$EXPERIMENTAL_FAMILIES' > '$OUT/bench-experimental.json'"
-for json in "$OUT/bench.json" "$OUT/bench-experimental.json"; do
+# Then the families with Hopper (wgmma) variants, with LOOKAHEAD_HOPPER_KERNELS=1 too (on a 9.0
+# device; elsewhere the same kernels as the pass before).
+HOPPER_FAMILIES="copy,ext attention,lora_linear,linear"
+step "bench (hopper kernels on)" 90 "$OUT/bench.txt" env LOOKAHEAD_EXPERIMENTAL_KERNELS=1 LOOKAHEAD_HOPPER_KERNELS=1 sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json --filter '$HOPPER_FAMILIES' > '$OUT/bench-hopper.json'"
+for json in "$OUT/bench.json" "$OUT/bench-experimental.json" "$OUT/bench-hopper.json"; do
     [ -s "$json" ] || continue
     python3 - "$json" >> "$OUT/bench.txt" 2>&1 << 'EOF'
 import json, sys

@@ -380,6 +380,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "device": device.to_string(),
             "device_name": device.name(),
             "dtype": dtype.to_string(),
+            // Which kernel switches this run had on (engine::cuda; see README "Kernels not yet run on a GPU").
+            "experimental_kernels": engine::cuda::experimental_kernels(),
+            "hopper_kernels": engine::cuda::hopper_kernels(),
             "baseline": baseline,
             "rows": rows,
         });

@@ -186,11 +186,6 @@ __device__ __noinline__ float call_sinf(float x) { return sinf(x); }
 __device__ __noinline__ float call_cosf(float x) { return cosf(x); }
 __device__ __noinline__ float call_powf(float x, float y) { return powf(x, y); }
 
-// exp for the sigmoid family: 16-bit results (LOW = true) take the MUFU ex2 approximation (a few
-// f32 ulps: far below a bf16/f16 rounding step, and 3x fewer instructions than expf, which kept
-// bf16 silu compute-bound); f32 results keep expf, as the CPU reference.
-template <bool LOW> __device__ __forceinline__ float act_exp(float x) { return LOW ? __expf(x) : expf(x); }
-
 // Exact (erf) GELU of a value about to be rounded to bf16 / f16: x * Phi(x) through erfc(|x| / sqrt 2)
 // by Numerical Recipes' Chebyshev fit (erfcc: relative error < 1.2e-7 everywhere; with MUFU rcp and
 // ex2, a few 1e-6 relative in f32, far below a 16-bit rounding step) in ~15 instructions where erff
@@ -219,8 +214,8 @@ template <int OP, bool LOW> __device__ __forceinline__ float unary_math(float x,
     case 8: return call_sinf(x);                            // Sin
     case 9: return call_cosf(x);                            // Cos
     case 10: return tanhf(x);                            // Tanh
-    case 11: return 1.0f / (1.0f + act_exp<LOW>(-x));    // Sigmoid
-    case 12: return x * (1.0f / (1.0f + act_exp<LOW>(-x))); // Silu
+    case 11: return LOW ? sigmoid_approx(x) : 1.0f / (1.0f + expf(-x));      // Sigmoid (common.cuh)
+    case 12: return x * (LOW ? sigmoid_approx(x) : 1.0f / (1.0f + expf(-x))); // Silu
     case 13: return fmaxf(x, 0.0f);                      // Relu (NaN -> 0, as f32::max)
     case 14: return LOW ? gelu_erf_low(x) : 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); // Gelu (erf)
     case 15: {                                           // GeluTanh

@@ -108,7 +108,7 @@ __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restric
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 float v = (to_f32(r[k].v[j]) - mean) * sc + sh;
-                if (act) v = sizeof(T) == 2 ? v * (1.0f / (1.0f + __expf(-v))) : v * (1.0f / (1.0f + expf(-v)));
+                if (act) v *= sigmoid_for<T>(v);
                 o.v[j] = from_f32<T>(v);
             }
             yp[i] = o;
@@ -200,7 +200,7 @@ __device__ __forceinline__ void gnc_channel_add(float pb, float pw, u32 i, u32 c
 // silu'(z) = s (1 + z (1 - s)), s = sigmoid(z), with the forward's exp (fast for 16-bit data).
 template <typename T>
 __device__ __forceinline__ float gnc_dsilu(float z) {
-    const float s = 1.0f / (1.0f + (sizeof(T) == 2 ? __expf(-z) : expf(-z)));
+    const float s = sigmoid_for<T>(z);
     return s * (1.0f + z * (1.0f - s));
 }
 #endif

@@ -17,12 +17,8 @@
 #define EW_BLOCK 256
 
 __device__ __forceinline__ float param(const float* p, u32 i, float absent) { return p ? __ldg(p + i) : absent; }
-__device__ __forceinline__ float silu(float y) { return y * (1.0f / (1.0f + expf(-y))); }
-// SiLU of a value about to be rounded to T: 16-bit outputs take the MUFU ex2 approximation (a few
-// f32 ulps, far below their rounding step; expf made the bf16 apply pass compute-bound).
-template <typename T> __device__ __forceinline__ float silu_out(float y) {
-    return sizeof(T) == 2 ? y * (1.0f / (1.0f + __expf(-y))) : silu(y);
-}
+// SiLU of a value about to be rounded to T (sigmoid_for: MUFU approximation for 16-bit outputs).
+template <typename T> __device__ __forceinline__ float silu_out(float y) { return y * sigmoid_for<T>(y); }
 
 // V consecutive per-channel parameters from index c (a multiple of V): `absent` when p is null,
 // 16-byte loads when V is a multiple of 4 and p is aligned (one load instead of four), else

@@ -1,0 +1,98 @@
+//! The 16-bit activation formulas of kernels/cuda/elementwise.cu (sigmoid and SiLU through
+//! common.cuh's sigmoid_approx, exact GELU through gelu_erf_low) run on the CPU emulator of CUDA
+//! over every bf16 and every f16 bit pattern (NaN, ±inf, subnormals and the overflow range of
+//! e^-x included) against the exact values (f64), rounded the same way: each result must be that value
+//! or one rounding step away, NaN exactly where it is NaN. How many results differ from the f32 CPU
+//! reference (kernels::elementwise::UnaryOp::apply) is printed: that reference loses the tails
+//! (see `exact`), where PyTorch's f32 formulas lose them too.
+//!
+//! The emulator computes __expf and __fdividef in IEEE f32 (kernels/emu), not with the GPU's MUFU
+//! approximations, so this checks the formulas (range, special values, cancellation) rather than
+//! the hardware's last f32 ulps; those are a few ulps, far below a 16-bit step.
+
+use kernels::elementwise::UnaryOp;
+use kernels::emulate::EmulatedModule;
+
+#[path = "common/emulation.rs"]
+mod emulation;
+use emulation::{have_compiler, Aligned, Half};
+
+/// Steps between two values of a 16-bit float type on its ordered number line (0 for equal).
+fn steps_apart(a: u16, b: u16) -> u32 {
+    // Sign-magnitude bits to a monotone integer line (±0 both map to 0).
+    let line = |x: u16| -> i32 {
+        let mag = (x & 0x7fff) as i32;
+        if x & 0x8000 != 0 {
+            -mag
+        } else {
+            mag
+        }
+    };
+    (line(a) - line(b)).unsigned_abs()
+}
+
+fn check_activation(m: &EmulatedModule, h: Half, op: UnaryOp) {
+    let n = 65536usize;
+    let x = Aligned::from(&(0..=u16::MAX).collect::<Vec<u16>>());
+    let mut y = Aligned::<u16>::zeroed(n);
+    let (code, p0, p1) = op.cuda_code();
+    let kernel = format!("unary_{}", h.name());
+    // The contiguous path's launch (engine/src/cuda/elementwise.rs): one 16-byte pack of 8
+    // elements per thread, 256 threads a block.
+    let grid = (n / 8).div_ceil(256) as u32;
+    let (xa, ya) = (x.addr(), y.addr());
+    // SAFETY: thread i reads and writes pack i of the n-element buffers (n is a multiple of 8).
+    unsafe {
+        m.launch(&kernel, (grid, 1, 1), (256, 1, 1), 0, &|f| {
+            let k: extern "C" fn(u64, u64, u64, i32, f32, f32) = std::mem::transmute(f);
+            k(xa, ya, n as u64, code, p0, p1);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{kernel} {op:?}: {e}"));
+    let (mut one_step, mut differs_from_cpu) = (0usize, 0usize);
+    for (b, &got) in y.as_ref().iter().enumerate() {
+        let v = h.value(b as u16);
+        let exact = exact(op, v as f64) as f32;
+        if exact.is_nan() {
+            assert!(h.value(got).is_nan(), "{kernel} {op:?}({v:e}): got {} where the exact result is NaN", h.value(got));
+            continue;
+        }
+        assert!(!h.value(got).is_nan(), "{kernel} {op:?}({v:e}): got NaN, want {exact:e}");
+        match steps_apart(got, h.bits(exact)) {
+            0 => {}
+            1 => one_step += 1,
+            s => panic!("{kernel} {op:?}({v:e}) = {} is {s} steps from the exact {exact:e}", h.value(got)),
+        }
+        differs_from_cpu += (got != h.bits(op.apply(v))) as usize;
+    }
+    // Rounding-boundary cases only: a few per thousand at most.
+    assert!(one_step * 200 < n, "{kernel} {op:?}: {one_step} of {n} results one step off");
+    lookahead::show(&format!("{kernel} {op:?}: every input within one step of exact ({one_step} one step off); {differs_from_cpu} differ from the f32 CPU reference"));
+}
+
+/// The activation in f64, without the f32 formulas' overflow (1 + e^-x) and cancellation
+/// (1 + erf(x / sqrt 2) for x << 0), which the CPU reference has below x = -88.7 (sigmoid, SiLU
+/// give 0 where the exact values are subnormal or ~1e-37) and below about -4 (GELU a few steps
+/// off): the kernels' forms keep those, so they are checked against the exact values.
+fn exact(op: UnaryOp, x: f64) -> f64 {
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    match op {
+        UnaryOp::Sigmoid => sigmoid(x),
+        UnaryOp::Silu => x * sigmoid(x),
+        UnaryOp::Gelu => 0.5 * x * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2),
+        other => unreachable!("no exact form for {other:?}"),
+    }
+}
+
+#[test]
+fn activations_16bit_match_the_reference_on_every_input() {
+    if !have_compiler("activations_16bit_match_the_reference_on_every_input") {
+        return;
+    }
+    let m = EmulatedModule::load(&kernels::elementwise::SOURCE).unwrap_or_else(|e| panic!("{e}"));
+    for h in [Half::Bf16, Half::F16] {
+        for op in [UnaryOp::Sigmoid, UnaryOp::Silu, UnaryOp::Gelu] {
+            check_activation(&m, h, op);
+        }
+    }
+}
