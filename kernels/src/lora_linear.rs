@@ -25,6 +25,18 @@ pub const TILE_N: usize = 128;
 pub const THREADS: u32 = 256;
 pub const SHARED_BYTES: u32 = 4 * 2 * 128 * 32 * 2;
 
+/// kernels/cuda/lora_linear_hopper.cu: the same GEMM (same `LoraGemmArgs`, both B layouts) with
+/// warpgroup MMA for sm_90a (lora_gemm_hopper_{nk,kn}_{bf16,f16}; empty kernels on sm_80).
+pub const HOPPER_SOURCE: KernelSource = KernelSource { name: "lora_linear_hopper", code: include_str!("../cuda/lora_linear_hopper.cu"), options: &[] };
+
+/// The Hopper kernel's output tile, threads and dynamic shared memory: 6 stages of a 128 x 64 and a
+/// 160 x 64 16-bit tile, plus 1 KiB so that the kernel can align its tiles to 1024 bytes (the
+/// swizzle atoms); the launcher must opt in.
+pub const HOPPER_TILE_M: usize = 128;
+pub const HOPPER_TILE_N: usize = 160;
+pub const HOPPER_THREADS: u32 = 256;
+pub const HOPPER_SHARED_BYTES: u32 = 6 * (128 + 160) * 64 * 2 + 1024;
+
 /// Arguments of the lora_gemm kernels; must match `LoraGemmArgs` in kernels/cuda/lora_linear.cu
 /// field for field. Pointers are device (or, emulated, host) addresses of 16-bit elements; leading
 /// dimensions are in elements. C [m, n] = A1 [m, k1] · B1 + A2 [m, k2] · B2 (+ bias [n]); B1/B2
@@ -73,6 +85,11 @@ pub fn kernel_name(layout: BLayout, dtype: &str) -> String {
         BLayout::KMajor => "kn",
     };
     format!("lora_gemm_{l}_{dtype}")
+}
+
+/// The Hopper kernel for a B layout and a 16-bit dtype name: lora_gemm_hopper_{nk,kn}_{dtype}.
+pub fn hopper_kernel_name(layout: BLayout, dtype: &str) -> String {
+    kernel_name(layout, dtype).replacen("lora_gemm_", "lora_gemm_hopper_", 1)
 }
 
 /// Sizes of one LoRA linear: m rows of x, n output features, k input features, rank r.
@@ -298,5 +315,6 @@ mod tests {
         // 6 u64 + 12 u32, no padding (the CUDA struct has the same fields in the same order).
         assert_eq!(std::mem::size_of::<LoraGemmArgs>(), 6 * 8 + 12 * 4);
         assert_eq!(kernel_name(BLayout::KMajor, "bf16"), "lora_gemm_kn_bf16");
+        assert_eq!(hopper_kernel_name(BLayout::NMajor, "f16"), "lora_gemm_hopper_nk_f16");
     }
 }

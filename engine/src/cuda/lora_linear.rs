@@ -6,9 +6,14 @@
 //! Launch: one 256-thread block per 128 x 128 tile of C, grid (ceil(N / 128), ceil(M / 128)) with
 //! x over N so that neighbouring blocks share their A rows in L2; 64 KiB of dynamic shared memory
 //! (4 cp.async stages), opted into once per (device, kernel).
+//!
+//! On compute capability 9.0 with `cuda::hopper_kernels()` on, the Hopper kernel
+//! (kernels/cuda/lora_linear_hopper.cu, wgmma) runs instead: same arguments, 128 x 160 tiles,
+//! grid (ceil(N / 160), ceil(M / 128)), 256 threads, 217 KiB of dynamic shared memory.
 
 use std::sync::Arc;
 
+use kernels::compile::KernelSource;
 use kernels::lora_linear::{self as klora, BLayout, LoraGemmArgs};
 
 use super::device::CudaDevice;
@@ -46,6 +51,26 @@ pub fn fused_supported(dev: &CudaDevice, dtype: DType, m: usize, n: usize, k1: u
         && m.div_ceil(klora::TILE_M) <= 65_535
         && dev.arch() >= 80
         && dev.max_shared_memory_per_block_optin() >= klora::SHARED_BYTES
+}
+
+/// The kernel that computes the GEMM on a device: its source, tile (rows, columns), threads and
+/// dynamic shared memory.
+struct Kernel {
+    source: &'static KernelSource,
+    hopper: bool,
+    tile: (usize, usize),
+    threads: u32,
+    shared_bytes: u32,
+}
+
+/// The Hopper (wgmma) kernel on compute capability 9.0 when `cuda::hopper_kernels()` is on (and
+/// the device grants its shared memory), else the mma.sync kernel.
+fn kernel_for(dev: &CudaDevice) -> Kernel {
+    if super::hopper_kernels() && dev.arch() == 90 && dev.max_shared_memory_per_block_optin() >= klora::HOPPER_SHARED_BYTES {
+        Kernel { source: &klora::HOPPER_SOURCE, hopper: true, tile: (klora::HOPPER_TILE_M, klora::HOPPER_TILE_N), threads: klora::HOPPER_THREADS, shared_bytes: klora::HOPPER_SHARED_BYTES }
+    } else {
+        Kernel { source: &klora::SOURCE, hopper: false, tile: (klora::TILE_M, klora::TILE_N), threads: klora::THREADS, shared_bytes: klora::SHARED_BYTES }
+    }
 }
 
 /// Device address of a CUDA tensor's first element.
@@ -145,10 +170,11 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
         },
         pad: 0,
     });
-    let name = klora::kernel_name(layout, dt);
-    let f = dev.function(&klora::SOURCE, &name)?;
-    opt_in_shared(&dev, &f, &name)?;
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(klora::TILE_N) as u32, m.div_ceil(klora::TILE_M) as u32, 1), block_dim: (klora::THREADS, 1, 1), shared_mem_bytes: klora::SHARED_BYTES };
+    let kernel = kernel_for(&dev);
+    let name = if kernel.hopper { klora::hopper_kernel_name(layout, dt) } else { klora::kernel_name(layout, dt) };
+    let f = dev.function(kernel.source, &name)?;
+    opt_in_shared(&dev, &f, &name, kernel.shared_bytes)?;
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(kernel.tile.1) as u32, m.div_ceil(kernel.tile.0) as u32, 1), block_dim: (kernel.threads, 1, 1), shared_mem_bytes: kernel.shared_bytes };
     let mut b = dev.launch_builder(&f);
     b.arg(&args);
     // SAFETY: every pointer addresses a live CUDA buffer of the shape the args describe (checked
@@ -159,9 +185,9 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
     Tensor::from_storage(Storage::Cuda(out), &[m, n])
 }
 
-/// Allows the kernel its 64 KiB of dynamic shared memory (above the 48 KiB default); once per
+/// Allows the kernel its `bytes` of dynamic shared memory (above the 48 KiB default); once per
 /// (device, kernel): the loaded function keeps the setting.
-fn opt_in_shared(dev: &CudaDevice, f: &super::CudaFunction, name: &str) -> Result<()> {
+fn opt_in_shared(dev: &CudaDevice, f: &super::CudaFunction, name: &str, bytes: u32) -> Result<()> {
     type Key = (usize, String);
     static DONE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<Key>>> = std::sync::OnceLock::new();
     let key = (dev.ordinal(), name.to_string());
@@ -170,8 +196,8 @@ fn opt_in_shared(dev: &CudaDevice, f: &super::CudaFunction, name: &str) -> Resul
         return Ok(());
     }
     dev.bind()?;
-    f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, klora::SHARED_BYTES as i32)
-        .map_err(|e| super::driver_error(format!("{OP}: allowing {} bytes of shared memory for {name}", klora::SHARED_BYTES), e))?;
+    f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+        .map_err(|e| super::driver_error(format!("{OP}: allowing {bytes} bytes of shared memory for {name}"), e))?;
     done.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
     Ok(())
 }

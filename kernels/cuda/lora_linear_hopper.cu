@@ -1,0 +1,244 @@
+// Fused LoRA linear for Hopper (sm_90a): the GEMM of lora_linear.cu over concatenated operands,
+//     C[M, N] = [A1 | A2] · [B1 ; B2] + bias,
+// with the same arguments (LoraGemmArgs), semantics and B layouts (nk: B rows [n][k], the
+// forward y = [x | t] · [W | B]^T; kn: B rows [k][n], dx = [dy | s u] · [W ; A]), computed with
+// warpgroup MMA (wgmma, mma.cuh) instead of mma.sync, which cannot reach cuBLAS on sm_90.
+//
+// Launch: grid (ceil(N / 160), ceil(M / 128)), 256 threads (2 warpgroups), LH_SHARED_BYTES of
+// dynamic shared memory (6 stages of 36 KiB + 1 KiB for 1024-byte alignment; the host opts in), one
+// block an SM.
+//
+// Tiling: a 128 x 160 output tile per block; warpgroup g computes rows 64g..64g+63 with
+// wgmma_ss<T, 160, KMAJOR> (80 f32 accumulators a thread), k-tiles of 64. Why 160 columns: the
+// issue's shapes have N = 640 and 1280 (5 and 10 x 128 but 4 and 8 x 160), and 128 x 160 tiles
+// give 256 blocks for M 8192 N 640 and 128 for M 2048 N 1280, 0.97 of two and of one wave on a
+// 132-SM H100 (128 x 128: 2.4 and 1.2 waves; 128 x 256: half-empty column tiles at N 640), while
+// 80 accumulators stay far from the 255-register limit (128 x 256 would need 128).
+// Shared tiles (every one 1024-byte aligned): A [128][64] K-major with the 128-byte swizzle (one
+// 128-byte row per m, 8-row groups 1024 bytes apart); B nk [160][64] the same; B kn [64 k][160 n]
+// MN-major with the 64-byte swizzle in five [64][32] blocks of 4 KiB (160 is not a multiple of the
+// 128-byte swizzle's 64 columns).
+// Pipeline: every thread issues cp.async loads; 6 stages with the load of k-tile kt + 4 issued in
+// iteration kt, and one wgmma group (the 4 k16 steps of a k-tile) left in flight across the
+// iteration boundary (wgmma_wait<1>): the stage a load refills was last read by the group of
+// k-tile kt - 2, which every warpgroup has waited for before the barrier of iteration kt.
+// Before the wgmmas of a stage: cp_async_wait, fence_proxy_async (the generic-proxy writes become
+// visible to wgmma's async proxy), __syncthreads.
+// Epilogue: all groups waited, the accumulators plus bias (f32) rounded to T into a [128][168]
+// staging tile in the pipeline's shared memory, then 16-byte row chunks to C.
+//
+// Edges as in lora_linear.cu: rows beyond M, columns beyond N and k beyond K1 / K2 are zero-filled
+// loads or skipped stores; N, K1 and the leading dimensions of A1, B1, C multiples of 8 with
+// 16-byte aligned pointers; the LoRA rank r is any size (element loads when A2 / n-major B2 rows
+// are not 16-byte aligned: a2_vec / b2_vec 0). The last k-tile of each operand runs only the k16
+// steps that hold data (rank 4: one wgmma step for the LoRA term).
+#include "common.cuh"
+#include "mma.cuh"
+
+// Must match `LoraGemmArgs` in kernels/src/lora_linear.rs field for field (the struct of
+// lora_linear.cu).
+struct LoraGemmArgs {
+    u64 a1, b1, a2, b2, bias, c;  // bias 0: none
+    u32 m, n, k1, k2;
+    u32 lda1, ldb1, lda2, ldb2, ldc;
+    u32 a2_vec, b2_vec;  // 1: 16-byte aligned rows, loaded by cp.async; 0: element loads
+    u32 pad;
+};
+
+#define LH_BM 128
+#define LH_BN 160
+#define LH_BK 64
+#define LH_STAGES 6
+#define LH_THREADS 256
+#define LH_A_BYTES (LH_BM * LH_BK * 2)             // 16 KiB
+#define LH_B_BYTES (LH_BN * LH_BK * 2)             // 20 KiB
+#define LH_STAGE_BYTES (LH_A_BYTES + LH_B_BYTES)  // 36 KiB, a multiple of 1024
+#define LH_C_LD (LH_BN + 8)                       // epilogue staging row (elements): 16-byte padded
+
+#if LA_WGMMA
+
+// Byte offset of 16-byte chunk `ch` (0..7) of row `row` in a K-major [rows][64] 16-bit tile with
+// the 128-byte swizzle (Swizzle<3,4,3>: address bits 4..6 ^= bits 7..9, row = bits 7..; the tile is
+// 1024-byte aligned, so the tile offset decides the bits).
+__device__ __forceinline__ u32 lh_sw128(int row, int ch) { return (u32)(row * 128 + ((ch ^ (row & 7)) << 4)); }
+
+// Byte offset of 16-byte chunk `ch` (0..19, n = 8 ch..8 ch+7) of k-row `kr` (0..63) in the MN-major
+// [64 k][160 n] tile: five [64][32] blocks of 4 KiB (n chunk of 32 = ch / 4), 64-byte k-rows, the
+// 64-byte swizzle (Swizzle<2,4,3>: address bits 4..5 ^= bits 7..8).
+__device__ __forceinline__ u32 lh_sw64_mn(int kr, int ch) { return (u32)((ch >> 2) * 4096 + kr * 64 + (((ch & 3) ^ ((kr >> 1) & 3)) << 4)); }
+
+// A [ROWS][64] K-major tile of a row-major operand (A1/A2 rows m, or n-major B rows n): rows
+// row0.. of `src` (ld elements apart), columns col0..col0+63; rows >= rows_valid and columns
+// >= cols_valid read as zero. vec: rows 16-byte aligned and cols_valid a multiple of 8 (cp.async);
+// otherwise synchronous element loads (covered by the next barrier's fence like the cp.async data).
+template <int ROWS>
+__device__ __forceinline__ void lh_load_k64(unsigned char* dst, const u16* src, u32 ld, u32 rows_valid, u32 cols_valid, u32 row0, u32 col0, bool vec, int tid) {
+#pragma unroll
+    for (int i = 0; i < ROWS * 8 / LH_THREADS; ++i) {
+        const int id = tid + i * LH_THREADS;
+        const int row = id >> 3, ch = id & 7;
+        const u32 gr = row0 + row, gc = col0 + ch * 8;
+        unsigned char* d = dst + lh_sw128(row, ch);
+        const u16* s = src + (u64)gr * ld + gc;
+        if (vec) {
+            const bool full = gr < rows_valid && gc < cols_valid;
+            cp_async_16(d, full ? s : src, full);
+        } else {
+            Pack<u16, 8> p;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) p.v[e] = (gr < rows_valid && gc + e < cols_valid) ? s[e] : (u16)0;
+            *reinterpret_cast<Pack<u16, 8>*>(d) = p;
+        }
+    }
+}
+
+// The [64 k][160 n] MN-major tile of a k-major B operand ([k][n] rows, 16-byte aligned, n_valid a
+// multiple of 8): rows k0..k0+63, columns n0..n0+159; k >= k_valid or n >= n_valid read as zero.
+// Consecutive threads take consecutive 16-byte chunks of a row (320 contiguous bytes).
+__device__ __forceinline__ void lh_load_kn(unsigned char* dst, const u16* src, u32 ld, u32 k_valid, u32 n_valid, u32 k0, u32 n0, int tid) {
+#pragma unroll
+    for (int i = 0; i < LH_BK * (LH_BN / 8) / LH_THREADS; ++i) {
+        const int id = tid + i * LH_THREADS;
+        const int kr = id / (LH_BN / 8), ch = id - kr * (LH_BN / 8);
+        const u32 gk = k0 + kr, gn = n0 + ch * 8;
+        const bool full = gk < k_valid && gn < n_valid;
+        cp_async_16(dst + lh_sw64_mn(kr, ch), full ? src + (u64)gk * ld + gn : src, full);
+    }
+}
+
+// Issues the loads of k-tile `kt` (base tiles 0..kt1-1, then the LoRA tiles) into one stage.
+template <bool KMAJOR>
+__device__ __forceinline__ void lh_load_stage(unsigned char* stage, const LoraGemmArgs& p, int kt, int kt1, u32 m0, u32 n0, int tid) {
+    const bool lora = kt >= kt1;
+    const u16* a = reinterpret_cast<const u16*>(lora ? p.a2 : p.a1);
+    const u16* b = reinterpret_cast<const u16*>(lora ? p.b2 : p.b1);
+    const u32 kx = lora ? p.k2 : p.k1;
+    const u32 k0 = (u32)(lora ? kt - kt1 : kt) * LH_BK;
+    lh_load_k64<LH_BM>(stage, a, lora ? p.lda2 : p.lda1, p.m, kx, m0, k0, !lora || p.a2_vec, tid);
+    if (KMAJOR) {
+        lh_load_kn(stage + LH_A_BYTES, b, lora ? p.ldb2 : p.ldb1, kx, p.n, k0, n0, tid);
+    } else {
+        lh_load_k64<LH_BN>(stage + LH_A_BYTES, b, lora ? p.ldb2 : p.ldb1, p.n, kx, n0, k0, !lora || p.b2_vec, tid);
+    }
+}
+
+// Descriptor of B columns n0.. (a multiple of 64) for k16 step ks of a stage's B tile. nk: K-major
+// like A (rows n0.. are n0 / 8 1024-byte groups further, the step 32 bytes into each row); kn:
+// MN-major, LBO the next 32-column block (4 KiB), SBO the next 8 k-rows (512 bytes), the step's 16
+// k-rows two groups (1024 bytes) further.
+template <bool KMAJOR>
+__device__ __forceinline__ u64 lh_b_desc(const unsigned char* b_tile, int n0, int ks) {
+    if (KMAJOR) return wgmma_desc(b_tile + (n0 / 32) * 4096 + ks * 1024, 4096, 512, WGMMA_SWIZZLE_64B);
+    return wgmma_desc(b_tile + n0 * 128 + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+}
+
+// The wgmmas of one k16 step of a stage for warpgroup `wg`: A rows 64 wg.. of the K-major tile
+// (the step's 16 columns start 32 bytes further into each swizzled row) times the 160 B columns.
+// mma.cuh has no m64n160k16 (N 64, 96, 128, 192, 256), so columns 0..63 and 64..159 are two
+// wgmmas into the two parts of the accumulator array, whose N = 64 and N = 96 layouts put together
+// are the N = 160 layout (8-column block j at d[4j..4j+3]).
+template <typename T, bool KMAJOR>
+__device__ __forceinline__ void lh_mma_step(float (&acc)[LH_BN / 2], const unsigned char* stage, int wg, int ks) {
+    const u64 a_desc = wgmma_desc(stage + wg * 64 * 128 + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+    const unsigned char* b_tile = stage + LH_A_BYTES;
+    wgmma_ss<T, 64, KMAJOR>(*reinterpret_cast<float(*)[32]>(&acc[0]), a_desc, lh_b_desc<KMAJOR>(b_tile, 0, ks), true);
+    wgmma_ss<T, 96, KMAJOR>(*reinterpret_cast<float(*)[48]>(&acc[32]), a_desc, lh_b_desc<KMAJOR>(b_tile, 64, ks), true);
+}
+
+template <typename T, bool KMAJOR>
+__device__ __forceinline__ void lora_gemm_hopper(const LoraGemmArgs& p) {
+    LA_DYNAMIC_SHARED(unsigned char, smem_raw);
+    // The swizzle patterns are functions of the absolute shared address: align to 1024 bytes (the
+    // launch adds 1 KiB of slack).
+    unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = tid >> 7;
+    const u32 m0 = blockIdx.y * LH_BM, n0 = blockIdx.x * LH_BN;
+    const int kt1 = (int)((p.k1 + LH_BK - 1) / LH_BK);
+    const int total = kt1 + (int)((p.k2 + LH_BK - 1) / LH_BK);
+
+    float acc[LH_BN / 2];
+#pragma unroll
+    for (int i = 0; i < LH_BN / 2; ++i) acc[i] = 0.0f;
+
+    // Prologue: k-tiles 0..STAGES-3, one commit group each (the loop keeps STAGES - 2 loads ahead).
+#pragma unroll
+    for (int s = 0; s < LH_STAGES - 2; ++s) {
+        if (s < total) lh_load_stage<KMAJOR>(smem + s * LH_STAGE_BYTES, p, s, kt1, m0, n0, tid);
+        cp_async_commit();
+    }
+
+    for (int kt = 0; kt < total; ++kt) {
+        // Groups committed so far: STAGES - 2 + kt; k-tile kt is group kt.
+        cp_async_wait<LH_STAGES - 3>();
+        fence_proxy_async();
+        __syncthreads();  // k-tile kt is visible to every warpgroup's wgmma; groups <= kt - 2 done
+        {
+            const int next = kt + LH_STAGES - 2;  // its stage held k-tile kt - 2
+            if (next < total) lh_load_stage<KMAJOR>(smem + (next % LH_STAGES) * LH_STAGE_BYTES, p, next, kt1, m0, n0, tid);
+            cp_async_commit();  // possibly empty: keeps one group per iteration for the wait above
+        }
+        const unsigned char* stage = smem + (kt % LH_STAGES) * LH_STAGE_BYTES;
+        // 16-wide k-steps that hold data (the last tile of an operand may be partly zero fill).
+        const bool lora = kt >= kt1;
+        const u32 left = (lora ? p.k2 : p.k1) - (u32)(lora ? kt - kt1 : kt) * LH_BK;
+        wgmma_fence();
+        if (left >= LH_BK) {
+#pragma unroll
+            for (int ks = 0; ks < LH_BK / 16; ++ks) lh_mma_step<T, KMAJOR>(acc, stage, wg, ks);
+        } else {
+            const int steps = (int)((left + 15) / 16);
+#pragma unroll
+            for (int ks = 0; ks < LH_BK / 16; ++ks)
+                if (ks < steps) lh_mma_step<T, KMAJOR>(acc, stage, wg, ks);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the group of k-tile kt - 1 is done: its stage is free after the next barrier
+    }
+
+    // Epilogue: the pipeline's shared memory becomes a [128][168] T staging tile.
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+    __syncthreads();
+    const int g = lane >> 2, t = lane & 3;
+    const int row = wg * 64 + (warp & 3) * 16 + g;
+    const T* bias = reinterpret_cast<const T*>(p.bias);
+    u16* stile = reinterpret_cast<u16*>(smem);
+#pragma unroll
+    for (int j = 0; j < LH_BN / 8; ++j) {
+        const int col = j * 8 + 2 * t;
+        float b0 = 0.0f, b1 = 0.0f;
+        if (bias != nullptr && n0 + col < p.n) {  // N is a multiple of 8: col + 1 is in range too
+            b0 = to_f32(bias[n0 + col]);
+            b1 = to_f32(bias[n0 + col + 1]);
+        }
+        *reinterpret_cast<u32*>(stile + row * LH_C_LD + col) = pack2<T>(acc[4 * j] + b0, acc[4 * j + 1] + b1);
+        *reinterpret_cast<u32*>(stile + (row + 8) * LH_C_LD + col) = pack2<T>(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
+    }
+    __syncthreads();
+    u16* c = reinterpret_cast<u16*>(p.c);
+#pragma unroll
+    for (int i = 0; i < (LH_BM * LH_BN / 8) / LH_THREADS; ++i) {
+        const int id = tid + i * LH_THREADS;
+        const int r = id / (LH_BN / 8), ch = id - r * (LH_BN / 8);
+        const u32 gm = m0 + r, gn = n0 + ch * 8;
+        if (gm < p.m && gn < p.n) {
+            *reinterpret_cast<Pack<u16, 8>*>(c + (u64)gm * p.ldc + gn) = *reinterpret_cast<const Pack<u16, 8>*>(stile + r * LH_C_LD + ch * 8);
+        }
+    }
+}
+
+#endif  // LA_WGMMA
+
+// One block an SM (216 KiB of shared memory). Without wgmma (sm_80) the kernels are empty.
+#if LA_WGMMA
+#define LH_BODY(T, KMAJOR) lora_gemm_hopper<T, KMAJOR>(p);
+#else
+#define LH_BODY(T, KMAJOR)
+#endif
+#define LH_INSTANCE(NAME, T, KMAJOR) \
+    extern "C" __global__ void __launch_bounds__(LH_THREADS, 1) NAME(const LoraGemmArgs p) { LH_BODY(T, KMAJOR) }
+
+LH_INSTANCE(lora_gemm_hopper_nk_bf16, bf16, false)
+LH_INSTANCE(lora_gemm_hopper_nk_f16, f16, false)
+LH_INSTANCE(lora_gemm_hopper_kn_bf16, bf16, true)
+LH_INSTANCE(lora_gemm_hopper_kn_f16, f16, true)
