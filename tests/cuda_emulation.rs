@@ -1164,3 +1164,141 @@ fn group_norm_cluster_kernel_matches_the_cpu() {
         check_gn_cluster(&m, Dt::Bf16, 1, 4, 8 * 601, 2, 2, 4, true, true, Some(s));
     }
 }
+
+// ---- (a) warpgroup MMA: wgmma_ss / wgmma_rs (kernels/emu/tests/warpgroup_mma.cu) ----------------------
+
+const WG_K: usize = 48;
+const WG_ROWS: usize = 128;
+const WG_SHARED_BYTES: u32 = 2 * 8192 + 32768;
+/// WgmmaSwizzle values and names.
+const WG_SWIZZLES: [(u32, &str); 4] = [(1, "128B"), (2, "64B"), (3, "32B"), (0, "none")];
+
+/// A (128 x 48) and B (48 x n) with entries exact in bf16 and f16 whose products and sums are
+/// exact in f32, so that any layout or descriptor mistake changes the result and the right one
+/// matches a naive GEMM exactly.
+fn wg_operands(n: usize) -> (Vec<f32>, Vec<f32>) {
+    let a = (0..WG_ROWS * WG_K).map(|i| ((i * 7 % 61) as f32 - 30.0) / 16.0).collect();
+    let b = (0..WG_K * n).map(|i| ((i * 11 % 53) as f32 - 26.0) / 8.0).collect();
+    (a, b)
+}
+
+fn wg_naive_gemm(a: &[f32], b: &[f32], n: usize) -> Vec<f32> {
+    let mut d = vec![0f32; WG_ROWS * n];
+    for i in 0..WG_ROWS {
+        for j in 0..n {
+            d[i * n + j] = (0..WG_K).map(|k| a[i * WG_K + k] * b[k * n + j]).sum();
+        }
+    }
+    d
+}
+
+/// Runs `kernel` (kernel(a, b, out, swz, rs) or, with swz = None, kernel(a, b, out)) on one block
+/// of `threads`; out holds WG_ROWS x n floats.
+fn run_wg(m: &EmulatedModule, kernel: &str, a: &[u16], b: &[u16], n: usize, threads: u32, swz: Option<(u32, u32)>, schedule: Option<Schedule>) -> Result<Vec<f32>, EmulateError> {
+    let (a, b) = (Aligned::from(a), Aligned::from(b));
+    let out = Aligned::<f32>::zeroed(WG_ROWS * n);
+    let (ap, bp, op) = (a.addr(), b.addr(), out.addr());
+    let call = |f: *const std::ffi::c_void| {
+        // SAFETY: the kernels read 128 x 48 u16 of a and 48 x n of b and write at most 128 x n
+        // floats of out; `f` is the kernel with this signature.
+        unsafe {
+            match swz {
+                Some((s, rs)) => std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u32, u32)>(f)(ap, bp, op, s, rs),
+                None => std::mem::transmute::<_, extern "C" fn(u64, u64, u64)>(f)(ap, bp, op),
+            }
+        }
+    };
+    // SAFETY: as in `call`.
+    unsafe {
+        match schedule {
+            Some(s) => m.launch_with(kernel, (1, 1, 1), (threads, 1, 1), WG_SHARED_BYTES, s, &|f| call(f as *const std::ffi::c_void))?,
+            None => m.launch(kernel, (1, 1, 1), (threads, 1, 1), WG_SHARED_BYTES, &|f| call(f as *const std::ffi::c_void))?,
+        }
+    };
+    Ok(out.to_vec())
+}
+
+fn check_wgmma(m: &EmulatedModule, dt: emulation::Half, n: usize, schedule: Option<Schedule>) {
+    let (a, b) = wg_operands(n);
+    let want = wg_naive_gemm(&a, &b, n);
+    let bits = |v: &[f32]| v.iter().map(|&x| dt.bits(x)).collect::<Vec<u16>>();
+    // B K-major comes from Bt [n][48], MN-major from B [48][n].
+    let bt: Vec<f32> = (0..n * WG_K).map(|i| b[(i % WG_K) * n + i / WG_K]).collect();
+    for (major, b_in) in [("k", bits(&bt)), ("mn", bits(&b))] {
+        let kernel = format!("wg_gemm_{}_{n}_{major}", dt.name());
+        for (swz, swz_name) in WG_SWIZZLES {
+            for rs in [0u32, 1] {
+                let got = run_wg(m, &kernel, &bits(&a), &b_in, n, 256, Some((swz, rs)), schedule).unwrap_or_else(|e| panic!("{e}"));
+                let form = if rs == 1 { "wgmma_rs" } else { "wgmma_ss" };
+                assert_eq!(got, want, "{kernel}: {form}, {swz_name} swizzle, B {major}-major, schedule {schedule:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn wgmma_matches_naive_gemm_in_every_layout() {
+    if !have_compiler("wgmma_matches_naive_gemm_in_every_layout") {
+        return;
+    }
+    let m = test_module("warpgroup_mma");
+    for dt in [emulation::Half::Bf16, emulation::Half::F16] {
+        for n in [64, 96, 128, 192, 256] {
+            check_wgmma(&m, dt, n, None);
+        }
+    }
+}
+
+#[test]
+fn wgmma_matches_naive_gemm_under_every_schedule() {
+    if !have_compiler("wgmma_matches_naive_gemm_under_every_schedule") {
+        return;
+    }
+    let m = test_module("warpgroup_mma");
+    for schedule in SCHEDULES {
+        check_wgmma(&m, emulation::Half::Bf16, 128, Some(schedule));
+        check_wgmma(&m, emulation::Half::F16, 64, Some(schedule));
+    }
+}
+
+#[test]
+fn wgmma_accumulator_read_before_its_wait_is_nan() {
+    if !have_compiler("wgmma_accumulator_read_before_its_wait_is_nan") {
+        return;
+    }
+    let m = test_module("warpgroup_mma");
+    let (a, b) = wg_operands(64);
+    let bits = |v: &[f32]| v.iter().map(|&x| emulation::Half::Bf16.bits(x)).collect::<Vec<u16>>();
+    for schedule in SCHEDULES {
+        let got = run_wg(&m, "wg_read_before_wait", &bits(&a), &bits(&b), 64, 128, None, Some(schedule)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(got[..64 * 64].iter().all(|v| v.is_nan()), "schedule {schedule}: the accumulator before wgmma_wait must read NaN");
+    }
+}
+
+#[test]
+fn wgmma_errors_name_kernel_and_call_site() {
+    if !have_compiler("wgmma_errors_name_kernel_and_call_site") {
+        return;
+    }
+    let m = test_module("warpgroup_mma");
+    let (a, b) = wg_operands(64);
+    let bits = |v: &[f32]| v.iter().map(|&x| emulation::Half::Bf16.bits(x)).collect::<Vec<u16>>();
+    let err = |kernel: &str, threads: u32, swz: Option<(u32, u32)>| match run_wg(&m, kernel, &bits(&a), &bits(&b), 64, threads, swz, None) {
+        Err(e @ EmulateError::Launch { .. }) => e.to_string(),
+        other => panic!("{kernel}: expected a launch error, got {other:?}"),
+    };
+    let e = err("wg_split_sites", 128, None);
+    for part in ["wg_split_sites", "different call sites", "wgmma_ss<bf16> (warpgroup_mma.cu:"] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    let e = err("wg_misaligned", 128, None);
+    for part in ["wg_misaligned", "wgmma_ss<bf16> (warpgroup_mma.cu:", "128B-swizzled", "not aligned to 1024 bytes"] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    // 96 threads: the warpgroup lacks its last warp.
+    let e = err("wg_gemm_bf16_64_k", 96, Some((1, 0)));
+    for part in ["wg_gemm_bf16_64_k", "warpgroup 0", "incomplete"] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    lookahead::show(&e);
+}

@@ -106,7 +106,7 @@ namespace lookahead_emu {
 enum class State : int { Runnable, AtBlockBarrier, AtWarp, AtCluster, Exited };
 
 // What a thread waits at (op) and its variant (sub).
-enum Op : int { OpNone, OpSyncThreads, OpSyncWarp, OpShfl, OpVote, OpReduce, OpMma, OpLdmatrix, OpClusterWait };
+enum Op : int { OpNone, OpSyncThreads, OpSyncWarp, OpShfl, OpVote, OpReduce, OpMma, OpLdmatrix, OpClusterWait, OpWarpgroup };
 enum ShflMode : int { ShflIdx, ShflUp, ShflDown, ShflXor };
 enum VoteMode : int { VoteBallot, VoteAny, VoteAll, VoteUni };
 enum ReduceMode : int { ReduceAddU, ReduceMinU, ReduceMaxU, ReduceMinI, ReduceMaxI, ReduceAnd, ReduceOr, ReduceXor };
@@ -118,6 +118,16 @@ struct PendingCopy {
 };
 
 struct Launch;
+struct WgmmaOp;
+
+// The wgmma state of one warpgroup: its issued, not yet retired wgmmas in issue order and the
+// end index of every committed group, oldest first (ops past the last end are not committed).
+struct WarpgroupState {
+    WgmmaOp** ops;
+    unsigned nops, ops_cap;
+    unsigned* group_end;
+    unsigned ngroups, groups_cap;
+};
 
 // One emulated thread. Lives at the (region-aligned) base of its fiber's memory region, so that a
 // running thread finds itself from its stack address: no thread-local storage on the hot path.
@@ -186,6 +196,12 @@ struct Launch {
     unsigned char* tls_save;
     unsigned live_cta;
     unsigned exited[16];            // exited threads per CTA
+    // Warpgroup MMA: the state of warpgroup g of CTA r at wgs[r * nwg + g]; dyn_window: offset of
+    // the dynamic shared memory in the CTA's shared window (static shared memory at 0, dynamic
+    // after it rounded up to 1024 bytes), the "absolute address" of wgmma descriptors.
+    WarpgroupState* wgs;
+    unsigned nwg;
+    unsigned dyn_window;
     Fiber** fibers;                 // CTA r's threads at fibers[r * nthreads ...]
     int (*thread_fn)(void*, const void*);
     void* ctx;
@@ -575,6 +591,11 @@ inline const char* op_name(int op, int sub) {
     case OpVote: return sub == VoteBallot ? "__ballot_sync" : sub == VoteAny ? "__any_sync" : sub == VoteAll ? "__all_sync" : "__uni_sync";
     case OpReduce: return "__reduce_*_sync";
     case OpClusterWait: return "cluster_wait";
+    case OpWarpgroup: {
+        static const char* names[] = {"wgmma_fence", "wgmma_commit", "wgmma_wait", "wgmma_ss<bf16>", "wgmma_ss<f16>", "wgmma_rs<bf16>", "wgmma_rs<f16>"};
+        const int kind = sub & 7;
+        return kind < 3 ? names[kind] : names[3 + ((sub >> 4) & 1) + 2 * ((sub >> 5) & 1)];
+    }
     case OpMma: return sub == 0 ? "mma_16816<bf16>" : "mma_16816<f16>";
     case OpLdmatrix: {
         static const char* names[] = {"?", "ldmatrix_x1", "ldmatrix_x2", "?", "ldmatrix_x4"};
@@ -765,14 +786,334 @@ inline bool complete_collective(Launch* L, unsigned w, unsigned m) {
     return true;
 }
 
+// ---- warpgroup MMA (wgmma, mma.cuh "Hopper warpgroup MMA") -------------------------------------
+// wgmma.fence / commit_group / wait_group / mma_async are .sync.aligned over the warpgroup (the
+// 128 threads 128 g .. 128 g + 127): each is a rendezvous of all 128 threads at one call site.
+// mma_async is asynchronous: at the issue the A registers (wgmma_rs) and the old accumulator
+// (scale_d) are captured and every thread's accumulator is filled with kWgmmaPoison (a NaN); the
+// product is computed when a wgmma_wait retires its group, reading shared memory then, and
+// written into each thread's accumulator array (its address is kept: the array lives on the
+// fiber's stack). A wgmma into an accumulator that a pending wgmma also writes (the k steps of
+// one tile) takes that one's result as its D, as the hardware chains them.
+// sub of OpWarpgroup: kind (bits 0-2) | f16 << 4 | rs << 5 | trans_b << 6 | N << 8.
+enum WarpgroupKind : int { WgFence = 0, WgCommit = 1, WgWait = 2, WgMma = 3 };
+constexpr uint32_t kWgmmaPoison = 0x7fc0deadu;
+
+struct WgmmaOp {
+    int f16, n;  // n: the N of m64nNk16
+    bool rs, trans_b, scale_d;
+    uint64_t a_desc, b_desc;
+    const char* file;
+    int line;
+    float* d[128];          // each thread's accumulator array
+    uint32_t a[128][4];     // wgmma_rs: each thread's A registers
+    // Each thread's D input: 0 = zero (scale_d false), 1 = old[i] (captured, or written by the
+    // pending wgmma this one chains onto), and the later pending wgmma that chains onto this
+    // one's result for thread i (it gets the result instead of the accumulator).
+    unsigned char src[128];
+    WgmmaOp* next[128];
+    float old[];            // [128][n / 2]
+};
+
+inline void reset_warpgroup(WarpgroupState* s) {
+    for (unsigned i = 0; i < s->nops; ++i) free(s->ops[i]);
+    s->nops = 0;
+    s->ngroups = 0;
+}
+
+inline void warpgroup_op(int sub, float* d, const uint32_t* a, uint64_t a_desc, uint64_t b_desc, bool scale_d, unsigned wait_n, const char* file, int line) {
+    Fiber* f = self();
+    f->addr = reinterpret_cast<uint64_t>(d);
+    for (int i = 0; i < 4; ++i) f->in[i] = a ? a[i] : 0;
+    f->in[4] = scale_d;
+    f->in[5] = (uint32_t)a_desc;
+    f->in[6] = (uint32_t)(a_desc >> 32);
+    f->in[7] = (uint32_t)b_desc;
+    f->in[8] = (uint32_t)(b_desc >> 32);
+    f->in[9] = wait_n;
+    wait_at(f, State::AtWarp, OpWarpgroup, sub, 0xffffffffu, file, line);
+}
+
+// The descriptor of a matrix at p in this CTA's shared memory; the start address is p's offset in
+// the CTA's shared window (static shared memory at 0, dynamic at L->dyn_window).
+inline uint64_t wgmma_desc(const void* p, unsigned lbo, unsigned sbo, unsigned swizzle, const char* file, int line) {
+    Fiber* f = self();
+    Launch* L = f->launch;
+    const unsigned char* a = static_cast<const unsigned char*>(p);
+    uint64_t off;
+    if (L->tls_size && a >= L->tls_base && a < L->tls_base + L->tls_size) off = (uint64_t)(a - L->tls_base);
+    else if (L->dyn_bytes && a >= L->dyn_shared[f->cta] && a < L->dyn_shared[f->cta] + L->dyn_bytes) off = L->dyn_window + (uint64_t)(a - L->dyn_shared[f->cta]);
+    else thread_error(f, "wgmma_desc at %s:%d: %p is not in this CTA's shared memory", base_name(file), line, p);
+    if (off >= (1u << 18)) thread_error(f, "wgmma_desc at %s:%d: shared-memory offset 0x%llx is past the descriptor's 18-bit address range", base_name(file), line, (unsigned long long)off);
+    if (swizzle > 3) thread_error(f, "wgmma_desc at %s:%d: swizzle mode %u is not a WgmmaSwizzle", base_name(file), line, swizzle);
+    return (off >> 4) | ((uint64_t)((lbo >> 4) & 0x3fff) << 16) | ((uint64_t)((sbo >> 4) & 0x3fff) << 32) | ((uint64_t)swizzle << 62);
+}
+
+// The host address of element (mn, k) (k in 0..15) of the matrix that `desc` describes, by the
+// canonical layouts (mma.cuh) and the swizzle on the shared-window offset; null with `err` set
+// when the layout is broken or the element lies outside this CTA's shared memory.
+inline const uint16_t* wgmma_element(Launch* L, unsigned cta, uint64_t desc, bool mn_major, unsigned mn, unsigned k, char* err, size_t cap) {
+    const uint32_t start = (uint32_t)(desc & 0x3fff) << 4, lbo = (uint32_t)((desc >> 16) & 0x3fff) << 4, sbo = (uint32_t)((desc >> 32) & 0x3fff) << 4;
+    const unsigned swz = (unsigned)(desc >> 62), base_offset = (unsigned)((desc >> 49) & 7);
+    const uint32_t w = swz == 1 ? 128 : swz == 2 ? 64 : swz == 3 ? 32 : 16;
+    if (base_offset != 0) {
+        snprintf(err, cap, "descriptor 0x%016llx has base offset %u (the emulator supports 0: atoms aligned to their repeat)", (unsigned long long)desc, base_offset);
+        return nullptr;
+    }
+    uint32_t off;
+    if (!mn_major) {
+        if (swz == 0) off = start + (mn % 8) * 16 + (mn / 8) * sbo + (k / 8) * lbo + 2 * (k % 8);
+        else off = start + (mn % 8) * w + (mn / 8) * sbo + 2 * k;
+    } else {
+        if (swz == 0) off = start + 2 * (mn % 8) + (mn / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo;
+        else off = start + 2 * (mn % (w / 2)) + (mn / (w / 2)) * lbo + (k % 8) * w + (k / 8) * sbo;
+    }
+    if (swz != 0) off ^= (off >> 3) & (swz == 1 ? 0x70u : swz == 2 ? 0x30u : 0x10u);
+    if (L->tls_size && off + 2 <= L->tls_size) return reinterpret_cast<const uint16_t*>(static_shared_of(L, cta) + off);
+    if (L->dyn_bytes && off >= L->dyn_window && off + 2 <= L->dyn_window + L->dyn_bytes) return reinterpret_cast<const uint16_t*>(L->dyn_shared[cta] + (off - L->dyn_window));
+    snprintf(err, cap, "descriptor 0x%016llx: element (%u, k %u) at shared offset 0x%x is outside this CTA's shared memory (static 0x0-0x%zx, dynamic 0x%x-0x%x)",
+             (unsigned long long)desc, mn, k, off, L->tls_size, L->dyn_window, L->dyn_window + L->dyn_bytes);
+    return nullptr;
+}
+
+// The layout checks of a descriptor that covers `extent` MN rows: swizzled atoms (8 rows of W
+// bytes) must start at a multiple of 8 W (the swizzle works on the absolute address), their
+// strides must keep that, and a K-major k16 slice (32 bytes) must lie inside its W-byte row.
+inline bool wgmma_check_desc(uint64_t desc, bool mn_major, unsigned extent, char* err, size_t cap) {
+    const uint32_t start = (uint32_t)(desc & 0x3fff) << 4, lbo = (uint32_t)((desc >> 16) & 0x3fff) << 4, sbo = (uint32_t)((desc >> 32) & 0x3fff) << 4;
+    const unsigned swz = (unsigned)(desc >> 62);
+    if (swz == 0) return true;
+    const uint32_t w = swz == 1 ? 128 : swz == 2 ? 64 : 32, repeat = 8 * w;
+    const char* name = swz == 1 ? "128B" : swz == 2 ? "64B" : "32B";
+    if ((start - start % w) % repeat != 0) {
+        snprintf(err, cap, "%s-swizzled descriptor 0x%016llx: the atom at shared offset 0x%x is not aligned to %u bytes (the swizzle uses the absolute address)", name,
+                 (unsigned long long)desc, start - start % w, repeat);
+        return false;
+    }
+    if (!mn_major && start % w + 32 > w) {
+        snprintf(err, cap, "%s-swizzled K-major descriptor 0x%016llx: the k16 slice at byte %u of a %u-byte row crosses the row", name, (unsigned long long)desc, start % w, w);
+        return false;
+    }
+    const bool lbo_used = mn_major && extent > w / 2;
+    if ((extent > 8 && sbo % repeat != 0 && !mn_major) || (mn_major && sbo % repeat != 0) || (lbo_used && lbo % repeat != 0)) {
+        snprintf(err, cap, "%s-swizzled descriptor 0x%016llx: stride byte offsets (LBO %u, SBO %u) must be multiples of %u bytes", name, (unsigned long long)desc, lbo, sbo, repeat);
+        return false;
+    }
+    return true;
+}
+
+// Reads operand `desc` (extent x 16) into m[mn * 16 + k]; false with err set on a fault.
+inline bool wgmma_read_operand(Launch* L, unsigned cta, uint64_t desc, bool mn_major, unsigned extent, int f16, float* m, char* err, size_t cap) {
+    if (!wgmma_check_desc(desc, mn_major, extent, err, cap)) return false;
+    for (unsigned r = 0; r < extent; ++r)
+        for (unsigned k = 0; k < 16; ++k) {
+            const uint16_t* e = wgmma_element(L, cta, desc, mn_major, r, k, err, cap);
+            if (!e) return false;
+            m[r * 16 + k] = f16 ? f16_bits_to_f32(*e) : bf16_bits_to_f32(*e);
+        }
+    return true;
+}
+
+// Computes a retired wgmma and writes its D (into the accumulators, or into the D input of the
+// wgmma that chains onto it).
+inline bool wgmma_execute(Launch* L, unsigned cta, WgmmaOp* op) {
+    const unsigned n = (unsigned)op->n, nr = n / 2;
+    float A[64 * 16], B[256 * 16];  // [row][k], [n][k] (not thread_local: the TLS block is shared memory)
+    char err[512];
+    if (op->rs) {
+        // Warp w's mma.m16n8k16 A fragment of rows 16 w .. 16 w + 15.
+        for (unsigned i = 0; i < 128; ++i) {
+            const unsigned w = i / 32, g = (i % 32) / 4, t = i % 4, r0 = 16 * w + g;
+            for (int h = 0; h < 2; ++h) {
+                auto cv = [&](uint32_t v) { const uint16_t x = (uint16_t)(h ? v >> 16 : v & 0xffffu); return op->f16 ? f16_bits_to_f32(x) : bf16_bits_to_f32(x); };
+                A[r0 * 16 + 2 * t + h] = cv(op->a[i][0]);
+                A[(r0 + 8) * 16 + 2 * t + h] = cv(op->a[i][1]);
+                A[r0 * 16 + 2 * t + 8 + h] = cv(op->a[i][2]);
+                A[(r0 + 8) * 16 + 2 * t + 8 + h] = cv(op->a[i][3]);
+            }
+        }
+    } else if (!wgmma_read_operand(L, cta, op->a_desc, false, 64, op->f16, A, err, sizeof err)) {
+        set_error(L, "%s (%s:%d): A: %s", op_name(OpWarpgroup, WgMma | op->f16 << 4 | op->rs << 5), base_name(op->file), op->line, err);
+        return false;
+    }
+    if (!wgmma_read_operand(L, cta, op->b_desc, op->trans_b, n, op->f16, B, err, sizeof err)) {
+        set_error(L, "%s (%s:%d): B: %s", op_name(OpWarpgroup, WgMma | op->f16 << 4 | op->rs << 5), base_name(op->file), op->line, err);
+        return false;
+    }
+    for (unsigned i = 0; i < 128; ++i) {
+        const unsigned w = i / 32, g = (i % 32) / 4, t = i % 4;
+        float* out = op->next[i] ? op->next[i]->old + (size_t)i * nr : op->d[i];
+        const float* c = op->old + (size_t)i * nr;
+        for (unsigned j = 0; j < n / 8; ++j)
+            for (unsigned q = 0; q < 4; ++q) {
+                const unsigned row = 16 * w + g + 8 * (q / 2), col = 8 * j + 2 * t + (q % 2);
+                // Products of 16-bit values are exact in f32; f32 accumulation in k order.
+                float acc = op->src[i] ? c[4 * j + q] : 0.0f;
+                for (unsigned k = 0; k < 16; ++k) acc += A[row * 16 + k] * B[col * 16 + k];
+                out[4 * j + q] = acc;
+            }
+        if (op->next[i]) op->next[i]->src[i] = op->next[i]->scale_d;
+    }
+    return true;
+}
+
+// Completes a warpgroup collective whose 128 threads th[0..127] all wait at it.
+inline bool complete_warpgroup(Launch* L, unsigned cta, WarpgroupState* s, Fiber** th) {
+    const Fiber* f0 = th[0];
+    const int kind = f0->sub & 7;
+    const char* what = op_name(OpWarpgroup, f0->sub);
+    if (kind == WgCommit) {
+        if (s->ngroups == s->groups_cap) {
+            s->groups_cap = s->groups_cap ? 2 * s->groups_cap : 8;
+            s->group_end = static_cast<unsigned*>(realloc(s->group_end, s->groups_cap * sizeof(unsigned)));
+            if (!s->group_end) abort();
+        }
+        s->group_end[s->ngroups++] = s->nops;
+    } else if (kind == WgWait) {
+        const unsigned keep = f0->in[9];
+        if (s->ngroups > keep) {
+            const unsigned groups = s->ngroups - keep, done = s->group_end[groups - 1];
+            for (unsigned i = 0; i < done; ++i)
+                if (!wgmma_execute(L, cta, s->ops[i])) return false;
+            for (unsigned i = 0; i < done; ++i) free(s->ops[i]);
+            memmove(s->ops, s->ops + done, (s->nops - done) * sizeof(WgmmaOp*));
+            s->nops -= done;
+            for (unsigned g = groups; g < s->ngroups; ++g) s->group_end[g - groups] = s->group_end[g] - done;
+            s->ngroups -= groups;
+        }
+    } else if (kind == WgMma) {
+        const int n = f0->sub >> 8, nr = n / 2;
+        const uint64_t a_desc = f0->in[5] | (uint64_t)f0->in[6] << 32, b_desc = f0->in[7] | (uint64_t)f0->in[8] << 32;
+        const bool rs = (f0->sub >> 5) & 1, trans_b = (f0->sub >> 6) & 1;
+        for (unsigned i = 1; i < 128; ++i) {
+            const Fiber* o = th[i];
+            if ((!rs && (o->in[5] != f0->in[5] || o->in[6] != f0->in[6])) || o->in[7] != f0->in[7] || o->in[8] != f0->in[8] || o->in[4] != f0->in[4]) {
+                set_error(L, "%s (%s:%d): thread %u of the warpgroup gives other descriptors or scale_d than thread 0 (they must be warpgroup-uniform)", what, base_name(f0->file), f0->line, i);
+                return false;
+            }
+        }
+        // Layout and address faults show at the issue (the data is read at the retiring wait).
+        char err[512];
+        if (!rs && !wgmma_check_desc(a_desc, false, 64, err, sizeof err)) {
+            set_error(L, "%s (%s:%d): A: %s", what, base_name(f0->file), f0->line, err);
+            return false;
+        }
+        if (!wgmma_check_desc(b_desc, trans_b, (unsigned)n, err, sizeof err)) {
+            set_error(L, "%s (%s:%d): B: %s", what, base_name(f0->file), f0->line, err);
+            return false;
+        }
+        for (unsigned r = 0; r < (unsigned)n; ++r)
+            for (unsigned k = 0; k < 16; ++k) {
+                if ((r < 64 && !rs && !wgmma_element(L, cta, a_desc, false, r, k, err, sizeof err)) || !wgmma_element(L, cta, b_desc, trans_b, r, k, err, sizeof err)) {
+                    set_error(L, "%s (%s:%d): %s", what, base_name(f0->file), f0->line, err);
+                    return false;
+                }
+            }
+        WgmmaOp* op = static_cast<WgmmaOp*>(calloc(1, sizeof(WgmmaOp) + sizeof(float) * 128 * (size_t)nr));
+        if (!op) abort();
+        op->f16 = (f0->sub >> 4) & 1;
+        op->n = n;
+        op->rs = rs;
+        op->trans_b = trans_b;
+        op->a_desc = a_desc;
+        op->b_desc = b_desc;
+        op->file = f0->file;
+        op->line = f0->line;
+        const bool scale_d = f0->in[4] != 0;
+        op->scale_d = scale_d;
+        for (unsigned i = 0; i < 128; ++i) {
+            float* d = reinterpret_cast<float*>(th[i]->addr);
+            op->d[i] = d;
+            for (int q = 0; q < 4; ++q) op->a[i][q] = th[i]->in[q];
+            // The latest pending wgmma into the same accumulator: this one chains onto it.
+            WgmmaOp* prev = nullptr;
+            for (unsigned p = s->nops; p-- > 0;)
+                if (s->ops[p]->d[i] == d) {
+                    prev = s->ops[p];
+                    break;
+                }
+            if (prev) {
+                if (prev->n != n) {
+                    set_error(L, "%s (%s:%d): thread %u's accumulator is also that of a pending wgmma with N = %d (%s:%d)", what, base_name(f0->file), f0->line, i, prev->n, base_name(prev->file), prev->line);
+                    return false;
+                }
+                for (int q = 0; q < nr; ++q)
+                    if (f32_bits(d[q]) != kWgmmaPoison) {
+                        set_error(L, "%s (%s:%d): thread %u's accumulator was written while the wgmma at %s:%d into it is pending (missing wgmma_wait)", what, base_name(f0->file), f0->line, i,
+                                  base_name(prev->file), prev->line);
+                        return false;
+                    }
+                // prev's result becomes this one's D input when prev retires (src = scale_d then).
+                prev->next[i] = op;
+                op->src[i] = 0;
+            } else {
+                op->src[i] = scale_d;
+                if (scale_d) memcpy(op->old + (size_t)i * nr, d, sizeof(float) * nr);
+            }
+            // Until the wait that retires it, the accumulator is undefined.
+            for (int q = 0; q < nr; ++q) d[q] = bits_f32(kWgmmaPoison);
+        }
+        if (s->nops == s->ops_cap) {
+            s->ops_cap = s->ops_cap ? 2 * s->ops_cap : 8;
+            s->ops = static_cast<WgmmaOp**>(realloc(s->ops, s->ops_cap * sizeof(WgmmaOp*)));
+            if (!s->ops) abort();
+        }
+        s->ops[s->nops++] = op;
+    }
+    return true;
+}
+
+// Releases the warpgroup collective that the thread `f` of warp `w` waits at, once all 128
+// threads of its warpgroup are there. An incomplete warpgroup, an exited thread or threads at
+// different warpgroup call sites are errors.
+inline bool resolve_warpgroup(Launch* L, unsigned w, const Fiber* f, bool& released) {
+    const unsigned cta = w / L->nwarps, group = (w % L->nwarps) / 4;
+    const char* what = op_name(f->op, f->sub);
+    if (128 * group + 128 > L->nthreads) {
+        set_error(L, "%s (%s:%d): warpgroup %u (threads %u-%u) is incomplete: the block has %u threads", what, base_name(f->file), f->line, group, 128 * group, 128 * group + 127, L->nthreads);
+        return false;
+    }
+    Fiber** th = L->fibers + (size_t)cta * L->nthreads + 128 * group;
+    bool all_here = true;
+    for (unsigned i = 0; i < 128; ++i) {
+        const Fiber* o = th[i];
+        if (o->state == State::Exited) {
+            set_error(L, "%s (%s:%d): thread %u of warpgroup %u has exited, so the warpgroup collective cannot complete", what, base_name(f->file), f->line, 128 * group + i, group);
+            return false;
+        }
+        if (o->state == State::AtWarp && o->op == OpWarpgroup) {
+            if (!same_site(o, f) || o->sub != f->sub) {
+                set_error(L, "warpgroup %u at different call sites of its .sync.aligned collectives: thread %u at %s (%s:%d), thread %u at %s (%s:%d)", group, f->linear, what,
+                          base_name(f->file), f->line, o->linear, op_name(o->op, o->sub), base_name(o->file), o->line);
+                return false;
+            }
+        } else {
+            all_here = false;
+        }
+    }
+    if (!all_here) return true;
+    make_live(L, cta);  // the wgmma reads this CTA's shared memory
+    if (!complete_warpgroup(L, cta, &L->wgs[cta * L->nwg + group], th)) return false;
+    for (unsigned i = 0; i < 128; ++i) th[i]->state = State::Runnable;
+    released = true;
+    return true;
+}
+
 // Releases the collectives of warp `w` that every lane of their mask has reached. Sets `released`;
 // false (with the launch error set) on an error.
 inline bool resolve_warp(Launch* L, unsigned w, bool& released) {
     unsigned nl;
     Fiber** lanes = warp_lanes(L, w, nl);
+    bool warpgroup_tried = false;
     for (unsigned i = 0; i < nl; ++i) {
         Fiber* f = lanes[i];
         if (f->state != State::AtWarp) continue;
+        if (f->op == OpWarpgroup) {
+            // A warpgroup collective: the 128 threads of the warpgroup, not the lanes of a mask.
+            if (!warpgroup_tried && !resolve_warpgroup(L, w, f, released)) return false;
+            warpgroup_tried = true;
+            continue;
+        }
         const unsigned m = f->mask;
         const char* what = op_name(f->op, f->sub);
         if (!((m >> i) & 1u)) {
@@ -1043,6 +1384,7 @@ inline bool run_cluster(Launch* L) {
         memset(L->tls_save, 0xff, L->tls_size * L->ncta);
     }
     L->live_cta = 0;
+    for (unsigned g = 0; g < L->ncta * L->nwg; ++g) reset_warpgroup(&L->wgs[g]);
     switch (L->schedule) {
     case ScheduleFarApart: {
         // Odd clusters (blocks) start in reverse order: both orders even in a kernel without a barrier.
@@ -1195,9 +1537,14 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
     L->tls_save = tls.size ? static_cast<unsigned char*>(malloc(tls.size * ncta)) : nullptr;
     // Dynamic shared memory, per CTA, ends at an inaccessible page: an access past the launch's
     // size faults (a crash of the test, not silent corruption). With 0 bytes the pointer is that page.
-    const size_t dyn_rounded = (shared_bytes + 15) / 16 * 16, dyn_map = (dyn_rounded + 4095) / 4096 * 4096 + 4096;
+    // Its base is 1024-byte aligned (as a kernel aligning 128B-swizzled wgmma atoms expects of
+    // the shared window): up to 1008 bytes past the end may then be accessible (0xff bytes).
+    const size_t dyn_rounded = (shared_bytes + 15) / 16 * 16, dyn_map = (dyn_rounded + 1024 + 4095) / 4096 * 4096 + 4096;
     void* dyn_region[16] = {};
-    bool ok = tls.size == 0 || L->tls_save;
+    L->dyn_window = (unsigned)((tls.size + 1023) / 1024 * 1024);
+    L->nwg = (L->nthreads + 127) / 128;
+    L->wgs = static_cast<WarpgroupState*>(calloc((size_t)ncta * L->nwg, sizeof(WarpgroupState)));
+    bool ok = (tls.size == 0 || L->tls_save) && L->wgs;
     for (unsigned r = 0; r < ncta && ok; ++r) {
         void* m = mmap(nullptr, dyn_map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (m == MAP_FAILED) {
@@ -1206,7 +1553,7 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
         }
         dyn_region[r] = m;
         mprotect(static_cast<unsigned char*>(m) + dyn_map - 4096, 4096, PROT_NONE);
-        L->dyn_shared[r] = static_cast<unsigned char*>(m) + dyn_map - 4096 - dyn_rounded;
+        L->dyn_shared[r] = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(m) + dyn_map - 4096 - dyn_rounded) & ~uintptr_t(1023));
     }
     int rc = 0;
     if (!ok) {
@@ -1225,6 +1572,13 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
     }
     for (unsigned r = 0; r < ncta; ++r)
         if (dyn_region[r]) munmap(dyn_region[r], dyn_map);
+    if (L->wgs)
+        for (unsigned g = 0; g < ncta * L->nwg; ++g) {
+            reset_warpgroup(&L->wgs[g]);
+            free(L->wgs[g].ops);
+            free(L->wgs[g].group_end);
+        }
+    free(L->wgs);
     free(L->tls_save);
     free(L);
     free(fibers);
@@ -1457,3 +1811,33 @@ inline void cluster_wait(const char* file = __builtin_FILE(), int line = __built
 inline float cluster_load_remote(const float* p, unsigned rank, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     return lookahead_emu::cluster_load_remote(p, rank, file, line);
 }
+
+// ---- the warpgroup MMA wrappers of mma.cuh (sm_90a wgmma), as warpgroup collectives ---------------
+inline unsigned long long wgmma_desc(const void* smem, unsigned leading_byte_offset, unsigned stride_byte_offset, unsigned swizzle, const char* file = __builtin_FILE(),
+                                     int line = __builtin_LINE()) {
+    return lookahead_emu::wgmma_desc(smem, leading_byte_offset, stride_byte_offset, swizzle, file, line);
+}
+template <typename T> constexpr int la_emu_wgmma_f16() {
+    static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, f16>, "wgmma: T is bf16 or f16");
+    return std::is_same_v<T, f16> ? 1 : 0;
+}
+template <int N> constexpr bool la_emu_wgmma_n = N == 64 || N == 96 || N == 128 || N == 192 || N == 256;
+template <typename T, int N, bool TRANS_B>
+inline void wgmma_ss(float (&d)[N / 2], unsigned long long a_desc, unsigned long long b_desc, bool scale_d, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    static_assert(la_emu_wgmma_n<N>, "wgmma_ss: N is 64, 96, 128, 192 or 256");
+    lookahead_emu::warpgroup_op(lookahead_emu::WgMma | la_emu_wgmma_f16<T>() << 4 | (TRANS_B ? 64 : 0) | N << 8, d, nullptr, a_desc, b_desc, scale_d, 0, file, line);
+}
+template <typename T, int N, bool TRANS_B>
+inline void wgmma_rs(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long b_desc, bool scale_d, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    static_assert(la_emu_wgmma_n<N>, "wgmma_rs: N is 64, 96, 128, 192 or 256");
+    lookahead_emu::warpgroup_op(lookahead_emu::WgMma | la_emu_wgmma_f16<T>() << 4 | 32 | (TRANS_B ? 64 : 0) | N << 8, d, a, 0, b_desc, scale_d, 0, file, line);
+}
+inline void wgmma_fence(const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::warpgroup_op(lookahead_emu::WgFence, nullptr, nullptr, 0, 0, false, 0, file, line); }
+inline void wgmma_commit(const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::warpgroup_op(lookahead_emu::WgCommit, nullptr, nullptr, 0, 0, false, 0, file, line); }
+// wgmma.wait_group N: retires the oldest committed groups of the warpgroup until at most N are pending.
+template <int N> inline void wgmma_wait(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    static_assert(N >= 0 && N <= 7, "wgmma.wait_group takes 0..7");
+    lookahead_emu::warpgroup_op(lookahead_emu::WgWait, nullptr, nullptr, 0, 0, false, N, file, line);
+}
+// fence.proxy.async: a no-op here (the emulator has one proxy; a missing proxy fence is not detected).
+inline void fence_proxy_async() {}

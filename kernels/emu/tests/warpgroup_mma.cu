@@ -81,7 +81,7 @@ __device__ __forceinline__ void stage_operands(unsigned char* smem, const u16* a
 
 // The A fragment of k16 step s for this thread (rows of its warp), read from global A.
 __device__ __forceinline__ void a_fragment(u32 (&f)[4], const u16* a, u32 s) {
-    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, row = 16 * (threadIdx.x / 32) + g, k = 16 * s + 2 * t;
+    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, row = 16 * (threadIdx.x % 128 / 32) + g, k = 16 * s + 2 * t;
     f[0] = a[row * WG_K + k] | ((u32)a[row * WG_K + k + 1] << 16);
     f[1] = a[(row + 8) * WG_K + k] | ((u32)a[(row + 8) * WG_K + k + 1] << 16);
     f[2] = a[row * WG_K + k + 8] | ((u32)a[row * WG_K + k + 9] << 16);
@@ -90,7 +90,7 @@ __device__ __forceinline__ void a_fragment(u32 (&f)[4], const u16* a, u32 s) {
 
 // Writes this thread's accumulator (layout at the top of the mma.cuh section) into out[128][N].
 template <int N> __device__ __forceinline__ void store_accumulator(float* out, const float (&d)[N / 2]) {
-    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, row = 16 * (threadIdx.x / 32) + g;
+    const u32 lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, row = 16 * (threadIdx.x % 128 / 32) + g;
     for (u32 j = 0; j < N / 8; ++j) {
         const u32 col = 8 * j + 2 * t;
         out[row * N + col] = d[4 * j];
