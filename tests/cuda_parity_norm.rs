@@ -421,6 +421,12 @@ fn norm_bandwidth_report() {
         let gbs = time(bytes, f);
         eprintln!("  {name:<44} {gbs:>7.0} GB/s  {:>5.1}% of copy", 100.0 * gbs / copy);
     };
+    // GEGLU of SDXL's 32x32 transformer feed-forward (2 x 1024 tokens, inner 5120): reads the
+    // [value | gate] rows, writes half as much.
+    let x = Tensor::randn(&[2048, 2 * 5120], DType::BF16, dev, 8).unwrap();
+    let gbs = time(3 * x.elem_count(), &|| drop(x.geglu().unwrap()));
+    eprintln!("  {:<44} {gbs:>7.0} GB/s  {:>5.1}% of copy", "geglu bf16 2048x(2x5120)", 100.0 * gbs / copy);
+    drop(x);
     // The verified kernels first, then the experimental ones (engine::cuda::experimental_kernels).
     for experimental in [false, true] {
         engine::cuda::set_experimental_kernels(experimental);

@@ -96,3 +96,63 @@ fn activations_16bit_match_the_reference_on_every_input() {
         }
     }
 }
+
+/// GEGLU (kernels/cuda/norm.cu): the packed kernel (rows of whole 16-byte packs) and the
+/// one-element kernel (any row length), against kernels::norm::geglu_rows on the same rounded
+/// inputs, gates in [-3, 3] where the f32 reference keeps its digits.
+#[test]
+fn geglu_kernels_match_the_cpu() {
+    if !have_compiler("geglu_kernels_match_the_cpu") {
+        return;
+    }
+    let m = EmulatedModule::load(&kernels::norm::SOURCE).unwrap_or_else(|e| panic!("{e}"));
+    // (dtype name, bytes an element, 16-bit type)
+    for (name, size, h) in [("f32", 4usize, None), ("bf16", 2, Some(Half::Bf16)), ("f16", 2, Some(Half::F16))] {
+        for (rows, half) in [(5usize, 24usize), (3, 13), (2, 8)] {
+            let x: Vec<f32> = emulation::values(rows * 2 * half, (rows * half) as u64).iter().map(|v| v * 3.0).collect();
+            let x = h.map_or(x.clone(), |h| h.round(&x));
+            let mut want = vec![0f32; rows * half];
+            kernels::norm::geglu_rows(&x, half, &mut want);
+            let vec = 16 / size;
+            for packed in [false, true] {
+                if packed && half % vec != 0 {
+                    continue;
+                }
+                let total = rows * half;
+                let got: Vec<f32> = match h {
+                    None => {
+                        let (xa, ya) = (Aligned::from(&x), Aligned::<f32>::zeroed(total));
+                        run_geglu(&m, name, packed, xa.addr(), ya.addr(), half, total, vec);
+                        ya.to_vec()
+                    }
+                    Some(h) => {
+                        let bits: Vec<u16> = x.iter().map(|&v| h.bits(v)).collect();
+                        let (xa, ya) = (Aligned::from(&bits), Aligned::<u16>::zeroed(total));
+                        run_geglu(&m, name, packed, xa.addr(), ya.addr(), half, total, vec);
+                        ya.to_vec().iter().map(|&b| h.value(b)).collect()
+                    }
+                };
+                // One output rounding (plus the 16-bit GELU's few f32 ulps); f32 is the same formula.
+                let rtol = h.map_or(1e-6, |h| 2.0 * h.unit_roundoff());
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= 1e-6 + rtol * w.abs(), "geglu {name} packed={packed} rows {rows} half {half}: [{i}] = {g}, want {w}");
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_geglu(m: &EmulatedModule, dt: &str, packed: bool, x: u64, y: u64, half: usize, total: usize, vec: usize) {
+    let kernel = if packed { format!("geglu_vec_{dt}") } else { format!("geglu_{dt}") };
+    let threads = if packed { total / vec } else { total };
+    // SAFETY: x holds 2 * total elements and y total, 16-byte aligned (Aligned); a thread per
+    // element (or pack), past-the-end threads return.
+    unsafe {
+        m.launch(&kernel, (threads.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, &|f| {
+            let k: extern "C" fn(u64, u64, u32, u32) = std::mem::transmute(f);
+            k(x, y, half as u32, total as u32);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{kernel}: {e}"));
+}

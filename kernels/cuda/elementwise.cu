@@ -186,21 +186,6 @@ __device__ __noinline__ float call_sinf(float x) { return sinf(x); }
 __device__ __noinline__ float call_cosf(float x) { return cosf(x); }
 __device__ __noinline__ float call_powf(float x, float y) { return powf(x, y); }
 
-// Exact (erf) GELU of a value about to be rounded to bf16 / f16: x * Phi(x) through erfc(|x| / sqrt 2)
-// by Numerical Recipes' Chebyshev fit (erfcc: relative error < 1.2e-7 everywhere; with MUFU rcp and
-// ex2, a few 1e-6 relative in f32, far below a 16-bit rounding step) in ~15 instructions where erff
-// takes ~30 and kept bf16 gelu compute-bound. Being relative in erfc, it is more accurate than
-// 1 + erff(x) for negative x; of all bf16 inputs in [-6, 6], 45 of 33154 round one step apart from
-// the CPU's 0.5 x (1 + erff(x / sqrt 2)), none further. NaN -> NaN, +inf -> inf, -inf -> NaN (as
-// the CPU's). f32 results keep erff.
-__device__ __forceinline__ float gelu_erf_low(float x) {
-    const float z = fabsf(x) * 0.70710678118654752f;
-    const float t = __fdividef(1.0f, 1.0f + 0.5f * z);
-    const float p = -1.26551223f + t * (1.00002368f + t * (0.37409196f + t * (0.09678418f + t * (-0.18628806f + t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f + t * (-0.82215223f + t * 0.17087277f))))))));
-    const float ec = t * __expf(p - z * z);  // erfc(z)
-    return x * (x >= 0.0f ? 1.0f - 0.5f * ec : 0.5f * ec);
-}
-
 template <int OP, bool LOW> __device__ __forceinline__ float unary_math(float x, float p0, float p1) {
     switch (OP) {
     case 0: return -x;                                   // Neg
@@ -217,7 +202,7 @@ template <int OP, bool LOW> __device__ __forceinline__ float unary_math(float x,
     case 11: return LOW ? sigmoid_approx(x) : 1.0f / (1.0f + expf(-x));      // Sigmoid (common.cuh)
     case 12: return x * (LOW ? sigmoid_approx(x) : 1.0f / (1.0f + expf(-x))); // Silu
     case 13: return fmaxf(x, 0.0f);                      // Relu (NaN -> 0, as f32::max)
-    case 14: return LOW ? gelu_erf_low(x) : 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); // Gelu (erf)
+    case 14: return LOW ? gelu_erf_approx(x) : gelu_erf_exact(x); // Gelu (erf; common.cuh)
     case 15: {                                           // GeluTanh
         const float c = 0.7978846f;
         return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));

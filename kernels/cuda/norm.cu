@@ -705,17 +705,26 @@ __device__ __forceinline__ void gn_bwd_dx(const T* __restrict__ x, const T* __re
 }
 
 // ---- GEGLU and PReLU -------------------------------------------------------------------------
-// geglu_DT: out[r, j] = x[r, j] * gelu(x[r, half + j]) (erf GELU); a thread per output element,
-// blocks of EW_BLOCK threads, grid.x = ceil(total / EW_BLOCK), total = rows * half < 2^32.
-template <typename T>
+// geglu_DT: out[r, j] = x[r, j] * gelu(x[r, half + j]) (erf GELU, common.cuh gelu_for); a thread
+// per pack of V output elements (V = 16 bytes of T when half % V == 0 and x, y are 16-byte aligned,
+// else 1), blocks of EW_BLOCK threads, grid.x = ceil(total / V / EW_BLOCK), total = rows * half < 2^32.
+// Scalar 2-byte accesses left bf16 GEGLU far from the copy bandwidth; a pack never straddles rows.
+template <typename T, int V>
 __device__ __forceinline__ void geglu(const T* __restrict__ x, T* __restrict__ y, u32 half, u32 total) {
-    const u64 i64_ = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i64_ >= total) return;
-    const u32 i = (u32)i64_;
+    typedef Pack<T, V> P;
+    const u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p * V >= total) return;
+    const u32 i = (u32)(p * V);
     const u32 r = i / half, j = i - r * half;
     const u64 base = (u64)r * 2 * half + j;
-    const float h = to_f32(x[base]), g = to_f32(x[base + half]);
-    y[i] = from_f32<T>(h * (0.5f * g * (1.0f + erff(g * 0.70710678118654752f))));
+    const P h = *reinterpret_cast<const P*>(x + base), g = *reinterpret_cast<const P*>(x + base + half);
+    P o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const float gv = to_f32(g.v[k]);
+        o.v[k] = from_f32<T>(to_f32(h.v[k]) * gelu_for<T>(gv));
+    }
+    *reinterpret_cast<P*>(y + i) = o;
 }
 
 // prelu_DT: y = x > 0 ? x : a * x with a = w[(i / inner) % C] (per_channel) or w[0]; a thread per
@@ -774,7 +783,10 @@ __device__ __forceinline__ void prelu(const T* __restrict__ x, T* __restrict__ y
         gn_bwd_dx<T>(x, dy, coef, w, b, dx, total, C, HW, channels_last, act);                        \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(EW_BLOCK) geglu_##NAME(const T* x, T* y, u32 half, u32 total) { \
-        geglu<T>(x, y, half, total);                                                                  \
+        geglu<T, 1>(x, y, half, total);                                                               \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(EW_BLOCK) geglu_vec_##NAME(const T* x, T* y, u32 half, u32 total) { \
+        geglu<T, 16 / sizeof(T)>(x, y, half, total);                                                  \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(EW_BLOCK)                                            \
         prelu_##NAME(const T* x, T* y, const float* w, u32 total, u32 C, u32 inner, int per_channel) { \

@@ -830,12 +830,17 @@ pub(crate) fn geglu(x: &Tensor, out_shape: &[usize]) -> Result<Tensor> {
     let out = CudaStorage::alloc(&dev, x.dtype(), total)?;
     if total > 0 {
         let (yp, h32, t32) = (out.device_ptr(), half as u32, u32_of(OP, "element count", total, x.shape())?);
-        let name = format!("geglu_{dt}");
+        // 16-byte packs when rows split into whole packs and both pointers are aligned (a view
+        // may start anywhere), else one element a thread.
+        let vec = 16 / x.dtype().size_in_bytes();
+        let packed = half % vec == 0 && xp % 16 == 0 && yp % 16 == 0;
+        let name = if packed { format!("geglu_vec_{dt}") } else { format!("geglu_{dt}") };
         let f = dev.function(&knorm::SOURCE, &name)?;
         let mut b = dev.launch_builder(&f);
         b.arg(&xp).arg(&yp).arg(&h32).arg(&t32);
-        // SAFETY: arguments match geglu_DT; x holds 2 * total elements.
-        unsafe { b.launch(launch_1d(total, BLOCK)) }.map_err(launch_failed(&name))?;
+        // SAFETY: arguments match geglu[_vec]_DT; x holds 2 * total elements, and the packed
+        // kernel's 16-byte accesses are aligned (checked above).
+        unsafe { b.launch(launch_1d(if packed { total / vec } else { total }, BLOCK)) }.map_err(launch_failed(&name))?;
     }
     wrap(out, out_shape)
 }
