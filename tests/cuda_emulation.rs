@@ -1243,7 +1243,7 @@ fn wgmma_matches_naive_gemm_in_every_layout() {
     }
     let m = test_module("warpgroup_mma");
     for dt in [emulation::Half::Bf16, emulation::Half::F16] {
-        for n in [64, 96, 128, 192, 256] {
+        for n in [64, 96, 128, 160, 192, 256] {
             check_wgmma(&m, dt, n, None);
         }
     }

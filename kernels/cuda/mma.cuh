@@ -156,6 +156,7 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 #define LA_WG_OUT_32 LA_WG_F32(0)
 #define LA_WG_OUT_48 LA_WG_F32(0), LA_WG_F8(32), LA_WG_F8(40)
 #define LA_WG_OUT_64 LA_WG_F32(0), LA_WG_F32(32)
+#define LA_WG_OUT_80 LA_WG_F32(0), LA_WG_F32(32), LA_WG_F8(64), LA_WG_F8(72)
 #define LA_WG_OUT_96 LA_WG_F32(0), LA_WG_F32(32), LA_WG_F32(64)
 #define LA_WG_OUT_128 LA_WG_F32(0), LA_WG_F32(32), LA_WG_F32(64), LA_WG_F32(96)
 #define LA_WG_TEN(t) "%" #t "0,%" #t "1,%" #t "2,%" #t "3,%" #t "4,%" #t "5,%" #t "6,%" #t "7,%" #t "8,%" #t "9,"
@@ -163,6 +164,7 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 #define LA_WG_REGS_32 "{" LA_WG_FIRST_TEN LA_WG_TEN(1) LA_WG_TEN(2) "%30,%31}"
 #define LA_WG_REGS_48 "{" LA_WG_FIRST_TEN LA_WG_TEN(1) LA_WG_TEN(2) LA_WG_TEN(3) "%40,%41,%42,%43,%44,%45,%46,%47}"
 #define LA_WG_REGS_64 "{" LA_WG_FIRST_TEN LA_WG_TEN(1) LA_WG_TEN(2) LA_WG_TEN(3) LA_WG_TEN(4) LA_WG_TEN(5) "%60,%61,%62,%63}"
+#define LA_WG_REGS_80 "{" LA_WG_FIRST_TEN LA_WG_TEN(1) LA_WG_TEN(2) LA_WG_TEN(3) LA_WG_TEN(4) LA_WG_TEN(5) LA_WG_TEN(6) "%70,%71,%72,%73,%74,%75,%76,%77,%78,%79}"
 #define LA_WG_REGS_96 "{" LA_WG_FIRST_TEN LA_WG_TEN(1) LA_WG_TEN(2) LA_WG_TEN(3) LA_WG_TEN(4) LA_WG_TEN(5) LA_WG_TEN(6) LA_WG_TEN(7) LA_WG_TEN(8) "%90,%91,%92,%93,%94,%95}"
 #define LA_WG_REGS_128                                                                                                                              \
     "{" LA_WG_FIRST_TEN LA_WG_TEN(1) LA_WG_TEN(2) LA_WG_TEN(3) LA_WG_TEN(4) LA_WG_TEN(5) LA_WG_TEN(6) LA_WG_TEN(7) LA_WG_TEN(8) LA_WG_TEN(9) LA_WG_TEN(10) \
@@ -172,11 +174,13 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 #define LA_WG_SS_TAIL_32 "%32, %33", "%34"
 #define LA_WG_SS_TAIL_48 "%48, %49", "%50"
 #define LA_WG_SS_TAIL_64 "%64, %65", "%66"
+#define LA_WG_SS_TAIL_80 "%80, %81", "%82"
 #define LA_WG_SS_TAIL_96 "%96, %97", "%98"
 #define LA_WG_SS_TAIL_128 "%128, %129", "%130"
 #define LA_WG_RS_TAIL_32 "{%32,%33,%34,%35}, %36", "%37"
 #define LA_WG_RS_TAIL_48 "{%48,%49,%50,%51}, %52", "%53"
 #define LA_WG_RS_TAIL_64 "{%64,%65,%66,%67}, %68", "%69"
+#define LA_WG_RS_TAIL_80 "{%80,%81,%82,%83}, %84", "%85"
 #define LA_WG_RS_TAIL_96 "{%96,%97,%98,%99}, %100", "%101"
 #define LA_WG_RS_TAIL_128 "{%128,%129,%130,%131}, %132", "%133"
 // One wgmma statement (the accumulator operands last, as __VA_ARGS__): shape m64nNk16, type string, the imm-scale-a/b (1), imm-trans-a (0, SS
@@ -206,21 +210,24 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 template <typename T> struct wgmma_is_bf16 { static constexpr bool value = false; };
 template <> struct wgmma_is_bf16<bf16> { static constexpr bool value = true; };
 
-// D = A * B + (scale_d ? D : 0); A and B by descriptor. T: bf16 or f16; N: 64, 96, 128, 192, 256.
+// D = A * B + (scale_d ? D : 0); A and B by descriptor. T: bf16 or f16; N: 64, 96, 128, 160, 192, 256 (another
+// multiple of 8 up to 256 is one LA_WG_* line per list below).
 template <typename T, int N, bool TRANS_B> __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], u64 a_desc, u64 b_desc, bool scale_d) {
-    static_assert(N == 64 || N == 96 || N == 128 || N == 192 || N == 256, "wgmma_ss: N is 64, 96, 128, 192 or 256");
+    static_assert(N == 64 || N == 96 || N == 128 || N == 160 || N == 192 || N == 256, "wgmma_ss: N is 64, 96, 128, 160, 192 or 256");
     LA_WG_VARIANTS(SS, 64, 32)
     LA_WG_VARIANTS(SS, 96, 48)
     LA_WG_VARIANTS(SS, 128, 64)
+    LA_WG_VARIANTS(SS, 160, 80)
     LA_WG_VARIANTS(SS, 192, 96)
     LA_WG_VARIANTS(SS, 256, 128)
 }
 // The same with A from registers (each warp's mma.m16n8k16 A fragment of its 16 rows).
 template <typename T, int N, bool TRANS_B> __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b_desc, bool scale_d) {
-    static_assert(N == 64 || N == 96 || N == 128 || N == 192 || N == 256, "wgmma_rs: N is 64, 96, 128, 192 or 256");
+    static_assert(N == 64 || N == 96 || N == 128 || N == 160 || N == 192 || N == 256, "wgmma_rs: N is 64, 96, 128, 160, 192 or 256");
     LA_WG_VARIANTS(RS, 64, 32)
     LA_WG_VARIANTS(RS, 96, 48)
     LA_WG_VARIANTS(RS, 128, 64)
+    LA_WG_VARIANTS(RS, 160, 80)
     LA_WG_VARIANTS(RS, 192, 96)
     LA_WG_VARIANTS(RS, 256, 128)
 }

@@ -1821,15 +1821,15 @@ template <typename T> constexpr int la_emu_wgmma_f16() {
     static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, f16>, "wgmma: T is bf16 or f16");
     return std::is_same_v<T, f16> ? 1 : 0;
 }
-template <int N> constexpr bool la_emu_wgmma_n = N == 64 || N == 96 || N == 128 || N == 192 || N == 256;
+template <int N> constexpr bool la_emu_wgmma_n = N == 64 || N == 96 || N == 128 || N == 160 || N == 192 || N == 256;
 template <typename T, int N, bool TRANS_B>
 inline void wgmma_ss(float (&d)[N / 2], unsigned long long a_desc, unsigned long long b_desc, bool scale_d, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-    static_assert(la_emu_wgmma_n<N>, "wgmma_ss: N is 64, 96, 128, 192 or 256");
+    static_assert(la_emu_wgmma_n<N>, "wgmma_ss: N is 64, 96, 128, 160, 192 or 256");
     lookahead_emu::warpgroup_op(lookahead_emu::WgMma | la_emu_wgmma_f16<T>() << 4 | (TRANS_B ? 64 : 0) | N << 8, d, nullptr, a_desc, b_desc, scale_d, 0, file, line);
 }
 template <typename T, int N, bool TRANS_B>
 inline void wgmma_rs(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long b_desc, bool scale_d, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-    static_assert(la_emu_wgmma_n<N>, "wgmma_rs: N is 64, 96, 128, 192 or 256");
+    static_assert(la_emu_wgmma_n<N>, "wgmma_rs: N is 64, 96, 128, 160, 192 or 256");
     lookahead_emu::warpgroup_op(lookahead_emu::WgMma | la_emu_wgmma_f16<T>() << 4 | 32 | (TRANS_B ? 64 : 0) | N << 8, d, a, 0, b_desc, scale_d, 0, file, line);
 }
 inline void wgmma_fence(const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::warpgroup_op(lookahead_emu::WgFence, nullptr, nullptr, 0, 0, false, 0, file, line); }
