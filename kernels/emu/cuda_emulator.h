@@ -1538,7 +1538,7 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
     // Dynamic shared memory, per CTA, ends at an inaccessible page: an access past the launch's
     // size faults (a crash of the test, not silent corruption). With 0 bytes the pointer is that page.
     // Its base is 1024-byte aligned (as a kernel aligning 128B-swizzled wgmma atoms expects of
-    // the shared window): up to 1008 bytes past the end may then be accessible (0xff bytes).
+    // the shared window): up to 1038 bytes past the launch size may then be accessible.
     const size_t dyn_rounded = (shared_bytes + 15) / 16 * 16, dyn_map = (dyn_rounded + 1024 + 4095) / 4096 * 4096 + 4096;
     void* dyn_region[16] = {};
     L->dyn_window = (unsigned)((tls.size + 1023) / 1024 * 1024);
