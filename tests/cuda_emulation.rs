@@ -1276,6 +1276,28 @@ fn wgmma_accumulator_read_before_its_wait_is_nan() {
 }
 
 #[test]
+fn wgmma_reads_shared_memory_when_its_group_retires() {
+    if !have_compiler("wgmma_reads_shared_memory_when_its_group_retires") {
+        return;
+    }
+    let m = test_module("warpgroup_mma");
+    let (a, b) = wg_operands(64);
+    let bits = |v: &[f32]| v.iter().map(|&x| emulation::Half::Bf16.bits(x)).collect::<Vec<u16>>();
+    let bt: Vec<f32> = (0..64 * WG_K).map(|i| b[(i % WG_K) * 64 + i / WG_K]).collect();
+    // What the wgmma would give from the data at its issue (one k16 step of A's first 64 rows):
+    // not zero, so the zeros below come from the refill.
+    let at_issue: Vec<f32> = (0..64 * 64).map(|i| (0..16).map(|k| a[(i / 64) * WG_K + k] * b[k * 64 + i % 64]).sum()).collect();
+    assert!(at_issue.iter().filter(|&&v| v != 0.0).count() > 64 * 60);
+    let got = run_wg(&m, "wg_read_before_wait", &bits(&a), &bits(&bt), 64, 128, None, None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(got[..64 * 64].iter().all(|v| v.is_nan()), "the accumulator before the wait");
+    // The same wgmma with A's stage zeroed between the commit and the wait reads the zeros.
+    for schedule in SCHEDULES {
+        let got = run_wg(&m, "wg_refill_before_wait", &bits(&a), &bits(&bt), 64, 128, None, Some(schedule)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(got[..64 * 64].iter().all(|&v| v == 0.0), "schedule {schedule}: a stage refilled before the wait must reach the wgmma");
+    }
+}
+
+#[test]
 fn wgmma_errors_name_kernel_and_call_site() {
     if !have_compiler("wgmma_errors_name_kernel_and_call_site") {
         return;

@@ -1,5 +1,6 @@
 // Tensor-core building blocks for sm_80+: the warp-level mma.sync m16n8k16 with 16-bit inputs and
-// f32 accumulators, ldmatrix loads from shared memory, and cp.async global -> shared copies.
+// f32 accumulators, ldmatrix loads from shared memory, and cp.async global -> shared copies; and
+// for sm_90a the warpgroup MMA (wgmma, section "Hopper warpgroup MMA" at the end).
 // Kernels reach these instructions only through the functions below, so that the CPU emulator
 // (kernels/emu) can replace each with its PTX ISA definition and run the kernels on the host.
 //

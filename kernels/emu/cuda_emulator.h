@@ -20,7 +20,10 @@
 // dynamic shared memory (LA_DYNAMIC_SHARED) is a buffer per CTA of the cluster. Both are filled
 // with 0xff bytes (NaN as f32, bf16 and f16) before every block (and when a CTA of a cluster
 // exits), so reads of never-written shared memory show; so does a cp.async destination between
-// the issue and the wait that retires it. See kernels/emu/README.md for what is not emulated.
+// the issue and the wait that retires it. Hopper warpgroup MMA (wgmma) runs as collectives of the
+// 128 threads of a warpgroup, asynchronously: the accumulator is NaN from the issue until the
+// wgmma_wait that retires its group computes the product from shared memory as it is then.
+// See kernels/emu/README.md for what is not emulated.
 #pragma once
 #ifndef LOOKAHEAD_EMULATE
 #error "cuda_emulator.h is only for builds with -DLOOKAHEAD_EMULATE"

@@ -203,3 +203,19 @@ extern "C" __global__ void wg_misaligned(const u16* a, const u16* b, float* out)
     store_accumulator<64>(out, d);
 #endif
 }
+// wg_refill_before_wait: A's stage is overwritten with zeros while the wgmma that reads it is
+// still pending (a pipeline refilling a stage before its wgmma_wait): the emulator reads shared
+// memory at the wait, so the product comes out as 0 * B (on a GPU: either, a race).
+extern "C" __global__ void wg_refill_before_wait(const u16* a, const u16* b, float* out) {
+#if LA_WGMMA
+    LA_DYNAMIC_SHARED(unsigned char, smem);
+    stage_operands<64, false>(smem, a, b, WGMMA_SWIZZLE_128B);
+    float d[32];
+    wgmma_fence();
+    wgmma_ss<bf16, 64, false>(d, kmajor_desc(smem, 0, 64, WGMMA_SWIZZLE_128B), kmajor_desc(smem + WG_B_OFFSET, 0, 64, WGMMA_SWIZZLE_128B), false);
+    wgmma_commit();
+    for (u32 i = threadIdx.x; i < WG_A_BYTES / 2; i += blockDim.x) reinterpret_cast<u16*>(smem)[i] = 0;
+    wgmma_wait<0>();
+    store_accumulator<64>(out, d);
+#endif
+}
