@@ -1317,6 +1317,10 @@ fn wgmma_errors_name_kernel_and_call_site() {
     for part in ["wg_misaligned", "wgmma_ss<bf16> (warpgroup_mma.cu:", "128B-swizzled", "not aligned to 1024 bytes"] {
         assert!(e.contains(part), "missing {part:?} in: {e}");
     }
+    let e = err("wg_outside_shared", 128, None);
+    for part in ["wg_outside_shared", "wgmma_ss<bf16> (warpgroup_mma.cu:", "B: descriptor", "outside this CTA's shared memory"] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
     // 96 threads: the warpgroup lacks its last warp.
     let e = err("wg_gemm_bf16_64_k", 96, Some((1, 0)));
     for part in ["wg_gemm_bf16_64_k", "warpgroup 0", "incomplete"] {

@@ -1007,8 +1007,9 @@ inline bool complete_warpgroup(Launch* L, unsigned cta, WarpgroupState* s, Fiber
         }
         for (unsigned r = 0; r < (unsigned)n; ++r)
             for (unsigned k = 0; k < 16; ++k) {
-                if ((r < 64 && !rs && !wgmma_element(L, cta, a_desc, false, r, k, err, sizeof err)) || !wgmma_element(L, cta, b_desc, trans_b, r, k, err, sizeof err)) {
-                    set_error(L, "%s (%s:%d): %s", what, base_name(f0->file), f0->line, err);
+                const bool a_ok = r >= 64 || rs || wgmma_element(L, cta, a_desc, false, r, k, err, sizeof err);
+                if (!a_ok || !wgmma_element(L, cta, b_desc, trans_b, r, k, err, sizeof err)) {
+                    set_error(L, "%s (%s:%d): %s: %s", what, base_name(f0->file), f0->line, a_ok ? "B" : "A", err);
                     return false;
                 }
             }

@@ -219,3 +219,17 @@ extern "C" __global__ void wg_refill_before_wait(const u16* a, const u16* b, flo
     store_accumulator<64>(out, d);
 #endif
 }
+// wg_outside_shared: B's descriptor start advanced (as a k loop would) past the end of the
+// block's dynamic shared memory.
+extern "C" __global__ void wg_outside_shared(const u16* a, const u16* b, float* out) {
+#if LA_WGMMA
+    LA_DYNAMIC_SHARED(unsigned char, smem);
+    stage_operands<64, false>(smem, a, b, WGMMA_SWIZZLE_128B);
+    float d[32];
+    wgmma_fence();
+    wgmma_ss<bf16, 64, false>(d, kmajor_desc(smem, 0, 64, WGMMA_SWIZZLE_128B), kmajor_desc(smem + WG_B_OFFSET, 0, 64, WGMMA_SWIZZLE_128B) + (WG_SHARED_BYTES >> 4), false);
+    wgmma_commit();
+    wgmma_wait<0>();
+    store_accumulator<64>(out, d);
+#endif
+}
