@@ -105,8 +105,7 @@ template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi) {
 // K-major (row-major [64][K]); B is K-major when TRANS_B = false (row-major [N][K], e.g. K for
 // Q K^T or W[N][K] for x W^T) and MN-major when TRANS_B = true ([K][N], N contiguous, e.g. V).
 // Canonical layouts (CUTLASS cute/atom/mma_traits_sm90_gmma.hpp make_gmma_desc; 16-bit elements,
-// byte offsets; "row" = the 8 elements of one 16-byte chunk along the contiguous dimension; W =
-// swizzle width: 128, 64, 32 bytes, or 16 without swizzle):
+// byte offsets before the swizzle; W = the swizzle's row width: 128, 64 or 32 bytes):
 //   K-major, swizzled: MN row r (0..63 of A, 0..N-1 of B), k (0..15) at
 //       start + (r % 8) * W + (r / 8) * SBO + 2 k          (LBO unused: set it to 16)
 //     A dense tile [rows][W / 2 elements] therefore has SBO = 8 W; the next k16 step of the same
