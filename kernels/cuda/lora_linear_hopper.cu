@@ -122,27 +122,16 @@ __device__ __forceinline__ void lh_load_stage(unsigned char* stage, const LoraGe
     }
 }
 
-// Descriptor of B columns n0.. (a multiple of 64) for k16 step ks of a stage's B tile. nk: K-major
-// like A (rows n0.. are n0 / 8 1024-byte groups further, the step 32 bytes into each row); kn:
-// MN-major, LBO the next 32-column block (4 KiB), SBO the next 8 k-rows (512 bytes), the step's 16
-// k-rows two groups (1024 bytes) further.
-template <bool KMAJOR>
-__device__ __forceinline__ u64 lh_b_desc(const unsigned char* b_tile, int n0, int ks) {
-    if (KMAJOR) return wgmma_desc(b_tile + (n0 / 32) * 4096 + ks * 1024, 4096, 512, WGMMA_SWIZZLE_64B);
-    return wgmma_desc(b_tile + n0 * 128 + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
-}
-
-// The wgmmas of one k16 step of a stage for warpgroup `wg`: A rows 64 wg.. of the K-major tile
-// (the step's 16 columns start 32 bytes further into each swizzled row) times the 160 B columns.
-// mma.cuh has no m64n160k16 (N 64, 96, 128, 192, 256), so columns 0..63 and 64..159 are two
-// wgmmas into the two parts of the accumulator array, whose N = 64 and N = 96 layouts put together
-// are the N = 160 layout (8-column block j at d[4j..4j+3]).
+// The wgmma of k16 step ks of a stage for warpgroup `wg`: A rows 64 wg.. of the K-major tile (the
+// step's 16 columns start 32 bytes further into each swizzled row) times the 160 columns of B.
+// nk: B K-major like A; kn: MN-major, LBO the next 32-column block (4 KiB), SBO the next 8 k-rows
+// (512 bytes), the step's 16 k-rows two groups (1024 bytes) further.
 template <typename T, bool KMAJOR>
 __device__ __forceinline__ void lh_mma_step(float (&acc)[LH_BN / 2], const unsigned char* stage, int wg, int ks) {
     const u64 a_desc = wgmma_desc(stage + wg * 64 * 128 + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
     const unsigned char* b_tile = stage + LH_A_BYTES;
-    wgmma_ss<T, 64, KMAJOR>(*reinterpret_cast<float(*)[32]>(&acc[0]), a_desc, lh_b_desc<KMAJOR>(b_tile, 0, ks), true);
-    wgmma_ss<T, 96, KMAJOR>(*reinterpret_cast<float(*)[48]>(&acc[32]), a_desc, lh_b_desc<KMAJOR>(b_tile, 64, ks), true);
+    const u64 b_desc = KMAJOR ? wgmma_desc(b_tile + ks * 1024, 4096, 512, WGMMA_SWIZZLE_64B) : wgmma_desc(b_tile + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+    wgmma_ss<T, LH_BN, KMAJOR>(acc, a_desc, b_desc, true);
 }
 
 template <typename T, bool KMAJOR>
