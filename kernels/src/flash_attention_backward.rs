@@ -18,6 +18,31 @@ use crate::flash_attention::FlashDims;
 /// kernels/cuda/flash_attention_backward.cu: the delta preprocess, the main kernel over key tiles,
 /// and the dq f32 -> 16-bit conversion.
 pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention_backward", code: include_str!("../cuda/flash_attention_backward.cu"), options: &[] };
+/// The Hopper (sm_90a, wgmma) main kernel, kernels/cuda/flash_attention_backward_hopper.cu: the
+/// same parameters and outputs as `flash_bwd_{dtype}_d{d}` of SOURCE, between SOURCE's prep and dq
+/// kernels. Flush-to-zero (`--ftz=true`): exp2f is one MUFU.EX2 (probabilities below 2^-126
+/// become 0).
+pub const HOPPER_SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention_backward_hopper", code: include_str!("../cuda/flash_attention_backward_hopper.cu"), options: &["--ftz=true"] };
+
+/// Keys a block of the Hopper kernel owns (FBH_BC: 2 warpgroups of 64), for head dims 64 and 128.
+pub const HOPPER_KEYS_PER_BLOCK: usize = 128;
+/// Threads of a Hopper kernel block (FBH_THREADS).
+pub const HOPPER_THREADS: u32 = 256;
+
+/// Dynamic shared memory of the Hopper kernel (fbh_shared_bytes<D>): K and V of 128 keys, two
+/// stages of Q and dO (64 query rows), the dS tile (16-bit), two stages of lse2 and delta (f32),
+/// at head dim 64 the 16 KiB partial-dQ exchange, and 1 KiB to align the start to a swizzle atom.
+/// None for a head dim the kernel does not take (only 64 and 128).
+pub fn hopper_shared_bytes(d: usize) -> Option<u32> {
+    let (bc, br) = (HOPPER_KEYS_PER_BLOCK, 64);
+    let exchange = if d == 64 { 2 * 16 * 128 * 4 } else { 0 };
+    matches!(d, 64 | 128).then(|| (2 * (2 * bc * d + 4 * br * d + br * bc) + 16 * br + exchange + 1024) as u32)
+}
+
+/// The Hopper main kernel's instance for a dtype name ("bf16" or "f16") and head dim 64 or 128.
+pub fn hopper_kernel_name(dtype: &str, d: usize) -> String {
+    format!("flash_bwd_hopper_{dtype}_d{d}")
+}
 
 /// Mirror of `FlashBwdParams` in kernels/cuda/flash_attention_backward.cu, field by field (the
 /// three kernels of the file take it by value; the .cu checks the same size, 496 bytes).

@@ -1,0 +1,405 @@
+// Flash extended attention, backward, for Hopper (sm_90a): the main kernel of
+// flash_attention_backward.cu (same FlashBwdParams, same math and outputs: keys/values [own (Lk) ;
+// reference (Lr)] read from their two sources, reference tokens with keep == 0 left out, dK / dV
+// of both sources, dQ accumulated in f32 into dq_accum with atomicAdd) with its products on
+// warpgroup MMA (wgmma, mma.cuh) instead of mma.sync. The prep kernel (delta, lse2, dq_accum = 0)
+// and the dq conversion (dq = scale dq_accum) of flash_attention_backward.cu run before / after
+// it unchanged.
+//
+// Launch (engine/src/cuda/flash_attention_backward.rs): grid (own key tiles + reference key tiles,
+// H, B) of FBH_BC = 128 keys (own tiles first, never one straddling both sources), 256 threads = 2
+// warpgroups of 64 keys each; dynamic shared memory fbh_shared_bytes<D>(): 98 KiB (D 64) / 146 KiB
+// (D 128), one block an SM (the registers: dK, dV accumulators of D / 2 f32 each a thread).
+//
+// FlashAttention-3's backward, simplified (no TMA, no warp specialization): a block holds its
+// keys' K and V in shared memory and loops over the query tiles of FBH_BR = 64 rows, whose Q, dO
+// (cp.async by every thread, double-buffered: tile i + 1 loads while tile i computes), lse2 and
+// delta stream through two stages. Per query tile, warpgroup w (keys 64 w .. 64 w + 63):
+//   S^T  = K_w Q^T          wgmma_ss (A = K rows, B = Q K-major), 64 x 64, D / 16 k-steps
+//   dP^T = V_w dO^T         wgmma_ss, the same shapes
+//   P^T  = exp2(S^T scale log2(e) - lse2), 0 for keys past the source's end and dropped tokens
+//   dS^T = P^T (dP^T - delta)
+//   dV  += P^T dO, dK += dS^T Q: wgmma_rs, A = P^T / dS^T repacked from the accumulator registers
+//          (accumulator columns 16 k .. 16 k + 15 are the A fragment of k-step k), B = dO / Q
+//          tiles MN-major (queries are the k dimension), 4 k-steps of 16 queries.
+//   dS^T is also stored transposed (16-bit) into the shared dS tile [64 queries][128 keys], and
+//   after a block barrier dQ_i += dS K (A = dS K-major, B = K tile MN-major):
+//     D 128: warpgroup w computes dQ columns 64 w .. 64 w + 63 over all 128 keys (8 k-steps, N 64);
+//     D 64: (no N = 32 wgmma) warpgroup w computes the partial dQ (64 x 64) over its own 64 keys,
+//       the two partials are added through shared memory (each warpgroup hands the other the 32
+//       columns the other owns) and each adds its 32 columns to dq_accum.
+//   The dQ tile goes to dq_accum with f32 atomicAdd (rows past Lq left out).
+// Every shared tile (K, V, Q, dO, dS) is D / 64 (dS: 2) column blocks of [rows][64] 16-bit
+// elements (128-byte rows, 128B-swizzled: 16-byte chunk c of row r at c ^ (r % 8)), block b at
+// b rows 128 bytes, 1024-byte aligned: the canonical K-major layout of wgmma (K rows for S^T, Q /
+// dO rows for S^T / dP^T's B, dS rows for dQ) and, read with keys / queries as the k dimension, the
+// MN-major one (B of dV, dK, dQ: groups of 8 k-rows at SBO 1024, 64-column blocks at LBO = rows 128).
+//
+// Shared memory (bytes): K, V 2 BC D 2; two stages of Q and dO 4 BR D 2; dS BR BC 2; lse2, delta
+// two stages 4 BR 4; (D 64) the partial-dQ exchange 2 x 16 x 128 f32; + 1024 to align the start.
+// Host guarantees as flash_attention_backward.cu: 16-bit inputs with unit stride along D, row
+// strides multiples of 8 elements, 16-byte aligned bases; lq_pad = Lq rounded up to 4.
+#include "mma.cuh"
+
+#define FBH_BC 128
+#define FBH_BR 64
+#define FBH_THREADS 256
+
+// One call's parameters: the struct of flash_attention_backward.cu (mirrored by
+// kernels::flash_attention_backward::FlashBackwardParams), shared with its prep and dq kernels.
+struct FlashBwdParams {
+    u64 q, k, v;            // [B, H, L, D] views (element strides below), T
+    u64 k_ref, v_ref;       // reference keys / values [B, H, Lr, D], T; unused when lr == 0
+    u64 keep;               // u8 [B or 1, Lr], 1 = attend; 0 (null) = keep every reference token
+    u64 out, dout;          // [B, H, Lq, D] views, T (out: read by the prep kernel only)
+    u64 lse;                // f32 [B, H, Lq] view, natural log (prep kernel only)
+    u64 dq, dk, dv;         // gradients [B, H, L, D] views, T (dq: written by the dq kernel)
+    u64 dk_ref, dv_ref;     // reference gradients [B, H, Lr, D] views, T; unused when lr == 0
+    u64 dq_accum;           // f32 [B, H, Lq, D] contiguous, zeroed by the prep kernel
+    u64 lse2, delta;        // f32 [B, H, lq_pad] contiguous, written by the prep kernel
+    i64 q_stride[3];        // batch, head, row strides in elements (the dim stride is 1)
+    i64 k_stride[3];
+    i64 v_stride[3];
+    i64 k_ref_stride[3];
+    i64 v_ref_stride[3];
+    i64 out_stride[3];
+    i64 dout_stride[3];
+    i64 lse_stride[3];
+    i64 dq_stride[3];
+    i64 dk_stride[3];
+    i64 dv_stride[3];
+    i64 dk_ref_stride[3];
+    i64 dv_ref_stride[3];
+    i64 keep_batch_stride;  // Lr for a [B, Lr] mask, 0 for one [Lr] row shared by the batch
+    u32 batch, heads, lq, lk, lr;
+    u32 lq_pad;
+    u32 d;
+    float scale;            // softmax scale (dK is scaled by it here, dQ by the dq kernel)
+    float scale_log2;       // scale * log2(e)
+    u32 pad;
+};
+static_assert(sizeof(FlashBwdParams) == 496, "FlashBwdParams must match FlashBackwardParams in Rust");
+
+// Mirrored by kernels::flash_attention_backward::hopper_shared_bytes.
+template <int D> __host__ __device__ constexpr u32 fbh_shared_bytes() {
+    return 2u * (2u * FBH_BC * D + 4u * FBH_BR * D + FBH_BR * FBH_BC) + 16u * FBH_BR + (D == 64 ? 2u * 16u * 128u * 4u : 0u) + 1024u;
+}
+
+#if LA_WGMMA
+
+// Byte offset of 16-byte chunk `chunk` (0 .. W / 8 - 1) of row `row` in a tile of ROWS rows of W
+// 16-bit elements laid out as above (64-column blocks of 128-byte rows, 128B-swizzled).
+template <u32 ROWS> __device__ __forceinline__ u32 fbh_offset(u32 row, u32 chunk) {
+    return (chunk / 8) * ROWS * 128u + row * 128u + (((chunk % 8) ^ (row % 8)) << 4);
+}
+
+// cp.async of ROWS rows x D (zero-filled from row `len` on) from src (row stride `rs`) into the tile
+// at dst; the block's threads take the 16-byte chunks in turn (8 consecutive threads read 128
+// contiguous bytes of a row).
+template <typename T, int D, u32 ROWS>
+__device__ __forceinline__ void fbh_load_tile(unsigned char* dst, const T* src, i64 rs, u32 len) {
+    constexpr u32 CHUNKS = D / 8;
+    for (u32 c = threadIdx.x; c < ROWS * CHUNKS; c += FBH_THREADS) {
+        const u32 row = c / CHUNKS, chunk = c % CHUNKS;
+        const bool full = row < len;
+        // A row past the end is not read (zero fill), but the address must still be a valid one.
+        const T* from = full ? src + (i64)row * rs + chunk * 8 : src;
+        cp_async_16(dst + fbh_offset<ROWS>(row, chunk), from, full);
+    }
+}
+
+// cp.async of FBH_BR f32 values from src, zero-filled from `avail` on (a multiple of 4).
+__device__ __forceinline__ void fbh_load_f32(float* dst, const float* src, u32 avail) {
+    for (u32 c = threadIdx.x; c < FBH_BR / 4; c += FBH_THREADS) {
+        const bool full = 4 * c < avail;
+        cp_async_16(dst + 4 * c, full ? src + 4 * c : src, full);
+    }
+}
+
+// Keeps the compiler from moving reads or writes of these registers across the wgmma_wait before
+// the call: wgmma accumulators and wgmma_rs's A registers belong to the asynchronous MMA from its
+// issue to the wait that retires it, which the compiler does not know (the wrappers' operands say
+// "read and written at the issue"); without it an A register could be reused before the MMA read
+// it. An empty asm statement, no instruction (CUTLASS: warpgroup_fence_operand); the emulator
+// captures the operands at the issue and needs none.
+template <int N> __device__ __forceinline__ void fbh_fence_registers(float (&r)[N]) {
+#ifndef LOOKAHEAD_EMULATE
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#endif
+}
+template <int M> __device__ __forceinline__ void fbh_fence_registers(u32 (&r)[M][4]) {
+#ifndef LOOKAHEAD_EMULATE
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
+    }
+#endif
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
+    constexpr u32 BC = FBH_BC, BR = FBH_BR;
+    constexpr u32 KV_BYTES = BC * D * 2;      // one of K, V
+    constexpr u32 QO_BYTES = BR * D * 2;      // one of Q, dO (a stage holds both)
+    constexpr int KD = D / 16;                // k-steps of S^T, dP^T (over the head dim)
+    constexpr int KQ = BR / 16;               // k-steps of dV, dK (over the query tile)
+    constexpr int NS = BR / 2;                // S^T / dP^T accumulator registers a thread
+    constexpr int NG = D / 2;                 // dK / dV accumulator registers a thread
+    constexpr bool DQ_BY_COLUMNS = D == 128;  // else: partial sums over each warpgroup's keys
+    constexpr int NQ = DQ_BY_COLUMNS ? 64 : D;  // N of the dQ wgmma
+    constexpr int KDQ = DQ_BY_COLUMNS ? BC / 16 : 4;  // its k-steps (16 keys each)
+    static_assert(D == 64 || D == 128, "head dim 64 or 128");
+
+    LA_DYNAMIC_SHARED(unsigned char, smem_raw);
+    // The swizzle applies to absolute shared-memory addresses: tiles start 1024-byte aligned. The
+    // shared-window offset of the start is read from a descriptor's start-address field (the same
+    // on the GPU and under the emulator, whose pointers are host addresses).
+    const u32 window_offset = (u32)(wgmma_desc(smem_raw, 16, 16, WGMMA_SWIZZLE_NONE) & 0x3fffu) << 4;
+    unsigned char* smem = smem_raw + (1024u - window_offset % 1024u) % 1024u;
+    unsigned char* ks = smem;                            // K [BC][D]
+    unsigned char* vs = ks + KV_BYTES;                   // V [BC][D]
+    unsigned char* stages = vs + KV_BYTES;               // stage s: Q at stages + 2 s QO_BYTES, dO after it
+    unsigned char* dss = stages + 4 * QO_BYTES;          // dS [BR][BC] (2 column blocks)
+    float* lse_s = (float*)(dss + BR * BC * 2);          // lse2 [2][BR]
+    float* delta_s = lse_s + 2 * BR;                     // delta [2][BR]
+    float* exchange = delta_s + 2 * BR;                  // D 64: [2 warpgroups][16][128] partial dQ
+
+    const u32 wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const u32 g = lane / 4, t = lane % 4;
+    const u32 bi = blockIdx.z, hi = blockIdx.y, j = blockIdx.x;
+    const u32 own_tiles = (p.lk + BC - 1) / BC;
+    const bool reference = j >= own_tiles;
+    const u32 start = (reference ? j - own_tiles : j) * BC;
+    const u32 len = (reference ? p.lr : p.lk) - start;  // keys of this tile (may exceed BC)
+    // Values selected one by one (no pointer into the parameter struct, which would force a local copy).
+    const i64 k_rs = reference ? p.k_ref_stride[2] : p.k_stride[2];
+    const i64 v_rs = reference ? p.v_ref_stride[2] : p.v_stride[2];
+    const T* k = reference ? (const T*)p.k_ref + bi * p.k_ref_stride[0] + hi * p.k_ref_stride[1] : (const T*)p.k + bi * p.k_stride[0] + hi * p.k_stride[1];
+    const T* v = reference ? (const T*)p.v_ref + bi * p.v_ref_stride[0] + hi * p.v_ref_stride[1] : (const T*)p.v + bi * p.v_stride[0] + hi * p.v_stride[1];
+    k += (i64)start * k_rs;
+    v += (i64)start * v_rs;
+    const T* q = (const T*)p.q + bi * p.q_stride[0] + hi * p.q_stride[1];
+    const T* dout = (const T*)p.dout + bi * p.dout_stride[0] + hi * p.dout_stride[1];
+    const u64 bh = (u64)bi * p.heads + hi;
+    const float* lse2 = (const float*)p.lse2 + bh * p.lq_pad;
+    const float* delta = (const float*)p.delta + bh * p.lq_pad;
+    float* dq_accum = (float*)p.dq_accum + bh * p.lq * D;
+
+    // The two key rows (of the tile) whose S^T / dP^T / dK / dV values this thread holds
+    // (accumulator rows g and g + 8 of its warp's 16), and whether they take part: inside the tile
+    // and not dropped.
+    const u32 key0 = wg * 64 + warp * 16 + g, key1 = key0 + 8;
+    const u8* keep = reference && p.keep ? (const u8*)p.keep + bi * p.keep_batch_stride + start : nullptr;
+    const bool live0 = key0 < len && (keep == nullptr || keep[key0] != 0);
+    const bool live1 = key1 < len && (keep == nullptr || keep[key1] != 0);
+
+    const u32 nq = (p.lq + BR - 1) / BR;
+    auto load_stage = [&](u32 it) {
+        const u32 i0 = it * BR, st = it & 1;
+        unsigned char* qs = stages + 2 * st * QO_BYTES;
+        fbh_load_tile<T, D, BR>(qs, q + (i64)i0 * p.q_stride[2], p.q_stride[2], p.lq - i0);
+        fbh_load_tile<T, D, BR>(qs + QO_BYTES, dout + (i64)i0 * p.dout_stride[2], p.dout_stride[2], p.lq - i0);
+        fbh_load_f32(lse_s + st * BR, lse2 + i0, p.lq_pad - i0);
+        fbh_load_f32(delta_s + st * BR, delta + i0, p.lq_pad - i0);
+    };
+    fbh_load_tile<T, D, BC>(ks, k, k_rs, len);
+    fbh_load_tile<T, D, BC>(vs, v, v_rs, len);
+    if (nq > 0) load_stage(0);
+    cp_async_commit();
+
+    float dk[NG], dv[NG];
+#pragma unroll
+    for (int i = 0; i < NG; ++i) dk[i] = dv[i] = 0.0f;
+
+    // Descriptors (128B swizzle, SBO = 1024 between 8-row groups). K-major operand, k-step kk of a
+    // [rows][D] tile: column block kk / 4, +32 bytes a step inside its 128-byte rows.
+    auto kmajor = [](const unsigned char* tile, u32 rows, u32 row0, int kk) {
+        return wgmma_desc(tile + (kk / 4) * rows * 128 + row0 * 128 + (kk % 4) * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+    };
+    // MN-major operand read from a [rows][D] tile with the rows as k: k-step kk (rows row0 + 16 kk
+    // ..) is 2048 bytes further; the 64-column blocks are the N atoms, rows * 128 bytes apart.
+    auto mnmajor = [](const unsigned char* tile, u32 rows, u32 row0, int kk) {
+        return wgmma_desc(tile + (row0 + 16 * kk) * 128, rows * 128, 1024, WGMMA_SWIZZLE_128B);
+    };
+
+    for (u32 it = 0; it < nq; ++it) {
+        // This thread's copies of stage it (and K, V) have landed, are fenced for the async proxy
+        // and, after the barrier, so are every thread's; every wgmma of the previous iteration has
+        // retired, so stage (it + 1) & 1, dS and the exchange buffer are free. Then the next
+        // stage's copies start.
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (it + 1 < nq) load_stage(it + 1);
+        cp_async_commit();
+        const unsigned char* qs = stages + 2 * (it & 1) * QO_BYTES;
+        const unsigned char* dos = qs + QO_BYTES;
+        const float* ls = lse_s + (it & 1) * BR;
+        const float* dls = delta_s + (it & 1) * BR;
+
+        // S^T = K_w Q^T (group 1) and dP^T = V_w dO^T (group 2): 64 keys x BR queries each.
+        float s[NS], dp[NS];
+        wgmma_fence();  // dk, dv, pa, da were last written by other instructions
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) wgmma_ss<T, BR, false>(s, kmajor(ks, BC, wg * 64, kk), kmajor(qs, BR, 0, kk), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) wgmma_ss<T, BR, false>(dp, kmajor(vs, BC, wg * 64, kk), kmajor(dos, BR, 0, kk), kk > 0);
+        wgmma_commit();
+
+        // P^T on live keys (0 elsewhere), while dP^T is computed. Register 4 n + e: key row g (e < 2)
+        // or g + 8, query 8 n + 2 t + (e & 1).
+        wgmma_wait<1>();
+        fbh_fence_registers(s);
+#pragma unroll
+        for (int n = 0; n < BR / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool live = e < 2 ? live0 : live1;
+                s[4 * n + e] = live ? exp2f(s[4 * n + e] * p.scale_log2 - ls[8 * n + 2 * t + (e & 1)]) : 0.0f;
+            }
+        }
+        // As A fragments: k-step kk (queries 16 kk ..) is accumulator blocks 2 kk, 2 kk + 1
+        // (registers 8 kk .. 8 kk + 7): a[0] row g queries 2t.., a[1] row g + 8, a[2] row g
+        // queries 8 + 2t.., a[3] row g + 8.
+        u32 pa[KQ][4];
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+        }
+        // dV += P^T dO (group 3).
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dv, pa[kk], mnmajor(dos, BR, 0, kk), true);
+        wgmma_commit();
+
+        // dS^T = P^T (dP^T - delta) once dP^T has retired (dV may still run).
+        wgmma_wait<1>();
+        fbh_fence_registers(dp);
+#pragma unroll
+        for (int n = 0; n < BR / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * n + e] = s[4 * n + e] * (dp[4 * n + e] - dls[8 * n + 2 * t + (e & 1)]);
+        }
+        u32 da[KQ][4];
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) da[kk][r] = pack2<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
+        }
+        // dK += dS^T Q (group 4).
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dk, da[kk], mnmajor(qs, BR, 0, kk), true);
+        wgmma_commit();
+
+        // dS transposed into the dS tile: element (query, key) in column block key / 64 (= wg),
+        // row query, chunk (key % 64) / 8, 2 (key % 8) bytes in. da[kk][r] holds key row g (r even)
+        // or g + 8 (r odd), queries 16 kk + 8 (r / 2) + 2t (low half) and + 1 (high half).
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const u32 query = 16 * kk + 8 * (r / 2) + 2 * t, chunk = 2 * warp + (r % 2);
+                unsigned char* at = dss + wg * BR * 128 + 2 * g;
+                *(u16*)(at + fbh_offset<BR>(query, chunk)) = (u16)(da[kk][r] & 0xffffu);
+                *(u16*)(at + fbh_offset<BR>(query + 1, chunk)) = (u16)(da[kk][r] >> 16);
+            }
+        }
+        fence_proxy_async();
+        __syncthreads();  // the dS tile of both warpgroups is written
+
+        // dQ (group 5): A = dS rows (K-major), B = K rows as MN-major (keys are the k dimension).
+        float dq[NQ / 2];
+#pragma unroll
+        for (int kk = 0; kk < KDQ; ++kk) {
+            if constexpr (DQ_BY_COLUMNS) {
+                // Columns 64 wg .. over all BC keys: dS column block kk / 4, K column block wg.
+                wgmma_ss<T, NQ, true>(dq, kmajor(dss, BR, 0, kk), mnmajor(ks + wg * BC * 128, BC, 0, kk), kk > 0);
+            } else {
+                // All D columns over the warpgroup's 64 keys: dS column block wg, K rows 64 wg ...
+                wgmma_ss<T, NQ, true>(dq, kmajor(dss + wg * BR * 128, BR, 0, kk), mnmajor(ks, BC, wg * 64, kk), kk > 0);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fbh_fence_registers(dq);
+        fbh_fence_registers(dk);
+        fbh_fence_registers(dv);
+        fbh_fence_registers(pa);
+        fbh_fence_registers(da);
+
+        // dq_accum += dQ: rows 16 warp + g (registers 4 n, 4 n + 1) and + 8 (4 n + 2, 4 n + 3).
+        const u32 row0 = it * BR + warp * 16 + g, row1 = row0 + 8;
+        if constexpr (DQ_BY_COLUMNS) {
+#pragma unroll
+            for (int n = 0; n < NQ / 8; ++n) {
+                const u32 col = wg * 64 + n * 8 + 2 * t;
+                if (row0 < p.lq) {
+                    atomicAdd(dq_accum + (u64)row0 * D + col, dq[4 * n]);
+                    atomicAdd(dq_accum + (u64)row0 * D + col + 1, dq[4 * n + 1]);
+                }
+                if (row1 < p.lq) {
+                    atomicAdd(dq_accum + (u64)row1 * D + col, dq[4 * n + 2]);
+                    atomicAdd(dq_accum + (u64)row1 * D + col + 1, dq[4 * n + 3]);
+                }
+            }
+        } else {
+            // Warpgroup w owns columns 32 w .. 32 w + 31 (registers 16 w .. 16 w + 15, the same
+            // in both warpgroups' layouts): it hands the other one its partial of the other half.
+            const u32 tid = threadIdx.x % 128;
+            float* mine = exchange + wg * 16 * 128;
+            const float* theirs = exchange + (1 - wg) * 16 * 128;
+#pragma unroll
+            for (int r = 0; r < 16; ++r) mine[r * 128 + tid] = wg == 0 ? dq[16 + r] : dq[r];
+            __syncthreads();
+#pragma unroll
+            for (int r = 0; r < 16; ++r) {
+                const float sum = (wg == 0 ? dq[r] : dq[16 + r]) + theirs[r * 128 + tid];
+                const u32 col = wg * 32 + (r / 4) * 8 + 2 * t + (r & 1), row = (r & 2) ? row1 : row0;
+                if (row < p.lq) atomicAdd(dq_accum + (u64)row * D + col, sum);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // dK (times scale) and dV of the thread's two keys, in q's dtype, for keys inside the tile.
+    const i64 dk_rs = reference ? p.dk_ref_stride[2] : p.dk_stride[2];
+    const i64 dv_rs = reference ? p.dv_ref_stride[2] : p.dv_stride[2];
+    T* dkp = reference ? (T*)p.dk_ref + bi * p.dk_ref_stride[0] + hi * p.dk_ref_stride[1] : (T*)p.dk + bi * p.dk_stride[0] + hi * p.dk_stride[1];
+    T* dvp = reference ? (T*)p.dv_ref + bi * p.dv_ref_stride[0] + hi * p.dv_ref_stride[1] : (T*)p.dv + bi * p.dv_stride[0] + hi * p.dv_stride[1];
+    dkp += (i64)start * dk_rs;
+    dvp += (i64)start * dv_rs;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const u32 col = n * 8 + 2 * t;
+        if (key0 < len) {
+            *(u32*)(dkp + (i64)key0 * dk_rs + col) = pack2<T>(dk[4 * n] * p.scale, dk[4 * n + 1] * p.scale);
+            *(u32*)(dvp + (i64)key0 * dv_rs + col) = pack2<T>(dv[4 * n], dv[4 * n + 1]);
+        }
+        if (key1 < len) {
+            *(u32*)(dkp + (i64)key1 * dk_rs + col) = pack2<T>(dk[4 * n + 2] * p.scale, dk[4 * n + 3] * p.scale);
+            *(u32*)(dvp + (i64)key1 * dv_rs + col) = pack2<T>(dv[4 * n + 2], dv[4 * n + 3]);
+        }
+    }
+}
+
+#endif  // LA_WGMMA
+
+// Without wgmma (sm_80, sm_90 without the a features) the kernels compile empty; the engine
+// launches them only on compute capability 9.0, whose CUBIN is built for sm_90a.
+#if LA_WGMMA
+#define FBH_BODY(T, D) flash_bwd_hopper<T, D>(p)
+#else
+#define FBH_BODY(T, D) (void)p
+#endif
+
+#define FBH_INSTANCE(TN, T, D) \
+    extern "C" __global__ void __launch_bounds__(FBH_THREADS, 1) flash_bwd_hopper_##TN##_d##D(const FlashBwdParams p) { FBH_BODY(T, D); }
+FBH_INSTANCE(bf16, bf16, 64)
+FBH_INSTANCE(bf16, bf16, 128)
+FBH_INSTANCE(f16, f16, 64)
+FBH_INSTANCE(f16, f16, 128)
