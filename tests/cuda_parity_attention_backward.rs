@@ -6,8 +6,9 @@
 //! query and key tiles, several tiles per source), keep masks per batch and shared,
 //! interleaved-head and misaligned views, rows with no key left. The fused kernels sit behind
 //! engine::cuda::experimental_kernels until they have run on a GPU: every case runs with the
-//! switch off and on. Without a CUDA device every test prints "skipped: no CUDA device (...)" and
-//! passes.
+//! switch off and on. The Hopper (wgmma) main kernel, behind engine::cuda::hopper_kernels, runs
+//! the same cases on a compute capability 9.0 device (`hopper_backward_matches_cpu`). Without a
+//! CUDA device every test prints "skipped: no CUDA device (...)" and passes.
 
 #[path = "common/cuda_harness.rs"]
 mod cuda_harness;
@@ -103,27 +104,65 @@ fn fused_backward_matches_the_unfused_composition() {
 #[test]
 fn rows_with_no_key_left_get_zero_gradients() {
     let Some((dev, _gpu)) = gpu("rows_with_no_key_left_get_zero_gradients") else { return };
-    let Case { b, h, lq, lr, .. } = NO_KEY_LEFT;
     for experimental in [false, true] {
         engine::cuda::set_experimental_kernels(experimental);
         for dt in [DType::BF16, DType::F16, DType::F32] {
             for d in [64, 128] {
-                let label = format!("no key left {dt} D {d} (experimental {experimental})");
-                let go = |dv: Device| -> Result<FlashAttentionGrads> {
-                    let x = Operands::no_key_left(d, dt, dv)?;
-                    let dout = input(&[b, h, lq, d], dt, -1.0, 1.0, 6, dv)?;
-                    let (out, lse) = Tensor::flash_attention(&x.q, &x.k, &x.v, x.reference(), 0.125)?;
-                    Tensor::flash_attention_backward(&x.q, &x.k, &x.v, x.reference(), 0.125, &out, &lse, &dout)
-                };
-                let (want, got) = (go(Device::Cpu).unwrap(), go(dev).unwrap_or_else(|e| panic!("{label}: {e}")));
-                compare(&label, dt, &got, &want);
-                let zero = |t: &Tensor, n: usize| t.to_vec_f32().unwrap()[..n].iter().all(|&x| x == 0.0);
-                assert!(zero(&got.dq, h * lq * d), "{label}: dq of the rows with no key");
-                assert!(zero(got.dk_ref.as_ref().unwrap(), h * lr * d) && zero(got.dv_ref.as_ref().unwrap(), h * lr * d), "{label}: reference gradients of batch entry 0");
-                assert_eq!(got.dk.shape(), &[b, h, 0, d]);
+                check_no_key_left(dev, dt, d, &format!("no key left {dt} D {d} (experimental {experimental})"));
             }
         }
     }
+    engine::cuda::set_experimental_kernels(false);
+}
+
+/// The NO_KEY_LEFT case on `dev` against the CPU, and its exact zeros: dq of batch entry 0, its
+/// reference gradients, and the empty dk.
+fn check_no_key_left(dev: Device, dt: DType, d: usize, label: &str) {
+    let Case { b, h, lq, lr, .. } = NO_KEY_LEFT;
+    let go = |dv: Device| -> Result<FlashAttentionGrads> {
+        let x = Operands::no_key_left(d, dt, dv)?;
+        let dout = input(&[b, h, lq, d], dt, -1.0, 1.0, 6, dv)?;
+        let (out, lse) = Tensor::flash_attention(&x.q, &x.k, &x.v, x.reference(), 0.125)?;
+        Tensor::flash_attention_backward(&x.q, &x.k, &x.v, x.reference(), 0.125, &out, &lse, &dout)
+    };
+    let (want, got) = (go(Device::Cpu).unwrap(), go(dev).unwrap_or_else(|e| panic!("{label}: {e}")));
+    compare(label, dt, &got, &want);
+    let zero = |t: &Tensor, n: usize| t.to_vec_f32().unwrap()[..n].iter().all(|&x| x == 0.0);
+    assert!(zero(&got.dq, h * lq * d), "{label}: dq of the rows with no key");
+    assert!(zero(got.dk_ref.as_ref().unwrap(), h * lr * d) && zero(got.dv_ref.as_ref().unwrap(), h * lr * d), "{label}: reference gradients of batch entry 0");
+    assert_eq!(got.dk.shape(), &[b, h, 0, d]);
+}
+
+/// The Hopper (wgmma) main kernel (kernels/cuda/flash_attention_backward_hopper.cu), behind
+/// engine::cuda::hopper_kernels: on a compute capability 9.0 device, every case and the rows with
+/// no key left against the CPU with the Hopper (and experimental) switches on, bf16/f16, D 64/128.
+/// Other devices print why they skip.
+#[test]
+fn hopper_backward_matches_cpu() {
+    let Some((dev, _gpu)) = gpu("hopper_backward_matches_cpu") else { return };
+    if let Device::Cuda(ordinal) = dev {
+        let arch = engine::cuda::device(ordinal).unwrap().arch();
+        if arch != 90 {
+            lookahead::show(&format!("hopper_backward_matches_cpu: skipped: compute capability {}.{}, the Hopper kernel needs 9.0", arch / 10, arch % 10));
+            return;
+        }
+    }
+    engine::cuda::set_experimental_kernels(true);
+    engine::cuda::set_hopper_kernels(true);
+    for dt in [DType::BF16, DType::F16] {
+        for d in [64, 128] {
+            for c in CASES {
+                let label = format!("flash_attention_backward {dt} D {d} {} (Hopper kernel)", c.label);
+                let fwd = saved(c, d, dt).unwrap_or_else(|e| panic!("{label} forward: {e}"));
+                let want = run(c, d, dt, &fwd, Device::Cpu).unwrap_or_else(|e| panic!("{label} on cpu: {e}"));
+                let got = run(c, d, dt, &fwd, dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
+                assert_eq!(got.dq.device(), dev, "{label}: result left the device");
+                compare(&label, dt, &got, &want);
+            }
+            check_no_key_left(dev, dt, d, &format!("no key left {dt} D {d} (Hopper kernel)"));
+        }
+    }
+    engine::cuda::set_hopper_kernels(false);
     engine::cuda::set_experimental_kernels(false);
 }
 

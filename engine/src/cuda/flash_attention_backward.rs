@@ -11,8 +11,15 @@
 //! out / dout are converted to q's dtype first when they differ. The gradients are allocated as
 //! [B, L, H, D] memory and returned as [B, H, L, D] views; the f32 scratch (dq_accum, lse2, delta)
 //! comes from the pool and goes back when dropped (the stream orders its reuse).
+//!
+//! On compute capability 9.0 with the Hopper kernels switched on (crate::cuda::hopper_kernels) the
+//! main launch runs the wgmma kernel instead (kernels/cuda/flash_attention_backward_hopper.cu:
+//! same parameters and outputs; grid (own + reference tiles of 128 keys, H, B), 256 threads,
+//! 98 / 146 KiB of dynamic shared memory); prep and dq stay as they are.
 
 use kernels::flash_attention_backward::{self as kfab, BackwardTiles, FlashBackwardParams};
+
+use kernels::compile::KernelSource;
 
 use crate::cuda::{launch_failed, DeviceRepr, LaunchConfig, PushKernelArg};
 use crate::ops::flash_attention::{AttentionReference, FlashShape};
@@ -39,6 +46,25 @@ unsafe impl DeviceRepr for KernelParams {}
 /// (crate::cuda::experimental_kernels), off by default; the parity suite runs both paths.
 pub(crate) fn kernel_applies(dtype: DType, d: usize) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && BackwardTiles::for_head_dim(d).is_some() && super::experimental_kernels()
+}
+
+/// The main kernel of a call: its source, instance name, keys a block, threads a block, dynamic
+/// shared memory.
+struct MainKernel {
+    source: &'static KernelSource,
+    name: String,
+    keys_per_block: usize,
+    threads: u32,
+    shared_bytes: u32,
+}
+
+/// The Hopper (wgmma) main kernel when it applies: the Hopper kernels switched on, a compute
+/// capability 9.0 device with the opt-in shared memory it needs, bf16/f16 with head dim 64 or 128.
+fn hopper_main_kernel(dev: &super::CudaDevice, dtype: DType, d: usize) -> Option<MainKernel> {
+    let shared_bytes = kfab::hopper_shared_bytes(d)?;
+    let applies = super::hopper_kernels() && dev.arch() == 90 && matches!(dtype, DType::BF16 | DType::F16) && dev.max_shared_memory_per_block_optin() >= shared_bytes;
+    let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
+    applies.then(|| MainKernel { source: &kfab::HOPPER_SOURCE, name: kfab::hopper_kernel_name(tn, d), keys_per_block: kfab::HOPPER_KEYS_PER_BLOCK, threads: kfab::HOPPER_THREADS, shared_bytes })
 }
 
 fn device_addr(t: &Tensor) -> Result<u64> {
@@ -106,11 +132,19 @@ pub(crate) fn backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Att
     let Some(tiles) = BackwardTiles::for_head_dim(d) else {
         return composition(q, k, v, reference, scale, out, lse, dout, shape);
     };
-    let smem = tiles.shared_bytes(d);
-    if dev.arch() < 80 || (smem > 48 * 1024 && dev.max_shared_memory_per_block_optin() < smem) {
-        return composition(q, k, v, reference, scale, out, lse, dout, shape);
-    }
     let dtype = q.dtype();
+    let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
+    let (prep_name, main_name, dq_name) = kfab::kernel_names(tn, d);
+    let main = match hopper_main_kernel(&dev, dtype, d) {
+        Some(hopper) => hopper,
+        None => {
+            let smem = tiles.shared_bytes(d);
+            if dev.arch() < 80 || (smem > 48 * 1024 && dev.max_shared_memory_per_block_optin() < smem) {
+                return composition(q, k, v, reference, scale, out, lse, dout, shape);
+            }
+            MainKernel { source: &kfab::SOURCE, name: main_name, keys_per_block: tiles.bc, threads: tiles.threads(), shared_bytes: smem }
+        }
+    };
     let with_reference = reference.is_some() && lr > 0;
     let (dq, dq_addr, dq_stride) = gradient(&dev, dtype, (b, h, lq, d))?;
     let (dk, dk_addr, dk_stride) = gradient(&dev, dtype, (b, h, lk, d))?;
@@ -137,7 +171,8 @@ pub(crate) fn backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Att
     }
     let lq_pad = kfab::lq_pad(lq);
     let prep_rows = u32_of("B * H * Lq", b * h * lq_pad, shape_err)?;
-    let key_tiles = u32_of("key tiles", lk.div_ceil(tiles.bc) + if with_reference { lr.div_ceil(tiles.bc) } else { 0 }, shape_err)?;
+    let bc = main.keys_per_block;
+    let key_tiles = u32_of("key tiles", lk.div_ceil(bc) + if with_reference { lr.div_ceil(bc) } else { 0 }, shape_err)?;
 
     // Views and scratch kept alive until the launches are queued (the stream orders later reuse).
     let (out, dout) = (out.to_dtype(dtype)?, dout.to_dtype(dtype)?);
@@ -201,11 +236,9 @@ pub(crate) fn backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Att
         }
     }
 
-    let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
-    let (prep_name, main_name, dq_name) = kfab::kernel_names(tn, d);
     let params = KernelParams(p);
-    let launch = |name: &str, cfg: LaunchConfig| -> Result<()> {
-        let f = dev.function(&kfab::SOURCE, name)?;
+    let launch = |source: &KernelSource, name: &str, cfg: LaunchConfig| -> Result<()> {
+        let f = dev.function(source, name)?;
         opt_in_shared(&dev, &f, name, cfg.shared_mem_bytes)?;
         let mut builder = dev.launch_builder(&f);
         builder.arg(&params);
@@ -217,15 +250,15 @@ pub(crate) fn backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Att
         Ok(())
     };
     if prep_rows > 0 {
-        launch(&prep_name, LaunchConfig { grid_dim: (prep_rows.div_ceil(kfab::PREP_THREADS / 32), 1, 1), block_dim: (kfab::PREP_THREADS, 1, 1), shared_mem_bytes: 0 })?;
+        launch(&kfab::SOURCE, &prep_name, LaunchConfig { grid_dim: (prep_rows.div_ceil(kfab::PREP_THREADS / 32), 1, 1), block_dim: (kfab::PREP_THREADS, 1, 1), shared_mem_bytes: 0 })?;
     }
     if key_tiles > 0 {
-        launch(&main_name, LaunchConfig { grid_dim: (key_tiles, heads, batch), block_dim: (tiles.threads(), 1, 1), shared_mem_bytes: smem })?;
+        launch(main.source, &main.name, LaunchConfig { grid_dim: (key_tiles, heads, batch), block_dim: (main.threads, 1, 1), shared_mem_bytes: main.shared_bytes })?;
     }
     let pairs = b * h * lq * d / 2;
     if pairs > 0 {
         let blocks = pairs.div_ceil(kfab::DQ_THREADS as usize).min(dev.multiprocessors() as usize * 16).max(1) as u32;
-        launch(&dq_name, LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (kfab::DQ_THREADS, 1, 1), shared_mem_bytes: 0 })?;
+        launch(&kfab::SOURCE, &dq_name, LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (kfab::DQ_THREADS, 1, 1), shared_mem_bytes: 0 })?;
     }
     drop((keep_alive, dq_accum, lse2, delta));
     Ok(finish(reference_grads))
