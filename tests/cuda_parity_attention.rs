@@ -7,6 +7,8 @@
 //! until it has run on a GPU: every case runs with the switch off and on. The decoupled mode
 //! (`Tensor::flash_attention_decoupled`, IP cross-attention: text + s2 x IP with independent
 //! softmaxes) the same way, and its gradients (`Var::flash_attention_decoupled`) against the CPU.
+//! The Hopper (wgmma) kernel, behind engine::cuda::hopper_kernels, runs the same cases on a
+//! compute capability 9.0 device (`hopper_kernel_matches_cpu`).
 //! Without a CUDA device every test prints "skipped: no CUDA device (...)" and passes.
 
 #[path = "common/cuda_harness.rs"]
@@ -101,6 +103,48 @@ fn rows_with_no_key_left() {
             }
         }
     }
+    engine::cuda::set_experimental_kernels(false);
+}
+
+/// The Hopper (wgmma) forward kernel (kernels/cuda/flash_attention_hopper.cu), behind
+/// engine::cuda::hopper_kernels: on a compute capability 9.0 device, every case and the rows with no
+/// key left against the CPU, with the Hopper (and experimental) switches on. Other devices print
+/// why they skip.
+#[test]
+fn hopper_kernel_matches_cpu() {
+    let Some((dev, _gpu)) = gpu("hopper_kernel_matches_cpu") else { return };
+    if let Device::Cuda(ordinal) = dev {
+        let arch = engine::cuda::device(ordinal).unwrap().arch();
+        if arch != 90 {
+            lookahead::show(&format!("hopper_kernel_matches_cpu: skipped: compute capability {}.{}, the Hopper kernel needs 9.0", arch / 10, arch % 10));
+            return;
+        }
+    }
+    engine::cuda::set_experimental_kernels(true);
+    engine::cuda::set_hopper_kernels(true);
+    for dt in [DType::BF16, DType::F16] {
+        for d in [64, 128] {
+            for c in CASES {
+                let label = format!("flash_attention {dt} D {d} {} (Hopper kernel)", c.label);
+                let want = run(c, d, dt, Device::Cpu).unwrap_or_else(|e| panic!("{label} on cpu: {e}"));
+                let got = run(c, d, dt, dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
+                assert_eq!(got.0.device(), dev, "{label}: result left the device");
+                compare(&label, dt, &got, &want);
+            }
+            let label = format!("no key left {dt} D {d} (Hopper kernel)");
+            let go = |dv: Device| -> Result<(Tensor, Tensor)> {
+                let x = Operands::no_key_left(d, dt, dv)?;
+                Tensor::flash_attention(&x.q, &x.k, &x.v, x.reference(), 0.125)
+            };
+            let (want, got) = (go(Device::Cpu).unwrap(), go(dev).unwrap_or_else(|e| panic!("{label}: {e}")));
+            compare(&label, dt, &got, &want);
+            let Case { h, lq, .. } = NO_KEY_LEFT;
+            let (out, lse) = (got.0.to_vec_f32().unwrap(), got.1.to_vec_f32().unwrap());
+            assert!(out[..h * lq * d].iter().all(|&x| x == 0.0), "{label}: out of the rows with no key");
+            assert!(lse[..h * lq].iter().all(|&x| x == f32::NEG_INFINITY), "{label}: lse of the rows with no key");
+        }
+    }
+    engine::cuda::set_hopper_kernels(false);
     engine::cuda::set_experimental_kernels(false);
 }
 

@@ -16,6 +16,43 @@
 use crate::softmax::{exp_shifted_in_place, row_max, with_wide_simd};
 
 pub const SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention", code: include_str!("../cuda/flash_attention.cu"), options: &[] };
+/// The Hopper (sm_90a, wgmma) variant of the extended-attention forward (same parameters and
+/// outputs; no decoupled mode; scale > 0): kernels/cuda/flash_attention_hopper.cu. Built with
+/// flush-to-zero (`--ftz=true`): exp2f is then one MUFU.EX2 instead of three instructions more for
+/// subnormal results (probabilities below 2^-126 become 0), and the softmax is bound by its
+/// per-element instructions.
+pub const HOPPER_SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention_hopper", code: include_str!("../cuda/flash_attention_hopper.cu"), options: &["--ftz=true"] };
+
+/// Warpgroups (of 128 threads, 64 query rows each) a block of the Hopper kernel has for head dim
+/// `d` (fh_warpgroups in its .cu file): 3 at d 64, 2 at d 128.
+fn hopper_warpgroups(d: usize) -> usize {
+    if d <= 64 {
+        3
+    } else {
+        2
+    }
+}
+
+/// Threads a block of the Hopper kernel has for head dim `d` (fh_threads).
+pub fn hopper_threads(d: usize) -> u32 {
+    (128 * hopper_warpgroups(d)) as u32
+}
+
+/// Query rows a block of the Hopper kernel owns for head dim `d` (fh_rows).
+pub fn hopper_rows_per_block(d: usize) -> usize {
+    64 * hopper_warpgroups(d)
+}
+
+/// Dynamic shared memory of the Hopper kernel (fh_shared_bytes): Q, two stages of one K and one V
+/// tile of 128 keys, 16-bit values, and 1 KiB to align the start to a 128B swizzle atom.
+pub fn hopper_shared_bytes(d: usize) -> u32 {
+    ((hopper_rows_per_block(d) * d + 4 * 128 * d) * 2 + 1024) as u32
+}
+
+/// The Hopper kernel instance for a 16-bit dtype ("bf16" or "f16") and head dim 64 or 128.
+pub fn hopper_kernel_name(dtype: &str, d: usize) -> String {
+    format!("flash_attention_hopper_fwd_{dtype}_d{d}")
+}
 
 /// Launch geometry of the CUDA kernel (FA_THREADS, FA_BC in the .cu file): 4 warps a block, key
 /// tiles of 64 rows.

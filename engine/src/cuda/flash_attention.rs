@@ -6,9 +6,14 @@
 //! first. The output is allocated as [B, Lq, H, D] memory
 //! (heads merge afterwards with a free reshape) and returned as a [B, H, Lq, D] view; lse (and
 //! the decoupled mode's lse2) is f32 [B, H, Lq] contiguous.
+//!
+//! On compute capability 9.0 with the Hopper kernels switched on (crate::cuda::hopper_kernels),
+//! extended attention runs the wgmma variant (kernels/cuda/flash_attention_hopper.cu: same
+//! parameters and outputs, its own launch geometry); the decoupled mode keeps the mma.sync kernel.
 
 use crate::cuda::{launch_failed, DeviceRepr, LaunchConfig, PushKernelArg};
-use kernels::flash_attention::{decoupled_kernel_name, kernel_name, rows_per_block, shared_bytes, FlashParams, THREADS};
+use kernels::compile::KernelSource;
+use kernels::flash_attention::{decoupled_kernel_name, hopper_kernel_name, hopper_rows_per_block, hopper_shared_bytes, hopper_threads, kernel_name, rows_per_block, shared_bytes, FlashParams, THREADS};
 
 use crate::ops::flash_attention::{AttentionReference, FlashShape};
 use crate::storage::Storage;
@@ -72,8 +77,10 @@ fn u32_of(op: &'static str, what: &str, v: usize, shape: &[usize]) -> Result<u32
 /// Which instance of the kernel a launch runs.
 #[derive(Clone, Copy)]
 enum Mode {
-    /// One softmax over [own ; reference] (keep mask on the reference).
+    /// One softmax over [own ; reference] (keep mask on the reference), mma.sync kernel.
     Extended,
+    /// The same on the Hopper (wgmma) kernel.
+    ExtendedHopper,
     /// Two softmaxes, own (source 1) and reference slot (source 2, no keep mask); source 2's
     /// output weighted by s2.
     Decoupled { s2: f32 },
@@ -84,9 +91,26 @@ fn device_takes_kernel(dev: &CudaDevice, d: usize) -> bool {
     dev.arch() >= 80 && (shared_bytes(d) <= 48 * 1024 || dev.max_shared_memory_per_block_optin() >= shared_bytes(d))
 }
 
+/// Whether extended attention runs the Hopper kernel: switched on, a compute capability 9.0
+/// device with the opt-in shared memory it needs, bf16/f16 with head dim 64 or 128, and a
+/// positive finite scale (the kernel applies the scale inside the exponent, after the row max).
+fn hopper_kernel_applies(dev: &CudaDevice, dtype: DType, d: usize, scale: f32) -> bool {
+    super::hopper_kernels()
+        && dev.arch() == 90
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && matches!(d, 64 | 128)
+        && scale > 0.0
+        && scale.is_finite()
+        && dev.max_shared_memory_per_block_optin() >= hopper_shared_bytes(d)
+}
+
 /// The fused forward (composition of ops on devices older than sm_80); see the module doc.
 pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<AttentionReference>, scale: f32, shape: &FlashShape) -> Result<(Tensor, Tensor)> {
     let dev = device_of(OP, q)?;
+    if hopper_kernel_applies(&dev, q.dtype(), shape.d, scale) {
+        let (out, lse, _) = launch(OP, &dev, q, k, v, reference, Mode::ExtendedHopper, scale, shape)?;
+        return Ok((out, lse));
+    }
     if !device_takes_kernel(&dev, shape.d) {
         return crate::ops::flash_attention::cuda_composition(q, k, v, reference, scale, shape);
     }
@@ -127,7 +151,7 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
     let out = Tensor::from_storage(Storage::Cuda(out_storage), &[b, lq, h, d])?.permute(&[0, 2, 1, 3])?;
     let lse = Tensor::from_storage(Storage::Cuda(lse_storage), &[b, h, lq])?;
     let (lse2, lse2_ptr) = match mode {
-        Mode::Extended => (None, 0),
+        Mode::Extended | Mode::ExtendedHopper => (None, 0),
         Mode::Decoupled { .. } => {
             let st = CudaStorage::alloc(dev, DType::F32, b * h * lq)?;
             let ptr = st.device_ptr();
@@ -158,7 +182,7 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
         keep_alive.extend([krv, vrv]);
         if let Some(keep) = r.keep {
             // The decoupled mode has no keep mask (its callers never pass one).
-            debug_assert!(matches!(mode, Mode::Extended));
+            debug_assert!(!matches!(mode, Mode::Decoupled { .. }));
             let keep = keep.contiguous()?;
             p.keep = match &*keep.read_storage() {
                 Storage::Cuda(s) => s.ptr_at(keep.layout().offset()),
@@ -169,17 +193,18 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
         }
     }
     let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
-    let name = match mode {
-        Mode::Extended => kernel_name(tn, d),
-        Mode::Decoupled { .. } => decoupled_kernel_name(tn, d),
+    // (source, instance, threads, query rows a block, dynamic shared memory)
+    let (source, name, threads, rows, smem): (&KernelSource, String, u32, usize, u32) = match mode {
+        Mode::Extended => (&kernels::flash_attention::SOURCE, kernel_name(tn, d), THREADS, rows_per_block(d), shared_bytes(d)),
+        Mode::Decoupled { .. } => (&kernels::flash_attention::SOURCE, decoupled_kernel_name(tn, d), THREADS, rows_per_block(d), shared_bytes(d)),
+        Mode::ExtendedHopper => (&kernels::flash_attention::HOPPER_SOURCE, hopper_kernel_name(tn, d), hopper_threads(d), hopper_rows_per_block(d), hopper_shared_bytes(d)),
     };
-    let f = dev.function(&kernels::flash_attention::SOURCE, &name)?;
-    let smem = shared_bytes(d);
+    let f = dev.function(source, &name)?;
     if smem > 48 * 1024 {
         dev.bind()?;
         f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).map_err(|e| Error::Cuda(format!("{name}: cuFuncSetAttribute(max dynamic shared memory = {smem}): {e}")))?;
     }
-    let cfg = LaunchConfig { grid_dim: (lq.div_ceil(rows_per_block(d)) as u32, heads, b as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
+    let cfg = LaunchConfig { grid_dim: (lq.div_ceil(rows) as u32, heads, b as u32), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
     let mut builder = dev.launch_builder(&f);
     let params = KernelParams(p);
     builder.arg(&params);

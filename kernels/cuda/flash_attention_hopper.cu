@@ -1,0 +1,383 @@
+// Flash extended attention, forward, for Hopper (sm_90a): the math, parameters and outputs of
+// flash_attention_fwd_* (kernels/cuda/flash_attention.cu: keys/values [own (Lk) ; reference (Lr)]
+// read from their two sources, reference tokens with keep == 0 left out, out [B, Lq, H, D] memory,
+// lse f32 [B, H, Lq] in natural log, a row with no key left gives out 0 and lse -inf), with the
+// products on warpgroup MMA (wgmma, mma.cuh) instead of mma.sync. The decoupled mode stays on the
+// mma.sync kernel.
+//
+// Launch (engine/src/cuda/flash_attention.rs): grid (ceil(Lq / fh_rows<D>()), H, B),
+// fh_threads<D>() threads = fh_warpgroups<D>() warpgroups of 128, each owning 64 query rows:
+// D 64: 3 warpgroups, 192 rows, 384 threads (<= 168 registers a thread for one block an SM);
+// D 128: 2 warpgroups, 128 rows, 256 threads (its O accumulator is twice as large). Dynamic shared
+// memory fh_shared_bytes<D>(): Q (rows x D) + 2 stages x (K + V tiles of FH_BN = 128 keys x D) +
+// 1 KiB to align the start to a swizzle atom = 89 KiB (D 64) / 161 KiB (D 128), one block an SM.
+//
+// Shared-memory layout: every tile (Q, K, V) is stored as D / 64 column blocks of [rows][64]
+// elements (128-byte rows), 128B-swizzled (16-byte chunk c of row r at chunk c ^ (r % 8)), block b
+// at b * rows * 128 bytes; bases are 1024-byte aligned. That is the canonical K-major 128B-swizzle
+// layout of wgmma for Q (A) and K (B of S = Q K^T, keys as the N dimension) and the MN-major one for
+// V (B of O = P V: keys are the k dimension, D the N dimension contiguous; the 64-column blocks are
+// the N atoms at LBO = rows * 128 bytes, groups of 8 keys at SBO = 1024).
+//
+// Per key tile j (own tiles first, then reference tiles, never one straddling both), each
+// warpgroup computes S_j = Q K_j^T (64 x 128, wgmma_ss, D / 16 k-steps) into 64 f32 registers a
+// thread and, in the same step, O += P_{j-1} V_{j-1} (wgmma_rs, 8 k-steps, P from registers: the
+// accumulator columns 16k..16k+15 are the A fragment of k-step k); it waits for S_j only, masks
+// keys past the source's end and dropped tokens to -inf, and runs the online softmax in base 2 on
+// the accumulator registers (row max / sum over the 4 lanes of a quad) while the tensor cores
+// still work on P_{j-1} V_{j-1} (FlashAttention-3's intra-warpgroup overlap); then O is rescaled
+// and P_j packed. Copies: every thread issues K_{j+1} and V_j with cp.async at the start of step
+// j (separate K and V double buffers, so step j never writes what it reads), waited for, fenced
+// for the async proxy and published by one block barrier at the start of step j + 1.
+// Registers a thread: S 64, O D / 2, P 32 (D 64: 168 = the cap of 384 threads; D 128: 219), no
+// spills. The scale must be > 0 (applied inside the exponent, after the row max); the file is
+// built with flush-to-zero (kernels::flash_attention::HOPPER_SOURCE) so exp2f is one MUFU.EX2.
+#include "mma.cuh"
+
+#define FH_BN 128
+#define FH_NEG_INF __uint_as_float(0xff800000u)
+
+// One call's parameters: the same struct as FlashParams in flash_attention.cu (mirrored by
+// kernels::flash_attention::FlashParams); lse2 and decoupled_scale are unused here.
+struct FlashParams {
+    u64 q, k, v;           // [B, H, L, D] views (element strides below), T
+    u64 k_ref, v_ref;      // reference keys / values [B, H, Lr, D], T; unused when lr == 0
+    u64 keep;              // u8 [B or 1, Lr], 1 = attend; 0 (null) = keep every reference token
+    u64 out;               // [B, H, Lq, D] view, T
+    u64 lse;               // f32 [B, H, Lq] contiguous, natural log
+    u64 lse2;              // unused (the decoupled mode's)
+    i64 q_stride[3];       // batch, head, row strides of q in elements (the dim stride is 1)
+    i64 k_stride[3];
+    i64 v_stride[3];
+    i64 k_ref_stride[3];
+    i64 v_ref_stride[3];
+    i64 out_stride[3];
+    i64 keep_batch_stride; // Lr for a [B, Lr] mask, 0 for one [Lr] row shared by the batch
+    u32 heads, lq, lk, lr;
+    float scale_log2;      // scale * log2(e): scores go to exp2 directly
+    float decoupled_scale; // unused
+};
+
+// Geometry, mirrored by kernels::flash_attention::hopper_{threads, rows_per_block, shared_bytes}.
+template <int D> __host__ __device__ constexpr u32 fh_warpgroups() { return D <= 64 ? 3u : 2u; }
+template <int D> __host__ __device__ constexpr u32 fh_threads() { return 128u * fh_warpgroups<D>(); }
+template <int D> __host__ __device__ constexpr u32 fh_rows() { return 64u * fh_warpgroups<D>(); }
+template <int D> __host__ __device__ constexpr u32 fh_shared_bytes() { return (fh_rows<D>() * D + 4u * FH_BN * D) * 2u + 1024u; }
+
+#if LA_WGMMA
+
+__device__ __forceinline__ float fh_quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float fh_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// Byte offset of 16-byte chunk `chunk` (0 .. D / 8 - 1) of row `row` in a tile of ROWS rows of D
+// 16-bit elements laid out as above (64-column blocks of 128-byte rows, 128B-swizzled).
+template <u32 ROWS> __device__ __forceinline__ u32 fh_offset(u32 row, u32 chunk) {
+    return (chunk / 8) * ROWS * 128u + row * 128u + (((chunk % 8) ^ (row % 8)) << 4);
+}
+
+// cp.async of ROWS rows x D (zero-filled past `len`) from src (row stride `rs`) into the tile at
+// dst; every thread of the block takes its share of the 16-byte chunks (8 consecutive threads read
+// 128 contiguous bytes of a row).
+template <typename T, int D, u32 ROWS>
+__device__ __forceinline__ void fh_load_tile(unsigned char* dst, const T* src, i64 rs, u32 len) {
+    constexpr u32 CHUNKS = D / 8;
+    for (u32 c = threadIdx.x; c < ROWS * CHUNKS; c += fh_threads<D>()) {
+        u32 row = c / CHUNKS, chunk = c % CHUNKS;
+        bool full = row < len;
+        // A row past the end is not read (zero fill), but the address must still be valid.
+        const T* from = full ? src + (i64)row * rs + chunk * 8 : src;
+        cp_async_16(dst + fh_offset<ROWS>(row, chunk), from, full);
+    }
+}
+
+// Keeps the compiler from moving reads or writes of these registers across the wgmma_wait before
+// the call: wgmma accumulators (and the A registers of wgmma_rs) belong to the asynchronous MMA
+// from its issue to the wait that retires it, which the compiler does not know (the wrappers' asm
+// operands say "read and written at the issue"). An empty asm statement, no instruction; the
+// emulator runs wgmma synchronously and needs none. (CUTLASS: warpgroup_fence_operand.)
+template <int N> __device__ __forceinline__ void fh_fence_registers(float (&r)[N]) {
+#ifndef LOOKAHEAD_EMULATE
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void fh_fence_registers(u32 (&r)[N]) {
+#ifndef LOOKAHEAD_EMULATE
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+#endif
+}
+
+// Two probabilities as one u32 of two T halves (lo in the low half), P's A-fragment element pair:
+// one cvt.rn.{bf16,f16}x2.f32 on the GPU. pack2's bf16 conversion also carries NaN payloads over
+// (three more instructions a value, which the softmax, bound by its per-element instructions,
+// does not need: probabilities are never NaN for finite inputs); the emulator rounds the same way.
+template <typename T> __device__ __forceinline__ u32 fh_pack_p(float lo, float hi);
+template <> __device__ __forceinline__ u32 fh_pack_p<bf16>(float lo, float hi) {
+#ifdef LOOKAHEAD_EMULATE
+    return pack2<bf16>(lo, hi);
+#else
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
+template <> __device__ __forceinline__ u32 fh_pack_p<f16>(float lo, float hi) {
+#ifdef LOOKAHEAD_EMULATE
+    return pack2<f16>(lo, hi);
+#else
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p) {
+    constexpr u32 BR = fh_rows<D>();
+    constexpr u32 TILE_BYTES = FH_BN * D * 2;  // one K (or V) tile
+    constexpr int KSTEPS = D / 16;             // k-steps of S = Q K^T
+    constexpr int PSTEPS = FH_BN / 16;         // k-steps of O += P V
+    constexpr int NS = FH_BN / 2;              // S accumulator registers a thread
+    constexpr int NO = D / 2;                  // O accumulator registers a thread
+    static_assert(D == 64 || D == 128, "head dim 64 or 128");
+
+    LA_DYNAMIC_SHARED(unsigned char, smem_raw);
+    // The swizzle applies to absolute shared-memory addresses: atoms start 1024-byte aligned. The
+    // shared-window offset of the start is read from a descriptor's start-address field (the same
+    // on the GPU and under the emulator, whose pointers are host addresses).
+    const u32 window_offset = (u32)(wgmma_desc(smem_raw, 16, 16, WGMMA_SWIZZLE_NONE) & 0x3fffu) << 4;
+    unsigned char* smem = smem_raw + (1024u - window_offset % 1024u) % 1024u;
+    unsigned char* qs = smem;                           // Q: BR x D
+    unsigned char* k_stages = smem + BR * D * 2;        // K stage s at k_stages + s TILE_BYTES
+    unsigned char* v_stages = k_stages + 2 * TILE_BYTES; // V stage s at v_stages + s TILE_BYTES
+
+    const u32 wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const u32 g = lane / 4, t = lane % 4;
+    const u32 bi = blockIdx.z, hi = blockIdx.y, row0 = blockIdx.x * BR;
+    const T* q = (const T*)p.q + bi * p.q_stride[0] + hi * p.q_stride[1];
+    const T* k = (const T*)p.k + bi * p.k_stride[0] + hi * p.k_stride[1];
+    const T* v = (const T*)p.v + bi * p.v_stride[0] + hi * p.v_stride[1];
+    const T* kr = (const T*)p.k_ref + bi * p.k_ref_stride[0] + hi * p.k_ref_stride[1];
+    const T* vr = (const T*)p.v_ref + bi * p.v_ref_stride[0] + hi * p.v_ref_stride[1];
+    const u8* keep = p.keep ? (const u8*)p.keep + bi * p.keep_batch_stride : nullptr;
+    const u32 own_tiles = (p.lk + FH_BN - 1) / FH_BN;
+    const u32 tiles = own_tiles + (p.lr + FH_BN - 1) / FH_BN;
+
+    // Tile j's K (or V) into stage j & 1: own keys first, then the reference, each with its own
+    // edge tile.
+    auto load_k = [&](u32 j) {
+        unsigned char* dst = k_stages + (j & 1) * TILE_BYTES;
+        if (j < own_tiles) fh_load_tile<T, D, FH_BN>(dst, k + (i64)(j * FH_BN) * p.k_stride[2], p.k_stride[2], p.lk - j * FH_BN);
+        else fh_load_tile<T, D, FH_BN>(dst, kr + (i64)((j - own_tiles) * FH_BN) * p.k_ref_stride[2], p.k_ref_stride[2], p.lr - (j - own_tiles) * FH_BN);
+    };
+    auto load_v = [&](u32 j) {
+        unsigned char* dst = v_stages + (j & 1) * TILE_BYTES;
+        if (j < own_tiles) fh_load_tile<T, D, FH_BN>(dst, v + (i64)(j * FH_BN) * p.v_stride[2], p.v_stride[2], p.lk - j * FH_BN);
+        else fh_load_tile<T, D, FH_BN>(dst, vr + (i64)((j - own_tiles) * FH_BN) * p.v_ref_stride[2], p.v_ref_stride[2], p.lr - (j - own_tiles) * FH_BN);
+    };
+
+    // Q once (it stays in shared memory: every S product reads it) and K of tile 0, one group.
+    fh_load_tile<T, D, BR>(qs, q + (i64)row0 * p.q_stride[2], p.q_stride[2], p.lq - row0);
+    if (tiles > 0) load_k(0);
+    cp_async_commit();
+
+    float o[NO];
+#pragma unroll
+    for (int i = 0; i < NO; ++i) o[i] = 0.0f;
+    // Running max (base-2 units) and this thread's part of the row sums, rows g (h = 0) and g + 8
+    // (h = 1) of the warp's 16.
+    float m[2] = {FH_NEG_INF, FH_NEG_INF}, l[2] = {0.0f, 0.0f};
+    // P of the previous tile as A fragments: k-step kk (keys 16 kk ..) is accumulator blocks 2 kk
+    // and 2 kk + 1 (registers 8 kk .. 8 kk + 7): a[0] row g keys 2t.., a[1] row g + 8, a[2] row g
+    // keys 8 + 2t.., a[3] row g + 8.
+    u32 pa[PSTEPS][4];
+
+    // Step j (0 .. tiles) issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together, then runs the
+    // softmax of S_j while the tensor cores still work on P_{j-1} V_{j-1} (FlashAttention-3's
+    // intra-warpgroup overlap); O is rescaled once that product has retired. The copies of step j
+    // (K_{j+1}, V_j) land during step j: K and V stages are separate, so the ones read in step j
+    // (K_j, V_{j-1}) are never the ones written. Step 0 (no P V yet) and step `tiles` (P V only)
+    // are peeled off the loop: no wgmma is issued under a condition (ptxas serializes every wgmma
+    // of a kernel that has one on a path it cannot prove warpgroup-uniform).
+
+    // Start of step j: this thread's copies of step j - 1 (K_j, V_{j-1}; Q at j = 0) have landed,
+    // are fenced for the wgmma (async proxy) reads and, after the barrier, so are every thread's;
+    // every warpgroup is done with the stages step j - 1 read. Then step j's copies are issued.
+    auto begin_step = [&](u32 j) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (j + 1 < tiles) load_k(j + 1);
+        if (j < tiles) load_v(j);
+        cp_async_commit();
+    };
+    // S = Q K_j^T: the warpgroup's 64 rows (A, K-major) against the tile's 128 keys (B, K-major:
+    // key rows). k-step kk is 16 columns of D: column block kk / 4, +32 bytes per step inside its
+    // 128-byte rows. One commit group.
+    auto issue_s = [&](u32 j, float (&s)[NS]) {
+        const unsigned char* ks = k_stages + (j & 1) * TILE_BYTES;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            const u64 a = wgmma_desc(qs + (kk / 4) * BR * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+            const u64 b = wgmma_desc(ks + (kk / 4) * FH_BN * 128 + (kk % 4) * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+            wgmma_ss<T, FH_BN, false>(s, a, b, kk > 0);
+        }
+        wgmma_commit();
+    };
+    // O += P_{j-1} V_{j-1}: V (B, MN-major) k-step kk is keys 16 kk .. + 15, 2048 bytes further;
+    // its 64-column blocks (D 128) are LBO = FH_BN * 128 bytes apart. One commit group.
+    auto issue_pv = [&](u32 j) {
+        const unsigned char* vs = v_stages + ((j - 1) & 1) * TILE_BYTES;
+#pragma unroll
+        for (int kk = 0; kk < PSTEPS; ++kk) {
+            const u64 b = wgmma_desc(vs + kk * 16 * 128, FH_BN * 128, 1024, WGMMA_SWIZZLE_128B);
+            wgmma_rs<T, D, true>(o, pa[kk], b, true);
+        }
+        wgmma_commit();
+    };
+    // The softmax of step j once S_j is issued (and P_{j-1} V_{j-1} after it when `pv_pending`):
+    // mask, online softmax; s <- the probabilities exp2(s - max), corr <- the factor O takes.
+    auto softmax_step = [&](u32 j, float (&s)[NS], float (&corr)[2], bool pv_pending) {
+        // Tile j's source, first key and length; the keys it drops (past the length, reference
+        // tokens with keep 0) as bits 2 n + c for column 8 n + 2 t + c, read while S is computed.
+        const bool reference = j >= own_tiles;
+        const u32 start = reference ? (j - own_tiles) * FH_BN : j * FH_BN;
+        const u32 len = reference ? p.lr - start : p.lk - start;
+        const bool check = len < FH_BN || (reference && keep != nullptr);
+        u32 dropped = 0;
+        if (check) {
+#pragma unroll
+            for (int n = 0; n < FH_BN / 8; ++n) {
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const u32 col = n * 8 + 2 * t + c;
+                    if (col >= len || (reference && keep != nullptr && keep[start + col] == 0)) dropped |= 1u << (2 * n + c);
+                }
+            }
+        }
+
+        if (pv_pending) wgmma_wait<1>();  // S_j retired (groups retire in order); P V may still run
+        else wgmma_wait<0>();
+        fh_fence_registers(s);
+
+        // Dropped keys -inf (register 4 n + e holds column 8 n + 2 t + (e & 1)); the scale (> 0,
+        // the host's guarantee) is applied inside the exponent: exp2(s scale_log2 - max), one
+        // FFMA, with the max kept in base-2 units.
+        if (check) {
+#pragma unroll
+            for (int n = 0; n < FH_BN / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[4 * n + e] = (dropped >> (2 * n + (e & 1))) & 1u ? FH_NEG_INF : s[4 * n + e];
+            }
+        }
+
+        // Online softmax per row (h = 0: row g, h = 1: row g + 8; registers 4 n + 2 h, + 1).
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = FH_NEG_INF;
+#pragma unroll
+            for (int n = 0; n < FH_BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+            const float m_new = fmaxf(m[h], fh_quad_max(mx) * p.scale_log2);
+            // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives 0,
+            // not NaN.
+            const float base = m_new == FH_NEG_INF ? 0.0f : m_new;
+            corr[h] = exp2f(m[h] - base);
+            m[h] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < FH_BN / 8; ++n) {
+                s[4 * n + 2 * h] = exp2f(fmaf(s[4 * n + 2 * h], p.scale_log2, -base));
+                s[4 * n + 2 * h + 1] = exp2f(fmaf(s[4 * n + 2 * h + 1], p.scale_log2, -base));
+                sum += s[4 * n + 2 * h] + s[4 * n + 2 * h + 1];
+            }
+            l[h] = l[h] * corr[h] + sum;
+        }
+
+    };
+    // The end of step j, put at the start of step j + 1 (before its barrier): P_{j-1} V_{j-1} has
+    // retired, O (in the frame of the old max) is rescaled and P_j goes into pa. Kept apart from
+    // the softmax by the loop's back edge: within one basic block ptxas hoists the wait above the
+    // softmax (to interleave P's conversion with the exponentials), and the softmax would no
+    // longer overlap the product.
+    auto finish_step = [&](const float (&s)[NS], const float (&corr)[2]) {
+        wgmma_wait<0>();
+        fh_fence_registers(o);
+#pragma unroll
+        for (int kk = 0; kk < PSTEPS; ++kk) fh_fence_registers(pa[kk]);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[4 * n] *= corr[0];
+            o[4 * n + 1] *= corr[0];
+            o[4 * n + 2] *= corr[1];
+            o[4 * n + 3] *= corr[1];
+        }
+#pragma unroll
+        for (int kk = 0; kk < PSTEPS; ++kk) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pa[kk][r] = fh_pack_p<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+        }
+    };
+
+    if (tiles > 0) {
+        float s[NS], corr[2];
+        begin_step(0);
+        wgmma_fence();  // s was written by other code before: the fence orders the first issue
+        issue_s(0, s);
+        softmax_step(0, s, corr, false);
+        for (u32 j = 1; j < tiles; ++j) {
+            finish_step(s, corr);
+            begin_step(j);
+            wgmma_fence();  // o and pa were written since the last wgmma
+            issue_s(j, s);
+            issue_pv(j);
+            softmax_step(j, s, corr, true);
+        }
+        finish_step(s, corr);
+        begin_step(tiles);
+        wgmma_fence();
+        issue_pv(tiles);
+        wgmma_wait<0>();
+        fh_fence_registers(o);
+    }
+    cp_async_wait<0>();
+
+    // Full row sums, then out = O / l (0 for a row with no key) and lse = ln 2 (m + log2 l).
+    T* out = (T*)p.out + bi * p.out_stride[0] + hi * p.out_stride[1];
+    float* lse = (float*)p.lse + ((u64)bi * p.heads + hi) * p.lq;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float sum = fh_quad_sum(l[h]);
+        const u32 row = row0 + wg * 64 + warp * 16 + g + 8 * h;
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        if (row < p.lq) {
+            T* orow = out + (i64)row * p.out_stride[2];
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) *(u32*)(orow + n * 8 + 2 * t) = pack2<T>(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
+            if (t == 0) lse[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FH_NEG_INF;
+        }
+    }
+}
+
+#endif  // LA_WGMMA
+
+// Without wgmma (sm_80, sm_90 without the a features) the kernels compile empty; the engine
+// launches them only on compute capability 9.0, whose CUBIN is built for sm_90a.
+#if LA_WGMMA
+#define FH_BODY(T, D) flash_attention_hopper_fwd<T, D>(p)
+#else
+#define FH_BODY(T, D) (void)p
+#endif
+
+#define FH_INSTANCE(TN, T, D)                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(fh_threads<D>(), 1) flash_attention_hopper_fwd_##TN##_d##D(const FlashParams p) { FH_BODY(T, D); }
+FH_INSTANCE(bf16, bf16, 64)
+FH_INSTANCE(bf16, bf16, 128)
+FH_INSTANCE(f16, f16, 64)
+FH_INSTANCE(f16, f16, 128)
