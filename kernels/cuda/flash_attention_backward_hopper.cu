@@ -28,7 +28,8 @@
 //     D 64: (no N = 32 wgmma) warpgroup w computes the partial dQ (64 x 64) over its own 64 keys,
 //       the two partials are added through shared memory (each warpgroup hands the other the 32
 //       columns the other owns) and each adds its 32 columns to dq_accum.
-//   The dQ tile goes to dq_accum with f32 atomicAdd (rows past Lq left out).
+//   The dQ tile goes to dq_accum with f32 atomics (16-byte vector atomics: lane pairs swap halves of
+//   their accumulator pairs; rows past Lq left out).
 // Every shared tile (K, V, Q, dO, dS) is D / 64 (dS: 2) column blocks of [rows][64] 16-bit
 // elements (128-byte rows, 128B-swizzled: 16-byte chunk c of row r at c ^ (r % 8)), block b at
 // b rows 128 bytes, 1024-byte aligned: the canonical K-major layout of wgmma (K rows for S^T, Q /
@@ -135,6 +136,32 @@ template <int M> __device__ __forceinline__ void fbh_fence_registers(u32 (&r)[M]
 #pragma unroll
         for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
     }
+#endif
+}
+
+// Adds one 8-column block of this thread's dQ accumulator registers to dq_accum (row stride D):
+// a0, a1 = row `row0` (its row g), columns col + 2t, + 1; a2, a3 = row `row1` (g + 8), the same
+// columns. Lanes t and t ^ 1 swap pairs, so that the even lane holds 4 consecutive columns of row g
+// and the odd lane those of row g + 8: one 16-byte vector atomic each (red.global.add.v4.f32,
+// sm_90) instead of four scalar ones. Every lane of the warp calls it (the shuffles); rows past
+// `lq` are left out.
+template <int D>
+__device__ __forceinline__ void fbh_atomic_add_block(float* dq_accum, u32 row0, u32 row1, u32 col, float a0, float a1, float a2, float a3, u32 lq) {
+    const bool odd = threadIdx.x & 1u;
+    const float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : a2, 1);
+    const float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : a3, 1);
+    const u32 row = odd ? row1 : row0;
+    if (row >= lq) return;
+    float* at = dq_accum + (u64)row * D + col + 2 * (threadIdx.x & 2u);
+    const float x = odd ? r0 : a0, y = odd ? r1 : a1, z = odd ? a2 : r0, w = odd ? a3 : r1;
+#ifdef LOOKAHEAD_EMULATE
+    // The emulator has no vector atomics: the same additions one by one.
+    atomicAdd(at, x);
+    atomicAdd(at + 1, y);
+    atomicAdd(at + 2, z);
+    atomicAdd(at + 3, w);
+#else
+    atomicAdd((float4*)at, make_float4(x, y, z, w));
 #endif
 }
 
@@ -336,17 +363,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         const u32 row0 = it * BR + warp * 16 + g, row1 = row0 + 8;
         if constexpr (DQ_BY_COLUMNS) {
 #pragma unroll
-            for (int n = 0; n < NQ / 8; ++n) {
-                const u32 col = wg * 64 + n * 8 + 2 * t;
-                if (row0 < p.lq) {
-                    atomicAdd(dq_accum + (u64)row0 * D + col, dq[4 * n]);
-                    atomicAdd(dq_accum + (u64)row0 * D + col + 1, dq[4 * n + 1]);
-                }
-                if (row1 < p.lq) {
-                    atomicAdd(dq_accum + (u64)row1 * D + col, dq[4 * n + 2]);
-                    atomicAdd(dq_accum + (u64)row1 * D + col + 1, dq[4 * n + 3]);
-                }
-            }
+            for (int n = 0; n < NQ / 8; ++n) fbh_atomic_add_block<D>(dq_accum, row0, row1, wg * 64 + n * 8, dq[4 * n], dq[4 * n + 1], dq[4 * n + 2], dq[4 * n + 3], p.lq);
         } else {
             // Warpgroup w owns columns 32 w .. 32 w + 31 (registers 16 w .. 16 w + 15, the same
             // in both warpgroups' layouts): it hands the other one its partial of the other half.
@@ -356,12 +373,11 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 #pragma unroll
             for (int r = 0; r < 16; ++r) mine[r * 128 + tid] = wg == 0 ? dq[16 + r] : dq[r];
             __syncthreads();
+            float sum[16];
 #pragma unroll
-            for (int r = 0; r < 16; ++r) {
-                const float sum = (wg == 0 ? dq[r] : dq[16 + r]) + theirs[r * 128 + tid];
-                const u32 col = wg * 32 + (r / 4) * 8 + 2 * t + (r & 1), row = (r & 2) ? row1 : row0;
-                if (row < p.lq) atomicAdd(dq_accum + (u64)row * D + col, sum);
-            }
+            for (int r = 0; r < 16; ++r) sum[r] = (wg == 0 ? dq[r] : dq[16 + r]) + theirs[r * 128 + tid];
+#pragma unroll
+            for (int n = 0; n < 4; ++n) fbh_atomic_add_block<D>(dq_accum, row0, row1, wg * 32 + n * 8, sum[4 * n], sum[4 * n + 1], sum[4 * n + 2], sum[4 * n + 3], p.lq);
         }
     }
     cp_async_wait<0>();
