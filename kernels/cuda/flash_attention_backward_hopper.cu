@@ -282,10 +282,11 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         fbh_fence_registers(s);
 #pragma unroll
         for (int n = 0; n < BR / 8; ++n) {
+            const float2 l = *(const float2*)(ls + 8 * n + 2 * t);  // the thread's two queries
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const bool live = e < 2 ? live0 : live1;
-                s[4 * n + e] = live ? exp2f(s[4 * n + e] * p.scale_log2 - ls[8 * n + 2 * t + (e & 1)]) : 0.0f;
+                s[4 * n + e] = live ? exp2f(s[4 * n + e] * p.scale_log2 - (e & 1 ? l.y : l.x)) : 0.0f;
             }
         }
         // As A fragments: k-step kk (queries 16 kk ..) is accumulator blocks 2 kk, 2 kk + 1
@@ -308,8 +309,9 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         fbh_fence_registers(dp);
 #pragma unroll
         for (int n = 0; n < BR / 8; ++n) {
+            const float2 dl = *(const float2*)(dls + 8 * n + 2 * t);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) dp[4 * n + e] = s[4 * n + e] * (dp[4 * n + e] - dls[8 * n + 2 * t + (e & 1)]);
+            for (int e = 0; e < 4; ++e) dp[4 * n + e] = s[4 * n + e] * (dp[4 * n + e] - (e & 1 ? dl.y : dl.x));
         }
         u32 da[KQ][4];
 #pragma unroll
@@ -341,6 +343,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 
         // dQ (group 5): A = dS rows (K-major), B = K rows as MN-major (keys are the k dimension).
         float dq[NQ / 2];
+        wgmma_fence();  // orders the dS stores' register use (and last iteration's dq reads) before the issue
 #pragma unroll
         for (int kk = 0; kk < KDQ; ++kk) {
             if constexpr (DQ_BY_COLUMNS) {
@@ -367,15 +370,25 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         } else {
             // Warpgroup w owns columns 32 w .. 32 w + 31 (registers 16 w .. 16 w + 15, the same
             // in both warpgroups' layouts): it hands the other one its partial of the other half.
+            // Laid out [4][128 threads] of float4 (16-byte accesses, consecutive threads adjacent).
             const u32 tid = threadIdx.x % 128;
-            float* mine = exchange + wg * 16 * 128;
-            const float* theirs = exchange + (1 - wg) * 16 * 128;
+            float4* mine = (float4*)exchange + wg * 4 * 128;
+            const float4* theirs = (const float4*)exchange + (1 - wg) * 4 * 128;
 #pragma unroll
-            for (int r = 0; r < 16; ++r) mine[r * 128 + tid] = wg == 0 ? dq[16 + r] : dq[r];
+            for (int r = 0; r < 16; r += 4) {
+                // Selects on wg, not dq[16 (1 - wg) + r]: a register array takes constant indices only.
+                mine[(r / 4) * 128 + tid] = make_float4(wg == 0 ? dq[16 + r] : dq[r], wg == 0 ? dq[17 + r] : dq[r + 1], wg == 0 ? dq[18 + r] : dq[r + 2], wg == 0 ? dq[19 + r] : dq[r + 3]);
+            }
             __syncthreads();
             float sum[16];
 #pragma unroll
-            for (int r = 0; r < 16; ++r) sum[r] = (wg == 0 ? dq[r] : dq[16 + r]) + theirs[r * 128 + tid];
+            for (int r = 0; r < 16; r += 4) {
+                const float4 x = theirs[(r / 4) * 128 + tid];
+                sum[r] = (wg == 0 ? dq[r] : dq[16 + r]) + x.x;
+                sum[r + 1] = (wg == 0 ? dq[r + 1] : dq[17 + r]) + x.y;
+                sum[r + 2] = (wg == 0 ? dq[r + 2] : dq[18 + r]) + x.z;
+                sum[r + 3] = (wg == 0 ? dq[r + 3] : dq[19 + r]) + x.w;
+            }
 #pragma unroll
             for (int n = 0; n < 4; ++n) fbh_atomic_add_block<D>(dq_accum, row0, row1, wg * 32 + n * 8, sum[4 * n], sum[4 * n + 1], sum[4 * n + 2], sum[4 * n + 3], p.lq);
         }
