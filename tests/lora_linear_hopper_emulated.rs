@@ -1,13 +1,17 @@
 //! The Hopper fused LoRA GEMM kernels (kernels/cuda/lora_linear_hopper.cu: wgmma, 128 x 160 x 64
-//! tiles, a 6-stage cp.async pipeline) run on the CPU emulator of CUDA (kernels/emu: wgmma and its
-//! shared-memory descriptors and swizzles, cp.async, proxy fences) against the CPU reference
+//! tiles, a 6-stage cp.async pipeline, persistent blocks) run on the CPU emulator of CUDA
+//! (kernels/emu: wgmma and its shared-memory descriptors and swizzles, cp.async) against the CPU
+//! reference
 //! (kernels::lora_linear::concat_gemm, and the op's forward / backward formulas), on sizes that are
 //! not multiples of the tiles: M = 141 (a partial row tile of 13), output width 168 (a partial
 //! column tile of 8), reduction 456 (7 full k-tiles and one of 8 columns: with the LoRA tiles 8 to
 //! 10 k-tiles, so the 6-stage ring wraps), ranks 0, 4, 20 (LoRA rows not 16-byte aligned: element
 //! loads) and 72 (cp.async, a full LoRA k-tile and one of 8), both B layouts (forward
 //! y = [x | t] [W | B]^T with K-major B tiles; dx = [dy | s u] [W ; A] with MN-major B tiles), bf16
-//! and f16, with and without bias. The output starts as NaN, so an unwritten element fails.
+//! and f16, with and without bias. The grid is that of a 3-SM device: 3 blocks for the 4 output
+//! tiles, so block 0 runs two tiles through one pipeline (the second tile's loads start during
+//! the first); `every_block_count` runs 1 to 5 blocks. The output starts as NaN, so an unwritten
+//! element fails.
 
 use kernels::emulate::EmulatedModule;
 use kernels::lora_linear::{self as lora, BLayout, LoraDims, LoraGemmArgs};
@@ -50,8 +54,9 @@ impl Buffer {
 
 /// Runs lora_gemm_hopper_{nk,kn}_DT on the emulator: C [m, n] = A1 [m, k1] · B1 + A2 [m, k2] · B2
 /// (+ bias), B1/B2 given as [n][k] (NMajor) or [k][n] (KMajor) rows; returns C as f32.
+/// `blocks`: the persistent grid (None: that of an EMULATED_SMS-SM device, as the engine picks it).
 #[allow(clippy::too_many_arguments)]
-fn run_kernel(module: &EmulatedModule, h: Half, layout: BLayout, a1: &[f32], b1: &[f32], a2: &[f32], b2: &[f32], bias: Option<&[f32]>, (m, n, k1, k2): (usize, usize, usize, usize), skew_lora: usize) -> Vec<f32> {
+fn run_kernel(module: &EmulatedModule, h: Half, layout: BLayout, a1: &[f32], b1: &[f32], a2: &[f32], b2: &[f32], bias: Option<&[f32]>, (m, n, k1, k2): (usize, usize, usize, usize), skew_lora: usize, blocks: Option<u32>) -> Vec<f32> {
     let to = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| h.bits(x)).collect() };
     let (ba1, bb1) = (Buffer::new(&to(a1), 0), Buffer::new(&to(b1), 0));
     let (ba2, bb2) = (Buffer::new(&to(a2), skew_lora), Buffer::new(&to(b2), if layout == BLayout::KMajor { 0 } else { skew_lora }));
@@ -78,7 +83,7 @@ fn run_kernel(module: &EmulatedModule, h: Half, layout: BLayout, a1: &[f32], b1:
         b2_vec: if layout == BLayout::NMajor { aligned_rows(bb2.addr()) } else { 1 },
         pad: 0,
     };
-    let grid = (n.div_ceil(lora::HOPPER_TILE_N) as u32, m.div_ceil(lora::HOPPER_TILE_M) as u32, 1);
+    let grid = (blocks.unwrap_or_else(|| lora::hopper_blocks(m, n, EMULATED_SMS)), 1, 1);
     let name = lora::hopper_kernel_name(layout, h.name());
     // SAFETY: the kernel's extern "C" signature is (LoraGemmArgs) by value; every pointer in args
     // addresses a live buffer of the size the args describe.
@@ -137,6 +142,9 @@ fn scaled_product_bt(a: &[f32], b: &[f32], rows: usize, cols: usize, inner: usiz
     out
 }
 
+/// The SM count the grid is sized for: fewer blocks than the 4 output tiles of M x WIDTH.
+const EMULATED_SMS: u32 = 3;
+
 /// Rows, output width and reduction length (see the module docs).
 const M: usize = 141;
 const WIDTH: usize = 168;
@@ -164,7 +172,7 @@ fn forward_n_major_matches_the_reference() {
             for with_bias in [false, true] {
                 let bias = with_bias.then_some(&bias[..]);
                 let label = format!("hopper forward {} r {r} bias {with_bias}", h.name());
-                let got = run_kernel(&module, h, BLayout::NMajor, &x, &w, &t, &b, bias, (m, n, k, r), 0);
+                let got = run_kernel(&module, h, BLayout::NMajor, &x, &w, &t, &b, bias, (m, n, k, r), 0, None);
                 // The kernel's contract on the same 16-bit operands...
                 assert_close(&label, &got, &lora::concat_gemm(&x, &w, &t, &b, bias, (m, n, k, r), BLayout::NMajor), tolerance(h));
                 // ... and the op itself (t exact in f32: looser, t's rounding included).
@@ -192,7 +200,7 @@ fn dx_k_major_matches_the_reference() {
             for with_bias in [false, true] {
                 let bias = with_bias.then_some(&bias[..]);
                 let label = format!("hopper dx {} r {r} bias {with_bias}", h.name());
-                let got = run_kernel(&module, h, BLayout::KMajor, &dy, &w, &su, &a, bias, (m, k, n, r), 0);
+                let got = run_kernel(&module, h, BLayout::KMajor, &dy, &w, &su, &a, bias, (m, k, n, r), 0, None);
                 assert_close(&label, &got, &lora::concat_gemm(&dy, &w, &su, &a, bias, (m, k, n, r), BLayout::KMajor), tolerance(h));
                 if bias.is_none() {
                     // rhs of the LoRA term as [K, r] rows: A^T.
@@ -216,7 +224,25 @@ fn misaligned_lora_and_single_partial_tile() {
     let (x, w, t, b) = (h.round(&values(m * k, 23)), h.round(&values(n * k, 24)), h.round(&values(m * r, 25)), h.round(&values(n * r, 26)));
     let bias = h.round(&values(n, 27));
     for layout in [BLayout::NMajor, BLayout::KMajor] {
-        let got = run_kernel(&module, h, layout, &x, &w, &t, &b, Some(&bias), (m, n, k, r), if layout == BLayout::NMajor { 1 } else { 0 });
+        let got = run_kernel(&module, h, layout, &x, &w, &t, &b, Some(&bias), (m, n, k, r), if layout == BLayout::NMajor { 1 } else { 0 }, None);
         assert_close(&format!("hopper misaligned lora {layout:?}"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), layout), tolerance(h));
+    }
+}
+
+#[test]
+fn every_block_count() {
+    let Some(module) = module("every_block_count") else { return };
+    // 1 block (all 4 tiles in one pipeline), 2, 4 (one tile each) and 5 (one block without a
+    // tile); forward bf16 rank 20 and dx f16 rank 72.
+    let (m, n, k) = (M, WIDTH, REDUCTION);
+    for blocks in [1u32, 2, 4, 5] {
+        let (h, r) = (Half::Bf16, 20);
+        let (x, w, t, b, bias) = (h.round(&values(m * k, 31)), h.round(&values(n * k, 32)), h.round(&values(m * r, 33)), h.round(&values(n * r, 34)), h.round(&values(n, 35)));
+        let got = run_kernel(&module, h, BLayout::NMajor, &x, &w, &t, &b, Some(&bias), (m, n, k, r), 0, Some(blocks));
+        assert_close(&format!("hopper forward {blocks} blocks"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), BLayout::NMajor), tolerance(h));
+        let (h, r) = (Half::F16, 72);
+        let (dy, w, su, a) = (h.round(&values(m * k, 36)), h.round(&values(k * n, 37)), h.round(&values(m * r, 38)), h.round(&values(r * n, 39)));
+        let got = run_kernel(&module, h, BLayout::KMajor, &dy, &w, &su, &a, None, (m, n, k, r), 0, Some(blocks));
+        assert_close(&format!("hopper dx {blocks} blocks"), &got, &lora::concat_gemm(&dy, &w, &su, &a, None, (m, n, k, r), BLayout::KMajor), tolerance(h));
     }
 }

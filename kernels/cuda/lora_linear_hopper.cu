@@ -4,11 +4,14 @@
 // forward y = [x | t] · [W | B]^T; kn: B rows [k][n], dx = [dy | s u] · [W ; A]), computed with
 // warpgroup MMA (wgmma, mma.cuh) instead of mma.sync, which cannot reach cuBLAS on sm_90.
 //
-// Launch: grid (ceil(N / 160), ceil(M / 128)), 256 threads (2 warpgroups), LH_SHARED_BYTES of
-// dynamic shared memory (6 stages of 36 KiB + 1 KiB for 1024-byte alignment; the host opts in), one
-// block an SM.
+// Launch: persistent, grid (min(output tiles, SMs)) of 256 threads (2 warpgroups), one block an SM
+// (216 KiB + 1 KiB of dynamic shared memory: 6 stages of 36 KiB and the slack to align them to 1024
+// bytes; the host opts in). Block b computes the 128 x 160 output tiles b, b + grid, b + 2 grid, ...
+// (row-major over the tiles, columns fastest, so the blocks at work share their A rows in L2) and
+// runs their k-tiles as one sequence through the pipeline: the loads of the next tile start while
+// the current one finishes, so only the first tile waits for memory.
 //
-// Tiling: a 128 x 160 output tile per block; warpgroup g computes rows 64g..64g+63 with
+// Tiling: a 128 x 160 output tile; warpgroup g computes rows 64g..64g+63 with
 // wgmma_ss<T, 160, KMAJOR> (80 f32 accumulators a thread), k-tiles of 64. Why 160 columns: the
 // issue's shapes have N = 640 and 1280 (5 and 10 x 128 but 4 and 8 x 160), and 128 x 160 tiles
 // give 256 blocks for M 8192 N 640 and 128 for M 2048 N 1280, 0.97 of two and of one wave on a
@@ -18,14 +21,16 @@
 // 128-byte row per m, 8-row groups 1024 bytes apart); B nk [160][64] the same; B kn [64 k][160 n]
 // MN-major with the 64-byte swizzle in five [64][32] blocks of 4 KiB (160 is not a multiple of the
 // 128-byte swizzle's 64 columns).
-// Pipeline: every thread issues cp.async loads; 6 stages with the load of k-tile kt + 4 issued in
-// iteration kt, and one wgmma group (the 4 k16 steps of a k-tile) left in flight across the
-// iteration boundary (wgmma_wait<1>): the stage a load refills was last read by the group of
-// k-tile kt - 2, which every warpgroup has waited for before the barrier of iteration kt.
-// Before the wgmmas of a stage: cp_async_wait, fence_proxy_async (the generic-proxy writes become
-// visible to wgmma's async proxy), __syncthreads.
-// Epilogue: all groups waited, the accumulators plus bias (f32) rounded to T into a [128][168]
-// staging tile in the pipeline's shared memory, then 16-byte row chunks to C.
+// Pipeline (q: the block's k-tiles numbered across its output tiles): every thread issues cp.async
+// loads; 6 stages with the load of k-tile q + 4 issued in iteration q, and one wgmma group (the 4
+// k16 steps of a k-tile) left in flight across the iteration boundary (wgmma_wait<1>): the stage a
+// load refills was last read by the group of k-tile q - 2, which every warpgroup has waited for
+// before the barrier of iteration q. Before the wgmmas of a stage: cp_async_wait,
+// fence_proxy_async (the generic-proxy writes become visible to wgmma's async proxy),
+// __syncthreads.
+// Epilogue of a tile: the warpgroup's groups waited, the accumulators plus bias (f32) rounded to T
+// and stored from registers (a quad of lanes writes 16 contiguous bytes of a row); no shared memory,
+// so the next tile's loads already in the stages are untouched.
 //
 // Edges as in lora_linear.cu: rows beyond M, columns beyond N and k beyond K1 / K2 are zero-filled
 // loads or skipped stores; N, K1 and the leading dimensions of A1, B1, C multiples of 8 with
@@ -53,7 +58,6 @@ struct LoraGemmArgs {
 #define LH_A_BYTES (LH_BM * LH_BK * 2)             // 16 KiB
 #define LH_B_BYTES (LH_BN * LH_BK * 2)             // 20 KiB
 #define LH_STAGE_BYTES (LH_A_BYTES + LH_B_BYTES)  // 36 KiB, a multiple of 1024
-#define LH_C_LD (LH_BN + 8)                       // epilogue staging row (elements): 16-byte padded
 
 #if LA_WGMMA
 
@@ -134,6 +138,13 @@ __device__ __forceinline__ void lh_mma_step(float (&acc)[LH_BN / 2], const unsig
     wgmma_ss<T, LH_BN, KMAJOR>(acc, a_desc, b_desc, true);
 }
 
+// Issues the loads of the block's k-tile q (of its output tile q / per_tile) into its stage.
+template <bool KMAJOR>
+__device__ __forceinline__ void lh_load_flat(unsigned char* smem, const LoraGemmArgs& p, int q, int per_tile, int kt1, u32 tiles_n, int tid) {
+    const u32 tile = blockIdx.x + (u32)(q / per_tile) * gridDim.x;
+    lh_load_stage<KMAJOR>(smem + (q % LH_STAGES) * LH_STAGE_BYTES, p, q % per_tile, kt1, (tile / tiles_n) * LH_BM, (tile % tiles_n) * LH_BN, tid);
+}
+
 template <typename T, bool KMAJOR>
 __device__ __forceinline__ void lora_gemm_hopper(const LoraGemmArgs& p) {
     LA_DYNAMIC_SHARED(unsigned char, smem_raw);
@@ -141,84 +152,79 @@ __device__ __forceinline__ void lora_gemm_hopper(const LoraGemmArgs& p) {
     // launch adds 1 KiB of slack).
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = tid >> 7;
-    const u32 m0 = blockIdx.y * LH_BM, n0 = blockIdx.x * LH_BN;
+    const u32 tiles_n = (p.n + LH_BN - 1) / LH_BN, tiles = tiles_n * ((p.m + LH_BM - 1) / LH_BM);
     const int kt1 = (int)((p.k1 + LH_BK - 1) / LH_BK);
-    const int total = kt1 + (int)((p.k2 + LH_BK - 1) / LH_BK);
-
-    float acc[LH_BN / 2];
-#pragma unroll
-    for (int i = 0; i < LH_BN / 2; ++i) acc[i] = 0.0f;
+    const int per_tile = kt1 + (int)((p.k2 + LH_BK - 1) / LH_BK);  // k-tiles of one output tile
+    const u32 my_tiles = blockIdx.x < tiles ? (tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    const int total = (int)my_tiles * per_tile;  // the block's k-tiles, all its output tiles
 
     // Prologue: k-tiles 0..STAGES-3, one commit group each (the loop keeps STAGES - 2 loads ahead).
 #pragma unroll
     for (int s = 0; s < LH_STAGES - 2; ++s) {
-        if (s < total) lh_load_stage<KMAJOR>(smem + s * LH_STAGE_BYTES, p, s, kt1, m0, n0, tid);
+        if (s < total) lh_load_flat<KMAJOR>(smem, p, s, per_tile, kt1, tiles_n, tid);
         cp_async_commit();
     }
 
-    for (int kt = 0; kt < total; ++kt) {
-        // Groups committed so far: STAGES - 2 + kt; k-tile kt is group kt.
-        cp_async_wait<LH_STAGES - 3>();
-        fence_proxy_async();
-        __syncthreads();  // k-tile kt is visible to every warpgroup's wgmma; groups <= kt - 2 done
-        {
-            const int next = kt + LH_STAGES - 2;  // its stage held k-tile kt - 2
-            if (next < total) lh_load_stage<KMAJOR>(smem + (next % LH_STAGES) * LH_STAGE_BYTES, p, next, kt1, m0, n0, tid);
-            cp_async_commit();  // possibly empty: keeps one group per iteration for the wait above
-        }
-        const unsigned char* stage = smem + (kt % LH_STAGES) * LH_STAGE_BYTES;
-        // 16-wide k-steps that hold data (the last tile of an operand may be partly zero fill).
-        const bool lora = kt >= kt1;
-        const u32 left = (lora ? p.k2 : p.k1) - (u32)(lora ? kt - kt1 : kt) * LH_BK;
-        wgmma_fence();
-        if (left >= LH_BK) {
-#pragma unroll
-            for (int ks = 0; ks < LH_BK / 16; ++ks) lh_mma_step<T, KMAJOR>(acc, stage, wg, ks);
-        } else {
-            const int steps = (int)((left + 15) / 16);
-#pragma unroll
-            for (int ks = 0; ks < LH_BK / 16; ++ks)
-                if (ks < steps) lh_mma_step<T, KMAJOR>(acc, stage, wg, ks);
-        }
-        wgmma_commit();
-        wgmma_wait<1>();  // the group of k-tile kt - 1 is done: its stage is free after the next barrier
-    }
-
-    // Epilogue: the pipeline's shared memory becomes a [128][168] T staging tile.
-    wgmma_wait<0>();
-    cp_async_wait<0>();
-    __syncthreads();
     const int g = lane >> 2, t = lane & 3;
-    const int row = wg * 64 + (warp & 3) * 16 + g;
     const T* bias = reinterpret_cast<const T*>(p.bias);
-    u16* stile = reinterpret_cast<u16*>(smem);
-#pragma unroll
-    for (int j = 0; j < LH_BN / 8; ++j) {
-        const int col = j * 8 + 2 * t;
-        float b0 = 0.0f, b1 = 0.0f;
-        if (bias != nullptr && n0 + col < p.n) {  // N is a multiple of 8: col + 1 is in range too
-            b0 = to_f32(bias[n0 + col]);
-            b1 = to_f32(bias[n0 + col + 1]);
-        }
-        *reinterpret_cast<u32*>(stile + row * LH_C_LD + col) = pack2<T>(acc[4 * j] + b0, acc[4 * j + 1] + b1);
-        *reinterpret_cast<u32*>(stile + (row + 8) * LH_C_LD + col) = pack2<T>(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
-    }
-    __syncthreads();
     u16* c = reinterpret_cast<u16*>(p.c);
+    int q = 0;
+    for (u32 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        float acc[LH_BN / 2];
 #pragma unroll
-    for (int i = 0; i < (LH_BM * LH_BN / 8) / LH_THREADS; ++i) {
-        const int id = tid + i * LH_THREADS;
-        const int r = id / (LH_BN / 8), ch = id - r * (LH_BN / 8);
-        const u32 gm = m0 + r, gn = n0 + ch * 8;
-        if (gm < p.m && gn < p.n) {
-            *reinterpret_cast<Pack<u16, 8>*>(c + (u64)gm * p.ldc + gn) = *reinterpret_cast<const Pack<u16, 8>*>(stile + r * LH_C_LD + ch * 8);
+        for (int i = 0; i < LH_BN / 2; ++i) acc[i] = 0.0f;
+
+        for (int kt = 0; kt < per_tile; ++kt, ++q) {
+            // Groups committed so far: STAGES - 2 + q; k-tile q is group q.
+            cp_async_wait<LH_STAGES - 3>();
+            fence_proxy_async();
+            __syncthreads();  // k-tile q is visible to every warpgroup's wgmma; groups <= q - 2 done
+            {
+                const int next = q + LH_STAGES - 2;  // its stage held k-tile q - 2
+                if (next < total) lh_load_flat<KMAJOR>(smem, p, next, per_tile, kt1, tiles_n, tid);
+                cp_async_commit();  // possibly empty: keeps one group per iteration for the wait above
+            }
+            const unsigned char* stage = smem + (q % LH_STAGES) * LH_STAGE_BYTES;
+            // 16-wide k-steps that hold data (the last tile of an operand may be partly zero fill).
+            const bool lora = kt >= kt1;
+            const u32 left = (lora ? p.k2 : p.k1) - (u32)(lora ? kt - kt1 : kt) * LH_BK;
+            wgmma_fence();
+            if (left >= LH_BK) {
+#pragma unroll
+                for (int ks = 0; ks < LH_BK / 16; ++ks) lh_mma_step<T, KMAJOR>(acc, stage, wg, ks);
+            } else {
+                const int steps = (int)((left + 15) / 16);
+#pragma unroll
+                for (int ks = 0; ks < LH_BK / 16; ++ks)
+                    if (ks < steps) lh_mma_step<T, KMAJOR>(acc, stage, wg, ks);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();  // the group of k-tile q - 1 is done: its stage is free after the next barrier
+        }
+
+        // Epilogue: this warpgroup's last group done, accumulators + bias to C from registers.
+        wgmma_wait<0>();
+        const u32 row = (tile / tiles_n) * LH_BM + wg * 64 + (warp & 3) * 16 + g;
+#pragma unroll
+        for (int j = 0; j < LH_BN / 8; ++j) {
+            const u32 col = (tile % tiles_n) * LH_BN + j * 8 + 2 * t;
+            if (col < p.n) {  // N is a multiple of 8: col + 1 is in range too
+                float b0 = 0.0f, b1 = 0.0f;
+                if (bias != nullptr) {
+                    b0 = to_f32(bias[col]);
+                    b1 = to_f32(bias[col + 1]);
+                }
+                if (row < p.m) *reinterpret_cast<u32*>(c + (u64)row * p.ldc + col) = pack2<T>(acc[4 * j] + b0, acc[4 * j + 1] + b1);
+                if (row + 8 < p.m) *reinterpret_cast<u32*>(c + (u64)(row + 8) * p.ldc + col) = pack2<T>(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
+            }
         }
     }
+    cp_async_wait<0>();  // only empty groups can be left; nothing may be in flight at exit
 }
 
 #endif  // LA_WGMMA
 
-// One block an SM (216 KiB of shared memory). Without wgmma (sm_80) the kernels are empty.
+// One block an SM (217 KiB of shared memory). Without wgmma (sm_80) the kernels are empty.
 #if LA_WGMMA
 #define LH_BODY(T, KMAJOR) lora_gemm_hopper<T, KMAJOR>(p);
 #else

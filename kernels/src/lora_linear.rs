@@ -31,11 +31,22 @@ pub const HOPPER_SOURCE: KernelSource = KernelSource { name: "lora_linear_hopper
 
 /// The Hopper kernel's output tile, threads and dynamic shared memory: 6 stages of a 128 x 64 and a
 /// 160 x 64 16-bit tile, plus 1 KiB so that the kernel can align its tiles to 1024 bytes (the
-/// swizzle atoms); the launcher must opt in.
+/// swizzle atoms); the launcher must opt in. The kernel is persistent: see `hopper_blocks`.
 pub const HOPPER_TILE_M: usize = 128;
 pub const HOPPER_TILE_N: usize = 160;
 pub const HOPPER_THREADS: u32 = 256;
 pub const HOPPER_SHARED_BYTES: u32 = 6 * (128 + 160) * 64 * 2 + 1024;
+
+/// Output tiles of the Hopper kernel for C [m, n] (the kernel counts them in a u32).
+pub fn hopper_tiles(m: usize, n: usize) -> usize {
+    m.div_ceil(HOPPER_TILE_M) * n.div_ceil(HOPPER_TILE_N)
+}
+
+/// Blocks (grid x) of a Hopper launch: one per output tile, at most `multiprocessors` (one block
+/// fits an SM); block b computes tiles b, b + blocks, ...
+pub fn hopper_blocks(m: usize, n: usize, multiprocessors: u32) -> u32 {
+    hopper_tiles(m, n).clamp(1, multiprocessors.max(1) as usize) as u32
+}
 
 /// Arguments of the lora_gemm kernels; must match `LoraGemmArgs` in kernels/cuda/lora_linear.cu
 /// field for field. Pointers are device (or, emulated, host) addresses of 16-bit elements; leading
@@ -316,5 +327,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<LoraGemmArgs>(), 6 * 8 + 12 * 4);
         assert_eq!(kernel_name(BLayout::KMajor, "bf16"), "lora_gemm_kn_bf16");
         assert_eq!(hopper_kernel_name(BLayout::NMajor, "f16"), "lora_gemm_hopper_nk_f16");
+        // 64 x 4 tiles of 128 x 160 for M 8192, N 640; at most one block an SM.
+        assert_eq!((hopper_tiles(8192, 640), hopper_blocks(8192, 640, 132), hopper_blocks(141, 168, 132)), (256, 132, 4));
     }
 }

@@ -8,8 +8,8 @@
 //! (4 cp.async stages), opted into once per (device, kernel).
 //!
 //! On compute capability 9.0 with `cuda::hopper_kernels()` on, the Hopper kernel
-//! (kernels/cuda/lora_linear_hopper.cu, wgmma) runs instead: same arguments, 128 x 160 tiles,
-//! grid (ceil(N / 160), ceil(M / 128)), 256 threads, 217 KiB of dynamic shared memory.
+//! (kernels/cuda/lora_linear_hopper.cu, wgmma) runs instead: same arguments, 128 x 160 tiles, a
+//! persistent grid of min(tiles, SMs) blocks of 256 threads, 217 KiB of dynamic shared memory.
 
 use std::sync::Arc;
 
@@ -53,23 +53,23 @@ pub fn fused_supported(dev: &CudaDevice, dtype: DType, m: usize, n: usize, k1: u
         && dev.max_shared_memory_per_block_optin() >= klora::SHARED_BYTES
 }
 
-/// The kernel that computes the GEMM on a device: its source, tile (rows, columns), threads and
-/// dynamic shared memory.
+/// The kernel that computes the GEMM on a device: its source, threads and dynamic shared memory.
 struct Kernel {
     source: &'static KernelSource,
     hopper: bool,
-    tile: (usize, usize),
     threads: u32,
     shared_bytes: u32,
 }
 
-/// The Hopper (wgmma) kernel on compute capability 9.0 when `cuda::hopper_kernels()` is on (and
-/// the device grants its shared memory), else the mma.sync kernel.
-fn kernel_for(dev: &CudaDevice) -> Kernel {
-    if super::hopper_kernels() && dev.arch() == 90 && dev.max_shared_memory_per_block_optin() >= klora::HOPPER_SHARED_BYTES {
-        Kernel { source: &klora::HOPPER_SOURCE, hopper: true, tile: (klora::HOPPER_TILE_M, klora::HOPPER_TILE_N), threads: klora::HOPPER_THREADS, shared_bytes: klora::HOPPER_SHARED_BYTES }
+/// The Hopper (wgmma) kernel for C [m, n] on compute capability 9.0 when `cuda::hopper_kernels()`
+/// is on (and the device grants its shared memory, and the tiles fit its u32 count), else the
+/// mma.sync kernel.
+fn kernel_for(dev: &CudaDevice, m: usize, n: usize) -> Kernel {
+    let hopper_fits = dev.max_shared_memory_per_block_optin() >= klora::HOPPER_SHARED_BYTES && klora::hopper_tiles(m, n) < (1 << 31);
+    if super::hopper_kernels() && dev.arch() == 90 && hopper_fits {
+        Kernel { source: &klora::HOPPER_SOURCE, hopper: true, threads: klora::HOPPER_THREADS, shared_bytes: klora::HOPPER_SHARED_BYTES }
     } else {
-        Kernel { source: &klora::SOURCE, hopper: false, tile: (klora::TILE_M, klora::TILE_N), threads: klora::THREADS, shared_bytes: klora::SHARED_BYTES }
+        Kernel { source: &klora::SOURCE, hopper: false, threads: klora::THREADS, shared_bytes: klora::SHARED_BYTES }
     }
 }
 
@@ -170,11 +170,15 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
         },
         pad: 0,
     });
-    let kernel = kernel_for(&dev);
-    let name = if kernel.hopper { klora::hopper_kernel_name(layout, dt) } else { klora::kernel_name(layout, dt) };
+    let kernel = kernel_for(&dev, m, n);
+    let (name, grid_dim) = if kernel.hopper {
+        (klora::hopper_kernel_name(layout, dt), (klora::hopper_blocks(m, n, dev.multiprocessors()), 1, 1))
+    } else {
+        (klora::kernel_name(layout, dt), (n.div_ceil(klora::TILE_N) as u32, m.div_ceil(klora::TILE_M) as u32, 1))
+    };
     let f = dev.function(kernel.source, &name)?;
     opt_in_shared(&dev, &f, &name, kernel.shared_bytes)?;
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(kernel.tile.1) as u32, m.div_ceil(kernel.tile.0) as u32, 1), block_dim: (kernel.threads, 1, 1), shared_mem_bytes: kernel.shared_bytes };
+    let cfg = LaunchConfig { grid_dim, block_dim: (kernel.threads, 1, 1), shared_mem_bytes: kernel.shared_bytes };
     let mut b = dev.launch_builder(&f);
     b.arg(&args);
     // SAFETY: every pointer addresses a live CUDA buffer of the shape the args describe (checked
