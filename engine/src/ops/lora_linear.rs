@@ -8,7 +8,9 @@
 //! (engine/src/cuda/lora_linear.rs); dx likewise as [dy | s u] · [W ; A]; dA, dB, dW are cuBLASLt
 //! GEMMs and dbias a column sum. Where the kernel does not apply (f32, K or N not a multiple of 8)
 //! the unfused composition of cuBLASLt GEMMs runs instead; the kernel itself has not yet run on a
-//! GPU, so `LoraPath::Auto` takes it only with `cuda::experimental_kernels()` on.
+//! GPU, so `LoraPath::Auto` takes it only with `cuda::experimental_kernels()` on. On compute
+//! capability 9.0 with `cuda::hopper_kernels()` on as well, the fused GEMM is the wgmma kernel
+//! (kernels/cuda/lora_linear_hopper.cu) instead of the mma.sync one (same contract).
 
 use kernels::lora_linear::BLayout;
 
