@@ -29,8 +29,8 @@
 // and P_j packed. Copies: every thread issues K_{j+1} and V_j with cp.async at the start of step
 // j (separate K and V double buffers, so step j never writes what it reads), waited for, fenced
 // for the async proxy and published by one block barrier at the start of step j + 1.
-// Registers a thread: S 64, O D / 2, P 32 (D 64: 168 = the cap of 384 threads; D 128: 219), no
-// spills. The scale must be > 0 (applied inside the exponent, after the row max); the file is
+// Registers a thread: S 64, O D / 2, P 32 (ptxas: D 64 154 of the 168 that 384 threads allow,
+// D 128 194), no spills. The scale must be > 0 (applied inside the exponent, after the row max); the file is
 // built with flush-to-zero (kernels::flash_attention::HOPPER_SOURCE) so exp2f is one MUFU.EX2.
 #include "mma.cuh"
 
@@ -81,18 +81,30 @@ template <u32 ROWS> __device__ __forceinline__ u32 fh_offset(u32 row, u32 chunk)
     return (chunk / 8) * ROWS * 128u + row * 128u + (((chunk % 8) ^ (row % 8)) << 4);
 }
 
-// cp.async of ROWS rows x D (zero-filled past `len`) from src (row stride `rs`) into the tile at
-// dst; every thread of the block takes its share of the 16-byte chunks (8 consecutive threads read
-// 128 contiguous bytes of a row).
+// cp.async of ROWS rows x D (zero-filled past `len`, which is >= 1) from src (row stride `rs`)
+// into the tile at dst. Thread i copies chunk i % (D / 8) of rows i / (D / 8) + k ROW_STEP, where
+// ROW_STEP (48 at D 64, 16 at D 128) is a multiple of 8: each pass keeps the thread's swizzled
+// chunk position (it depends on row % 8), so source and destination advance by constants (8
+// consecutive threads read 128 contiguous bytes of a row).
 template <typename T, int D, u32 ROWS>
 __device__ __forceinline__ void fh_load_tile(unsigned char* dst, const T* src, i64 rs, u32 len) {
     constexpr u32 CHUNKS = D / 8;
-    for (u32 c = threadIdx.x; c < ROWS * CHUNKS; c += fh_threads<D>()) {
-        u32 row = c / CHUNKS, chunk = c % CHUNKS;
-        bool full = row < len;
-        // A row past the end is not read (zero fill), but the address must still be valid.
-        const T* from = full ? src + (i64)row * rs + chunk * 8 : src;
-        cp_async_16(dst + fh_offset<ROWS>(row, chunk), from, full);
+    constexpr u32 ROW_STEP = fh_threads<D>() / CHUNKS;
+    static_assert(fh_threads<D>() % CHUNKS == 0 && ROW_STEP % 8 == 0, "a pass covers whole 8-row swizzle groups");
+    const u32 chunk = threadIdx.x % CHUNKS;
+    u32 row = threadIdx.x / CHUNKS;
+    unsigned char* to = dst + fh_offset<ROWS>(row, chunk);
+    const T* from = src + (i64)row * rs + chunk * 8;
+#pragma unroll
+    for (u32 pass = 0; pass < (ROWS + ROW_STEP - 1) / ROW_STEP; ++pass) {
+        if (ROWS % ROW_STEP == 0 || row < ROWS) {
+            const bool full = row < len;
+            // A row past the end is not read (zero fill), but the address must still be valid.
+            cp_async_16(to, full ? from : src, full);
+        }
+        row += ROW_STEP;
+        to += ROW_STEP * 128;
+        from += ROW_STEP * rs;
     }
 }
 
@@ -172,16 +184,14 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
 
     // Tile j's K (or V) into stage j & 1: own keys first, then the reference, each with its own
     // edge tile.
-    auto load_k = [&](u32 j) {
-        unsigned char* dst = k_stages + (j & 1) * TILE_BYTES;
-        if (j < own_tiles) fh_load_tile<T, D, FH_BN>(dst, k + (i64)(j * FH_BN) * p.k_stride[2], p.k_stride[2], p.lk - j * FH_BN);
-        else fh_load_tile<T, D, FH_BN>(dst, kr + (i64)((j - own_tiles) * FH_BN) * p.k_ref_stride[2], p.k_ref_stride[2], p.lr - (j - own_tiles) * FH_BN);
+    auto load_tile = [&](unsigned char* stage, u32 j, const T* own, i64 own_rs, const T* ref, i64 ref_rs) {
+        const bool is_own = j < own_tiles;
+        const u32 start = (is_own ? j : j - own_tiles) * FH_BN;
+        const i64 rs = is_own ? own_rs : ref_rs;
+        fh_load_tile<T, D, FH_BN>(stage + (j & 1) * TILE_BYTES, (is_own ? own : ref) + (i64)start * rs, rs, (is_own ? p.lk : p.lr) - start);
     };
-    auto load_v = [&](u32 j) {
-        unsigned char* dst = v_stages + (j & 1) * TILE_BYTES;
-        if (j < own_tiles) fh_load_tile<T, D, FH_BN>(dst, v + (i64)(j * FH_BN) * p.v_stride[2], p.v_stride[2], p.lk - j * FH_BN);
-        else fh_load_tile<T, D, FH_BN>(dst, vr + (i64)((j - own_tiles) * FH_BN) * p.v_ref_stride[2], p.v_ref_stride[2], p.lr - (j - own_tiles) * FH_BN);
-    };
+    auto load_k = [&](u32 j) { load_tile(k_stages, j, k, p.k_stride[2], kr, p.k_ref_stride[2]); };
+    auto load_v = [&](u32 j) { load_tile(v_stages, j, v, p.v_stride[2], vr, p.v_ref_stride[2]); };
 
     // Q once (it stays in shared memory: every S product reads it) and K of tile 0, one group.
     fh_load_tile<T, D, BR>(qs, q + (i64)row0 * p.q_stride[2], p.q_stride[2], p.lq - row0);
@@ -245,22 +255,25 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
     // The softmax of step j once S_j is issued (and P_{j-1} V_{j-1} after it when `pv_pending`):
     // mask, online softmax; s <- the probabilities exp2(s - max), corr <- the factor O takes.
     auto softmax_step = [&](u32 j, float (&s)[NS], float (&corr)[2], bool pv_pending) {
-        // Tile j's source, first key and length; the keys it drops (past the length, reference
-        // tokens with keep 0) as bits 2 n + c for column 8 n + 2 t + c, read while S is computed.
+        // Tile j's source, first key and length, and the keys it drops (past the length, reference
+        // tokens with keep 0), read while S is computed: lane l looks at columns 4 l .. 4 l + 3
+        // (one coalesced 128-byte read a warp) and four ballots give every lane all 128 bits.
+        // Column 8 n + 2 t + c is bit 2 (t % 2) + c of lane 2 n + t / 2, so after the shift by
+        // t / 2 the thread finds it at bit 2 n of drop[c].
         const bool reference = j >= own_tiles;
         const u32 start = reference ? (j - own_tiles) * FH_BN : j * FH_BN;
         const u32 len = reference ? p.lr - start : p.lk - start;
         const bool check = len < FH_BN || (reference && keep != nullptr);
-        u32 dropped = 0;
+        u32 drop[2] = {0, 0};
         if (check) {
+            u32 ballot[4];
 #pragma unroll
-            for (int n = 0; n < FH_BN / 8; ++n) {
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const u32 col = n * 8 + 2 * t + c;
-                    if (col >= len || (reference && keep != nullptr && keep[start + col] == 0)) dropped |= 1u << (2 * n + c);
-                }
+            for (int c = 0; c < 4; ++c) {
+                const u32 col = 4 * lane + c;
+                ballot[c] = __ballot_sync(0xffffffffu, col >= len || (reference && keep != nullptr && keep[start + col] == 0));
             }
+            drop[0] = ((t & 1) ? ballot[2] : ballot[0]) >> (t / 2);
+            drop[1] = ((t & 1) ? ballot[3] : ballot[1]) >> (t / 2);
         }
 
         if (pv_pending) wgmma_wait<1>();  // S_j retired (groups retire in order); P V may still run
@@ -274,7 +287,7 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
 #pragma unroll
             for (int n = 0; n < FH_BN / 8; ++n) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[4 * n + e] = (dropped >> (2 * n + (e & 1))) & 1u ? FH_NEG_INF : s[4 * n + e];
+                for (int e = 0; e < 4; ++e) s[4 * n + e] = (drop[e & 1] >> (2 * n)) & 1u ? FH_NEG_INF : s[4 * n + e];
             }
         }
 
