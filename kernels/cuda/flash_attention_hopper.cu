@@ -29,8 +29,8 @@
 // and P_j packed. Copies: every thread issues K_{j+1} and V_j with cp.async at the start of step
 // j (separate K and V double buffers, so step j never writes what it reads), waited for, fenced
 // for the async proxy and published by one block barrier at the start of step j + 1.
-// Registers a thread: S 64, O D / 2, P 32 (ptxas: D 64 154 of the 168 that 384 threads allow,
-// D 128 194), no spills. The scale must be > 0 (applied inside the exponent, after the row max); the file is
+// Registers a thread: S 64, O D / 2, P 32 (ptxas: D 64 159 of the 168 that 384 threads allow,
+// D 128 209), no spills. The scale must be > 0 (applied inside the exponent, after the row max); the file is
 // built with flush-to-zero (kernels::flash_attention::HOPPER_SOURCE) so exp2f is one MUFU.EX2.
 #include "mma.cuh"
 
@@ -228,15 +228,22 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
         if (j < tiles) load_v(j);
         cp_async_commit();
     };
+    // Descriptors of the warpgroup's Q rows and of K / V stage 0. A byte offset o (a multiple of
+    // 16) into the same buffer is + o / 16 in the start-address field (bits 0-13: the shared
+    // window is below 256 KiB, so the field never carries), as CUTLASS's descriptor iterators
+    // advance: no descriptor is rebuilt in the loop.
+    const u64 q_desc = wgmma_desc(qs + wg * 64 * 128, 16, 1024, WGMMA_SWIZZLE_128B);
+    const u64 k_desc = wgmma_desc(k_stages, 16, 1024, WGMMA_SWIZZLE_128B);
+    const u64 v_desc = wgmma_desc(v_stages, FH_BN * 128, 1024, WGMMA_SWIZZLE_128B);
     // S = Q K_j^T: the warpgroup's 64 rows (A, K-major) against the tile's 128 keys (B, K-major:
     // key rows). k-step kk is 16 columns of D: column block kk / 4, +32 bytes per step inside its
     // 128-byte rows. One commit group.
     auto issue_s = [&](u32 j, float (&s)[NS]) {
-        const unsigned char* ks = k_stages + (j & 1) * TILE_BYTES;
+        const u64 k_stage = k_desc + (j & 1) * (TILE_BYTES / 16);
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
-            const u64 a = wgmma_desc(qs + (kk / 4) * BR * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024, WGMMA_SWIZZLE_128B);
-            const u64 b = wgmma_desc(ks + (kk / 4) * FH_BN * 128 + (kk % 4) * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+            const u64 a = q_desc + ((kk / 4) * BR * 128 + (kk % 4) * 32) / 16;
+            const u64 b = k_stage + ((kk / 4) * FH_BN * 128 + (kk % 4) * 32) / 16;
             wgmma_ss<T, FH_BN, false>(s, a, b, kk > 0);
         }
         wgmma_commit();
@@ -244,12 +251,9 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
     // O += P_{j-1} V_{j-1}: V (B, MN-major) k-step kk is keys 16 kk .. + 15, 2048 bytes further;
     // its 64-column blocks (D 128) are LBO = FH_BN * 128 bytes apart. One commit group.
     auto issue_pv = [&](u32 j) {
-        const unsigned char* vs = v_stages + ((j - 1) & 1) * TILE_BYTES;
+        const u64 v_stage = v_desc + ((j - 1) & 1) * (TILE_BYTES / 16);
 #pragma unroll
-        for (int kk = 0; kk < PSTEPS; ++kk) {
-            const u64 b = wgmma_desc(vs + kk * 16 * 128, FH_BN * 128, 1024, WGMMA_SWIZZLE_128B);
-            wgmma_rs<T, D, true>(o, pa[kk], b, true);
-        }
+        for (int kk = 0; kk < PSTEPS; ++kk) wgmma_rs<T, D, true>(o, pa[kk], v_stage + kk * 16 * 128 / 16, true);
         wgmma_commit();
     };
     // The softmax of step j once S_j is issued (and P_{j-1} V_{j-1} after it when `pv_pending`):
