@@ -5,7 +5,8 @@
 //! third has none; at D 128 two blocks, the second with 13 rows), Lq 205 at D 64 (two blocks), Lk 45
 //! own keys and Lr 150 reference keys (two reference tiles, the second with 22 keys) with a keep
 //! mask, a q view with heads interleaved ([B, Lq, H, D] memory), padded reference rows, bf16 and
-//! f16, head dims 64 and 128; a source with no token, rows with no key left, no key at all. Needs
+//! f16, head dims 64 and 128; six key tiles (stages refilled while products are in flight); a
+//! source with no token, rows with no key left, no key at all. Needs
 //! a C++ compiler; without one each test prints "skipped: no C++ compiler" and passes, unless `CI`
 //! is set.
 
@@ -191,6 +192,18 @@ fn one_source_empty() {
     if have_compiler("one_source_empty") {
         run_case(Half::Bf16, &Case { b: 1, h: 3, lq: 19, lk: 133, lr: 0, d: 64, keep: None, scale: 0.5 });
         run_case(Half::F16, &Case { b: 1, h: 2, lq: 70, lk: 0, lr: 150, d: 128, keep: None, scale: 0.09 });
+    }
+}
+
+/// Many key tiles (own 300 = 3 tiles, reference 260 = 3 tiles, both ending partial), so that
+/// both K and V stages are refilled several times while the previous tile's products are in
+/// flight; keep mask per batch entry.
+#[test]
+fn many_key_tiles() {
+    if have_compiler("many_key_tiles") {
+        let (b, lr) = (2, 260);
+        run_case(Half::Bf16, &Case { b, h: 1, lq: 70, lk: 300, lr, d: 128, keep: Some(keep_mask(b, lr)), scale: 0.088 });
+        run_case(Half::F16, &Case { b, h: 1, lq: 77, lk: 300, lr, d: 64, keep: Some(keep_mask(b, lr)), scale: 0.125 });
     }
 }
 
