@@ -22,10 +22,10 @@
 // MN-major with the 64-byte swizzle in five [64][32] blocks of 4 KiB (160 is not a multiple of the
 // 128-byte swizzle's 64 columns).
 // Pipeline (q: the block's k-tiles numbered across its output tiles): every thread issues cp.async
-// loads; 6 stages with the load of k-tile q + 4 issued in iteration q, and one wgmma group (the 4
-// k16 steps of a k-tile) left in flight across the iteration boundary (wgmma_wait<1>): the stage a
-// load refills was last read by the group of k-tile q - 2, which every warpgroup has waited for
-// before the barrier of iteration q. Before the wgmmas of a stage: cp_async_wait,
+// loads; 6 stages with the load of k-tile q + 4 issued in iteration q (after its wgmmas), and one
+// wgmma group (the 4 k16 steps of a k-tile) left in flight across the iteration boundary
+// (wgmma_wait<1>): the stage a load refills was last read by the group of k-tile q - 2, which
+// every warpgroup has waited for before the barrier of iteration q. Before the wgmmas of a stage: cp_async_wait,
 // fence_proxy_async (the generic-proxy writes become visible to wgmma's async proxy),
 // __syncthreads.
 // Epilogue of a tile: the warpgroup's groups waited, the accumulators plus bias (f32) rounded to T
@@ -179,11 +179,6 @@ __device__ __forceinline__ void lora_gemm_hopper(const LoraGemmArgs& p) {
             cp_async_wait<LH_STAGES - 3>();
             fence_proxy_async();
             __syncthreads();  // k-tile q is visible to every warpgroup's wgmma; groups <= q - 2 done
-            {
-                const int next = q + LH_STAGES - 2;  // its stage held k-tile q - 2
-                if (next < total) lh_load_flat<KMAJOR>(smem, p, next, per_tile, kt1, tiles_n, tid);
-                cp_async_commit();  // possibly empty: keeps one group per iteration for the wait above
-            }
             const unsigned char* stage = smem + (q % LH_STAGES) * LH_STAGE_BYTES;
             // 16-wide k-steps that hold data (the last tile of an operand may be partly zero fill).
             const bool lora = kt >= kt1;
@@ -199,6 +194,13 @@ __device__ __forceinline__ void lora_gemm_hopper(const LoraGemmArgs& p) {
                     if (ks < steps) lh_mma_step<T, KMAJOR>(acc, stage, wg, ks);
             }
             wgmma_commit();
+            // The loads after the wgmmas are issued, so that the tensor cores have groups q - 1 and q
+            // queued while a warp issues them (the element loads of unaligned LoRA rows stall it).
+            {
+                const int next = q + LH_STAGES - 2;  // its stage held k-tile q - 2
+                if (next < total) lh_load_flat<KMAJOR>(smem, p, next, per_tile, kt1, tiles_n, tid);
+                cp_async_commit();  // possibly empty: keeps one group per iteration for the wait above
+            }
             wgmma_wait<1>();  // the group of k-tile q - 1 is done: its stage is free after the next barrier
         }
 
