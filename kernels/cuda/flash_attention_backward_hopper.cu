@@ -8,13 +8,13 @@
 //
 // Launch (engine/src/cuda/flash_attention_backward.rs): grid (own key tiles + reference key tiles,
 // H, B) of FBH_BC = 128 keys (own tiles first, never one straddling both sources), 256 threads = 2
-// warpgroups of 64 keys each; dynamic shared memory fbh_shared_bytes<D>(): 98 KiB (D 64) / 146 KiB
-// (D 128), one block an SM (the registers: dK, dV accumulators of D / 2 f32 each a thread).
+// warpgroups of 64 keys each; dynamic shared memory fbh_shared_bytes<D>(): 146.5 KiB (D 64) /
+// 194.5 KiB (D 128), one block an SM (the registers: dK, dV accumulators of D / 2 f32 each a thread).
 //
 // FlashAttention-3's backward, simplified (no TMA, no warp specialization): a block holds its
-// keys' K and V in shared memory and loops over the query tiles of FBH_BR = 64 rows, whose Q, dO
-// (cp.async by every thread, double-buffered: tile i + 1 loads while tile i computes), lse2 and
-// delta stream through two stages. Per query tile, warpgroup w (keys 64 w .. 64 w + 63):
+// keys' K and V in shared memory and loops over the query tiles of FBH_BR = 64 rows, whose Q, dO,
+// lse2 and delta stream through FBH_STAGES = 3 stages (cp.async by every thread; tile i + 2 loads
+// while tile i computes). One block barrier a tile. Per query tile, warpgroup w (keys 64 w ..):
 //   S^T  = K_w Q^T          wgmma_ss (A = K rows, B = Q K-major), 64 x 64, D / 16 k-steps
 //   dP^T = V_w dO^T         wgmma_ss, the same shapes
 //   P^T  = exp2(S^T scale log2(e) - lse2), 0 for keys past the source's end and dropped tokens
@@ -22,12 +22,14 @@
 //   dV  += P^T dO, dK += dS^T Q: wgmma_rs, A = P^T / dS^T repacked from the accumulator registers
 //          (accumulator columns 16 k .. 16 k + 15 are the A fragment of k-step k), B = dO / Q
 //          tiles MN-major (queries are the k dimension), 4 k-steps of 16 queries.
-//   dS^T is also stored transposed (16-bit) into the shared dS tile [64 queries][128 keys], and
-//   after a block barrier dQ_i += dS K (A = dS K-major, B = K tile MN-major):
+//   dS^T is also stored transposed (16-bit) into a shared dS tile [64 queries][128 keys] (two
+//   buffers, alternating by tile), and after the block barrier dQ_i += dS K (A = dS K-major, B = K
+//   tile MN-major):
 //     D 128: warpgroup w computes dQ columns 64 w .. 64 w + 63 over all 128 keys (8 k-steps, N 64);
 //     D 64: (no N = 32 wgmma) warpgroup w computes the partial dQ (64 x 64) over its own 64 keys,
 //       the two partials are added through shared memory (each warpgroup hands the other the 32
-//       columns the other owns) and each adds its 32 columns to dq_accum.
+//       columns the other owns, two buffers alternating by tile) and each adds its 32 columns to
+//       dq_accum after the next tile's barrier, while that tile's dV, dK products run.
 //   The dQ tile goes to dq_accum with f32 atomics (16-byte vector atomics: lane pairs swap halves of
 //   their accumulator pairs; rows past Lq left out).
 // Every shared tile (K, V, Q, dO, dS) is D / 64 (dS: 2) column blocks of [rows][64] 16-bit
@@ -36,8 +38,12 @@
 // dO rows for S^T / dP^T's B, dS rows for dQ) and, read with keys / queries as the k dimension, the
 // MN-major one (B of dV, dK, dQ: groups of 8 k-rows at SBO 1024, 64-column blocks at LBO = rows 128).
 //
-// Shared memory (bytes): K, V 2 BC D 2; two stages of Q and dO 4 BR D 2; dS BR BC 2; lse2, delta
-// two stages 4 BR 4; (D 64) the partial-dQ exchange 2 x 16 x 128 f32; + 1024 to align the start.
+// Every wgmma of a tile retires within the tile: ptxas serializes all wgmmas of a kernel that keeps
+// an accumulator in flight across the loop's back edge (C7514) and injects waits before reads of
+// wgmma-written registers that cross it (C7517); the sm_90 compile log shows neither.
+// Shared memory (bytes): K, V 2 BC D 2; three stages of Q and dO 6 BR D 2; two dS tiles 2 BR BC 2;
+// lse2, delta three stages 6 BR 4; (D 64) the partial-dQ exchange 2 x 2 x 16 x 128 f32; + 1024 to
+// align the start.
 // Host guarantees as flash_attention_backward.cu: 16-bit inputs with unit stride along D, row
 // strides multiples of 8 elements, 16-byte aligned bases; lq_pad = Lq rounded up to 4.
 #include "mma.cuh"
@@ -45,6 +51,7 @@
 #define FBH_BC 128
 #define FBH_BR 64
 #define FBH_THREADS 256
+#define FBH_STAGES 3
 
 // One call's parameters: the struct of flash_attention_backward.cu (mirrored by
 // kernels::flash_attention_backward::FlashBackwardParams), shared with its prep and dq kernels.
@@ -83,7 +90,7 @@ static_assert(sizeof(FlashBwdParams) == 496, "FlashBwdParams must match FlashBac
 
 // Mirrored by kernels::flash_attention_backward::hopper_shared_bytes.
 template <int D> __host__ __device__ constexpr u32 fbh_shared_bytes() {
-    return 2u * (2u * FBH_BC * D + 4u * FBH_BR * D + FBH_BR * FBH_BC) + 16u * FBH_BR + (D == 64 ? 2u * 16u * 128u * 4u : 0u) + 1024u;
+    return 2u * (2u * FBH_BC * D + 2u * FBH_STAGES * FBH_BR * D + 2u * FBH_BR * FBH_BC) + 8u * FBH_STAGES * FBH_BR + (D == 64 ? 2u * 2u * 16u * 128u * 4u : 0u) + 1024u;
 }
 
 #if LA_WGMMA
@@ -167,9 +174,10 @@ __device__ __forceinline__ void fbh_atomic_add_block(float* dq_accum, u32 row0, 
 
 template <typename T, int D>
 __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
-    constexpr u32 BC = FBH_BC, BR = FBH_BR;
+    constexpr u32 BC = FBH_BC, BR = FBH_BR, STAGES = FBH_STAGES;
     constexpr u32 KV_BYTES = BC * D * 2;      // one of K, V
     constexpr u32 QO_BYTES = BR * D * 2;      // one of Q, dO (a stage holds both)
+    constexpr u32 DS_BYTES = BR * BC * 2;     // one dS buffer
     constexpr int KD = D / 16;                // k-steps of S^T, dP^T (over the head dim)
     constexpr int KQ = BR / 16;               // k-steps of dV, dK (over the query tile)
     constexpr int NS = BR / 2;                // S^T / dP^T accumulator registers a thread
@@ -188,10 +196,10 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
     unsigned char* ks = smem;                            // K [BC][D]
     unsigned char* vs = ks + KV_BYTES;                   // V [BC][D]
     unsigned char* stages = vs + KV_BYTES;               // stage s: Q at stages + 2 s QO_BYTES, dO after it
-    unsigned char* dss = stages + 4 * QO_BYTES;          // dS [BR][BC] (2 column blocks)
-    float* lse_s = (float*)(dss + BR * BC * 2);          // lse2 [2][BR]
-    float* delta_s = lse_s + 2 * BR;                     // delta [2][BR]
-    float* exchange = delta_s + 2 * BR;                  // D 64: [2 warpgroups][16][128] partial dQ
+    unsigned char* dss = stages + 2 * STAGES * QO_BYTES; // dS buffer b: [BR][BC] (2 column blocks) at dss + b DS_BYTES
+    float* lse_s = (float*)(dss + 2 * DS_BYTES);         // lse2 [STAGES][BR]
+    float* delta_s = lse_s + STAGES * BR;                // delta [STAGES][BR]
+    float4* exchange = (float4*)(delta_s + STAGES * BR); // D 64: [2 buffers][2 warpgroups][4][128] partial dQ
 
     const u32 wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const u32 g = lane / 4, t = lane % 4;
@@ -224,21 +232,13 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 
     const u32 nq = (p.lq + BR - 1) / BR;
     auto load_stage = [&](u32 it) {
-        const u32 i0 = it * BR, st = it & 1;
+        const u32 i0 = it * BR, st = it % STAGES;
         unsigned char* qs = stages + 2 * st * QO_BYTES;
         fbh_load_tile<T, D, BR>(qs, q + (i64)i0 * p.q_stride[2], p.q_stride[2], p.lq - i0);
         fbh_load_tile<T, D, BR>(qs + QO_BYTES, dout + (i64)i0 * p.dout_stride[2], p.dout_stride[2], p.lq - i0);
         fbh_load_f32(lse_s + st * BR, lse2 + i0, p.lq_pad - i0);
         fbh_load_f32(delta_s + st * BR, delta + i0, p.lq_pad - i0);
     };
-    fbh_load_tile<T, D, BC>(ks, k, k_rs, len);
-    fbh_load_tile<T, D, BC>(vs, v, v_rs, len);
-    if (nq > 0) load_stage(0);
-    cp_async_commit();
-
-    float dk[NG], dv[NG];
-#pragma unroll
-    for (int i = 0; i < NG; ++i) dk[i] = dv[i] = 0.0f;
 
     // Descriptors (128B swizzle, SBO = 1024 between 8-row groups). K-major operand, k-step kk of a
     // [rows][D] tile: column block kk / 4, +32 bytes a step inside its 128-byte rows.
@@ -251,30 +251,90 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         return wgmma_desc(tile + (row0 + 16 * kk) * 128, rows * 128, 1024, WGMMA_SWIZZLE_128B);
     };
 
-    for (u32 it = 0; it < nq; ++it) {
-        // This thread's copies of stage it (and K, V) have landed, are fenced for the async proxy
-        // and, after the barrier, so are every thread's; every wgmma of the previous iteration has
-        // retired, so stage (it + 1) & 1, dS and the exchange buffer are free. Then the next
-        // stage's copies start.
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();
-        if (it + 1 < nq) load_stage(it + 1);
-        cp_async_commit();
-        const unsigned char* qs = stages + 2 * (it & 1) * QO_BYTES;
-        const unsigned char* dos = qs + QO_BYTES;
-        const float* ls = lse_s + (it & 1) * BR;
-        const float* dls = delta_s + (it & 1) * BR;
+    float dk[NG], dv[NG];
+#pragma unroll
+    for (int i = 0; i < NG; ++i) dk[i] = dv[i] = 0.0f;
+    float s[NS], dp[NS], dq[NQ / 2];
 
-        // S^T = K_w Q^T (group 1) and dP^T = V_w dO^T (group 2): 64 keys x BR queries each.
-        float s[NS], dp[NS];
-        wgmma_fence();  // dk, dv, pa, da were last written by other instructions
+    // S^T(it) = K_w Q_it^T and dP^T(it) = V_w dO_it^T, 64 keys x BR queries each, as two commit
+    // groups (S^T is used while dP^T is still computed).
+    auto issue_sdp = [&](u32 it) {
+        const unsigned char* qs = stages + 2 * (it % STAGES) * QO_BYTES;
+        const unsigned char* dos = qs + QO_BYTES;
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) wgmma_ss<T, BR, false>(s, kmajor(ks, BC, wg * 64, kk), kmajor(qs, BR, 0, kk), kk > 0);
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) wgmma_ss<T, BR, false>(dp, kmajor(vs, BC, wg * 64, kk), kmajor(dos, BR, 0, kk), kk > 0);
         wgmma_commit();
+    };
+
+    // dq_accum += the retired dQ tile of query tile `it` (rows 16 warp + g: registers 4 n, 4 n + 1;
+    // + 8: 4 n + 2, 4 n + 3). D 128: the warpgroup's 64 columns directly. D 64: warpgroup w owns
+    // columns 32 w .. 32 w + 31 (registers 16 w .. 16 w + 15, the same in both warpgroups'
+    // layouts); dq_send hands the other warpgroup this one's partial of the other half (exchange
+    // buffer it & 1, laid out [4][128 threads] of float4), and after a block barrier dq_add adds
+    // the other's partial of its own half. Selects on wg, not dq[16 (1 - wg) + r]: a register
+    // array takes constant indices only.
+    const u32 tid = threadIdx.x % 128;
+    float dq_own[16];  // D 64: this warpgroup's half of its partial dQ, from dq_send to dq_add
+    auto dq_send = [&](u32 it) {
+        float4* mine = exchange + ((it & 1) * 2 + wg) * 4 * 128;
+#pragma unroll
+        for (int r = 0; r < 16; r += 4)
+            mine[(r / 4) * 128 + tid] = make_float4(wg == 0 ? dq[16 + r] : dq[r], wg == 0 ? dq[17 + r] : dq[r + 1], wg == 0 ? dq[18 + r] : dq[r + 2], wg == 0 ? dq[19 + r] : dq[r + 3]);
+#pragma unroll
+        for (int r = 0; r < 16; ++r) dq_own[r] = wg == 0 ? dq[r] : dq[16 + r];
+    };
+    auto dq_add = [&](u32 it) {
+        const u32 row0 = it * BR + warp * 16 + g, row1 = row0 + 8;
+        if constexpr (DQ_BY_COLUMNS) {
+#pragma unroll
+            for (int n = 0; n < NQ / 8; ++n) fbh_atomic_add_block<D>(dq_accum, row0, row1, wg * 64 + n * 8, dq[4 * n], dq[4 * n + 1], dq[4 * n + 2], dq[4 * n + 3], p.lq);
+        } else {
+            const float4* theirs = exchange + ((it & 1) * 2 + (1 - wg)) * 4 * 128;
+            float sum[16];
+#pragma unroll
+            for (int r = 0; r < 16; r += 4) {
+                const float4 x = theirs[(r / 4) * 128 + tid];
+                sum[r] = dq_own[r] + x.x;
+                sum[r + 1] = dq_own[r + 1] + x.y;
+                sum[r + 2] = dq_own[r + 2] + x.z;
+                sum[r + 3] = dq_own[r + 3] + x.w;
+            }
+#pragma unroll
+            for (int n = 0; n < 4; ++n) fbh_atomic_add_block<D>(dq_accum, row0, row1, wg * 32 + n * 8, sum[4 * n], sum[4 * n + 1], sum[4 * n + 2], sum[4 * n + 3], p.lq);
+        }
+    };
+
+    // Prologue: K, V and stage 0 (one cp.async group), stage 1 (a second one, empty when nq = 1).
+    fbh_load_tile<T, D, BC>(ks, k, k_rs, len);
+    fbh_load_tile<T, D, BC>(vs, v, v_rs, len);
+    if (nq > 0) load_stage(0);
+    cp_async_commit();
+    if (nq > 1) load_stage(1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    // Query tile `it`. One block barrier a tile (after the dS stores), which also hands over the
+    // buffers: stage it % 3 (Q, dO, lse2, delta) is read by this tile's S^T, dP^T, dV, dK, all
+    // retired by the end of the tile; the copies of stage it + 2 start after the barrier, when
+    // every warpgroup is done with tile it - 1. dS(it) goes to buffer it & 1: the other warpgroup
+    // may still run dQ(it - 1) on the other one. Every wgmma retires by the end of the tile (top
+    // of the file); at D 64 the partial dQ(it) is handed over at the end of the tile (dq_send: the
+    // other half to shared memory, this half to plain registers, not the wgmma-written ones) and
+    // added to dq_accum after the next tile's barrier, while that tile's dV, dK products run.
+    for (u32 it = 0; it < nq; ++it) {
+        const u32 st = it % STAGES;
+        const unsigned char* qs = stages + 2 * st * QO_BYTES;
+        const unsigned char* dos = qs + QO_BYTES;
+        const float* ls = lse_s + st * BR;
+        const float* dls = delta_s + st * BR;
+        unsigned char* ds_tile = dss + (it & 1) * DS_BYTES;
+
+        wgmma_fence();  // dk, dv, pa, da, dq were last used by other instructions
+        issue_sdp(it);
 
         // P^T on live keys (0 elsewhere), while dP^T is computed. Register 4 n + e: key row g (e < 2)
         // or g + 8, query 8 n + 2 t + (e & 1).
@@ -298,7 +358,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
         }
-        // dV += P^T dO (group 3).
+        // dV += P^T dO.
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dv, pa[kk], mnmajor(dos, BR, 0, kk), true);
@@ -319,7 +379,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) da[kk][r] = pack2<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
         }
-        // dK += dS^T Q (group 4).
+        // dK += dS^T Q.
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dk, da[kk], mnmajor(qs, BR, 0, kk), true);
@@ -333,64 +393,50 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const u32 query = 16 * kk + 8 * (r / 2) + 2 * t, chunk = 2 * warp + (r % 2);
-                unsigned char* at = dss + wg * BR * 128 + 2 * g;
+                unsigned char* at = ds_tile + wg * BR * 128 + 2 * g;
                 *(u16*)(at + fbh_offset<BR>(query, chunk)) = (u16)(da[kk][r] & 0xffffu);
                 *(u16*)(at + fbh_offset<BR>(query + 1, chunk)) = (u16)(da[kk][r] >> 16);
             }
         }
+        // This thread's copies of stage it + 1 have landed; after the barrier every thread's
+        // have, and dS(it) of both warpgroups is written (both fenced for the async proxy), and
+        // both warpgroups are past dq_send(it - 1) and have retired tile it - 1's products.
+        cp_async_wait<0>();
         fence_proxy_async();
-        __syncthreads();  // the dS tile of both warpgroups is written
+        __syncthreads();
+        if (it + 2 < nq) load_stage(it + 2);
+        cp_async_commit();
+        if constexpr (!DQ_BY_COLUMNS) {
+            if (it > 0) dq_add(it - 1);  // the other warpgroup's dq_send(it - 1) is before the barrier
+        }
 
-        // dQ (group 5): A = dS rows (K-major), B = K rows as MN-major (keys are the k dimension).
-        float dq[NQ / 2];
-        wgmma_fence();  // orders the dS stores' register use (and last iteration's dq reads) before the issue
+        // dQ(it): A = dS rows (K-major), B = K rows as MN-major (keys are the k dimension).
+        wgmma_fence();  // orders the dq reads above and the dS stores' registers before the issue
 #pragma unroll
         for (int kk = 0; kk < KDQ; ++kk) {
             if constexpr (DQ_BY_COLUMNS) {
                 // Columns 64 wg .. over all BC keys: dS column block kk / 4, K column block wg.
-                wgmma_ss<T, NQ, true>(dq, kmajor(dss, BR, 0, kk), mnmajor(ks + wg * BC * 128, BC, 0, kk), kk > 0);
+                wgmma_ss<T, NQ, true>(dq, kmajor(ds_tile, BR, 0, kk), mnmajor(ks + wg * BC * 128, BC, 0, kk), kk > 0);
             } else {
                 // All D columns over the warpgroup's 64 keys: dS column block wg, K rows 64 wg ...
-                wgmma_ss<T, NQ, true>(dq, kmajor(dss + wg * BR * 128, BR, 0, kk), mnmajor(ks, BC, wg * 64, kk), kk > 0);
+                wgmma_ss<T, NQ, true>(dq, kmajor(ds_tile + wg * BR * 128, BR, 0, kk), mnmajor(ks, BC, wg * 64, kk), kk > 0);
             }
         }
         wgmma_commit();
         wgmma_wait<0>();
-        fbh_fence_registers(dq);
         fbh_fence_registers(dk);
         fbh_fence_registers(dv);
         fbh_fence_registers(pa);
         fbh_fence_registers(da);
-
-        // dq_accum += dQ: rows 16 warp + g (registers 4 n, 4 n + 1) and + 8 (4 n + 2, 4 n + 3).
-        const u32 row0 = it * BR + warp * 16 + g, row1 = row0 + 8;
-        if constexpr (DQ_BY_COLUMNS) {
-#pragma unroll
-            for (int n = 0; n < NQ / 8; ++n) fbh_atomic_add_block<D>(dq_accum, row0, row1, wg * 64 + n * 8, dq[4 * n], dq[4 * n + 1], dq[4 * n + 2], dq[4 * n + 3], p.lq);
-        } else {
-            // Warpgroup w owns columns 32 w .. 32 w + 31 (registers 16 w .. 16 w + 15, the same
-            // in both warpgroups' layouts): it hands the other one its partial of the other half.
-            // Laid out [4][128 threads] of float4 (16-byte accesses, consecutive threads adjacent).
-            const u32 tid = threadIdx.x % 128;
-            float4* mine = (float4*)exchange + wg * 4 * 128;
-            const float4* theirs = (const float4*)exchange + (1 - wg) * 4 * 128;
-#pragma unroll
-            for (int r = 0; r < 16; r += 4) {
-                // Selects on wg, not dq[16 (1 - wg) + r]: a register array takes constant indices only.
-                mine[(r / 4) * 128 + tid] = make_float4(wg == 0 ? dq[16 + r] : dq[r], wg == 0 ? dq[17 + r] : dq[r + 1], wg == 0 ? dq[18 + r] : dq[r + 2], wg == 0 ? dq[19 + r] : dq[r + 3]);
-            }
+        fbh_fence_registers(dq);
+        if constexpr (DQ_BY_COLUMNS) dq_add(it);
+        else dq_send(it);
+    }
+    // D 64: the last tile's dQ.
+    if constexpr (!DQ_BY_COLUMNS) {
+        if (nq > 0) {
             __syncthreads();
-            float sum[16];
-#pragma unroll
-            for (int r = 0; r < 16; r += 4) {
-                const float4 x = theirs[(r / 4) * 128 + tid];
-                sum[r] = (wg == 0 ? dq[r] : dq[16 + r]) + x.x;
-                sum[r + 1] = (wg == 0 ? dq[r + 1] : dq[17 + r]) + x.y;
-                sum[r + 2] = (wg == 0 ? dq[r + 2] : dq[18 + r]) + x.z;
-                sum[r + 3] = (wg == 0 ? dq[r + 3] : dq[19 + r]) + x.w;
-            }
-#pragma unroll
-            for (int n = 0; n < 4; ++n) fbh_atomic_add_block<D>(dq_accum, row0, row1, wg * 32 + n * 8, sum[4 * n], sum[4 * n + 1], sum[4 * n + 2], sum[4 * n + 3], p.lq);
+            dq_add(nq - 1);
         }
     }
     cp_async_wait<0>();

@@ -29,14 +29,15 @@ pub const HOPPER_KEYS_PER_BLOCK: usize = 128;
 /// Threads of a Hopper kernel block (FBH_THREADS).
 pub const HOPPER_THREADS: u32 = 256;
 
-/// Dynamic shared memory of the Hopper kernel (fbh_shared_bytes<D>): K and V of 128 keys, two
-/// stages of Q and dO (64 query rows), the dS tile (16-bit), two stages of lse2 and delta (f32),
-/// at head dim 64 the 16 KiB partial-dQ exchange, and 1 KiB to align the start to a swizzle atom.
-/// None for a head dim the kernel does not take (only 64 and 128).
+/// Dynamic shared memory of the Hopper kernel (fbh_shared_bytes<D>): K and V of 128 keys, three
+/// stages of Q and dO (64 query rows), two dS tiles (16-bit), three stages of lse2 and delta (f32),
+/// at head dim 64 the two 16 KiB partial-dQ exchange buffers, and 1 KiB to align the start to a
+/// swizzle atom: 146.5 KiB at d 64, 194.5 KiB at d 128. None for a head dim the kernel does not
+/// take (only 64 and 128).
 pub fn hopper_shared_bytes(d: usize) -> Option<u32> {
-    let (bc, br) = (HOPPER_KEYS_PER_BLOCK, 64);
-    let exchange = if d == 64 { 2 * 16 * 128 * 4 } else { 0 };
-    matches!(d, 64 | 128).then(|| (2 * (2 * bc * d + 4 * br * d + br * bc) + 16 * br + exchange + 1024) as u32)
+    let (bc, br, stages) = (HOPPER_KEYS_PER_BLOCK, 64, 3);
+    let exchange = if d == 64 { 2 * 2 * 16 * 128 * 4 } else { 0 };
+    matches!(d, 64 | 128).then(|| (2 * (2 * bc * d + 2 * stages * br * d + 2 * br * bc) + 8 * stages * br + exchange + 1024) as u32)
 }
 
 /// The Hopper main kernel's instance for a dtype name ("bf16" or "f16") and head dim 64 or 128.

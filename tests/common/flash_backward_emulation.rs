@@ -318,6 +318,22 @@ macro_rules! emulated_backward_tests {
         }
 
         #[test]
+        fn bf16_d64_many_query_tiles() {
+            if emulation::have_compiler("bf16_d64_many_query_tiles") {
+                // Lq 285: five query tiles of 64 (the last of 29 rows), so every stage of the
+                // Hopper kernel's three-stage ring and both of its dS / exchange buffers are reused.
+                flash_backward_emulation::run(flash_backward_emulation::Case { dtype: emulation::Half::Bf16, b: 1, h: 2, lq: 285, lk: 45, lr: 70, d: 64, keep_per_batch: Some(true), drop_all_in_batch0: false }, $kernel);
+            }
+        }
+
+        #[test]
+        fn f16_d128_many_query_tiles() {
+            if emulation::have_compiler("f16_d128_many_query_tiles") {
+                flash_backward_emulation::run(flash_backward_emulation::Case { dtype: emulation::Half::F16, b: 1, h: 1, lq: 285, lk: 130, lr: 0, d: 128, keep_per_batch: None, drop_all_in_batch0: false }, $kernel);
+            }
+        }
+
+        #[test]
         fn rows_without_keys_get_zero_gradients() {
             if emulation::have_compiler("rows_without_keys_get_zero_gradients") {
                 // No own keys; batch 0 drops every reference token (lse = -inf): its gradients are 0.

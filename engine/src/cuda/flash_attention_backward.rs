@@ -15,7 +15,7 @@
 //! On compute capability 9.0 with the Hopper kernels switched on (crate::cuda::hopper_kernels) the
 //! main launch runs the wgmma kernel instead (kernels/cuda/flash_attention_backward_hopper.cu:
 //! same parameters and outputs; grid (own + reference tiles of 128 keys, H, B), 256 threads,
-//! 98 / 146 KiB of dynamic shared memory); prep and dq stay as they are.
+//! 146.5 / 194.5 KiB of dynamic shared memory); prep and dq stay as they are.
 
 use kernels::flash_attention_backward::{self as kfab, BackwardTiles, FlashBackwardParams};
 
