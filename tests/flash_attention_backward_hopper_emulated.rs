@@ -3,10 +3,10 @@
 //! emulator of CUDA (kernels::emulate, which models wgmma) against the CPU reference
 //! (kernels::flash_attention_backward): the cases of the mma.sync kernel's test
 //! (tests/common/flash_backward_emulation.rs): Lk / Lr 45 / 150, 45 / 70, 130 / 45, 150 / 0, Lk 0
-//! with every reference token of a batch entry dropped, Lq 77 / 52 / 21 (partial query tiles),
-//! bf16 / f16, head dims 64 (partial dQ sums exchanged between the warpgroups) and 128 (dQ split by
-//! columns). Needs a C++ compiler; without one each test says it skipped (a failure when `CI` is
-//! set).
+//! with every reference token of a batch entry dropped, Lq 77 / 52 / 21 (partial query tiles) and
+//! 285 (five tiles: the three-stage ring and the two dS / exchange buffers wrap), bf16 / f16, head
+//! dims 64 (partial dQ sums exchanged between the warpgroups) and 128 (dQ split by columns). Needs
+//! a C++ compiler; without one each test says it skipped (a failure when `CI` is set).
 
 #[path = "common/emulation.rs"]
 mod emulation;
