@@ -108,48 +108,6 @@ __device__ __forceinline__ void fh_load_tile(unsigned char* dst, const T* src, i
     }
 }
 
-// Keeps the compiler from moving reads or writes of these registers across the wgmma_wait before
-// the call: wgmma accumulators (and the A registers of wgmma_rs) belong to the asynchronous MMA
-// from its issue to the wait that retires it, which the compiler does not know (the wrappers' asm
-// operands say "read and written at the issue"). An empty asm statement, no instruction; the
-// emulator runs wgmma synchronously and needs none. (CUTLASS: warpgroup_fence_operand.)
-template <int N> __device__ __forceinline__ void fh_fence_registers(float (&r)[N]) {
-#ifndef LOOKAHEAD_EMULATE
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-#endif
-}
-template <int N> __device__ __forceinline__ void fh_fence_registers(u32 (&r)[N]) {
-#ifndef LOOKAHEAD_EMULATE
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
-#endif
-}
-
-// Two probabilities as one u32 of two T halves (lo in the low half), P's A-fragment element pair:
-// one cvt.rn.{bf16,f16}x2.f32 on the GPU. pack2's bf16 conversion also carries NaN payloads over
-// (three more instructions a value, which the softmax, bound by its per-element instructions,
-// does not need: probabilities are never NaN for finite inputs); the emulator rounds the same way.
-template <typename T> __device__ __forceinline__ u32 fh_pack_p(float lo, float hi);
-template <> __device__ __forceinline__ u32 fh_pack_p<bf16>(float lo, float hi) {
-#ifdef LOOKAHEAD_EMULATE
-    return pack2<bf16>(lo, hi);
-#else
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-#endif
-}
-template <> __device__ __forceinline__ u32 fh_pack_p<f16>(float lo, float hi) {
-#ifdef LOOKAHEAD_EMULATE
-    return pack2<f16>(lo, hi);
-#else
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-#endif
-}
-
 template <typename T, int D>
 __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p) {
     constexpr u32 BR = fh_rows<D>();
@@ -282,7 +240,7 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
 
         if (pv_pending) wgmma_wait<1>();  // S_j retired (groups retire in order); P V may still run
         else wgmma_wait<0>();
-        fh_fence_registers(s);
+        wgmma_fence_operands(s);
 
         // Dropped keys -inf (register 4 n + e holds column 8 n + 2 t + (e & 1)); the scale (> 0,
         // the host's guarantee) is applied inside the exponent: exp2(s scale_log2 - max), one
@@ -325,9 +283,9 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
     // longer overlap the product.
     auto finish_step = [&](const float (&s)[NS], const float (&corr)[2]) {
         wgmma_wait<0>();
-        fh_fence_registers(o);
+        wgmma_fence_operands(o);
 #pragma unroll
-        for (int kk = 0; kk < PSTEPS; ++kk) fh_fence_registers(pa[kk]);
+        for (int kk = 0; kk < PSTEPS; ++kk) wgmma_fence_operands(pa[kk]);
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
             o[4 * n] *= corr[0];
@@ -338,7 +296,7 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
 #pragma unroll
         for (int kk = 0; kk < PSTEPS; ++kk) {
 #pragma unroll
-            for (int r = 0; r < 4; ++r) pa[kk][r] = fh_pack_p<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2_rn<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
         }
     };
 
@@ -361,7 +319,7 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
         wgmma_fence();
         issue_pv(tiles);
         wgmma_wait<0>();
-        fh_fence_registers(o);
+        wgmma_fence_operands(o);
     }
     cp_async_wait<0>();
 

@@ -233,3 +233,51 @@ template <typename T, int N, bool TRANS_B> __device__ __forceinline__ void wgmma
 }
 
 #endif  // !LOOKAHEAD_EMULATE && LA_WGMMA
+
+// Keeps the compiler from moving reads or writes of these registers across a wgmma_wait: wgmma
+// accumulators (and wgmma_rs's A registers) belong to the asynchronous MMA from its issue to the
+// wait that retires it, which the compiler does not know (the wrappers' asm operands say "read
+// and written at the issue"); without it an A register could be reused, or an accumulator read,
+// before the MMA is done with it. An empty asm statement, no instruction (CUTLASS:
+// warpgroup_fence_operand); the emulator captures operands at the issue and needs none. Note that
+// ptxas may still hoist a wgmma_wait above independent work in the same basic block.
+template <int N> __device__ __forceinline__ void wgmma_fence_operands(float (&r)[N]) {
+#ifndef LOOKAHEAD_EMULATE
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void wgmma_fence_operands(u32 (&r)[N]) {
+#ifndef LOOKAHEAD_EMULATE
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+#endif
+}
+template <int M> __device__ __forceinline__ void wgmma_fence_operands(u32 (&r)[M][4]) {
+#pragma unroll
+    for (int i = 0; i < M; ++i) wgmma_fence_operands(r[i]);
+}
+
+// pack2 as one cvt.rn.{bf16,f16}x2.f32: for values known not to be NaN (softmax probabilities,
+// gradients of finite inputs), where pack2's bf16 path spends three more instructions a value
+// carrying NaN payloads over as the CPU does. Same rounding (to nearest even); the emulator uses
+// pack2.
+template <typename T> __device__ __forceinline__ u32 pack2_rn(float lo, float hi);
+template <> __device__ __forceinline__ u32 pack2_rn<bf16>(float lo, float hi) {
+#ifdef LOOKAHEAD_EMULATE
+    return pack2<bf16>(lo, hi);
+#else
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
+template <> __device__ __forceinline__ u32 pack2_rn<f16>(float lo, float hi) {
+#ifdef LOOKAHEAD_EMULATE
+    return pack2<f16>(lo, hi);
+#else
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
