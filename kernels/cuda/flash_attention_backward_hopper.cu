@@ -104,11 +104,16 @@ template <u32 ROWS> __device__ __forceinline__ u32 fbh_offset(u32 row, u32 chunk
 // cp.async of ROWS rows x D (zero-filled from row `len` on) from src (row stride `rs`) into the tile
 // at dst; the block's threads take the 16-byte chunks in turn (8 consecutive threads read 128
 // contiguous bytes of a row).
+// A fixed number of chunks a thread (no loop bounds to test): thread x takes chunk column x % CHUNKS
+// of rows x / CHUNKS + i FBH_THREADS / CHUNKS.
 template <typename T, int D, u32 ROWS>
 __device__ __forceinline__ void fbh_load_tile(unsigned char* dst, const T* src, i64 rs, u32 len) {
-    constexpr u32 CHUNKS = D / 8;
-    for (u32 c = threadIdx.x; c < ROWS * CHUNKS; c += FBH_THREADS) {
-        const u32 row = c / CHUNKS, chunk = c % CHUNKS;
+    constexpr u32 CHUNKS = D / 8, ROW_STEP = FBH_THREADS / CHUNKS;
+    static_assert(FBH_THREADS % CHUNKS == 0 && ROWS % ROW_STEP == 0, "whole rounds of chunks");
+    const u32 chunk = threadIdx.x % CHUNKS;
+#pragma unroll
+    for (u32 i = 0; i < ROWS / ROW_STEP; ++i) {
+        const u32 row = threadIdx.x / CHUNKS + i * ROW_STEP;
         const bool full = row < len;
         // A row past the end is not read (zero fill), but the address must still be a valid one.
         const T* from = full ? src + (i64)row * rs + chunk * 8 : src;
@@ -116,9 +121,11 @@ __device__ __forceinline__ void fbh_load_tile(unsigned char* dst, const T* src, 
     }
 }
 
-// cp.async of FBH_BR f32 values from src, zero-filled from `avail` on (a multiple of 4).
+// cp.async of FBH_BR f32 values from src, zero-filled from `avail` on (a multiple of 4): the
+// first FBH_BR / 4 threads one 16-byte chunk each.
 __device__ __forceinline__ void fbh_load_f32(float* dst, const float* src, u32 avail) {
-    for (u32 c = threadIdx.x; c < FBH_BR / 4; c += FBH_THREADS) {
+    const u32 c = threadIdx.x;
+    if (c < FBH_BR / 4) {
         const bool full = 4 * c < avail;
         cp_async_16(dst + 4 * c, full ? src + 4 * c : src, full);
     }
