@@ -247,15 +247,24 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         fbh_load_f32(delta_s + st * BR, delta + i0, p.lq_pad - i0);
     };
 
-    // Descriptors (128B swizzle, SBO = 1024 between 8-row groups). K-major operand, k-step kk of a
-    // [rows][D] tile: column block kk / 4, +32 bytes a step inside its 128-byte rows.
-    auto kmajor = [](const unsigned char* tile, u32 rows, u32 row0, int kk) {
-        return wgmma_desc(tile + (kk / 4) * rows * 128 + row0 * 128 + (kk % 4) * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+    // Descriptors (128B swizzle, SBO = 1024 between 8-row groups), from one built at the aligned
+    // start: its low word (start address >> 4 in bits 0-13, LBO >> 4 above) advanced by the byte
+    // offset >> 4 (shared addresses < 256 KiB: no carry out of the start field), its high word
+    // (SBO, swizzle) as is: two integer instructions a wgmma instead of some twenty for a
+    // descriptor built from a generic pointer. K-major operand, k-step kk of a [rows][D] tile:
+    // column block kk / 4, +32 bytes a step inside its 128-byte rows.
+    const u64 kmajor_base = wgmma_desc(smem, 16, 1024, WGMMA_SWIZZLE_128B);
+    auto advance = [](u64 base, u32 bytes) { return (base & 0xffffffff00000000ull) | (u32)((u32)base + bytes / 16); };
+    auto kmajor = [&](const unsigned char* tile, u32 rows, u32 row0, int kk) {
+        return advance(kmajor_base, (u32)(tile - smem) + (kk / 4) * rows * 128 + row0 * 128 + (kk % 4) * 32);
     };
-    // MN-major operand read from a [rows][D] tile with the rows as k: k-step kk (rows row0 + 16 kk
-    // ..) is 2048 bytes further; the 64-column blocks are the N atoms, rows * 128 bytes apart.
-    auto mnmajor = [](const unsigned char* tile, u32 rows, u32 row0, int kk) {
-        return wgmma_desc(tile + (row0 + 16 * kk) * 128, rows * 128, 1024, WGMMA_SWIZZLE_128B);
+    // MN-major operand read from a [rows][D] tile (rows BR or BC) with the rows as k: k-step kk
+    // (rows row0 + 16 kk ..) is 2048 bytes further; the 64-column blocks are the N atoms, rows 128
+    // bytes apart (LBO).
+    const u64 mnmajor_br = wgmma_desc(smem, BR * 128, 1024, WGMMA_SWIZZLE_128B);
+    const u64 mnmajor_bc = wgmma_desc(smem, BC * 128, 1024, WGMMA_SWIZZLE_128B);
+    auto mnmajor = [&](const unsigned char* tile, u32 rows, u32 row0, int kk) {
+        return advance(rows == BC ? mnmajor_bc : mnmajor_br, (u32)(tile - smem) + (row0 + 16 * kk) * 128);
     };
 
     float dk[NG], dv[NG];
