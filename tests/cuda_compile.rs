@@ -86,6 +86,14 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                         ));
                     }
                     kernels_seen += res.len();
+                    // ptxas serializes every wgmma of a kernel when it cannot prove the warpgroup's
+                    // use of them safe (notes C7514..C7520, "Potential Performance Loss"): correct
+                    // but far slower, and silent unless the log is read, so it fails here.
+                    let serialized: Vec<&str> = c.log.lines().filter(|l| l.contains("Potential Performance Loss") && l.contains("wgmma")).collect();
+                    if !serialized.is_empty() {
+                        lookahead::show(&serialized.join("\n"));
+                        failures.push(format!("{} sm_{arch}: wgmma serialized", src.path()));
+                    }
                 }
                 Err(e) => {
                     lookahead::show(&format!("{e}"));

@@ -131,27 +131,6 @@ __device__ __forceinline__ void fbh_load_f32(float* dst, const float* src, u32 a
     }
 }
 
-// Keeps the compiler from moving reads or writes of these registers across the wgmma_wait before
-// the call: wgmma accumulators and wgmma_rs's A registers belong to the asynchronous MMA from its
-// issue to the wait that retires it, which the compiler does not know (the wrappers' operands say
-// "read and written at the issue"); without it an A register could be reused before the MMA read
-// it. An empty asm statement, no instruction (CUTLASS: warpgroup_fence_operand); the emulator
-// captures the operands at the issue and needs none.
-template <int N> __device__ __forceinline__ void fbh_fence_registers(float (&r)[N]) {
-#ifndef LOOKAHEAD_EMULATE
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-#endif
-}
-template <int M> __device__ __forceinline__ void fbh_fence_registers(u32 (&r)[M][4]) {
-#ifndef LOOKAHEAD_EMULATE
-#pragma unroll
-    for (int i = 0; i < M; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
-    }
-#endif
-}
 
 // Adds one 8-column block of this thread's dQ accumulator registers to dq_accum (row stride D):
 // a0, a1 = row `row0` (its row g), columns col + 2t, + 1; a2, a3 = row `row1` (g + 8), the same
@@ -355,7 +334,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         // P^T on live keys (0 elsewhere), while dP^T is computed. Register 4 n + e: key row g (e < 2)
         // or g + 8, query 8 n + 2 t + (e & 1).
         wgmma_wait<1>();
-        fbh_fence_registers(s);
+        wgmma_fence_operands(s);
 #pragma unroll
         for (int n = 0; n < BR / 8; ++n) {
             const float2 l = *(const float2*)(ls + 8 * n + 2 * t);  // the thread's two queries
@@ -372,7 +351,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) {
 #pragma unroll
-            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2_rn<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
         }
         // dV += P^T dO.
         wgmma_fence();
@@ -382,7 +361,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 
         // dS^T = P^T (dP^T - delta) once dP^T has retired (dV may still run).
         wgmma_wait<1>();
-        fbh_fence_registers(dp);
+        wgmma_fence_operands(dp);
 #pragma unroll
         for (int n = 0; n < BR / 8; ++n) {
             const float2 dl = *(const float2*)(dls + 8 * n + 2 * t);
@@ -393,7 +372,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) {
 #pragma unroll
-            for (int r = 0; r < 4; ++r) da[kk][r] = pack2<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
+            for (int r = 0; r < 4; ++r) da[kk][r] = pack2_rn<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
         }
         // dK += dS^T Q.
         wgmma_fence();
@@ -440,11 +419,11 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         }
         wgmma_commit();
         wgmma_wait<0>();
-        fbh_fence_registers(dk);
-        fbh_fence_registers(dv);
-        fbh_fence_registers(pa);
-        fbh_fence_registers(da);
-        fbh_fence_registers(dq);
+        wgmma_fence_operands(dk);
+        wgmma_fence_operands(dv);
+        wgmma_fence_operands(pa);
+        wgmma_fence_operands(da);
+        wgmma_fence_operands(dq);
         if constexpr (DQ_BY_COLUMNS) dq_add(it);
         else dq_send(it);
     }
