@@ -17,7 +17,7 @@ mod cuda_harness;
 mod attention_cases;
 
 use attention_cases::{Case, Operands, CASES, NO_KEY_LEFT};
-use cuda_harness::{cuda, gpu, input, Tolerances, FLOATS};
+use cuda_harness::{cuda, gpu, hopper_device, input, KernelSwitches, Tolerances, FLOATS};
 use engine::ops::flash_attention::AttentionReference;
 use engine::{DType, Device, Result, Tensor};
 
@@ -113,15 +113,10 @@ fn rows_with_no_key_left() {
 #[test]
 fn hopper_kernel_matches_cpu() {
     let Some((dev, _gpu)) = gpu("hopper_kernel_matches_cpu") else { return };
-    if let Device::Cuda(ordinal) = dev {
-        let arch = engine::cuda::device(ordinal).unwrap().arch();
-        if arch != 90 {
-            lookahead::show(&format!("hopper_kernel_matches_cpu: skipped: compute capability {}.{}, the Hopper kernel needs 9.0", arch / 10, arch % 10));
-            return;
-        }
+    if !hopper_device(dev, "hopper_kernel_matches_cpu") {
+        return;
     }
-    engine::cuda::set_experimental_kernels(true);
-    engine::cuda::set_hopper_kernels(true);
+    let _switches = KernelSwitches::set(true, true);
     for dt in [DType::BF16, DType::F16] {
         for d in [64, 128] {
             for c in CASES {
@@ -144,8 +139,6 @@ fn hopper_kernel_matches_cpu() {
             assert!(lse[..h * lq].iter().all(|&x| x == f32::NEG_INFINITY), "{label}: lse of the rows with no key");
         }
     }
-    engine::cuda::set_hopper_kernels(false);
-    engine::cuda::set_experimental_kernels(false);
 }
 
 #[test]

@@ -16,7 +16,7 @@ mod cuda_harness;
 mod attention_cases;
 
 use attention_cases::{operand, Case, Operands, Storage, CASES, NO_KEY_LEFT};
-use cuda_harness::{cuda, gpu, input, Tolerances, FLOATS};
+use cuda_harness::{cuda, gpu, hopper_device, input, KernelSwitches, Tolerances, FLOATS};
 use engine::ops::flash_attention::AttentionReference;
 use engine::ops::flash_attention_backward::FlashAttentionGrads;
 use engine::{DType, Device, Result, Tensor};
@@ -140,15 +140,10 @@ fn check_no_key_left(dev: Device, dt: DType, d: usize, label: &str) {
 #[test]
 fn hopper_backward_matches_cpu() {
     let Some((dev, _gpu)) = gpu("hopper_backward_matches_cpu") else { return };
-    if let Device::Cuda(ordinal) = dev {
-        let arch = engine::cuda::device(ordinal).unwrap().arch();
-        if arch != 90 {
-            lookahead::show(&format!("hopper_backward_matches_cpu: skipped: compute capability {}.{}, the Hopper kernel needs 9.0", arch / 10, arch % 10));
-            return;
-        }
+    if !hopper_device(dev, "hopper_backward_matches_cpu") {
+        return;
     }
-    engine::cuda::set_experimental_kernels(true);
-    engine::cuda::set_hopper_kernels(true);
+    let _switches = KernelSwitches::set(true, true);
     for dt in [DType::BF16, DType::F16] {
         for d in [64, 128] {
             for c in CASES {
@@ -162,8 +157,6 @@ fn hopper_backward_matches_cpu() {
             check_no_key_left(dev, dt, d, &format!("no key left {dt} D {d} (Hopper kernel)"));
         }
     }
-    engine::cuda::set_hopper_kernels(false);
-    engine::cuda::set_experimental_kernels(false);
 }
 
 /// out / dout of another float dtype than q are converted (the autograd may hand f32 dout).

@@ -14,7 +14,7 @@
 #[path = "common/cuda_harness.rs"]
 mod cuda_harness;
 
-use cuda_harness::{check_tol as check, gpu, Tolerances, FLOATS};
+use cuda_harness::{check_tol as check, gpu, hopper_device, KernelSwitches, Tolerances, FLOATS};
 use engine::ops::lora_linear::{LoraGradsWanted, LoraPath};
 use engine::{DType, Device, Result, Tensor};
 
@@ -150,40 +150,6 @@ fn fused_kernel_matches_the_composition_on_device() {
 /// 8 (72: cp.async).
 const HOPPER_CASES: &[Case] = &[Case { lead: [1, 141], n: 168, k: 456, r: 20 }, Case { lead: [3, 47], n: 456, k: 168, r: 72 }];
 
-/// Sets the experimental and Hopper kernel switches for its lifetime and puts back what they were
-/// (also when a check panics).
-struct Switches {
-    experimental: bool,
-    hopper: bool,
-}
-
-impl Switches {
-    fn set(experimental: bool, hopper: bool) -> Switches {
-        let old = Switches { experimental: engine::cuda::experimental_kernels(), hopper: engine::cuda::hopper_kernels() };
-        engine::cuda::set_experimental_kernels(experimental);
-        engine::cuda::set_hopper_kernels(hopper);
-        old
-    }
-}
-
-impl Drop for Switches {
-    fn drop(&mut self) {
-        engine::cuda::set_experimental_kernels(self.experimental);
-        engine::cuda::set_hopper_kernels(self.hopper);
-    }
-}
-
-/// Whether `dev` is a compute capability 9.0 GPU (the CPU stand-in of LOOKAHEAD_PARITY_ON_CPU
-/// counts as one: it checks the cases); otherwise prints why `test` skips.
-fn hopper_device(dev: Device, test: &str) -> bool {
-    let Device::Cuda(ordinal) = dev else { return true };
-    let arch = engine::cuda::device(ordinal).unwrap().arch();
-    if arch != 90 {
-        lookahead::show(&format!("{test}: skipped: compute capability {}.{}, the Hopper kernel needs 9.0", arch / 10, arch % 10));
-    }
-    arch == 90
-}
-
 /// The Hopper (wgmma) fused GEMM (kernels/cuda/lora_linear_hopper.cu) against the CPU: forward
 /// (± bias) and dx through LoraPath::Fused with the Hopper and experimental switches on, bf16 and
 /// f16, every case and HOPPER_CASES.
@@ -193,7 +159,7 @@ fn hopper_kernel_matches_cpu() {
     if !hopper_device(dev, "lora hopper_kernel_matches_cpu") {
         return;
     }
-    let _switches = Switches::set(true, true);
+    let _switches = KernelSwitches::set(true, true);
     for dt in [DType::BF16, DType::F16] {
         for (i, c) in CASES.iter().chain(HOPPER_CASES).enumerate() {
             for with_bias in [false, true] {
@@ -283,11 +249,11 @@ fn hopper_timing_report() {
             let base = time_ms(&cuda, &|| t.x.linear(&t.w, Some(&t.bias)));
             let base_dx = time_ms(&cuda, &|| t.dy.matmul(&t.w));
             let (mma_sync, mma_sync_dx) = {
-                let _switches = Switches::set(true, false);
+                let _switches = KernelSwitches::set(true, false);
                 (time_ms(&cuda, &fused), time_ms(&cuda, &dx))
             };
             let (hopper, hopper_dx) = {
-                let _switches = Switches::set(true, true);
+                let _switches = KernelSwitches::set(true, true);
                 (time_ms(&cuda, &fused), time_ms(&cuda, &dx))
             };
             let flops = 2.0 * (m * nk * nk) as f64 + 2.0 * (m * r * 2 * nk) as f64;

@@ -136,3 +136,38 @@ pub fn gb_per_s(cuda: &std::sync::Arc<engine::cuda::CudaDevice>, bytes: usize, f
     let ms = timer.stop().unwrap() as f64 / iters as f64;
     bytes as f64 / (ms * 1e-3) / 1e9
 }
+
+/// Sets the experimental and Hopper kernel switches (engine::cuda) for its lifetime and puts back
+/// what they were, also when a check panics.
+pub struct KernelSwitches {
+    experimental: bool,
+    hopper: bool,
+}
+
+impl KernelSwitches {
+    pub fn set(experimental: bool, hopper: bool) -> KernelSwitches {
+        let old = KernelSwitches { experimental: engine::cuda::experimental_kernels(), hopper: engine::cuda::hopper_kernels() };
+        engine::cuda::set_experimental_kernels(experimental);
+        engine::cuda::set_hopper_kernels(hopper);
+        old
+    }
+}
+
+impl Drop for KernelSwitches {
+    fn drop(&mut self) {
+        engine::cuda::set_experimental_kernels(self.experimental);
+        engine::cuda::set_hopper_kernels(self.hopper);
+    }
+}
+
+/// Whether `dev` is a compute capability 9.0 GPU, where the Hopper (wgmma) kernels run (the CPU
+/// stand-in of LOOKAHEAD_PARITY_ON_CPU counts as one: it checks the cases); otherwise prints why
+/// `test` skips.
+pub fn hopper_device(dev: Device, test: &str) -> bool {
+    let Device::Cuda(ordinal) = dev else { return true };
+    let arch = engine::cuda::device(ordinal).unwrap().arch();
+    if arch != 90 {
+        lookahead::show(&format!("{test}: skipped: compute capability {}.{}, the Hopper kernel needs 9.0", arch / 10, arch % 10));
+    }
+    arch == 90
+}
