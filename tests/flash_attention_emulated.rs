@@ -8,177 +8,22 @@
 //! `decoupled_attention_head`: 77 text keys with 16 or 5 IP keys (a partial tile), a text context
 //! shared by the batch (batch stride 0), several IP tiles (the statistics pass), no text keys, no IP
 //! keys. Needs a C++ compiler; without one each test prints "skipped: no C++ compiler" and passes,
-//! unless `CI` is set.
+//! unless `CI` is set. Operands, launch, checks and the extended-attention case are shared with the
+//! Hopper kernel's test (tests/common/flash_forward_emulation.rs).
 
-use kernels::emulate::EmulatedModule;
-use kernels::flash_attention::{decoupled_attention_head, decoupled_kernel_name, flash_attention_head, kernel_name, rows_per_block, shared_bytes, DecoupledDims, FlashDims, FlashParams, THREADS};
+use kernels::flash_attention::{decoupled_attention_head, decoupled_kernel_name, rows_per_block, DecoupledDims, FlashParams};
 
 #[path = "common/emulation.rs"]
 mod emulation;
-use emulation::{have_compiler, values, Aligned, Half};
+#[path = "common/flash_forward_emulation.rs"]
+mod flash_forward_emulation;
+use emulation::{have_compiler, Aligned, Half};
+use flash_forward_emulation::{check_lse, check_out_row, keep_mask, launch, operand, out_tolerance, params, Case, ForwardKernel, Operand};
 
-/// (atol, rtol) of the output: P is rounded to the 16-bit type before P V, and the output too.
-fn out_tolerance(ty: Half) -> (f32, f32) {
-    match ty {
-        Half::Bf16 => (1e-2, 1e-2),
-        Half::F16 => (2e-3, 2e-3),
-    }
-}
-
-/// One [B, H, L, D] operand: rounded values (f32, [B, H, L, D] order) and its 16-bit storage with
-/// the given element strides (batch, head, row; unit along D).
-struct Operand {
-    vals: Vec<f32>,
-    buf: Aligned<u16>,
-    strides: [i64; 3],
-}
-
-fn operand(ty: Half, (b, h, l, d): (usize, usize, usize, usize), strides: [usize; 3], storage_len: usize, seed: u64) -> Operand {
-    let vals = ty.round(&values(b * h * l * d, seed));
-    // Unused storage (padding, gaps) holds NaN so that a read outside the view shows.
-    let mut bits = vec![ty.bits(f32::NAN); storage_len];
-    for (i, &x) in vals.iter().enumerate() {
-        let (bi, hi, li, c) = (i / (h * l * d), (i / (l * d)) % h, (i / d) % l, i % d);
-        bits[bi * strides[0] + hi * strides[1] + li * strides[2] + c] = ty.bits(x);
-    }
-    Operand { vals, buf: Aligned::from(&bits), strides: strides.map(|s| s as i64) }
-}
-
-struct Case {
-    b: usize,
-    h: usize,
-    lq: usize,
-    lk: usize,
-    lr: usize,
-    d: usize,
-    /// [B, Lr] keep mask, or None (every reference token kept).
-    keep: Option<Vec<u8>>,
-    scale: f32,
-}
-
-/// The kernel's parameters for these operands, out ([B, Lq, H, D] memory) and lse ([B, H, Lq]):
-/// the extended mode without a keep mask (callers set the keep mask or the decoupled fields).
-#[allow(clippy::too_many_arguments)]
-fn params([q, k, v, kr, vr]: [&Operand; 5], out: &Aligned<u16>, lse: &mut [f32], h: usize, lq: usize, lk: usize, lr: usize, d: usize, scale: f32) -> FlashParams {
-    FlashParams {
-        q: q.buf.addr(),
-        k: k.buf.addr(),
-        v: v.buf.addr(),
-        k_ref: kr.buf.addr(),
-        v_ref: vr.buf.addr(),
-        keep: 0,
-        out: out.addr(),
-        lse: lse.as_mut_ptr() as u64,
-        lse2: 0,
-        q_stride: q.strides,
-        k_stride: k.strides,
-        v_stride: v.strides,
-        k_ref_stride: kr.strides,
-        v_ref_stride: vr.strides,
-        out_stride: [(lq * h * d) as i64, d as i64, (h * d) as i64],
-        keep_batch_stride: 0,
-        heads: h as u32,
-        lq: lq as u32,
-        lk: lk as u32,
-        lr: lr as u32,
-        scale_log2: scale * std::f32::consts::LOG2_E,
-        decoupled_scale: 0.0,
-    }
-}
-
-/// Runs kernel `name` on the emulator over (query blocks, H, B); returns the seconds it took.
-///
-/// # Safety
-/// Every address in `p` points into a live buffer covering the strides and sizes given.
-unsafe fn launch(name: &str, p: FlashParams, b: usize, h: usize, lq: usize, d: usize) -> f32 {
-    let m = EmulatedModule::load(&kernels::flash_attention::SOURCE).unwrap_or_else(|e| panic!("{e}"));
-    let grid = (lq.div_ceil(rows_per_block(d)) as u32, h as u32, b as u32);
-    let t = std::time::Instant::now();
-    // SAFETY: FlashParams mirrors the kernel's struct; the addresses are the caller's promise.
-    unsafe {
-        m.launch(name, grid, (THREADS, 1, 1), shared_bytes(d), &|f| {
-            let kernel: extern "C" fn(FlashParams) = std::mem::transmute(f);
-            kernel(p);
-        })
-    }
-    .unwrap_or_else(|e| panic!("{e}"));
-    t.elapsed().as_secs_f32()
-}
-
-/// One output row of the kernel (16-bit) against the reference: |got - want| <= atol + rtol |want|
-/// per element. Returns the largest error.
-fn check_out_row(what: &str, ty: Half, got: &[u16], want: &[f32], (atol, rtol): (f32, f32)) -> f32 {
-    let mut worst = 0f32;
-    for (col, (&g, &e)) in got.iter().zip(want).enumerate() {
-        let got = ty.value(g);
-        let err = (got - e).abs();
-        worst = worst.max(err);
-        assert!(err <= atol + rtol * e.abs(), "{what} col {col}: {got} vs {e}");
-    }
-    worst
-}
-
-/// One lse of the kernel against the reference: -inf exactly (a row with no key), else within
-/// 1e-4 relative (absolute below 1). Returns the error (0 for -inf).
-fn check_lse(what: &str, got: f32, want: f32) -> f32 {
-    if want == f32::NEG_INFINITY {
-        assert_eq!(got, want, "{what}");
-        return 0.0;
-    }
-    let err = (got - want).abs();
-    assert!(err <= 1e-4 * want.abs().max(1.0), "{what}: {got} vs {want}");
-    err
-}
+const KERNEL: ForwardKernel = ForwardKernel::MmaSync;
 
 fn run_case(ty: Half, c: &Case) {
-    let Case { b, h, lq, lk, lr, d, scale, .. } = *c;
-    // q: [B, Lq, H, D] memory (heads interleaved, as the models' projections give).
-    let q = operand(ty, (b, h, lq, d), [lq * h * d, d, h * d], b * lq * h * d, 1);
-    let k = operand(ty, (b, h, lk, d), [h * lk * d, lk * d, d], b * h * lk * d, 2);
-    let v = operand(ty, (b, h, lk, d), [h * lk * d, lk * d, d], b * h * lk * d, 3);
-    // Reference rows padded by 8 elements (a narrowed view of wider rows).
-    let rs = d + 8;
-    let kr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 4);
-    let vr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 5);
-    let keep = c.keep.clone();
-    let out = Aligned::from(&vec![ty.bits(f32::NAN); b * lq * h * d]);
-    let mut lse = vec![f32::NAN; b * h * lq];
-    let p = FlashParams {
-        keep: keep.as_ref().map_or(0, |m| m.as_ptr() as u64),
-        keep_batch_stride: lr as i64,
-        ..params([&q, &k, &v, &kr, &vr], &out, &mut lse, h, lq, lk, lr, d, scale)
-    };
-    let name = kernel_name(ty.name(), d);
-    // SAFETY: every address in p points into a live buffer covering the strides and sizes given
-    // (out and lse written, the rest read).
-    let took = unsafe { launch(&name, p, b, h, lq, d) };
-
-    fn head(o: &Operand, bh: usize, l: usize, d: usize) -> &[f32] {
-        &o.vals[bh * l * d..(bh + 1) * l * d]
-    }
-    let mut worst = (0f32, 0f32);
-    for bh in 0..b * h {
-        let (bi, hi) = (bh / h, bh % h);
-        let (mut want, mut want_lse) = (vec![0f32; lq * d], vec![0f32; lq]);
-        let keep_b = keep.as_ref().map(|m| &m[bi * lr..(bi + 1) * lr]);
-        flash_attention_head(head(&q, bh, lq, d), head(&k, bh, lk, d), head(&v, bh, lk, d), head(&kr, bh, lr, d), head(&vr, bh, lr, d), keep_b, FlashDims { lq, lk, lr, d }, scale, &mut want, &mut want_lse);
-        for i in 0..lq {
-            let row = ((bi * lq + i) * h + hi) * d;
-            worst.0 = worst.0.max(check_out_row(&format!("{name} b{bi} h{hi} row {i}"), ty, &out.as_ref()[row..row + d], &want[i * d..(i + 1) * d], out_tolerance(ty)));
-            worst.1 = worst.1.max(check_lse(&format!("{name} b{bi} h{hi} lse[{i}]"), lse[bh * lq + i], want_lse[i]));
-        }
-    }
-    lookahead::show(&format!(
-        "{name} emulated: B {b} H {h} Lq {lq} Lk {lk} Lr {lr} keep {}: max |out err| {:.2e}, max |lse err| {:.2e} ({took:.1} s)",
-        if keep.is_some() { "mask" } else { "none" },
-        worst.0,
-        worst.1
-    ));
-}
-
-/// Some reference tokens dropped in each batch entry, a different set in each.
-fn keep_mask(b: usize, lr: usize) -> Vec<u8> {
-    (0..b * lr).map(|i| !(i * 7 + i / lr).is_multiple_of(5) as u8).collect()
+    flash_forward_emulation::run_case(KERNEL, ty, c);
 }
 
 /// Lq over two query blocks, the second with 13 rows: 141 at d 64 (128-row blocks), 77 at d 128
@@ -286,7 +131,7 @@ fn run_decoupled(ty: Half, c: &DecoupledCase) {
     let name = decoupled_kernel_name(ty.name(), d);
     // SAFETY: every address in p points into a live buffer covering the strides and sizes given
     // (out, lse and lse2 written, the rest read).
-    let took = unsafe { launch(&name, p, b, h, lq, d) };
+    let took = unsafe { launch(KERNEL, &name, p, b, h, lq, d) };
 
     let head = |o: &Operand, bh: usize, l: usize| o.vals[bh * l * d..(bh + 1) * l * d].to_vec();
     // Two outputs' rounding errors (each as the extended mode's), the second weighted.

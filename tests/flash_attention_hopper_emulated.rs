@@ -8,145 +8,18 @@
 //! f16, head dims 64 and 128; six key tiles (stages refilled while products are in flight); a
 //! source with no token, rows with no key left, no key at all. Needs
 //! a C++ compiler; without one each test prints "skipped: no C++ compiler" and passes, unless `CI`
-//! is set.
-
-use kernels::emulate::EmulatedModule;
-use kernels::flash_attention::{flash_attention_head, hopper_kernel_name, hopper_rows_per_block, hopper_shared_bytes, hopper_threads, FlashDims, FlashParams};
+//! is set. Operands, launch, checks and the case itself are shared with the mma.sync kernel's test
+//! (tests/common/flash_forward_emulation.rs).
 
 #[path = "common/emulation.rs"]
 mod emulation;
-use emulation::{have_compiler, values, Aligned, Half};
+#[path = "common/flash_forward_emulation.rs"]
+mod flash_forward_emulation;
+use emulation::{have_compiler, Half};
+use flash_forward_emulation::{keep_mask, Case, ForwardKernel};
 
-/// (atol, rtol) of the output: P is rounded to the 16-bit type before P V, and the output too.
-fn out_tolerance(ty: Half) -> (f32, f32) {
-    match ty {
-        Half::Bf16 => (1e-2, 1e-2),
-        Half::F16 => (2e-3, 2e-3),
-    }
-}
-
-/// One [B, H, L, D] operand: rounded values (f32, [B, H, L, D] order) and its 16-bit storage with
-/// the given element strides (batch, head, row; unit along D). Unused storage holds NaN, so that a
-/// read outside the view shows.
-struct Operand {
-    vals: Vec<f32>,
-    buf: Aligned<u16>,
-    strides: [i64; 3],
-}
-
-fn operand(ty: Half, (b, h, l, d): (usize, usize, usize, usize), strides: [usize; 3], storage_len: usize, seed: u64) -> Operand {
-    let vals = ty.round(&values(b * h * l * d, seed));
-    let mut bits = vec![ty.bits(f32::NAN); storage_len.max(1)];
-    for (i, &x) in vals.iter().enumerate() {
-        let (bi, hi, li, c) = (i / (h * l * d), (i / (l * d)) % h, (i / d) % l, i % d);
-        bits[bi * strides[0] + hi * strides[1] + li * strides[2] + c] = ty.bits(x);
-    }
-    Operand { vals, buf: Aligned::from(&bits), strides: strides.map(|s| s as i64) }
-}
-
-struct Case {
-    b: usize,
-    h: usize,
-    lq: usize,
-    lk: usize,
-    lr: usize,
-    d: usize,
-    /// [B, Lr] keep mask, or None (every reference token kept).
-    keep: Option<Vec<u8>>,
-    scale: f32,
-}
-
-/// Runs the case's kernel instance on the emulator and checks every output row and lse against
-/// kernels::flash_attention::flash_attention_head.
 fn run_case(ty: Half, c: &Case) {
-    let Case { b, h, lq, lk, lr, d, scale, .. } = *c;
-    // q: [B, Lq, H, D] memory (heads interleaved, as the models' projections give).
-    let q = operand(ty, (b, h, lq, d), [lq * h * d, d, h * d], b * lq * h * d, 1);
-    let k = operand(ty, (b, h, lk, d), [h * lk * d, lk * d, d], b * h * lk * d, 2);
-    let v = operand(ty, (b, h, lk, d), [h * lk * d, lk * d, d], b * h * lk * d, 3);
-    // Reference rows padded by 8 elements (a narrowed view of wider rows).
-    let rs = d + 8;
-    let kr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 4);
-    let vr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 5);
-    let keep = c.keep.clone();
-    let out = Aligned::from(&vec![ty.bits(f32::NAN); b * lq * h * d]);
-    let mut lse = vec![f32::NAN; b * h * lq];
-    let p = FlashParams {
-        q: q.buf.addr(),
-        k: k.buf.addr(),
-        v: v.buf.addr(),
-        k_ref: kr.buf.addr(),
-        v_ref: vr.buf.addr(),
-        keep: keep.as_ref().map_or(0, |m| m.as_ptr() as u64),
-        out: out.addr(),
-        lse: lse.as_mut_ptr() as u64,
-        lse2: 0,
-        q_stride: q.strides,
-        k_stride: k.strides,
-        v_stride: v.strides,
-        k_ref_stride: kr.strides,
-        v_ref_stride: vr.strides,
-        out_stride: [(lq * h * d) as i64, d as i64, (h * d) as i64],
-        keep_batch_stride: lr as i64,
-        heads: h as u32,
-        lq: lq as u32,
-        lk: lk as u32,
-        lr: lr as u32,
-        scale_log2: scale * std::f32::consts::LOG2_E,
-        decoupled_scale: 0.0,
-    };
-    let name = hopper_kernel_name(ty.name(), d);
-    let m = EmulatedModule::load(&kernels::flash_attention::HOPPER_SOURCE).unwrap_or_else(|e| panic!("{e}"));
-    let grid = (lq.div_ceil(hopper_rows_per_block(d)) as u32, h as u32, b as u32);
-    let started = std::time::Instant::now();
-    // SAFETY: FlashParams mirrors the kernel's struct; every address in p points into a live
-    // buffer covering the strides and sizes given (out and lse written, the rest read).
-    unsafe {
-        m.launch(&name, grid, (hopper_threads(d), 1, 1), hopper_shared_bytes(d), &|f| {
-            let kernel: extern "C" fn(FlashParams) = std::mem::transmute(f);
-            kernel(p);
-        })
-    }
-    .unwrap_or_else(|e| panic!("{e}"));
-    let took = started.elapsed().as_secs_f32();
-
-    let head = |o: &Operand, bh: usize, l: usize| o.vals[bh * l * d..(bh + 1) * l * d].to_vec();
-    let (atol, rtol) = out_tolerance(ty);
-    let mut worst = (0f32, 0f32);
-    for bh in 0..b * h {
-        let (bi, hi) = (bh / h, bh % h);
-        let (mut want, mut want_lse) = (vec![0f32; lq * d], vec![0f32; lq]);
-        let keep_b = keep.as_ref().map(|m| &m[bi * lr..(bi + 1) * lr]);
-        flash_attention_head(&head(&q, bh, lq), &head(&k, bh, lk), &head(&v, bh, lk), &head(&kr, bh, lr), &head(&vr, bh, lr), keep_b, FlashDims { lq, lk, lr, d }, scale, &mut want, &mut want_lse);
-        for i in 0..lq {
-            let row = ((bi * lq + i) * h + hi) * d;
-            for (col, (&g, &e)) in out.as_ref()[row..row + d].iter().zip(&want[i * d..(i + 1) * d]).enumerate() {
-                let got = ty.value(g);
-                let err = (got - e).abs();
-                worst.0 = worst.0.max(err);
-                assert!(err <= atol + rtol * e.abs(), "{name} b{bi} h{hi} row {i} col {col}: {got} vs {e}");
-            }
-            let (got, e) = (lse[bh * lq + i], want_lse[i]);
-            if e == f32::NEG_INFINITY {
-                assert_eq!(got, e, "{name} b{bi} h{hi} lse[{i}]");
-            } else {
-                let err = (got - e).abs();
-                worst.1 = worst.1.max(err);
-                assert!(err <= 1e-4 * e.abs().max(1.0), "{name} b{bi} h{hi} lse[{i}]: {got} vs {e}");
-            }
-        }
-    }
-    lookahead::show(&format!(
-        "{name} emulated: B {b} H {h} Lq {lq} Lk {lk} Lr {lr} keep {}: max |out err| {:.2e}, max |lse err| {:.2e} ({took:.1} s)",
-        if keep.is_some() { "mask" } else { "none" },
-        worst.0,
-        worst.1
-    ));
-}
-
-/// Some reference tokens dropped in each batch entry, a different set in each.
-fn keep_mask(b: usize, lr: usize) -> Vec<u8> {
-    (0..b * lr).map(|i| !(i * 7 + i / lr).is_multiple_of(5) as u8).collect()
+    flash_forward_emulation::run_case(ForwardKernel::Hopper, ty, c);
 }
 
 /// Lk 45 own keys (one partial tile), Lr 150 reference keys (a full and a 22-key tile) with a

@@ -5,216 +5,45 @@
 //! column tile of 8), K = 72 (a last k-tile of 8 columns, one 16-wide k-step), ranks 0, 4, 16, 20
 //! (4 and 20: rows of the LoRA operands not 16-byte aligned, loaded element by element; 16:
 //! cp.async), both B-operand layouts (forward y = [x | t] [W | B]^T, n-major; dx = [dy | s u]
-//! [W ; A], k-major), bf16 and f16, with and without bias.
+//! [W ; A], k-major), bf16 and f16, with and without bias. The cases, launch and comparisons are
+//! shared with the Hopper kernels' test (tests/common/lora_emulation.rs).
 
-use kernels::emulate::EmulatedModule;
-use kernels::lora_linear::{self as lora, BLayout, LoraDims, LoraGemmArgs};
+use kernels::lora_linear::{self as lora, BLayout};
 
 #[path = "common/emulation.rs"]
 mod emulation;
-use emulation::{have_compiler, values, Half};
+#[path = "common/lora_emulation.rs"]
+mod lora_emulation;
+use emulation::{values, Half};
+use lora_emulation::{assert_close, module, run_kernel, tolerance, LoraKernel};
 
-/// (atol, rtol) of the kernel against the f32 reference on the same 16-bit inputs: one rounding
-/// of the output plus f32 accumulation-order noise.
-fn tolerance(h: Half) -> (f32, f32) {
-    match h {
-        Half::Bf16 => (1e-2, 8e-3),
-        Half::F16 => (2e-3, 1.5e-3),
-    }
-}
+const KERNEL: LoraKernel = LoraKernel::MmaSync;
 
-/// 16-bit elements in a 16-byte aligned buffer (the kernel's cp.async operands must be), at an
-/// element offset `skew` from the aligned start (skew 1 gives a deliberately misaligned operand).
-struct Buffer {
-    words: Vec<u128>,
-    skew: usize,
-    len: usize,
-}
-
-impl Buffer {
-    fn new(bits: &[u16], skew: usize) -> Buffer {
-        let mut b = Buffer { words: vec![0u128; (bits.len() + skew).div_ceil(8).max(1)], skew, len: bits.len() };
-        b.slice_mut().copy_from_slice(bits);
-        b
-    }
-    fn slice_mut(&mut self) -> &mut [u16] {
-        // SAFETY: the u128 words hold at least skew + len u16s; u16 has no invalid bit patterns.
-        unsafe { std::slice::from_raw_parts_mut((self.words.as_mut_ptr() as *mut u16).add(self.skew), self.len) }
-    }
-    fn addr(&self) -> u64 {
-        (self.words.as_ptr() as *const u16).wrapping_add(self.skew) as u64
-    }
-}
-
-/// Runs lora_gemm_{nk,kn}_DT on the emulator: C [m, n] = A1 [m, k1] · B1 + A2 [m, k2] · B2
-/// (+ bias), B1/B2 given as [n][k] (NMajor) or [k][n] (KMajor) rows; returns C as f32.
-#[allow(clippy::too_many_arguments)]
-fn run_kernel(module: &EmulatedModule, h: Half, layout: BLayout, a1: &[f32], b1: &[f32], a2: &[f32], b2: &[f32], bias: Option<&[f32]>, (m, n, k1, k2): (usize, usize, usize, usize), skew_lora: usize) -> Vec<f32> {
-    let to = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| h.bits(x)).collect() };
-    let (ba1, bb1) = (Buffer::new(&to(a1), 0), Buffer::new(&to(b1), 0));
-    let (ba2, bb2) = (Buffer::new(&to(a2), skew_lora), Buffer::new(&to(b2), if layout == BLayout::KMajor { 0 } else { skew_lora }));
-    let bbias = bias.map(|b| Buffer::new(&to(b), 1));
-    let mut c = Buffer::new(&vec![0x7fffu16; m * n], 0); // NaN in both formats: unwritten shows
-    let aligned_rows = |p: u64| (k2.is_multiple_of(8) && p.is_multiple_of(16)) as u32;
-    let args = LoraGemmArgs {
-        a1: ba1.addr(),
-        b1: bb1.addr(),
-        a2: ba2.addr(),
-        b2: bb2.addr(),
-        bias: bbias.as_ref().map_or(0, |b| b.addr()),
-        c: c.addr(),
-        m: m as u32,
-        n: n as u32,
-        k1: k1 as u32,
-        k2: k2 as u32,
-        lda1: k1 as u32,
-        ldb1: if layout == BLayout::NMajor { k1 } else { n } as u32,
-        lda2: k2 as u32,
-        ldb2: if layout == BLayout::NMajor { k2 } else { n } as u32,
-        ldc: n as u32,
-        a2_vec: aligned_rows(ba2.addr()),
-        b2_vec: if layout == BLayout::NMajor { aligned_rows(bb2.addr()) } else { 1 },
-        pad: 0,
-    };
-    let grid = (n.div_ceil(lora::TILE_N) as u32, m.div_ceil(lora::TILE_M) as u32, 1);
-    let name = lora::kernel_name(layout, h.name());
-    // SAFETY: the kernel's extern "C" signature is (LoraGemmArgs) by value; every pointer in args
-    // addresses a live buffer of the size the args describe.
-    unsafe {
-        module
-            .launch(&name, grid, (lora::THREADS, 1, 1), lora::SHARED_BYTES, &|f| {
-                let k: extern "C" fn(LoraGemmArgs) = std::mem::transmute(f);
-                k(args);
-            })
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-    }
-    c.slice_mut().iter().map(|&b| h.value(b)).collect()
-}
-
-fn assert_close(label: &str, got: &[f32], want: &[f32], (atol, rtol): (f32, f32)) {
-    let allowed: Vec<f32> = want.iter().map(|w| atol + rtol * w.abs()).collect();
-    assert_within(label, got, want, &allowed);
-}
-
-/// |got - want| <= allowed, element by element (a NaN never passes).
-fn assert_within(label: &str, got: &[f32], want: &[f32], allowed: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{label}: length");
-    let mut worst: Option<(usize, f32)> = None;
-    for (i, ((&g, &w), &a)) in got.iter().zip(want).zip(allowed).enumerate() {
-        let excess = if g.is_nan() { f32::INFINITY } else { (g - w).abs() - a };
-        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
-            worst = Some((i, excess));
-        }
-    }
-    if let Some((i, _)) = worst {
-        panic!("{label}: element {i}: got {} want {} (allowed difference {})", got[i], want[i], allowed[i]);
-    }
-}
-
-/// The end-to-end allowance: the kernel tolerance plus what rounding the LoRA operand lhs [m, r]
-/// (t = s x A^T, or s u) to 16 bits can move C [m, n] = lhs · rhs^T (rhs [n, r]): Σ_q |lhs[i][q]| u |rhs[j][q]|.
-fn rounding_allowance(h: Half, want: &[f32], lhs: &[f32], rhs: &[f32], (m, n, r): (usize, usize, usize)) -> Vec<f32> {
-    let (atol, rtol) = tolerance(h);
-    (0..m * n)
-        .map(|e| {
-            let (i, j) = (e / n, e % n);
-            atol + rtol * want[e].abs() + (0..r).map(|q| lhs[i * r + q].abs() * h.unit_roundoff() * rhs[j * r + q].abs()).sum::<f32>()
-        })
-        .collect()
-}
-
-/// (x A^T) · s as the engine gets it from cuBLASLt: f32 accumulation, rounded once to 16 bits.
-fn scaled_product_bt(a: &[f32], b: &[f32], rows: usize, cols: usize, inner: usize, s: f32) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
-    for i in 0..rows {
-        for j in 0..cols {
-            out[i * cols + j] = s * (0..inner).map(|p| a[i * inner + p] * b[j * inner + p]).sum::<f32>();
-        }
-    }
-    out
-}
-
+/// The layer's sizes (m, n, k): x [M, K], W [N, K].
 const M: usize = 200;
 const N: usize = 136;
 const K: usize = 72;
 
-/// The kernels built for the emulator, or None (after saying so) without a C++ compiler.
-fn module(test: &str) -> Option<EmulatedModule> {
-    if !have_compiler(test) {
-        return None;
-    }
-    Some(EmulatedModule::load(&lora::SOURCE).unwrap_or_else(|e| panic!("emulating kernels/cuda/lora_linear.cu: {e}")))
-}
-
 #[test]
 fn forward_n_major_matches_the_reference() {
-    let Some(module) = module("forward_n_major_matches_the_reference") else { return };
-    let s = 0.8f32;
-    for h in [Half::Bf16, Half::F16] {
-        for r in [4usize, 16, 20] {
-            let d = LoraDims { m: M, n: N, k: K, r };
-            let (x, w, a, b, bias) = (h.round(&values(M * K, 1)), h.round(&values(N * K, 2)), h.round(&values(r * K, 3)), h.round(&values(N * r, 4)), h.round(&values(N, 5)));
-            let t_exact = scaled_product_bt(&x, &a, M, r, K, s);
-            let t = h.round(&t_exact);
-            for with_bias in [false, true] {
-                let bias = with_bias.then_some(&bias[..]);
-                let label = format!("forward {} r {r} bias {with_bias}", h.name());
-                let got = run_kernel(&module, h, BLayout::NMajor, &x, &w, &t, &b, bias, (M, N, K, r), 0);
-                // The kernel's contract on the same 16-bit operands...
-                assert_close(&label, &got, &lora::concat_gemm(&x, &w, &t, &b, bias, (M, N, K, r), BLayout::NMajor), tolerance(h));
-                // ... and the op itself (t exact in f32: looser, t's rounding included).
-                let want = lora::forward(&x, &w, bias, &a, &b, s, d);
-                assert_within(&format!("{label} vs forward"), &got, &want, &rounding_allowance(h, &want, &t_exact, &b, (M, N, r)));
-            }
-        }
-    }
+    let Some(module) = module(KERNEL, "forward_n_major_matches_the_reference") else { return };
+    lora_emulation::forward_n_major_matches_the_reference(&module, KERNEL, (M, N, K), &[4, 16, 20]);
 }
 
 #[test]
 fn dx_k_major_matches_the_reference() {
-    let Some(module) = module("dx_k_major_matches_the_reference") else { return };
-    let s = -1.25f32;
-    for h in [Half::Bf16, Half::F16] {
-        for r in [4usize, 16, 20] {
-            let d = LoraDims { m: M, n: N, k: K, r };
-            let (x, w, a, b, dy) = (h.round(&values(M * K, 11)), h.round(&values(N * K, 12)), h.round(&values(r * K, 13)), h.round(&values(N * r, 14)), h.round(&values(M * N, 15)));
-            // s u = s dy B: B^T rows are B's columns.
-            let bt: Vec<f32> = (0..r * N).map(|i| b[(i % N) * r + i / N]).collect();
-            let su_exact = scaled_product_bt(&dy, &bt, M, r, N, s);
-            let su = h.round(&su_exact);
-            let bias = h.round(&values(K, 16));
-            for with_bias in [false, true] {
-                let bias = with_bias.then_some(&bias[..]);
-                let label = format!("dx {} r {r} bias {with_bias}", h.name());
-                // dx [M, K] = [dy | s u] · [W ; A]: output width K, reduction N then r.
-                let got = run_kernel(&module, h, BLayout::KMajor, &dy, &w, &su, &a, bias, (M, K, N, r), 0);
-                assert_close(&label, &got, &lora::concat_gemm(&dy, &w, &su, &a, bias, (M, K, N, r), BLayout::KMajor), tolerance(h));
-                if bias.is_none() {
-                    // rhs of the LoRA term as [K, r] rows: A^T.
-                    let at: Vec<f32> = (0..K * r).map(|i| a[(i % r) * K + i / r]).collect();
-                    let want = lora::backward(&x, &w, &a, &b, s, &dy, d).dx;
-                    assert_within(&format!("{label} vs backward"), &got, &want, &rounding_allowance(h, &want, &su_exact, &at, (M, K, r)));
-                }
-            }
-        }
-    }
+    let Some(module) = module(KERNEL, "dx_k_major_matches_the_reference") else { return };
+    lora_emulation::dx_k_major_matches_the_reference(&module, KERNEL, (M, N, K), &[4, 16, 20]);
 }
 
 #[test]
 fn rank_zero_misaligned_lora_and_single_tile() {
-    let Some(module) = module("rank_zero_misaligned_lora_and_single_tile") else { return };
+    let Some(module) = module(KERNEL, "rank_zero_misaligned_lora_and_single_tile") else { return };
     let h = Half::Bf16;
     // Rank 0: the plain GEMM (no LoRA tiles at all).
     let (x, w) = (h.round(&values(M * K, 21)), h.round(&values(N * K, 22)));
-    let got = run_kernel(&module, h, BLayout::NMajor, &x, &w, &[], &[], None, (M, N, K, 0), 0);
+    let got = run_kernel(&module, KERNEL, h, BLayout::NMajor, &x, &w, &[], &[], None, (M, N, K, 0), 0);
     assert_close("rank 0", &got, &lora::concat_gemm(&x, &w, &[], &[], None, (M, N, K, 0), BLayout::NMajor), tolerance(h));
-    // Rank 8 with the LoRA operands one element off 16-byte alignment: element loads instead of
-    // cp.async. One partial tile in each direction (m 37, n 24), k 40 (a k-tile of 8).
-    let (m, n, k, r) = (37, 24, 40, 8);
-    let (x, w, t, b) = (h.round(&values(m * k, 23)), h.round(&values(n * k, 24)), h.round(&values(m * r, 25)), h.round(&values(n * r, 26)));
-    let bias = h.round(&values(n, 27));
-    for layout in [BLayout::NMajor, BLayout::KMajor] {
-        let got = run_kernel(&module, h, layout, &x, &w, &t, &b, Some(&bias), (m, n, k, r), if layout == BLayout::NMajor { 1 } else { 0 });
-        assert_close(&format!("misaligned lora {layout:?}"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), layout), tolerance(h));
-    }
+    // Rank 8, LoRA operands misaligned, one partial tile each way; k 40: a k-tile of 8.
+    lora_emulation::misaligned_lora_single_partial_tile(&module, KERNEL, h);
 }

@@ -11,139 +11,21 @@
 //! and f16, with and without bias. The grid is that of a 3-SM device: 3 blocks for the 4 output
 //! tiles, so block 0 runs two tiles through one pipeline (the second tile's loads start during
 //! the first); `every_block_count` runs 1 to 5 blocks. The output starts as NaN, so an unwritten
-//! element fails.
+//! element fails. The cases, launch and comparisons are shared with the mma.sync kernels' test
+//! (tests/common/lora_emulation.rs).
 
-use kernels::emulate::EmulatedModule;
-use kernels::lora_linear::{self as lora, BLayout, LoraDims, LoraGemmArgs};
+use kernels::lora_linear::{self as lora, BLayout};
 
 #[path = "common/emulation.rs"]
 mod emulation;
-use emulation::{have_compiler, values, Half};
-
-/// (atol, rtol) of the kernel against the f32 reference on the same 16-bit inputs: one rounding
-/// of the output plus f32 accumulation-order noise.
-fn tolerance(h: Half) -> (f32, f32) {
-    match h {
-        Half::Bf16 => (1e-2, 8e-3),
-        Half::F16 => (2e-3, 1.5e-3),
-    }
-}
-
-/// 16-bit elements in a 16-byte aligned buffer, at an element offset `skew` from the aligned start
-/// (skew 1 gives a deliberately misaligned operand).
-struct Buffer {
-    words: Vec<u128>,
-    skew: usize,
-    len: usize,
-}
-
-impl Buffer {
-    fn new(bits: &[u16], skew: usize) -> Buffer {
-        let mut b = Buffer { words: vec![0u128; (bits.len() + skew).div_ceil(8).max(1)], skew, len: bits.len() };
-        b.slice_mut().copy_from_slice(bits);
-        b
-    }
-    fn slice_mut(&mut self) -> &mut [u16] {
-        // SAFETY: the u128 words hold at least skew + len u16s; u16 has no invalid bit patterns.
-        unsafe { std::slice::from_raw_parts_mut((self.words.as_mut_ptr() as *mut u16).add(self.skew), self.len) }
-    }
-    fn addr(&self) -> u64 {
-        (self.words.as_ptr() as *const u16).wrapping_add(self.skew) as u64
-    }
-}
-
-/// Runs lora_gemm_hopper_{nk,kn}_DT on the emulator: C [m, n] = A1 [m, k1] · B1 + A2 [m, k2] · B2
-/// (+ bias), B1/B2 given as [n][k] (NMajor) or [k][n] (KMajor) rows; returns C as f32.
-/// `blocks`: the persistent grid (None: that of an EMULATED_SMS-SM device, as the engine picks it).
-#[allow(clippy::too_many_arguments)]
-fn run_kernel(module: &EmulatedModule, h: Half, layout: BLayout, a1: &[f32], b1: &[f32], a2: &[f32], b2: &[f32], bias: Option<&[f32]>, (m, n, k1, k2): (usize, usize, usize, usize), skew_lora: usize, blocks: Option<u32>) -> Vec<f32> {
-    let to = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| h.bits(x)).collect() };
-    let (ba1, bb1) = (Buffer::new(&to(a1), 0), Buffer::new(&to(b1), 0));
-    let (ba2, bb2) = (Buffer::new(&to(a2), skew_lora), Buffer::new(&to(b2), if layout == BLayout::KMajor { 0 } else { skew_lora }));
-    let bbias = bias.map(|b| Buffer::new(&to(b), 1));
-    let mut c = Buffer::new(&vec![0x7fffu16; m * n], 0); // NaN in both formats: unwritten shows
-    let aligned_rows = |p: u64| (k2.is_multiple_of(8) && p.is_multiple_of(16)) as u32;
-    let args = LoraGemmArgs {
-        a1: ba1.addr(),
-        b1: bb1.addr(),
-        a2: ba2.addr(),
-        b2: bb2.addr(),
-        bias: bbias.as_ref().map_or(0, |b| b.addr()),
-        c: c.addr(),
-        m: m as u32,
-        n: n as u32,
-        k1: k1 as u32,
-        k2: k2 as u32,
-        lda1: k1 as u32,
-        ldb1: if layout == BLayout::NMajor { k1 } else { n } as u32,
-        lda2: k2 as u32,
-        ldb2: if layout == BLayout::NMajor { k2 } else { n } as u32,
-        ldc: n as u32,
-        a2_vec: aligned_rows(ba2.addr()),
-        b2_vec: if layout == BLayout::NMajor { aligned_rows(bb2.addr()) } else { 1 },
-        pad: 0,
-    };
-    let grid = (blocks.unwrap_or_else(|| lora::hopper_blocks(m, n, EMULATED_SMS)), 1, 1);
-    let name = lora::hopper_kernel_name(layout, h.name());
-    // SAFETY: the kernel's extern "C" signature is (LoraGemmArgs) by value; every pointer in args
-    // addresses a live buffer of the size the args describe.
-    unsafe {
-        module
-            .launch(&name, grid, (lora::HOPPER_THREADS, 1, 1), lora::HOPPER_SHARED_BYTES, &|f| {
-                let k: extern "C" fn(LoraGemmArgs) = std::mem::transmute(f);
-                k(args);
-            })
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-    }
-    c.slice_mut().iter().map(|&b| h.value(b)).collect()
-}
-
-fn assert_close(label: &str, got: &[f32], want: &[f32], (atol, rtol): (f32, f32)) {
-    let allowed: Vec<f32> = want.iter().map(|w| atol + rtol * w.abs()).collect();
-    assert_within(label, got, want, &allowed);
-}
-
-/// |got - want| <= allowed, element by element (a NaN never passes).
-fn assert_within(label: &str, got: &[f32], want: &[f32], allowed: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{label}: length");
-    let mut worst: Option<(usize, f32)> = None;
-    for (i, ((&g, &w), &a)) in got.iter().zip(want).zip(allowed).enumerate() {
-        let excess = if g.is_nan() { f32::INFINITY } else { (g - w).abs() - a };
-        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
-            worst = Some((i, excess));
-        }
-    }
-    if let Some((i, _)) = worst {
-        panic!("{label}: element {i}: got {} want {} (allowed difference {})", got[i], want[i], allowed[i]);
-    }
-}
-
-/// The end-to-end allowance: the kernel tolerance plus what rounding the LoRA operand lhs [m, r]
-/// (t = s x A^T, or s u) to 16 bits can move C [m, n] = lhs · rhs^T (rhs [n, r]): Σ_q |lhs[i][q]| u |rhs[j][q]|.
-fn rounding_allowance(h: Half, want: &[f32], lhs: &[f32], rhs: &[f32], (m, n, r): (usize, usize, usize)) -> Vec<f32> {
-    let (atol, rtol) = tolerance(h);
-    (0..m * n)
-        .map(|e| {
-            let (i, j) = (e / n, e % n);
-            atol + rtol * want[e].abs() + (0..r).map(|q| lhs[i * r + q].abs() * h.unit_roundoff() * rhs[j * r + q].abs()).sum::<f32>()
-        })
-        .collect()
-}
-
-/// (a b^T) · s for a [rows, inner], b [cols, inner], as the engine gets it from cuBLASLt: f32
-/// accumulation (rounded to 16 bits by the caller).
-fn scaled_product_bt(a: &[f32], b: &[f32], rows: usize, cols: usize, inner: usize, s: f32) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
-    for i in 0..rows {
-        for j in 0..cols {
-            out[i * cols + j] = s * (0..inner).map(|p| a[i * inner + p] * b[j * inner + p]).sum::<f32>();
-        }
-    }
-    out
-}
+#[path = "common/lora_emulation.rs"]
+mod lora_emulation;
+use emulation::{values, Half};
+use lora_emulation::{assert_close, module, run_kernel, tolerance, LoraKernel};
 
 /// The SM count the grid is sized for: fewer blocks than the 4 output tiles of M x WIDTH.
 const EMULATED_SMS: u32 = 3;
+const KERNEL: LoraKernel = LoraKernel::Hopper { sms: EMULATED_SMS };
 
 /// Rows, output width and reduction length (see the module docs).
 const M: usize = 141;
@@ -151,98 +33,41 @@ const WIDTH: usize = 168;
 const REDUCTION: usize = 456;
 const RANKS: [usize; 4] = [0, 4, 20, 72];
 
-/// The kernels built for the emulator, or None (after saying so) without a C++ compiler.
-fn module(test: &str) -> Option<EmulatedModule> {
-    if !have_compiler(test) {
-        return None;
-    }
-    Some(EmulatedModule::load(&lora::HOPPER_SOURCE).unwrap_or_else(|e| panic!("emulating kernels/cuda/lora_linear_hopper.cu: {e}")))
-}
-
 #[test]
 fn forward_n_major_matches_the_reference() {
-    let Some(module) = module("forward_n_major_matches_the_reference") else { return };
-    let (m, n, k, s) = (M, WIDTH, REDUCTION, 0.8f32);
-    for h in [Half::Bf16, Half::F16] {
-        for r in RANKS {
-            let d = LoraDims { m, n, k, r };
-            let (x, w, a, b, bias) = (h.round(&values(m * k, 1)), h.round(&values(n * k, 2)), h.round(&values(r * k, 3)), h.round(&values(n * r, 4)), h.round(&values(n, 5)));
-            let t_exact = scaled_product_bt(&x, &a, m, r, k, s);
-            let t = h.round(&t_exact);
-            for with_bias in [false, true] {
-                let bias = with_bias.then_some(&bias[..]);
-                let label = format!("hopper forward {} r {r} bias {with_bias}", h.name());
-                let got = run_kernel(&module, h, BLayout::NMajor, &x, &w, &t, &b, bias, (m, n, k, r), 0, None);
-                // The kernel's contract on the same 16-bit operands...
-                assert_close(&label, &got, &lora::concat_gemm(&x, &w, &t, &b, bias, (m, n, k, r), BLayout::NMajor), tolerance(h));
-                // ... and the op itself (t exact in f32: looser, t's rounding included).
-                let want = lora::forward(&x, &w, bias, &a, &b, s, d);
-                assert_within(&format!("{label} vs forward"), &got, &want, &rounding_allowance(h, &want, &t_exact, &b, (m, n, r)));
-            }
-        }
-    }
+    let Some(module) = module(KERNEL, "forward_n_major_matches_the_reference") else { return };
+    lora_emulation::forward_n_major_matches_the_reference(&module, KERNEL, (M, WIDTH, REDUCTION), &RANKS);
 }
 
 #[test]
 fn dx_k_major_matches_the_reference() {
-    let Some(module) = module("dx_k_major_matches_the_reference") else { return };
-    // dx [M, K] = [dy | s u] · [W ; A]: output width K, reduction N then r.
-    let (m, n, k, s) = (M, REDUCTION, WIDTH, -1.25f32);
-    for h in [Half::Bf16, Half::F16] {
-        for r in RANKS {
-            let d = LoraDims { m, n, k, r };
-            let (x, w, a, b, dy) = (h.round(&values(m * k, 11)), h.round(&values(n * k, 12)), h.round(&values(r * k, 13)), h.round(&values(n * r, 14)), h.round(&values(m * n, 15)));
-            // s u = s dy B: B^T rows are B's columns.
-            let bt: Vec<f32> = (0..r * n).map(|i| b[(i % n) * r + i / n]).collect();
-            let su_exact = scaled_product_bt(&dy, &bt, m, r, n, s);
-            let su = h.round(&su_exact);
-            let bias = h.round(&values(k, 16));
-            for with_bias in [false, true] {
-                let bias = with_bias.then_some(&bias[..]);
-                let label = format!("hopper dx {} r {r} bias {with_bias}", h.name());
-                let got = run_kernel(&module, h, BLayout::KMajor, &dy, &w, &su, &a, bias, (m, k, n, r), 0, None);
-                assert_close(&label, &got, &lora::concat_gemm(&dy, &w, &su, &a, bias, (m, k, n, r), BLayout::KMajor), tolerance(h));
-                if bias.is_none() {
-                    // rhs of the LoRA term as [K, r] rows: A^T.
-                    let at: Vec<f32> = (0..k * r).map(|i| a[(i % r) * k + i / r]).collect();
-                    let want = lora::backward(&x, &w, &a, &b, s, &dy, d).dx;
-                    assert_within(&format!("{label} vs backward"), &got, &want, &rounding_allowance(h, &want, &su_exact, &at, (m, k, r)));
-                }
-            }
-        }
-    }
+    let Some(module) = module(KERNEL, "dx_k_major_matches_the_reference") else { return };
+    // The layer's (m, n, k): dx [M, WIDTH] = [dy | s u] · [W ; A] reduces over REDUCTION, then r.
+    lora_emulation::dx_k_major_matches_the_reference(&module, KERNEL, (M, REDUCTION, WIDTH), &RANKS);
 }
 
 #[test]
 fn misaligned_lora_and_single_partial_tile() {
-    let Some(module) = module("misaligned_lora_and_single_partial_tile") else { return };
-    // Rank 8 with the LoRA operands one element off 16-byte alignment (n-major: element loads
-    // instead of cp.async); one partial tile in each direction (m 37, n 24), k 40 (a k-tile of 40:
-    // three k16 steps, the last half zero fill); f16.
-    let h = Half::F16;
-    let (m, n, k, r) = (37, 24, 40, 8);
-    let (x, w, t, b) = (h.round(&values(m * k, 23)), h.round(&values(n * k, 24)), h.round(&values(m * r, 25)), h.round(&values(n * r, 26)));
-    let bias = h.round(&values(n, 27));
-    for layout in [BLayout::NMajor, BLayout::KMajor] {
-        let got = run_kernel(&module, h, layout, &x, &w, &t, &b, Some(&bias), (m, n, k, r), if layout == BLayout::NMajor { 1 } else { 0 }, None);
-        assert_close(&format!("hopper misaligned lora {layout:?}"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), layout), tolerance(h));
-    }
+    let Some(module) = module(KERNEL, "misaligned_lora_and_single_partial_tile") else { return };
+    // k 40: a k-tile of 40, three k16 steps, the last half zero fill; f16.
+    lora_emulation::misaligned_lora_single_partial_tile(&module, KERNEL, Half::F16);
 }
 
 #[test]
 fn every_block_count() {
-    let Some(module) = module("every_block_count") else { return };
+    let Some(module) = module(KERNEL, "every_block_count") else { return };
     // 1 block (all 4 tiles in one pipeline), 2, 4 (one tile each) and 5 (one block without a
     // tile); forward bf16 rank 20 and dx f16 rank 72.
     let (m, n, k) = (M, WIDTH, REDUCTION);
     for blocks in [1u32, 2, 4, 5] {
+        let kernel = LoraKernel::HopperBlocks(blocks);
         let (h, r) = (Half::Bf16, 20);
         let (x, w, t, b, bias) = (h.round(&values(m * k, 31)), h.round(&values(n * k, 32)), h.round(&values(m * r, 33)), h.round(&values(n * r, 34)), h.round(&values(n, 35)));
-        let got = run_kernel(&module, h, BLayout::NMajor, &x, &w, &t, &b, Some(&bias), (m, n, k, r), 0, Some(blocks));
+        let got = run_kernel(&module, kernel, h, BLayout::NMajor, &x, &w, &t, &b, Some(&bias), (m, n, k, r), 0);
         assert_close(&format!("hopper forward {blocks} blocks"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), BLayout::NMajor), tolerance(h));
         let (h, r) = (Half::F16, 72);
         let (dy, w, su, a) = (h.round(&values(m * k, 36)), h.round(&values(k * n, 37)), h.round(&values(m * r, 38)), h.round(&values(r * n, 39)));
-        let got = run_kernel(&module, h, BLayout::KMajor, &dy, &w, &su, &a, None, (m, n, k, r), 0, Some(blocks));
+        let got = run_kernel(&module, kernel, h, BLayout::KMajor, &dy, &w, &su, &a, None, (m, n, k, r), 0);
         assert_close(&format!("hopper dx {blocks} blocks"), &got, &lora::concat_gemm(&dy, &w, &su, &a, None, (m, n, k, r), BLayout::KMajor), tolerance(h));
     }
 }

@@ -34,49 +34,18 @@
 // m-tile: the weights s2 / l2 of the thread's rows).
 // Host guarantees: rows 16-byte aligned with unit stride along D (row strides multiples of 8
 // elements), Lq/Lk/Lr < 2^31, grid.y = H <= 65535, grid.z = B <= 65535.
+#include "flash_attention.cuh"
 #include "mma.cuh"
 
 #define FA_WARPS 4
 #define FA_THREADS (FA_WARPS * 32)
 #define FA_BC 64
-#define FA_NEG_INF __uint_as_float(0xff800000u)
-
-// One call's parameters; mirrored field by field by `FlashParams` in kernels/src/flash_attention.rs.
-// In the decoupled mode k/v are source 1 and k_ref/v_ref source 2, and keep must be 0.
-struct FlashParams {
-    u64 q, k, v;           // [B, H, L, D] views (element strides below), T
-    u64 k_ref, v_ref;      // reference keys / values [B, H, Lr, D], T; unused when lr == 0
-    u64 keep;              // u8 [B or 1, Lr], 1 = attend; 0 (null) = keep every reference token
-    u64 out;               // [B, H, Lq, D] view, T
-    u64 lse;               // f32 [B, H, Lq] contiguous, natural log (decoupled mode: of source 1)
-    u64 lse2;              // decoupled mode: f32 [B, H, Lq] lse of source 2 (the reference slot); unused otherwise
-    i64 q_stride[3];       // batch, head, row strides of q in elements (the dim stride is 1)
-    i64 k_stride[3];
-    i64 v_stride[3];
-    i64 k_ref_stride[3];
-    i64 v_ref_stride[3];
-    i64 out_stride[3];
-    i64 keep_batch_stride; // Lr for a [B, Lr] mask, 0 for one [Lr] row shared by the batch
-    u32 heads, lq, lk, lr;
-    float scale_log2;      // scale * log2(e): scores go to exp2 directly
-    float decoupled_scale; // decoupled mode: s2, the weight of source 2's output; unused otherwise
-};
 
 template <int D> __host__ __device__ constexpr u32 fa_shared_bytes() { return 2u * 2u * FA_BC * D * 2u; }
 // m-tiles (16 query rows each) per warp, and query rows per block; mirrored by `rows_per_block` in
 // kernels/src/flash_attention.rs.
 template <int D> __host__ __device__ constexpr int fa_mtiles() { return D <= 64 ? 2 : 1; }
 template <int D> __host__ __device__ constexpr u32 fa_rows() { return FA_WARPS * 16u * fa_mtiles<D>(); }
-
-// Sum / max over the 4 lanes (t = 0..3) that hold one row of an mma C fragment.
-__device__ __forceinline__ float fa_quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-__device__ __forceinline__ float fa_quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
 
 // Offset (in elements) of 16-byte chunk `chunk` of row `row` in a swizzled tile of D-element rows.
 template <int D> __device__ __forceinline__ u32 fa_swizzle(u32 row, u32 chunk) { return row * D + ((chunk ^ (row & 7u)) << 3); }

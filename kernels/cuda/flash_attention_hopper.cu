@@ -32,31 +32,10 @@
 // Registers a thread: S 64, O D / 2, P 32 (ptxas: D 64 159 of the 168 that 384 threads allow,
 // D 128 209), no spills. The scale must be > 0 (applied inside the exponent, after the row max); the file is
 // built with flush-to-zero (kernels::flash_attention::HOPPER_SOURCE) so exp2f is one MUFU.EX2.
+#include "flash_attention.cuh"  // FlashParams, FA_NEG_INF, fa_quad_sum / fa_quad_max
 #include "mma.cuh"
 
 #define FH_BN 128
-#define FH_NEG_INF __uint_as_float(0xff800000u)
-
-// One call's parameters: the same struct as FlashParams in flash_attention.cu (mirrored by
-// kernels::flash_attention::FlashParams); lse2 and decoupled_scale are unused here.
-struct FlashParams {
-    u64 q, k, v;           // [B, H, L, D] views (element strides below), T
-    u64 k_ref, v_ref;      // reference keys / values [B, H, Lr, D], T; unused when lr == 0
-    u64 keep;              // u8 [B or 1, Lr], 1 = attend; 0 (null) = keep every reference token
-    u64 out;               // [B, H, Lq, D] view, T
-    u64 lse;               // f32 [B, H, Lq] contiguous, natural log
-    u64 lse2;              // unused (the decoupled mode's)
-    i64 q_stride[3];       // batch, head, row strides of q in elements (the dim stride is 1)
-    i64 k_stride[3];
-    i64 v_stride[3];
-    i64 k_ref_stride[3];
-    i64 v_ref_stride[3];
-    i64 out_stride[3];
-    i64 keep_batch_stride; // Lr for a [B, Lr] mask, 0 for one [Lr] row shared by the batch
-    u32 heads, lq, lk, lr;
-    float scale_log2;      // scale * log2(e): scores go to exp2 directly
-    float decoupled_scale; // unused
-};
 
 // Geometry, mirrored by kernels::flash_attention::hopper_{threads, rows_per_block, shared_bytes}.
 template <int D> __host__ __device__ constexpr u32 fh_warpgroups() { return D <= 64 ? 3u : 2u; }
@@ -65,15 +44,6 @@ template <int D> __host__ __device__ constexpr u32 fh_rows() { return 64u * fh_w
 template <int D> __host__ __device__ constexpr u32 fh_shared_bytes() { return (fh_rows<D>() * D + 4u * FH_BN * D) * 2u + 1024u; }
 
 #if LA_WGMMA
-
-__device__ __forceinline__ float fh_quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-__device__ __forceinline__ float fh_quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
 
 // Byte offset of 16-byte chunk `chunk` (0 .. D / 8 - 1) of row `row` in a tile of ROWS rows of D
 // 16-bit elements laid out as above (64-column blocks of 128-byte rows, 128B-swizzled).
@@ -161,7 +131,7 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
     for (int i = 0; i < NO; ++i) o[i] = 0.0f;
     // Running max (base-2 units) and this thread's part of the row sums, rows g (h = 0) and g + 8
     // (h = 1) of the warp's 16.
-    float m[2] = {FH_NEG_INF, FH_NEG_INF}, l[2] = {0.0f, 0.0f};
+    float m[2] = {FA_NEG_INF, FA_NEG_INF}, l[2] = {0.0f, 0.0f};
     // P of the previous tile as A fragments: k-step kk (keys 16 kk ..) is accumulator blocks 2 kk
     // and 2 kk + 1 (registers 8 kk .. 8 kk + 7): a[0] row g keys 2t.., a[1] row g + 8, a[2] row g
     // keys 8 + 2t.., a[3] row g + 8.
@@ -249,20 +219,20 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
 #pragma unroll
             for (int n = 0; n < FH_BN / 8; ++n) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[4 * n + e] = (drop[e & 1] >> (2 * n)) & 1u ? FH_NEG_INF : s[4 * n + e];
+                for (int e = 0; e < 4; ++e) s[4 * n + e] = (drop[e & 1] >> (2 * n)) & 1u ? FA_NEG_INF : s[4 * n + e];
             }
         }
 
         // Online softmax per row (h = 0: row g, h = 1: row g + 8; registers 4 n + 2 h, + 1).
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            float mx = FH_NEG_INF;
+            float mx = FA_NEG_INF;
 #pragma unroll
             for (int n = 0; n < FH_BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
-            const float m_new = fmaxf(m[h], fh_quad_max(mx) * p.scale_log2);
+            const float m_new = fmaxf(m[h], fa_quad_max(mx) * p.scale_log2);
             // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives 0,
             // not NaN.
-            const float base = m_new == FH_NEG_INF ? 0.0f : m_new;
+            const float base = m_new == FA_NEG_INF ? 0.0f : m_new;
             corr[h] = exp2f(m[h] - base);
             m[h] = m_new;
             float sum = 0.0f;
@@ -328,14 +298,14 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
     float* lse = (float*)p.lse + ((u64)bi * p.heads + hi) * p.lq;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float sum = fh_quad_sum(l[h]);
+        float sum = fa_quad_sum(l[h]);
         const u32 row = row0 + wg * 64 + warp * 16 + g + 8 * h;
         const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
         if (row < p.lq) {
             T* orow = out + (i64)row * p.out_stride[2];
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) *(u32*)(orow + n * 8 + 2 * t) = pack2<T>(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
-            if (t == 0) lse[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FH_NEG_INF;
+            if (t == 0) lse[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
         }
     }
 }

@@ -27,17 +27,8 @@
 // b2_vec); that is one or two k-tiles at the end of the loop. The zero-filled part of the last
 // k-tile of each operand costs at most one 16-wide k-step: k-steps beyond the data are skipped.
 #include "common.cuh"
+#include "lora_linear.cuh"
 #include "mma.cuh"
-
-// Must match `LoraGemmArgs` in kernels/src/lora_linear.rs field for field. Pointers are device
-// addresses of 16-bit elements; leading dimensions are in elements.
-struct LoraGemmArgs {
-    u64 a1, b1, a2, b2, bias, c;  // bias 0: none
-    u32 m, n, k1, k2;
-    u32 lda1, ldb1, lda2, ldb2, ldc;
-    u32 a2_vec, b2_vec;  // 1: 16-byte aligned rows, loaded by cp.async; 0: element loads
-    u32 pad;
-};
 
 #define LG_BM 128
 #define LG_BN 128

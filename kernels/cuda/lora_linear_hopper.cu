@@ -38,17 +38,8 @@
 // are not 16-byte aligned: a2_vec / b2_vec 0). The last k-tile of each operand runs only the k16
 // steps that hold data (rank 4: one wgmma step for the LoRA term).
 #include "common.cuh"
+#include "lora_linear.cuh"  // LoraGemmArgs, shared with lora_linear.cu
 #include "mma.cuh"
-
-// Must match `LoraGemmArgs` in kernels/src/lora_linear.rs field for field (the struct of
-// lora_linear.cu).
-struct LoraGemmArgs {
-    u64 a1, b1, a2, b2, bias, c;  // bias 0: none
-    u32 m, n, k1, k2;
-    u32 lda1, ldb1, lda2, ldb2, ldc;
-    u32 a2_vec, b2_vec;  // 1: 16-byte aligned rows, loaded by cp.async; 0: element loads
-    u32 pad;
-};
 
 #define LH_BM 128
 #define LH_BN 160

@@ -31,7 +31,7 @@ impl KernelSource {
 
 /// Headers every kernel family may `#include "NAME"` (kernels/cuda/*.cuh), given to NVRTC from
 /// memory so that no include path is needed at run time.
-pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../cuda/common.cuh")), ("mma.cuh", include_str!("../cuda/mma.cuh")), ("warp_reduce.cuh", include_str!("../cuda/warp_reduce.cuh")), ("cluster.cuh", include_str!("../cuda/cluster.cuh"))];
+pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../cuda/common.cuh")), ("mma.cuh", include_str!("../cuda/mma.cuh")), ("warp_reduce.cuh", include_str!("../cuda/warp_reduce.cuh")), ("cluster.cuh", include_str!("../cuda/cluster.cuh")), ("lora_linear.cuh", include_str!("../cuda/lora_linear.cuh")), ("flash_attention.cuh", include_str!("../cuda/flash_attention.cuh"))];
 
 /// Bump when the cache format or the fixed options change.
 const CACHE_FORMAT: u32 = 1;
@@ -286,6 +286,13 @@ impl Compiled {
     pub fn resources(&self) -> Vec<KernelResources> {
         parse_ptxas_log(&self.log)
     }
+
+    /// ptxas' notes that it serialized a kernel's wgmma instructions (C7514..C7520, "Potential
+    /// Performance Loss"): it does so when it cannot prove the warpgroup's use of them safe, which
+    /// keeps the kernel correct but far slower, and says so only in the log.
+    pub fn wgmma_serialized(&self) -> Vec<&str> {
+        self.log.lines().filter(|l| l.contains("Potential Performance Loss") && l.contains("wgmma")).collect()
+    }
 }
 
 /// What ptxas reported for one kernel.
@@ -297,6 +304,23 @@ pub struct KernelResources {
     pub spill_store_bytes: u32,
     pub spill_load_bytes: u32,
     pub shared_bytes: u32,
+}
+
+impl KernelResources {
+    /// One aligned line for a report: arch, name, registers, stack, spills (flagged), static shared.
+    pub fn line(&self, arch: u32) -> String {
+        let flag = if self.spill_store_bytes + self.spill_load_bytes > 0 { "  <-- SPILLS" } else { "" };
+        format!(
+            "  {:<6} {:<40} regs {:>3}  stack {:>4} B  spill st {:>4} B  ld {:>4} B  smem {:>6} B{flag}",
+            arch_name(arch),
+            self.name,
+            self.registers,
+            self.stack_frame_bytes,
+            self.spill_store_bytes,
+            self.spill_load_bytes,
+            self.shared_bytes
+        )
+    }
 }
 
 /// Parses `ptxas info` lines: "Compiling entry function 'X' for 'sm_90'", "N bytes stack frame,
