@@ -72,18 +72,7 @@ __device__ __forceinline__ void lh_load_k64(unsigned char* dst, const u16* src, 
     for (int i = 0; i < ROWS * 8 / LH_THREADS; ++i) {
         const int id = tid + i * LH_THREADS;
         const int row = id >> 3, ch = id & 7;
-        const u32 gr = row0 + row, gc = col0 + ch * 8;
-        unsigned char* d = dst + lh_sw128(row, ch);
-        const u16* s = src + (u64)gr * ld + gc;
-        if (vec) {
-            const bool full = gr < rows_valid && gc < cols_valid;
-            cp_async_16(d, full ? s : src, full);
-        } else {
-            Pack<u16, 8> p;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) p.v[e] = (gr < rows_valid && gc + e < cols_valid) ? s[e] : (u16)0;
-            *reinterpret_cast<Pack<u16, 8>*>(d) = p;
-        }
+        lora_load_chunk(dst + lh_sw128(row, ch), src, ld, row0 + row, col0 + ch * 8, rows_valid, cols_valid, vec);
     }
 }
 
