@@ -3,6 +3,7 @@
 # scripts/gpu-prepare.sh built here carried in .gpu-carry/ (that machine has no cargo). Writes to
 # $OUT (default /tmp/gpu-check-out), at most 8 files:
 #   summary.txt   device, nvidia-smi, libraries found, pass/fail + exit code + seconds per step
+#   kernels.txt   `lookahead kernels`: NVRTC compile of every family for this GPU, registers/spills
 #   <test>.log    each test executable's output (--test-threads=1 --nocapture); folded into one
 #                 tests.log if there are more than 5 of them
 #   bench.json    `lookahead bench --device cuda --baseline python3 --json`
@@ -97,6 +98,12 @@ MANIFEST=$(cat "$CARRY/manifest_dir" 2> /dev/null || true)
 if [ -n "$MANIFEST" ] && [ ! -e "$MANIFEST" ] && [ "$MANIFEST" != "$PWD" ]; then
     mkdir -p "$(dirname "$MANIFEST")" && ln -s "$PWD" "$MANIFEST" && say "linked $MANIFEST -> $PWD (the tests' build folder)"
 fi
+
+# ---- kernels: every family compiled for this GPU at once (16 cores), so that the tests and the
+# bench below load CUBINs from the cache instead of compiling on first use, one family at a time.
+: > "$OUT/kernels.txt"
+step "kernels (NVRTC, every family in parallel)" 150 "$OUT/kernels.txt" "$CARRY/lookahead" kernels
+grep -a -e 'families in' "$OUT/kernels.txt" | tail -1 | sed 's/^/      /' | tee -a "$SUMMARY"
 
 # ---- tests: the parity suites (each compiles the kernel families it uses, into the cache) -----
 names=()

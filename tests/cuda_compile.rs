@@ -79,17 +79,12 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     lookahead::show(&format!("{} sm_{arch}: {} kernels, {} KiB cubin, {how} in {:.1} s", src.path(), res.len(), c.cubin.len() / 1024, took.as_secs_f32()));
                     assert!(!res.is_empty(), "{} sm_{arch}: no ptxas report in the NVRTC log:\n{}", src.path(), c.log);
                     for k in &res {
-                        let flag = if k.spill_store_bytes + k.spill_load_bytes > 0 { "  <-- SPILLS" } else { "" };
-                        lookahead::show(&format!(
-                            "  sm_{arch} {:<34} regs {:>3}  stack {:>4} B  spill st {:>4} B  ld {:>4} B  smem {:>6} B{flag}",
-                            k.name, k.registers, k.stack_frame_bytes, k.spill_store_bytes, k.spill_load_bytes, k.shared_bytes
-                        ));
+                        lookahead::show(&k.line(arch));
                     }
                     kernels_seen += res.len();
-                    // ptxas serializes every wgmma of a kernel when it cannot prove the warpgroup's
-                    // use of them safe (notes C7514..C7520, "Potential Performance Loss"): correct
-                    // but far slower, and silent unless the log is read, so it fails here.
-                    let serialized: Vec<&str> = c.log.lines().filter(|l| l.contains("Potential Performance Loss") && l.contains("wgmma")).collect();
+                    // Serialized wgmmas are correct but far slower, and silent unless the log is
+                    // read (Compiled::wgmma_serialized), so they fail here.
+                    let serialized = c.wgmma_serialized();
                     if !serialized.is_empty() {
                         lookahead::show(&serialized.join("\n"));
                         failures.push(format!("{} sm_{arch}: wgmma serialized", src.path()));
@@ -134,15 +129,7 @@ fn warpgroup_mma_wrappers_compile_for_sm90a() {
         let res = c.resources();
         assert_eq!(res.len(), 29, "{}: kernels in the ptxas report:\n{}", kernels::compile::arch_name(arch), c.log);
         for k in &res {
-            lookahead::show(&format!(
-                "  {} {:<24} regs {:>3}  stack {:>4} B  spill st {:>4} B  ld {:>4} B",
-                kernels::compile::arch_name(arch),
-                k.name,
-                k.registers,
-                k.stack_frame_bytes,
-                k.spill_store_bytes,
-                k.spill_load_bytes
-            ));
+            lookahead::show(&k.line(arch));
         }
         if arch == 90 {
             // Real wgmma instructions, not empty kernels (the guard picked the sm_90a path).

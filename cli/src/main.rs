@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod convert;
 mod inspect;
+mod kernels;
 
 #[derive(Parser, Debug)]
 #[command(name = "lookahead", version, about = "LCM-Lookahead: SDXL identity personalisation on a Rust/CUDA engine")]
@@ -23,6 +24,9 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Time the engine's kernels at SDXL-like shapes (table, or --json), optionally next to PyTorch.
     Bench(bench::BenchArgs),
+    /// Compile every CUDA kernel family for one GPU architecture into the kernel cache, in
+    /// parallel, and print registers / spills per kernel.
+    Kernels(kernels::KernelsArgs),
 }
 
 fn main() {
@@ -31,6 +35,7 @@ fn main() {
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a.clone()),
+        Command::Kernels(a) => kernels::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {}", message(&e));

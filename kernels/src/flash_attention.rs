@@ -83,7 +83,7 @@ pub fn decoupled_kernel_name(dtype: &str, d: usize) -> String {
     format!("flash_attention_decoupled_fwd_{dtype}_d{d}")
 }
 
-/// The kernel's parameters, passed by value: `FlashParams` of kernels/cuda/flash_attention.cu,
+/// The kernel's parameters, passed by value: `FlashParams` of kernels/cuda/flash_attention.cuh,
 /// field by field (documented there). Addresses are device addresses (host addresses under the
 /// emulator); strides are in elements.
 #[repr(C)]

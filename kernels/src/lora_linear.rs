@@ -48,7 +48,7 @@ pub fn hopper_blocks(m: usize, n: usize, multiprocessors: u32) -> u32 {
     hopper_tiles(m, n).clamp(1, multiprocessors.max(1) as usize) as u32
 }
 
-/// Arguments of the lora_gemm kernels; must match `LoraGemmArgs` in kernels/cuda/lora_linear.cu
+/// Arguments of the lora_gemm kernels; must match `LoraGemmArgs` in kernels/cuda/lora_linear.cuh
 /// field for field. Pointers are device (or, emulated, host) addresses of 16-bit elements; leading
 /// dimensions are in elements. C [m, n] = A1 [m, k1] · B1 + A2 [m, k2] · B2 (+ bias [n]); B1/B2
 /// are [n][k] rows (ld = ldb) for the `nk` kernels, [k][n] rows for the `kn` kernels.

@@ -31,7 +31,7 @@ const OP: &str = "lora_linear (CUDA fused GEMM)";
 #[derive(Clone, Copy)]
 struct Args(LoraGemmArgs);
 
-// SAFETY: a #[repr(C)] struct of integers, laid out as `LoraGemmArgs` in lora_linear.cu.
+// SAFETY: a #[repr(C)] struct of integers, laid out as `LoraGemmArgs` in kernels/cuda/lora_linear.cuh.
 unsafe impl DeviceRepr for Args {}
 
 /// Whether the fused kernel can compute an [m, n] result over k1 base columns for this dtype on
