@@ -47,46 +47,13 @@
 // Host guarantees as flash_attention_backward.cu: 16-bit inputs with unit stride along D, row
 // strides multiples of 8 elements, 16-byte aligned bases; lq_pad = Lq rounded up to 4.
 #include "mma.cuh"
+#include "flash_attention_backward.cuh"
 
 #define FBH_BC 128
 #define FBH_BR 64
 #define FBH_THREADS 256
 #define FBH_STAGES 3
 
-// One call's parameters: the struct of flash_attention_backward.cu (mirrored by
-// kernels::flash_attention_backward::FlashBackwardParams), shared with its prep and dq kernels.
-struct FlashBwdParams {
-    u64 q, k, v;            // [B, H, L, D] views (element strides below), T
-    u64 k_ref, v_ref;       // reference keys / values [B, H, Lr, D], T; unused when lr == 0
-    u64 keep;               // u8 [B or 1, Lr], 1 = attend; 0 (null) = keep every reference token
-    u64 out, dout;          // [B, H, Lq, D] views, T (out: read by the prep kernel only)
-    u64 lse;                // f32 [B, H, Lq] view, natural log (prep kernel only)
-    u64 dq, dk, dv;         // gradients [B, H, L, D] views, T (dq: written by the dq kernel)
-    u64 dk_ref, dv_ref;     // reference gradients [B, H, Lr, D] views, T; unused when lr == 0
-    u64 dq_accum;           // f32 [B, H, Lq, D] contiguous, zeroed by the prep kernel
-    u64 lse2, delta;        // f32 [B, H, lq_pad] contiguous, written by the prep kernel
-    i64 q_stride[3];        // batch, head, row strides in elements (the dim stride is 1)
-    i64 k_stride[3];
-    i64 v_stride[3];
-    i64 k_ref_stride[3];
-    i64 v_ref_stride[3];
-    i64 out_stride[3];
-    i64 dout_stride[3];
-    i64 lse_stride[3];
-    i64 dq_stride[3];
-    i64 dk_stride[3];
-    i64 dv_stride[3];
-    i64 dk_ref_stride[3];
-    i64 dv_ref_stride[3];
-    i64 keep_batch_stride;  // Lr for a [B, Lr] mask, 0 for one [Lr] row shared by the batch
-    u32 batch, heads, lq, lk, lr;
-    u32 lq_pad;
-    u32 d;
-    float scale;            // softmax scale (dK is scaled by it here, dQ by the dq kernel)
-    float scale_log2;       // scale * log2(e)
-    u32 pad;
-};
-static_assert(sizeof(FlashBwdParams) == 496, "FlashBwdParams must match FlashBackwardParams in Rust");
 
 // Mirrored by kernels::flash_attention_backward::hopper_shared_bytes.
 template <int D> __host__ __device__ constexpr u32 fbh_shared_bytes() {

@@ -45,7 +45,7 @@ pub fn hopper_kernel_name(dtype: &str, d: usize) -> String {
     format!("flash_bwd_hopper_{dtype}_d{d}")
 }
 
-/// Mirror of `FlashBwdParams` in kernels/cuda/flash_attention_backward.cu, field by field (the
+/// Mirror of `FlashBwdParams` in kernels/cuda/flash_attention_backward.cuh, field by field (the
 /// three kernels of the file take it by value; the .cu checks the same size, 496 bytes).
 /// Pointers are device (or, under the emulator, host) addresses; strides are in elements
 /// (batch, head, row; the dim stride is 1).
