@@ -38,3 +38,36 @@ struct FlashBwdParams {
     u32 pad;                // keeps the size a multiple of 8 on both sides
 };
 static_assert(sizeof(FlashBwdParams) == 496, "FlashBwdParams must match FlashBackwardParams in Rust");
+
+// The key tile a backward main block owns and where its operands start. blockIdx.x runs over the
+// own keys' tiles of bc keys, then the reference keys' (no tile straddles the two sources);
+// blockIdx.y is the head, blockIdx.z the batch entry. Values are selected one by one (no pointer
+// into the parameter struct, which would force a local copy of it).
+template <typename T> struct FlashBwdTile {
+    bool reference;   // a tile of reference keys
+    u32 start, len;   // first key of the tile in its source, keys from there to the source's end
+    i64 k_rs, v_rs;   // row strides of the tile's K and V
+    const T *k, *v;   // the tile's first key / value row
+    const T *q, *dout;                // this (batch, head)'s rows
+    const float *lse2, *delta;        // this (batch, head)'s prep-kernel rows
+    float* dq_accum;                  // this (batch, head)'s f32 dQ accumulator, [Lq][d]
+};
+template <typename T> __device__ __forceinline__ FlashBwdTile<T> flash_bwd_tile(const FlashBwdParams& p, u32 bc, u32 d) {
+    const u32 bi = blockIdx.z, hi = blockIdx.y, j = blockIdx.x;
+    const u32 own_tiles = (p.lk + bc - 1) / bc;
+    FlashBwdTile<T> t;
+    t.reference = j >= own_tiles;
+    t.start = (t.reference ? j - own_tiles : j) * bc;
+    t.len = (t.reference ? p.lr : p.lk) - t.start;
+    t.k_rs = t.reference ? p.k_ref_stride[2] : p.k_stride[2];
+    t.v_rs = t.reference ? p.v_ref_stride[2] : p.v_stride[2];
+    t.k = (t.reference ? (const T*)p.k_ref + bi * p.k_ref_stride[0] + hi * p.k_ref_stride[1] : (const T*)p.k + bi * p.k_stride[0] + hi * p.k_stride[1]) + (i64)t.start * t.k_rs;
+    t.v = (t.reference ? (const T*)p.v_ref + bi * p.v_ref_stride[0] + hi * p.v_ref_stride[1] : (const T*)p.v + bi * p.v_stride[0] + hi * p.v_stride[1]) + (i64)t.start * t.v_rs;
+    t.q = (const T*)p.q + bi * p.q_stride[0] + hi * p.q_stride[1];
+    t.dout = (const T*)p.dout + bi * p.dout_stride[0] + hi * p.dout_stride[1];
+    const u64 bh = (u64)bi * p.heads + hi;
+    t.lse2 = (const float*)p.lse2 + bh * p.lq_pad;
+    t.delta = (const float*)p.delta + bh * p.lq_pad;
+    t.dq_accum = (float*)p.dq_accum + bh * p.lq * d;
+    return t;
+}

@@ -156,24 +156,14 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 
     const u32 wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const u32 g = lane / 4, t = lane % 4;
-    const u32 bi = blockIdx.z, hi = blockIdx.y, j = blockIdx.x;
-    const u32 own_tiles = (p.lk + BC - 1) / BC;
-    const bool reference = j >= own_tiles;
-    const u32 start = (reference ? j - own_tiles : j) * BC;
-    const u32 len = (reference ? p.lr : p.lk) - start;  // keys of this tile (may exceed BC)
-    // Values selected one by one (no pointer into the parameter struct, which would force a local copy).
-    const i64 k_rs = reference ? p.k_ref_stride[2] : p.k_stride[2];
-    const i64 v_rs = reference ? p.v_ref_stride[2] : p.v_stride[2];
-    const T* k = reference ? (const T*)p.k_ref + bi * p.k_ref_stride[0] + hi * p.k_ref_stride[1] : (const T*)p.k + bi * p.k_stride[0] + hi * p.k_stride[1];
-    const T* v = reference ? (const T*)p.v_ref + bi * p.v_ref_stride[0] + hi * p.v_ref_stride[1] : (const T*)p.v + bi * p.v_stride[0] + hi * p.v_stride[1];
-    k += (i64)start * k_rs;
-    v += (i64)start * v_rs;
-    const T* q = (const T*)p.q + bi * p.q_stride[0] + hi * p.q_stride[1];
-    const T* dout = (const T*)p.dout + bi * p.dout_stride[0] + hi * p.dout_stride[1];
-    const u64 bh = (u64)bi * p.heads + hi;
-    const float* lse2 = (const float*)p.lse2 + bh * p.lq_pad;
-    const float* delta = (const float*)p.delta + bh * p.lq_pad;
-    float* dq_accum = (float*)p.dq_accum + bh * p.lq * D;
+    const u32 bi = blockIdx.z, hi = blockIdx.y;
+    const FlashBwdTile<T> tile = flash_bwd_tile<T>(p, BC, D);
+    const bool reference = tile.reference;
+    const u32 start = tile.start, len = tile.len;
+    const i64 k_rs = tile.k_rs, v_rs = tile.v_rs;
+    const T *k = tile.k, *v = tile.v, *q = tile.q, *dout = tile.dout;
+    const float *lse2 = tile.lse2, *delta = tile.delta;
+    float* dq_accum = tile.dq_accum;
 
     // The two key rows (of the tile) whose S^T / dP^T / dK / dV values this thread holds
     // (accumulator rows g and g + 8 of its warp's 16), and whether they take part: inside the tile
