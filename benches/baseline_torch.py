@@ -1,7 +1,8 @@
 """PyTorch baseline for `lookahead bench`: times the same cases on the same device in the same run.
 
 Invoked by `lookahead bench --baseline PYTHON`, which passes the case list as JSON on stdin and reads
-one JSON object back: {"torch": version, "device": name, "results": {case_name: median_seconds}}.
+one JSON object back: {"torch": version, "device": name, "results": {case_name: median wall seconds},
+"gpu_results": {case_name: median GPU seconds} (CUDA), "details": {...}}.
 Cases the script does not know are left out (the bench then shows no ratio for them).
 """
 import json
@@ -12,24 +13,58 @@ import torch
 import torch.nn.functional as F
 
 
+_SLEEP_CYCLES_PER_SECOND = None
+
+
+def sleep_cycles_per_second():
+    """torch.cuda._sleep spins for a number of GPU clock cycles: calibrate cycles per second once."""
+    global _SLEEP_CYCLES_PER_SECOND
+    if _SLEEP_CYCLES_PER_SECOND is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        _SLEEP_CYCLES_PER_SECOND = 10_000_000 / (start.elapsed_time(end) * 1e-3)
+    return _SLEEP_CYCLES_PER_SECOND
+
+
 def median_time(fn, device, min_time, max_samples=200):
-    """Median seconds per call, timed in batches between synchronisations as `lookahead bench` does."""
+    """(wall, gpu) median seconds per call, timed as `lookahead bench` does: wall in batches between
+    synchronisations; gpu (CUDA only, else None) the same batch queued behind torch.cuda._sleep for
+    twice the host's queueing time, with events around it: the kernels without launch overhead."""
     fn()  # warm up (allocations, kernel selection)
     sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
     batch = max(1, min(1000, int(1e-3 / max(time.perf_counter() - t0, 1e-9)) + 1))
-    times = []
+    walls, gpus = [], []
     start_all = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start_all < min_time and len(times) < max_samples):
+    while len(walls) < 3 or (time.perf_counter() - start_all < min_time and len(walls) < max_samples):
         t0 = time.perf_counter()
         for _ in range(batch):
             fn()
+        queued = time.perf_counter() - t0
         sync(device)
-        times.append((time.perf_counter() - t0) / batch)
-    times.sort()
-    return times[len(times) // 2]
+        walls.append((time.perf_counter() - t0) / batch)
+        if device.type == "cuda":
+            hold = min(max(2 * queued, 2e-4), 0.2)
+            t0 = time.perf_counter()
+            torch.cuda._sleep(int(hold * sleep_cycles_per_second()))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(batch):
+                fn()
+            end.record()
+            queued = time.perf_counter() - t0
+            end.synchronize()
+            if queued < hold:
+                gpus.append(start.elapsed_time(end) * 1e-3 / batch)
+    walls.sort()
+    gpus.sort()
+    return walls[len(walls) // 2], (gpus[len(gpus) // 2] if gpus else None)
 
 
 def sync(device):
@@ -136,7 +171,8 @@ def best_sdpa_backend(case, build, device):
         try:
             with sdpa_kernel(backend):
                 fn = build()
-                timed[backend] = median_time(fn, device, 0.2)
+                wall, gpu = median_time(fn, device, 0.2)
+                timed[backend] = gpu if gpu is not None else wall
         except RuntimeError as e:  # a backend that does not take this case
             DETAILS.setdefault(case["name"], {})[backend.name] = f"unavailable: {str(e).splitlines()[0]}"
     if not timed:
@@ -158,13 +194,16 @@ def main():
     req = json.load(sys.stdin)
     device = torch.device(req["device"])
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[req["dtype"]]
-    results = {}
+    results, gpu_results = {}, {}
     for case in req["cases"]:
         fn = make(case, device, dtype)
         if fn is not None:
-            results[case["name"]] = median_time(fn, device, req["min_time"])
+            wall, gpu = median_time(fn, device, req["min_time"])
+            results[case["name"]] = wall
+            if gpu is not None:
+                gpu_results[case["name"]] = gpu
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    json.dump({"torch": torch.__version__, "device": name, "threads": torch.get_num_threads(), "results": results, "details": DETAILS}, sys.stdout)
+    json.dump({"torch": torch.__version__, "device": name, "threads": torch.get_num_threads(), "results": results, "gpu_results": gpu_results, "details": DETAILS}, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -261,42 +261,91 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn()
     })
 }
 
-/// Median seconds per run of `f`. Runs are timed in batches between two device synchronisations
-/// (as many runs as fill about a millisecond), so that the host's launch and synchronisation
-/// latency is not counted against microsecond kernels; the baseline script times the same way.
-/// Each run's output is dropped before the next (its memory returns to the pool).
-fn median_time(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, min_time: f64) -> engine::Result<f64> {
+/// Median seconds per run of a case, three ways.
+struct Timing {
+    /// Host clock around a batch of runs and a synchronisation: what a caller sees.
+    wall: f64,
+    /// The host's time to queue one run (its launch overhead); when it is close to `wall` the
+    /// case is host-bound and `wall` says little about the kernels.
+    host: f64,
+    /// Stream time of the batch queued behind `hold_stream` (CUDA only): the kernels alone. None
+    /// when the host could not queue the batch within the hold (an op that synchronises).
+    gpu: Option<f64>,
+}
+
+/// Times `f`. Runs are timed in batches (as many runs as fill about a millisecond) between two
+/// device synchronisations, so that the host's synchronisation latency is not counted against
+/// microsecond kernels; on CUDA each batch is run a second time queued behind a kernel that holds
+/// the stream for twice the host's queueing time, with events around it, for the GPU time. The
+/// baseline script times the same ways. Each run's output is dropped before the next (its memory
+/// returns to the pool).
+fn median_time(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, min_time: f64) -> engine::Result<Timing> {
+    let cuda = match device {
+        Device::Cuda(n) => Some(engine::cuda::device(n)?),
+        Device::Cpu => None,
+    };
     f()?;
     device.synchronize()?;
     let t = Instant::now();
     f()?;
     device.synchronize()?;
     let batch = (1e-3 / t.elapsed().as_secs_f64().max(1e-9)).ceil().clamp(1.0, 1000.0) as usize;
-    let mut times = Vec::new();
+    let (mut wall, mut host, mut gpu) = (Vec::new(), Vec::new(), Vec::new());
     let start = Instant::now();
-    while times.len() < 3 || (start.elapsed().as_secs_f64() < min_time && times.len() < 200) {
+    while wall.len() < 3 || (start.elapsed().as_secs_f64() < min_time && wall.len() < 200) {
         let t = Instant::now();
         for _ in 0..batch {
             f()?;
         }
+        let queued = t.elapsed().as_secs_f64();
         device.synchronize()?;
-        times.push(t.elapsed().as_secs_f64() / batch as f64);
+        wall.push(t.elapsed().as_secs_f64() / batch as f64);
+        host.push(queued / batch as f64);
+        if let Some(dev) = &cuda {
+            let hold = (2.0 * queued).clamp(2e-4, 0.2);
+            let t = Instant::now();
+            dev.hold_stream((hold * 1e9) as u64)?;
+            let timer = dev.start_timer()?;
+            for _ in 0..batch {
+                f()?;
+            }
+            let queued = t.elapsed().as_secs_f64();
+            let ms = timer.stop()?;
+            if queued < hold {
+                gpu.push(ms as f64 * 1e-3 / batch as f64);
+            }
+        }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied()
+    };
+    Ok(Timing { wall: median(wall).expect("at least three batches"), host: median(host).expect("at least three batches"), gpu: median(gpu) })
 }
 
 #[derive(Serialize)]
 struct Row {
     name: String,
+    /// Wall time per run (Timing::wall).
     seconds: Option<f64>,
+    /// GPU time per run (Timing::gpu), CUDA only.
+    gpu_seconds: Option<f64>,
+    /// Host queueing time per run (Timing::host).
+    host_seconds: Option<f64>,
+    /// Work per second of GPU time where measured, else of wall time.
     throughput: Option<f64>,
     unit: &'static str,
     baseline_seconds: Option<f64>,
-    /// Baseline time / our time: above 1 means we are faster.
+    baseline_gpu_seconds: Option<f64>,
+    /// Baseline time / our time, on GPU time where both sides have it, else wall: above 1 means we
+    /// are faster.
     speedup: Option<f64>,
     /// Throughput / the copy row's throughput, for memory-bound rows when a copy row ran.
     of_copy: Option<f64>,
+    /// For memory-bound rows: the time of a device copy moving the same bytes (read + write),
+    /// measured in this run, / our time. A 5-20 MB tensor cannot reach the bandwidth of a 256 MB
+    /// copy (launch and ramp-up are a larger share), so this is the like-for-like ratio.
+    of_same_size_copy: Option<f64>,
     error: Option<String>,
 }
 
@@ -346,26 +395,51 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None => None,
     };
     let mut rows = Vec::new();
+    // Same-size copies already timed (elements -> seconds), shared by the rows that move as many bytes.
+    let mut copies: std::collections::HashMap<usize, f64> = std::collections::HashMap::new();
     for c in &cases {
         if !args.json {
             eprint!("\r{}/{} {:<50}", rows.len() + 1, cases.len(), c.name);
         }
         let (work, unit) = c.op.work(dtype.size_in_bytes());
         let base = baseline.as_ref().and_then(|b| b["results"][&c.name].as_f64());
+        let base_gpu = baseline.as_ref().and_then(|b| b["gpu_results"][&c.name].as_f64());
         // One failing case (a missing library, an unsupported shape) must not hide the others.
         let timed = prepare(&c.op, dtype, device).and_then(|f| median_time(&*f, device, args.min_time));
-        let (seconds, error) = match timed {
-            Ok(secs) => (Some(secs), None),
+        let (timing, error) = match timed {
+            Ok(t) => (Some(t), None),
             Err(e) => (None, Some(format!("{e:#}"))),
         };
+        let ours = timing.as_ref().map(|t| t.gpu.unwrap_or(t.wall));
+        let speedup = match (&timing, base_gpu, base) {
+            (Some(Timing { gpu: Some(g), .. }), Some(bg), _) => Some(bg / g),
+            (Some(t), _, Some(b)) => Some(b / t.wall),
+            _ => None,
+        };
+        let mut of_same_size_copy = None;
+        if let (Some(ours), "B/s", false) = (ours, unit, matches!(c.op, Op::Copy { .. })) {
+            let len = (work / 2.0 / dtype.size_in_bytes() as f64).round() as usize;
+            let copy = match copies.get(&len) {
+                Some(&t) => Some(t),
+                None => prepare(&Op::Copy { len }, dtype, device).and_then(|f| median_time(&*f, device, args.min_time)).ok().map(|t| t.gpu.unwrap_or(t.wall)),
+            };
+            if let Some(t) = copy {
+                copies.insert(len, t);
+                of_same_size_copy = Some(t / ours);
+            }
+        }
         rows.push(Row {
             name: c.name.clone(),
-            seconds,
-            throughput: seconds.map(|s| work / s),
+            seconds: timing.as_ref().map(|t| t.wall),
+            gpu_seconds: timing.as_ref().and_then(|t| t.gpu),
+            host_seconds: timing.as_ref().map(|t| t.host),
+            throughput: ours.map(|s| work / s),
             unit,
             baseline_seconds: base,
-            speedup: base.zip(seconds).map(|(b, s)| b / s),
+            baseline_gpu_seconds: base_gpu,
+            speedup,
             of_copy: None,
+            of_same_size_copy,
             error,
         });
     }
@@ -397,20 +471,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(b) = &baseline {
         println!("baseline: torch {} on {} ({} threads), same run", b["torch"].as_str().unwrap_or("?"), b["device"].as_str().unwrap_or("?"), b["threads"]);
     }
-    println!("{:<38} {:>10} {:>14} {:>8} {:>12} {:>9}", "case", "ms", "throughput", "of copy", "torch ms", "speedup");
+    println!("ms: GPU time where measured (CUDA), else wall; wall and host (queueing) ms per run; speedup on the same clock as torch");
+    println!("{:<38} {:>9} {:>9} {:>9} {:>15} {:>7} {:>9} {:>9} {:>8}", "case", "ms", "wall ms", "host ms", "throughput", "of copy", "same-size", "torch ms", "speedup");
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "-".into());
     for r in &rows {
         if let Some(e) = &r.error {
             println!("{:<38} error: {e}", r.name);
             continue;
         }
+        let ms = |s: f64| format!("{:.3}", s * 1e3);
         println!(
-            "{:<38} {:>10} {:>14} {:>8} {:>12} {:>9}",
+            "{:<38} {:>9} {:>9} {:>9} {:>15} {:>7} {:>9} {:>9} {:>8}",
             r.name,
-            opt(r.seconds, &|s| format!("{:.3}", s * 1e3)),
+            opt(r.gpu_seconds.or(r.seconds), &ms),
+            opt(r.seconds, &ms),
+            opt(r.host_seconds, &ms),
             opt(r.throughput, &|t| format!("{:.1} G{}", t / 1e9, r.unit)),
             opt(r.of_copy, &|c| format!("{:.0}%", c * 100.0)),
-            opt(r.baseline_seconds, &|s| format!("{:.3}", s * 1e3)),
+            opt(r.of_same_size_copy, &|c| format!("{:.0}%", c * 100.0)),
+            opt(r.baseline_gpu_seconds.or(r.baseline_seconds), &ms),
             opt(r.speedup, &|s| format!("{s:.2}x")),
         );
     }

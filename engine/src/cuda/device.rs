@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, LaunchArgs};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 use kernels::compile::{KernelCache, KernelResources, KernelSource, Nvrtc};
 
@@ -283,6 +283,18 @@ impl CudaDevice {
     pub fn record_event(&self, timing: bool) -> Result<CudaEvent> {
         let flags = if timing { sys::CUevent_flags::CU_EVENT_DEFAULT } else { sys::CUevent_flags::CU_EVENT_DISABLE_TIMING };
         self.stream.record_event(Some(flags)).map_err(|e| driver_error(format!("recording an event on cuda:{}", self.ordinal), e))
+    }
+
+    /// Queues a kernel that keeps the stream busy for `ns` nanoseconds (kernels/cuda/timing.cu):
+    /// work queued behind it during that time then runs back to back, so that events around it
+    /// measure GPU time alone (the host's launch overhead hidden).
+    pub fn hold_stream(&self, ns: u64) -> Result<()> {
+        let f = self.function(&kernels::timing::SOURCE, "hold_stream")?;
+        let mut b = self.launch_builder(&f);
+        b.arg(&ns);
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: hold_stream(u64) reads no memory.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| driver_error(format!("launching hold_stream on cuda:{}", self.ordinal), e))
     }
 
     /// Starts timing the work queued on the stream from now on.
