@@ -52,23 +52,28 @@ pub use cudarc::driver::{CudaEvent, CudaFunction, CudaStream, DeviceRepr, Driver
 
 use crate::Error;
 
-/// A process-wide on/off switch read once from an environment variable (`NAME=1` is on) unless
-/// set first by the program.
+/// A process-wide on/off switch read once from an environment variable (`NAME=0` is off, `NAME=1`
+/// on, unset the default) unless set first by the program.
 struct KernelSwitch {
     env: &'static str,
+    default: bool,
     /// 0: not read yet, 1: off, 2: on.
     state: std::sync::atomic::AtomicU8,
 }
 
 impl KernelSwitch {
-    const fn new(env: &'static str) -> Self {
-        KernelSwitch { env, state: std::sync::atomic::AtomicU8::new(0) }
+    const fn new(env: &'static str, default: bool) -> Self {
+        KernelSwitch { env, default, state: std::sync::atomic::AtomicU8::new(0) }
     }
     fn get(&self) -> bool {
         use std::sync::atomic::Ordering;
         match self.state.load(Ordering::Relaxed) {
             0 => {
-                let on = std::env::var(self.env).is_ok_and(|v| v == "1");
+                let on = match std::env::var(self.env).as_deref() {
+                    Ok("0") => false,
+                    Ok("1") => true,
+                    _ => self.default,
+                };
                 self.set(on);
                 on
             }
@@ -80,15 +85,16 @@ impl KernelSwitch {
     }
 }
 
-static EXPERIMENTAL: KernelSwitch = KernelSwitch::new("LOOKAHEAD_EXPERIMENTAL_KERNELS");
-static HOPPER: KernelSwitch = KernelSwitch::new("LOOKAHEAD_HOPPER_KERNELS");
+static EXPERIMENTAL: KernelSwitch = KernelSwitch::new("LOOKAHEAD_EXPERIMENTAL_KERNELS", true);
+static HOPPER: KernelSwitch = KernelSwitch::new("LOOKAHEAD_HOPPER_KERNELS", true);
 
-/// Kernels written for speed but not yet run on a GPU are off unless switched on: by the
-/// environment (`LOOKAHEAD_EXPERIMENTAL_KERNELS=1`) or by `set_experimental_kernels`. With the
-/// switch off every op takes the kernels the GPU parity suite has verified; the suite runs both.
-/// Now behind it: the packed-register 16-bit softmax / layer norm rows, the single-launch
-/// thread-block-cluster group norm (sm_90), flash attention forward/backward and the fused LoRA
-/// GEMM (mma.sync, sm_80+).
+/// Our performance kernels (written for speed, first verified on an H200 on 2026-11-28: parity
+/// suites passed, bench rows in benches/RESULTS.md) are on by default; `LOOKAHEAD_EXPERIMENTAL_KERNELS=0`
+/// or `set_experimental_kernels(false)` switches them off, so that every op takes the library or
+/// composed path instead (for A/B comparisons; the parity suite runs both). Behind the switch:
+/// the packed-register 16-bit softmax / layer norm rows, the single-launch thread-block-cluster
+/// group norm (sm_90, where it pays), flash attention forward/backward and the fused LoRA GEMM
+/// (mma.sync, sm_80+).
 pub fn experimental_kernels() -> bool {
     EXPERIMENTAL.get()
 }
@@ -98,10 +104,10 @@ pub fn set_experimental_kernels(on: bool) {
     EXPERIMENTAL.set(on)
 }
 
-/// The Hopper (sm_90a: wgmma warpgroup MMA) variants of the performance kernels, never run on a
-/// GPU yet, are off unless switched on: `LOOKAHEAD_HOPPER_KERNELS=1` or `set_hopper_kernels`. They
-/// apply only on compute capability 9.0 devices and only where the experimental kernels are on too
-/// (they replace those kernels' mma.sync versions).
+/// The Hopper (sm_90a: wgmma warpgroup MMA) variants of the performance kernels: on by default
+/// (`LOOKAHEAD_HOPPER_KERNELS=0` or `set_hopper_kernels(false)` is off). They apply only on compute
+/// capability 9.0 devices and only where the experimental kernels are on too (they replace those
+/// kernels' mma.sync versions).
 pub fn hopper_kernels() -> bool {
     HOPPER.get() && experimental_kernels()
 }
@@ -109,6 +115,14 @@ pub fn hopper_kernels() -> bool {
 /// Switches the Hopper kernels on or off for the whole process (see `hopper_kernels`).
 pub fn set_hopper_kernels(on: bool) {
     HOPPER.set(on)
+}
+
+/// The variant of kernel family `family` asked for by the environment variable
+/// `LOOKAHEAD_VARIANT_<FAMILY>` (upper case; e.g. `LOOKAHEAD_VARIANT_FLASH_FWD=poly`), or None for
+/// the family's default. For benchmarking alternatives of one kernel on a GPU in the same run; each
+/// family documents its variants and rejects unknown names with an error naming the variable.
+pub fn kernel_variant(family: &str) -> Option<String> {
+    std::env::var(format!("LOOKAHEAD_VARIANT_{}", family.to_ascii_uppercase())).ok().filter(|v| !v.is_empty())
 }
 
 /// The error an op returns on CUDA tensors until its kernel is wired in.
