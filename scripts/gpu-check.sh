@@ -6,10 +6,10 @@
 #   kernels.txt   `lookahead kernels`: NVRTC compile of every family for this GPU, registers/spills
 #   <test>.log    each test executable's output (--test-threads=1 --nocapture); folded into one
 #                 tests.log if there are more than 5 of them
-#   bench.json    `lookahead bench --device cuda --baseline python3 --json`
-#   bench-experimental.json  the experimental-kernel families again, with those kernels on
-#   bench-hopper.json        attention and LoRA again with the Hopper (wgmma, sm_90a) kernels on
-#   bench.txt     both as tables, plus the bench's stderr
+#   bench.json    `lookahead bench --device cuda --baseline python3 --json` (performance kernels on)
+#   bench-off.json        the performance-kernel families again with those kernels switched off
+#   bench-variants.jsonl  one report per kernel variant named in $VARIANTS (see the bench section)
+#   bench.txt     all of them as tables, plus the bench's stderr
 # Every step has a timeout inside one overall budget (BUDGET_S, default 330 s, so the whole run
 # stays under 6 minutes on an H100); a failing or hanging step is recorded and the next one runs.
 # Without a GPU the tests print that they skipped and the bench fails cleanly; summary.txt is
@@ -121,36 +121,57 @@ for n in "${names[@]}"; do
     say "      $n: ${result:-no test result line}; $skipped skip message(s)"
 done
 
-# ---- bench: JSON (with the PyTorch baseline timed in the same run), table rendered from it ----
-# Twice: as dispatched by default, then the experimental-kernel families with
-# LOOKAHEAD_EXPERIMENTAL_KERNELS=1 (kernels no GPU has run before: flash attention, the fused
-# LoRA GEMM, packed softmax / layer-norm rows, cluster group norm), for the on/off comparison.
+# ---- bench: JSON (with the PyTorch baseline timed in the same run), tables rendered from it ----
+# 1. every case as dispatched by default (our performance kernels on);
+# 2. the families with performance kernels again with them switched off (library / composed
+#    paths: LOOKAHEAD_EXPERIMENTAL_KERNELS=0), for the on/off comparison;
+# 3. kernel variants: VARIANTS holds entries "ENV=VALUE|filter" separated by ';' (e.g.
+#    "LOOKAHEAD_VARIANT_FLASH_FWD=poly|ext attention"); each runs the bench on its filter with
+#    that variable set. All of them land in bench-variants.jsonl, one JSON report per line with
+#    its "variant".
+BENCH=("$CARRY/lookahead" bench --device cuda --baseline python3 --json)
 : > "$OUT/bench.txt"
-step "bench --device cuda --baseline python3" 150 "$OUT/bench.txt" sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json > '$OUT/bench.json'"
-EXPERIMENTAL_FAMILIES="copy,ext attention,ip attention,lora_linear,softmax,layer_norm,group_norm"
-step "bench (experimental kernels on)" 120 "$OUT/bench.txt" env LOOKAHEAD_EXPERIMENTAL_KERNELS=1 sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json --filter '$EXPERIMENTAL_FAMILIES' > '$OUT/bench-experimental.json'"
-# Then the families with Hopper (wgmma) variants, with LOOKAHEAD_HOPPER_KERNELS=1 too (on a 9.0
-# device; elsewhere the same kernels as the pass before).
-HOPPER_FAMILIES="copy,ext attention,lora_linear,linear"
-step "bench (hopper kernels on)" 90 "$OUT/bench.txt" env LOOKAHEAD_EXPERIMENTAL_KERNELS=1 LOOKAHEAD_HOPPER_KERNELS=1 sh -c "'$CARRY/lookahead' bench --device cuda --baseline python3 --json --filter '$HOPPER_FAMILIES' > '$OUT/bench-hopper.json'"
-for json in "$OUT/bench.json" "$OUT/bench-experimental.json" "$OUT/bench-hopper.json"; do
-    [ -s "$json" ] || continue
-    python3 - "$json" >> "$OUT/bench.txt" 2>&1 << 'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
-print(f"\n{sys.argv[1].split('/')[-1]} -- lookahead bench: {r.get('device')} ({r.get('device_name')}), {r.get('dtype')}")
-print(f"{'case':<42} {'ms':>10} {'throughput':>14} {'of copy':>8} {'torch ms':>12} {'speedup':>9}")
-for row in r.get("rows", []):
-    if row.get("error"):
-        print(f"{row['name']:<42} error: {row['error']}")
-        continue
-    base, sp, oc = row.get("baseline_seconds"), row.get("speedup"), row.get("of_copy")
-    print(f"{row['name']:<42} {row['seconds'] * 1e3:>10.3f} {row['throughput'] / 1e9:>7.1f} G{row['unit']:<6} "
-          f"{(f'{oc * 100:.0f}%' if oc else '-'):>8} {(f'{base * 1e3:.3f}' if base else '-'):>12} {(f'{sp:.2f}x' if sp else '-'):>9}")
-for name, d in ((r.get("baseline") or {}).get("details") or {}).items():
-    print(f"  torch {name}: {d}")
-EOF
+step "bench --device cuda --baseline python3" 150 "$OUT/bench.txt" sh -c "$(printf '%q ' "${BENCH[@]}") > '$OUT/bench.json'"
+PERF_FAMILIES="copy,ext attention,ip attention,lora_linear,softmax,layer_norm,group_norm"
+step "bench (performance kernels off)" 120 "$OUT/bench.txt" env LOOKAHEAD_EXPERIMENTAL_KERNELS=0 sh -c "$(printf '%q ' "${BENCH[@]}") --filter '$PERF_FAMILIES' > '$OUT/bench-off.json'"
+: > "$OUT/bench-variants.jsonl"
+IFS=';' read -r -a variant_list <<< "${VARIANTS:-}"
+for v in "${variant_list[@]}"; do
+    [ -n "$v" ] || continue
+    assign=${v%%|*} filter=${v#*|}
+    tmp=$(mktemp)
+    step "bench $assign ($filter)" 90 "$OUT/bench.txt" env "$assign" sh -c "$(printf '%q ' "${BENCH[@]}") --filter '$filter' > '$tmp'"
+    [ -s "$tmp" ] && python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["variant"]=sys.argv[2]; print(json.dumps(r))' "$tmp" "$assign" >> "$OUT/bench-variants.jsonl"
+    rm -f "$tmp"
 done
+python3 - "$OUT/bench.json" "$OUT/bench-off.json" "$OUT/bench-variants.jsonl" >> "$OUT/bench.txt" 2>&1 << 'EOF'
+import json, os, sys
+reports = []
+for path in sys.argv[1:]:
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        continue
+    if path.endswith(".jsonl"):
+        reports += [(json.loads(line)["variant"], json.loads(line)) for line in open(path) if line.strip()]
+    else:
+        reports.append((os.path.basename(path), json.load(open(path))))
+ms = lambda s: f"{s * 1e3:.3f}" if s else "-"
+pct = lambda v: f"{v * 100:.0f}%" if v else "-"
+for label, r in reports:
+    print(f"\n{label} -- lookahead bench: {r.get('device')} ({r.get('device_name')}), {r.get('dtype')}, experimental {r.get('experimental_kernels')}, hopper {r.get('hopper_kernels')}")
+    print("ms: GPU time (kernels queued behind a stream hold) where measured, else wall; speedup on the same clock as torch")
+    print(f"{'case':<42} {'ms':>9} {'wall ms':>9} {'host ms':>9} {'throughput':>15} {'of copy':>7} {'same-size':>9} {'torch ms':>9} {'speedup':>8}")
+    for row in r.get("rows", []):
+        if row.get("error"):
+            print(f"{row['name']:<42} error: {row['error']}")
+            continue
+        t = row.get("gpu_seconds") or row.get("seconds")
+        bt = row.get("baseline_gpu_seconds") or row.get("baseline_seconds")
+        sp = row.get("speedup")
+        print(f"{row['name']:<42} {ms(t):>9} {ms(row.get('seconds')):>9} {ms(row.get('host_seconds')):>9} {row['throughput'] / 1e9:>9.1f} G{row['unit']:<5} "
+              f"{pct(row.get('of_copy')):>7} {pct(row.get('of_same_size_copy')):>9} {ms(bt):>9} {(f'{sp:.2f}x' if sp else '-'):>8}")
+    for name, d in ((r.get("baseline") or {}).get("details") or {}).items():
+        print(f"  torch {name}: {d}")
+EOF
 
 # ---- at most 8 files come back: fold the test logs together if needed --------------------------
 count=$(find "$OUT" -maxdepth 1 -type f | wc -l)
