@@ -15,3 +15,18 @@ mod emulation;
 mod flash_backward_emulation;
 
 emulated_backward_tests!(flash_backward_emulation::MainKernel::Hopper);
+
+// The variants (LOOKAHEAD_VARIANT_FLASH_BWD; engine::cuda::flash_attention_backward::HOPPER_VARIANTS),
+// every case each (their head dim 128 cases run the default kernel).
+mod kreg {
+    use super::*;
+    emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("kreg"));
+}
+mod ds32 {
+    use super::*;
+    emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("ds32"));
+}
+mod kregds32 {
+    use super::*;
+    emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("kregds32"));
+}

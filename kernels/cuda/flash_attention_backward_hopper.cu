@@ -125,7 +125,7 @@ __device__ __forceinline__ void fbh_atomic_add_block(float* dq_accum, u32 row0, 
 #endif
 }
 
-template <typename T, int D>
+template <typename T, int D, bool KREG, bool DS32>
 __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
     constexpr u32 BC = FBH_BC, BR = FBH_BR, STAGES = FBH_STAGES;
     constexpr u32 KV_BYTES = BC * D * 2;      // one of K, V
@@ -210,15 +210,44 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 
     // S^T(it) = K_w Q_it^T and dP^T(it) = V_w dO_it^T, 64 keys x BR queries each, as two commit
     // groups (S^T is used while dP^T is still computed).
+    // KREG: the warpgroup's K and V rows as wgmma A fragments in registers (loaded once after the
+    // prologue), so S^T and dP^T read only Q / dO from shared memory (wgmma_rs): an m64n64k16
+    // wgmma_ss moves 4 KiB of shared memory a k-step, as much as the SM's shared-memory bandwidth
+    // delivers in the 32 cycles its tensor cores take for it; the register form halves that.
+    // Fragment of k-step kk: [0] key row g, columns 16 kk + 2t, + 1; [1] row g + 8; [2], [3] the
+    // same rows, columns + 8 (16-byte chunk 2 kk + 1). D 64 only (D 128 has no registers left).
+    constexpr int KA = KREG ? KD : 1;
+    u32 ka[KA][4], va[KA][4];
+    auto load_kv_fragments = [&]() {
+        const u32 r0 = wg * 64 + warp * 16 + g;
+#pragma unroll
+        for (int kk = 0; kk < KA; ++kk) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const u32 off = fbh_offset<BC>(r0 + 8 * (r % 2), 2 * kk + r / 2) + 4 * t;
+                ka[kk][r] = *(const u32*)(ks + off);
+                va[kk][r] = *(const u32*)(vs + off);
+            }
+        }
+    };
     auto issue_sdp = [&](u32 it) {
         const unsigned char* qs = stages + 2 * (it % STAGES) * QO_BYTES;
         const unsigned char* dos = qs + QO_BYTES;
+        if constexpr (KREG) {
 #pragma unroll
-        for (int kk = 0; kk < KD; ++kk) wgmma_ss<T, BR, false>(s, kmajor(ks, BC, wg * 64, kk), kmajor(qs, BR, 0, kk), kk > 0);
-        wgmma_commit();
+            for (int kk = 0; kk < KD; ++kk) wgmma_rs<T, BR, false>(s, ka[kk], kmajor(qs, BR, 0, kk), kk > 0);
+            wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < KD; ++kk) wgmma_ss<T, BR, false>(dp, kmajor(vs, BC, wg * 64, kk), kmajor(dos, BR, 0, kk), kk > 0);
-        wgmma_commit();
+            for (int kk = 0; kk < KD; ++kk) wgmma_rs<T, BR, false>(dp, va[kk], kmajor(dos, BR, 0, kk), kk > 0);
+            wgmma_commit();
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) wgmma_ss<T, BR, false>(s, kmajor(ks, BC, wg * 64, kk), kmajor(qs, BR, 0, kk), kk > 0);
+            wgmma_commit();
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) wgmma_ss<T, BR, false>(dp, kmajor(vs, BC, wg * 64, kk), kmajor(dos, BR, 0, kk), kk > 0);
+            wgmma_commit();
+        }
     };
 
     // dq_accum += the retired dQ tile of query tile `it` (rows 16 warp + g: registers 4 n, 4 n + 1;
@@ -269,6 +298,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
     cp_async_wait<1>();
     fence_proxy_async();
     __syncthreads();
+    if constexpr (KREG) load_kv_fragments();
     // Query tile `it`. One block barrier a tile (after the dS stores), which also hands over the
     // buffers: stage it % 3 (Q, dO, lse2, delta) is read by this tile's S^T, dP^T, dV, dK, all
     // retired by the end of the tile; the copies of stage it + 2 start after the barrier, when
@@ -340,14 +370,26 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         // dS transposed into the dS tile: element (query, key) in column block key / 64 (= wg),
         // row query, chunk (key % 64) / 8, 2 (key % 8) bytes in. da[kk][r] holds key row g (r even)
         // or g + 8 (r odd), queries 16 kk + 8 (r / 2) + 2t (low half) and + 1 (high half).
+        // DS32: lanes g, g ^ 1 (lane ^ 4) swap halves so that each stores one 32-bit word of keys
+        // g & ~1, + 1: the even lane at query 16 kk + 8 (r / 2) + 2t, the odd one at + 1; half the
+        // store instructions (and shared-memory wavefronts) of the 16-bit stores.
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const u32 query = 16 * kk + 8 * (r / 2) + 2 * t, chunk = 2 * warp + (r % 2);
-                unsigned char* at = ds_tile + wg * BR * 128 + 2 * g;
-                *(u16*)(at + fbh_offset<BR>(query, chunk)) = (u16)(da[kk][r] & 0xffffu);
-                *(u16*)(at + fbh_offset<BR>(query + 1, chunk)) = (u16)(da[kk][r] >> 16);
+                if constexpr (DS32) {
+                    const bool odd = g & 1u;
+                    const u32 mine = da[kk][r];
+                    const u32 theirs = __shfl_xor_sync(0xffffffffu, odd ? (mine & 0xffffu) : (mine >> 16), 4);
+                    const u32 word = odd ? (theirs | (mine & 0xffff0000u)) : ((mine & 0xffffu) | (theirs << 16));
+                    unsigned char* at = ds_tile + wg * BR * 128 + 2 * (g & ~1u);
+                    *(u32*)(at + fbh_offset<BR>(query + (odd ? 1u : 0u), chunk)) = word;
+                } else {
+                    unsigned char* at = ds_tile + wg * BR * 128 + 2 * g;
+                    *(u16*)(at + fbh_offset<BR>(query, chunk)) = (u16)(da[kk][r] & 0xffffu);
+                    *(u16*)(at + fbh_offset<BR>(query + 1, chunk)) = (u16)(da[kk][r] >> 16);
+                }
             }
         }
         // This thread's copies of stage it + 1 have landed; after the barrier every thread's
@@ -419,14 +461,21 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 // Without wgmma (sm_80, sm_90 without the a features) the kernels compile empty; the engine
 // launches them only on compute capability 9.0, whose CUBIN is built for sm_90a.
 #if LA_WGMMA
-#define FBH_BODY(T, D) flash_bwd_hopper<T, D>(p)
+#define FBH_BODY(T, D, KREG, DS32) flash_bwd_hopper<T, D, KREG, DS32>(p)
 #else
-#define FBH_BODY(T, D) (void)p
+#define FBH_BODY(T, D, KREG, DS32) (void)p
 #endif
 
-#define FBH_INSTANCE(TN, T, D) \
-    extern "C" __global__ void __launch_bounds__(FBH_THREADS, 1) flash_bwd_hopper_##TN##_d##D(const FlashBwdParams p) { FBH_BODY(T, D); }
-FBH_INSTANCE(bf16, bf16, 64)
-FBH_INSTANCE(bf16, bf16, 128)
-FBH_INSTANCE(f16, f16, 64)
-FBH_INSTANCE(f16, f16, 128)
+#define FBH_INSTANCE(NAME, T, D, KREG, DS32) \
+    extern "C" __global__ void __launch_bounds__(FBH_THREADS, 1) NAME(const FlashBwdParams p) { FBH_BODY(T, D, KREG, DS32); }
+FBH_INSTANCE(flash_bwd_hopper_bf16_d64, bf16, 64, false, false)
+FBH_INSTANCE(flash_bwd_hopper_bf16_d128, bf16, 128, false, false)
+FBH_INSTANCE(flash_bwd_hopper_f16_d64, f16, 64, false, false)
+FBH_INSTANCE(flash_bwd_hopper_f16_d128, f16, 128, false, false)
+// Variants (D 64 only; LOOKAHEAD_VARIANT_FLASH_BWD, see the top of the file).
+FBH_INSTANCE(flash_bwd_hopper_kreg_bf16_d64, bf16, 64, true, false)
+FBH_INSTANCE(flash_bwd_hopper_kreg_f16_d64, f16, 64, true, false)
+FBH_INSTANCE(flash_bwd_hopper_ds32_bf16_d64, bf16, 64, false, true)
+FBH_INSTANCE(flash_bwd_hopper_ds32_f16_d64, f16, 64, false, true)
+FBH_INSTANCE(flash_bwd_hopper_kregds32_bf16_d64, bf16, 64, true, true)
+FBH_INSTANCE(flash_bwd_hopper_kregds32_f16_d64, f16, 64, true, true)

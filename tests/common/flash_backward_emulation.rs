@@ -22,6 +22,9 @@ pub enum MainKernel {
     MmaSync,
     /// flash_bwd_hopper_{dtype}_d{d} of kernels/cuda/flash_attention_backward_hopper.cu (wgmma, sm_90a).
     Hopper,
+    /// A variant of the Hopper kernel (LOOKAHEAD_VARIANT_FLASH_BWD, the top of that file):
+    /// flash_bwd_hopper_{variant}_{dtype}_d64; head dim 128 runs the default kernel.
+    HopperVariant(&'static str),
 }
 
 impl MainKernel {
@@ -33,6 +36,10 @@ impl MainKernel {
                 (fab::kernel_names(dtype.name(), d).1, tiles.bc, tiles.threads(), tiles.shared_bytes(d))
             }
             MainKernel::Hopper => (fab::hopper_kernel_name(dtype.name(), d), fab::HOPPER_KEYS_PER_BLOCK, fab::HOPPER_THREADS, fab::hopper_shared_bytes(d).expect("a Hopper head dim")),
+            MainKernel::HopperVariant(v) => {
+                let name = if d == 64 { format!("flash_bwd_hopper_{v}_{}_d{d}", dtype.name()) } else { fab::hopper_kernel_name(dtype.name(), d) };
+                (name, fab::HOPPER_KEYS_PER_BLOCK, fab::HOPPER_THREADS, fab::hopper_shared_bytes(d).expect("a Hopper head dim"))
+            }
         }
     }
 }
@@ -208,7 +215,7 @@ pub fn run(case: Case, kernel: MainKernel) {
     let m = EmulatedModule::load(&fab::SOURCE).unwrap_or_else(|e| panic!("{e}"));
     let main_module = match kernel {
         MainKernel::MmaSync => None,
-        MainKernel::Hopper => Some(EmulatedModule::load(&fab::HOPPER_SOURCE).unwrap_or_else(|e| panic!("{e}"))),
+        MainKernel::Hopper | MainKernel::HopperVariant(_) => Some(EmulatedModule::load(&fab::HOPPER_SOURCE).unwrap_or_else(|e| panic!("{e}"))),
     };
     let (prep, _, dq) = fab::kernel_names(dtype.name(), d);
     let launch = |m: &EmulatedModule, name: &str, grid: (u32, u32, u32), threads: u32, shared: u32| {

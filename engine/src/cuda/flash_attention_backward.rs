@@ -60,11 +60,28 @@ struct MainKernel {
 
 /// The Hopper (wgmma) main kernel when it applies: the Hopper kernels switched on, a compute
 /// capability 9.0 device with the opt-in shared memory it needs, bf16/f16 with head dim 64 or 128.
-fn hopper_main_kernel(dev: &super::CudaDevice, dtype: DType, d: usize) -> Option<MainKernel> {
-    let shared_bytes = kfab::hopper_shared_bytes(d)?;
+fn hopper_main_kernel(dev: &super::CudaDevice, dtype: DType, d: usize) -> Result<Option<MainKernel>> {
+    let Some(shared_bytes) = kfab::hopper_shared_bytes(d) else { return Ok(None) };
     let applies = super::hopper_kernels() && dev.arch() == 90 && matches!(dtype, DType::BF16 | DType::F16) && dev.max_shared_memory_per_block_optin() >= shared_bytes;
     let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
-    applies.then(|| MainKernel { source: &kfab::HOPPER_SOURCE, name: kfab::hopper_kernel_name(tn, d), keys_per_block: kfab::HOPPER_KEYS_PER_BLOCK, threads: kfab::HOPPER_THREADS, shared_bytes })
+    let name = hopper_kernel_name(super::kernel_variant(VARIANT_FAMILY).as_deref(), tn, d)?;
+    Ok(applies.then(|| MainKernel { source: &kfab::HOPPER_SOURCE, name, keys_per_block: kfab::HOPPER_KEYS_PER_BLOCK, threads: kfab::HOPPER_THREADS, shared_bytes }))
+}
+
+/// The variant family of the Hopper main kernel: LOOKAHEAD_VARIANT_FLASH_BWD.
+const VARIANT_FAMILY: &str = "flash_bwd";
+/// The Hopper main kernel's variants (kernels/cuda/flash_attention_backward_hopper.cu, top of the
+/// file): head dim 64 only; head dim 128 runs the default kernel under any of them.
+pub const HOPPER_VARIANTS: [&str; 3] = ["kreg", "ds32", "kregds32"];
+
+/// The Hopper main kernel's instance name for `variant` (None: the default), dtype `tn` and head
+/// dim `d`; an unknown variant is an error naming the variable and the known values.
+pub fn hopper_kernel_name(variant: Option<&str>, tn: &str, d: usize) -> Result<String> {
+    match variant {
+        None | Some("default") => Ok(kfab::hopper_kernel_name(tn, d)),
+        Some(v) if HOPPER_VARIANTS.contains(&v) => Ok(if d == 64 { format!("flash_bwd_hopper_{v}_{tn}_d{d}") } else { kfab::hopper_kernel_name(tn, d) }),
+        Some(v) => Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_FLASH_BWD = {v:?} is not a variant of the Hopper flash-attention backward; known: default, {}", HOPPER_VARIANTS.join(", ")))),
+    }
 }
 
 fn device_addr(t: &Tensor) -> Result<u64> {
@@ -135,7 +152,7 @@ pub(crate) fn backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Att
     let dtype = q.dtype();
     let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let (prep_name, main_name, dq_name) = kfab::kernel_names(tn, d);
-    let main = match hopper_main_kernel(&dev, dtype, d) {
+    let main = match hopper_main_kernel(&dev, dtype, d)? {
         Some(hopper) => hopper,
         None => {
             let smem = tiles.shared_bytes(d);
