@@ -117,16 +117,22 @@ fn hopper_kernel_matches_cpu() {
         return;
     }
     let _switches = KernelSwitches::set(true, true);
-    for dt in [DType::BF16, DType::F16] {
-        for d in [64, 128] {
+    // The default instance, then every D 64 variant (LOOKAHEAD_VARIANT_FLASH_FWD, read at each
+    // launch; restored afterwards).
+    let variant_env = "LOOKAHEAD_VARIANT_FLASH_FWD";
+    let old_variant = std::env::var(variant_env).ok();
+    let variants = std::iter::once("").chain(kernels::flash_attention::HOPPER_D64_VARIANTS.iter().copied());
+    for (variant, dt, d) in variants.flat_map(|v| [DType::BF16, DType::F16].into_iter().flat_map(move |dt| [64, 128].map(|d| (v, dt, d))).filter(|&(v, _, d)| v.is_empty() || d == 64)) {
+        std::env::set_var(variant_env, variant);
+        {
             for c in CASES {
-                let label = format!("flash_attention {dt} D {d} {} (Hopper kernel)", c.label);
+                let label = format!("flash_attention {dt} D {d} {} (Hopper kernel {})", c.label, if variant.is_empty() { "default" } else { variant });
                 let want = run(c, d, dt, Device::Cpu).unwrap_or_else(|e| panic!("{label} on cpu: {e}"));
                 let got = run(c, d, dt, dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
                 assert_eq!(got.0.device(), dev, "{label}: result left the device");
                 compare(&label, dt, &got, &want);
             }
-            let label = format!("no key left {dt} D {d} (Hopper kernel)");
+            let label = format!("no key left {dt} D {d} (Hopper kernel {})", if variant.is_empty() { "default" } else { variant });
             let go = |dv: Device| -> Result<(Tensor, Tensor)> {
                 let x = Operands::no_key_left(d, dt, dv)?;
                 Tensor::flash_attention(&x.q, &x.k, &x.v, x.reference(), 0.125)
@@ -138,6 +144,10 @@ fn hopper_kernel_matches_cpu() {
             assert!(out[..h * lq * d].iter().all(|&x| x == 0.0), "{label}: out of the rows with no key");
             assert!(lse[..h * lq].iter().all(|&x| x == f32::NEG_INFINITY), "{label}: lse of the rows with no key");
         }
+    }
+    match old_variant {
+        Some(v) => std::env::set_var(variant_env, v),
+        None => std::env::remove_var(variant_env),
     }
 }
 

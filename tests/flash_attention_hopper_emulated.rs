@@ -15,11 +15,59 @@
 mod emulation;
 #[path = "common/flash_forward_emulation.rs"]
 mod flash_forward_emulation;
-use emulation::{have_compiler, Half};
+use emulation::{have_compiler, Aligned, Half};
 use flash_forward_emulation::{keep_mask, Case, ForwardKernel};
 
+/// The case on the default instance and, at head dim 64, on every variant
+/// (kernels::flash_attention::HOPPER_D64_VARIANTS).
 fn run_case(ty: Half, c: &Case) {
     flash_forward_emulation::run_case(ForwardKernel::Hopper, ty, c);
+    if c.d == 64 {
+        for v in kernels::flash_attention::HOPPER_D64_VARIANTS {
+            flash_forward_emulation::run_case(ForwardKernel::HopperVariant(v), ty, c);
+        }
+    }
+}
+
+/// fh_exp2_poly (the "poly<n>" variants' exponential) against exp2 in f64 over what the softmax
+/// feeds it, x <= 0: relative error below 1e-4 (P is then rounded to bf16, 2^-9, or f16, 2^-11)
+/// down to 2^-125; below that (a masked key's -inf, f32::MIN, -1e30 included) a non-negative
+/// value at most 2^-125 (absolute error under 2^-118), never NaN or a negative number.
+#[test]
+fn exp2_polynomial_matches_exp2() {
+    if !have_compiler("exp2_polynomial_matches_exp2") {
+        return;
+    }
+    let mut x: Vec<f32> = (0..=200_000).map(|i| -(i as f32) * (130.0 / 200_000.0)).collect();
+    x.extend([0.0, -0.0, -1e-30, -0.5, -0.4999999, -126.0, -126.5, -127.0, -149.0, -1e30, f32::MIN, f32::NEG_INFINITY]);
+    let n = x.len();
+    let y = Aligned::from(&vec![f32::NAN; n]);
+    let xs = Aligned::from(&x);
+    let m = kernels::emulate::EmulatedModule::load(&kernels::flash_attention::HOPPER_SOURCE).unwrap_or_else(|e| panic!("{e}"));
+    let threads = 256u32;
+    // SAFETY: x and y hold n floats; the kernel reads x[i] and writes y[i] for i < n only.
+    unsafe {
+        m.launch(kernels::flash_attention::HOPPER_EXP2_POLY_KERNEL, ((n as u32).div_ceil(threads), 1, 1), (threads, 1, 1), 0, &|f| {
+            let kernel: extern "C" fn(*const f32, *mut f32, u32) = std::mem::transmute(f);
+            kernel(xs.addr() as *const f32, y.addr() as *mut f32, n as u32);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut worst = 0f64;
+    for (&xi, &yi) in x.iter().zip(y.as_ref()) {
+        assert!(yi >= 0.0 && yi.is_finite(), "exp2 poly of {xi} gave {yi}");
+        let want = (xi as f64).exp2();
+        if xi >= -125.0 {
+            let rel = ((yi as f64) - want).abs() / want;
+            worst = worst.max(rel);
+            assert!(rel < 1e-4, "exp2 poly of {xi}: {yi} vs {want} (relative error {rel})");
+        } else {
+            assert!(((yi as f64) - want).abs() < 2f64.powi(-118), "exp2 poly of {xi}: {yi} vs {want}");
+            assert!(yi <= 2f32.powi(-125), "exp2 poly of {xi}: {yi}");
+        }
+    }
+    println!("exp2 poly: {n} inputs in [-130, 0] and the extremes, worst relative error {worst:.2e} above 2^-125");
+    assert!(worst > 1e-6, "the polynomial is not exact: a relative error of {worst} means the test did not run it");
 }
 
 /// Lk 45 own keys (one partial tile), Lr 150 reference keys (a full and a 22-key tile) with a

@@ -43,6 +43,26 @@ template <int D> __host__ __device__ constexpr u32 fh_threads() { return 128u * 
 template <int D> __host__ __device__ constexpr u32 fh_rows() { return 64u * fh_warpgroups<D>(); }
 template <int D> __host__ __device__ constexpr u32 fh_shared_bytes() { return (fh_rows<D>() * D + 4u * FH_BN * D) * 2u + 1024u; }
 
+// 2^x for x <= 0 on the FMA and integer pipes instead of MUFU.EX2 (FlashAttention-4's trick: the
+// softmax of a D 64 tile needs as many MUFU cycles as its two products need tensor-core cycles, so
+// moving a part of the exponentials to the 8x wider FMA pipe shortens the softmax phase). x is
+// clamped at -126 (a masked -inf too), so that 2^x is at least 2^-126 * 0.7 with a non-negative
+// exponent field; adding 1.5 * 2^23 rounds x to the nearest integer j, kept in the low mantissa
+// bits of t; f = x - j is in [-0.5, 0.5] and 2^f a degree-3 minimax polynomial (relative error
+// 7.5e-5, well inside the 2^-9 of bf16 and 2^-11 of f16 that P is rounded to); then j is added to
+// the exponent field: (bits(t) << 23) is j << 23 modulo 2^32, the magic's own bits shifting out.
+// Results below 2^-126 are tiny but not 0 (MUFU with flush-to-zero gives 0): < 1.2e-38, nothing
+// next to the row max's 1. tests/flash_forward_poly_exp2.rs checks it against exp2 on the CPU.
+__host__ __device__ __forceinline__ float fh_exp2_poly(float x) {
+    x = fmaxf(x, -126.0f);
+    const float t = __fadd_rn(x, 12582912.0f);
+    const float f = __fsub_rn(x, __fsub_rn(t, 12582912.0f));
+    float p = fmaf(0.05517143756151199f, f, 0.24261081218719482f);
+    p = fmaf(p, f, 0.6932609677314758f);
+    p = fmaf(p, f, 0.9999281167984009f);
+    return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
+}
+
 #if LA_WGMMA
 
 // Byte offset of 16-byte chunk `chunk` (0 .. D / 8 - 1) of row `row` in a tile of ROWS rows of D
@@ -78,7 +98,9 @@ __device__ __forceinline__ void fh_load_tile(unsigned char* dst, const T* src, i
     }
 }
 
-template <typename T, int D>
+// POLY: 0 takes every exponential of the softmax on MUFU.EX2; n > 0 computes those of every n-th
+// 8-column accumulator block (blocks n - 1, 2n - 1, ...) with fh_exp2_poly instead.
+template <typename T, int D, int POLY>
 __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p) {
     constexpr u32 BR = fh_rows<D>();
     constexpr u32 TILE_BYTES = FH_BN * D * 2;  // one K (or V) tile
@@ -238,8 +260,15 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
             float sum = 0.0f;
 #pragma unroll
             for (int n = 0; n < FH_BN / 8; ++n) {
-                s[4 * n + 2 * h] = exp2f(fmaf(s[4 * n + 2 * h], p.scale_log2, -base));
-                s[4 * n + 2 * h + 1] = exp2f(fmaf(s[4 * n + 2 * h + 1], p.scale_log2, -base));
+                const float x0 = fmaf(s[4 * n + 2 * h], p.scale_log2, -base);
+                const float x1 = fmaf(s[4 * n + 2 * h + 1], p.scale_log2, -base);
+                if (POLY > 0 && n % POLY == POLY - 1) {
+                    s[4 * n + 2 * h] = fh_exp2_poly(x0);
+                    s[4 * n + 2 * h + 1] = fh_exp2_poly(x1);
+                } else {
+                    s[4 * n + 2 * h] = exp2f(x0);
+                    s[4 * n + 2 * h + 1] = exp2f(x1);
+                }
                 sum += s[4 * n + 2 * h] + s[4 * n + 2 * h + 1];
             }
             l[h] = l[h] * corr[h] + sum;
@@ -315,14 +344,31 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
 // Without wgmma (sm_80, sm_90 without the a features) the kernels compile empty; the engine
 // launches them only on compute capability 9.0, whose CUBIN is built for sm_90a.
 #if LA_WGMMA
-#define FH_BODY(T, D) flash_attention_hopper_fwd<T, D>(p)
+#define FH_BODY(T, D, POLY) flash_attention_hopper_fwd<T, D, POLY>(p)
 #else
-#define FH_BODY(T, D) (void)p
+#define FH_BODY(T, D, POLY) (void)p
 #endif
 
-#define FH_INSTANCE(TN, T, D)                                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(fh_threads<D>(), 1) flash_attention_hopper_fwd_##TN##_d##D(const FlashParams p) { FH_BODY(T, D); }
-FH_INSTANCE(bf16, bf16, 64)
-FH_INSTANCE(bf16, bf16, 128)
-FH_INSTANCE(f16, f16, 64)
-FH_INSTANCE(f16, f16, 128)
+// Instances: flash_attention_hopper_fwd_<type>_d<D> (the default) and, at D 64 (exp-bound: its
+// S tile has as many exponentials as at D 128 for half the products), the variants
+// flash_attention_hopper_fwd_<type>_d64_poly<n> (LOOKAHEAD_VARIANT_FLASH_FWD=poly<n>): every n-th
+// 8-column block's exponentials by fh_exp2_poly, i.e. 1 / n of them on the FMA pipe.
+#define FH_INSTANCE(TN, T, D, POLY, SUFFIX)                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(fh_threads<D>(), 1) flash_attention_hopper_fwd_##TN##_d##D##SUFFIX(const FlashParams p) { FH_BODY(T, D, POLY); }
+FH_INSTANCE(bf16, bf16, 64, 0, )
+FH_INSTANCE(bf16, bf16, 128, 0, )
+FH_INSTANCE(f16, f16, 64, 0, )
+FH_INSTANCE(f16, f16, 128, 0, )
+FH_INSTANCE(bf16, bf16, 64, 4, _poly4)
+FH_INSTANCE(f16, f16, 64, 4, _poly4)
+FH_INSTANCE(bf16, bf16, 64, 8, _poly8)
+FH_INSTANCE(f16, f16, 64, 8, _poly8)
+FH_INSTANCE(bf16, bf16, 64, 3, _poly3)
+FH_INSTANCE(f16, f16, 64, 3, _poly3)
+
+// fh_exp2_poly over n inputs (y[i] = fh_exp2_poly(x[i])), for its accuracy test
+// (tests/flash_attention_hopper_emulated.rs) on the emulator and on a GPU; not used by the engine.
+extern "C" __global__ void flash_attention_hopper_exp2_poly(const float* x, float* y, u32 n) {
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = fh_exp2_poly(x[i]);
+}

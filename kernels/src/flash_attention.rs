@@ -54,6 +54,22 @@ pub fn hopper_kernel_name(dtype: &str, d: usize) -> String {
     format!("flash_attention_hopper_fwd_{dtype}_d{d}")
 }
 
+/// Variants of the Hopper forward kernel at head dim 64 (LOOKAHEAD_VARIANT_FLASH_FWD, see
+/// engine::cuda::kernel_variant): "poly<n>" computes the exponentials of every n-th 8-column
+/// block of the score tile with a polynomial on the FMA pipe instead of MUFU.EX2 (fh_exp2_poly in
+/// kernels/cuda/flash_attention_hopper.cu). Same parameters, outputs and geometry as the default.
+pub const HOPPER_D64_VARIANTS: &[&str] = &["poly3", "poly4", "poly8"];
+
+/// The instance of `hopper_kernel_name(dtype, 64)`'s variant `variant` (one of
+/// HOPPER_D64_VARIANTS).
+pub fn hopper_variant_kernel_name(dtype: &str, variant: &str) -> String {
+    format!("flash_attention_hopper_fwd_{dtype}_d64_{variant}")
+}
+
+/// The kernel applying fh_exp2_poly to n floats: `(const float* x, float* y, u32 n)`, any
+/// geometry covering n threads.
+pub const HOPPER_EXP2_POLY_KERNEL: &str = "flash_attention_hopper_exp2_poly";
+
 /// Launch geometry of the CUDA kernel (FA_THREADS, FA_BC in the .cu file): 4 warps a block, key
 /// tiles of 64 rows.
 pub const THREADS: u32 = 128;

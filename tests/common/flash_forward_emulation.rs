@@ -22,13 +22,16 @@ pub enum ForwardKernel {
     MmaSync,
     /// flash_attention_hopper_fwd_* of kernels/cuda/flash_attention_hopper.cu (wgmma, sm_90a).
     Hopper,
+    /// Its variant of that name (kernels::flash_attention::HOPPER_D64_VARIANTS) at head dim 64;
+    /// the default instance at 128 (which has no variants).
+    HopperVariant(&'static str),
 }
 
 impl ForwardKernel {
     fn source(self) -> &'static KernelSource {
         match self {
             ForwardKernel::MmaSync => &fa::SOURCE,
-            ForwardKernel::Hopper => &fa::HOPPER_SOURCE,
+            ForwardKernel::Hopper | ForwardKernel::HopperVariant(_) => &fa::HOPPER_SOURCE,
         }
     }
 
@@ -37,6 +40,8 @@ impl ForwardKernel {
         match self {
             ForwardKernel::MmaSync => fa::kernel_name(ty.name(), d),
             ForwardKernel::Hopper => fa::hopper_kernel_name(ty.name(), d),
+            ForwardKernel::HopperVariant(v) if d == 64 => fa::hopper_variant_kernel_name(ty.name(), v),
+            ForwardKernel::HopperVariant(_) => fa::hopper_kernel_name(ty.name(), d),
         }
     }
 
@@ -44,7 +49,7 @@ impl ForwardKernel {
     fn geometry(self, d: usize) -> (usize, u32, u32) {
         match self {
             ForwardKernel::MmaSync => (fa::rows_per_block(d), fa::THREADS, fa::shared_bytes(d)),
-            ForwardKernel::Hopper => (fa::hopper_rows_per_block(d), fa::hopper_threads(d), fa::hopper_shared_bytes(d)),
+            ForwardKernel::Hopper | ForwardKernel::HopperVariant(_) => (fa::hopper_rows_per_block(d), fa::hopper_threads(d), fa::hopper_shared_bytes(d)),
         }
     }
 }
