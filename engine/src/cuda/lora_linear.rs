@@ -10,8 +10,13 @@
 //! On compute capability 9.0 with `cuda::hopper_kernels()` on, the Hopper kernel
 //! (kernels/cuda/lora_linear_hopper.cu, wgmma) runs instead: same arguments, 128 x 160 tiles, a
 //! persistent grid of min(tiles, SMs) blocks of 256 threads, 217 KiB of dynamic shared memory.
+//!
+//! Host cost per call: the kernels are short (~10-30 us), so the launch path is kept free of
+//! allocations apart from the output: the loaded function, with its shared memory opt-in done, is
+//! cached per (device, kernel) under a static name, and operands already contiguous and aligned
+//! are read in place without a clone.
 
-use std::sync::Arc;
+use std::sync::{Mutex, OnceLock};
 
 use kernels::compile::KernelSource;
 use kernels::lora_linear::{self as klora, BLayout, LoraGemmArgs};
@@ -19,7 +24,7 @@ use kernels::lora_linear::{self as klora, BLayout, LoraGemmArgs};
 use super::device::CudaDevice;
 use super::launch::launch_failed;
 use super::storage::CudaStorage;
-use super::{DeviceRepr, LaunchConfig, PushKernelArg};
+use super::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 use crate::storage::Storage;
 use crate::{DType, Error, Result, Tensor};
 
@@ -61,6 +66,21 @@ struct Kernel {
     shared_bytes: u32,
 }
 
+/// The kernel's name (`klora::kernel_name` / `klora::hopper_kernel_name`) as a static string, so
+/// that a launch formats nothing.
+fn kernel_name(hopper: bool, layout: BLayout, dtype: DType) -> &'static str {
+    match (hopper, layout, dtype) {
+        (false, BLayout::NMajor, DType::BF16) => "lora_gemm_nk_bf16",
+        (false, BLayout::NMajor, _) => "lora_gemm_nk_f16",
+        (false, BLayout::KMajor, DType::BF16) => "lora_gemm_kn_bf16",
+        (false, BLayout::KMajor, _) => "lora_gemm_kn_f16",
+        (true, BLayout::NMajor, DType::BF16) => "lora_gemm_hopper_nk_bf16",
+        (true, BLayout::NMajor, _) => "lora_gemm_hopper_nk_f16",
+        (true, BLayout::KMajor, DType::BF16) => "lora_gemm_hopper_kn_bf16",
+        (true, BLayout::KMajor, _) => "lora_gemm_hopper_kn_f16",
+    }
+}
+
 /// The Hopper (wgmma) kernel for C [m, n] on compute capability 9.0 when `cuda::hopper_kernels()`
 /// is on (and the device grants its shared memory, and the tiles fit its u32 count), else the
 /// mma.sync kernel.
@@ -74,21 +94,25 @@ fn kernel_for(dev: &CudaDevice, m: usize, n: usize) -> Kernel {
 }
 
 /// Device address of a CUDA tensor's first element.
-fn addr(t: &Tensor) -> Result<(u64, Arc<CudaDevice>)> {
+fn addr(t: &Tensor) -> Result<u64> {
     match &*t.read_storage() {
-        Storage::Cuda(s) => Ok((s.ptr_at(t.layout().offset()), s.device().clone())),
+        Storage::Cuda(s) => Ok(s.ptr_at(t.layout().offset())),
         Storage::Cpu(_) => Err(Error::Cuda(format!("{OP}: operand is not on a CUDA device"))),
     }
 }
 
-/// `t` contiguous with its first element 16-byte aligned (a copy when it is not).
-fn aligned(t: &Tensor) -> Result<Tensor> {
-    let c = t.contiguous()?;
-    if addr(&c)?.0.is_multiple_of(16) {
-        Ok(c)
-    } else {
-        c.copy()
+/// The address of `t`'s elements as a contiguous matrix: `t` itself when it is contiguous (and,
+/// with `align`, 16-byte aligned), else a copy that is, returned so that the caller keeps it alive
+/// until the launch is queued. The common case clones nothing.
+fn operand(t: &Tensor, align: bool) -> Result<(u64, Option<Tensor>)> {
+    if t.is_contiguous() {
+        let p = addr(t)?;
+        if !align || p.is_multiple_of(16) {
+            return Ok((p, None));
+        }
     }
+    let c = t.copy()?;
+    Ok((addr(&c)?, Some(c)))
 }
 
 /// C [m, n] = a1 [m, k1] · B1 + a2 [m, k2] · B2 (+ bias [n]) with B1 / B2 = b1 / b2 read as
@@ -98,11 +122,9 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
 #[allow(clippy::too_many_arguments)]
 pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Option<&Tensor>, (m, n, k1, k2): (usize, usize, usize, usize), layout: BLayout) -> Result<Tensor> {
     let dtype = a1.dtype();
-    let dt = match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        other => return Err(Error::UnsupportedDType { op: OP, dtype: other }),
-    };
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return Err(Error::UnsupportedDType { op: OP, dtype });
+    }
     for (t, want) in [(a1, [m, k1]), (a2, [m, k2])] {
         if t.shape() != want {
             return Err(Error::ShapeMismatch { op: OP, lhs: t.shape().to_vec(), rhs: want.to_vec() });
@@ -115,26 +137,23 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
     if b1.shape() != b1_shape || b2.shape() != b2_shape {
         return Err(Error::ShapeMismatch { op: OP, lhs: b1.shape().to_vec(), rhs: b1_shape.to_vec() });
     }
-    let (a1, b1) = (aligned(a1)?, aligned(b1)?);
-    let (pa1, dev) = addr(&a1)?;
-    let (pb1, _) = addr(&b1)?;
+    let dev = match &*a1.read_storage() {
+        Storage::Cuda(s) => s.device().clone(),
+        Storage::Cpu(_) => return Err(Error::Cuda(format!("{OP}: operand is not on a CUDA device"))),
+    };
     if !fused_supported(&dev, dtype, m, n, k1, k2) {
         return Err(Error::Cuda(format!("{OP}: unsupported sizes m {m} n {n} k1 {k1} k2 {k2} ({dtype}, sm_{})", dev.arch())));
     }
+    let (pa1, a1_copy) = operand(a1, true)?;
+    let (pb1, b1_copy) = operand(b1, true)?;
     // The LoRA operands: 16-byte rows when the rank allows (cp.async), else element loads. An
     // empty operand (rank 0) is never read.
-    let a2 = a2.contiguous()?;
-    let (pa2, _) = if k2 > 0 { addr(&a2)? } else { (0, dev.clone()) };
-    let b2 = match layout {
-        BLayout::KMajor if k2 > 0 => aligned(b2)?,
-        _ => b2.contiguous()?,
-    };
-    let (pb2, _) = if k2 > 0 { addr(&b2)? } else { (0, dev.clone()) };
+    let (pa2, a2_copy) = if k2 > 0 { operand(a2, false)? } else { (0, None) };
+    let (pb2, b2_copy) = if k2 > 0 { operand(b2, layout == BLayout::KMajor)? } else { (0, None) };
     let vec = |p: u64| (k2.is_multiple_of(8) && p.is_multiple_of(16)) as u32;
-    let bias = bias.map(|b| b.contiguous()).transpose()?;
-    let pbias = match &bias {
-        Some(b) => addr(b)?.0,
-        None => 0,
+    let (pbias, bias_copy) = match bias {
+        Some(b) => operand(b, false)?,
+        None => (0, None),
     };
     let out = CudaStorage::alloc(&dev, dtype, m * n)?;
     let pc = out.device_ptr();
@@ -171,13 +190,12 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
         pad: 0,
     });
     let kernel = kernel_for(&dev, m, n);
-    let (name, grid_dim) = if kernel.hopper {
-        (klora::hopper_kernel_name(layout, dt), (klora::hopper_blocks(m, n, dev.multiprocessors()), 1, 1))
+    let grid_dim = if kernel.hopper {
+        (klora::hopper_blocks(m, n, dev.multiprocessors()), 1, 1)
     } else {
-        (klora::kernel_name(layout, dt), (n.div_ceil(klora::TILE_N) as u32, m.div_ceil(klora::TILE_M) as u32, 1))
+        (n.div_ceil(klora::TILE_N) as u32, m.div_ceil(klora::TILE_M) as u32, 1)
     };
-    let f = dev.function(kernel.source, &name)?;
-    opt_in_shared(&dev, &f, &name, kernel.shared_bytes)?;
+    let f = loaded(&dev, &kernel, kernel_name(kernel.hopper, layout, dtype))?;
     let cfg = LaunchConfig { grid_dim, block_dim: (kernel.threads, 1, 1), shared_mem_bytes: kernel.shared_bytes };
     let mut b = dev.launch_builder(&f);
     b.arg(&args);
@@ -185,23 +203,42 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
     // above; the tensors live until after the launch is queued, and the stream orders their reuse),
     // and the output holds m * n elements.
     unsafe { b.launch(cfg) }.map_err(launch_failed("lora_gemm"))?;
-    drop((a1, b1, a2, b2, bias));
+    drop((a1_copy, b1_copy, a2_copy, b2_copy, bias_copy));
     Tensor::from_storage(Storage::Cuda(out), &[m, n])
 }
 
-/// Allows the kernel its `bytes` of dynamic shared memory (above the 48 KiB default); once per
-/// (device, kernel): the loaded function keeps the setting.
-fn opt_in_shared(dev: &CudaDevice, f: &super::CudaFunction, name: &str, bytes: u32) -> Result<()> {
-    type Key = (usize, String);
-    static DONE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<Key>>> = std::sync::OnceLock::new();
-    let key = (dev.ordinal(), name.to_string());
-    let done = DONE.get_or_init(Default::default);
-    if done.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
-        return Ok(());
+/// The kernel `name` loaded on `dev` and allowed its dynamic shared memory (above the 48 KiB
+/// default; the loaded function keeps the setting). The first call per (device, kernel) loads it
+/// and opts in; later calls find it in a short list without allocating (at most 8 kernels a
+/// device).
+fn loaded(dev: &CudaDevice, kernel: &Kernel, name: &'static str) -> Result<CudaFunction> {
+    type Loaded = Vec<(usize, &'static str, CudaFunction)>;
+    static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+    let list = LOADED.get_or_init(Default::default);
+    let found = list.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(d, n, _)| *d == dev.ordinal() && *n == name).map(|(_, _, f)| f.clone());
+    if let Some(f) = found {
+        return Ok(f);
     }
+    let f = dev.function(kernel.source, name)?;
+    let bytes = kernel.shared_bytes;
     dev.bind()?;
     f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
         .map_err(|e| super::driver_error(format!("{OP}: allowing {bytes} bytes of shared memory for {name}"), e))?;
-    done.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
-    Ok(())
+    list.lock().unwrap_or_else(|e| e.into_inner()).push((dev.ordinal(), name, f.clone()));
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_kernel_names_match_the_kernels_crate() {
+        for layout in [BLayout::NMajor, BLayout::KMajor] {
+            for (dtype, dt) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
+                assert_eq!(kernel_name(false, layout, dtype), klora::kernel_name(layout, dt));
+                assert_eq!(kernel_name(true, layout, dtype), klora::hopper_kernel_name(layout, dt));
+            }
+        }
+    }
 }
