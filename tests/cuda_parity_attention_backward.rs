@@ -144,18 +144,33 @@ fn hopper_backward_matches_cpu() {
         return;
     }
     let _switches = KernelSwitches::set(true, true);
-    for dt in [DType::BF16, DType::F16] {
-        for d in [64, 128] {
-            for c in CASES {
-                let label = format!("flash_attention_backward {dt} D {d} {} (Hopper kernel)", c.label);
-                let fwd = saved(c, d, dt).unwrap_or_else(|e| panic!("{label} forward: {e}"));
-                let want = run(c, d, dt, &fwd, Device::Cpu).unwrap_or_else(|e| panic!("{label} on cpu: {e}"));
-                let got = run(c, d, dt, &fwd, dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
-                assert_eq!(got.dq.device(), dev, "{label}: result left the device");
-                compare(&label, dt, &got, &want);
+    // The default kernel, then each variant (LOOKAHEAD_VARIANT_FLASH_BWD; head dim 64 only: D 128
+    // runs the default kernel under any of them). The variable is put back as it was.
+    let variant_env = "LOOKAHEAD_VARIANT_FLASH_BWD";
+    let before = std::env::var(variant_env).ok();
+    let variants = std::iter::once("default").chain(engine::cuda::flash_attention_backward::HOPPER_VARIANTS);
+    for variant in variants {
+        std::env::set_var(variant_env, variant);
+        for dt in [DType::BF16, DType::F16] {
+            for d in [64, 128] {
+                if d == 128 && variant != "default" {
+                    continue;
+                }
+                for c in CASES {
+                    let label = format!("flash_attention_backward {dt} D {d} {} (Hopper kernel, variant {variant})", c.label);
+                    let fwd = saved(c, d, dt).unwrap_or_else(|e| panic!("{label} forward: {e}"));
+                    let want = run(c, d, dt, &fwd, Device::Cpu).unwrap_or_else(|e| panic!("{label} on cpu: {e}"));
+                    let got = run(c, d, dt, &fwd, dev).unwrap_or_else(|e| panic!("{label} on {dev}: {e}"));
+                    assert_eq!(got.dq.device(), dev, "{label}: result left the device");
+                    compare(&label, dt, &got, &want);
+                }
+                check_no_key_left(dev, dt, d, &format!("no key left {dt} D {d} (Hopper kernel, variant {variant})"));
             }
-            check_no_key_left(dev, dt, d, &format!("no key left {dt} D {d} (Hopper kernel)"));
         }
+    }
+    match before {
+        Some(v) => std::env::set_var(variant_env, v),
+        None => std::env::remove_var(variant_env),
     }
 }
 
