@@ -464,7 +464,10 @@ fn gemm(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, batch: &[usize], (m, k, n
                 stream,
             )
         };
-        check(&format!("matmul {m}x{k} · {k}x{n} {dtype} (batch {count})"), status)?;
+        // The message is formatted only on failure: this runs once per GEMM.
+        if status != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(cublas_error(&format!("matmul {m}x{k} · {k}x{n} {dtype} (batch {count})"), status));
+        }
     }
     drop(handles);
     // Inputs (and the bias) stay alive until here; the stream orders their reuse after the GEMM.
