@@ -44,6 +44,12 @@ impl Tensor {
         }
         let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
         if matches!(&*q.read_storage(), Storage::Cuda(_)) {
+            // Unmasked [B, H, L, D] heads of one shape: the flash kernel (no [Lq, Lk] scores in
+            // memory); everything else (masks, broadcast heads, other head dims) the composition.
+            let same_heads = q.rank() == 4 && k.rank() == 4 && v.rank() == 4 && k.shape()[..2] == q.shape()[..2] && v.shape()[..2] == q.shape()[..2];
+            if mask.is_none() && same_heads && dv == d && crate::cuda::flash_attention::kernel_applies(q.dtype(), d) {
+                return Tensor::flash_attention(q, k, v, None, scale).map(|(out, _lse)| out);
+            }
             return cuda_reference(q, k, v, mask, scale);
         }
         let dtype = q.dtype();
