@@ -100,7 +100,11 @@ __device__ __forceinline__ void fh_load_tile(unsigned char* dst, const T* src, i
 
 // POLY: 0 takes every exponential of the softmax on MUFU.EX2; n > 0 computes those of every n-th
 // 8-column accumulator block (blocks n - 1, 2n - 1, ...) with fh_exp2_poly instead.
-template <typename T, int D, int POLY>
+// LATE: issue step j's copies (K_{j+1}, V_j) after its products instead of before them: their
+// address arithmetic (~150 instructions a thread) then runs while the warpgroup waits for S_j
+// instead of delaying every warpgroup's wgmma issue after the barrier. The copies never target the
+// stages those products read, so only the order of issue changes.
+template <typename T, int D, int POLY, bool LATE>
 __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p) {
     constexpr u32 BR = fh_rows<D>();
     constexpr u32 TILE_BYTES = FH_BN * D * 2;  // one K (or V) tile
@@ -170,13 +174,16 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
     // Start of step j: this thread's copies of step j - 1 (K_j, V_{j-1}; Q at j = 0) have landed,
     // are fenced for the wgmma (async proxy) reads and, after the barrier, so are every thread's;
     // every warpgroup is done with the stages step j - 1 read. Then step j's copies are issued.
+    auto issue_copies = [&](u32 j) {
+        if (j + 1 < tiles) load_k(j + 1);
+        if (j < tiles) load_v(j);
+        cp_async_commit();
+    };
     auto begin_step = [&](u32 j) {
         cp_async_wait<0>();
         fence_proxy_async();
         __syncthreads();
-        if (j + 1 < tiles) load_k(j + 1);
-        if (j < tiles) load_v(j);
-        cp_async_commit();
+        if (!LATE) issue_copies(j);
     };
     // Descriptors of the warpgroup's Q rows and of K / V stage 0. A byte offset o (a multiple of
     // 16) into the same buffer is + o / 16 in the start-address field (bits 0-13: the shared
@@ -304,6 +311,7 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
         begin_step(0);
         wgmma_fence();  // s was written by other code before: the fence orders the first issue
         issue_s(0, s);
+        if (LATE) issue_copies(0);
         softmax_step(0, s, corr, false);
         for (u32 j = 1; j < tiles; ++j) {
             finish_step(s, corr);
@@ -311,12 +319,14 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
             wgmma_fence();  // o and pa were written since the last wgmma
             issue_s(j, s);
             issue_pv(j);
+            if (LATE) issue_copies(j);
             softmax_step(j, s, corr, true);
         }
         finish_step(s, corr);
         begin_step(tiles);
         wgmma_fence();
         issue_pv(tiles);
+        if (LATE) issue_copies(tiles);  // nothing left to copy: an empty group
         wgmma_wait<0>();
         wgmma_fence_operands(o);
     }
@@ -344,27 +354,34 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
 // Without wgmma (sm_80, sm_90 without the a features) the kernels compile empty; the engine
 // launches them only on compute capability 9.0, whose CUBIN is built for sm_90a.
 #if LA_WGMMA
-#define FH_BODY(T, D, POLY) flash_attention_hopper_fwd<T, D, POLY>(p)
+#define FH_BODY(T, D, POLY, LATE) flash_attention_hopper_fwd<T, D, POLY, LATE>(p)
 #else
-#define FH_BODY(T, D, POLY) (void)p
+#define FH_BODY(T, D, POLY, LATE) (void)p
 #endif
 
-// Instances: flash_attention_hopper_fwd_<type>_d<D> (the default) and, at D 64 (exp-bound: its
-// S tile has as many exponentials as at D 128 for half the products), the variants
-// flash_attention_hopper_fwd_<type>_d64_poly<n> (LOOKAHEAD_VARIANT_FLASH_FWD=poly<n>): every n-th
-// 8-column block's exponentials by fh_exp2_poly, i.e. 1 / n of them on the FMA pipe.
-#define FH_INSTANCE(TN, T, D, POLY, SUFFIX)                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(fh_threads<D>(), 1) flash_attention_hopper_fwd_##TN##_d##D##SUFFIX(const FlashParams p) { FH_BODY(T, D, POLY); }
-FH_INSTANCE(bf16, bf16, 64, 0, )
-FH_INSTANCE(bf16, bf16, 128, 0, )
-FH_INSTANCE(f16, f16, 64, 0, )
-FH_INSTANCE(f16, f16, 128, 0, )
-FH_INSTANCE(bf16, bf16, 64, 4, _poly4)
-FH_INSTANCE(f16, f16, 64, 4, _poly4)
-FH_INSTANCE(bf16, bf16, 64, 8, _poly8)
-FH_INSTANCE(f16, f16, 64, 8, _poly8)
-FH_INSTANCE(bf16, bf16, 64, 3, _poly3)
-FH_INSTANCE(f16, f16, 64, 3, _poly3)
+// Instances: flash_attention_hopper_fwd_<type>_d<D> (the default) and, at D 64 (whose S tile has
+// as many exponentials as at D 128 for half the products), the variants
+// flash_attention_hopper_fwd_<type>_d64_<variant> (LOOKAHEAD_VARIANT_FLASH_FWD=<variant>):
+//   poly<n>: every n-th 8-column block's exponentials by fh_exp2_poly, 1 / n of them on the FMA
+//            pipe (n = 3, 4, 8);
+//   late:    the copies issued after the products (LATE above);
+//   late_poly4: both.
+#define FH_INSTANCE(TN, T, D, POLY, LATE, SUFFIX)                                                                                               \
+    extern "C" __global__ void __launch_bounds__(fh_threads<D>(), 1) flash_attention_hopper_fwd_##TN##_d##D##SUFFIX(const FlashParams p) { FH_BODY(T, D, POLY, LATE); }
+FH_INSTANCE(bf16, bf16, 64, 0, false, )
+FH_INSTANCE(bf16, bf16, 128, 0, false, )
+FH_INSTANCE(f16, f16, 64, 0, false, )
+FH_INSTANCE(f16, f16, 128, 0, false, )
+FH_INSTANCE(bf16, bf16, 64, 4, false, _poly4)
+FH_INSTANCE(f16, f16, 64, 4, false, _poly4)
+FH_INSTANCE(bf16, bf16, 64, 8, false, _poly8)
+FH_INSTANCE(f16, f16, 64, 8, false, _poly8)
+FH_INSTANCE(bf16, bf16, 64, 3, false, _poly3)
+FH_INSTANCE(f16, f16, 64, 3, false, _poly3)
+FH_INSTANCE(bf16, bf16, 64, 0, true, _late)
+FH_INSTANCE(f16, f16, 64, 0, true, _late)
+FH_INSTANCE(bf16, bf16, 64, 4, true, _late_poly4)
+FH_INSTANCE(f16, f16, 64, 4, true, _late_poly4)
 
 // fh_exp2_poly over n inputs (y[i] = fh_exp2_poly(x[i])), for its accuracy test
 // (tests/flash_attention_hopper_emulated.rs) on the emulator and on a GPU; not used by the engine.

@@ -57,8 +57,10 @@ pub fn hopper_kernel_name(dtype: &str, d: usize) -> String {
 /// Variants of the Hopper forward kernel at head dim 64 (LOOKAHEAD_VARIANT_FLASH_FWD, see
 /// engine::cuda::kernel_variant): "poly<n>" computes the exponentials of every n-th 8-column
 /// block of the score tile with a polynomial on the FMA pipe instead of MUFU.EX2 (fh_exp2_poly in
-/// kernels/cuda/flash_attention_hopper.cu). Same parameters, outputs and geometry as the default.
-pub const HOPPER_D64_VARIANTS: &[&str] = &["poly3", "poly4", "poly8"];
+/// kernels/cuda/flash_attention_hopper.cu); "late" issues each step's cp.async copies after its
+/// wgmmas (their address arithmetic overlaps the wait for S instead of delaying the products);
+/// "late_poly4" both. Same parameters, outputs and geometry as the default.
+pub const HOPPER_D64_VARIANTS: &[&str] = &["poly3", "poly4", "poly8", "late", "late_poly4"];
 
 /// The instance of `hopper_kernel_name(dtype, 64)`'s variant `variant` (one of
 /// HOPPER_D64_VARIANTS).

@@ -142,8 +142,8 @@ fn device_of(op: &'static str, q: &Tensor) -> Result<Arc<CudaDevice>> {
 
 /// The Hopper kernel instance: the default, or at head dim 64 the variant that
 /// `LOOKAHEAD_VARIANT_FLASH_FWD` names (kernels::flash_attention::HOPPER_D64_VARIANTS: "poly<n>",
-/// 1 / n of the softmax's exponentials by a polynomial on the FMA pipe; for benchmarking them side
-/// by side). Head dim 128 has no variant and ignores it; an unknown name is an error.
+/// 1 / n of the softmax's exponentials by a polynomial on the FMA pipe; "late", the copies issued
+/// after the products; "late_poly4"; for benchmarking them side by side). Head dim 128 has no variant and ignores it; an unknown name is an error.
 fn hopper_instance(tn: &str, d: usize) -> Result<String> {
     match super::kernel_variant("flash_fwd") {
         None => Ok(hopper_kernel_name(tn, d)),
