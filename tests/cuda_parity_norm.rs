@@ -380,6 +380,9 @@ fn philox_rand_randn_match_cpu() {
     }
 }
 
+/// The group-norm variants (engine/src/cuda/norm.rs, GnVariant).
+const GN_VARIANTS: [&str; 5] = ["auto", "two-phase", "cluster-regs", "cluster-smem", "cluster-smem-async"];
+
 /// The parity cases of the kernels behind `engine::cuda::experimental_kernels` (16-bit packed
 /// softmax / layer norm rows, cluster group norm), which the other tests run with the switch off.
 #[test]
@@ -392,10 +395,20 @@ fn experimental_kernels_match_cpu() {
     let result = std::panic::catch_unwind(|| {
         softmax_and_log_softmax();
         layer_norm_forward();
-        group_norm_forward();
-        group_norm_forward_cluster();
-        group_norm_backward_cluster();
+        // Every group-norm path (LOOKAHEAD_VARIANT_GROUP_NORM, engine/src/cuda/norm.rs): the
+        // default per-shape rule, then each path forced wherever it applies. Other tests of this
+        // binary may read the variable meanwhile; every variant is a correct group norm, so a
+        // race only changes which kernel they check.
+        for variant in GN_VARIANTS {
+            std::env::set_var("LOOKAHEAD_VARIANT_GROUP_NORM", variant);
+            eprintln!("LOOKAHEAD_VARIANT_GROUP_NORM={variant}");
+            group_norm_forward();
+            group_norm_forward_cluster();
+            group_norm_backward_cluster();
+        }
+        std::env::remove_var("LOOKAHEAD_VARIANT_GROUP_NORM");
     });
+    std::env::remove_var("LOOKAHEAD_VARIANT_GROUP_NORM");
     engine::cuda::set_experimental_kernels(false);
     if let Err(e) = result {
         std::panic::resume_unwind(e);

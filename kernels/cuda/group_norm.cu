@@ -7,6 +7,13 @@
 // statistics -> finalize -> apply path of norm.cu (three launches, two reads of x), which stays
 // the fallback (other archs, channels-last, groups too large for the cluster's registers).
 //
+// Variants (LOOKAHEAD_VARIANT_GROUP_NORM, engine/src/cuda/norm.rs GnVariant): auto (default,
+// per-shape rule there), two-phase (norm.cu only), cluster-regs (the register kernels below,
+// forward and backward), cluster-smem (gn_cluster_smem_DT: the forward with the group in shared
+// memory, loads staged through registers four at a time), cluster-smem-async
+// (gn_cluster_smem_async_DT: the same with cp.async, every pack requested at once). The
+// shared-memory variants have no backward: the backward runs as under auto.
+//
 // Launch (engine/src/cuda/norm.rs, gn_cluster_plan): grid.x = N*G*cs CTAs of GNC_BLOCK threads,
 // cluster dims (cs, 1, 1), cs <= 16 (16 needs the non-portable cluster size attribute). CTA
 // `rank` of cluster q = (n G + g) owns packs rank * GNC_BLOCK + tid + k * cs * GNC_BLOCK, k < P.
@@ -302,3 +309,116 @@ __device__ __forceinline__ void gn_cluster_bwd(const T* __restrict__ x, const T*
 GNC_BWD_KERNELS(float, f32)
 GNC_BWD_KERNELS(bf16, bf16)
 GNC_BWD_KERNELS(f16, f16)
+
+// ---- forward, group held in shared memory ----------------------------------------------------
+// gn_cluster_smem_DT: the cluster forward with the CTA's share of the group in DYNAMIC SHARED
+// MEMORY instead of registers. Why: the register kernel needs ~4 registers per element pack plus
+// ~55 of overhead a thread (bf16 p12: 105 registers, 2 CTAs an SM), so a 20 MB tensor
+// ((2,320,128,128) bf16: 64 groups of 320 KB) takes two or more waves of 8-CTA clusters, each
+// wave loading, waiting at two cluster barriers and storing with nothing overlapping: 0.038 ms
+// against 0.032 ms for the two-phase path. Shared memory (227 KB a CTA, 228 KB an SM) plus a
+// 256-thread CTA of ~32 registers lets 4-5 CTAs of 40 KB share an SM, so the whole tensor is
+// resident in one wave (132 SMs x 228 KB = 30 MB); each thread keeps four 16-byte loads in flight.
+// CTA `rank` of cluster q = (n G + g) owns the contiguous packs [rank * per, min(packs, (rank+1) * per)).
+// Launch: grid.x = N*G*cs, cluster (cs, 1, 1), GNC_BLOCK threads, per * 16 bytes of dynamic
+// shared memory. Host guarantees: the register kernel's (HW % V == 0, 16-byte aligned x and y),
+// cs * per >= packs.
+// 16 bytes global -> shared without registers (cp.async; the emulator's model under
+// LOOKAHEAD_EMULATE), and the wait for all of this thread's copies. Own names: mma.cuh's
+// cp_async_16 is not included here.
+#ifdef LOOKAHEAD_EMULATE
+__device__ __forceinline__ void gnc_cp_async_16(void* dst, const void* src) { cp_async_16(dst, src, true); }
+__device__ __forceinline__ void gnc_cp_async_wait_all() {
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+#elif __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void gnc_cp_async_16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void gnc_cp_async_wait_all() { asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory"); }
+#endif
+
+template <typename T, bool ASYNC>
+__device__ __forceinline__ void gn_cluster_smem(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, u32 C, u32 HW, u32 G,
+                                                u32 cs, u32 per, float eps, int act) {
+#if __CUDA_ARCH__ >= 900 || defined(LOOKAHEAD_EMULATE)
+    constexpr int V = 16 / sizeof(T);
+    __shared__ float red[GNC_BLOCK / 32];
+    __shared__ float slots[2];
+    LA_DYNAMIC_SHARED(unsigned char, smem_raw);
+    Pack<T, V>* buf = reinterpret_cast<Pack<T, V>*>(smem_raw);
+    const u32 rank = cluster_rank();
+    const u32 q = blockIdx.x / cs, g = q % G, cpg = C / G;
+    const u32 M = cpg * HW, packs = M / V;
+    const u64 base = (u64)q * M;
+    const u32 lo = min(packs, rank * per), hi = min(packs, lo + per), own = hi - lo;
+    const Pack<T, V>* xp = reinterpret_cast<const Pack<T, V>*>(x + base) + lo;
+    Pack<T, V>* yp = reinterpret_cast<Pack<T, V>*>(y + base) + lo;
+    if (ASYNC) {
+        // Every pack of the CTA's share requested at once (cp.async holds no registers).
+        for (u32 i = threadIdx.x; i < own; i += GNC_BLOCK) gnc_cp_async_16(&buf[i], &xp[i]);
+        gnc_cp_async_wait_all();
+    } else
+    // Four 16-byte loads a thread in flight before their shared stores (4-5 CTAs of 256 threads
+    // an SM: 64-80 KB requested an SM at a time, more than the latency x bandwidth product).
+    for (u32 i0 = threadIdx.x; i0 < own; i0 += 4 * GNC_BLOCK) {
+        Pack<T, V> r[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+            if (i0 + k * GNC_BLOCK < own) r[k] = xp[i0 + k * GNC_BLOCK];
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+            if (i0 + k * GNC_BLOCK < own) buf[i0 + k * GNC_BLOCK] = r[k];
+    }
+    __syncthreads();
+    const float K = to_f32(x[base]);
+    // Pass 1: shifted sum; pass 2: squared deviations from the cluster's mean (as gnc_group_stats).
+    float s = 0.0f;
+    for (u32 i = threadIdx.x; i < own; i += GNC_BLOCK) {
+        const Pack<T, V> r = buf[i];
+#pragma unroll
+        for (int j = 0; j < V; ++j) s += to_f32(r.v[j]) - K;
+    }
+    const float mean = K + gnc_cluster_sum(s, red, &slots[0], cs) / (float)M;
+    float ss = 0.0f;
+    for (u32 i = threadIdx.x; i < own; i += GNC_BLOCK) {
+        const Pack<T, V> r = buf[i];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            const float d = to_f32(r.v[j]) - mean;
+            ss += d * d;
+        }
+    }
+    const float var = gnc_cluster_sum(ss, red, &slots[1], cs) / (float)M;
+    cluster_arrive();
+    const float rstd = 1.0f / sqrtf(var + eps);
+    for (u32 i = threadIdx.x; i < own; i += GNC_BLOCK) {
+        const u32 c = g * cpg + ((lo + i) * V) / HW;
+        const float sc = rstd * (w ? __ldg(w + c) : 1.0f), sh = b ? __ldg(b + c) : 0.0f;
+        const Pack<T, V> r = buf[i];
+        Pack<T, V> o;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            float v = (to_f32(r.v[j]) - mean) * sc + sh;
+            if (act) v *= sigmoid_for<T>(v);
+            o.v[j] = from_f32<T>(v);
+        }
+        yp[i] = o;
+    }
+    cluster_wait();
+#endif
+}
+
+#define GNC_SMEM_KERNEL(T, NAME)                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GNC_BLOCK) gn_cluster_smem_##NAME(const T* x, T* y, const float* w, const float* b, u32 C, u32 HW, u32 G, u32 cs, \
+                                                                                    u32 per, float eps, int act) {                        \
+        gn_cluster_smem<T, false>(x, y, w, b, C, HW, G, cs, per, eps, act);                                                               \
+    }                                                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(GNC_BLOCK) gn_cluster_smem_async_##NAME(const T* x, T* y, const float* w, const float* b, u32 C, u32 HW, u32 G, \
+                                                                                          u32 cs, u32 per, float eps, int act) {          \
+        gn_cluster_smem<T, true>(x, y, w, b, C, HW, G, cs, per, eps, act);                                                                \
+    }
+GNC_SMEM_KERNEL(float, f32)
+GNC_SMEM_KERNEL(bf16, bf16)
+GNC_SMEM_KERNEL(f16, f16)

@@ -508,17 +508,44 @@ pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bia
     }
     let (_w, wp) = param(weight)?;
     let (_b, bp) = param(bias)?;
-    if let Some(plan) = gn_cluster_plan(&dev, &l, groups, xp, GnClusterKernel::Forward)? {
+    if let Some(plan) = gn_forward_path(&dev, &l, groups, xp)? {
         let (yp, c32, hw32, g32, cs, act) = (out.device_ptr(), l.c as u32, l.hw as u32, groups as u32, plan.cs, silu as i32);
-        let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&eps), karg(&act)];
-        // SAFETY: the arguments match gn_cluster_DT_pP (x, y, w, b, C, HW, G, cs, eps, act) and
-        // live until the call returns; gn_cluster_plan checked the kernel's conditions (NCHW,
-        // HW % V == 0, aligned x (y is a fresh allocation), the group fits cs * GNC_BLOCK * P packs).
-        unsafe { gn_cluster_launch(&dev, &plan, &mut args) }?;
+        let per = plan.packs as u32;
+        if plan.shared > 0 {
+            let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&per), karg(&eps), karg(&act)];
+            // SAFETY: the arguments match gn_cluster_smem_DT (x, y, w, b, C, HW, G, cs, per, eps,
+            // act) and live until the call returns; gn_cluster_smem_plan checked the kernel's
+            // conditions (NCHW, HW % V == 0, aligned x (y is a fresh allocation), cs * per >=
+            // packs, per * 16 bytes of dynamic shared memory opted in).
+            unsafe { gn_cluster_launch(&dev, &plan, &mut args) }?;
+        } else {
+            let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&eps), karg(&act)];
+            // SAFETY: the arguments match gn_cluster_DT_pP (x, y, w, b, C, HW, G, cs, eps, act) and
+            // live until the call returns; gn_cluster_plan checked the kernel's conditions (NCHW,
+            // HW % V == 0, aligned x (y is a fresh allocation), the group fits cs * GNC_BLOCK * P packs).
+            unsafe { gn_cluster_launch(&dev, &plan, &mut args) }?;
+        }
         return wrap_like(out, x.shape(), &l);
     }
     let (_stats, coef) = gn_stats(&dev, &l, groups, wp, bp, eps, true)?;
     let coef = coef.expect("asked for coefficients");
+    if l.channels_last && l.vec {
+        // Channels-last with 16-byte channel packs: each thread keeps its pack's coefficients in
+        // registers across positions (affine_apply reloads them for every pack: L1-bound).
+        let (yp, cp) = (out.device_ptr(), coef.device_ptr());
+        let (lanes, _) = gn_lanes(&dev, &l);
+        let (c32, hw32, act) = (l.c as u32, l.hw as u32, silu as i32);
+        let name = format!("gn_apply_nhwc_{dt}");
+        let f = dev.function(&knorm::SOURCE, &name)?;
+        let mut b = dev.launch_builder(&f);
+        b.arg(&xp).arg(&yp).arg(&cp).arg(&c32).arg(&hw32).arg(&act);
+        let cfg = LaunchConfig { grid_dim: (lanes as u32, l.n as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: arguments match gn_apply_nhwc_DT; l.vec means C % V == 0 and x 16-byte aligned
+        // (y is a fresh allocation), and gn_layout_checked keeps C / V <= BLOCK; coef holds 4
+        // floats per (n, c).
+        unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+        return wrap_like(out, x.shape(), &l);
+    }
     apply_affine(&dev, dt, xp, out.device_ptr(), coef.device_ptr(), x.elem_count(), l.c, l.hw, l.c, l.channels_last, silu)?;
     wrap_like(out, x.shape(), &l)
 }
@@ -535,13 +562,16 @@ struct GnClusterPlan {
     name: String,
     f: super::CudaFunction,
     cs: u32,
+    /// Packs a thread holds (register kernels) or a CTA holds (shared-memory kernel).
     packs: usize,
     grid: u32,
+    /// Dynamic shared memory bytes of a CTA (the shared-memory kernel; 0 for the others).
+    shared: u32,
 }
 
 /// The CUlaunchConfig of a (grid, GNC_BLOCK) launch in clusters of `cs` CTAs; `attr` must outlive
 /// the config's use.
-fn cluster_config(dev: &CudaDevice, grid: u32, cs: u32, attr: &mut sys::CUlaunchAttribute) -> sys::CUlaunchConfig {
+fn cluster_config(dev: &CudaDevice, grid: u32, cs: u32, shared: u32, attr: &mut sys::CUlaunchAttribute) -> sys::CUlaunchConfig {
     // SAFETY: an all-zero attribute value is a valid bit pattern (plain integers).
     let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
     value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: cs, y: 1, z: 1 };
@@ -553,7 +583,7 @@ fn cluster_config(dev: &CudaDevice, grid: u32, cs: u32, attr: &mut sys::CUlaunch
         blockDimX: GNC_BLOCK as u32,
         blockDimY: 1,
         blockDimZ: 1,
-        sharedMemBytes: 0,
+        sharedMemBytes: shared,
         hStream: dev.stream().cu_stream(),
         attrs: attr as *mut sys::CUlaunchAttribute,
         numAttrs: 1,
@@ -603,21 +633,137 @@ fn gn_cluster_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64, 
             GnClusterKernel::Backward => format!("gn_cluster_bwd_{dt}_p{p}"),
         };
         let f = dev.function(&knorm::GROUP_NORM_SOURCE, &name)?;
-        if !gn_cluster_schedulable(dev, &f, &name, grid, cs as u32)? {
+        if !gn_cluster_schedulable(dev, &f, &name, grid, cs as u32, 0)? {
             return Ok(None);
         }
-        return Ok(Some(GnClusterPlan { name, f, cs: cs as u32, packs: p, grid }));
+        return Ok(Some(GnClusterPlan { name, f, cs: cs as u32, packs: p, grid, shared: 0 }));
     }
     Ok(None)
+}
+
+/// Which group-norm path runs (LOOKAHEAD_VARIANT_GROUP_NORM, for side-by-side benchmarks):
+/// - `auto` (default): the per-shape rule of `gn_forward_path` / `gn_backward_uses_cluster`;
+/// - `two-phase`: statistics -> finalize -> apply (forward), the reduce / finalize / dx kernels
+///   (backward), on every arch;
+/// - `cluster-regs`: the register cluster kernels (gn_cluster_DT_pP, gn_cluster_bwd_DT_pP)
+///   wherever their plan applies;
+/// - `cluster-smem`: the forward with the group in shared memory (gn_cluster_smem_DT) wherever
+///   its plan applies; the backward as `auto` (there is no shared-memory backward);
+/// - `cluster-smem-async`: as `cluster-smem` with cp.async loads (gn_cluster_smem_async_DT).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum GnVariant {
+    Auto,
+    TwoPhase,
+    ClusterRegs,
+    ClusterSmem,
+    ClusterSmemAsync,
+}
+
+fn gn_variant() -> Result<GnVariant> {
+    const KNOWN: &str = "auto, two-phase, cluster-regs, cluster-smem, cluster-smem-async";
+    Ok(match super::kernel_variant("group_norm").as_deref() {
+        None | Some("auto") => GnVariant::Auto,
+        Some("two-phase") => GnVariant::TwoPhase,
+        Some("cluster-regs") => GnVariant::ClusterRegs,
+        Some("cluster-smem") => GnVariant::ClusterSmem,
+        Some("cluster-smem-async") => GnVariant::ClusterSmemAsync,
+        Some(v) => return Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_GROUP_NORM={v}: unknown group-norm variant (known: {KNOWN})"))),
+    })
+}
+
+/// Bytes of one (sample, group) of x up to which the `auto` rule runs the register cluster
+/// kernels (the backward always; the forward where the shared-memory kernel does not apply).
+/// H200, bf16, 2026-11-28, ms (two-phase / cluster-regs / cluster-smem / cluster-smem-async):
+/// forward (2,320,128,128) groups of 320 KB 0.032 / 0.037 / 0.029 / 0.030, (2,640,64,64) 160 KB
+/// 0.021 / 0.020 / 0.018 / 0.019, (2,1280,32,32) 80 KB 0.018 / 0.015 / 0.014 / 0.014; backward
+/// (two-phase / cluster-regs) 0.121 / 0.146, 0.069 / 0.052, 0.050 / 0.040. Above 160 KB the
+/// register kernel needs >= 12 packs a thread (bf16 p12: 105 registers, 2 CTAs an SM; the
+/// backward 174, 1 CTA), so its 8-CTA clusters run in several waves that each load, wait at the
+/// cluster barriers and store with nothing overlapping, and the two-phase path wins.
+const GNC_REGS_MAX_GROUP_BYTES: usize = 160 * 1024;
+
+/// Largest dynamic shared memory a CTA of gn_cluster_smem_DT asks for: four such CTAs share an
+/// SM's 228 KB (one wave for tensors up to ~4 x 132 x 48 KB).
+const GNC_SMEM_MAX_BYTES: usize = 48 * 1024;
+
+/// The shared-memory cluster kernel's plan, or None where it does not apply (the register
+/// kernel's conditions, or a group above 16 CTAs x GNC_SMEM_MAX_BYTES). Cluster size: the
+/// smallest power of two that keeps a CTA's share <= GNC_SMEM_MAX_BYTES and gives >= 2 CTAs an
+/// SM (16, non-portable, only when 8 cannot hold the group).
+fn gn_cluster_smem_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64, cp_async: bool) -> Result<Option<GnClusterPlan>> {
+    let dt = dt_name("group_norm", l.x.dtype())?;
+    let v = 16 / l.x.dtype().size_in_bytes();
+    if dev.arch() < 90 || l.channels_last || !l.hw.is_multiple_of(v) || !xp.is_multiple_of(16) || groups == 0 || l.n == 0 {
+        return Ok(None);
+    }
+    let packs = (l.c / groups) * l.hw / v;
+    let clusters = l.n * groups;
+    let sms = dev.multiprocessors() as usize;
+    for cs in [1usize, 2, 4, 8, 16] {
+        let per = packs.div_ceil(cs);
+        if per * 16 > GNC_SMEM_MAX_BYTES || (cs < 8 && clusters * cs < 2 * sms) {
+            continue;
+        }
+        let Ok(grid) = u32::try_from(clusters * cs) else { return Ok(None) };
+        if grid > i32::MAX as u32 {
+            return Ok(None);
+        }
+        let name = if cp_async { format!("gn_cluster_smem_async_{dt}") } else { format!("gn_cluster_smem_{dt}") };
+        let f = dev.function(&knorm::GROUP_NORM_SOURCE, &name)?;
+        let shared = (per * 16) as u32;
+        if !gn_cluster_schedulable(dev, &f, &name, grid, cs as u32, shared)? {
+            return Ok(None);
+        }
+        return Ok(Some(GnClusterPlan { name, f, cs: cs as u32, packs: per, grid, shared }));
+    }
+    Ok(None)
+}
+
+/// The forward's kernels for this input: Some(plan) for a cluster kernel, None for two-phase.
+/// `auto`: the shared-memory cluster kernel where it applies (fastest at every measured shape,
+/// see GNC_REGS_MAX_GROUP_BYTES: the whole tensor is resident in one wave, x read once), else the
+/// register cluster kernel for groups up to GNC_REGS_MAX_GROUP_BYTES, else two-phase.
+fn gn_forward_path(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64) -> Result<Option<GnClusterPlan>> {
+    if !super::experimental_kernels() {
+        return Ok(None);
+    }
+    let group_bytes = if groups == 0 { 0 } else { l.c / groups * l.hw * l.x.dtype().size_in_bytes() };
+    match gn_variant()? {
+        GnVariant::TwoPhase => Ok(None),
+        GnVariant::ClusterRegs => gn_cluster_plan(dev, l, groups, xp, GnClusterKernel::Forward),
+        GnVariant::ClusterSmem => gn_cluster_smem_plan(dev, l, groups, xp, false),
+        GnVariant::ClusterSmemAsync => gn_cluster_smem_plan(dev, l, groups, xp, true),
+        GnVariant::Auto => {
+            if let Some(p) = gn_cluster_smem_plan(dev, l, groups, xp, false)? {
+                return Ok(Some(p));
+            }
+            if group_bytes > GNC_REGS_MAX_GROUP_BYTES {
+                return Ok(None);
+            }
+            gn_cluster_plan(dev, l, groups, xp, GnClusterKernel::Forward)
+        }
+    }
+}
+
+/// Whether the backward runs the register cluster kernel (where its plan applies): always under
+/// `cluster-regs`, never under `two-phase`, else (`auto`, `cluster-smem`) for groups up to
+/// GNC_REGS_MAX_GROUP_BYTES.
+fn gn_backward_uses_cluster(l: &GnLayout, groups: usize) -> Result<bool> {
+    let group_bytes = if groups == 0 { 0 } else { l.c / groups * l.hw * l.x.dtype().size_in_bytes() };
+    Ok(match gn_variant()? {
+        GnVariant::TwoPhase => false,
+        GnVariant::ClusterRegs => true,
+        GnVariant::Auto | GnVariant::ClusterSmem | GnVariant::ClusterSmemAsync => group_bytes <= GNC_REGS_MAX_GROUP_BYTES,
+    })
 }
 
 /// Whether the driver can run at least one cluster of `cs` CTAs of kernel `name` at a time
 /// (cuOccupancyMaxActiveClusters > 0; above 8 CTAs after opting the kernel in). Asked once per (device, kernel, cluster size): the query
 /// costs microseconds of host time, as much as the kernel itself on small tensors.
-fn gn_cluster_schedulable(dev: &CudaDevice, f: &super::CudaFunction, name: &str, grid: u32, cs: u32) -> Result<bool> {
-    type Key = (usize, String, u32);
+fn gn_cluster_schedulable(dev: &CudaDevice, f: &super::CudaFunction, name: &str, grid: u32, cs: u32, shared: u32) -> Result<bool> {
+    type Key = (usize, String, u32, u32);
     static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<Key, bool>>> = std::sync::OnceLock::new();
-    let key = (dev.ordinal(), name.to_string(), cs);
+    let key = (dev.ordinal(), name.to_string(), cs, shared);
     let seen = SEEN.get_or_init(Default::default);
     if let Some(&ok) = seen.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(ok);
@@ -628,9 +774,14 @@ fn gn_cluster_schedulable(dev: &CudaDevice, f: &super::CudaFunction, name: &str,
         seen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, false);
         return Ok(false);
     }
+    // Dynamic shared memory above 48 KB needs the kernel's opt-in too.
+    if shared > 48 * 1024 && f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).is_err() {
+        seen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, false);
+        return Ok(false);
+    }
     // SAFETY: zeroed, then every field written by cluster_config.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    let cfg = cluster_config(dev, grid, cs, &mut attr);
+    let cfg = cluster_config(dev, grid, cs, shared, &mut attr);
     let mut active: std::ffi::c_int = 0;
     // SAFETY: cfg (and the attribute it points to) and f are valid for the call.
     let ok = unsafe { sys::cuOccupancyMaxActiveClusters(&mut active, f.cu_function(), &cfg) }.result().is_ok() && active > 0;
@@ -647,7 +798,7 @@ unsafe fn gn_cluster_launch(dev: &Arc<CudaDevice>, plan: &GnClusterPlan, args: &
     dev.bind()?;
     // SAFETY: zeroed, then every field written by cluster_config.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    let cfg = cluster_config(dev, plan.grid, plan.cs, &mut attr);
+    let cfg = cluster_config(dev, plan.grid, plan.cs, plan.shared, &mut attr);
     // SAFETY: cfg and its attribute live for the call; the arguments are the caller's promise.
     unsafe { sys::cuLaunchKernelEx(&cfg, plan.f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(launch_failed(&plan.name))?;
     Ok(())
@@ -665,7 +816,8 @@ pub fn group_norm_forward_path(x: &Tensor, groups: usize) -> Result<String> {
     gn_check(OP, x, groups)?;
     let l = gn_layout_checked(x)?;
     let (xp, dev) = addr(&l.x, OP)?;
-    Ok(match gn_cluster_plan(&dev, &l, groups, xp, GnClusterKernel::Forward)? {
+    Ok(match gn_forward_path(&dev, &l, groups, xp)? {
+        Some(p) if p.shared > 0 => format!("cluster ({} CTAs x {} packs/CTA in shared memory, {})", p.cs, p.packs, p.name),
         Some(p) => format!("cluster ({} CTAs x {} packs/thread, {})", p.cs, p.packs, p.name),
         None => "two-phase".to_string(),
     })
@@ -714,7 +866,7 @@ pub(crate) fn group_norm_backward(x: &Tensor, dy: &Tensor, groups: usize, weight
         return Ok((wrap_like(dx, x.shape(), &l)?, param_grads.then(|| (z.clone(), z))));
     }
     // One launch (sm_90 clusters, experimental): reads x and dy once, writes dx once.
-    if groups > 0 && l.c / groups <= GNC_MAX_CPG && dyp.is_multiple_of(16) {
+    if groups > 0 && l.c / groups <= GNC_MAX_CPG && dyp.is_multiple_of(16) && gn_backward_uses_cluster(&l, groups)? {
         if let Some(plan) = gn_cluster_plan(&dev, &l, groups, xp, GnClusterKernel::Backward)? {
             // dw / db are sums of atomic adds into zeroed f32 buffers.
             let grads = if param_grads { Some((Tensor::zeros(&[l.c], DType::F32, x.device())?, Tensor::zeros(&[l.c], DType::F32, x.device())?)) } else { None };
