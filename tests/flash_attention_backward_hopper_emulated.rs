@@ -18,15 +18,11 @@ emulated_backward_tests!(flash_backward_emulation::MainKernel::Hopper);
 
 // The variants (LOOKAHEAD_VARIANT_FLASH_BWD; engine::cuda::flash_attention_backward::HOPPER_VARIANTS),
 // every case each (their head dim 128 cases run the default kernel).
-mod kreg {
+mod ss {
     use super::*;
-    emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("kreg"));
+    emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("ss"));
 }
-mod ds32 {
+mod late {
     use super::*;
-    emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("ds32"));
-}
-mod kregds32 {
-    use super::*;
-    emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("kregds32"));
+    emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("late"));
 }

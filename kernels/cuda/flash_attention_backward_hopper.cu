@@ -44,6 +44,20 @@
 // Shared memory (bytes): K, V 2 BC D 2; three stages of Q and dO 6 BR D 2; two dS tiles 2 BR BC 2;
 // lse2, delta three stages 6 BR 4; (D 64) the partial-dQ exchange 2 x 2 x 16 x 128 f32; + 1024 to
 // align the start.
+// D 64 (the default, KREG): the warpgroup's K and V rows are held as wgmma A fragments in
+// registers (16 + 16 a thread, loaded once), so S^T and dP^T are wgmma_rs and read only Q / dO from
+// shared memory: an m64n64k16 wgmma_ss moves 4 KiB of shared memory a k-step, the SM's whole
+// shared-memory bandwidth for the 32 cycles its tensor cores take for it. Measured on an H200
+// (bf16, batch 2, ext attention bwd): 4096 x (4096 + 4096) h10 1.52 ms against 1.60 ms with K, V
+// from shared memory; 1024 x (1024 + 1024) h20 0.237 against 0.245 ms. 238 registers, no spills.
+// Variants, LOOKAHEAD_VARIANT_FLASH_BWD=<name> (engine/src/cuda/flash_attention_backward.rs; D 64
+// only, D 128 runs its default kernel under any of them):
+//   default  as above.
+//   ss       S^T and dP^T as wgmma_ss with K and V from shared memory (the kernel before KREG).
+//   late     KREG, and the next stage's cp.async issue and the previous tile's dQ atomics after
+//            the dQ(it) wgmma issue instead of before it, so that they overlap the dQ product.
+// Tried and dropped: dS stored as 32-bit words after a lane swap (half the store instructions):
+// 1.64 ms alone, 1.56 ms with KREG on the H200 (the shuffles sit on the path to the barrier).
 // Host guarantees as flash_attention_backward.cu: 16-bit inputs with unit stride along D, row
 // strides multiples of 8 elements, 16-byte aligned bases; lq_pad = Lq rounded up to 4.
 #include "mma.cuh"
@@ -125,7 +139,7 @@ __device__ __forceinline__ void fbh_atomic_add_block(float* dq_accum, u32 row0, 
 #endif
 }
 
-template <typename T, int D, bool KREG, bool DS32>
+template <typename T, int D, bool KREG, bool LATE>
 __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
     constexpr u32 BC = FBH_BC, BR = FBH_BR, STAGES = FBH_STAGES;
     constexpr u32 KV_BYTES = BC * D * 2;      // one of K, V
@@ -210,11 +224,8 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 
     // S^T(it) = K_w Q_it^T and dP^T(it) = V_w dO_it^T, 64 keys x BR queries each, as two commit
     // groups (S^T is used while dP^T is still computed).
-    // KREG: the warpgroup's K and V rows as wgmma A fragments in registers (loaded once after the
-    // prologue), so S^T and dP^T read only Q / dO from shared memory (wgmma_rs): an m64n64k16
-    // wgmma_ss moves 4 KiB of shared memory a k-step, as much as the SM's shared-memory bandwidth
-    // delivers in the 32 cycles its tensor cores take for it; the register form halves that.
-    // Fragment of k-step kk: [0] key row g, columns 16 kk + 2t, + 1; [1] row g + 8; [2], [3] the
+    // KREG (top of the file): the warpgroup's K and V rows as wgmma A fragments in registers
+    // (loaded once after the prologue), S^T and dP^T by wgmma_rs. Fragment of k-step kk: [0] key row g, columns 16 kk + 2t, + 1; [1] row g + 8; [2], [3] the
     // same rows, columns + 8 (16-byte chunk 2 kk + 1). D 64 only (D 128 has no registers left).
     constexpr int KA = KREG ? KD : 1;
     u32 ka[KA][4], va[KA][4];
@@ -370,26 +381,14 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         // dS transposed into the dS tile: element (query, key) in column block key / 64 (= wg),
         // row query, chunk (key % 64) / 8, 2 (key % 8) bytes in. da[kk][r] holds key row g (r even)
         // or g + 8 (r odd), queries 16 kk + 8 (r / 2) + 2t (low half) and + 1 (high half).
-        // DS32: lanes g, g ^ 1 (lane ^ 4) swap halves so that each stores one 32-bit word of keys
-        // g & ~1, + 1: the even lane at query 16 kk + 8 (r / 2) + 2t, the odd one at + 1; half the
-        // store instructions (and shared-memory wavefronts) of the 16-bit stores.
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const u32 query = 16 * kk + 8 * (r / 2) + 2 * t, chunk = 2 * warp + (r % 2);
-                if constexpr (DS32) {
-                    const bool odd = g & 1u;
-                    const u32 mine = da[kk][r];
-                    const u32 theirs = __shfl_xor_sync(0xffffffffu, odd ? (mine & 0xffffu) : (mine >> 16), 4);
-                    const u32 word = odd ? (theirs | (mine & 0xffff0000u)) : ((mine & 0xffffu) | (theirs << 16));
-                    unsigned char* at = ds_tile + wg * BR * 128 + 2 * (g & ~1u);
-                    *(u32*)(at + fbh_offset<BR>(query + (odd ? 1u : 0u), chunk)) = word;
-                } else {
-                    unsigned char* at = ds_tile + wg * BR * 128 + 2 * g;
-                    *(u16*)(at + fbh_offset<BR>(query, chunk)) = (u16)(da[kk][r] & 0xffffu);
-                    *(u16*)(at + fbh_offset<BR>(query + 1, chunk)) = (u16)(da[kk][r] >> 16);
-                }
+                unsigned char* at = ds_tile + wg * BR * 128 + 2 * g;
+                *(u16*)(at + fbh_offset<BR>(query, chunk)) = (u16)(da[kk][r] & 0xffffu);
+                *(u16*)(at + fbh_offset<BR>(query + 1, chunk)) = (u16)(da[kk][r] >> 16);
             }
         }
         // This thread's copies of stage it + 1 have landed; after the barrier every thread's
@@ -398,11 +397,17 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         cp_async_wait<0>();
         fence_proxy_async();
         __syncthreads();
-        if (it + 2 < nq) load_stage(it + 2);
-        cp_async_commit();
-        if constexpr (!DQ_BY_COLUMNS) {
-            if (it > 0) dq_add(it - 1);  // the other warpgroup's dq_send(it - 1) is before the barrier
-        }
+        // The copies of stage it + 2 and (D 64) the atomics of dQ(it - 1): before the dQ(it) issue,
+        // or (LATE) after it, so that they run while the tensor cores compute dQ(it) (they touch
+        // neither dq nor the dS tile; the wgmma_fence below orders nothing they need).
+        auto between = [&]() {
+            if (it + 2 < nq) load_stage(it + 2);
+            cp_async_commit();
+            if constexpr (!DQ_BY_COLUMNS) {
+                if (it > 0) dq_add(it - 1);  // the other warpgroup's dq_send(it - 1) is before the barrier
+            }
+        };
+        if constexpr (!LATE) between();
 
         // dQ(it): A = dS rows (K-major), B = K rows as MN-major (keys are the k dimension).
         wgmma_fence();  // orders the dq reads above and the dS stores' registers before the issue
@@ -417,6 +422,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
             }
         }
         wgmma_commit();
+        if constexpr (LATE) between();
         wgmma_wait<0>();
         wgmma_fence_operands(dk);
         wgmma_fence_operands(dv);
@@ -461,21 +467,20 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 // Without wgmma (sm_80, sm_90 without the a features) the kernels compile empty; the engine
 // launches them only on compute capability 9.0, whose CUBIN is built for sm_90a.
 #if LA_WGMMA
-#define FBH_BODY(T, D, KREG, DS32) flash_bwd_hopper<T, D, KREG, DS32>(p)
+#define FBH_BODY(T, D, KREG, LATE) flash_bwd_hopper<T, D, KREG, LATE>(p)
 #else
-#define FBH_BODY(T, D, KREG, DS32) (void)p
+#define FBH_BODY(T, D, KREG, LATE) (void)p
 #endif
 
-#define FBH_INSTANCE(NAME, T, D, KREG, DS32) \
-    extern "C" __global__ void __launch_bounds__(FBH_THREADS, 1) NAME(const FlashBwdParams p) { FBH_BODY(T, D, KREG, DS32); }
-FBH_INSTANCE(flash_bwd_hopper_bf16_d64, bf16, 64, false, false)
+#define FBH_INSTANCE(NAME, T, D, KREG, LATE) \
+    extern "C" __global__ void __launch_bounds__(FBH_THREADS, 1) NAME(const FlashBwdParams p) { FBH_BODY(T, D, KREG, LATE); }
+// The defaults: D 64 with K / V fragments in registers (KREG), D 128 from shared memory.
+FBH_INSTANCE(flash_bwd_hopper_bf16_d64, bf16, 64, true, false)
 FBH_INSTANCE(flash_bwd_hopper_bf16_d128, bf16, 128, false, false)
-FBH_INSTANCE(flash_bwd_hopper_f16_d64, f16, 64, false, false)
+FBH_INSTANCE(flash_bwd_hopper_f16_d64, f16, 64, true, false)
 FBH_INSTANCE(flash_bwd_hopper_f16_d128, f16, 128, false, false)
 // Variants (D 64 only; LOOKAHEAD_VARIANT_FLASH_BWD, see the top of the file).
-FBH_INSTANCE(flash_bwd_hopper_kreg_bf16_d64, bf16, 64, true, false)
-FBH_INSTANCE(flash_bwd_hopper_kreg_f16_d64, f16, 64, true, false)
-FBH_INSTANCE(flash_bwd_hopper_ds32_bf16_d64, bf16, 64, false, true)
-FBH_INSTANCE(flash_bwd_hopper_ds32_f16_d64, f16, 64, false, true)
-FBH_INSTANCE(flash_bwd_hopper_kregds32_bf16_d64, bf16, 64, true, true)
-FBH_INSTANCE(flash_bwd_hopper_kregds32_f16_d64, f16, 64, true, true)
+FBH_INSTANCE(flash_bwd_hopper_ss_bf16_d64, bf16, 64, false, false)
+FBH_INSTANCE(flash_bwd_hopper_ss_f16_d64, f16, 64, false, false)
+FBH_INSTANCE(flash_bwd_hopper_late_bf16_d64, bf16, 64, true, true)
+FBH_INSTANCE(flash_bwd_hopper_late_f16_d64, f16, 64, true, true)

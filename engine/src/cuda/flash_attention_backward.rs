@@ -72,7 +72,7 @@ fn hopper_main_kernel(dev: &super::CudaDevice, dtype: DType, d: usize) -> Result
 const VARIANT_FAMILY: &str = "flash_bwd";
 /// The Hopper main kernel's variants (kernels/cuda/flash_attention_backward_hopper.cu, top of the
 /// file): head dim 64 only; head dim 128 runs the default kernel under any of them.
-pub const HOPPER_VARIANTS: [&str; 3] = ["kreg", "ds32", "kregds32"];
+pub const HOPPER_VARIANTS: [&str; 2] = ["ss", "late"];
 
 /// The Hopper main kernel's instance name for `variant` (None: the default), dtype `tn` and head
 /// dim `d`; an unknown variant is an error naming the variable and the known values.
