@@ -112,6 +112,9 @@ api_table! {
         cudnnGetConvolutionBackwardFilterAlgorithm_v7: fn(dnn::cudnnHandle_t, dnn::cudnnTensorDescriptor_t, dnn::cudnnTensorDescriptor_t, dnn::cudnnConvolutionDescriptor_t, dnn::cudnnFilterDescriptor_t, i32, *mut i32, *mut dnn::cudnnConvolutionBwdFilterAlgoPerf_t) -> dnn::cudnnStatus_t;
         cudnnGetConvolutionBackwardFilterWorkspaceSize: fn(dnn::cudnnHandle_t, dnn::cudnnTensorDescriptor_t, dnn::cudnnTensorDescriptor_t, dnn::cudnnConvolutionDescriptor_t, dnn::cudnnFilterDescriptor_t, dnn::cudnnConvolutionBwdFilterAlgo_t, *mut usize) -> dnn::cudnnStatus_t;
         cudnnConvolutionBackwardFilter: fn(dnn::cudnnHandle_t, *const c_void, dnn::cudnnTensorDescriptor_t, *const c_void, dnn::cudnnTensorDescriptor_t, *const c_void, dnn::cudnnConvolutionDescriptor_t, dnn::cudnnConvolutionBwdFilterAlgo_t, *mut c_void, usize, *const c_void, dnn::cudnnFilterDescriptor_t, *mut c_void) -> dnn::cudnnStatus_t;
+        cudnnFindConvolutionForwardAlgorithmEx: fn(dnn::cudnnHandle_t, dnn::cudnnTensorDescriptor_t, *const c_void, dnn::cudnnFilterDescriptor_t, *const c_void, dnn::cudnnConvolutionDescriptor_t, dnn::cudnnTensorDescriptor_t, *mut c_void, i32, *mut i32, *mut dnn::cudnnConvolutionFwdAlgoPerf_t, *mut c_void, usize) -> dnn::cudnnStatus_t;
+        cudnnFindConvolutionBackwardDataAlgorithmEx: fn(dnn::cudnnHandle_t, dnn::cudnnFilterDescriptor_t, *const c_void, dnn::cudnnTensorDescriptor_t, *const c_void, dnn::cudnnConvolutionDescriptor_t, dnn::cudnnTensorDescriptor_t, *mut c_void, i32, *mut i32, *mut dnn::cudnnConvolutionBwdDataAlgoPerf_t, *mut c_void, usize) -> dnn::cudnnStatus_t;
+        cudnnFindConvolutionBackwardFilterAlgorithmEx: fn(dnn::cudnnHandle_t, dnn::cudnnTensorDescriptor_t, *const c_void, dnn::cudnnTensorDescriptor_t, *const c_void, dnn::cudnnConvolutionDescriptor_t, dnn::cudnnFilterDescriptor_t, *mut c_void, i32, *mut i32, *mut dnn::cudnnConvolutionBwdFilterAlgoPerf_t, *mut c_void, usize) -> dnn::cudnnStatus_t;
     }
 }
 
