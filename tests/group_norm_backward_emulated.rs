@@ -188,3 +188,71 @@ fn cluster_backward_matches_cpu_reference() {
         }
     }
 }
+
+/// Runs one of norm.cu's group-norm dx kernels on `x`, `dy` and (mean, rstd, mg, mgx) `coef`
+/// per (n, c): "scalar" (gn_bwd_dx_DT, either layout), "pack" (gn_bwd_dx_pack_DT, NCHW) or
+/// "nhwc" (gn_bwd_dx_nhwc_DT, 2 lanes).
+#[allow(clippy::too_many_arguments)]
+fn run_dx(module: &EmulatedModule, kind: &str, dt: Dt, k: Case, channels_last: bool, x: &[f32], dy: &[f32], coef: &[f32], w: &[f32], b: &[f32], silu: bool) -> Vec<f32> {
+    let (bx, bdy) = (Buf::new(dt, x), Buf::new(dt, dy));
+    let bdx = Buf::new(dt, &vec![f32::NAN; x.len()]);
+    let (bc, bw, bb) = (Aligned::from(coef), Aligned::from(w), Aligned::from(b));
+    let (xp, dyp, dxp, cp, wp, bp) = (bx.addr(), bdy.addr(), bdx.addr(), bc.addr(), bw.addr(), bb.addr());
+    let total = (k.n * k.c * k.hw) as u32;
+    let (c32, hw32, act, cl) = (k.c as u32, k.hw as u32, silu as i32, channels_last as i32);
+    let name = format!("gn_bwd_dx_{}{}", if kind == "scalar" { String::new() } else { format!("{kind}_") }, dt.name());
+    let grid = match kind {
+        "scalar" => (total.div_ceil(BLOCK as u32), 1, 1),
+        "pack" => ((total / dt.pack() as u32).div_ceil(BLOCK as u32), 1, 1),
+        _ => (2, k.n as u32, 1),
+    };
+    // SAFETY: the signatures are the kernels' (norm.cu); every buffer outlives the launch and is
+    // 16-byte aligned; HW % V == 0 (pack) / C % V == 0 with C / V <= BLOCK (nhwc).
+    unsafe {
+        module
+            .launch(&name, grid, (BLOCK as u32, 1, 1), 0, &|f| match kind {
+                "scalar" => {
+                    let kernel: extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, u32, i32, i32) = std::mem::transmute(f);
+                    kernel(xp, dyp, cp, wp, bp, dxp, total, c32, hw32, cl, act);
+                }
+                "pack" => {
+                    let kernel: extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, u32, i32) = std::mem::transmute(f);
+                    kernel(xp, dyp, cp, wp, bp, dxp, total, c32, hw32, act);
+                }
+                _ => {
+                    let kernel: extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, i32) = std::mem::transmute(f);
+                    kernel(xp, dyp, cp, wp, bp, dxp, c32, hw32, act);
+                }
+            })
+            .unwrap_or_else(|e| panic!("{name} {k:?}: {e}"));
+    }
+    bdx.values()
+}
+
+/// The packed dx kernels of the two-phase backward (gn_bwd_dx_pack_DT for NCHW, gn_bwd_dx_nhwc_DT
+/// for channels-last: engine/src/cuda/norm.rs runs them where the data allows) compute what the
+/// scalar gn_bwd_dx_DT computes, element for element; every element written.
+#[test]
+fn packed_dx_kernels_match_scalar() {
+    if !have_compiler("packed_dx_kernels_match_scalar") {
+        return;
+    }
+    let module = EmulatedModule::load(&knorm::SOURCE).expect("norm.cu builds for the emulator");
+    for dt in [Dt::F32, Dt::Half(Half::Bf16), Dt::Half(Half::F16)] {
+        // NCHW: planes of 24 (3 / 6 packs); channels-last: rows of 24 channels (3 / 6 packs), 5
+        // positions over 2 lanes (a lane with fewer positions).
+        for (kind, channels_last, k) in [("pack", false, Case { n: 2, c: 6, hw: 24, groups: 3 }), ("nhwc", true, Case { n: 2, c: 24, hw: 5, groups: 4 })] {
+            let len = k.n * k.c * k.hw;
+            let x = dt.round(&values(len, 71).iter().map(|v| 0.5 + 2.0 * v).collect::<Vec<_>>());
+            let dy = dt.round(&values(len, 72));
+            // (mean, rstd > 0, mg, mgx) per (n, c).
+            let coef: Vec<f32> = values(4 * k.n * k.c, 73).chunks(4).flat_map(|q| [q[0], 1.0 + q[1].abs(), 0.1 * q[2], 0.1 * q[3]]).collect();
+            let (w, b) = (values(k.c, 74), values(k.c, 75));
+            for silu in [false, true] {
+                let want = run_dx(&module, "scalar", dt, k, channels_last, &x, &dy, &coef, &w, &b, silu);
+                let got = run_dx(&module, kind, dt, k, channels_last, &x, &dy, &coef, &w, &b, silu);
+                assert_close(&format!("{kind} {} {k:?} silu {silu}", dt.name()), &got, &want, 0.0, 0.0);
+            }
+        }
+    }
+}

@@ -745,6 +745,70 @@ __device__ __forceinline__ void gn_bwd_dx(const T* __restrict__ x, const T* __re
     dx[i] = from_f32<T>(f.y * (d * wc - f.z - xh * f.w));
 }
 
+// gn_bwd_dx_pack_DT: gn_bwd_dx for NCHW with a 16-byte pack of V elements a thread (one plane, so
+// one coefficient / weight / bias load a pack; the scalar kernel's 2-byte accesses and per-element
+// coefficient loads kept the two-phase backward far below the copy bandwidth). The same
+// arithmetic as gn_bwd_dx, element for element. Blocks of EW_BLOCK threads, grid.x =
+// ceil(total / V / EW_BLOCK). Host guarantees: HW % V == 0, x, dy and dx 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void gn_bwd_dx_pack(const T* __restrict__ x, const T* __restrict__ dy, const float4* __restrict__ coef, const float* __restrict__ w,
+                                               const float* __restrict__ b, T* __restrict__ dx, u32 total, u32 C, u32 HW, int act) {
+    constexpr int V = 16 / sizeof(T);
+    const u64 i64_ = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    if (i64_ >= total) return;
+    const u32 i = (u32)i64_;
+    const u32 plane = i / HW, n = plane / C, c = plane % C;
+    const float4 f = coef[(u64)n * C + c];
+    const float wc = param(w, c, 1.0f), bc = param(b, c, 0.0f);
+    const Pack<T, V> px = *reinterpret_cast<const Pack<T, V>*>(x + i);
+    const Pack<T, V> pd = *reinterpret_cast<const Pack<T, V>*>(dy + i);
+    Pack<T, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const float xh = (to_f32(px.v[k]) - f.x) * f.y;
+        const float d = gn_dprime(to_f32(pd.v[k]), xh, wc, bc, act);
+        o.v[k] = from_f32<T>(f.y * (d * wc - f.z - xh * f.w));
+    }
+    *reinterpret_cast<Pack<T, V>*>(dx + i) = o;
+}
+
+// gn_bwd_dx_nhwc_DT: gn_bwd_dx for channels-last with each thread's channel pack fixed (its V
+// channels' coefficients, weights and biases in registers) while it walks positions, as
+// gn_apply_nhwc; the same arithmetic as gn_bwd_dx, element for element. Grid (L lanes, N),
+// GN_BLOCK threads as R = GN_BLOCK / npk rows of npk = C / V packs. Host guarantees: C % V == 0,
+// npk <= GN_BLOCK, x, dy and dx 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void gn_bwd_dx_nhwc(const T* __restrict__ x, const T* __restrict__ dy, const float4* __restrict__ coef, const float* __restrict__ w,
+                                               const float* __restrict__ b, T* __restrict__ dx, u32 C, u32 HW, int act) {
+    constexpr int V = 16 / sizeof(T);
+    const u32 npk = C / V, R = blockDim.x / npk, L = gridDim.x, lane = blockIdx.x, n = blockIdx.y;
+    const u32 r = threadIdx.x / npk, cp = threadIdx.x % npk;
+    if (r >= R) return;
+    float4 f[V];
+    float wc[V], bc[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const u32 c = cp * V + k;
+        f[k] = coef[(u64)n * C + c];
+        wc[k] = param(w, c, 1.0f);
+        bc[k] = param(b, c, 0.0f);
+    }
+    const u64 off = (u64)n * HW * C + cp * V;
+#pragma unroll 2
+    for (u32 p = lane * R + r; p < HW; p += L * R) {
+        const Pack<T, V> px = *reinterpret_cast<const Pack<T, V>*>(x + off + (u64)p * C);
+        const Pack<T, V> pd = *reinterpret_cast<const Pack<T, V>*>(dy + off + (u64)p * C);
+        Pack<T, V> o;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float xh = (to_f32(px.v[k]) - f[k].x) * f[k].y;
+            const float d = gn_dprime(to_f32(pd.v[k]), xh, wc[k], bc[k], act);
+            o.v[k] = from_f32<T>(f[k].y * (d * wc[k] - f[k].z - xh * f[k].w));
+        }
+        *reinterpret_cast<Pack<T, V>*>(dx + off + (u64)p * C) = o;
+    }
+}
+
 // ---- GEGLU and PReLU -------------------------------------------------------------------------
 // geglu_DT: out[r, j] = x[r, j] * gelu(x[r, half + j]) (erf GELU, common.cuh gelu_for); a thread
 // per pack of V output elements (V = 16 bytes of T when half % V == 0 and x, y are 16-byte aligned,
@@ -825,6 +889,14 @@ __device__ __forceinline__ void prelu(const T* __restrict__ x, T* __restrict__ y
     extern "C" __global__ void __launch_bounds__(EW_BLOCK)                                            \
         gn_bwd_dx_##NAME(const T* x, const T* dy, const float4* coef, const float* w, const float* b, T* dx, u32 total, u32 C, u32 HW, int channels_last, int act) { \
         gn_bwd_dx<T>(x, dy, coef, w, b, dx, total, C, HW, channels_last, act);                        \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(EW_BLOCK)                                            \
+        gn_bwd_dx_pack_##NAME(const T* x, const T* dy, const float4* coef, const float* w, const float* b, T* dx, u32 total, u32 C, u32 HW, int act) { \
+        gn_bwd_dx_pack<T>(x, dy, coef, w, b, dx, total, C, HW, act);                                  \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GN_BLOCK)                                            \
+        gn_bwd_dx_nhwc_##NAME(const T* x, const T* dy, const float4* coef, const float* w, const float* b, T* dx, u32 C, u32 HW, int act) { \
+        gn_bwd_dx_nhwc<T>(x, dy, coef, w, b, dx, C, HW, act);                                         \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(EW_BLOCK) geglu_##NAME(const T* x, T* y, u32 half, u32 total) { \
         geglu<T, 1>(x, y, half, total);                                                               \

@@ -920,12 +920,36 @@ pub(crate) fn group_norm_backward(x: &Tensor, dy: &Tensor, groups: usize, weight
     }
     {
         let (dxp, t32) = (dx.device_ptr(), total as u32);
-        let name = format!("gn_bwd_dx_{dt}");
-        let f = dev.function(&knorm::SOURCE, &name)?;
-        let mut b = dev.launch_builder(&f);
-        b.arg(&xp).arg(&dyp).arg(&cp).arg(&wp).arg(&bp).arg(&dxp).arg(&t32).arg(&c32).arg(&hw32).arg(&cl).arg(&act);
-        // SAFETY: arguments match gn_bwd_dx_DT; dy has x's memory order (like_layout).
-        unsafe { b.launch(launch_1d(total, BLOCK)) }.map_err(launch_failed(&name))?;
+        let v = 16 / x.dtype().size_in_bytes();
+        let aligned = xp.is_multiple_of(16) && dyp.is_multiple_of(16) && dxp.is_multiple_of(16);
+        if l.channels_last && l.vec && aligned {
+            // Each thread keeps its channel pack's coefficients in registers across positions.
+            let name = format!("gn_bwd_dx_nhwc_{dt}");
+            let f = dev.function(&knorm::SOURCE, &name)?;
+            let mut b = dev.launch_builder(&f);
+            b.arg(&xp).arg(&dyp).arg(&cp).arg(&wp).arg(&bp).arg(&dxp).arg(&c32).arg(&hw32).arg(&act);
+            let cfg = LaunchConfig { grid_dim: (l32, n32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: arguments match gn_bwd_dx_nhwc_DT; l.vec means C % V == 0 with C / V <=
+            // BLOCK (gn_layout_checked); x, dy, dx are 16-byte aligned (checked); dy has x's
+            // memory order (like_layout).
+            unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
+        } else if !l.channels_last && l.hw.is_multiple_of(v) && aligned {
+            // A 16-byte pack a thread (one plane: one coefficient load a pack).
+            let name = format!("gn_bwd_dx_pack_{dt}");
+            let f = dev.function(&knorm::SOURCE, &name)?;
+            let mut b = dev.launch_builder(&f);
+            b.arg(&xp).arg(&dyp).arg(&cp).arg(&wp).arg(&bp).arg(&dxp).arg(&t32).arg(&c32).arg(&hw32).arg(&act);
+            // SAFETY: arguments match gn_bwd_dx_pack_DT; HW % V == 0 and x, dy, dx 16-byte
+            // aligned (checked); dy has x's NCHW order (like_layout).
+            unsafe { b.launch(launch_1d(total / v, BLOCK)) }.map_err(launch_failed(&name))?;
+        } else {
+            let name = format!("gn_bwd_dx_{dt}");
+            let f = dev.function(&knorm::SOURCE, &name)?;
+            let mut b = dev.launch_builder(&f);
+            b.arg(&xp).arg(&dyp).arg(&cp).arg(&wp).arg(&bp).arg(&dxp).arg(&t32).arg(&c32).arg(&hw32).arg(&cl).arg(&act);
+            // SAFETY: arguments match gn_bwd_dx_DT; dy has x's memory order (like_layout).
+            unsafe { b.launch(launch_1d(total, BLOCK)) }.map_err(launch_failed(&name))?;
+        }
     }
     let grads = if param_grads {
         let dw = CudaStorage::alloc(&dev, DType::F32, l.c)?;
