@@ -13,6 +13,12 @@
 // memory, loads staged through registers four at a time), cluster-smem-async
 // (gn_cluster_smem_async_DT: the same with cp.async, every pack requested at once). The
 // shared-memory variants have no backward: the backward runs as under auto.
+// Measured (H200, bf16, ms; (2,320,128,128) / (2,640,64,64) / (2,1280,32,32), G = 32): forward
+// two-phase 0.032 / 0.021 / 0.018, cluster-regs 0.037 / 0.020 / 0.015, cluster-smem 0.029 /
+// 0.018 / 0.014, cluster-smem-async 0.030 / 0.019 / 0.014. The register kernel loses on the
+// 320 KB groups because P = 12 packs cost 105 registers (2 CTAs an SM): its 512 CTAs run in two
+// waves, each loading, waiting at two cluster barriers and storing with nothing overlapping.
+// The shared-memory kernel (32 registers, 40 KB a CTA) holds the whole tensor in one wave.
 //
 // Launch (engine/src/cuda/norm.rs, gn_cluster_plan): grid.x = N*G*cs CTAs of GNC_BLOCK threads,
 // cluster dims (cs, 1, 1), cs <= 16 (16 needs the non-portable cluster size attribute). CTA
