@@ -146,8 +146,9 @@ fn fused_kernel_matches_the_composition_on_device() {
 }
 
 /// Cases for the Hopper kernel's 128 x 160 x 64 tiles: 8 to 10 k-tiles (the 6-stage ring wraps),
-/// partial row and column tiles, a LoRA rank with unaligned rows (20) and one of a full k-tile and
-/// 8 (72: cp.async).
+/// partial row and column tiles, a LoRA rank whose rows are 8-byte but not 16-byte aligned (20:
+/// 8-byte cp.async halves) and one of a full k-tile and 8 (72: 16-byte cp.async). CASES add ranks 4
+/// (8-byte halves) and 3 and 1 (element loads).
 const HOPPER_CASES: &[Case] = &[Case { lead: [1, 141], n: 168, k: 456, r: 20 }, Case { lead: [3, 47], n: 456, k: 168, r: 72 }];
 
 /// The Hopper (wgmma) fused GEMM (kernels/cuda/lora_linear_hopper.cu) against the CPU: forward

@@ -3,8 +3,8 @@
 //! with NaN before every block) against the CPU reference (kernels::lora_linear), on sizes that
 //! are not multiples of the 128 x 128 x 32 tiles: M = 200 (a partial row tile), N = 136 (a partial
 //! column tile of 8), K = 72 (a last k-tile of 8 columns, one 16-wide k-step), ranks 0, 4, 16, 20
-//! (4 and 20: rows of the LoRA operands not 16-byte aligned, loaded element by element; 16:
-//! cp.async), both B-operand layouts (forward y = [x | t] [W | B]^T, n-major; dx = [dy | s u]
+//! (4 and 20: rows of the LoRA operands 8-byte but not 16-byte aligned, two 8-byte cp.async
+//! halves a chunk; 16: 16-byte cp.async; element loads in the misaligned case), both B-operand layouts (forward y = [x | t] [W | B]^T, n-major; dx = [dy | s u]
 //! [W ; A], k-major), bf16 and f16, with and without bias. The cases, launch and comparisons are
 //! shared with the Hopper kernels' test (tests/common/lora_emulation.rs).
 

@@ -5,8 +5,9 @@
 //! (kernels::lora_linear::concat_gemm, and the op's forward / backward formulas), on sizes that are
 //! not multiples of the tiles: M = 141 (a partial row tile of 13), output width 168 (a partial
 //! column tile of 8), reduction 456 (7 full k-tiles and one of 8 columns: with the LoRA tiles 8 to
-//! 10 k-tiles, so the 6-stage ring wraps), ranks 0, 4, 20 (LoRA rows not 16-byte aligned: element
-//! loads) and 72 (cp.async, a full LoRA k-tile and one of 8), both B layouts (forward
+//! 10 k-tiles, so the 6-stage ring wraps), ranks 0, 4, 20 (LoRA rows 8-byte but not 16-byte aligned: two
+//! 8-byte cp.async halves a chunk; element loads run in misaligned_lora_and_single_partial_tile,
+//! whose LoRA operands are off alignment by one element) and 72 (cp.async, a full LoRA k-tile and one of 8), both B layouts (forward
 //! y = [x | t] [W | B]^T with K-major B tiles; dx = [dy | s u] [W ; A] with MN-major B tiles), bf16
 //! and f16, with and without bias. The grid is that of a 3-SM device: 3 blocks for the 4 output
 //! tiles, so block 0 runs two tiles through one pipeline (the second tile's loads start during

@@ -23,8 +23,9 @@
 // with src-size 0) or skipped stores, so any M works; the host requires N, K1 and the leading
 // dimensions of A1, B1, C to be multiples of 8 elements and the pointers 16-byte aligned (16-byte
 // row chunks). The LoRA operands may have any rank r: when A2's (or n-major B2's) rows are not
-// 16-byte aligned (r not a multiple of 8) their tile is loaded element by element (flags a2_vec /
-// b2_vec); that is one or two k-tiles at the end of the loop. The zero-filled part of the last
+// 16-byte aligned (r not a multiple of 8) their tile is loaded by 8-byte cp.async halves when the
+// rows are 8-byte aligned (r a multiple of 4), else element by element (flags a2_vec / b2_vec,
+// LORA_ROWS_* in lora_linear.cuh); that is one or two k-tiles at the end of the loop. The zero-filled part of the last
 // k-tile of each operand costs at most one 16-wide k-step: k-steps beyond the data are skipped.
 #include "common.cuh"
 #include "lora_linear.cuh"
@@ -47,10 +48,10 @@ __device__ __forceinline__ int swz_n128(int row, int ch) { return row * LG_BN + 
 
 // One [128][32] tile of a row-major operand (A1/A2 rows m, or n-major B rows n): rows
 // row0.. of `src` (ld elements apart), columns col0..col0+31; rows >= rows_valid and columns
-// >= cols_valid read as zero. vec: rows 16-byte aligned and cols_valid a multiple of 8 (cp.async);
-// otherwise synchronous element loads (visible to the consumer after the main loop's
+// >= cols_valid read as zero. vec: LORA_ROWS_* (lora_linear.cuh): cp.async of 16 bytes or of two
+// 8-byte halves, or synchronous element loads (visible to the consumer after the main loop's
 // __syncthreads, like the cp.async data).
-__device__ __forceinline__ void load_rows_k32(u16* dst, const u16* src, u32 ld, u32 rows_valid, u32 cols_valid, u32 row0, u32 col0, bool vec, int tid) {
+__device__ __forceinline__ void load_rows_k32(u16* dst, const u16* src, u32 ld, u32 rows_valid, u32 cols_valid, u32 row0, u32 col0, u32 vec, int tid) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int id = tid + i * LG_THREADS;
@@ -80,11 +81,11 @@ __device__ __forceinline__ void load_stage(u16* as, u16* bs, const LoraGemmArgs&
     const u16* b = reinterpret_cast<const u16*>(lora ? p.b2 : p.b1);
     const u32 kx = lora ? p.k2 : p.k1;
     const u32 k0 = (u32)(lora ? kt - kt1 : kt) * LG_BK;
-    load_rows_k32(as, a, lora ? p.lda2 : p.lda1, p.m, kx, m0, k0, !lora || p.a2_vec, tid);
+    load_rows_k32(as, a, lora ? p.lda2 : p.lda1, p.m, kx, m0, k0, lora ? p.a2_vec : LORA_ROWS_16, tid);
     if (KMAJOR) {
         load_rows_n128(bs, b, lora ? p.ldb2 : p.ldb1, kx, p.n, k0, n0, tid);
     } else {
-        load_rows_k32(bs, b, lora ? p.ldb2 : p.ldb1, p.n, kx, n0, k0, !lora || p.b2_vec, tid);
+        load_rows_k32(bs, b, lora ? p.ldb2 : p.ldb1, p.n, kx, n0, k0, lora ? p.b2_vec : LORA_ROWS_16, tid);
     }
 }
 

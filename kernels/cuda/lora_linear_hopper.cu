@@ -34,8 +34,8 @@
 //
 // Edges as in lora_linear.cu: rows beyond M, columns beyond N and k beyond K1 / K2 are zero-filled
 // loads or skipped stores; N, K1 and the leading dimensions of A1, B1, C multiples of 8 with
-// 16-byte aligned pointers; the LoRA rank r is any size (element loads when A2 / n-major B2 rows
-// are not 16-byte aligned: a2_vec / b2_vec 0). The last k-tile of each operand runs only the k16
+// 16-byte aligned pointers; the LoRA rank r is any size (a2_vec / b2_vec: cp.async of 16 bytes for
+// 16-byte aligned rows, of two 8-byte halves for 8-byte aligned rows (rank 4), else element loads). The last k-tile of each operand runs only the k16
 // steps that hold data (rank 4: one wgmma step for the LoRA term).
 #include "common.cuh"
 #include "lora_linear.cuh"  // LoraGemmArgs, shared with lora_linear.cu
@@ -64,10 +64,10 @@ __device__ __forceinline__ u32 lh_sw64_mn(int kr, int ch) { return (u32)((ch >> 
 
 // A [ROWS][64] K-major tile of a row-major operand (A1/A2 rows m, or n-major B rows n): rows
 // row0.. of `src` (ld elements apart), columns col0..col0+63; rows >= rows_valid and columns
-// >= cols_valid read as zero. vec: rows 16-byte aligned and cols_valid a multiple of 8 (cp.async);
-// otherwise synchronous element loads (covered by the next barrier's fence like the cp.async data).
+// >= cols_valid read as zero. mode: LORA_ROWS_* (lora_linear.cuh); element loads are covered by
+// the next barrier's fence like the cp.async data.
 template <int ROWS>
-__device__ __forceinline__ void lh_load_k64(unsigned char* dst, const u16* src, u32 ld, u32 rows_valid, u32 cols_valid, u32 row0, u32 col0, bool vec, int tid) {
+__device__ __forceinline__ void lh_load_k64(unsigned char* dst, const u16* src, u32 ld, u32 rows_valid, u32 cols_valid, u32 row0, u32 col0, u32 vec, int tid) {
 #pragma unroll
     for (int i = 0; i < ROWS * 8 / LH_THREADS; ++i) {
         const int id = tid + i * LH_THREADS;
@@ -98,11 +98,11 @@ __device__ __forceinline__ void lh_load_stage(unsigned char* stage, const LoraGe
     const u16* b = reinterpret_cast<const u16*>(lora ? p.b2 : p.b1);
     const u32 kx = lora ? p.k2 : p.k1;
     const u32 k0 = (u32)(lora ? kt - kt1 : kt) * LH_BK;
-    lh_load_k64<LH_BM>(stage, a, lora ? p.lda2 : p.lda1, p.m, kx, m0, k0, !lora || p.a2_vec, tid);
+    lh_load_k64<LH_BM>(stage, a, lora ? p.lda2 : p.lda1, p.m, kx, m0, k0, lora ? p.a2_vec : LORA_ROWS_16, tid);
     if (KMAJOR) {
         lh_load_kn(stage + LH_A_BYTES, b, lora ? p.ldb2 : p.ldb1, kx, p.n, k0, n0, tid);
     } else {
-        lh_load_k64<LH_BN>(stage + LH_A_BYTES, b, lora ? p.ldb2 : p.ldb1, p.n, kx, n0, k0, !lora || p.b2_vec, tid);
+        lh_load_k64<LH_BN>(stage + LH_A_BYTES, b, lora ? p.ldb2 : p.ldb1, p.n, kx, n0, k0, lora ? p.b2_vec : LORA_ROWS_16, tid);
     }
 }
 

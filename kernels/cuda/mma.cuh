@@ -60,6 +60,10 @@ __device__ __forceinline__ void ldmatrix_x2_trans(u32 (&r)[2], const void* row) 
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool full) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(full ? 16 : 0));
 }
+// 8 bytes (the .ca form: .cg copies only 16); src and dst 8-byte aligned, src-size 0 zero-fills.
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src, bool full) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(full ? 8 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 // Waits until at most N of this thread's committed groups are still in flight (then
 // __syncthreads before other threads read the data).

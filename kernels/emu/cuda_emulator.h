@@ -118,6 +118,7 @@ enum BarrierMode : int { BarrierPlain, BarrierCount, BarrierAnd, BarrierOr };
 struct PendingCopy {
     unsigned char* dst;
     unsigned char data[16];
+    unsigned size;  // 16 (cp_async_16) or 8 (cp_async_8)
 };
 
 struct Launch;
@@ -488,6 +489,7 @@ inline void cp_async_16(void* dst, const void* src, bool full, const char* file,
     c.dst = static_cast<unsigned char*>(dst);
     // The source is read now: a later change to it does not reach the copy, as on the GPU once
     // the copy is under way. The destination is written when a wait retires the group.
+    c.size = 16;
     if (full) memcpy(c.data, src, 16);
     else memset(c.data, 0, 16);
     // Until then the destination is undefined (the hardware may write it at any moment after
@@ -495,6 +497,24 @@ inline void cp_async_16(void* dst, const void* src, bool full, const char* file,
     // thread before its wait, or by another thread that still uses the old contents (a stage
     // overwritten before every warp is done with it) — shows in the results.
     memset(dst, 0xff, 16);
+}
+
+// cp.async.ca of 8 bytes (src-size 8 or 0): as cp_async_16, 8-byte aligned.
+inline void cp_async_8(void* dst, const void* src, bool full, const char* file, int line) {
+    Fiber* f = self();
+    if (reinterpret_cast<uintptr_t>(dst) % 8 != 0) thread_error(f, "cp_async_8 destination %p at %s:%d is not 8-byte aligned", dst, base_name(file), line);
+    if (full && reinterpret_cast<uintptr_t>(src) % 8 != 0) thread_error(f, "cp_async_8 source %p at %s:%d is not 8-byte aligned", src, base_name(file), line);
+    if (f->ncopies == f->copies_cap) {
+        f->copies_cap = f->copies_cap ? 2 * f->copies_cap : 16;
+        f->copies = static_cast<PendingCopy*>(realloc(f->copies, f->copies_cap * sizeof(PendingCopy)));
+        if (!f->copies) abort();
+    }
+    PendingCopy& c = f->copies[f->ncopies++];
+    c.dst = static_cast<unsigned char*>(dst);
+    c.size = 8;
+    if (full) memcpy(c.data, src, 8);
+    else memset(c.data, 0, 8);
+    memset(dst, 0xff, 8);  // undefined until the wait, as for cp_async_16
 }
 
 inline void cp_async_commit() {
@@ -519,7 +539,7 @@ inline void retire_copies(Fiber* f, int groups) {
         for (unsigned g = groups; g < f->ngroups; ++g) f->group_end[g - groups] = f->group_end[g] - done;
         f->ngroups -= groups;
     }
-    for (unsigned i = 0; i < done; ++i) memcpy(f->copies[i].dst, f->copies[i].data, 16);
+    for (unsigned i = 0; i < done; ++i) memcpy(f->copies[i].dst, f->copies[i].data, f->copies[i].size);
     memmove(f->copies, f->copies + done, (f->ncopies - done) * sizeof(PendingCopy));
     f->ncopies -= done;
 }
@@ -1804,6 +1824,7 @@ inline void ldmatrix_x2(unsigned (&r)[2], const void* row, const char* file = __
 inline void ldmatrix_x2_trans(unsigned (&r)[2], const void* row, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::ldmatrix<2>(r, row, true, file, line); }
 
 inline void cp_async_16(void* dst, const void* src, bool full, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::cp_async_16(dst, src, full, file, line); }
+inline void cp_async_8(void* dst, const void* src, bool full, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::cp_async_8(dst, src, full, file, line); }
 inline void cp_async_commit() { lookahead_emu::cp_async_commit(); }
 // cp.async.wait_group N: retires the oldest committed groups until at most N are in flight.
 template <int N> inline void cp_async_wait() { lookahead_emu::cp_async_wait(N); }

@@ -53,9 +53,8 @@ pub fn hopper_blocks(m: usize, n: usize, multiprocessors: u32) -> u32 {
 /// dimensions are in elements. C [m, n] = A1 [m, k1] · B1 + A2 [m, k2] · B2 (+ bias [n]); B1/B2
 /// are [n][k] rows (ld = ldb) for the `nk` kernels, [k][n] rows for the `kn` kernels.
 /// Requirements (checked by the launcher): n, k1, lda1, ldb1, ldc multiples of 8 and a1, b1, c
-/// 16-byte aligned; for the `kn` kernels also ldb2 and b2. a2_vec / b2_vec: 1 when A2's / B2's
-/// rows are 16-byte aligned (k2 and the ld multiples of 8, pointer aligned), else 0 (element
-/// loads).
+/// 16-byte aligned; for the `kn` kernels also ldb2 and b2. a2_vec / b2_vec: `lora_rows` (b2_vec 1
+/// for the `kn` kernels).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoraGemmArgs {
@@ -78,6 +77,21 @@ pub struct LoraGemmArgs {
     pub a2_vec: u32,
     pub b2_vec: u32,
     pub pad: u32,
+}
+
+/// How the kernels load a LoRA operand's rows (`a2_vec`, and `b2_vec` of the `nk` kernels), given
+/// the rank (the row length) and the operand's address and row stride (= the rank): 1 (16-byte
+/// cp.async) for 16-byte aligned rows, 2 (two 8-byte cp.async) for 8-byte aligned rows (ranks 4,
+/// 12, ...), else 0 (element loads, which stall the loading warp). Must match LORA_ROWS_* in
+/// kernels/cuda/lora_linear.cuh.
+pub fn lora_rows(rank: usize, addr: u64) -> u32 {
+    if rank.is_multiple_of(8) && addr.is_multiple_of(16) {
+        1
+    } else if rank.is_multiple_of(4) && addr.is_multiple_of(8) {
+        2
+    } else {
+        0
+    }
 }
 
 /// Layout of the B operands of the concatenated GEMM.

@@ -102,7 +102,6 @@ pub fn run_kernel(module: &EmulatedModule, kernel: LoraKernel, h: Half, layout: 
     let (ba2, bb2) = (Buffer::new(&to(a2), skew_lora), Buffer::new(&to(b2), if layout == BLayout::KMajor { 0 } else { skew_lora }));
     let bbias = bias.map(|b| Buffer::new(&to(b), 1));
     let mut c = Buffer::new(&vec![0x7fffu16; m * n], 0); // NaN in both formats: unwritten shows
-    let aligned_rows = |p: u64| (k2.is_multiple_of(8) && p.is_multiple_of(16)) as u32;
     let args = LoraGemmArgs {
         a1: ba1.addr(),
         b1: bb1.addr(),
@@ -119,8 +118,8 @@ pub fn run_kernel(module: &EmulatedModule, kernel: LoraKernel, h: Half, layout: 
         lda2: k2 as u32,
         ldb2: if layout == BLayout::NMajor { k2 } else { n } as u32,
         ldc: n as u32,
-        a2_vec: aligned_rows(ba2.addr()),
-        b2_vec: if layout == BLayout::NMajor { aligned_rows(bb2.addr()) } else { 1 },
+        a2_vec: kernels::lora_linear::lora_rows(k2, ba2.addr()),
+        b2_vec: if layout == BLayout::NMajor { kernels::lora_linear::lora_rows(k2, bb2.addr()) } else { 1 },
         pad: 0,
     };
     let (name, grid, threads, shared_bytes) = kernel.geometry(layout, h, m, n);

@@ -146,11 +146,10 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
     }
     let (pa1, a1_copy) = operand(a1, true)?;
     let (pb1, b1_copy) = operand(b1, true)?;
-    // The LoRA operands: 16-byte rows when the rank allows (cp.async), else element loads. An
-    // empty operand (rank 0) is never read.
+    // The LoRA operands: cp.async of 16-byte or 8-byte row pieces when the rank and address allow
+    // (`klora::lora_rows`), else element loads. An empty operand (rank 0) is never read.
     let (pa2, a2_copy) = if k2 > 0 { operand(a2, false)? } else { (0, None) };
     let (pb2, b2_copy) = if k2 > 0 { operand(b2, layout == BLayout::KMajor)? } else { (0, None) };
-    let vec = |p: u64| (k2.is_multiple_of(8) && p.is_multiple_of(16)) as u32;
     let (pbias, bias_copy) = match bias {
         Some(b) => operand(b, false)?,
         None => (0, None),
@@ -182,9 +181,9 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
             BLayout::KMajor => n as u32,
         },
         ldc: n as u32,
-        a2_vec: vec(pa2),
+        a2_vec: klora::lora_rows(k2, pa2),
         b2_vec: match layout {
-            BLayout::NMajor => vec(pb2),
+            BLayout::NMajor => klora::lora_rows(k2, pb2),
             BLayout::KMajor => 1,
         },
         pad: 0,
