@@ -10,10 +10,11 @@
 //!
 //! Precision: f32, bf16 and f16 data with f32 compute (CUDNN_DATA_FLOAT). f32 runs with
 //! CUDNN_FMA_MATH (no TF32, matching the CPU backend and our f32 GEMMs); bf16/f16 with the math
-//! type cuDNN pairs with the algorithm (tensor cores). Algorithms come from trial runs
-//! (cudnnFind*AlgorithmEx on the first call's own buffers, as PyTorch's cudnn.benchmark) or, with
-//! `LOOKAHEAD_CUDNN_AUTOTUNE=0`, from the cudnnGet*Algorithm_v7 heuristics; deterministic ones
-//! are preferred, and the choice is cached per shape; workspaces come from our allocator.
+//! type cuDNN pairs with the algorithm (tensor cores). Algorithms come from the
+//! cudnnGet*Algorithm_v7 heuristics or, with `LOOKAHEAD_CUDNN_AUTOTUNE=1`, from trial runs
+//! (cudnnFind*AlgorithmEx on the first call's own buffers, as PyTorch's cudnn.benchmark);
+//! deterministic ones are preferred, and the choice is cached per shape; workspaces come from our
+//! allocator.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -279,6 +280,79 @@ fn pick<A: Copy>(cands: &[(A, dnn::cudnnStatus_t, usize, dnn::cudnnDeterminism_t
 /// forward (x, w, y), backward data (w, dy, dx), backward filter (x, dy, dw).
 struct Ptrs(u64, u64, u64);
 
+/// The descriptors of one pass: input, filter, output, convolution.
+type Descs<'a> = (&'a TensorDesc, &'a FilterDesc, &'a TensorDesc, &'a ConvDesc);
+
+/// cuDNN's heuristic choice for `pass` (no trial runs); None when it offers nothing usable.
+fn heuristic_algorithm(api: &libs::CudnnApi, h: dnn::cudnnHandle_t, pass: Pass, (xd, wd, yd, cd): Descs, f32_exact: bool) -> Result<Option<(Algo, dnn::cudnnMathType_t)>> {
+    let mut found = 0i32;
+    // SAFETY: zeroed perf results are valid values that cuDNN overwrites (only the first `found`
+    // are read); all descriptors are live.
+    unsafe {
+        Ok(match pass {
+            Pass::Forward => {
+                let mut perf: [dnn::cudnnConvolutionFwdAlgoPerf_t; 8] = std::mem::zeroed();
+                check("choosing a forward algorithm", (api.cudnnGetConvolutionForwardAlgorithm_v7)(h, xd.0, wd.0, cd.0, yd.0, 8, &mut found, perf.as_mut_ptr()))?;
+                let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
+                pick(&c, f32_exact).map(|(a, m)| (Algo::Forward(a), m))
+            }
+            Pass::BackwardData => {
+                let mut perf: [dnn::cudnnConvolutionBwdDataAlgoPerf_t; 8] = std::mem::zeroed();
+                check("choosing a backward-data algorithm", (api.cudnnGetConvolutionBackwardDataAlgorithm_v7)(h, wd.0, yd.0, cd.0, xd.0, 8, &mut found, perf.as_mut_ptr()))?;
+                let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
+                pick(&c, f32_exact).map(|(a, m)| (Algo::BackwardData(a), m))
+            }
+            Pass::BackwardFilter => {
+                let mut perf: [dnn::cudnnConvolutionBwdFilterAlgoPerf_t; 8] = std::mem::zeroed();
+                check("choosing a backward-filter algorithm", (api.cudnnGetConvolutionBackwardFilterAlgorithm_v7)(h, xd.0, yd.0, cd.0, wd.0, 8, &mut found, perf.as_mut_ptr()))?;
+                let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
+                pick(&c, f32_exact).map(|(a, m)| (Algo::BackwardFilter(a), m))
+            }
+        })
+    }
+}
+
+/// The fastest usable algorithm for `pass` by trial runs on the pass's own buffers (`ptrs`) with
+/// workspace `ws`; None when the trials fail or find nothing usable (the caller falls back to
+/// the heuristics).
+fn find_algorithm(api: &libs::CudnnApi, h: dnn::cudnnHandle_t, pass: Pass, (xd, wd, yd, cd): Descs, ptrs: &Ptrs, ws: &super::CudaBlock, f32_exact: bool) -> Option<(Algo, dnn::cudnnMathType_t)> {
+    let (p0, p1, p2) = (ptrs.0 as usize as *const c_void, ptrs.1 as usize as *const c_void, ptrs.2 as usize as *mut c_void);
+    let (w, wn) = (ws.ptr() as usize as *mut c_void, ws.capacity());
+    let ok = dnn::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
+    let mut found = 0i32;
+    // SAFETY: zeroed perf results are valid values that cuDNN overwrites (only the first `found`
+    // are read); all descriptors are live; the buffers hold the shapes the descriptors give and
+    // the workspace `wn` bytes.
+    unsafe {
+        match pass {
+            Pass::Forward => {
+                let mut perf: [dnn::cudnnConvolutionFwdAlgoPerf_t; 8] = std::mem::zeroed();
+                if (api.cudnnFindConvolutionForwardAlgorithmEx)(h, xd.0, p0, wd.0, p1, cd.0, yd.0, p2, 8, &mut found, perf.as_mut_ptr(), w, wn) != ok {
+                    return None;
+                }
+                let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
+                pick(&c, f32_exact).map(|(a, m)| (Algo::Forward(a), m))
+            }
+            Pass::BackwardData => {
+                let mut perf: [dnn::cudnnConvolutionBwdDataAlgoPerf_t; 8] = std::mem::zeroed();
+                if (api.cudnnFindConvolutionBackwardDataAlgorithmEx)(h, wd.0, p0, yd.0, p1, cd.0, xd.0, p2, 8, &mut found, perf.as_mut_ptr(), w, wn) != ok {
+                    return None;
+                }
+                let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
+                pick(&c, f32_exact).map(|(a, m)| (Algo::BackwardData(a), m))
+            }
+            Pass::BackwardFilter => {
+                let mut perf: [dnn::cudnnConvolutionBwdFilterAlgoPerf_t; 8] = std::mem::zeroed();
+                if (api.cudnnFindConvolutionBackwardFilterAlgorithmEx)(h, xd.0, p0, yd.0, p1, cd.0, wd.0, p2, 8, &mut found, perf.as_mut_ptr(), w, wn) != ok {
+                    return None;
+                }
+                let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
+                pick(&c, f32_exact).map(|(a, m)| (Algo::BackwardFilter(a), m))
+            }
+        }
+    }
+}
+
 /// Runs one pass in format `f`; Ok(false) when cuDNN has no algorithm for it.
 #[allow(clippy::too_many_arguments)]
 fn run(dev: &Arc<CudaDevice>, pass: Pass, dtype: DType, f: Format, xs: [usize; 4], ws: [usize; 4], ys: [usize; 4], p: Conv2dParams, ptrs: Ptrs) -> Result<bool> {
@@ -313,52 +387,20 @@ fn run(dev: &Arc<CudaDevice>, pass: Pass, dtype: DType, f: Format, xs: [usize; 4
     let choice = match handle.algos.get(&key) {
         Some(c) => *c,
         None => {
-            // Trial runs (cudnnFind*Ex on the call's own buffers, once per shape; the output it
-            // writes is overwritten below) unless LOOKAHEAD_CUDNN_AUTOTUNE=0, then the _v7
-            // heuristics. On an H200 the heuristics' picks ran 1.6-2.2x slower than PyTorch's
-            // cuDNN convolutions at SDXL's 3x3 shapes (benches/RESULTS.md, 2026-11-28).
-            let autotune = std::env::var("LOOKAHEAD_CUDNN_AUTOTUNE").map_or(true, |v| v != "0");
-            // The workspace the trials may use: the limit, else less, else no trials.
+            // With LOOKAHEAD_CUDNN_AUTOTUNE=1: trial runs (cudnnFind*Ex on the call's own buffers,
+            // once per shape; the output they write is overwritten below), as PyTorch's
+            // cudnn.benchmark; where they fail or find nothing usable, the _v7 heuristics. Opt-in
+            // and not yet run on a GPU: the heuristics' picks ran at 0.45-0.62x PyTorch's cuDNN
+            // convolutions at SDXL's 3x3 shapes on an H200 (benches/RESULTS.md, 2026-11-28).
+            let autotune = std::env::var("LOOKAHEAD_CUDNN_AUTOTUNE").is_ok_and(|v| v == "1");
             let trial_ws = if autotune { dev.alloc(MAX_WORKSPACE).or_else(|_| dev.alloc(MAX_WORKSPACE / 8)).ok() } else { None };
-            let (tw, tws) = match &trial_ws {
-                Some(w) => (w.ptr() as usize as *mut c_void, w.capacity()),
-                None => (std::ptr::null_mut(), 0),
+            let trials = match &trial_ws {
+                Some(w) => find_algorithm(api, handle.raw, pass, (&xd, &wd, &yd, &cd), &ptrs, w, f32_exact),
+                None => None,
             };
-            let (p0, p1, p2) = (ptrs.0 as usize as *const c_void, ptrs.1 as usize as *const c_void, ptrs.2 as usize as *mut c_void);
-            let mut found = 0i32;
-            // SAFETY: zeroed perf results are valid values that cuDNN overwrites (only the first
-            // `found` are read); all descriptors are live; the trial buffers are the pass's own
-            // (shapes as the descriptors say) and a workspace of `tws` bytes.
-            let c = unsafe {
-                match pass {
-                    Pass::Forward => {
-                        let mut perf: [dnn::cudnnConvolutionFwdAlgoPerf_t; 8] = std::mem::zeroed();
-                        match trial_ws {
-                            Some(_) => check("timing the forward algorithms", (api.cudnnFindConvolutionForwardAlgorithmEx)(handle.raw, xd.0, p0, wd.0, p1, cd.0, yd.0, p2, 8, &mut found, perf.as_mut_ptr(), tw, tws))?,
-                            None => check("choosing a forward algorithm", (api.cudnnGetConvolutionForwardAlgorithm_v7)(handle.raw, xd.0, wd.0, cd.0, yd.0, 8, &mut found, perf.as_mut_ptr()))?,
-                        }
-                        let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
-                        pick(&c, f32_exact).map(|(a, m)| (Algo::Forward(a), m))
-                    }
-                    Pass::BackwardData => {
-                        let mut perf: [dnn::cudnnConvolutionBwdDataAlgoPerf_t; 8] = std::mem::zeroed();
-                        match trial_ws {
-                            Some(_) => check("timing the backward-data algorithms", (api.cudnnFindConvolutionBackwardDataAlgorithmEx)(handle.raw, wd.0, p0, yd.0, p1, cd.0, xd.0, p2, 8, &mut found, perf.as_mut_ptr(), tw, tws))?,
-                            None => check("choosing a backward-data algorithm", (api.cudnnGetConvolutionBackwardDataAlgorithm_v7)(handle.raw, wd.0, yd.0, cd.0, xd.0, 8, &mut found, perf.as_mut_ptr()))?,
-                        }
-                        let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
-                        pick(&c, f32_exact).map(|(a, m)| (Algo::BackwardData(a), m))
-                    }
-                    Pass::BackwardFilter => {
-                        let mut perf: [dnn::cudnnConvolutionBwdFilterAlgoPerf_t; 8] = std::mem::zeroed();
-                        match trial_ws {
-                            Some(_) => check("timing the backward-filter algorithms", (api.cudnnFindConvolutionBackwardFilterAlgorithmEx)(handle.raw, xd.0, p0, yd.0, p1, cd.0, wd.0, p2, 8, &mut found, perf.as_mut_ptr(), tw, tws))?,
-                            None => check("choosing a backward-filter algorithm", (api.cudnnGetConvolutionBackwardFilterAlgorithm_v7)(handle.raw, xd.0, yd.0, cd.0, wd.0, 8, &mut found, perf.as_mut_ptr()))?,
-                        }
-                        let c: Vec<_> = perf[..found.clamp(0, 8) as usize].iter().map(|r| (r.algo, r.status, r.memory, r.determinism, r.mathType)).collect();
-                        pick(&c, f32_exact).map(|(a, m)| (Algo::BackwardFilter(a), m))
-                    }
-                }
+            let c = match trials {
+                Some(c) => Some(c),
+                None => heuristic_algorithm(api, handle.raw, pass, (&xd, &wd, &yd, &cd), f32_exact)?,
             };
             handle.algos.insert(key, c);
             c
