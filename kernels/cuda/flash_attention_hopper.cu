@@ -32,6 +32,12 @@
 // Registers a thread: S 64, O D / 2, P 32 (ptxas: D 64 159 of the 168 that 384 threads allow,
 // D 128 209), no spills. The scale must be > 0 (applied inside the exponent, after the row max); the file is
 // built with flush-to-zero (kernels::flash_attention::HOPPER_SOURCE) so exp2f is one MUFU.EX2.
+//
+// Variants at D 64 (LOOKAHEAD_VARIANT_FLASH_FWD=<name>, engine/src/cuda/flash_attention.rs; the
+// instances at the end of this file): poly3 / poly4 / poly8 compute 1/3, 1/4, 1/8 of the
+// softmax's exponentials with fh_exp2_poly on the FMA pipe (H200, b2 h10 4096x(4096+4096):
+// default 0.573 ms, poly8 0.585, poly4 0.564, poly3 0.560: the kernel is not MUFU-bound);
+// late issues each step's cp.async copies after its wgmmas; late_poly4 both.
 #include "flash_attention.cuh"  // FlashParams, FA_NEG_INF, fa_quad_sum / fa_quad_max
 #include "mma.cuh"
 
