@@ -31,7 +31,7 @@ impl KernelSource {
 
 /// Headers every kernel family may `#include "NAME"` (kernels/cuda/*.cuh), given to NVRTC from
 /// memory so that no include path is needed at run time.
-pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../cuda/common.cuh")), ("mma.cuh", include_str!("../cuda/mma.cuh")), ("warp_reduce.cuh", include_str!("../cuda/warp_reduce.cuh")), ("cluster.cuh", include_str!("../cuda/cluster.cuh")), ("lora_linear.cuh", include_str!("../cuda/lora_linear.cuh")), ("flash_attention.cuh", include_str!("../cuda/flash_attention.cuh")), ("flash_attention_backward.cuh", include_str!("../cuda/flash_attention_backward.cuh"))];
+pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../cuda/common.cuh")), ("mma.cuh", include_str!("../cuda/mma.cuh")), ("warp_reduce.cuh", include_str!("../cuda/warp_reduce.cuh")), ("cluster.cuh", include_str!("../cuda/cluster.cuh")), ("lora_linear.cuh", include_str!("../cuda/lora_linear.cuh")), ("flash_attention.cuh", include_str!("../cuda/flash_attention.cuh")), ("flash_attention_backward.cuh", include_str!("../cuda/flash_attention_backward.cuh")), ("pipeline.cuh", include_str!("../cuda/pipeline.cuh"))];
 
 /// Bump when the cache format or the fixed options change.
 const CACHE_FORMAT: u32 = 1;

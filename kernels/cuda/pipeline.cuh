@@ -1,0 +1,85 @@
+// Hopper producer/consumer pipelines (sm_90a): named barriers, mbarriers and TMA (the Tensor
+// Memory Accelerator's bulk tensor copies), and register reallocation between warpgroups. The
+// pieces FlashAttention-3 / CUTLASS's warp-specialized kernels are built from: a producer warp
+// issues TMA loads that complete on a stage's "full" mbarrier (arrive.expect_tx + complete_tx
+// bytes); consumer warpgroups wait on it, compute, and arrive on the stage's "empty" mbarrier,
+// which the producer waits on before refilling the stage; named barriers order the consumer
+// warpgroups among themselves (ping-pong) without stopping the producer. As with mma.cuh, kernels
+// reach these instructions only through the functions below, so that the CPU emulator
+// (kernels/emu/cuda_emulator.h defines the same functions under LOOKAHEAD_EMULATE) can run them.
+//
+// mbarrier (PTX ISA "Parallel Synchronization and Communication Instructions: mbarrier"): a u64 in
+// shared memory, 8-byte aligned. Each phase completes when `count` arrivals (set at init) have
+// happened AND the transaction count (bytes announced by arrive_expect_tx, decremented by the TMA
+// copies' complete_tx) is back to zero; then the phase parity flips. mbarrier_wait(bar, parity)
+// returns once the phase with that parity has completed (phases alternate 0, 1, 0, ...; a waiter
+// tracks the parity it expects, flipping it each time it wraps its ring of stages).
+// Initialise with one thread, then fence_mbarrier_init() and __syncthreads() before any use.
+//
+// TMA: a TensorMap (CUtensorMap, 128 bytes, 64-byte aligned) describes a global tensor (dims,
+// strides, element type), the box one copy moves and the shared-memory swizzle; the host builds it
+// (engine/src/cuda/tensor_map.rs: cuTensorMapEncodeTiled) and passes it as a `const
+// __grid_constant__ TensorMap` kernel parameter. tma_load_2d copies the box whose first element is
+// at (x = inner coordinate, y = outer coordinate) into shared memory at `dst` (aligned to 128
+// bytes, 1024 with the 128-byte swizzle; out-of-range elements are zero-filled) and completes
+// box bytes of transactions on `bar`. The swizzle modes are those of the wgmma descriptors
+// (mma.cuh), so a TMA-loaded 128B-swizzled tile feeds wgmma directly.
+#pragma once
+#include "mma.cuh"
+
+struct alignas(64) TensorMap {
+    u64 opaque[16];
+};
+
+#if !defined(LOOKAHEAD_EMULATE) && LA_WGMMA
+
+// ---- named barriers: bar.sync / bar.arrive on barrier `id` (1..15; 0 is __syncthreads') for
+// `threads` threads (a multiple of 32; every warp of them arrives once per use).
+__device__ __forceinline__ void named_barrier_sync(u32 id, u32 threads) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
+__device__ __forceinline__ void named_barrier_arrive(u32 id, u32 threads) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory"); }
+
+// ---- mbarrier ----------------------------------------------------------------------------------
+__device__ __forceinline__ void mbarrier_init(u64* bar, u32 count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory"); }
+// Makes the inits visible to the other threads and to the async proxy (TMA) before first use.
+__device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ __forceinline__ void mbarrier_arrive(u64* bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory"); }
+// One arrival that also announces `bytes` of transactions (the TMA copies of this phase).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+// Whether the phase of parity `parity` has completed (does not block for long: a hint).
+__device__ __forceinline__ bool mbarrier_try_wait(u64* bar, u32 parity) {
+    u32 done;
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }" : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+    return done != 0;
+}
+__device__ __forceinline__ void mbarrier_wait(u64* bar, u32 parity) {
+    while (!mbarrier_try_wait(bar, parity)) {
+    }
+}
+// An arrival on `bar` once every cp.async this thread issued before has landed (noinc: it is one
+// of the `count` arrivals the barrier expects), for cp.async producers without TMA.
+__device__ __forceinline__ void cp_async_mbarrier_arrive(u64* bar) { asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory"); }
+
+// ---- TMA ---------------------------------------------------------------------------------------
+__device__ __forceinline__ void tma_prefetch_descriptor(const TensorMap* map) { asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<u64>(map)) : "memory"); }
+__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, int x, int y, u64* bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_u32(dst)), "l"(reinterpret_cast<u64>(map)), "r"(x),
+                 "r"(y), "r"(smem_u32(bar))
+                 : "memory");
+}
+// Shared -> global: the box at (x, y) from `src` (written by this CTA's threads: fence_proxy_async
+// first); completes in bulk groups like cp.async's: commit, then wait until at most N groups are
+// still reading shared memory (the source may be overwritten after that).
+__device__ __forceinline__ void tma_store_2d(const TensorMap* map, int x, int y, const void* src) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];" ::"l"(reinterpret_cast<u64>(map)), "r"(x), "r"(y), "r"(smem_u32(src)) : "memory");
+}
+__device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void tma_store_wait() { asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory"); }
+
+// ---- register reallocation: a warpgroup gives registers up (producer) or takes them (consumers);
+// every warp of the warpgroup executes it. N: 24..256, a multiple of 8.
+template <u32 N> __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
+template <u32 N> __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
+
+#endif  // !LOOKAHEAD_EMULATE && LA_WGMMA
