@@ -85,19 +85,21 @@ def make(case, device, dtype):
             x = x.to(memory_format=torch.channels_last)
             w = w.to(memory_format=torch.channels_last)
         return lambda: F.conv2d(x, w, stride=case["stride"], padding=case["pad"])
+    # Channels-last cases: NHWC memory, as the bench's (torch keeps the format through group norm).
+    cl = (lambda t: t.to(memory_format=torch.channels_last)) if case.get("channels_last") else (lambda t: t)
     if k == "group_norm":
-        x = r(case["n"], case["c"], case["h"], case["w"])
+        x = cl(r(case["n"], case["c"], case["h"], case["w"]))
         wt, bs = r(case["c"]), r(case["c"])
         if case["silu"]:
             return lambda: F.silu(F.group_norm(x, case["groups"], wt, bs, 1e-5))
         return lambda: F.group_norm(x, case["groups"], wt, bs, 1e-5)
     if k == "group_norm_backward":
-        x = r(case["n"], case["c"], case["h"], case["w"]).requires_grad_()
+        x = cl(r(case["n"], case["c"], case["h"], case["w"])).requires_grad_()
         wt, bs = r(case["c"]).requires_grad_(), r(case["c"]).requires_grad_()
         y = F.group_norm(x, case["groups"], wt, bs, 1e-5)
         if case["silu"]:
             y = F.silu(y)
-        dy = r(*y.shape)
+        dy = cl(r(*y.shape))
         return lambda: torch.autograd.grad(y, (x, wt, bs), dy, retain_graph=True)
     if k == "linear":
         x, w = r(case["m"], case["k"]), r(case["n"], case["k"])

@@ -41,9 +41,11 @@ pub struct BenchArgs {
 enum Op {
     Matmul { b: usize, m: usize, n: usize, k: usize },
     Conv2d { n: usize, c: usize, h: usize, w: usize, k: usize, r: usize, stride: usize, pad: usize },
-    GroupNorm { n: usize, c: usize, h: usize, w: usize, groups: usize, silu: bool },
+    /// `channels_last`: NHWC strides, as the UNet keeps activations on CUDA (and the baseline
+    /// runs them in torch.channels_last); else NCHW-contiguous.
+    GroupNorm { n: usize, c: usize, h: usize, w: usize, groups: usize, silu: bool, channels_last: bool },
     /// dx, dweight, dbias of group_norm (+SiLU).
-    GroupNormBackward { n: usize, c: usize, h: usize, w: usize, groups: usize, silu: bool },
+    GroupNormBackward { n: usize, c: usize, h: usize, w: usize, groups: usize, silu: bool, channels_last: bool },
     /// x [m, k] times a weight [n, k] transposed (the base GEMM of a LoRA linear).
     Linear { m: usize, n: usize, k: usize },
     Softmax { rows: usize, cols: usize },
@@ -114,7 +116,7 @@ fn cases(device: Device) -> Vec<Case> {
             case("matmul attn-proj 4096x640x640", Op::Matmul { b: 1, m: 4096, n: 640, k: 640 }),
             case("conv2d 320ch 64x64 3x3", Op::Conv2d { n: 1, c: 320, h: 64, w: 64, k: 320, r: 3, stride: 1, pad: 1 }),
             case("conv2d 640ch 32x32 3x3", Op::Conv2d { n: 1, c: 640, h: 32, w: 32, k: 640, r: 3, stride: 1, pad: 1 }),
-            case("group_norm+silu (1,320,64,64) g32", Op::GroupNorm { n: 1, c: 320, h: 64, w: 64, groups: 32, silu: true }),
+            case("group_norm+silu (1,320,64,64) g32", Op::GroupNorm { n: 1, c: 320, h: 64, w: 64, groups: 32, silu: true, channels_last: false }),
             case("softmax 10240x1024", Op::Softmax { rows: 10240, cols: 1024 }),
             case("layer_norm 4096x640", Op::LayerNorm { rows: 4096, cols: 640 }),
             case("attention b1 h10 1024x1024 d64", Op::Attention { b: 1, h: 10, lq: 1024, lk: 1024, d: 64 }),
@@ -134,12 +136,19 @@ fn cases(device: Device) -> Vec<Case> {
             case("matmul 4096x4096x4096", Op::Matmul { b: 1, m: 4096, n: 4096, k: 4096 }),
             case("conv2d 320ch 128x128 3x3 b2", Op::Conv2d { n: 2, c: 320, h: 128, w: 128, k: 320, r: 3, stride: 1, pad: 1 }),
             case("conv2d 640ch 64x64 3x3 b2", Op::Conv2d { n: 2, c: 640, h: 64, w: 64, k: 640, r: 3, stride: 1, pad: 1 }),
-            case("group_norm+silu (2,320,128,128)", Op::GroupNorm { n: 2, c: 320, h: 128, w: 128, groups: 32, silu: true }),
-            case("group_norm+silu (2,640,64,64)", Op::GroupNorm { n: 2, c: 640, h: 64, w: 64, groups: 32, silu: true }),
-            case("group_norm+silu (2,1280,32,32)", Op::GroupNorm { n: 2, c: 1280, h: 32, w: 32, groups: 32, silu: true }),
-            case("group_norm+silu bwd (2,320,128,128)", Op::GroupNormBackward { n: 2, c: 320, h: 128, w: 128, groups: 32, silu: true }),
-            case("group_norm+silu bwd (2,640,64,64)", Op::GroupNormBackward { n: 2, c: 640, h: 64, w: 64, groups: 32, silu: true }),
-            case("group_norm+silu bwd (2,1280,32,32)", Op::GroupNormBackward { n: 2, c: 1280, h: 32, w: 32, groups: 32, silu: true }),
+            case("group_norm+silu (2,320,128,128)", Op::GroupNorm { n: 2, c: 320, h: 128, w: 128, groups: 32, silu: true, channels_last: false }),
+            case("group_norm+silu (2,640,64,64)", Op::GroupNorm { n: 2, c: 640, h: 64, w: 64, groups: 32, silu: true, channels_last: false }),
+            case("group_norm+silu (2,1280,32,32)", Op::GroupNorm { n: 2, c: 1280, h: 32, w: 32, groups: 32, silu: true, channels_last: false }),
+            case("group_norm+silu bwd (2,320,128,128)", Op::GroupNormBackward { n: 2, c: 320, h: 128, w: 128, groups: 32, silu: true, channels_last: false }),
+            case("group_norm+silu bwd (2,640,64,64)", Op::GroupNormBackward { n: 2, c: 640, h: 64, w: 64, groups: 32, silu: true, channels_last: false }),
+            case("group_norm+silu bwd (2,1280,32,32)", Op::GroupNormBackward { n: 2, c: 1280, h: 32, w: 32, groups: 32, silu: true, channels_last: false }),
+            // Channels-last: the layout the UNet runs group norm in on CUDA.
+            case("group_norm+silu cl (2,320,128,128)", Op::GroupNorm { n: 2, c: 320, h: 128, w: 128, groups: 32, silu: true, channels_last: true }),
+            case("group_norm+silu cl (2,640,64,64)", Op::GroupNorm { n: 2, c: 640, h: 64, w: 64, groups: 32, silu: true, channels_last: true }),
+            case("group_norm+silu cl (2,1280,32,32)", Op::GroupNorm { n: 2, c: 1280, h: 32, w: 32, groups: 32, silu: true, channels_last: true }),
+            case("group_norm+silu bwd cl (2,320,128,128)", Op::GroupNormBackward { n: 2, c: 320, h: 128, w: 128, groups: 32, silu: true, channels_last: true }),
+            case("group_norm+silu bwd cl (2,640,64,64)", Op::GroupNormBackward { n: 2, c: 640, h: 64, w: 64, groups: 32, silu: true, channels_last: true }),
+            case("group_norm+silu bwd cl (2,1280,32,32)", Op::GroupNormBackward { n: 2, c: 1280, h: 32, w: 32, groups: 32, silu: true, channels_last: true }),
             case("linear 8192x640x640", Op::Linear { m: 8192, n: 640, k: 640 }),
             case("linear 2048x1280x1280", Op::Linear { m: 2048, n: 1280, k: 1280 }),
             case("softmax 81920x4096", Op::Softmax { rows: 81920, cols: 4096 }),
@@ -173,6 +182,16 @@ fn randn(shape: &[usize], dtype: DType, device: Device, seed: u64) -> engine::Re
     Tensor::randn(shape, DType::F32, Device::Cpu, seed)?.to_dtype(dtype)?.to_device(device)
 }
 
+/// A random [N, C, H, W] tensor, NCHW-contiguous or (channels_last) an NHWC buffer viewed as NCHW.
+fn nchw_view(shape: &[usize; 4], channels_last: bool, dtype: DType, device: Device, seed: u64) -> engine::Result<Tensor> {
+    let [n, c, h, w] = *shape;
+    if channels_last {
+        randn(&[n, h, w, c], dtype, device, seed)?.permute(&[0, 3, 1, 2])
+    } else {
+        randn(&[n, c, h, w], dtype, device, seed)
+    }
+}
+
 /// Builds the inputs of a case and returns a closure running it once.
 fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn() -> engine::Result<Tensor>>> {
     Ok(match *op {
@@ -191,13 +210,13 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn()
             let p = Conv2dParams { stride: [stride; 2], padding: [pad; 2], ..Default::default() };
             Box::new(move || x.conv2d(&wt, None, p))
         }
-        Op::GroupNorm { n, c, h, w, groups, silu } => {
-            let x = randn(&[n, c, h, w], dtype, device, 1)?;
+        Op::GroupNorm { n, c, h, w, groups, silu, channels_last } => {
+            let x = nchw_view(&[n, c, h, w], channels_last, dtype, device, 1)?;
             let (wt, bs) = (randn(&[c], dtype, device, 2)?, randn(&[c], dtype, device, 3)?);
             Box::new(move || x.group_norm(groups, Some(&wt), Some(&bs), 1e-5, silu))
         }
-        Op::GroupNormBackward { n, c, h, w, groups, silu } => {
-            let (x, dy) = (randn(&[n, c, h, w], dtype, device, 1)?, randn(&[n, c, h, w], dtype, device, 4)?);
+        Op::GroupNormBackward { n, c, h, w, groups, silu, channels_last } => {
+            let (x, dy) = (nchw_view(&[n, c, h, w], channels_last, dtype, device, 1)?, nchw_view(&[n, c, h, w], channels_last, dtype, device, 4)?);
             let (wt, bs) = (randn(&[c], dtype, device, 2)?, randn(&[c], dtype, device, 3)?);
             Box::new(move || x.group_norm_backward(&dy, groups, Some(&wt), Some(&bs), 1e-5, silu, true).map(|g| g.0))
         }
