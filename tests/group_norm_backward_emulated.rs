@@ -15,80 +15,9 @@ use kernels::norm_backward::group_norm_backward;
 mod emulation;
 use emulation::{have_compiler, values, Aligned, Half};
 
-/// Threads of a CTA (GNC_BLOCK) and the kernels' packs-per-thread instances (GNC_BWD_KERNELS).
-const BLOCK: usize = 256;
-const PACKS: [usize; 5] = [2, 4, 8, 12, 16];
-
-#[derive(Clone, Copy, Debug)]
-enum Dt {
-    F32,
-    Half(Half),
-}
-
-impl Dt {
-    fn name(self) -> &'static str {
-        match self {
-            Dt::F32 => "f32",
-            Dt::Half(h) => h.name(),
-        }
-    }
-    /// Elements of a 16-byte pack.
-    fn pack(self) -> usize {
-        match self {
-            Dt::F32 => 4,
-            Dt::Half(_) => 8,
-        }
-    }
-    fn round(self, v: &[f32]) -> Vec<f32> {
-        match self {
-            Dt::F32 => v.to_vec(),
-            Dt::Half(h) => h.round(v),
-        }
-    }
-    /// (atol, rtol) of dx against the f32 reference on the same (rounded) inputs: one rounding of
-    /// dx to the dtype plus f32 accumulation-order noise (and __expf in the 16-bit SiLU).
-    fn dx_tolerance(self) -> (f32, f32) {
-        match self {
-            Dt::F32 => (2e-5, 2e-5),
-            Dt::Half(h) => (2e-4, h.unit_roundoff() + 2e-5),
-        }
-    }
-}
-
-/// A tensor of the kernel's dtype in a 16-byte aligned buffer.
-enum Buf {
-    F32(Aligned<f32>),
-    U16(Aligned<u16>, Half),
-}
-
-impl Buf {
-    fn new(dt: Dt, v: &[f32]) -> Buf {
-        match dt {
-            Dt::F32 => Buf::F32(Aligned::from(v)),
-            Dt::Half(h) => Buf::U16(Aligned::from(&v.iter().map(|&x| h.bits(x)).collect::<Vec<_>>()), h),
-        }
-    }
-    fn addr(&self) -> u64 {
-        match self {
-            Buf::F32(a) => a.addr(),
-            Buf::U16(a, _) => a.addr(),
-        }
-    }
-    fn values(&self) -> Vec<f32> {
-        match self {
-            Buf::F32(a) => a.to_vec(),
-            Buf::U16(a, h) => a.as_ref().iter().map(|&b| h.value(b)).collect(),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Case {
-    n: usize,
-    c: usize,
-    hw: usize,
-    groups: usize,
-}
+#[path = "common/group_norm_emulation.rs"]
+mod group_norm_emulation;
+use group_norm_emulation::{Buf, Case, Dt, BLOCK, PACKS};
 
 /// What one emulated launch returns: dx, and (dweight, dbias) when asked.
 type Grads = (Vec<f32>, Option<(Vec<f32>, Vec<f32>)>);
@@ -168,7 +97,7 @@ fn cluster_backward_matches_cpu_reference() {
                         let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0f32; len], vec![0f32; k.c], vec![0f32; k.c]);
                         group_norm_backward(&x, &dy, k.n, k.c, k.hw, k.groups, wo, bo, 1e-5, silu, &mut dx_ref, Some(&mut dw_ref), Some(&mut db_ref));
                         let (dx, grads) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, true);
-                        let (atol, rtol) = dt.dx_tolerance();
+                        let (atol, rtol) = dt.tolerance();
                         assert_close(&format!("{label} dx"), &dx, &dx_ref, atol, rtol);
                         // dw / db: sums of n * hw f32 terms in another order (per-warp runs, per-CTA
                         // shared sums, atomics) than the reference's f64; the scale is sqrt(terms).

@@ -17,78 +17,9 @@ use kernels::norm::group_norm;
 mod emulation;
 use emulation::{have_compiler, values, Aligned, Half};
 
-/// Threads of a CTA (GNC_BLOCK) and the register kernel's packs-per-thread instances (GNC_KERNELS).
-const BLOCK: usize = 256;
-const PACKS: [usize; 5] = [2, 4, 8, 12, 16];
-
-#[derive(Clone, Copy, Debug)]
-enum Dt {
-    F32,
-    Half(Half),
-}
-
-impl Dt {
-    fn name(self) -> &'static str {
-        match self {
-            Dt::F32 => "f32",
-            Dt::Half(h) => h.name(),
-        }
-    }
-    fn pack(self) -> usize {
-        match self {
-            Dt::F32 => 4,
-            Dt::Half(_) => 8,
-        }
-    }
-    fn round(self, v: &[f32]) -> Vec<f32> {
-        match self {
-            Dt::F32 => v.to_vec(),
-            Dt::Half(h) => h.round(v),
-        }
-    }
-    /// (atol, rtol): one rounding of y to the dtype plus f32 accumulation-order noise (and __expf
-    /// in the 16-bit SiLU).
-    fn tolerance(self) -> (f32, f32) {
-        match self {
-            Dt::F32 => (2e-5, 2e-5),
-            Dt::Half(h) => (2e-4, h.unit_roundoff() + 2e-5),
-        }
-    }
-}
-
-enum Buf {
-    F32(Aligned<f32>),
-    U16(Aligned<u16>, Half),
-}
-
-impl Buf {
-    fn new(dt: Dt, v: &[f32]) -> Buf {
-        match dt {
-            Dt::F32 => Buf::F32(Aligned::from(v)),
-            Dt::Half(h) => Buf::U16(Aligned::from(&v.iter().map(|&x| h.bits(x)).collect::<Vec<_>>()), h),
-        }
-    }
-    fn addr(&self) -> u64 {
-        match self {
-            Buf::F32(a) => a.addr(),
-            Buf::U16(a, _) => a.addr(),
-        }
-    }
-    fn values(&self) -> Vec<f32> {
-        match self {
-            Buf::F32(a) => a.to_vec(),
-            Buf::U16(a, h) => a.as_ref().iter().map(|&b| h.value(b)).collect(),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Case {
-    n: usize,
-    c: usize,
-    hw: usize,
-    groups: usize,
-}
+#[path = "common/group_norm_emulation.rs"]
+mod group_norm_emulation;
+use group_norm_emulation::{Buf, Case, Dt, BLOCK, PACKS};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kernel {
