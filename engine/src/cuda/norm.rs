@@ -610,14 +610,7 @@ fn gn_cluster_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64, 
     if !super::experimental_kernels() {
         return Ok(None);
     }
-    let dt = dt_name("group_norm", l.x.dtype())?;
-    let v = 16 / l.x.dtype().size_in_bytes();
-    if dev.arch() < 90 || l.channels_last || !l.hw.is_multiple_of(v) || !xp.is_multiple_of(16) || groups == 0 || l.n == 0 {
-        return Ok(None);
-    }
-    let packs = (l.c / groups) * l.hw / v;
-    let clusters = l.n * groups;
-    let sms = dev.multiprocessors() as usize;
+    let Some(ClusterShape { dt, packs, clusters, sms }) = cluster_shape(dev, l, groups, xp)? else { return Ok(None) };
     for cs in [1usize, 2, 4, 8, 16] {
         let need = packs.div_ceil(cs * GNC_BLOCK);
         let Some(p) = GNC_PACKS.into_iter().find(|&p| p >= need) else { continue };
@@ -686,19 +679,31 @@ const GNC_REGS_MAX_GROUP_BYTES: usize = 160 * 1024;
 /// SM's 228 KB (one wave for tensors up to ~4 x 132 x 48 KB).
 const GNC_SMEM_MAX_BYTES: usize = 48 * 1024;
 
-/// The shared-memory cluster kernel's plan, or None where it does not apply (the register
-/// kernel's conditions, or a group above 16 CTAs x GNC_SMEM_MAX_BYTES). Cluster size: the
-/// smallest power of two that keeps a CTA's share <= GNC_SMEM_MAX_BYTES and gives >= 2 CTAs an
-/// SM (16, non-portable, only when 8 cannot hold the group).
-fn gn_cluster_smem_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64, cp_async: bool) -> Result<Option<GnClusterPlan>> {
+/// What both cluster plans start from: the dtype's kernel suffix, the group's 16-byte packs, the
+/// (sample, group) count and the SMs; None where no cluster kernel applies (arch < 90,
+/// channels-last, spatial size not a multiple of the pack, unaligned data, nothing to do).
+struct ClusterShape {
+    dt: &'static str,
+    packs: usize,
+    clusters: usize,
+    sms: usize,
+}
+
+fn cluster_shape(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64) -> Result<Option<ClusterShape>> {
     let dt = dt_name("group_norm", l.x.dtype())?;
     let v = 16 / l.x.dtype().size_in_bytes();
     if dev.arch() < 90 || l.channels_last || !l.hw.is_multiple_of(v) || !xp.is_multiple_of(16) || groups == 0 || l.n == 0 {
         return Ok(None);
     }
-    let packs = (l.c / groups) * l.hw / v;
-    let clusters = l.n * groups;
-    let sms = dev.multiprocessors() as usize;
+    Ok(Some(ClusterShape { dt, packs: (l.c / groups) * l.hw / v, clusters: l.n * groups, sms: dev.multiprocessors() as usize }))
+}
+
+/// The shared-memory cluster kernel's plan, or None where it does not apply (the register
+/// kernel's conditions, or a group above 16 CTAs x GNC_SMEM_MAX_BYTES). Cluster size: the
+/// smallest power of two that keeps a CTA's share <= GNC_SMEM_MAX_BYTES and gives >= 2 CTAs an
+/// SM (16, non-portable, only when 8 cannot hold the group).
+fn gn_cluster_smem_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64, cp_async: bool) -> Result<Option<GnClusterPlan>> {
+    let Some(ClusterShape { dt, packs, clusters, sms }) = cluster_shape(dev, l, groups, xp)? else { return Ok(None) };
     for cs in [1usize, 2, 4, 8, 16] {
         let per = packs.div_ceil(cs);
         if per * 16 > GNC_SMEM_MAX_BYTES || (cs < 8 && clusters * cs < 2 * sms) {
