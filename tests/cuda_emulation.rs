@@ -1328,3 +1328,128 @@ fn wgmma_errors_name_kernel_and_call_site() {
     }
     lookahead::show(&e);
 }
+
+// ---- (a) pipelines: named barriers, mbarriers, cp.async arrivals, setmaxnreg (pipeline.cuh) -------
+
+const RING_WIDTH: usize = 128;
+
+/// Runs mbar_ring (kernels/emu/tests/pipeline.cu) over `iters` rows; returns out (128 ints).
+fn run_ring(m: &EmulatedModule, iters: usize, mode: i32, schedule: Schedule) -> Result<Vec<i32>, EmulateError> {
+    let src: Vec<i32> = (0..iters * RING_WIDTH).map(|i| (i * 37 % 1001) as i32 - 500).collect();
+    let src = Aligned::from(&src[..]);
+    let out = Aligned::<i32>::zeroed(RING_WIDTH);
+    let (sp, op) = (src.addr(), out.addr());
+    // SAFETY: mbar_ring reads iters x 128 ints of src and writes 128 ints of out.
+    unsafe {
+        m.launch_with("mbar_ring", (1, 1, 1), (160, 1, 1), 0, schedule, &|f| {
+            let k: extern "C" fn(u64, u64, i32, i32) = std::mem::transmute(f);
+            k(sp, op, iters as i32, mode);
+        })?
+    };
+    Ok(out.to_vec())
+}
+
+fn ring_reference(iters: usize) -> Vec<i32> {
+    (0..RING_WIDTH).map(|c| (0..iters).map(|i| ((i * RING_WIDTH + c) * 37 % 1001) as i32 - 500).sum()).collect()
+}
+
+#[test]
+fn mbarrier_rings_deliver_every_row_under_every_schedule() {
+    if !have_compiler("mbarrier_rings_deliver_every_row_under_every_schedule") {
+        return;
+    }
+    let m = test_module("pipeline");
+    for iters in [1, 2, 7] {
+        for schedule in SCHEDULES.into_iter().chain([Schedule::Random(7), Schedule::Random(99)]) {
+            for (mode, what) in [(0, "plain stores + mbarrier_arrive"), (1, "cp_async_16 + cp_async_mbarrier_arrive")] {
+                let got = run_ring(&m, iters, mode, schedule).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(got, ring_reference(iters), "{what}, {iters} rows, schedule {schedule}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_producer_that_skips_the_empty_barrier_is_caught() {
+    if !have_compiler("a_producer_that_skips_the_empty_barrier_is_caught") {
+        return;
+    }
+    let m = test_module("pipeline");
+    // Far-apart runs the producer warp through every row before a consumer reads: the stages
+    // hold the last rows only, and the full barriers are phases ahead, so that a consumer waits
+    // for a parity that has come round again (a deadlock, as on the GPU) or sums the wrong rows.
+    for iters in [4, 7] {
+        match run_ring(&m, iters, 2, Schedule::FarApart) {
+            Ok(got) => assert_ne!(got, ring_reference(iters), "far-apart must expose the refill of a stage that is still read"),
+            Err(e) => assert!(e.to_string().contains("deadlock: ") && e.to_string().contains("mbarrier_try_wait"), "{e}"),
+        }
+    }
+}
+
+#[test]
+fn named_barriers_order_two_warpgroups_in_turn() {
+    if !have_compiler("named_barriers_order_two_warpgroups_in_turn") {
+        return;
+    }
+    let m = test_module("pipeline");
+    let iters = 5;
+    for schedule in SCHEDULES.into_iter().chain([Schedule::Random(3), Schedule::Random(11)]) {
+        let out = Aligned::<i32>::zeroed(2 * iters);
+        let op = out.addr();
+        // SAFETY: named_ping_pong writes 2 iters ints of out.
+        unsafe {
+            m.launch_with("named_ping_pong", (1, 1, 1), (256, 1, 1), 0, schedule, &|f| {
+                let k: extern "C" fn(u64, i32) = std::mem::transmute(f);
+                k(op, iters as i32);
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let want: Vec<i32> = (0..2 * iters).map(|i| (i % 2) as i32).collect();
+        assert_eq!(out.to_vec(), want, "schedule {schedule}");
+    }
+}
+
+/// The error of launching `kernel(int* out)` on one block of `threads` under `schedule`.
+fn pipeline_error(m: &EmulatedModule, kernel: &str, threads: u32, schedule: Schedule) -> String {
+    let out = Aligned::<i32>::zeroed(threads as usize);
+    let op = out.addr();
+    // SAFETY: the kernels write at most one int per thread.
+    let r = unsafe {
+        m.launch_with(kernel, (1, 1, 1), (threads, 1, 1), 0, schedule, &|f| {
+            let k: extern "C" fn(u64) = std::mem::transmute(f);
+            k(op);
+        })
+    };
+    match r {
+        Err(e @ EmulateError::Launch { .. }) => e.to_string(),
+        other => panic!("{kernel}, schedule {schedule}: expected a launch error, got {other:?}"),
+    }
+}
+
+#[test]
+fn pipeline_errors_name_the_barrier_and_the_call_site() {
+    if !have_compiler("pipeline_errors_name_the_barrier_and_the_call_site") {
+        return;
+    }
+    let m = test_module("pipeline");
+    let cases: &[(&str, u32, &[&str])] = &[
+        ("mbar_deadlock", 64, &["deadlock", "waiting at mbarrier_try_wait(shared+0x", "parity 0) (pipeline.cu:", "lacks 1 of 2 arrivals and 0 transaction bytes", "64 threads wait for it"]),
+        ("named_deadlock", 64, &["deadlock", "threads 0-31: waiting at named_barrier_sync(1, 64) (pipeline.cu:", "threads 32-63: exited", "named barrier 1 (64 threads): 1 of 2 warps arrived"]),
+        ("mbar_before_init", 32, &["mbarrier_arrive at pipeline.cu:", "is not an initialised mbarrier"]),
+        ("mbar_reinit_in_use", 32, &["mbarrier_init at pipeline.cu:", "re-initialised while in use", "1 of 2 arrivals"]),
+        ("mbar_arrive_beyond_count", 32, &["mbarrier_arrive at pipeline.cu:", "an arrival beyond the count", "waits for 64 transaction bytes"]),
+        ("named_count_mismatch", 128, &["named barrier 1: warp", "for 96 threads", "for 64 threads", "same count"]),
+        ("named_split_warp", 32, &["warp 0 at different named barriers", "named_barrier_sync(1, 32) (pipeline.cu:"]),
+        ("setmaxnreg_mismatch", 128, &["warpgroup 0 at different call sites", "setmaxnreg_dec (pipeline.cu:"]),
+    ];
+    for schedule in SCHEDULES {
+        for (kernel, threads, parts) in cases {
+            let e = pipeline_error(&m, kernel, *threads, schedule);
+            for part in parts.iter().chain(&[*kernel]) {
+                assert!(e.contains(part), "{kernel}, schedule {schedule}: missing {part:?} in: {e}");
+            }
+        }
+    }
+    lookahead::show(&pipeline_error(&m, "mbar_deadlock", 64, Schedule::FarApart));
+    lookahead::show(&pipeline_error(&m, "named_deadlock", 64, Schedule::FarApart));
+}

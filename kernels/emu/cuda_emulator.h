@@ -61,6 +61,8 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+// A const kernel parameter the kernel may take the address of (TensorMap): by value here anyway.
+#define __grid_constant__
 // Static shared variables are thread-local: the module's TLS block (nothing else of the module is
 // thread-local) holds the shared memory of the CTA that runs now; the launch swaps in another
 // CTA's copy when it switches to one of its threads (thread-block clusters run several CTAs at once).
@@ -106,10 +108,12 @@ constexpr int warpSize = 32;
 // ---- the runtime ---------------------------------------------------------------------------------
 namespace lookahead_emu {
 
-enum class State : int { Runnable, AtBlockBarrier, AtWarp, AtCluster, Exited };
+// AtNamed: the thread's warp has arrived at a named barrier (bar.sync) that has not completed yet;
+// AtMbarrier: waits in mbarrier_try_wait for the phase of parity in[0] of the mbarrier at addr.
+enum class State : int { Runnable, AtBlockBarrier, AtWarp, AtCluster, AtNamed, AtMbarrier, Exited };
 
 // What a thread waits at (op) and its variant (sub).
-enum Op : int { OpNone, OpSyncThreads, OpSyncWarp, OpShfl, OpVote, OpReduce, OpMma, OpLdmatrix, OpClusterWait, OpWarpgroup };
+enum Op : int { OpNone, OpSyncThreads, OpSyncWarp, OpShfl, OpVote, OpReduce, OpMma, OpLdmatrix, OpClusterWait, OpWarpgroup, OpNamedBarrier, OpMbarrierWait };
 enum ShflMode : int { ShflIdx, ShflUp, ShflDown, ShflXor };
 enum VoteMode : int { VoteBallot, VoteAny, VoteAll, VoteUni };
 enum ReduceMode : int { ReduceAddU, ReduceMinU, ReduceMaxU, ReduceMinI, ReduceMaxI, ReduceAnd, ReduceOr, ReduceXor };
@@ -123,6 +127,7 @@ struct PendingCopy {
 
 struct Launch;
 struct WgmmaOp;
+struct Fiber;
 
 // The wgmma state of one warpgroup: its issued, not yet retired wgmmas in issue order and the
 // end index of every committed group, oldest first (ops past the last end are not committed).
@@ -131,6 +136,50 @@ struct WarpgroupState {
     unsigned nops, ops_cap;
     unsigned* group_end;
     unsigned ngroups, groups_cap;
+};
+
+// A named barrier (bar.sync / bar.arrive id, count) of one CTA in its current phase: the thread
+// count the first warp gave, the warp arrivals so far (each warp counts 32 threads; a warp that
+// arrives twice counts twice, as on the GPU) and which warps arrived.
+struct NamedBarrier {
+    unsigned count, arrivals;
+    uint32_t warps;
+    unsigned first_warp;
+    const char* file;
+    int line;
+};
+
+// An mbarrier (PTX ISA "mbarrier"), kept beside the u64 it lives in: the u64 holds kMbarrierTag
+// from its init on, so that a plain store over it shows. pending: arrivals still missing in the
+// current phase; tx: transaction bytes announced (arrive_expect_tx) minus those completed
+// (complete_tx of TMA copies), negative while copies run ahead of their announcement.
+struct Mbarrier {
+    unsigned char* addr;
+    unsigned cta;
+    unsigned count, pending, phase;
+    long long tx;
+    const char* file;  // its mbarrier_init
+    int line;
+};
+constexpr uint64_t kMbarrierTag = 0x6d626172456d7521ull;
+
+// An asynchronous operation in flight, completed at a scheduling point the schedule picks (or at
+// the wait that needs it): a cp_async_mbarrier_arrive (the arrival once the thread's cp.async
+// copies issued before it, seq, have landed), a TMA load (box into shared memory, then
+// complete_tx on the mbarrier) or a TMA store (box from shared memory to global memory, bulk
+// group `seq` of its thread).
+enum AsyncKind : int { AsyncCpArrive, AsyncTmaLoad, AsyncTmaStore };
+struct AsyncOp {
+    int kind;
+    unsigned cta;
+    Fiber* f;  // the issuing thread
+    uint64_t seq;
+    unsigned char* smem;  // TMA: the box in shared memory
+    unsigned char* bar;   // the mbarrier (cp.async arrive, TMA load)
+    uint64_t map[16];     // TMA: the tensor map, as at the issue
+    int x, y;
+    const char* file;
+    int line;
 };
 
 // One emulated thread. Lives at the (region-aligned) base of its fiber's memory region, so that a
@@ -159,6 +208,8 @@ struct Fiber {
     unsigned ncopies, copies_cap;
     unsigned* group_end;
     unsigned ngroups, groups_cap;
+    uint64_t copy_seq;          // cp.async copies issued so far (cp_async_mbarrier_arrive's marks)
+    unsigned bulk_groups;       // TMA store bulk groups committed so far
 #if !defined(LA_EMU_X86_SWITCH)
     ucontext_t ctx;
 #endif
@@ -210,6 +261,13 @@ struct Launch {
     int (*thread_fn)(void*, const void*);
     void* ctx;
     const void* kernel_fn;
+    // Named barriers (per CTA, ids 1..15), mbarriers and the asynchronous operations in flight
+    // of the running cluster.
+    NamedBarrier named[16][16];
+    Mbarrier* mbars;
+    unsigned nmbars, mbars_cap;
+    AsyncOp* async;
+    unsigned nasync, async_cap;
     bool failed;
     bool callback_panicked;
     char msg[8192];
@@ -490,6 +548,7 @@ inline void cp_async_16(void* dst, const void* src, bool full, const char* file,
     // The source is read now: a later change to it does not reach the copy, as on the GPU once
     // the copy is under way. The destination is written when a wait retires the group.
     c.size = 16;
+    ++f->copy_seq;
     if (full) memcpy(c.data, src, 16);
     else memset(c.data, 0, 16);
     // Until then the destination is undefined (the hardware may write it at any moment after
@@ -512,6 +571,7 @@ inline void cp_async_8(void* dst, const void* src, bool full, const char* file, 
     PendingCopy& c = f->copies[f->ncopies++];
     c.dst = static_cast<unsigned char*>(dst);
     c.size = 8;
+    ++f->copy_seq;
     if (full) memcpy(c.data, src, 8);
     else memset(c.data, 0, 8);
     memset(dst, 0xff, 8);  // undefined until the wait, as for cp_async_16
@@ -584,6 +644,220 @@ inline float cluster_load_remote(const float* p, unsigned rank, const char* file
     return v;
 }
 
+
+// ---- named barriers, mbarriers and asynchronous completions (pipeline.cuh) -----------------------
+// The offset of [p, p + size) in CTA `cta`'s shared window (static shared memory at 0, dynamic
+// at dyn_window), or -1 when it is not inside this CTA's shared memory.
+inline long long shared_offset(Launch* L, unsigned cta, const void* p, size_t size) {
+    const unsigned char* a = static_cast<const unsigned char*>(p);
+    if (L->tls_size && a >= L->tls_base && a + size <= L->tls_base + L->tls_size) return (long long)(a - L->tls_base);
+    if (L->dyn_bytes && a >= L->dyn_shared[cta] && a + size <= L->dyn_shared[cta] + L->dyn_bytes) return (long long)(L->dyn_window + (a - L->dyn_shared[cta]));
+    return -1;
+}
+
+enum NamedMode : int { NamedSync = 0, NamedArrive = 1 };
+
+// bar.sync / bar.arrive id, threads: a warp-level rendezvous of the warp's non-exited lanes (the
+// instruction is .aligned), then one warp arrival at barrier `id` (resolve_named_barrier).
+inline void named_barrier(int mode, unsigned id, unsigned threads, const char* file, int line) {
+    Fiber* f = self();
+    Launch* L = f->launch;
+    const char* what = mode == NamedSync ? "named_barrier_sync" : "named_barrier_arrive";
+    if (id == 0 || id > 15) thread_error(f, "%s(%u, %u) at %s:%d: barrier id %u is not in 1..15 (0 is __syncthreads' barrier)", what, id, threads, base_name(file), line, id);
+    if (threads == 0 || threads % 32 != 0) thread_error(f, "%s(%u, %u) at %s:%d: the thread count is not a positive multiple of 32 (warps arrive whole)", what, id, threads, base_name(file), line);
+    if (threads > 32 * L->nwarps) thread_error(f, "%s(%u, %u) at %s:%d: the thread count is more than the block's %u warps can give", what, id, threads, base_name(file), line, L->nwarps);
+    f->in[0] = id;
+    f->in[1] = threads;
+    wait_at(f, State::AtWarp, OpNamedBarrier, mode, 0xffffffffu, file, line);
+}
+
+inline Mbarrier* find_mbarrier(Launch* L, unsigned cta, const void* p) {
+    for (unsigned i = 0; i < L->nmbars; ++i)
+        if (L->mbars[i].addr == p && L->mbars[i].cta == cta) return &L->mbars[i];
+    return nullptr;
+}
+
+// The mbarrier at `bar` for `what` at file:line; an error when it is not an initialised one.
+inline Mbarrier* mbarrier_of(Fiber* f, const void* bar, const char* what, const char* file, int line) {
+    Launch* L = f->launch;
+    const long long off = shared_offset(L, f->cta, bar, 8);
+    if (off < 0) thread_error(f, "%s at %s:%d: %p is not in this CTA's shared memory (an mbarrier is a u64 in shared memory)", what, base_name(file), line, bar);
+    if (off % 8 != 0) thread_error(f, "%s at %s:%d: the mbarrier at shared+0x%llx is not 8-byte aligned", what, base_name(file), line, off);
+    Mbarrier* m = find_mbarrier(L, f->cta, bar);
+    if (!m) thread_error(f, "%s at %s:%d: shared+0x%llx is not an initialised mbarrier (mbarrier_init, fence_mbarrier_init and __syncthreads come before any use)", what, base_name(file), line, off);
+    uint64_t v;
+    memcpy(&v, bar, 8);
+    if (v != kMbarrierTag)
+        thread_error(f, "%s at %s:%d: the mbarrier at shared+0x%llx (mbarrier_init at %s:%d) was overwritten by a plain store (or a copy) since its init", what, base_name(file), line, off,
+                     base_name(m->file), m->line);
+    return m;
+}
+
+// Completes m's current phase: the parity flips, the arrival count restarts and every thread
+// waiting for the phase resumes.
+inline void mbarrier_complete_phase(Launch* L, Mbarrier* m) {
+    m->phase++;
+    m->pending = m->count;
+    m->tx = 0;
+    Fiber** fibers = L->fibers + (size_t)m->cta * L->nthreads;
+    for (unsigned i = 0; i < L->nthreads; ++i)
+        if (fibers[i]->state == State::AtMbarrier && fibers[i]->addr == reinterpret_cast<uint64_t>(m->addr)) fibers[i]->state = State::Runnable;
+}
+
+// One arrival on m; false with `err` set when the phase has had all its arrivals already.
+inline bool mbarrier_arrive_on(Launch* L, Mbarrier* m, char* err, size_t cap) {
+    if (m->pending == 0) {
+        snprintf(err, cap, "an arrival beyond the count: phase %u has had all %u arrivals (mbarrier_init at %s:%d) and waits for %lld transaction bytes", m->phase, m->count,
+                 base_name(m->file), m->line, m->tx);
+        return false;
+    }
+    if (--m->pending == 0 && m->tx == 0) mbarrier_complete_phase(L, m);
+    return true;
+}
+
+// complete_tx of `bytes` on m (a TMA load that landed); false with `err` set when the phase has
+// all its arrivals and expects fewer bytes (its arrive_expect_tx announced too few).
+inline bool mbarrier_complete_tx(Launch* L, Mbarrier* m, unsigned bytes, char* err, size_t cap) {
+    if (m->pending == 0 && m->tx < (long long)bytes) {
+        snprintf(err, cap, "complete_tx of %u bytes, but phase %u has all its arrivals and expects only %lld more transaction bytes (arrive_expect_tx announced fewer bytes than the copies bring)",
+                 bytes, m->phase, m->tx);
+        return false;
+    }
+    m->tx -= bytes;
+    if (m->pending == 0 && m->tx == 0) mbarrier_complete_phase(L, m);
+    return true;
+}
+
+inline void mbarrier_init(unsigned long long* bar, unsigned count, const char* file, int line) {
+    Fiber* f = self();
+    Launch* L = f->launch;
+    const long long off = shared_offset(L, f->cta, bar, 8);
+    if (off < 0) thread_error(f, "mbarrier_init at %s:%d: %p is not in this CTA's shared memory", base_name(file), line, (void*)bar);
+    if (off % 8 != 0) thread_error(f, "mbarrier_init at %s:%d: shared+0x%llx is not 8-byte aligned", base_name(file), line, off);
+    if (count == 0 || count >= (1u << 20)) thread_error(f, "mbarrier_init at %s:%d: count %u is not in 1..2^20-1", base_name(file), line, count);
+    Mbarrier* m = find_mbarrier(L, f->cta, bar);
+    if (m) {
+        unsigned waiters = 0, ops = 0;
+        Fiber** fibers = L->fibers + (size_t)f->cta * L->nthreads;
+        for (unsigned i = 0; i < L->nthreads; ++i) waiters += fibers[i]->state == State::AtMbarrier && fibers[i]->addr == reinterpret_cast<uint64_t>(bar);
+        for (unsigned i = 0; i < L->nasync; ++i) ops += L->async[i].cta == f->cta && L->async[i].bar == reinterpret_cast<unsigned char*>(bar);
+        if (m->pending != m->count || m->tx != 0 || waiters || ops)
+            thread_error(f, "mbarrier_init at %s:%d: the mbarrier at shared+0x%llx is re-initialised while in use (phase %u: %u of %u arrivals and %lld transaction bytes pending, %u waiting threads, %u copies or arrivals in flight; first init at %s:%d)",
+                         base_name(file), line, off, m->phase, m->pending, m->count, m->tx, waiters, ops, base_name(m->file), m->line);
+    } else {
+        if (L->nmbars == L->mbars_cap) {
+            L->mbars_cap = L->mbars_cap ? 2 * L->mbars_cap : 16;
+            L->mbars = static_cast<Mbarrier*>(realloc(L->mbars, L->mbars_cap * sizeof(Mbarrier)));
+            if (!L->mbars) abort();
+        }
+        m = &L->mbars[L->nmbars++];
+    }
+    *m = Mbarrier{reinterpret_cast<unsigned char*>(bar), f->cta, count, count, 0, 0, file, line};
+    *bar = kMbarrierTag;
+}
+
+inline void mbarrier_arrive(unsigned long long* bar, unsigned tx_bytes, bool expect_tx, const char* file, int line) {
+    Fiber* f = self();
+    const char* what = expect_tx ? "mbarrier_arrive_expect_tx" : "mbarrier_arrive";
+    Mbarrier* m = mbarrier_of(f, bar, what, file, line);
+    if (expect_tx) {
+        if (tx_bytes >= (1u << 20)) thread_error(f, "%s at %s:%d: %u transaction bytes is more than the 2^20-1 a phase can expect", what, base_name(file), line, tx_bytes);
+        m->tx += tx_bytes;
+    }
+    char err[512];
+    if (!mbarrier_arrive_on(f->launch, m, err, sizeof err)) thread_error(f, "%s at %s:%d: mbarrier at shared+0x%llx: %s", what, base_name(file), line, shared_offset(f->launch, f->cta, bar, 8), err);
+}
+
+// mbarrier.try_wait.parity: true at once when the phase of that parity has completed (the
+// current phase has the other parity); otherwise the thread waits here, a scheduling point, until
+// it completes, and then gets true. (The GPU may also return false after a time limit; the
+// emulator never does, so a kernel that needs a false to make progress deadlocks here.)
+inline bool mbarrier_try_wait(unsigned long long* bar, unsigned parity, const char* file, int line) {
+    Fiber* f = self();
+    Mbarrier* m = mbarrier_of(f, bar, "mbarrier_try_wait", file, line);
+    if ((m->phase & 1u) != (parity & 1u)) return true;
+    f->addr = reinterpret_cast<uint64_t>(bar);
+    f->in[0] = parity & 1u;
+    wait_at(f, State::AtMbarrier, OpMbarrierWait, 0, 0, file, line);
+    return true;
+}
+
+inline AsyncOp* new_async(Launch* L) {
+    if (L->nasync == L->async_cap) {
+        L->async_cap = L->async_cap ? 2 * L->async_cap : 16;
+        L->async = static_cast<AsyncOp*>(realloc(L->async, L->async_cap * sizeof(AsyncOp)));
+        if (!L->async) abort();
+    }
+    AsyncOp* op = &L->async[L->nasync++];
+    memset(op, 0, sizeof *op);
+    return op;
+}
+
+// cp.async.mbarrier.arrive.noinc: one of the barrier's arrivals, made once every cp.async this
+// thread issued before has landed (at a scheduling point the schedule picks).
+inline void cp_async_mbarrier_arrive(unsigned long long* bar, const char* file, int line) {
+    Fiber* f = self();
+    mbarrier_of(f, bar, "cp_async_mbarrier_arrive", file, line);
+    AsyncOp* op = new_async(f->launch);
+    op->kind = AsyncCpArrive;
+    op->cta = f->cta;
+    op->f = f;
+    op->seq = f->copy_seq;
+    op->bar = reinterpret_cast<unsigned char*>(bar);
+    op->file = file;
+    op->line = line;
+}
+
+// Lands the oldest `k` pending cp.async copies of f (the hardware may write them any time
+// before the wait); committed groups whose copies have all landed are complete.
+inline void land_copies(Fiber* f, unsigned k) {
+    if (k > f->ncopies) k = f->ncopies;
+    for (unsigned i = 0; i < k; ++i) memcpy(f->copies[i].dst, f->copies[i].data, f->copies[i].size);
+    memmove(f->copies, f->copies + k, (f->ncopies - k) * sizeof(PendingCopy));
+    f->ncopies -= k;
+    unsigned done = 0;
+    while (done < f->ngroups && f->group_end[done] <= k) ++done;
+    for (unsigned g = done; g < f->ngroups; ++g) f->group_end[g - done] = f->group_end[g] - k;
+    f->ngroups -= done;
+}
+
+inline bool deliver_tma(Launch* L, const AsyncOp& op) {
+    set_error(L, "TMA is not emulated yet (%s:%d)", base_name(op.file), op.line);
+    return false;
+}
+
+// Completes the asynchronous operation L->async[i] (removing it). False with the launch error set
+// on a fault. Leaves op.cta's static shared memory live.
+inline bool deliver_async(Launch* L, unsigned i) {
+    const AsyncOp op = L->async[i];
+    memmove(L->async + i, L->async + i + 1, (L->nasync - i - 1) * sizeof(AsyncOp));
+    L->nasync--;
+    make_live(L, op.cta);
+    if (op.kind != AsyncCpArrive) return deliver_tma(L, op);
+    Fiber* f = op.f;
+    const uint64_t first = f->copy_seq - f->ncopies;  // the sequence number of its oldest pending copy
+    if (op.seq > first) land_copies(f, (unsigned)(op.seq - first));
+    Mbarrier* m = find_mbarrier(L, op.cta, op.bar);
+    char err[512];
+    if (!m) snprintf(err, sizeof err, "the mbarrier is no longer initialised");
+    if (!m || !mbarrier_arrive_on(L, m, err, sizeof err)) {
+        set_error(L, "thread (%u,%u,%u): cp_async_mbarrier_arrive (%s:%d) on the mbarrier at shared+0x%llx: %s", f->tid.x, f->tid.y, f->tid.z, base_name(op.file), op.line,
+                  shared_offset(L, op.cta, op.bar, 8), err);
+        return false;
+    }
+    return true;
+}
+
+// Completes the pending asynchronous operations: all of them in issue order, or (random schedule)
+// one picked by the generator. False on a fault.
+inline uint64_t next_random(Launch* L);
+inline bool deliver_pending(Launch* L, bool all) {
+    if (!all && L->nasync) return deliver_async(L, (unsigned)(next_random(L) % L->nasync));
+    while (L->nasync)
+        if (!deliver_async(L, 0)) return false;
+    return true;
+}
+
 // ---- the scheduler -------------------------------------------------------------------------------
 inline void fiber_main() {
     Fiber* f = self();
@@ -614,7 +888,10 @@ inline const char* op_name(int op, int sub) {
     case OpVote: return sub == VoteBallot ? "__ballot_sync" : sub == VoteAny ? "__any_sync" : sub == VoteAll ? "__all_sync" : "__uni_sync";
     case OpReduce: return "__reduce_*_sync";
     case OpClusterWait: return "cluster_wait";
+    case OpNamedBarrier: return sub == NamedSync ? "named_barrier_sync" : "named_barrier_arrive";
+    case OpMbarrierWait: return "mbarrier_try_wait";
     case OpWarpgroup: {
+        if ((sub & 7) == 4) return (sub >> 5) & 1 ? "setmaxnreg_inc" : "setmaxnreg_dec";
         static const char* names[] = {"wgmma_fence", "wgmma_commit", "wgmma_wait", "wgmma_ss<bf16>", "wgmma_ss<f16>", "wgmma_rs<bf16>", "wgmma_rs<f16>"};
         const int kind = sub & 7;
         return kind < 3 ? names[kind] : names[3 + ((sub >> 4) & 1) + 2 * ((sub >> 5) & 1)];
@@ -638,6 +915,8 @@ inline void describe_threads(Launch* L, char* out, size_t cap) {
     auto key_equal = [](const Fiber* a, const Fiber* b) {
         if (a->state != b->state || a->cta != b->cta) return false;
         if (a->state == State::Exited || a->state == State::Runnable) return true;
+        if (a->op == OpNamedBarrier && (a->in[0] != b->in[0] || a->in[1] != b->in[1])) return false;
+        if (a->op == OpMbarrierWait && (a->addr != b->addr || a->in[0] != b->in[0])) return false;
         return a->op == b->op && a->sub == b->sub && a->mask == b->mask && same_site(a, b);
     };
     for (unsigned i = 0; i < L->total;) {
@@ -648,6 +927,12 @@ inline void describe_threads(Launch* L, char* out, size_t cap) {
         if (f->state == State::Exited) snprintf(what, sizeof what, "exited");
         else if (f->state == State::Runnable) snprintf(what, sizeof what, "runnable");
         else if (f->state == State::AtBlockBarrier || f->state == State::AtCluster) snprintf(what, sizeof what, "waiting at %s (%s:%d)", op_name(f->op, f->sub), base_name(f->file), f->line);
+        else if (f->op == OpNamedBarrier)
+            snprintf(what, sizeof what, "waiting at %s(%u, %u) (%s:%d%s)", op_name(f->op, f->sub), f->in[0], f->in[1], base_name(f->file), f->line,
+                     f->state == State::AtWarp ? ", for the rest of its warp" : "");
+        else if (f->op == OpMbarrierWait)
+            snprintf(what, sizeof what, "waiting at mbarrier_try_wait(shared+0x%llx, parity %u) (%s:%d)", shared_offset(L, f->cta, reinterpret_cast<const void*>(f->addr), 8), f->in[0],
+                     base_name(f->file), f->line);
         else snprintf(what, sizeof what, "waiting at %s (%s:%d, mask 0x%08x)", op_name(f->op, f->sub), base_name(f->file), f->line, f->mask);
         int w;
         if (++groups > 12) {
@@ -664,6 +949,46 @@ inline void describe_threads(Launch* L, char* out, size_t cap) {
         n += (size_t)w;
         i = j;
     }
+}
+
+// The named barriers with arrivals and the mbarriers with waiting threads (after describe_threads
+// in deadlock reports): "; named barrier 1 (256 threads): 4 of 8 warps arrived (warps 0x0000000f,
+// first at fa.cu:80); mbarrier shared+0x10 (count 1, init at fa.cu:60): phase 0 (parity 0)
+// lacks 1 of 1 arrivals and 4096 transaction bytes".
+inline void describe_sync_objects(Launch* L, char* out, size_t cap) {
+    size_t n = strlen(out);
+    for (unsigned r = 0; r < L->ncta; ++r)
+        for (unsigned id = 1; id < 16; ++id) {
+            const NamedBarrier& B = L->named[r][id];
+            if (B.arrivals == 0 || n >= cap) continue;
+            char cta[32] = "";
+            if (L->ncta > 1) snprintf(cta, sizeof cta, " of CTA %u", r);
+            const int w = snprintf(out + n, cap - n, "; named barrier %u%s (%u threads): %u of %u warps arrived (warps 0x%08x, first at %s:%d)", id, cta, B.count, B.arrivals,
+                                   B.count / 32, B.warps, base_name(B.file), B.line);
+            n += w > 0 ? (size_t)w : 0;
+        }
+    for (unsigned i = 0; i < L->nmbars && n < cap; ++i) {
+        const Mbarrier& m = L->mbars[i];
+        unsigned waiters = 0;
+        for (unsigned k = 0; k < L->nthreads; ++k) {
+            const Fiber* f = L->fibers[(size_t)m.cta * L->nthreads + k];
+            waiters += f->state == State::AtMbarrier && f->addr == reinterpret_cast<uint64_t>(m.addr);
+        }
+        if (!waiters) continue;
+        char cta[32] = "";
+        if (L->ncta > 1) snprintf(cta, sizeof cta, " of CTA %u", m.cta);
+        const int w = snprintf(out + n, cap - n, "; mbarrier shared+0x%llx%s (count %u, init at %s:%d): phase %u (parity %u) lacks %u of %u arrivals and %lld transaction bytes; %u threads wait for it",
+                               shared_offset(L, m.cta, m.addr, 8), cta, m.count, base_name(m.file), m.line, m.phase, m.phase & 1u, m.pending, m.count, m.tx, waiters);
+        n += w > 0 ? (size_t)w : 0;
+    }
+}
+
+// Sets the launch error for a state where no thread can proceed.
+inline void deadlock_error(Launch* L) {
+    char states[6144];
+    describe_threads(L, states, sizeof states);
+    describe_sync_objects(L, states, sizeof states);
+    set_error(L, "deadlock: %s", states);
 }
 
 inline uint16_t half_at(uint64_t row_addr, unsigned k) { return reinterpret_cast<const uint16_t*>(row_addr)[k]; }
@@ -819,7 +1144,9 @@ inline bool complete_collective(Launch* L, unsigned w, unsigned m) {
 // fiber's stack). A wgmma into an accumulator that a pending wgmma also writes (the k steps of
 // one tile) takes that one's result as its D, as the hardware chains them.
 // sub of OpWarpgroup: kind (bits 0-2) | f16 << 4 | rs << 5 | trans_b << 6 | N << 8.
-enum WarpgroupKind : int { WgFence = 0, WgCommit = 1, WgWait = 2, WgMma = 3 };
+// WgSetmaxnreg: sub = 4 | inc << 5 | N << 8; nothing to compute (the emulator has no register
+// file), but every warp of the warpgroup must execute the same one.
+enum WarpgroupKind : int { WgFence = 0, WgCommit = 1, WgWait = 2, WgMma = 3, WgSetmaxnreg = 4 };
 constexpr uint32_t kWgmmaPoison = 0x7fc0deadu;
 
 struct WgmmaOp {
@@ -1123,15 +1450,65 @@ inline bool resolve_warpgroup(Launch* L, unsigned w, const Fiber* f, bool& relea
     return true;
 }
 
+// The warp arrival at a named barrier, once every non-exited lane of warp `w` waits at the same
+// named_barrier_sync / _arrive (f: one of them): the warp counts 32 threads towards the count
+// that the phase's first warp gave (another count is an error); arrive resumes the warp at once,
+// sync parks it (AtNamed) until the phase completes, which resumes every parked warp.
+inline bool resolve_named_barrier(Launch* L, unsigned w, const Fiber* f, bool& released) {
+    unsigned nl;
+    Fiber** lanes = warp_lanes(L, w, nl);
+    const char* what = op_name(f->op, f->sub);
+    for (unsigned j = 0; j < nl; ++j) {
+        const Fiber* o = lanes[j];
+        if (o->state == State::Exited) continue;
+        if (o->state != State::AtWarp || o->op != OpNamedBarrier) return true;  // not all here yet
+        if (o->sub != f->sub || o->in[0] != f->in[0] || o->in[1] != f->in[1] || !same_site(o, f)) {
+            set_error(L, "warp %u at different named barriers (bar.sync / bar.arrive are .aligned: the whole warp executes one): thread %u at %s(%u, %u) (%s:%d), thread %u at %s(%u, %u) (%s:%d)",
+                      w % L->nwarps, f->linear, what, f->in[0], f->in[1], base_name(f->file), f->line, o->linear, op_name(o->op, o->sub), o->in[0], o->in[1], base_name(o->file), o->line);
+            return false;
+        }
+    }
+    const unsigned cta = w / L->nwarps, wl = w % L->nwarps, id = f->in[0], count = f->in[1];
+    NamedBarrier& B = L->named[cta][id];
+    if (B.arrivals == 0) {
+        B.count = count;
+        B.first_warp = wl;
+        B.file = f->file;
+        B.line = f->line;
+    } else if (B.count != count) {
+        set_error(L, "named barrier %u: warp %u arrives at %s (%s:%d) for %u threads, but warp %u arrived at %s:%d for %u threads in the same phase (every participant must give the same count)",
+                  id, wl, what, base_name(f->file), f->line, count, B.first_warp, base_name(B.file), B.line, B.count);
+        return false;
+    }
+    B.arrivals++;
+    B.warps |= 1u << wl;
+    for (unsigned j = 0; j < nl; ++j)
+        if (lanes[j]->state != State::Exited) lanes[j]->state = f->sub == NamedSync ? State::AtNamed : State::Runnable;
+    if (f->sub == NamedArrive) released = true;
+    if (32 * B.arrivals >= B.count) {
+        Fiber** fibers = L->fibers + (size_t)cta * L->nthreads;
+        for (unsigned i = 0; i < L->nthreads; ++i)
+            if (fibers[i]->state == State::AtNamed && fibers[i]->in[0] == id) fibers[i]->state = State::Runnable;
+        B = NamedBarrier{};
+        released = true;
+    }
+    return true;
+}
+
 // Releases the collectives of warp `w` that every lane of their mask has reached. Sets `released`;
 // false (with the launch error set) on an error.
 inline bool resolve_warp(Launch* L, unsigned w, bool& released) {
     unsigned nl;
     Fiber** lanes = warp_lanes(L, w, nl);
-    bool warpgroup_tried = false;
+    bool warpgroup_tried = false, named_tried = false;
     for (unsigned i = 0; i < nl; ++i) {
         Fiber* f = lanes[i];
         if (f->state != State::AtWarp) continue;
+        if (f->op == OpNamedBarrier) {
+            if (!named_tried && !resolve_named_barrier(L, w, f, released)) return false;
+            named_tried = true;
+            continue;
+        }
         if (f->op == OpWarpgroup) {
             // A warpgroup collective: the 128 threads of the warpgroup, not the lanes of a mask.
             if (!warpgroup_tried && !resolve_warpgroup(L, w, f, released)) return false;
@@ -1189,6 +1566,7 @@ inline bool resolve_block_barrier(Launch* L, unsigned cta, bool& released) {
         } else if (!same_site(first, f) || first->sub != f->sub) {
             char states[4096];
             describe_threads(L, states, sizeof states);
+            describe_sync_objects(L, states, sizeof states);
             set_error(L, "deadlock: threads wait at different block barriers: %s", states);
             return false;
         }
@@ -1268,16 +1646,15 @@ inline bool run_warp(Launch* L, unsigned w, bool reverse, unsigned steps) {
 inline int release_block_barrier(Launch* L) {
     bool any_live = false;
     for (unsigned i = 0; i < L->total; ++i) any_live |= L->fibers[i]->state != State::Exited;
-    if (!any_live) return 0;
+    if (!any_live) return deliver_pending(L, true) ? 0 : -1;  // loads nobody waits for still land (and fault)
     bool released = false;
     if (!resolve_barriers(L, released)) return -1;
-    if (!released) {
-        char states[4096];
-        describe_threads(L, states, sizeof states);
-        set_error(L, "deadlock: %s", states);
-        return -1;
-    }
-    return 1;
+    if (released) return 1;
+    // Nothing can run: the copies and arrivals in flight land now (far-apart: as late as possible,
+    // all of them in issue order; random: one picked at random).
+    if (L->nasync) return deliver_pending(L, L->schedule != ScheduleRandom) ? 1 : -1;
+    deadlock_error(L);
+    return -1;
 }
 
 inline bool run_round_robin(Launch* L) {
@@ -1291,15 +1668,17 @@ inline bool run_round_robin(Launch* L) {
             }
             any_live |= f->state != State::Exited;
         }
-        if (!any_live) return true;
+        if (!any_live) return deliver_pending(L, true);
+        // The copies and arrivals issued in this round land at its end.
+        if (!deliver_pending(L, true)) return false;
         bool released = false;
         for (unsigned w = 0; w < L->ncta * L->nwarps; ++w)
             if (!resolve_warp(L, w, released)) return false;
         if (!released && !resolve_barriers(L, released)) return false;
+        // Threads that an mbarrier phase resumed (from a thread or a landed copy) run next round.
+        for (unsigned i = 0; i < L->total && !released; ++i) released = L->fibers[i]->state == State::Runnable;
         if (!released) {
-            char states[4096];
-            describe_threads(L, states, sizeof states);
-            set_error(L, "deadlock: %s", states);
+            deadlock_error(L);
             return false;
         }
     }
@@ -1364,6 +1743,11 @@ inline bool run_random(Launch* L) {
             if (r <= 0) return r == 0;
             continue;
         }
+        // One in eight picks completes a copy or arrival in flight instead (a random one).
+        if (L->nasync && next_random(L) % 8 == 0) {
+            if (!deliver_pending(L, false)) return false;
+            continue;
+        }
         const uint64_t x = next_random(L);
         // Runs of 1 .. 256 steps, log-uniform: both fine interleavings and warps far apart.
         const unsigned w = ready[x % n];
@@ -1395,6 +1779,8 @@ inline bool run_cluster(Launch* L) {
         f->op = OpNone;
         f->ncopies = 0;
         f->ngroups = 0;
+        f->copy_seq = 0;
+        f->bulk_groups = 0;
         reset_stack(f);
     }
     // Shared memory starts as 0xff bytes (NaN in f32 / bf16 / f16): reads of never-written
@@ -1409,6 +1795,9 @@ inline bool run_cluster(Launch* L) {
     }
     L->live_cta = 0;
     for (unsigned g = 0; g < L->ncta * L->nwg; ++g) reset_warpgroup(&L->wgs[g]);
+    memset(L->named, 0, sizeof L->named);
+    L->nmbars = 0;
+    L->nasync = 0;
     switch (L->schedule) {
     case ScheduleFarApart: {
         // Odd clusters (blocks) start in reverse order: both orders even in a kernel without a barrier.
@@ -1603,6 +1992,8 @@ extern "C" __attribute__((visibility("default"))) int lookahead_emu_run(const ch
             free(L->wgs[g].group_end);
         }
     free(L->wgs);
+    free(L->mbars);
+    free(L->async);
     free(L->tls_save);
     free(L);
     free(fibers);
@@ -1866,3 +2257,43 @@ template <int N> inline void wgmma_wait(const char* file = __builtin_FILE(), int
 }
 // fence.proxy.async: a no-op here (the emulator has one proxy; a missing proxy fence is not detected).
 inline void fence_proxy_async() {}
+
+// ---- the pipeline wrappers of pipeline.cuh (sm_90a named barriers, mbarriers, TMA, setmaxnreg) ---
+// Named barriers (bar.sync / bar.arrive id, threads): ids 1..15, threads a positive multiple of
+// 32; every non-exited lane of a warp executes the same one (a warp-level rendezvous), and the
+// warp then counts 32 threads. The phase completes when count / 32 warp arrivals (sync or
+// arrive) have happened; sync waits for that, arrive does not. All participants of a phase must
+// give the same count (an error otherwise).
+inline void named_barrier_sync(unsigned id, unsigned threads, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    lookahead_emu::named_barrier(lookahead_emu::NamedSync, id, threads, file, line);
+}
+inline void named_barrier_arrive(unsigned id, unsigned threads, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    lookahead_emu::named_barrier(lookahead_emu::NamedArrive, id, threads, file, line);
+}
+// mbarriers: see lookahead_emu::Mbarrier and kernels/emu/README.md. Use before init, re-init while
+// in use, an arrival beyond the count and more transaction bytes than announced are errors.
+inline void mbarrier_init(unsigned long long* bar, unsigned count, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::mbarrier_init(bar, count, file, line); }
+// fence.mbarrier_init: a no-op (the emulator has one proxy; the __syncthreads after it is still needed).
+inline void fence_mbarrier_init() {}
+inline void mbarrier_arrive(unsigned long long* bar, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::mbarrier_arrive(bar, 0, false, file, line); }
+inline void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    lookahead_emu::mbarrier_arrive(bar, bytes, true, file, line);
+}
+inline bool mbarrier_try_wait(unsigned long long* bar, unsigned parity, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return lookahead_emu::mbarrier_try_wait(bar, parity, file, line);
+}
+inline void mbarrier_wait(unsigned long long* bar, unsigned parity, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    while (!lookahead_emu::mbarrier_try_wait(bar, parity, file, line)) {
+    }
+}
+inline void cp_async_mbarrier_arrive(unsigned long long* bar, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::cp_async_mbarrier_arrive(bar, file, line); }
+// setmaxnreg: no register file to resize, but it is .sync.aligned over the warpgroup: all 128
+// threads meet at the same call (a warpgroup collective; other sites or another N are errors).
+template <unsigned N> inline void setmaxnreg_inc(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: N is 24..256, a multiple of 8");
+    lookahead_emu::warpgroup_op(lookahead_emu::WgSetmaxnreg | 32 | (int)N << 8, nullptr, nullptr, 0, 0, false, 0, file, line);
+}
+template <unsigned N> inline void setmaxnreg_dec(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: N is 24..256, a multiple of 8");
+    lookahead_emu::warpgroup_op(lookahead_emu::WgSetmaxnreg | (int)N << 8, nullptr, nullptr, 0, 0, false, 0, file, line);
+}
