@@ -135,12 +135,18 @@ step "bench --device cuda --baseline python3" 150 "$OUT/bench.txt" sh -c "$(prin
 PERF_FAMILIES="copy,ext attention,ip attention,lora_linear,softmax,layer_norm,group_norm"
 step "bench (performance kernels off)" 120 "$OUT/bench.txt" env LOOKAHEAD_EXPERIMENTAL_KERNELS=0 sh -c "$(printf '%q ' "${BENCH[@]}") --filter '$PERF_FAMILIES' > '$OUT/bench-off.json'"
 : > "$OUT/bench-variants.jsonl"
+# Without VARIANTS in the environment, the list committed in scripts/gpu-variants.txt (one entry a
+# line, '#' comments). Variant passes run without the PyTorch baseline (compare with the default
+# pass above, same run).
+if [ -z "${VARIANTS+x}" ] && [ -f scripts/gpu-variants.txt ]; then
+    VARIANTS=$(grep -v -e '^#' -e '^[[:space:]]*$' scripts/gpu-variants.txt | tr '\n' ';')
+fi
 IFS=';' read -r -a variant_list <<< "${VARIANTS:-}"
 for v in "${variant_list[@]}"; do
     [ -n "$v" ] || continue
     assign=${v%%|*} filter=${v#*|}
     tmp=$(mktemp)
-    step "bench $assign ($filter)" 90 "$OUT/bench.txt" env "$assign" sh -c "$(printf '%q ' "${BENCH[@]}") --filter '$filter' > '$tmp'"
+    step "bench $assign ($filter)" 60 "$OUT/bench.txt" env "$assign" sh -c "$(printf '%q ' "$CARRY/lookahead" bench --device cuda --json) --filter '$filter' > '$tmp'"
     [ -s "$tmp" ] && python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["variant"]=sys.argv[2]; print(json.dumps(r))' "$tmp" "$assign" >> "$OUT/bench-variants.jsonl"
     rm -f "$tmp"
 done
