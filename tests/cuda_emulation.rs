@@ -1453,3 +1453,193 @@ fn pipeline_errors_name_the_barrier_and_the_call_site() {
     lookahead::show(&pipeline_error(&m, "mbar_deadlock", 64, Schedule::FarApart));
     lookahead::show(&pipeline_error(&m, "named_deadlock", 64, Schedule::FarApart));
 }
+
+// ---- (a) TMA: tensor maps, swizzled boxes, zero fill, stores, a TMA-fed wgmma pipeline ----------
+
+use kernels::emulate::{TensorMap2d, TensorMapArg, TmaDtype, TmaSwizzle};
+
+const TMA_ROWS: u64 = 40;
+const TMA_COLS: u64 = 100;
+const TMA_STRIDE: u64 = 208; // bytes: 100 u16 rounded up to a multiple of 16
+
+/// A 40 x 100 u16 matrix (rows 208 bytes apart) with distinct nonzero entries.
+fn tma_matrix() -> Aligned<u16> {
+    let per_row = (TMA_STRIDE / 2) as usize;
+    let v: Vec<u16> = (0..TMA_ROWS as usize * per_row).map(|i| if i % per_row < TMA_COLS as usize { 1 + (i * 131 % 65000) as u16 } else { 0xdead }).collect();
+    Aligned::from(&v[..])
+}
+
+fn tma_map(base: u64, box_rows: u32, box_cols: u32, swizzle: TmaSwizzle) -> TensorMap2d {
+    TensorMap2d { base, dtype: TmaDtype::U16, rows: TMA_ROWS, cols: TMA_COLS, row_stride_bytes: TMA_STRIDE, box_rows, box_cols, swizzle }
+}
+
+/// The bytes of the box at (x, y) as TMA leaves them in shared memory (from a base aligned to the
+/// swizzle's repeat): row-major, zero outside the matrix, then the swizzle (chunk bits 4.. XOR
+/// row bits 7..).
+fn tma_box_reference(m: &[u16], map: &TensorMap2d, x: i64, y: i64) -> Vec<u8> {
+    let (bc, br) = (map.box_cols as usize, map.box_rows as usize);
+    let mask = match map.swizzle {
+        TmaSwizzle::None => 0,
+        TmaSwizzle::B32 => 0x10,
+        TmaSwizzle::B64 => 0x30,
+        TmaSwizzle::B128 => 0x70,
+    };
+    let mut out = vec![0u8; bc * br * 2];
+    for r in 0..br {
+        for c in 0..bc {
+            let (gr, gc) = (y + r as i64, x + c as i64);
+            let v = if gr >= 0 && gc >= 0 && (gr as u64) < map.rows && (gc as u64) < map.cols { m[gr as usize * (TMA_STRIDE / 2) as usize + gc as usize] } else { 0 };
+            let o = (r * bc + c) * 2;
+            let o = o ^ ((o >> 3) & mask);
+            out[o..o + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Runs tma_tile; returns the raw shared-memory bytes of the box.
+fn run_tma_tile(m: &EmulatedModule, map: TensorMapArg, (x, y): (i32, i32), dst_offset: u32, expect: u32, box_bytes: u32, schedule: Schedule) -> Result<Vec<u8>, EmulateError> {
+    let out = Aligned::<u32>::zeroed(box_bytes as usize / 4);
+    let op = out.addr();
+    // SAFETY: tma_tile writes box_bytes / 4 u32 of out and reads the matrix the map describes.
+    unsafe {
+        m.launch_with("tma_tile", (1, 1, 1), (64, 1, 1), dst_offset + box_bytes, schedule, &|f| {
+            let k: extern "C" fn(TensorMapArg, u64, i32, i32, u32, u32, u32) = std::mem::transmute(f);
+            k(map, op, x, y, dst_offset, expect, box_bytes);
+        })?
+    };
+    Ok(out.to_vec().iter().flat_map(|w| w.to_le_bytes()).collect())
+}
+
+#[test]
+fn tma_loads_land_swizzled_and_zero_filled() {
+    if !have_compiler("tma_loads_land_swizzled_and_zero_filled") {
+        return;
+    }
+    let m = test_module("tma");
+    let a = tma_matrix();
+    for (swizzle, box_cols) in [(TmaSwizzle::None, 24), (TmaSwizzle::B32, 16), (TmaSwizzle::B64, 32), (TmaSwizzle::B128, 64)] {
+        for box_rows in [8, 13] {
+            let map = tma_map(a.addr(), box_rows, box_cols, swizzle);
+            let arg = map.emulated().unwrap();
+            // Inside, past the right and bottom edges, and at negative coordinates.
+            for (x, y) in [(8, 4), (70, 33), (-8, -3), (36, 0)] {
+                for schedule in [Schedule::FarApart, Schedule::RoundRobin, Schedule::Random(5)] {
+                    let got = run_tma_tile(&m, arg, (x, y), 0, map.box_bytes(), map.box_bytes(), schedule).unwrap_or_else(|e| panic!("{e}"));
+                    assert_eq!(got, tma_box_reference(a.as_ref(), &map, x as i64, y as i64), "{swizzle:?}, box {box_rows} x {box_cols} at ({x}, {y}), schedule {schedule}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tma_errors_name_the_call_site() {
+    if !have_compiler("tma_errors_name_the_call_site") {
+        return;
+    }
+    let m = test_module("tma");
+    let a = tma_matrix();
+    let err = |map: TensorMapArg, dst_offset: u32, expect: u32, box_bytes: u32| match run_tma_tile(&m, map, (0, 0), dst_offset, expect, box_bytes, Schedule::FarApart) {
+        Err(e @ EmulateError::Launch { .. }) => e.to_string(),
+        other => panic!("expected a launch error, got {other:?}"),
+    };
+    let plain = tma_map(a.addr(), 8, 24, TmaSwizzle::None);
+    let swizzled = tma_map(a.addr(), 8, 64, TmaSwizzle::B128);
+    let (pb, sb) = (plain.box_bytes(), swizzled.box_bytes());
+    let e = err(plain.emulated().unwrap(), 64, pb, pb);
+    for part in ["tma_tile", "tma_load_2d at tma.cu:", "shared-memory box at shared+0x", "not 128-byte aligned"] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    let e = err(swizzled.emulated().unwrap(), 128, sb, sb);
+    assert!(e.contains("not 1024-byte aligned (128B swizzle)"), "{e}");
+    // expect_tx announcing more bytes than the copy brings: the phase never completes.
+    let e = err(plain.emulated().unwrap(), 0, 2 * pb, pb);
+    for part in ["deadlock", "mbarrier_try_wait(shared+0x", &format!("lacks 0 of 1 arrivals and {pb} transaction bytes")] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    // ... or fewer: the copy completes more bytes than the phase expects.
+    let e = err(plain.emulated().unwrap(), 0, pb / 2, pb);
+    for part in ["tma_load_2d (tma.cu:", &format!("complete_tx of {pb} bytes"), &format!("expects only {} more", pb / 2)] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    // A box whose inner dimension is not the swizzle span: refused by the description, and by
+    // the emulator when a map says so anyway.
+    let wrong = tma_map(a.addr(), 8, 32, TmaSwizzle::B128);
+    assert!(wrong.emulated().unwrap_err().to_string().contains("must be 128 bytes, not 64"));
+    let mut words = tma_map(a.addr(), 8, 32, TmaSwizzle::B64).emulated().unwrap();
+    words.0[8] = 128;
+    let e = err(words, 0, 512, 512);
+    assert!(e.contains("with the 128B swizzle the box's inner dimension must be 128 bytes, not 64"), "{e}");
+    let e = err(TensorMapArg([0; 16]), 0, 512, 512);
+    assert!(e.contains("not an emulator tensor map"), "{e}");
+    lookahead::show(&err(plain.emulated().unwrap(), 0, 2 * pb, pb));
+}
+
+#[test]
+fn tma_stores_clip_to_the_tensor_and_read_shared_memory_until_their_wait() {
+    if !have_compiler("tma_stores_clip_to_the_tensor_and_read_shared_memory_until_their_wait") {
+        return;
+    }
+    let m = test_module("tma");
+    let a = tma_matrix();
+    let (x, y, x2, y2) = (8i32, 4i32, 90i32, 36i32);
+    for overwrite in [0u32, 1] {
+        for schedule in SCHEDULES {
+            let dst = Aligned::from(&vec![0xaaaau16; (TMA_ROWS * TMA_STRIDE / 2) as usize][..]);
+            let src_map = tma_map(a.addr(), 8, 24, TmaSwizzle::None);
+            let dst_map = tma_map(dst.addr(), 8, 24, TmaSwizzle::None);
+            let (sm, dm, bytes) = (src_map.emulated().unwrap(), dst_map.emulated().unwrap(), src_map.box_bytes());
+            // SAFETY: tma_copy_box reads and writes the two matrices the maps describe.
+            unsafe {
+                m.launch_with("tma_copy_box", (1, 1, 1), (32, 1, 1), bytes, schedule, &|f| {
+                    let k: extern "C" fn(TensorMapArg, TensorMapArg, i32, i32, i32, i32, u32, u32) = std::mem::transmute(f);
+                    k(sm, dm, x, y, x2, y2, bytes, overwrite);
+                })
+                .unwrap_or_else(|e| panic!("{e}"))
+            };
+            let per_row = (TMA_STRIDE / 2) as usize;
+            let mut want = vec![0xaaaau16; (TMA_ROWS as usize) * per_row];
+            for r in 0..8usize {
+                for c in 0..24usize {
+                    let (gr, gc) = (y2 as usize + r, x2 as usize + c);
+                    if gr < TMA_ROWS as usize && gc < TMA_COLS as usize {
+                        want[gr * per_row + gc] = if overwrite == 1 { 0 } else { a.as_ref()[(y as usize + r) * per_row + x as usize + c] };
+                    }
+                }
+            }
+            assert_eq!(dst.to_vec(), want, "overwrite {overwrite}, schedule {schedule}");
+        }
+    }
+}
+
+#[test]
+fn a_two_stage_tma_pipeline_feeds_wgmma() {
+    if !have_compiler("a_two_stage_tma_pipeline_feeds_wgmma") {
+        return;
+    }
+    let m = test_module("tma");
+    for kt in [1usize, 2, 5] {
+        let k = 64 * kt;
+        let af: Vec<f32> = (0..64 * k).map(|i| ((i * 7 % 61) as f32 - 30.0) / 16.0).collect();
+        let btf: Vec<f32> = (0..64 * k).map(|i| ((i * 11 % 53) as f32 - 26.0) / 8.0).collect();
+        let want: Vec<f32> = (0..64 * 64).map(|i| (0..k).map(|q| af[(i / 64) * k + q] * btf[(i % 64) * k + q]).sum()).collect();
+        let bits = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
+        let (a, bt) = (Aligned::from(&bits(&af)[..]), Aligned::from(&bits(&btf)[..]));
+        let desc = |base: u64| TensorMap2d { base, dtype: TmaDtype::Bf16, rows: 64, cols: k as u64, row_stride_bytes: 2 * k as u64, box_rows: 64, box_cols: 64, swizzle: TmaSwizzle::B128 };
+        let (ma, mb) = (desc(a.addr()).emulated().unwrap(), desc(bt.addr()).emulated().unwrap());
+        for schedule in SCHEDULES.into_iter().chain([Schedule::Random(21), Schedule::Random(77)]) {
+            let out = Aligned::<f32>::zeroed(64 * 64);
+            let op = out.addr();
+            // SAFETY: tma_gemm reads the matrices the maps describe and writes 64 x 64 floats of out.
+            unsafe {
+                m.launch_with("tma_gemm", (1, 1, 1), (256, 1, 1), 4 * 8192, schedule, &|f| {
+                    let k: extern "C" fn(TensorMapArg, TensorMapArg, u64, i32) = std::mem::transmute(f);
+                    k(ma, mb, op, kt as i32);
+                })
+                .unwrap_or_else(|e| panic!("{e}"))
+            };
+            assert_eq!(out.to_vec(), want, "{kt} k-tiles, schedule {schedule}");
+        }
+    }
+}

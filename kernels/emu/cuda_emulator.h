@@ -73,6 +73,8 @@
 // can name them.
 struct bf16;
 struct f16;
+// pipeline.cuh's TMA descriptor (struct alignas(64) TensorMap { u64 opaque[16]; }).
+struct TensorMap;
 
 // ---- vector types ----------------------------------------------------------------------------------
 #define LA_EMU_VECTOR_TYPES(T, NAME, ALIGN2, ALIGN4)                                                     \
@@ -821,9 +823,143 @@ inline void land_copies(Fiber* f, unsigned k) {
     f->ngroups -= done;
 }
 
+// ---- TMA (cp.async.bulk.tensor 2D) ----------------------------------------------------------------
+// The emulator's TensorMap (128 bytes; opaque on the GPU, where cuTensorMapEncodeTiled fills it):
+// 16 u64 words, built on the host by kernels::emulate::TensorMap2d::emulated (kernels/src/emulate.rs,
+// which documents the same layout):
+//   [0] kTensorMapMagic   [1] global address of element (0, 0)   [2] element size in bytes
+//   [3] columns (inner dimension, elements)   [4] rows   [5] row stride in bytes
+//   [6] box columns (inner)   [7] box rows   [8] swizzle span in bytes: 0, 32, 64 or 128
+//   [9..15] zero. Out-of-range elements of a load are zero-filled; a store skips them.
+constexpr uint64_t kTensorMapMagic = 0x3244706d54656d75ull;  // "umeTmp2D"
+
+// Checks map (as copied at the issue) and the shared-memory box at smem; the box's offset in the
+// shared window in `off`. An error names `what` at file:line.
+inline void tma_check(Fiber* f, const uint64_t* map, const void* smem, const char* what, const char* file, int line, long long& off) {
+    if (map[0] != kTensorMapMagic)
+        thread_error(f, "%s at %s:%d: the TensorMap is not an emulator tensor map (word 0 is 0x%016llx; build it with kernels::emulate::TensorMap2d::emulated)", what, base_name(file), line,
+                     (unsigned long long)map[0]);
+    const uint64_t esize = map[2], cols = map[3], rows = map[4], stride = map[5], bc = map[6], br = map[7], swz = map[8];
+    if (esize != 1 && esize != 2 && esize != 4 && esize != 8) thread_error(f, "%s at %s:%d: TensorMap element size %llu is not 1, 2, 4 or 8", what, base_name(file), line, (unsigned long long)esize);
+    if (map[1] % 16 || stride % 16 || cols == 0 || rows == 0 || stride < cols * esize)
+        thread_error(f, "%s at %s:%d: TensorMap global layout (address 0x%llx, %llu x %llu, row stride %llu bytes) breaks TMA's rules (16-byte aligned address and stride, stride >= a row)", what,
+                     base_name(file), line, (unsigned long long)map[1], (unsigned long long)rows, (unsigned long long)cols, (unsigned long long)stride);
+    if (bc == 0 || br == 0 || bc > 256 || br > 256 || (bc * esize) % 16)
+        thread_error(f, "%s at %s:%d: TensorMap box %llu x %llu: each dimension 1..256 and the inner one a multiple of 16 bytes", what, base_name(file), line, (unsigned long long)br,
+                     (unsigned long long)bc);
+    if (swz != 0 && swz != 32 && swz != 64 && swz != 128) thread_error(f, "%s at %s:%d: TensorMap swizzle %llu is not 0, 32, 64 or 128 bytes", what, base_name(file), line, (unsigned long long)swz);
+    if (swz && bc * esize != swz)
+        thread_error(f, "%s at %s:%d: with the %lluB swizzle the box's inner dimension must be %llu bytes, not %llu", what, base_name(file), line, (unsigned long long)swz,
+                     (unsigned long long)swz, (unsigned long long)(bc * esize));
+    const uint64_t bytes = bc * br * esize;
+    off = shared_offset(f->launch, f->cta, smem, bytes);
+    if (off < 0) thread_error(f, "%s at %s:%d: the %llu-byte box at %p is not inside this CTA's shared memory", what, base_name(file), line, (unsigned long long)bytes, smem);
+    const long long align = swz == 128 ? 1024 : 128;
+    if (off % align != 0)
+        thread_error(f, "%s at %s:%d: the shared-memory box at shared+0x%llx is not %lld-byte aligned%s", what, base_name(file), line, off, align, swz == 128 ? " (128B swizzle)" : "");
+}
+
+// The host address of byte `o` (row-major, unswizzled) of the box at `smem` (window offset `off`),
+// after the swizzle (on the absolute window offset, as the wgmma descriptors read it).
+inline unsigned char* tma_smem_byte(unsigned char* smem, long long off, uint64_t swz, uint64_t o) {
+    const uint64_t w = (uint64_t)off + o, mask = swz == 128 ? 0x70 : swz == 64 ? 0x30 : swz == 32 ? 0x10 : 0;
+    return smem + ((w ^ ((w >> 3) & mask)) - (uint64_t)off);
+}
+
+inline void tma_load_2d(void* dst, const TensorMap* map_p, int x, int y, unsigned long long* bar, const char* file, int line) {
+    Fiber* f = self();
+    const uint64_t* map = reinterpret_cast<const uint64_t*>(map_p);
+    long long off;
+    tma_check(f, map, dst, "tma_load_2d", file, line, off);
+    mbarrier_of(f, bar, "tma_load_2d", file, line);
+    AsyncOp* op = new_async(f->launch);
+    op->kind = AsyncTmaLoad;
+    op->cta = f->cta;
+    op->f = f;
+    op->smem = static_cast<unsigned char*>(dst);
+    op->bar = reinterpret_cast<unsigned char*>(bar);
+    memcpy(op->map, map, sizeof op->map);
+    op->x = x;
+    op->y = y;
+    op->file = file;
+    op->line = line;
+    // Undefined until the copy lands: 0xff bytes (NaN), as a cp.async destination.
+    memset(dst, 0xff, map[6] * map[7] * map[2]);
+}
+
+inline void tma_store_2d(const TensorMap* map_p, int x, int y, const void* src, const char* file, int line) {
+    Fiber* f = self();
+    const uint64_t* map = reinterpret_cast<const uint64_t*>(map_p);
+    long long off;
+    tma_check(f, map, src, "tma_store_2d", file, line, off);
+    AsyncOp* op = new_async(f->launch);
+    op->kind = AsyncTmaStore;
+    op->cta = f->cta;
+    op->f = f;
+    op->seq = f->bulk_groups;  // the bulk group it joins at the next commit
+    op->smem = static_cast<unsigned char*>(const_cast<void*>(src));
+    memcpy(op->map, map, sizeof op->map);
+    op->x = x;
+    op->y = y;
+    op->file = file;
+    op->line = line;
+}
+
+// A TMA copy lands: a load writes the box (zero outside the tensor) and completes its bytes on
+// the mbarrier; a store reads the box from shared memory now and writes the elements inside the
+// tensor.
 inline bool deliver_tma(Launch* L, const AsyncOp& op) {
-    set_error(L, "TMA is not emulated yet (%s:%d)", base_name(op.file), op.line);
-    return false;
+    const uint64_t* map = op.map;
+    const uint64_t esize = map[2], cols = map[3], rows = map[4], stride = map[5], bc = map[6], br = map[7], swz = map[8];
+    const long long off = shared_offset(L, op.cta, op.smem, bc * br * esize);
+    unsigned char* global = reinterpret_cast<unsigned char*>(map[1]);
+    for (uint64_t r = 0; r < br; ++r)
+        for (uint64_t c = 0; c < bc; ++c) {
+            const long long gr = (long long)op.y + (long long)r, gc = (long long)op.x + (long long)c;
+            const bool inside = gr >= 0 && gc >= 0 && (uint64_t)gr < rows && (uint64_t)gc < cols;
+            unsigned char* s = tma_smem_byte(op.smem, off, swz, (r * bc + c) * esize);
+            unsigned char* g = inside ? global + (uint64_t)gr * stride + (uint64_t)gc * esize : nullptr;
+            if (op.kind == AsyncTmaLoad) {
+                if (inside) memcpy(s, g, esize);
+                else memset(s, 0, esize);
+            } else if (inside) {
+                memcpy(g, s, esize);
+            }
+        }
+    if (op.kind == AsyncTmaStore) return true;
+    Mbarrier* m = find_mbarrier(L, op.cta, op.bar);
+    char err[512];
+    uint64_t tag = 0;
+    if (m) memcpy(&tag, op.bar, 8);
+    if (!m) snprintf(err, sizeof err, "the mbarrier is no longer initialised");
+    else if (tag != kMbarrierTag) snprintf(err, sizeof err, "the mbarrier (mbarrier_init at %s:%d) was overwritten since its init", base_name(m->file), m->line);
+    if (!m || tag != kMbarrierTag || !mbarrier_complete_tx(L, m, (unsigned)(bc * br * esize), err, sizeof err)) {
+        set_error(L, "thread (%u,%u,%u): tma_load_2d (%s:%d) of the box at (x %d, y %d) on the mbarrier at shared+0x%llx: %s", op.f->tid.x, op.f->tid.y, op.f->tid.z, base_name(op.file), op.line,
+                  op.x, op.y, shared_offset(L, op.cta, op.bar, 8), err);
+        return false;
+    }
+    return true;
+}
+
+inline bool deliver_async(Launch* L, unsigned i);
+
+// cp.async.bulk.wait_group.read N (and a thread's exit, n < 0): the thread's TMA stores of all but
+// the newest N committed bulk groups (all of them at exit) have read their source now.
+inline void tma_store_wait(int n) {
+    Fiber* f = self();
+    Launch* L = f->launch;
+    for (unsigned i = 0; i < L->nasync;) {
+        const AsyncOp& op = L->async[i];
+        if (op.kind == AsyncTmaStore && op.f == f && (n < 0 || op.seq + (uint64_t)n < f->bulk_groups)) {
+            if (!deliver_async(L, i)) {
+                leave_fiber(f);
+                __builtin_trap();  // never resumed: the launch failed
+            }
+        } else {
+            ++i;
+        }
+    }
+    make_live(L, f->cta);
 }
 
 // Completes the asynchronous operation L->async[i] (removing it). False with the launch error set
@@ -866,8 +1002,9 @@ inline void fiber_main() {
         L->callback_panicked = true;
         set_error(L, "thread (%u,%u,%u): the launch callback panicked", f->tid.x, f->tid.y, f->tid.z);
     }
-    // Copies still in flight at exit land (the GPU completes them too).
+    // Copies still in flight at exit land (the GPU completes them too), TMA stores included.
     retire_copies(f, -1);
+    if (!L->failed) tma_store_wait(-1);
     f->state = State::Exited;
     // A CTA's shared memory ends with its last thread: later reads from other CTAs of the
     // cluster see 0xff bytes (a missing cluster barrier before exit shows).
@@ -2296,4 +2433,20 @@ template <unsigned N> inline void setmaxnreg_inc(const char* file = __builtin_FI
 template <unsigned N> inline void setmaxnreg_dec(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: N is 24..256, a multiple of 8");
     lookahead_emu::warpgroup_op(lookahead_emu::WgSetmaxnreg | (int)N << 8, nullptr, nullptr, 0, 0, false, 0, file, line);
+}
+// TMA (see lookahead_emu::tma_load_2d and the TensorMap layout above kTensorMapMagic): the load
+// writes the box into shared memory at a later scheduling point the schedule picks (the box holds
+// 0xff bytes until then) and completes box bytes of transactions on `bar`; the store reads the box
+// from shared memory at some point before the tma_store_wait that covers its bulk group.
+inline void tma_prefetch_descriptor(const TensorMap*) {}
+inline void tma_load_2d(void* dst, const TensorMap* map, int x, int y, unsigned long long* bar, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    lookahead_emu::tma_load_2d(dst, map, x, y, bar, file, line);
+}
+inline void tma_store_2d(const TensorMap* map, int x, int y, const void* src, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    lookahead_emu::tma_store_2d(map, x, y, src, file, line);
+}
+inline void tma_store_commit() { lookahead_emu::self()->bulk_groups++; }
+template <int N> inline void tma_store_wait() {
+    static_assert(N >= 0, "cp.async.bulk.wait_group takes N >= 0");
+    lookahead_emu::tma_store_wait(N);
 }

@@ -426,3 +426,147 @@ fn compile(cxx: &Path, name: &str, code: &str, shown: &str, dir: &Path, lib_path
     let _ = std::fs::remove_dir_all(&build);
     result
 }
+
+// ---- TMA tensor maps ---------------------------------------------------------------------------
+
+/// The element type of a TMA tensor (a CUtensorMapDataType).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TmaDtype {
+    U8,
+    U16,
+    U32,
+    F16,
+    Bf16,
+    F32,
+}
+
+impl TmaDtype {
+    pub fn bytes(self) -> u64 {
+        match self {
+            TmaDtype::U8 => 1,
+            TmaDtype::U16 | TmaDtype::F16 | TmaDtype::Bf16 => 2,
+            TmaDtype::U32 | TmaDtype::F32 => 4,
+        }
+    }
+}
+
+/// The shared-memory swizzle of a TMA box: the wgmma descriptors' (mma.cuh WgmmaSwizzle): with a
+/// span of S bytes, rows of the box are S bytes and the 16-byte chunk index (address bits 4..)
+/// is XORed with the row within the pattern (address bits 7..): 128B: bits [4:6] ^= [7:9],
+/// 64B: [4:5] ^= [7:8], 32B: [4] ^= [7], on the absolute shared-memory address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TmaSwizzle {
+    None,
+    B32,
+    B64,
+    B128,
+}
+
+impl TmaSwizzle {
+    /// The span in bytes (0 without swizzle).
+    pub fn bytes(self) -> u32 {
+        match self {
+            TmaSwizzle::None => 0,
+            TmaSwizzle::B32 => 32,
+            TmaSwizzle::B64 => 64,
+            TmaSwizzle::B128 => 128,
+        }
+    }
+
+    /// 0, 32, 64 or 128 bytes.
+    pub fn from_bytes(bytes: u32) -> Result<TmaSwizzle, TensorMapError> {
+        match bytes {
+            0 => Ok(TmaSwizzle::None),
+            32 => Ok(TmaSwizzle::B32),
+            64 => Ok(TmaSwizzle::B64),
+            128 => Ok(TmaSwizzle::B128),
+            b => Err(TensorMapError(format!("swizzle of {b} bytes: TMA swizzles 0, 32, 64 or 128 bytes"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("TMA tensor map: {0}")]
+pub struct TensorMapError(pub String);
+
+/// A 2D TMA tensor: a row-major matrix of `rows` x `cols` elements of `dtype` at device (or, in
+/// the emulator, host) address `base`, rows `row_stride_bytes` apart, copied in boxes of
+/// `box_rows` x `box_cols` elements with `swizzle`. The same description encodes the GPU's
+/// CUtensorMap (engine::cuda::tensor_map::encode, cuTensorMapEncodeTiled) and the emulator's
+/// (`emulated`). Elements outside the matrix read as zero (loads) and are not written (stores).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMap2d {
+    pub base: u64,
+    pub dtype: TmaDtype,
+    pub rows: u64,
+    pub cols: u64,
+    pub row_stride_bytes: u64,
+    pub box_rows: u32,
+    pub box_cols: u32,
+    pub swizzle: TmaSwizzle,
+}
+
+/// A tensor map as a kernel argument: `const __grid_constant__ TensorMap` of
+/// kernels/cuda/pipeline.cuh, 128 bytes, 64-byte aligned (the driver places each parameter at the
+/// offset the kernel declares; this alignment keeps the host copy a valid CUtensorMap too).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMapArg(pub [u64; 16]);
+
+/// Word 0 of the emulator's tensor maps (kTensorMapMagic in kernels/emu/cuda_emulator.h).
+pub const EMULATED_TENSOR_MAP_MAGIC: u64 = 0x3244_706d_5465_6d75;
+
+impl TensorMap2d {
+    /// Bytes one box moves (what a tma_load_2d completes on its mbarrier).
+    pub fn box_bytes(&self) -> u32 {
+        self.box_rows * self.box_cols * self.dtype.bytes() as u32
+    }
+
+    /// cuTensorMapEncodeTiled's rules for this use: base 16-byte aligned, the row stride a
+    /// multiple of 16 at least one row long (and below 2^40), dimensions 1..2^32, box dimensions
+    /// 1..256 with the inner one a multiple of 16 bytes, and with a swizzle the inner box
+    /// dimension exactly the swizzle span (the layout the wgmma descriptors read).
+    pub fn validate(&self) -> Result<(), TensorMapError> {
+        let e = |msg: String| Err(TensorMapError(format!("{msg} ({self:?})")));
+        let es = self.dtype.bytes();
+        if self.base % 16 != 0 {
+            return e(format!("base 0x{:x} is not 16-byte aligned", self.base));
+        }
+        if self.rows == 0 || self.cols == 0 || self.rows > 1 << 32 || self.cols > 1 << 32 {
+            return e(format!("{} x {} elements: each dimension must be 1..2^32", self.rows, self.cols));
+        }
+        if self.row_stride_bytes % 16 != 0 || self.row_stride_bytes < self.cols * es || self.row_stride_bytes >= 1 << 40 {
+            return e(format!("row stride {} bytes: a multiple of 16, at least one row ({} bytes), below 2^40", self.row_stride_bytes, self.cols * es));
+        }
+        if self.box_rows == 0 || self.box_cols == 0 || self.box_rows > 256 || self.box_cols > 256 {
+            return e(format!("box {} x {}: each dimension must be 1..256", self.box_rows, self.box_cols));
+        }
+        let inner = self.box_cols as u64 * es;
+        if inner % 16 != 0 {
+            return e(format!("the box's inner dimension is {inner} bytes, not a multiple of 16"));
+        }
+        let span = self.swizzle.bytes() as u64;
+        if span != 0 && inner != span {
+            return e(format!("with the {span}B swizzle the box's inner dimension must be {span} bytes, not {inner}"));
+        }
+        Ok(())
+    }
+
+    /// The emulator's TensorMap (the layout kernels/emu/cuda_emulator.h reads): [0] magic, [1]
+    /// base, [2] element bytes, [3] columns, [4] rows, [5] row stride in bytes, [6] box columns,
+    /// [7] box rows, [8] swizzle span in bytes (0, 32, 64, 128), [9..15] zero.
+    pub fn emulated(&self) -> Result<TensorMapArg, TensorMapError> {
+        self.validate()?;
+        let mut w = [0u64; 16];
+        w[0] = EMULATED_TENSOR_MAP_MAGIC;
+        w[1] = self.base;
+        w[2] = self.dtype.bytes();
+        w[3] = self.cols;
+        w[4] = self.rows;
+        w[5] = self.row_stride_bytes;
+        w[6] = self.box_cols as u64;
+        w[7] = self.box_rows as u64;
+        w[8] = self.swizzle.bytes() as u64;
+        Ok(TensorMapArg(w))
+    }
+}

@@ -38,6 +38,8 @@ mod launch;
 pub(crate) mod norm;
 mod spatial;
 mod storage;
+// TMA tensor maps (cuTensorMapEncodeTiled) from the description the CPU emulator also takes.
+pub mod tensor_map;
 
 pub use alloc::{size_class, CudaBlock, MemoryStats};
 pub use device::{device, device_count, device_info, is_available, probe, CudaDevice, DeviceInfo, GpuTimer};

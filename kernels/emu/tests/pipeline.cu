@@ -2,10 +2,13 @@
 // producer warp and consumer warps (plain stores, cp.async with cp_async_mbarrier_arrive),
 // named-barrier ping-pong between two warpgroups, setmaxnreg, and the errors: deadlocks naming the
 // barrier, use before init, re-init while in use, an arrival beyond the count, named-barrier
-// count mismatches, a warp split over two named barriers, inconsistent setmaxnreg.
+// count mismatches, a warp split over two named barriers, inconsistent setmaxnreg. Checked by
+// tests/cuda_emulation.rs; compiled for sm_80 (empty) and sm_90a by tests/cuda_compile.rs.
 #include "common.cuh"
 #include "mma.cuh"
 #include "pipeline.cuh"
+
+#if LA_WGMMA
 
 constexpr int RING_STAGES = 2;
 constexpr int RING_WIDTH = 128;  // ints per stage: one per consumer thread
@@ -56,7 +59,7 @@ extern "C" __global__ void mbar_ring(const int* src, int* out, int iters, int mo
 
 // Two warpgroups take turns (named barrier 1: warpgroup 0's turn is over; 2: warpgroup 1's):
 // thread 0 of the warpgroup whose turn it is appends its number to a log; out = the log.
-extern "C" __global__ void named_ping_pong(int* out, int iters) {
+extern "C" __global__ void __launch_bounds__(256, 1) named_ping_pong(int* out, int iters) {
     __shared__ int log[64];
     __shared__ int pos;
     const int t = threadIdx.x, wg = t / 128;
@@ -135,8 +138,9 @@ extern "C" __global__ void named_split_warp(int* out) {
 }
 
 // Warps 0-1 of the warpgroup lower their registers to 40, warps 2-3 to 32.
-extern "C" __global__ void setmaxnreg_mismatch(int* out) {
+extern "C" __global__ void __launch_bounds__(128, 1) setmaxnreg_mismatch(int* out) {
     if (threadIdx.x < 64) setmaxnreg_dec<40>();
     else setmaxnreg_dec<32>();
     out[threadIdx.x] = 1;
 }
+#endif

@@ -1,0 +1,149 @@
+//! TMA tensor maps for the GPU: the CUtensorMap that a `const __grid_constant__ TensorMap` kernel
+//! parameter (kernels/cuda/pipeline.cuh) takes, encoded by the driver's cuTensorMapEncodeTiled
+//! from the same `TensorMap2d` description that builds the CPU emulator's map
+//! (`TensorMap2d::emulated`, kernels/src/emulate.rs), so that emulated tests and the GPU run the
+//! kernels on identical descriptions.
+//!
+//! ```text
+//! let map = TensorMap2d { base: a_ptr, dtype: TmaDtype::Bf16, rows: m, cols: k, row_stride_bytes: 2 * k,
+//!                         box_rows: 128, box_cols: 64, swizzle: TmaSwizzle::B128 };
+//! let arg = tensor_map::encode(&map)?;        // TensorMapParam: 128 bytes, 64-byte aligned
+//! builder.arg(&arg);                           // the driver copies it to the kernel's parameter offset
+//! ```
+//! cudarc pushes a pointer to each argument and cuLaunchKernel copies the parameter from it into
+//! the offset the kernel's declaration gives (`.param .align 64 .b8 [128]` for TensorMap), so the
+//! host struct only needs the right size; it is also 64-byte aligned, as a CUtensorMap must be in
+//! host memory. Errors, never panics: a description TMA cannot take (checked before the driver is
+//! asked), no CUDA driver, or a driver that refuses the encoding.
+
+use cudarc::driver::sys;
+use cudarc::driver::DeviceRepr;
+
+use crate::{DType, Error, Result};
+
+pub use kernels::emulate::{TensorMap2d, TensorMapArg, TmaDtype, TmaSwizzle};
+
+/// A GPU tensor map as a kernel argument (`const __grid_constant__ TensorMap`).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMapParam(pub [u64; 16]);
+
+// SAFETY: 128 bytes of plain integers with the size and alignment of the kernels' TensorMap
+// parameter (CUtensorMap); the driver copies it by the kernel's parameter layout.
+unsafe impl DeviceRepr for TensorMapParam {}
+
+/// The TMA element type of an engine dtype (the 16-bit floats and f32; an error otherwise).
+pub fn tma_dtype(dtype: DType) -> Result<TmaDtype> {
+    match dtype {
+        DType::BF16 => Ok(TmaDtype::Bf16),
+        DType::F16 => Ok(TmaDtype::F16),
+        DType::F32 => Ok(TmaDtype::F32),
+        other => Err(Error::Cuda(format!("TMA tensor map: no TMA element type for {other:?}"))),
+    }
+}
+
+fn data_type(d: TmaDtype) -> sys::CUtensorMapDataType {
+    match d {
+        TmaDtype::U8 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        TmaDtype::U16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+        TmaDtype::U32 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT32,
+        TmaDtype::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        TmaDtype::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        TmaDtype::F32 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+    }
+}
+
+fn swizzle(s: TmaSwizzle) -> sys::CUtensorMapSwizzle {
+    match s {
+        TmaSwizzle::None => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+        TmaSwizzle::B32 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_32B,
+        TmaSwizzle::B64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+        TmaSwizzle::B128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+    }
+}
+
+/// The CUtensorMap of `map` (2D, tiled, no interleave, L2 promotion of 128 bytes, out-of-range
+/// elements zero-filled): `map.validate()` first, then the driver (probed: an error when there
+/// is none, or when it lacks cuTensorMapEncodeTiled).
+pub fn encode(map: &TensorMap2d) -> Result<TensorMapParam> {
+    map.validate().map_err(|e| Error::Cuda(e.to_string()))?;
+    crate::cuda::device_count()?;
+    let dims: [u64; 2] = [map.cols, map.rows];
+    // The stride of every dimension but the innermost, in bytes.
+    let strides: [u64; 1] = [map.row_stride_bytes];
+    let boxes: [u32; 2] = [map.box_cols, map.box_rows];
+    let element_strides: [u32; 2] = [1, 1];
+    let mut out = sys::CUtensorMap { opaque: [0; 16] };
+    // cudarc panics when the driver lacks the function; the probe above found a CUDA 13 driver,
+    // but turn a panic into an error all the same.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: every pointer addresses a live local array of the length the rank (2) needs;
+        // `out` is a CUtensorMap the driver writes.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut out,
+                data_type(map.dtype),
+                2,
+                map.base as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle(map.swizzle),
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        }
+    }));
+    match r {
+        Ok(sys::CUresult::CUDA_SUCCESS) => Ok(TensorMapParam(out.opaque)),
+        Ok(code) => Err(Error::Cuda(format!("cuTensorMapEncodeTiled failed with {code:?} for {map:?}"))),
+        Err(_) => Err(Error::Cuda("the CUDA driver lacks cuTensorMapEncodeTiled (a driver older than CUDA 12?)".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16_map() -> TensorMap2d {
+        TensorMap2d { base: 0x1000, dtype: TmaDtype::Bf16, rows: 300, cols: 200, row_stride_bytes: 400, box_rows: 64, box_cols: 64, swizzle: TmaSwizzle::B128 }
+    }
+
+    #[test]
+    fn the_kernel_argument_is_128_bytes_and_64_byte_aligned() {
+        assert_eq!(std::mem::size_of::<TensorMapParam>(), 128);
+        assert_eq!(std::mem::align_of::<TensorMapParam>(), 64);
+        assert_eq!(std::mem::size_of::<TensorMapArg>(), 128);
+        assert_eq!(std::mem::align_of::<TensorMapArg>(), 64);
+    }
+
+    #[test]
+    fn descriptions_tma_cannot_take_are_errors_before_the_driver() {
+        assert!(bf16_map().validate().is_ok());
+        let bad = [
+            TensorMap2d { base: 0x1008, ..bf16_map() },
+            TensorMap2d { row_stride_bytes: 408, ..bf16_map() },
+            TensorMap2d { row_stride_bytes: 384, ..bf16_map() },
+            TensorMap2d { box_rows: 257, ..bf16_map() },
+            TensorMap2d { box_cols: 32, ..bf16_map() },
+            TensorMap2d { box_cols: 4, swizzle: TmaSwizzle::None, ..bf16_map() },
+        ];
+        for m in bad {
+            let e = encode(&m).expect_err("an invalid description must be refused");
+            assert!(e.to_string().contains("TMA tensor map"), "{e}");
+        }
+    }
+
+    #[test]
+    fn encoding_without_a_gpu_is_an_error_and_with_one_succeeds() {
+        let mut buf = vec![0u8; 300 * 400 + 16];
+        let base = (buf.as_mut_ptr() as u64).next_multiple_of(16);
+        match encode(&TensorMap2d { base, ..bf16_map() }) {
+            // On a GPU machine a host pointer is still a valid 64-bit address to encode.
+            Ok(p) => assert!(p.0.iter().any(|&w| w != 0)),
+            Err(e) => assert!(!crate::cuda::is_available(), "encoding failed with a GPU present: {e}"),
+        }
+    }
+}
