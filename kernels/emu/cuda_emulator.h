@@ -23,6 +23,10 @@
 // the issue and the wait that retires it. Hopper warpgroup MMA (wgmma) runs as collectives of the
 // 128 threads of a warpgroup, asynchronously: the accumulator is NaN from the issue until the
 // wgmma_wait that retires its group computes the product from shared memory as it is then.
+// Pipelines (pipeline.cuh): named barriers at warp granularity, mbarriers with arrival and
+// transaction counts and parity waits (scheduling points), cp_async_mbarrier_arrive, TMA 2D
+// loads and stores that land at a scheduling point the schedule picks (their destination holds
+// 0xff bytes until then), setmaxnreg as a warpgroup collective.
 // See kernels/emu/README.md for what is not emulated.
 #pragma once
 #ifndef LOOKAHEAD_EMULATE
