@@ -1643,3 +1643,38 @@ fn a_two_stage_tma_pipeline_feeds_wgmma() {
         }
     }
 }
+
+#[test]
+fn two_consumer_warpgroups_take_turns_on_a_tma_pipeline() {
+    if !have_compiler("two_consumer_warpgroups_take_turns_on_a_tma_pipeline") {
+        return;
+    }
+    let m = test_module("tma");
+    for kt in [1usize, 4] {
+        let k = 64 * kt;
+        let af: Vec<f32> = (0..128 * k).map(|i| ((i * 7 % 61) as f32 - 30.0) / 16.0).collect();
+        let btf: Vec<f32> = (0..64 * k).map(|i| ((i * 11 % 53) as f32 - 26.0) / 8.0).collect();
+        let want: Vec<f32> = (0..128 * 64).map(|i| (0..k).map(|q| af[(i / 64) * k + q] * btf[(i % 64) * k + q]).sum()).collect();
+        let bits = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
+        let (a, bt) = (Aligned::from(&bits(&af)[..]), Aligned::from(&bits(&btf)[..]));
+        let desc = |base: u64, rows: u64, box_rows: u32| TensorMap2d { base, dtype: TmaDtype::Bf16, rows, cols: k as u64, row_stride_bytes: 2 * k as u64, box_rows, box_cols: 64, swizzle: TmaSwizzle::B128 };
+        let (ma, mb) = (desc(a.addr(), 128, 128).emulated().unwrap(), desc(bt.addr(), 64, 64).emulated().unwrap());
+        for schedule in SCHEDULES.into_iter().chain([Schedule::Random(13), Schedule::Random(31)]) {
+            let out = Aligned::<f32>::zeroed(128 * 64);
+            let log = Aligned::<i32>::zeroed(2 * kt);
+            let (op, lp) = (out.addr(), log.addr());
+            // SAFETY: tma_pingpong_gemm reads the matrices the maps describe, writes 128 x 64
+            // floats of out and 2 kt ints of log.
+            unsafe {
+                m.launch_with("tma_pingpong_gemm", (1, 1, 1), (384, 1, 1), 2 * 3 * 8192, schedule, &|f| {
+                    let k: extern "C" fn(TensorMapArg, TensorMapArg, u64, u64, i32) = std::mem::transmute(f);
+                    k(ma, mb, op, lp, kt as i32);
+                })
+                .unwrap_or_else(|e| panic!("{e}"))
+            };
+            assert_eq!(out.to_vec(), want, "{kt} k-tiles, schedule {schedule}");
+            let turns: Vec<i32> = (0..2 * kt).map(|i| 1 + (i % 2) as i32).collect();
+            assert_eq!(log.to_vec(), turns, "issue order, {kt} k-tiles, schedule {schedule}");
+        }
+    }
+}

@@ -1,8 +1,9 @@
 // Test kernels of the emulator's TMA (pipeline.cuh tma_load_2d / tma_store_2d with a TensorMap
 // built by kernels::emulate::TensorMap2d): a box loaded into shared memory and dumped raw (the
 // swizzled layout, zero fill), a box loaded and stored back elsewhere (store clipping, the
-// store's late read of shared memory), and a GEMM fed by a 2-stage TMA producer warp and a
-// consumer warpgroup (full / empty mbarriers, 128B-swizzled tiles read by wgmma). Checked by
+// store's late read of shared memory), a GEMM fed by a 2-stage TMA producer warp and a consumer
+// warpgroup (full / empty mbarriers, 128B-swizzled tiles read by wgmma), and its FA3-style form
+// with two consumer warpgroups issuing in turn (named-barrier ping-pong) and setmaxnreg. Checked by
 // tests/cuda_emulation.rs; compiled for sm_80 (empty) and sm_90a by tests/cuda_compile.rs (the PTX of pipeline.cuh).
 #include "common.cuh"
 #include "mma.cuh"
@@ -103,6 +104,68 @@ extern "C" __global__ void __launch_bounds__(256, 1) tma_gemm(const __grid_const
         mbarrier_arrive(&empty[s]);
     }
     const u32 lane = t % 32, g = lane / 4, q = lane % 4, row = 16 * (t / 32) + g;
+    for (u32 j = 0; j < 8; ++j) {
+        const u32 col = 8 * j + 2 * q;
+        out[row * 64 + col] = d[4 * j];
+        out[row * 64 + col + 1] = d[4 * j + 1];
+        out[(row + 8) * 64 + col] = d[4 * j + 2];
+        out[(row + 8) * 64 + col + 1] = d[4 * j + 3];
+    }
+}
+// FA3-style: D (128 x 64) = A (128 x K) * B (Bt: 64 x K), 384 threads. Warpgroup 0 produces (thread
+// 0: one 128 x 64 box of A and one 64 x 64 box of Bt per k-tile, 2 stages, full[s]: 1 arrival +
+// 24 KiB); consumer warpgroups 1 and 2 take rows 0-63 and 64-127 and issue their wgmmas in turn
+// (ping-pong): named barrier 1 = warpgroup 1's issue is done, 2 = warpgroup 2's; each appends its
+// number to a log before issuing (log: 1, 2, 1, 2, ...). empty[s]: the 256 consumer threads.
+constexpr u32 PP_STAGE = 3 * TG_TILE;
+extern "C" __global__ void __launch_bounds__(384, 1) tma_pingpong_gemm(const __grid_constant__ TensorMap map_a, const __grid_constant__ TensorMap map_b, float* out, int* log, int kt) {
+    LA_DYNAMIC_SHARED(unsigned char, smem);
+    __shared__ u64 full[2], empty[2];
+    __shared__ int issued;
+    const u32 t = threadIdx.x, wg = t / 128;
+    if (t == 0) {
+        for (int s = 0; s < 2; ++s) {
+            mbarrier_init(&full[s], 1);
+            mbarrier_init(&empty[s], 256);
+        }
+        fence_mbarrier_init();
+        issued = 0;
+    }
+    __syncthreads();
+    if (wg == 0) {
+        setmaxnreg_dec<40>();
+        if (t == 0) {
+            for (int i = 0; i < kt; ++i) {
+                const int s = i % 2;
+                mbarrier_wait(&empty[s], ((u32)(i / 2) & 1u) ^ 1u);
+                mbarrier_arrive_expect_tx(&full[s], PP_STAGE);
+                tma_load_2d(smem + s * PP_STAGE, &map_a, 64 * i, 0, &full[s]);
+                tma_load_2d(smem + s * PP_STAGE + 2 * TG_TILE, &map_b, 64 * i, 0, &full[s]);
+            }
+        }
+        return;
+    }
+    setmaxnreg_inc<232>();
+    float d[32];
+    for (int q = 0; q < 32; ++q) d[q] = 0.0f;
+    for (int i = 0; i < kt; ++i) {
+        const int s = i % 2;
+        mbarrier_wait(&full[s], (u32)(i / 2) & 1u);
+        // Warpgroup 1 waits for warpgroup 2's previous issue (none before the first); 2 for 1's.
+        if (wg == 2) named_barrier_sync(1, 256);
+        else if (i > 0) named_barrier_sync(2, 256);
+        if (t % 128 == 0) log[issued++] = (int)wg;
+        const unsigned char* sa = smem + s * PP_STAGE + (wg - 1) * TG_TILE;
+        const unsigned char* sb = smem + s * PP_STAGE + 2 * TG_TILE;
+        wgmma_fence();
+        for (u32 ks = 0; ks < 4; ++ks)
+            wgmma_ss<bf16, 64, false>(d, wgmma_desc(sa + 32 * ks, 16, 1024, WGMMA_SWIZZLE_128B), wgmma_desc(sb + 32 * ks, 16, 1024, WGMMA_SWIZZLE_128B), i > 0 || ks > 0);
+        wgmma_commit();
+        named_barrier_arrive(wg == 1 ? 1 : 2, 256);
+        wgmma_wait<0>();
+        mbarrier_arrive(&empty[s]);
+    }
+    const u32 lane = t % 32, g = lane / 4, q = lane % 4, row = 64 * (wg - 1) + 16 * (t % 128 / 32) + g;
     for (u32 j = 0; j < 8; ++j) {
         const u32 col = 8 * j + 2 * q;
         out[row * 64 + col] = d[4 * j];
