@@ -151,9 +151,39 @@ fn fused_kernel_matches_the_composition_on_device() {
 /// (8-byte halves) and 3 and 1 (element loads).
 const HOPPER_CASES: &[Case] = &[Case { lead: [1, 141], n: 168, k: 456, r: 20 }, Case { lead: [3, 47], n: 456, k: 168, r: 72 }];
 
+/// Cases for the TMA variants (kernels/cuda/lora_linear_tma.cu), which take ranks that are
+/// multiples of 8 (the others fall back to the cp.async kernel, which CASES and HOPPER_CASES then
+/// run again): rank 8 with 5 row tiles of 128 (3 of 256) over 3 column tiles, 8 base k-tiles and a
+/// LoRA one, so the persistent blocks run several tiles each through a ring that wraps; rank 0
+/// with a reduction of 200 (3 k-tiles and one of 8 columns).
+const TMA_CASES: &[Case] = &[Case { lead: [2, 300], n: 456, k: 456, r: 8 }, Case { lead: [1, 520], n: 168, k: 200, r: 0 }];
+
+/// LOOKAHEAD_VARIANT_LORA set to a value while alive, put back as it was after.
+struct LoraVariant(Option<String>);
+
+impl LoraVariant {
+    const ENV: &'static str = "LOOKAHEAD_VARIANT_LORA";
+    fn set(variant: &str) -> LoraVariant {
+        let old = LoraVariant(std::env::var(Self::ENV).ok());
+        std::env::set_var(Self::ENV, variant);
+        old
+    }
+}
+
+impl Drop for LoraVariant {
+    fn drop(&mut self) {
+        match &self.0 {
+            Some(v) => std::env::set_var(Self::ENV, v),
+            None => std::env::remove_var(Self::ENV),
+        }
+    }
+}
+
 /// The Hopper (wgmma) fused GEMM (kernels/cuda/lora_linear_hopper.cu) against the CPU: forward
 /// (± bias) and dx through LoraPath::Fused with the Hopper and experimental switches on, bf16 and
-/// f16, every case and HOPPER_CASES.
+/// f16, every case, HOPPER_CASES and TMA_CASES; the default kernel, then each
+/// LOOKAHEAD_VARIANT_LORA variant (the TMA kernel, kernels/cuda/lora_linear_tma.cu, where the rank
+/// allows it).
 #[test]
 fn hopper_kernel_matches_cpu() {
     let Some((dev, _gpu)) = gpu("lora hopper_kernel_matches_cpu") else { return };
@@ -161,16 +191,23 @@ fn hopper_kernel_matches_cpu() {
         return;
     }
     let _switches = KernelSwitches::set(true, true);
+    for variant in std::iter::once("default").chain(engine::cuda::lora_linear::VARIANTS) {
+        let _variant = LoraVariant::set(variant);
+        hopper_cases_match_cpu(dev, variant);
+    }
+}
+
+fn hopper_cases_match_cpu(dev: Device, variant: &str) {
     for dt in [DType::BF16, DType::F16] {
-        for (i, c) in CASES.iter().chain(HOPPER_CASES).enumerate() {
+        for (i, c) in CASES.iter().chain(HOPPER_CASES).chain(TMA_CASES).enumerate() {
             for with_bias in [false, true] {
-                let label = format!("lora_linear {dt} {:?} n {} k {} r {} bias {with_bias} (Hopper kernel)", c.lead, c.n, c.k, c.r);
+                let label = format!("lora_linear {dt} {:?} n {} k {} r {} bias {with_bias} (Hopper kernel, variant {variant})", c.lead, c.n, c.k, c.r);
                 check(dev, &label, TOLERANCE.of(dt), |d| {
                     let t = inputs(c, dt, 300 + i as u64, d)?;
                     t.x.lora_linear_with(&t.w, with_bias.then_some(&t.bias), &t.a, &t.b, SCALE, LoraPath::Fused)
                 });
             }
-            let label = format!("lora_linear_backward dx {dt} {:?} n {} k {} r {} (Hopper kernel)", c.lead, c.n, c.k, c.r);
+            let label = format!("lora_linear_backward dx {dt} {:?} n {} k {} r {} (Hopper kernel, variant {variant})", c.lead, c.n, c.k, c.r);
             check(dev, &label, TOLERANCE.of(dt), |d| {
                 let t = inputs(c, dt, 400 + i as u64, d)?;
                 let g = t.x.lora_linear_backward_with(&t.w, &t.a, &t.b, SCALE, &t.dy, LoraGradsWanted { dx: true, ..Default::default() }, LoraPath::Fused)?;
@@ -231,7 +268,7 @@ fn timing_report() {
 /// On a compute capability 9.0 device, the issue's shapes with the Hopper kernel: rank 0 (the
 /// kernel's base GEMM against cuBLASLt's linear: the issue asks for >= 95%) and ranks 4, 16, 64
 /// (the LoRA linear against the base GEMM: the issue asks for <= 5% more time), forward and dx,
-/// with the mma.sync kernel's time alongside.
+/// with the mma.sync kernel's time alongside, then each LOOKAHEAD_VARIANT_LORA variant.
 #[test]
 fn hopper_timing_report() {
     let Some((dev, _gpu)) = cuda_harness::cuda("lora hopper_timing_report") else { return };
@@ -264,6 +301,18 @@ fn hopper_timing_report() {
                 base / hopper * 100.0,
                 base_dx / hopper_dx * 100.0
             ));
+            // The TMA variants (ranks not a multiple of 8 fall back to the kernel above).
+            let _switches = KernelSwitches::set(true, true);
+            for variant in engine::cuda::lora_linear::VARIANTS {
+                let _variant = LoraVariant::set(variant);
+                let (v, v_dx) = (time_ms(&cuda, &fused), time_ms(&cuda, &dx));
+                lookahead::show(&format!(
+                    "lora bf16 M {m} N=K {nk} r {r}: variant {variant}: forward {v:.4} ms ({:.1}% of the base's speed, {:.1}% of the default Hopper kernel's); dx {v_dx:.4} ms ({:.1}% of the base's speed)",
+                    base / v * 100.0,
+                    hopper / v * 100.0,
+                    base_dx / v_dx * 100.0
+                ));
+            }
         }
     }
 }

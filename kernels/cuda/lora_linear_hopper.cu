@@ -48,6 +48,10 @@
 // +6%; 128x256 4 stages +30% at the small shapes, equal at the big one. What would close it: TMA
 // loads (one producer warp, mbarriers) with 2-CTA cluster multicast of the shared operand, and a
 // mainloop without a block barrier per k-tile (the emulator models neither TMA nor mbarrier).
+// That kernel is kernels/cuda/lora_linear_tma.cu (LOOKAHEAD_VARIANT_LORA=tma / tma256: TMA loads
+// by a producer warp, mbarrier full/empty rings, two consumer warpgroups; not yet multicast);
+// this one stays the default until a GPU run has measured it, and runs where the TMA kernel cannot
+// (LoRA ranks not a multiple of 8, misaligned LoRA operands).
 #include "common.cuh"
 #include "lora_linear.cuh"  // LoraGemmArgs, shared with lora_linear.cu
 #include "mma.cuh"

@@ -37,6 +37,57 @@ pub const HOPPER_TILE_N: usize = 160;
 pub const HOPPER_THREADS: u32 = 256;
 pub const HOPPER_SHARED_BYTES: u32 = 6 * (128 + 160) * 64 * 2 + 1024;
 
+/// kernels/cuda/lora_linear_tma.cu: the Hopper GEMM warp-specialized with TMA loads
+/// (lora_gemm_tma_{nk,kn}_{bf16,f16} with 128 x 160 output tiles, lora_gemm_tma256_* with
+/// 256 x 160; empty kernels on sm_80): same `LoraGemmArgs` followed by four tensor maps (A1, B1,
+/// A2, B2; boxes `tma_box_a` / `TMA_BOX_B_*`), 384 threads (a producer warpgroup and two consumer
+/// warpgroups), a persistent grid (`tma_blocks`).
+pub const TMA_SOURCE: KernelSource = KernelSource { name: "lora_linear_tma", code: include_str!("../cuda/lora_linear_tma.cu"), options: &[] };
+
+/// Threads of a TMA-kernel block.
+pub const TMA_THREADS: u32 = 384;
+
+/// Pipeline stages of the TMA kernel with output tiles of `tile_m` (128 or 256) rows.
+pub fn tma_stages(tile_m: usize) -> usize {
+    if tile_m == 128 { 6 } else { 4 }
+}
+
+/// Dynamic shared memory of the TMA kernel with `tile_m`-row tiles: the stages (a tile_m x 64 and
+/// a 160 x 64 16-bit tile each), 1 KiB so that the kernel can align them to 1024 bytes, and the
+/// mbarriers (full and empty per stage, 8 bytes each). The launcher must opt in.
+pub fn tma_shared_bytes(tile_m: usize) -> u32 {
+    let stages = tma_stages(tile_m);
+    (stages * (tile_m + 160) * 64 * 2 + 1024 + 2 * stages * 8) as u32
+}
+
+/// Output tiles of the TMA kernel with `tile_m`-row tiles for C [m, n] (counted in a u32).
+pub fn tma_tiles(m: usize, n: usize, tile_m: usize) -> usize {
+    m.div_ceil(tile_m) * n.div_ceil(HOPPER_TILE_N)
+}
+
+/// Blocks of a TMA-kernel launch: one per output tile, at most `multiprocessors`.
+pub fn tma_blocks(m: usize, n: usize, tile_m: usize, multiprocessors: u32) -> u32 {
+    tma_tiles(m, n, tile_m).clamp(1, multiprocessors.max(1) as usize) as u32
+}
+
+/// The boxes the TMA kernel's tensor maps must have, as (rows, columns) of the row-major operand,
+/// and their shared-memory swizzle in bytes: A1 / A2 (row-major [m][k]) `tile_m` rows of 64
+/// columns; B1 / B2 n-major ([n][k] rows) 160 rows of 64 columns; both with the 128-byte swizzle
+/// (the K-major wgmma tiles). B1 / B2 k-major ([k][n] rows) 64 rows of 32 columns with the 64-byte
+/// swizzle (one 4 KiB block of the MN-major [64 k][160 n] tile; the kernel loads five).
+pub fn tma_box_a(tile_m: usize) -> (u32, u32, u32) {
+    (tile_m as u32, 64, 128)
+}
+pub const TMA_BOX_B_NK: (u32, u32, u32) = (160, 64, 128);
+pub const TMA_BOX_B_KN: (u32, u32, u32) = (64, 32, 64);
+
+/// Whether the TMA kernel can read a LoRA operand of rank `rank` at `addr` (its rows `rank`
+/// elements long): a tensor map needs a 16-byte aligned base and row strides that are multiples
+/// of 16 bytes, so rank a multiple of 8 (0: the operand is never read).
+pub fn tma_lora_ok(rank: usize, addr: u64) -> bool {
+    rank == 0 || (rank.is_multiple_of(8) && addr.is_multiple_of(16))
+}
+
 /// Output tiles of the Hopper kernel for C [m, n] (the kernel counts them in a u32).
 pub fn hopper_tiles(m: usize, n: usize) -> usize {
     m.div_ceil(HOPPER_TILE_M) * n.div_ceil(HOPPER_TILE_N)
@@ -115,6 +166,13 @@ pub fn kernel_name(layout: BLayout, dtype: &str) -> String {
 /// The Hopper kernel for a B layout and a 16-bit dtype name: lora_gemm_hopper_{nk,kn}_{dtype}.
 pub fn hopper_kernel_name(layout: BLayout, dtype: &str) -> String {
     kernel_name(layout, dtype).replacen("lora_gemm_", "lora_gemm_hopper_", 1)
+}
+
+/// The TMA kernel for a B layout, a 16-bit dtype name and the tile rows (128 or 256):
+/// lora_gemm_tma_{nk,kn}_{dtype} or lora_gemm_tma256_{nk,kn}_{dtype}.
+pub fn tma_kernel_name(layout: BLayout, dtype: &str, tile_m: usize) -> String {
+    let family = if tile_m == 128 { "lora_gemm_tma_" } else { "lora_gemm_tma256_" };
+    kernel_name(layout, dtype).replacen("lora_gemm_", family, 1)
 }
 
 /// Sizes of one LoRA linear: m rows of x, n output features, k input features, rank r.
@@ -341,6 +399,12 @@ mod tests {
         assert_eq!(std::mem::size_of::<LoraGemmArgs>(), 6 * 8 + 12 * 4);
         assert_eq!(kernel_name(BLayout::KMajor, "bf16"), "lora_gemm_kn_bf16");
         assert_eq!(hopper_kernel_name(BLayout::NMajor, "f16"), "lora_gemm_hopper_nk_f16");
+        assert_eq!(tma_kernel_name(BLayout::KMajor, "bf16", 128), "lora_gemm_tma_kn_bf16");
+        assert_eq!(tma_kernel_name(BLayout::NMajor, "f16", 256), "lora_gemm_tma256_nk_f16");
+        // Within the 227 KiB a block may opt into on sm_90.
+        assert!(tma_shared_bytes(128) <= 232_448 && tma_shared_bytes(256) <= 232_448);
+        // 32 x 4 tiles of 256 x 160 for M 8192, N 640.
+        assert_eq!((tma_tiles(8192, 640, 256), tma_blocks(8192, 640, 256, 132), tma_blocks(141, 168, 128, 132)), (128, 128, 4));
         // 64 x 4 tiles of 128 x 160 for M 8192, N 640; at most one block an SM.
         assert_eq!((hopper_tiles(8192, 640), hopper_blocks(8192, 640, 132), hopper_blocks(141, 168, 132)), (256, 132, 4));
     }

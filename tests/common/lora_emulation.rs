@@ -8,7 +8,7 @@
 //! picks. The test file includes it after tests/common/emulation.rs (`mod emulation;`).
 #![allow(dead_code)]
 
-use kernels::emulate::EmulatedModule;
+use kernels::emulate::{EmulatedModule, Schedule, TensorMap2d, TensorMapArg, TmaDtype, TmaSwizzle};
 use kernels::lora_linear::{self as lora, BLayout, LoraDims, LoraGemmArgs};
 
 use crate::emulation::{have_compiler, values, Half};
@@ -23,6 +23,11 @@ pub enum LoraKernel {
     Hopper { sms: u32 },
     /// The Hopper kernels on exactly this many blocks (more than the output tiles: idle blocks).
     HopperBlocks(u32),
+    /// lora_gemm_tma_{nk,kn}_DT (tile_m 128) or lora_gemm_tma256_{nk,kn}_DT (256) of
+    /// kernels/cuda/lora_linear_tma.cu (TMA loads, a producer warp and two consumer warpgroups):
+    /// persistent blocks, as many as the engine launches on a device of `sms` SMs
+    /// (lora::tma_blocks), or exactly `blocks` when given (idle blocks beyond the tiles).
+    Tma { tile_m: usize, sms: u32, blocks: Option<u32> },
 }
 
 impl LoraKernel {
@@ -30,6 +35,7 @@ impl LoraKernel {
         match self {
             LoraKernel::MmaSync => &lora::SOURCE,
             LoraKernel::Hopper { .. } | LoraKernel::HopperBlocks(_) => &lora::HOPPER_SOURCE,
+            LoraKernel::Tma { .. } => &lora::TMA_SOURCE,
         }
     }
 
@@ -38,6 +44,8 @@ impl LoraKernel {
         match self {
             LoraKernel::MmaSync => "",
             LoraKernel::Hopper { .. } | LoraKernel::HopperBlocks(_) => "hopper ",
+            LoraKernel::Tma { tile_m: 128, .. } => "tma ",
+            LoraKernel::Tma { .. } => "tma256 ",
         }
     }
 
@@ -47,6 +55,10 @@ impl LoraKernel {
             LoraKernel::MmaSync => (lora::kernel_name(layout, h.name()), (n.div_ceil(lora::TILE_N) as u32, m.div_ceil(lora::TILE_M) as u32, 1), lora::THREADS, lora::SHARED_BYTES),
             LoraKernel::Hopper { sms } => (lora::hopper_kernel_name(layout, h.name()), (lora::hopper_blocks(m, n, sms), 1, 1), lora::HOPPER_THREADS, lora::HOPPER_SHARED_BYTES),
             LoraKernel::HopperBlocks(blocks) => (lora::hopper_kernel_name(layout, h.name()), (blocks, 1, 1), lora::HOPPER_THREADS, lora::HOPPER_SHARED_BYTES),
+            LoraKernel::Tma { tile_m, sms, blocks } => {
+                let grid = blocks.unwrap_or_else(|| lora::tma_blocks(m, n, tile_m, sms));
+                (lora::tma_kernel_name(layout, h.name(), tile_m), (grid, 1, 1), lora::TMA_THREADS, lora::tma_shared_bytes(tile_m))
+            }
         }
     }
 }
@@ -96,7 +108,27 @@ impl Buffer {
 /// A2 [m, k2] · B2 (+ bias), B1/B2 given as [n][k] (NMajor) or [k][n] (KMajor) rows; returns C as
 /// f32. `skew_lora`: the element offset of A2 (and of an n-major B2) from 16-byte alignment.
 #[allow(clippy::too_many_arguments)]
-pub fn run_kernel(module: &EmulatedModule, kernel: LoraKernel, h: Half, layout: BLayout, a1: &[f32], b1: &[f32], a2: &[f32], b2: &[f32], bias: Option<&[f32]>, (m, n, k1, k2): (usize, usize, usize, usize), skew_lora: usize) -> Vec<f32> {
+pub fn run_kernel(module: &EmulatedModule, kernel: LoraKernel, h: Half, layout: BLayout, a1: &[f32], b1: &[f32], a2: &[f32], b2: &[f32], bias: Option<&[f32]>, dims: (usize, usize, usize, usize), skew_lora: usize) -> Vec<f32> {
+    let schedule = Schedule::from_env().unwrap_or_else(|e| panic!("{e}"));
+    run_kernel_with(module, kernel, schedule, h, layout, a1, b1, a2, b2, bias, dims, skew_lora)
+}
+
+/// `run_kernel` under the given schedule (whatever LOOKAHEAD_EMU_SCHEDULE says).
+#[allow(clippy::too_many_arguments)]
+pub fn run_kernel_with(
+    module: &EmulatedModule,
+    kernel: LoraKernel,
+    schedule: Schedule,
+    h: Half,
+    layout: BLayout,
+    a1: &[f32],
+    b1: &[f32],
+    a2: &[f32],
+    b2: &[f32],
+    bias: Option<&[f32]>,
+    (m, n, k1, k2): (usize, usize, usize, usize),
+    skew_lora: usize,
+) -> Vec<f32> {
     let to = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| h.bits(x)).collect() };
     let (ba1, bb1) = (Buffer::new(&to(a1), 0), Buffer::new(&to(b1), 0));
     let (ba2, bb2) = (Buffer::new(&to(a2), skew_lora), Buffer::new(&to(b2), if layout == BLayout::KMajor { 0 } else { skew_lora }));
@@ -123,17 +155,72 @@ pub fn run_kernel(module: &EmulatedModule, kernel: LoraKernel, h: Half, layout: 
         pad: 0,
     };
     let (name, grid, threads, shared_bytes) = kernel.geometry(layout, h, m, n);
+    if let LoraKernel::Tma { tile_m, .. } = kernel {
+        let maps = tma_maps(&args, layout, tile_m, h);
+        // SAFETY: the TMA kernels' extern "C" signature is (LoraGemmArgs, TensorMap x 4) by value;
+        // every pointer in args addresses a live buffer of the size the args describe, and the
+        // maps describe those buffers.
+        unsafe {
+            module
+                .launch_with(&name, grid, (threads, 1, 1), shared_bytes, schedule, &|f| {
+                    let k: extern "C" fn(LoraGemmArgs, TensorMapArg, TensorMapArg, TensorMapArg, TensorMapArg) = std::mem::transmute(f);
+                    k(args, maps[0], maps[1], maps[2], maps[3]);
+                })
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        return c.slice_mut().iter().map(|&b| h.value(b)).collect();
+    }
     // SAFETY: the kernel's extern "C" signature is (LoraGemmArgs) by value; every pointer in args
     // addresses a live buffer of the size the args describe.
     unsafe {
         module
-            .launch(&name, grid, (threads, 1, 1), shared_bytes, &|f| {
+            .launch_with(&name, grid, (threads, 1, 1), shared_bytes, schedule, &|f| {
                 let k: extern "C" fn(LoraGemmArgs) = std::mem::transmute(f);
                 k(args);
             })
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     c.slice_mut().iter().map(|&b| h.value(b)).collect()
+}
+
+/// The four tensor maps of the TMA kernels (A1, B1, A2, B2) over the operands `args` describes, as
+/// engine/src/cuda/lora_linear.rs builds them on a GPU: the boxes of kernels::lora_linear
+/// (`tma_box_a`, `TMA_BOX_B_*`); rank 0: the A1 / B1 maps stand in for the unread A2 / B2.
+fn tma_maps(args: &LoraGemmArgs, layout: BLayout, tile_m: usize, h: Half) -> [TensorMapArg; 4] {
+    let box_b = match layout {
+        BLayout::NMajor => lora::TMA_BOX_B_NK,
+        BLayout::KMajor => lora::TMA_BOX_B_KN,
+    };
+    let (m, n, k1, k2) = (args.m as usize, args.n as usize, args.k1 as usize, args.k2 as usize);
+    let (b1_dims, b2_dims) = match layout {
+        BLayout::NMajor => ((n, k1), (n, k2)),
+        BLayout::KMajor => ((k1, n), (k2, n)),
+    };
+    let a1 = emulated_map(h, args.a1, (m, k1), args.lda1, lora::tma_box_a(tile_m));
+    let b1 = emulated_map(h, args.b1, b1_dims, args.ldb1, box_b);
+    if k2 == 0 {
+        return [a1, b1, a1, b1];
+    }
+    [a1, b1, emulated_map(h, args.a2, (m, k2), args.lda2, lora::tma_box_a(tile_m)), emulated_map(h, args.b2, b2_dims, args.ldb2, box_b)]
+}
+
+/// One emulated tensor map: a row-major [rows, cols] 16-bit matrix at `base`, rows `ld` elements
+/// apart, boxes of (box rows, box columns, swizzle bytes).
+fn emulated_map(h: Half, base: u64, (rows, cols): (usize, usize), ld: u32, (box_rows, box_cols, swizzle): (u32, u32, u32)) -> TensorMapArg {
+    let map = TensorMap2d {
+        base,
+        dtype: match h {
+            Half::Bf16 => TmaDtype::Bf16,
+            Half::F16 => TmaDtype::F16,
+        },
+        rows: rows as u64,
+        cols: cols as u64,
+        row_stride_bytes: ld as u64 * 2,
+        box_rows,
+        box_cols,
+        swizzle: TmaSwizzle::from_bytes(swizzle).expect("a TMA swizzle"),
+    };
+    map.emulated().unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn assert_close(label: &str, got: &[f32], want: &[f32], (atol, rtol): (f32, f32)) {

@@ -11,6 +11,14 @@
 //! (kernels/cuda/lora_linear_hopper.cu, wgmma) runs instead: same arguments, 128 x 160 tiles, a
 //! persistent grid of min(tiles, SMs) blocks of 256 threads, 217 KiB of dynamic shared memory.
 //!
+//! With LOOKAHEAD_VARIANT_LORA=tma or tma256 (`VARIANTS`; unset or `default`: the kernel above),
+//! the warp-specialized TMA kernel (kernels/cuda/lora_linear_tma.cu) runs instead where it can:
+//! 128 x 160 (tma) or 256 x 160 (tma256) tiles, a persistent grid, 384 threads, the operands described by four tensor maps (A1, B1, A2, B2; built
+//! per call: a few host-only cuTensorMapEncodeTiled calls, no device work, no allocation) passed
+//! as `__grid_constant__` kernel parameters. It needs k1 > 0 and LoRA rows TMA can address
+//! (`klora::tma_lora_ok`: rank a multiple of 8, 16-byte aligned); elsewhere (rank 4, 12, ...,
+//! misaligned views) the cp.async Hopper kernel runs.
+//!
 //! Host cost per call: the kernels are short (~10-30 us), so the launch path is kept free of
 //! allocations apart from the output: the loaded function, with its shared memory opt-in done, is
 //! cached per (device, kernel) under a static name, and operands already contiguous and aligned
@@ -24,6 +32,7 @@ use kernels::lora_linear::{self as klora, BLayout, LoraGemmArgs};
 use super::device::CudaDevice;
 use super::launch::launch_failed;
 use super::storage::CudaStorage;
+use super::tensor_map::{self, TensorMap2d, TensorMapParam, TmaSwizzle};
 use super::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 use crate::storage::Storage;
 use crate::{DType, Error, Result, Tensor};
@@ -58,38 +67,86 @@ pub fn fused_supported(dev: &CudaDevice, dtype: DType, m: usize, n: usize, k1: u
         && dev.max_shared_memory_per_block_optin() >= klora::SHARED_BYTES
 }
 
+/// The variants of the Hopper kernel (LOOKAHEAD_VARIANT_LORA): kernels/cuda/lora_linear_tma.cu
+/// with 128 x 160 ("tma") or 256 x 160 ("tma256") output tiles.
+pub const VARIANTS: [&str; 2] = ["tma", "tma256"];
+const VARIANT_FAMILY: &str = "lora";
+
+/// The TMA kernel's tile rows LOOKAHEAD_VARIANT_LORA asks for (None: the default kernel); an
+/// unknown value is an error naming the variable and the known values.
+fn tma_requested() -> Result<Option<usize>> {
+    match super::kernel_variant(VARIANT_FAMILY).as_deref() {
+        None | Some("default") => Ok(None),
+        Some("tma") => Ok(Some(128)),
+        Some("tma256") => Ok(Some(256)),
+        Some(v) => Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_LORA = {v:?} is not a variant of the fused LoRA GEMM; known: default, {}", VARIANTS.join(", ")))),
+    }
+}
+
+/// Which kernel family computes the GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    /// kernels/cuda/lora_linear.cu (mma.sync)
+    MmaSync,
+    /// kernels/cuda/lora_linear_hopper.cu (wgmma, cp.async)
+    Hopper,
+    /// kernels/cuda/lora_linear_tma.cu (wgmma, TMA, warp-specialized), 128 x 160 tiles
+    Tma,
+    /// the same with 256 x 160 tiles
+    Tma256,
+}
+
+impl Family {
+    /// The TMA kernels' tile rows.
+    fn tile_m(self) -> usize {
+        if self == Family::Tma256 { 256 } else { 128 }
+    }
+}
+
 /// The kernel that computes the GEMM on a device: its source, threads and dynamic shared memory.
 struct Kernel {
     source: &'static KernelSource,
-    hopper: bool,
+    family: Family,
     threads: u32,
     shared_bytes: u32,
 }
 
 /// The kernel's name (`klora::kernel_name` / `klora::hopper_kernel_name`) as a static string, so
 /// that a launch formats nothing.
-fn kernel_name(hopper: bool, layout: BLayout, dtype: DType) -> &'static str {
-    match (hopper, layout, dtype) {
-        (false, BLayout::NMajor, DType::BF16) => "lora_gemm_nk_bf16",
-        (false, BLayout::NMajor, _) => "lora_gemm_nk_f16",
-        (false, BLayout::KMajor, DType::BF16) => "lora_gemm_kn_bf16",
-        (false, BLayout::KMajor, _) => "lora_gemm_kn_f16",
-        (true, BLayout::NMajor, DType::BF16) => "lora_gemm_hopper_nk_bf16",
-        (true, BLayout::NMajor, _) => "lora_gemm_hopper_nk_f16",
-        (true, BLayout::KMajor, DType::BF16) => "lora_gemm_hopper_kn_bf16",
-        (true, BLayout::KMajor, _) => "lora_gemm_hopper_kn_f16",
+fn kernel_name(family: Family, layout: BLayout, dtype: DType) -> &'static str {
+    match (family, layout, dtype) {
+        (Family::MmaSync, BLayout::NMajor, DType::BF16) => "lora_gemm_nk_bf16",
+        (Family::MmaSync, BLayout::NMajor, _) => "lora_gemm_nk_f16",
+        (Family::MmaSync, BLayout::KMajor, DType::BF16) => "lora_gemm_kn_bf16",
+        (Family::MmaSync, BLayout::KMajor, _) => "lora_gemm_kn_f16",
+        (Family::Hopper, BLayout::NMajor, DType::BF16) => "lora_gemm_hopper_nk_bf16",
+        (Family::Hopper, BLayout::NMajor, _) => "lora_gemm_hopper_nk_f16",
+        (Family::Hopper, BLayout::KMajor, DType::BF16) => "lora_gemm_hopper_kn_bf16",
+        (Family::Hopper, BLayout::KMajor, _) => "lora_gemm_hopper_kn_f16",
+        (Family::Tma, BLayout::NMajor, DType::BF16) => "lora_gemm_tma_nk_bf16",
+        (Family::Tma, BLayout::NMajor, _) => "lora_gemm_tma_nk_f16",
+        (Family::Tma, BLayout::KMajor, DType::BF16) => "lora_gemm_tma_kn_bf16",
+        (Family::Tma, BLayout::KMajor, _) => "lora_gemm_tma_kn_f16",
+        (Family::Tma256, BLayout::NMajor, DType::BF16) => "lora_gemm_tma256_nk_bf16",
+        (Family::Tma256, BLayout::NMajor, _) => "lora_gemm_tma256_nk_f16",
+        (Family::Tma256, BLayout::KMajor, DType::BF16) => "lora_gemm_tma256_kn_bf16",
+        (Family::Tma256, BLayout::KMajor, _) => "lora_gemm_tma256_kn_f16",
     }
 }
 
 /// The Hopper (wgmma) kernel for C [m, n] on compute capability 9.0 when `cuda::hopper_kernels()`
 /// is on (and the device grants its shared memory, and the tiles fit its u32 count), else the
-/// mma.sync kernel.
-fn kernel_for(dev: &CudaDevice, m: usize, n: usize) -> Kernel {
+/// mma.sync kernel. `tma`: the TMA variant's tile rows, when it was asked for and the operands
+/// allow it (k1 > 0, LoRA rows `klora::tma_lora_ok`); it replaces the cp.async Hopper kernel.
+fn kernel_for(dev: &CudaDevice, m: usize, n: usize, tma: Option<usize>) -> Kernel {
     let hopper_fits = dev.max_shared_memory_per_block_optin() >= klora::HOPPER_SHARED_BYTES && klora::hopper_tiles(m, n) < (1 << 31);
-    if super::hopper_kernels() && dev.arch() == 90 && hopper_fits {
-        Kernel { source: &klora::HOPPER_SOURCE, hopper: true, threads: klora::HOPPER_THREADS, shared_bytes: klora::HOPPER_SHARED_BYTES }
+    if !(super::hopper_kernels() && dev.arch() == 90 && hopper_fits) {
+        Kernel { source: &klora::SOURCE, family: Family::MmaSync, threads: klora::THREADS, shared_bytes: klora::SHARED_BYTES }
+    } else if let Some(tile_m) = tma.filter(|&t| dev.max_shared_memory_per_block_optin() >= klora::tma_shared_bytes(t)) {
+        let family = if tile_m == 256 { Family::Tma256 } else { Family::Tma };
+        Kernel { source: &klora::TMA_SOURCE, family, threads: klora::TMA_THREADS, shared_bytes: klora::tma_shared_bytes(tile_m) }
     } else {
-        Kernel { source: &klora::SOURCE, hopper: false, threads: klora::THREADS, shared_bytes: klora::SHARED_BYTES }
+        Kernel { source: &klora::HOPPER_SOURCE, family: Family::Hopper, threads: klora::HOPPER_THREADS, shared_bytes: klora::HOPPER_SHARED_BYTES }
     }
 }
 
@@ -188,16 +245,27 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
         },
         pad: 0,
     });
-    let kernel = kernel_for(&dev, m, n);
-    let grid_dim = if kernel.hopper {
-        (klora::hopper_blocks(m, n, dev.multiprocessors()), 1, 1)
-    } else {
-        (n.div_ceil(klora::TILE_N) as u32, m.div_ceil(klora::TILE_M) as u32, 1)
+    let tma_ok = k1 > 0 && klora::tma_lora_ok(k2, pa2) && (layout == BLayout::KMajor || klora::tma_lora_ok(k2, pb2));
+    let tma = if tma_ok { tma_requested()? } else { None };
+    let kernel = kernel_for(&dev, m, n, tma);
+    let grid_dim = match kernel.family {
+        Family::MmaSync => (n.div_ceil(klora::TILE_N) as u32, m.div_ceil(klora::TILE_M) as u32, 1),
+        Family::Hopper => (klora::hopper_blocks(m, n, dev.multiprocessors()), 1, 1),
+        Family::Tma | Family::Tma256 => (klora::tma_blocks(m, n, kernel.family.tile_m(), dev.multiprocessors()), 1, 1),
     };
-    let f = loaded(&dev, &kernel, kernel_name(kernel.hopper, layout, dtype))?;
+    let maps = match kernel.family {
+        Family::Tma | Family::Tma256 => Some(tma_maps(dtype, layout, kernel.family.tile_m(), (pa1, pb1, pa2, pb2), (m, n, k1, k2))?),
+        _ => None,
+    };
+    let f = loaded(&dev, &kernel, kernel_name(kernel.family, layout, dtype))?;
     let cfg = LaunchConfig { grid_dim, block_dim: (kernel.threads, 1, 1), shared_mem_bytes: kernel.shared_bytes };
     let mut b = dev.launch_builder(&f);
     b.arg(&args);
+    if let Some(maps) = &maps {
+        for map in maps {
+            b.arg(map);
+        }
+    }
     // SAFETY: every pointer addresses a live CUDA buffer of the shape the args describe (checked
     // above; the tensors live until after the launch is queued, and the stream orders their reuse),
     // and the output holds m * n elements.
@@ -206,9 +274,47 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
     Tensor::from_storage(Storage::Cuda(out), &[m, n])
 }
 
+/// The TMA kernel's four tensor maps (A1, B1, A2, B2) over the operands at these device addresses
+/// (row-major, rows contiguous: lda1 = k1, ldb1 = k1 (nk) or n (kn), lda2 = k2, ldb2 = k2 or n), with
+/// the boxes and swizzles of `klora::tma_box_a(tile_m)` / `TMA_BOX_B_*`. Rank 0: A2 / B2 are never
+/// read; the A1 / B1 maps stand in for them (a tensor map cannot describe an empty matrix).
+fn tma_maps(dtype: DType, layout: BLayout, tile_m: usize, (pa1, pb1, pa2, pb2): (u64, u64, u64, u64), (m, n, k1, k2): (usize, usize, usize, usize)) -> Result<[TensorMapParam; 4]> {
+    let box_b = match layout {
+        BLayout::NMajor => klora::TMA_BOX_B_NK,
+        BLayout::KMajor => klora::TMA_BOX_B_KN,
+    };
+    // (rows, columns) of B1 / B2 as stored.
+    let (b1_dims, b2_dims) = match layout {
+        BLayout::NMajor => ((n, k1), (n, k2)),
+        BLayout::KMajor => ((k1, n), (k2, n)),
+    };
+    let a1 = tensor_map(dtype, pa1, (m, k1), klora::tma_box_a(tile_m))?;
+    let b1 = tensor_map(dtype, pb1, b1_dims, box_b)?;
+    if k2 == 0 {
+        return Ok([a1, b1, a1, b1]);
+    }
+    Ok([a1, b1, tensor_map(dtype, pa2, (m, k2), klora::tma_box_a(tile_m))?, tensor_map(dtype, pb2, b2_dims, box_b)?])
+}
+
+/// One tensor map: a contiguous row-major [rows, cols] matrix of 16-bit `dtype` at `base`, boxes of
+/// (box rows, box columns, swizzle bytes).
+fn tensor_map(dtype: DType, base: u64, (rows, cols): (usize, usize), (box_rows, box_cols, swizzle): (u32, u32, u32)) -> Result<TensorMapParam> {
+    let map = TensorMap2d {
+        base,
+        dtype: tensor_map::tma_dtype(dtype)?,
+        rows: rows as u64,
+        cols: cols as u64,
+        row_stride_bytes: cols as u64 * 2,
+        box_rows,
+        box_cols,
+        swizzle: TmaSwizzle::from_bytes(swizzle).map_err(|e| Error::Cuda(e.to_string()))?,
+    };
+    tensor_map::encode(&map)
+}
+
 /// The kernel `name` loaded on `dev` and allowed its dynamic shared memory (above the 48 KiB
 /// default; the loaded function keeps the setting). The first call per (device, kernel) loads it
-/// and opts in; later calls find it in a short list without allocating (at most 8 kernels a
+/// and opts in; later calls find it in a short list without allocating (at most 16 kernels a
 /// device).
 fn loaded(dev: &CudaDevice, kernel: &Kernel, name: &'static str) -> Result<CudaFunction> {
     type Loaded = Vec<(usize, &'static str, CudaFunction)>;
@@ -232,11 +338,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn variant_values() {
+        // The only test of this crate that touches LOOKAHEAD_VARIANT_LORA; put back as it was.
+        let before = std::env::var("LOOKAHEAD_VARIANT_LORA").ok();
+        let mut seen = Vec::new();
+        for v in ["", "default", "tma", "tma256", "tma512"] {
+            std::env::set_var("LOOKAHEAD_VARIANT_LORA", v);
+            seen.push(tma_requested().map_err(|e| e.to_string()));
+        }
+        match before {
+            Some(v) => std::env::set_var("LOOKAHEAD_VARIANT_LORA", v),
+            None => std::env::remove_var("LOOKAHEAD_VARIANT_LORA"),
+        }
+        assert_eq!(seen[..4], [Ok(None), Ok(None), Ok(Some(128)), Ok(Some(256))]);
+        let e = seen[4].clone().unwrap_err();
+        assert!(e.contains("LOOKAHEAD_VARIANT_LORA") && e.contains("tma512") && e.contains("default, tma, tma256"), "{e}");
+    }
+
+    #[test]
     fn static_kernel_names_match_the_kernels_crate() {
         for layout in [BLayout::NMajor, BLayout::KMajor] {
             for (dtype, dt) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
-                assert_eq!(kernel_name(false, layout, dtype), klora::kernel_name(layout, dt));
-                assert_eq!(kernel_name(true, layout, dtype), klora::hopper_kernel_name(layout, dt));
+                assert_eq!(kernel_name(Family::MmaSync, layout, dtype), klora::kernel_name(layout, dt));
+                assert_eq!(kernel_name(Family::Hopper, layout, dtype), klora::hopper_kernel_name(layout, dt));
+                assert_eq!(kernel_name(Family::Tma, layout, dtype), klora::tma_kernel_name(layout, dt, 128));
+                assert_eq!(kernel_name(Family::Tma256, layout, dtype), klora::tma_kernel_name(layout, dt, 256));
             }
         }
     }

@@ -10,7 +10,9 @@
 //! the unfused composition of cuBLASLt GEMMs runs instead; the kernel itself has not yet run on a
 //! GPU, so `LoraPath::Auto` takes it only with `cuda::experimental_kernels()` on. On compute
 //! capability 9.0 with `cuda::hopper_kernels()` on as well, the fused GEMM is the wgmma kernel
-//! (kernels/cuda/lora_linear_hopper.cu) instead of the mma.sync one (same contract).
+//! (kernels/cuda/lora_linear_hopper.cu) instead of the mma.sync one (same contract), or with
+//! LOOKAHEAD_VARIANT_LORA=tma / tma256 the warp-specialized TMA kernel
+//! (kernels/cuda/lora_linear_tma.cu) where the LoRA rank is a multiple of 8.
 
 use kernels::lora_linear::BLayout;
 

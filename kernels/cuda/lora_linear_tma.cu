@@ -1,0 +1,261 @@
+// Fused LoRA linear for Hopper (sm_90a), warp-specialized with TMA loads: the GEMM of
+// lora_linear.cu / lora_linear_hopper.cu over concatenated operands,
+//     C[M, N] = [A1 | A2] · [B1 ; B2] + bias,
+// same arguments (LoraGemmArgs), semantics, B layouts (nk: B rows [n][k], the forward
+// y = [x | t] · [W | B]^T; kn: B rows [k][n], dx = [dy | s u] · [W ; A]), output tiles (128 x 160),
+// k-tiles (64), wgmma instructions and shared-memory tile layouts as lora_linear_hopper.cu; what
+// differs is who loads and how the stages are handed over. Engine variant
+// LOOKAHEAD_VARIANT_LORA=tma (engine/src/cuda/lora_linear.rs); the default stays the cp.async
+// kernel of lora_linear_hopper.cu until a GPU run has measured this one.
+//
+// Why: on the H200 the cp.async kernel's loads alone took 26.7 us at 8192x640x640, 2x cuBLAS's whole
+// GEMM (12.2 us): 256 threads computing addresses and issuing 16-byte copies, a cp.async wait and a
+// block barrier (__syncthreads) every k-tile. Here one thread issues a stage's loads as 2 (nk) or
+// 6 (kn) bulk tensor copies, the copies complete on an mbarrier, and no block barrier is left in
+// the main loop.
+//
+// Launch: persistent, grid min(output tiles, SMs) (kernels::lora_linear::hopper_blocks) of 384
+// threads = 3 warpgroups, one block an SM, dynamic shared memory 6 stages of 36 KiB + 1 KiB of
+// alignment slack + the 12 mbarriers (kernels::lora_linear::TMA_SHARED_BYTES). Kernel parameters:
+// the LoraGemmArgs, then four `const __grid_constant__ TensorMap`s (engine/src/cuda/tensor_map.rs,
+// built per call on the host: a few host-only driver calls, no device work): A1, B1, A2, B2, boxes
+//   A1 / A2: [k = 64 columns][m = 128 rows], 128-byte swizzle (the K-major A tile);
+//   B1 / B2 nk: [64 columns][160 rows], 128-byte swizzle (the K-major B tile);
+//   B1 / B2 kn: [n = 32 columns][k = 64 rows], 64-byte swizzle (one of the five 4 KiB blocks of
+//     the MN-major [64 k][160 n] tile).
+// TMA needs 16-byte aligned base addresses and 16-byte multiples as row strides, so the LoRA
+// operands (rows of r elements for A2 and the nk B2) need r a multiple of 8 and 16-byte aligned
+// addresses; the engine runs lora_linear_hopper.cu otherwise (r 4, 12, ..., misaligned views), and
+// for k1 = 0 (a tensor map has no empty dimension). Out-of-range box elements (rows beyond M or N,
+// k beyond K1 or r) are zero-filled by the TMA unit and still count as transaction bytes, so every
+// stage completes after exactly STAGE_BYTES.
+//
+// Roles:
+//   warpgroup 0 (producer; setmaxnreg.dec to 40 registers): one thread walks the block's k-tiles
+//     (all its output tiles, q = 0, 1, ...): waits on empty[q % 6] (parity flipping every wrap of
+//     the ring), arrive.expect_tx(full[q % 6], 36 KiB), issues the A and B copies onto full. The
+//     other 127 threads exit.
+//   warpgroups 1 and 2 (consumers; setmaxnreg.inc to 232): warpgroup c computes rows 64 (c - 1)..
+//     of the tile with wgmma_ss<T, 160> over the stage (the descriptors of lora_linear_hopper.cu's
+//     lh_mma_step): wait full[q % 6], issue the k-tile's k16 steps that hold data (a LoRA tile of
+//     rank 16: one), commit, wgmma_wait<1> (so the group of k-tile q - 1 has retired), then each
+//     warp's lane 0 arrives on empty[(q - 1) % 6] (count 8: every consumer warp, after its own
+//     wait, so no warp can still be reading the stage). At the end of a tile: wgmma_wait<0>, the
+//     last stage released, then the epilogue from registers (accumulators + bias, rounded to T,
+//     4-byte stores as lora_linear_hopper.cu) while the producer already fills the stages with the
+//     next tile's k-tiles (up to 6 ahead), so the next tile starts on loaded data.
+// Register budget: 128 x 40 + 256 x 232 = 64512 = 384 x 168, the registers __launch_bounds__(384, 1)
+// gives the block.
+#include "common.cuh"
+#include "lora_linear.cuh"  // LoraGemmArgs, shared with lora_linear.cu / lora_linear_hopper.cu
+#include "mma.cuh"
+#include "pipeline.cuh"
+
+// BM: the output tile's rows, 128 (variant tma: each consumer warpgroup 64 rows, one m64 wgmma a
+// k16 step, 80 accumulators a thread, 6 stages of 36 KiB) or 256 (variant tma256: 128 rows a
+// consumer, two m64 wgmmas a k16 step sharing the B descriptor, 160 accumulators, 4 stages of
+// 52 KiB). Columns 160 and k-tiles of 64 either way.
+#define LT_BN 160
+#define LT_BK 64
+#define LT_THREADS 384
+#define LT_B_BYTES (LT_BN * LT_BK * 2)  // 20 KiB
+#define LT_CONSUMER_WARPS 8             // arrivals that free a stage
+template <int BM> struct LtShape {
+    static constexpr int A_BYTES = BM * LT_BK * 2;             // 16 / 32 KiB
+    static constexpr int STAGE_BYTES = A_BYTES + LT_B_BYTES;  // 36 / 52 KiB, multiples of 1024
+    static constexpr int STAGES = BM == 128 ? 6 : 4;
+    static constexpr int WG_ROWS = BM / 2;  // rows of a consumer warpgroup
+};
+
+#if LA_WGMMA
+
+// The wgmmas of k16 step ks of a stage for consumer `c` (0, 1): its rows WG_ROWS c.. of the
+// K-major A tile in m64 blocks (the step's 16 columns 32 bytes further into each 128-byte
+// swizzled row; a 64-row block 8 KiB further) times the 160 columns of B. nk: B K-major like A;
+// kn: MN-major, LBO the next 32-column block (4 KiB), SBO the next 8 k-rows (512 bytes), the
+// step's 16 k-rows two groups (1024 bytes) further.
+template <typename T, bool KMAJOR, int BM>
+__device__ __forceinline__ void lt_mma_step(float (&acc)[BM / 128][LT_BN / 2], const unsigned char* stage, int c, int ks) {
+    const unsigned char* b_tile = stage + LtShape<BM>::A_BYTES;
+    const u64 b_desc = KMAJOR ? wgmma_desc(b_tile + ks * 1024, 4096, 512, WGMMA_SWIZZLE_64B) : wgmma_desc(b_tile + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+#pragma unroll
+    for (int h = 0; h < BM / 128; ++h) {
+        const u64 a_desc = wgmma_desc(stage + (c * LtShape<BM>::WG_ROWS + h * 64) * 128 + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+        wgmma_ss<T, LT_BN, KMAJOR>(acc[h], a_desc, b_desc, true);
+    }
+}
+
+// The producer thread: every k-tile of the block's output tiles, in the consumers' order.
+template <bool KMAJOR, int BM>
+__device__ __forceinline__ void lt_produce(unsigned char* smem, u64* full, u64* empty, const TensorMap* a1, const TensorMap* b1, const TensorMap* a2, const TensorMap* b2, u32 tiles,
+                                           u32 tiles_n, int kt1, int per_tile) {
+    using S = LtShape<BM>;
+    int stage = 0;
+    u32 phase = 0;
+    for (u32 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int m0 = (int)((tile / tiles_n) * BM), n0 = (int)((tile % tiles_n) * LT_BN);
+        for (int kt = 0; kt < per_tile; ++kt) {
+            // Free once the consumers released the k-tile STAGES before (the first pass: parity 1
+            // of a fresh barrier counts as completed).
+            mbarrier_wait(&empty[stage], phase ^ 1);
+            const bool lora = kt >= kt1;
+            const int k0 = (lora ? kt - kt1 : kt) * LT_BK;
+            unsigned char* st = smem + stage * S::STAGE_BYTES;
+            mbarrier_arrive_expect_tx(&full[stage], S::STAGE_BYTES);
+            tma_load_2d(st, lora ? a2 : a1, k0, m0, &full[stage]);
+            if (KMAJOR) {
+#pragma unroll
+                for (int j = 0; j < LT_BN / 32; ++j) tma_load_2d(st + S::A_BYTES + j * 4096, lora ? b2 : b1, n0 + 32 * j, k0, &full[stage]);
+            } else {
+                tma_load_2d(st + S::A_BYTES, lora ? b2 : b1, k0, n0, &full[stage]);
+            }
+            if (++stage == S::STAGES) {
+                stage = 0;
+                phase ^= 1;
+            }
+        }
+    }
+}
+
+// Consumer warpgroup c (0, 1): rows WG_ROWS c.. of every output tile of the block.
+template <typename T, bool KMAJOR, int BM>
+__device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* empty, const LoraGemmArgs& p, u32 tiles, u32 tiles_n, int kt1, int per_tile, int c, int tid) {
+    using S = LtShape<BM>;
+    const int lane = tid & 31, warp = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
+    const T* bias = reinterpret_cast<const T*>(p.bias);
+    u16* out = reinterpret_cast<u16*>(p.c);
+    int stage = 0;
+    u32 phase = 0;
+    for (u32 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        float acc[BM / 128][LT_BN / 2];
+#pragma unroll
+        for (int h = 0; h < BM / 128; ++h)
+#pragma unroll
+            for (int i = 0; i < LT_BN / 2; ++i) acc[h][i] = 0.0f;
+        int held = -1;  // the stage whose wgmma group may still be reading it
+        for (int kt = 0; kt < per_tile; ++kt) {
+            mbarrier_wait(&full[stage], phase);
+            const unsigned char* st = smem + stage * S::STAGE_BYTES;
+            // 16-wide k-steps that hold data (the last tile of an operand may be partly zero fill).
+            const bool lora = kt >= kt1;
+            const u32 left = (lora ? p.k2 : p.k1) - (u32)(lora ? kt - kt1 : kt) * LT_BK;
+            wgmma_fence();
+            if (left >= LT_BK) {
+#pragma unroll
+                for (int ks = 0; ks < LT_BK / 16; ++ks) lt_mma_step<T, KMAJOR, BM>(acc, st, c, ks);
+            } else {
+                const int steps = (int)((left + 15) / 16);
+#pragma unroll
+                for (int ks = 0; ks < LT_BK / 16; ++ks)
+                    if (ks < steps) lt_mma_step<T, KMAJOR, BM>(acc, st, c, ks);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();  // the previous k-tile's group has retired: its stage can be refilled
+            if (held >= 0 && lane == 0) mbarrier_arrive(&empty[held]);
+            held = stage;
+            if (++stage == S::STAGES) {
+                stage = 0;
+                phase ^= 1;
+            }
+        }
+        wgmma_wait<0>();
+#pragma unroll
+        for (int h = 0; h < BM / 128; ++h) wgmma_fence_operands(acc[h]);
+        if (held >= 0 && lane == 0) mbarrier_arrive(&empty[held]);
+
+        // Epilogue from registers (the stages keep filling with the next tile's k-tiles). The
+        // bias first, all its loads before any store (stores to C could alias it, so the compiler
+        // would not hoist the loads above them: one L2 round trip a column pair otherwise).
+        const u32 col0 = (tile % tiles_n) * LT_BN + 2 * t;
+        if (bias != nullptr) {
+#pragma unroll
+            for (int j = 0; j < LT_BN / 8; ++j) {
+                const u32 col = col0 + j * 8;
+                if (col < p.n) {
+                    const float b0 = to_f32(bias[col]), b1 = to_f32(bias[col + 1]);
+#pragma unroll
+                    for (int h = 0; h < BM / 128; ++h) {
+                        acc[h][4 * j] += b0;
+                        acc[h][4 * j + 1] += b1;
+                        acc[h][4 * j + 2] += b0;
+                        acc[h][4 * j + 3] += b1;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < BM / 128; ++h) {
+            const u32 row = (tile / tiles_n) * BM + c * S::WG_ROWS + h * 64 + warp * 16 + g;
+#pragma unroll
+            for (int j = 0; j < LT_BN / 8; ++j) {
+                const u32 col = col0 + j * 8;
+                if (col < p.n) {  // N is a multiple of 8: col + 1 is in range too
+                    if (row < p.m) *reinterpret_cast<u32*>(out + (u64)row * p.ldc + col) = pack2<T>(acc[h][4 * j], acc[h][4 * j + 1]);
+                    if (row + 8 < p.m) *reinterpret_cast<u32*>(out + (u64)(row + 8) * p.ldc + col) = pack2<T>(acc[h][4 * j + 2], acc[h][4 * j + 3]);
+                }
+            }
+        }
+    }
+}
+
+template <typename T, bool KMAJOR, int BM>
+__device__ __forceinline__ void lora_gemm_tma(const LoraGemmArgs& p, const TensorMap* a1, const TensorMap* b1, const TensorMap* a2, const TensorMap* b2) {
+    using S = LtShape<BM>;
+    LA_DYNAMIC_SHARED(unsigned char, smem_raw);
+    // The swizzle patterns are functions of the absolute shared address: align to 1024 bytes (the
+    // launch adds 1 KiB of slack); the mbarriers follow the stages.
+    unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+    u64* full = reinterpret_cast<u64*>(smem + S::STAGES * S::STAGE_BYTES);
+    u64* empty = full + S::STAGES;
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const u32 tiles_n = (p.n + LT_BN - 1) / LT_BN, tiles = tiles_n * ((p.m + BM - 1) / BM);
+    const int kt1 = (int)((p.k1 + LT_BK - 1) / LT_BK);
+    const int per_tile = kt1 + (int)((p.k2 + LT_BK - 1) / LT_BK);  // k-tiles of one output tile
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < S::STAGES; ++s) {
+            mbarrier_init(&full[s], 1);  // the producer's arrive.expect_tx (+ the copies' bytes)
+            mbarrier_init(&empty[s], LT_CONSUMER_WARPS);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<40>();
+        if (tid == 0) {
+            tma_prefetch_descriptor(a1);
+            tma_prefetch_descriptor(b1);
+            tma_prefetch_descriptor(a2);
+            tma_prefetch_descriptor(b2);
+            lt_produce<KMAJOR, BM>(smem, full, empty, a1, b1, a2, b2, tiles, tiles_n, kt1, per_tile);
+        }
+    } else {
+        setmaxnreg_inc<232>();
+        lt_consume<T, KMAJOR, BM>(smem, full, empty, p, tiles, tiles_n, kt1, per_tile, wg - 1, tid & 127);
+    }
+}
+
+#endif  // LA_WGMMA
+
+// One block an SM. Without wgmma (sm_80) the kernels are empty.
+#if LA_WGMMA
+#define LT_BODY(T, KMAJOR, BM) lora_gemm_tma<T, KMAJOR, BM>(p, &a1, &b1, &a2, &b2);
+#else
+#define LT_BODY(T, KMAJOR, BM)
+#endif
+#define LT_INSTANCE(NAME, T, KMAJOR, BM)                                                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(LT_THREADS, 1)                                                                                                                   \
+        NAME(const LoraGemmArgs p, const __grid_constant__ TensorMap a1, const __grid_constant__ TensorMap b1, const __grid_constant__ TensorMap a2, const __grid_constant__ TensorMap b2) { \
+        LT_BODY(T, KMAJOR, BM)                                                                                                                                                     \
+    }
+
+LT_INSTANCE(lora_gemm_tma_nk_bf16, bf16, false, 128)
+LT_INSTANCE(lora_gemm_tma_nk_f16, f16, false, 128)
+LT_INSTANCE(lora_gemm_tma_kn_bf16, bf16, true, 128)
+LT_INSTANCE(lora_gemm_tma_kn_f16, f16, true, 128)
+LT_INSTANCE(lora_gemm_tma256_nk_bf16, bf16, false, 256)
+LT_INSTANCE(lora_gemm_tma256_nk_f16, f16, false, 256)
+LT_INSTANCE(lora_gemm_tma256_kn_bf16, bf16, true, 256)
+LT_INSTANCE(lora_gemm_tma256_kn_f16, f16, true, 256)
