@@ -8,7 +8,9 @@
 //! (`Tensor::flash_attention_decoupled`, IP cross-attention: text + s2 x IP with independent
 //! softmaxes) the same way, and its gradients (`Var::flash_attention_decoupled`) against the CPU.
 //! The Hopper (wgmma) kernel, behind engine::cuda::hopper_kernels, runs the same cases on a
-//! compute capability 9.0 device (`hopper_kernel_matches_cpu`).
+//! compute capability 9.0 device (`hopper_kernel_matches_cpu`), with each D 64 variant of
+//! LOOKAHEAD_VARIANT_FLASH_FWD (the warp-specialized ws* of kernels/cuda/flash_attention_ws.cu
+//! included: "long rows" has 16 key tiles, so their rings of stages wrap several times).
 //! Without a CUDA device every test prints "skipped: no CUDA device (...)" and passes.
 
 #[path = "common/cuda_harness.rs"]

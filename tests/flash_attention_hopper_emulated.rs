@@ -19,7 +19,8 @@ use emulation::{have_compiler, Aligned, Half};
 use flash_forward_emulation::{keep_mask, Case, ForwardKernel};
 
 /// The case on the default instance and, at head dim 64, on every variant
-/// (kernels::flash_attention::HOPPER_D64_VARIANTS).
+/// (kernels::flash_attention::HOPPER_D64_VARIANTS; the warp-specialized ws* in their own file,
+/// kernels/cuda/flash_attention_ws.cu, with their own block geometry).
 fn run_case(ty: Half, c: &Case) {
     flash_forward_emulation::run_case(ForwardKernel::Hopper, ty, c);
     if c.d == 64 {

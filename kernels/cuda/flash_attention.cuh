@@ -1,7 +1,8 @@
 // What the flash-attention forward kernels share: flash_attention_fwd_* and
 // flash_attention_decoupled_fwd_* (flash_attention.cu, mma.sync) and flash_attention_hopper_fwd_*
-// (flash_attention_hopper.cu, wgmma) take the same parameter struct, so the engine fills one
-// `FlashParams` for either, and reduce a row of an accumulator over the same 4 lanes.
+// (flash_attention_hopper.cu, wgmma) and the warp-specialized flash_attention_ws.cu take the same
+// parameter struct, so the engine fills one `FlashParams` for any, and reduce a row of an
+// accumulator over the same 4 lanes; the Hopper kernels' "poly" variants share fh_exp2_poly.
 #pragma once
 #include "common.cuh"
 
@@ -37,4 +38,25 @@ __device__ __forceinline__ float fa_quad_sum(float v) {
 __device__ __forceinline__ float fa_quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// 2^x for x <= 0 on the FMA and integer pipes instead of MUFU.EX2 (FlashAttention-4's trick: the
+// softmax of a D 64 tile needs as many MUFU cycles as its two products need tensor-core cycles, so
+// moving a part of the exponentials to the 8x wider FMA pipe shortens the softmax phase). x is
+// clamped at -126 (a masked -inf too), so that 2^x is at least 2^-126 * 0.7 with a non-negative
+// exponent field; adding 1.5 * 2^23 rounds x to the nearest integer j, kept in the low mantissa
+// bits of t; f = x - j is in [-0.5, 0.5] and 2^f a degree-3 minimax polynomial (relative error
+// 7.5e-5, well inside the 2^-9 of bf16 and 2^-11 of f16 that P is rounded to); then j is added to
+// the exponent field: (bits(t) << 23) is j << 23 modulo 2^32, the magic's own bits shifting out.
+// Results below 2^-126 are tiny but not 0 (MUFU with flush-to-zero gives 0): < 1.2e-38, nothing
+// next to the row max's 1. tests/flash_attention_hopper_emulated.rs checks it against exp2
+// (through flash_attention_hopper_exp2_poly).
+__host__ __device__ __forceinline__ float fh_exp2_poly(float x) {
+    x = fmaxf(x, -126.0f);
+    const float t = __fadd_rn(x, 12582912.0f);
+    const float f = __fsub_rn(x, __fsub_rn(t, 12582912.0f));
+    float p = fmaf(0.05517143756151199f, f, 0.24261081218719482f);
+    p = fmaf(p, f, 0.6932609677314758f);
+    p = fmaf(p, f, 0.9999281167984009f);
+    return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
 }

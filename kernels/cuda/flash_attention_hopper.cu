@@ -37,8 +37,10 @@
 // instances at the end of this file): poly3 / poly4 / poly8 compute 1/3, 1/4, 1/8 of the
 // softmax's exponentials with fh_exp2_poly on the FMA pipe (H200, b2 h10 4096x(4096+4096):
 // default 0.573 ms, poly8 0.585, poly4 0.564, poly3 0.560: the kernel is not MUFU-bound);
-// late issues each step's cp.async copies after its wgmmas; late_poly4 both.
-#include "flash_attention.cuh"  // FlashParams, FA_NEG_INF, fa_quad_sum / fa_quad_max
+// late issues each step's cp.async copies after its wgmmas; late_poly4 both. The variants ws,
+// ws_nopp, ws3 and ws_poly3 are another kernel (warp-specialized: a producer warpgroup, two
+// consumer warpgroups, mbarriers, ping-pong): kernels/cuda/flash_attention_ws.cu.
+#include "flash_attention.cuh"  // FlashParams, FA_NEG_INF, fa_quad_sum / fa_quad_max, fh_exp2_poly
 #include "mma.cuh"
 
 #define FH_BN 128
@@ -48,26 +50,6 @@ template <int D> __host__ __device__ constexpr u32 fh_warpgroups() { return D <=
 template <int D> __host__ __device__ constexpr u32 fh_threads() { return 128u * fh_warpgroups<D>(); }
 template <int D> __host__ __device__ constexpr u32 fh_rows() { return 64u * fh_warpgroups<D>(); }
 template <int D> __host__ __device__ constexpr u32 fh_shared_bytes() { return (fh_rows<D>() * D + 4u * FH_BN * D) * 2u + 1024u; }
-
-// 2^x for x <= 0 on the FMA and integer pipes instead of MUFU.EX2 (FlashAttention-4's trick: the
-// softmax of a D 64 tile needs as many MUFU cycles as its two products need tensor-core cycles, so
-// moving a part of the exponentials to the 8x wider FMA pipe shortens the softmax phase). x is
-// clamped at -126 (a masked -inf too), so that 2^x is at least 2^-126 * 0.7 with a non-negative
-// exponent field; adding 1.5 * 2^23 rounds x to the nearest integer j, kept in the low mantissa
-// bits of t; f = x - j is in [-0.5, 0.5] and 2^f a degree-3 minimax polynomial (relative error
-// 7.5e-5, well inside the 2^-9 of bf16 and 2^-11 of f16 that P is rounded to); then j is added to
-// the exponent field: (bits(t) << 23) is j << 23 modulo 2^32, the magic's own bits shifting out.
-// Results below 2^-126 are tiny but not 0 (MUFU with flush-to-zero gives 0): < 1.2e-38, nothing
-// next to the row max's 1. tests/flash_forward_poly_exp2.rs checks it against exp2 on the CPU.
-__host__ __device__ __forceinline__ float fh_exp2_poly(float x) {
-    x = fmaxf(x, -126.0f);
-    const float t = __fadd_rn(x, 12582912.0f);
-    const float f = __fsub_rn(x, __fsub_rn(t, 12582912.0f));
-    float p = fmaf(0.05517143756151199f, f, 0.24261081218719482f);
-    p = fmaf(p, f, 0.6932609677314758f);
-    p = fmaf(p, f, 0.9999281167984009f);
-    return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
-}
 
 #if LA_WGMMA
 

@@ -57,10 +57,40 @@ pub fn hopper_kernel_name(dtype: &str, d: usize) -> String {
 /// Variants of the Hopper forward kernel at head dim 64 (LOOKAHEAD_VARIANT_FLASH_FWD, see
 /// engine::cuda::kernel_variant): "poly<n>" computes the exponentials of every n-th 8-column
 /// block of the score tile with a polynomial on the FMA pipe instead of MUFU.EX2 (fh_exp2_poly in
-/// kernels/cuda/flash_attention_hopper.cu); "late" issues each step's cp.async copies after its
+/// kernels/cuda/flash_attention.cuh); "late" issues each step's cp.async copies after its
 /// wgmmas (their address arithmetic overlaps the wait for S instead of delaying the products);
-/// "late_poly4" both. Same parameters, outputs and geometry as the default.
-pub const HOPPER_D64_VARIANTS: &[&str] = &["poly3", "poly4", "poly8", "late", "late_poly4"];
+/// "late_poly4" both: same parameters, outputs and geometry as the default. "ws", "ws_nopp", "ws3"
+/// and "ws_poly3" are the warp-specialized kernel (kernels/cuda/flash_attention_ws.cu, WS_SOURCE;
+/// same parameters and outputs, its own geometry: `hopper_launch`): a producer warpgroup loading
+/// K/V into a ring of stages with mbarriers, two consumer warpgroups with no block barrier in the
+/// loop, ping-pong between them (not in ws_nopp), 3 stages in ws3, poly3's exponentials in ws_poly3.
+pub const HOPPER_D64_VARIANTS: &[&str] = &["poly3", "poly4", "poly8", "late", "late_poly4", "ws", "ws_nopp", "ws3", "ws_poly3"];
+
+/// The warp-specialized Hopper forward at head dim 64 (variants "ws*" of HOPPER_D64_VARIANTS):
+/// same parameters and outputs as HOPPER_SOURCE, built with flush-to-zero too.
+pub const WS_SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention_ws", code: include_str!("../cuda/flash_attention_ws.cu"), options: &["--ftz=true"] };
+
+/// Block of the warp-specialized kernel (WS_THREADS, WS_ROWS in its .cu file): two consumer
+/// warpgroups of 64 query rows and one producer warpgroup.
+pub const WS_THREADS: u32 = 384;
+pub const WS_ROWS_PER_BLOCK: usize = 128;
+
+/// Dynamic shared memory of warp-specialized variant `variant` (ws_shared_bytes<STAGES>): Q (128 x
+/// 64), `stages` K and V tiles of 128 x 64 16-bit values, 128 bytes of mbarriers, 1 KiB to align.
+pub fn ws_shared_bytes(variant: &str) -> u32 {
+    let stages = if variant == "ws3" { 3 } else { 2 };
+    ((128 * 64 + 2 * stages * 128 * 64) * 2 + 128 + 1024) as u32
+}
+
+/// How a Hopper forward instance is launched: its source, threads a block, query rows a block and
+/// dynamic shared memory, for head dim `d` and the D 64 variant `variant` (None, or any variant at
+/// d 128, which has none: the default kernel).
+pub fn hopper_launch(d: usize, variant: Option<&str>) -> (&'static crate::compile::KernelSource, u32, usize, u32) {
+    match variant {
+        Some(v) if d == 64 && v.starts_with("ws") => (&WS_SOURCE, WS_THREADS, WS_ROWS_PER_BLOCK, ws_shared_bytes(v)),
+        _ => (&HOPPER_SOURCE, hopper_threads(d), hopper_rows_per_block(d), hopper_shared_bytes(d)),
+    }
+}
 
 /// The instance of `hopper_kernel_name(dtype, 64)`'s variant `variant` (one of
 /// HOPPER_D64_VARIANTS).

@@ -28,10 +28,13 @@ pub enum ForwardKernel {
 }
 
 impl ForwardKernel {
-    fn source(self) -> &'static KernelSource {
+    /// The kernel file of the instance at head dim d.
+    fn source(self, d: usize) -> &'static KernelSource {
         match self {
             ForwardKernel::MmaSync => &fa::SOURCE,
-            ForwardKernel::Hopper | ForwardKernel::HopperVariant(_) => &fa::HOPPER_SOURCE,
+            ForwardKernel::Hopper => &fa::HOPPER_SOURCE,
+            // The warp-specialized variants live in their own file (D 64 only).
+            ForwardKernel::HopperVariant(v) => fa::hopper_launch(d, Some(v)).0,
         }
     }
 
@@ -49,7 +52,11 @@ impl ForwardKernel {
     fn geometry(self, d: usize) -> (usize, u32, u32) {
         match self {
             ForwardKernel::MmaSync => (fa::rows_per_block(d), fa::THREADS, fa::shared_bytes(d)),
-            ForwardKernel::Hopper | ForwardKernel::HopperVariant(_) => (fa::hopper_rows_per_block(d), fa::hopper_threads(d), fa::hopper_shared_bytes(d)),
+            ForwardKernel::Hopper => (fa::hopper_rows_per_block(d), fa::hopper_threads(d), fa::hopper_shared_bytes(d)),
+            ForwardKernel::HopperVariant(v) => {
+                let (_, threads, rows, smem) = fa::hopper_launch(d, Some(v));
+                (rows, threads, smem)
+            }
         }
     }
 }
@@ -118,7 +125,7 @@ pub fn params([q, k, v, kr, vr]: [&Operand; 5], out: &Aligned<u16>, lse: &mut [f
 /// Every address in `p` points into a live buffer covering the strides and sizes given.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn launch(kernel: ForwardKernel, name: &str, p: FlashParams, b: usize, h: usize, lq: usize, d: usize) -> f32 {
-    let m = EmulatedModule::load(kernel.source()).unwrap_or_else(|e| panic!("{e}"));
+    let m = EmulatedModule::load(kernel.source(d)).unwrap_or_else(|e| panic!("{e}"));
     let (rows, threads, shared_bytes) = kernel.geometry(d);
     let grid = (lq.div_ceil(rows) as u32, h as u32, b as u32);
     let t = std::time::Instant::now();

@@ -13,7 +13,7 @@
 
 use crate::cuda::{launch_failed, DeviceRepr, LaunchConfig, PushKernelArg};
 use kernels::compile::KernelSource;
-use kernels::flash_attention::{decoupled_kernel_name, hopper_kernel_name, hopper_rows_per_block, hopper_variant_kernel_name, HOPPER_D64_VARIANTS, hopper_shared_bytes, hopper_threads, kernel_name, rows_per_block, shared_bytes, FlashParams, THREADS};
+use kernels::flash_attention::{decoupled_kernel_name, hopper_kernel_name, hopper_launch, hopper_variant_kernel_name, HOPPER_D64_VARIANTS, kernel_name, rows_per_block, shared_bytes, FlashParams, THREADS};
 
 use crate::ops::flash_attention::{AttentionReference, FlashShape};
 use crate::storage::Storage;
@@ -101,7 +101,7 @@ fn hopper_kernel_applies(dev: &CudaDevice, dtype: DType, d: usize, scale: f32) -
         && matches!(d, 64 | 128)
         && scale > 0.0
         && scale.is_finite()
-        && dev.max_shared_memory_per_block_optin() >= hopper_shared_bytes(d)
+        && dev.max_shared_memory_per_block_optin() >= hopper_launch(d, super::kernel_variant("flash_fwd").as_deref()).3
 }
 
 /// The fused forward (composition of ops on devices older than sm_80); see the module doc.
@@ -143,13 +143,25 @@ fn device_of(op: &'static str, q: &Tensor) -> Result<Arc<CudaDevice>> {
 /// The Hopper kernel instance: the default, or at head dim 64 the variant that
 /// `LOOKAHEAD_VARIANT_FLASH_FWD` names (kernels::flash_attention::HOPPER_D64_VARIANTS: "poly<n>",
 /// 1 / n of the softmax's exponentials by a polynomial on the FMA pipe; "late", the copies issued
-/// after the products; "late_poly4"; for benchmarking them side by side). Head dim 128 has no variant and ignores it; an unknown name is an error.
-fn hopper_instance(tn: &str, d: usize) -> Result<String> {
-    match super::kernel_variant("flash_fwd") {
-        None => Ok(hopper_kernel_name(tn, d)),
-        Some(v) if HOPPER_D64_VARIANTS.contains(&v.as_str()) => Ok(if d == 64 { hopper_variant_kernel_name(tn, &v) } else { hopper_kernel_name(tn, d) }),
-        Some(v) => Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_FLASH_FWD={v}: unknown variant of the Hopper flash-attention forward (known: {})", HOPPER_D64_VARIANTS.join(", ")))),
-    }
+/// after the products; "late_poly4"; "ws", "ws_nopp", "ws3", "ws_poly3", the warp-specialized
+/// kernel of kernels/cuda/flash_attention_ws.cu; for benchmarking them side by side). Head dim 128 has no
+/// variant and ignores it; an unknown name is an error. Returns (source, instance, threads, query
+/// rows a block, dynamic shared memory).
+fn hopper_instance(tn: &str, d: usize) -> Result<(&'static KernelSource, String, u32, usize, u32)> {
+    let variant = super::kernel_variant("flash_fwd");
+    let name = match &variant {
+        None => hopper_kernel_name(tn, d),
+        Some(v) if HOPPER_D64_VARIANTS.contains(&v.as_str()) => {
+            if d == 64 {
+                hopper_variant_kernel_name(tn, v)
+            } else {
+                hopper_kernel_name(tn, d)
+            }
+        }
+        Some(v) => return Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_FLASH_FWD={v}: unknown variant of the Hopper flash-attention forward (known: {})", HOPPER_D64_VARIANTS.join(", ")))),
+    };
+    let (source, threads, rows, smem) = hopper_launch(d, variant.as_deref());
+    Ok((source, name, threads, rows, smem))
 }
 
 /// One launch of the kernel instance of `mode`: (out, lse, lse2 in the decoupled mode).
@@ -209,7 +221,7 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
     let (source, name, threads, rows, smem): (&KernelSource, String, u32, usize, u32) = match mode {
         Mode::Extended => (&kernels::flash_attention::SOURCE, kernel_name(tn, d), THREADS, rows_per_block(d), shared_bytes(d)),
         Mode::Decoupled { .. } => (&kernels::flash_attention::SOURCE, decoupled_kernel_name(tn, d), THREADS, rows_per_block(d), shared_bytes(d)),
-        Mode::ExtendedHopper => (&kernels::flash_attention::HOPPER_SOURCE, hopper_instance(tn, d)?, hopper_threads(d), hopper_rows_per_block(d), hopper_shared_bytes(d)),
+        Mode::ExtendedHopper => hopper_instance(tn, d)?,
     };
     let f = dev.function(source, &name)?;
     if smem > 48 * 1024 {
