@@ -531,20 +531,20 @@ impl TensorMap2d {
     pub fn validate(&self) -> Result<(), TensorMapError> {
         let e = |msg: String| Err(TensorMapError(format!("{msg} ({self:?})")));
         let es = self.dtype.bytes();
-        if self.base % 16 != 0 {
+        if !self.base.is_multiple_of(16) {
             return e(format!("base 0x{:x} is not 16-byte aligned", self.base));
         }
         if self.rows == 0 || self.cols == 0 || self.rows > 1 << 32 || self.cols > 1 << 32 {
             return e(format!("{} x {} elements: each dimension must be 1..2^32", self.rows, self.cols));
         }
-        if self.row_stride_bytes % 16 != 0 || self.row_stride_bytes < self.cols * es || self.row_stride_bytes >= 1 << 40 {
+        if !self.row_stride_bytes.is_multiple_of(16) || self.row_stride_bytes < self.cols * es || self.row_stride_bytes >= 1 << 40 {
             return e(format!("row stride {} bytes: a multiple of 16, at least one row ({} bytes), below 2^40", self.row_stride_bytes, self.cols * es));
         }
         if self.box_rows == 0 || self.box_cols == 0 || self.box_rows > 256 || self.box_cols > 256 {
             return e(format!("box {} x {}: each dimension must be 1..256", self.box_rows, self.box_cols));
         }
         let inner = self.box_cols as u64 * es;
-        if inner % 16 != 0 {
+        if !inner.is_multiple_of(16) {
             return e(format!("the box's inner dimension is {inner} bytes, not a multiple of 16"));
         }
         let span = self.swizzle.bytes() as u64;
