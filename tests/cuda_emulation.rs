@@ -1436,6 +1436,8 @@ fn pipeline_errors_name_the_barrier_and_the_call_site() {
         ("mbar_deadlock", 64, &["deadlock", "waiting at mbarrier_try_wait(shared+0x", "parity 0) (pipeline.cu:", "lacks 1 of 2 arrivals and 0 transaction bytes", "64 threads wait for it"]),
         ("named_deadlock", 64, &["deadlock", "threads 0-31: waiting at named_barrier_sync(1, 64) (pipeline.cu:", "threads 32-63: exited", "named barrier 1 (64 threads): 1 of 2 warps arrived"]),
         ("mbar_before_init", 32, &["mbarrier_arrive at pipeline.cu:", "is not an initialised mbarrier"]),
+        // Another thread arrives before the init ran, or after it without the __syncthreads.
+        ("mbar_no_sync_after_init", 64, &["mbarrier_arrive at pipeline.cu:", "mbarrier_init", "__syncthreads"]),
         ("mbar_reinit_in_use", 32, &["mbarrier_init at pipeline.cu:", "re-initialised while in use", "1 of 2 arrivals"]),
         ("mbar_arrive_beyond_count", 32, &["mbarrier_arrive at pipeline.cu:", "an arrival beyond the count", "waits for 64 transaction bytes"]),
         ("named_count_mismatch", 128, &["named barrier 1: warp", "for 96 threads", "for 64 threads", "same count"]),

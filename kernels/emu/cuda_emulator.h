@@ -166,6 +166,10 @@ struct Mbarrier {
     long long tx;
     const char* file;  // its mbarrier_init
     int line;
+    // The initialising thread and how many block / cluster barriers it had passed: another
+    // thread may use the mbarrier only after passing more (pipeline.cuh: init, fence, __syncthreads).
+    const Fiber* init_fiber;
+    unsigned init_syncs;
 };
 constexpr uint64_t kMbarrierTag = 0x6d626172456d7521ull;
 
@@ -215,6 +219,7 @@ struct Fiber {
     unsigned* group_end;
     unsigned ngroups, groups_cap;
     uint64_t copy_seq;          // cp.async copies issued so far (cp_async_mbarrier_arrive's marks)
+    unsigned block_syncs;       // block and cluster barriers passed (orders mbarrier inits before uses)
     unsigned bulk_groups;       // TMA store bulk groups committed so far
 #if !defined(LA_EMU_X86_SWITCH)
     ucontext_t ctx;
@@ -691,6 +696,9 @@ inline Mbarrier* mbarrier_of(Fiber* f, const void* bar, const char* what, const 
     if (off % 8 != 0) thread_error(f, "%s at %s:%d: the mbarrier at shared+0x%llx is not 8-byte aligned", what, base_name(file), line, off);
     Mbarrier* m = find_mbarrier(L, f->cta, bar);
     if (!m) thread_error(f, "%s at %s:%d: shared+0x%llx is not an initialised mbarrier (mbarrier_init, fence_mbarrier_init and __syncthreads come before any use)", what, base_name(file), line, off);
+    if (m->init_fiber != f && f->block_syncs <= m->init_syncs)
+        thread_error(f, "%s at %s:%d: the mbarrier at shared+0x%llx is used without a __syncthreads (or cluster barrier) since its mbarrier_init by thread %u at %s:%d (the init may not be visible yet)",
+                     what, base_name(file), line, off, m->init_fiber->linear, base_name(m->file), m->line);
     uint64_t v;
     memcpy(&v, bar, 8);
     if (v != kMbarrierTag)
@@ -758,7 +766,7 @@ inline void mbarrier_init(unsigned long long* bar, unsigned count, const char* f
         }
         m = &L->mbars[L->nmbars++];
     }
-    *m = Mbarrier{reinterpret_cast<unsigned char*>(bar), f->cta, count, count, 0, 0, file, line};
+    *m = Mbarrier{reinterpret_cast<unsigned char*>(bar), f->cta, count, count, 0, 0, file, line, f, f->block_syncs};
     *bar = kMbarrierTag;
 }
 
@@ -1719,6 +1727,7 @@ inline bool resolve_block_barrier(Launch* L, unsigned cta, bool& released) {
         if (f->state == State::AtBlockBarrier) {
             f->out[0] = r;
             f->state = State::Runnable;
+            ++f->block_syncs;
         }
     }
     released = true;
@@ -1741,6 +1750,7 @@ inline void resolve_cluster_barrier(Launch* L, bool& released) {
         Fiber* f = L->fibers[i];
         if (f->state == State::AtCluster && f->waits <= min_arrives) {
             f->state = State::Runnable;
+            ++f->block_syncs;
             released = true;
         }
     }
@@ -1922,6 +1932,7 @@ inline bool run_cluster(Launch* L) {
         f->ngroups = 0;
         f->copy_seq = 0;
         f->bulk_groups = 0;
+        f->block_syncs = 0;
         reset_stack(f);
     }
     // Shared memory starts as 0xff bytes (NaN in f32 / bf16 / f16): reads of never-written

@@ -1,8 +1,9 @@
 // Test kernels of the emulator's pipeline support (pipeline.cuh): mbarrier rings between a
 // producer warp and consumer warps (plain stores, cp.async with cp_async_mbarrier_arrive),
 // named-barrier ping-pong between two warpgroups, setmaxnreg, and the errors: deadlocks naming the
-// barrier, use before init, re-init while in use, an arrival beyond the count, named-barrier
-// count mismatches, a warp split over two named barriers, inconsistent setmaxnreg. Checked by
+// barrier, use before init (or before the __syncthreads after it), re-init while in use, an
+// arrival beyond the count, named-barrier count mismatches, a warp split over two named barriers,
+// inconsistent setmaxnreg. Checked by
 // tests/cuda_emulation.rs; compiled for sm_80 (empty) and sm_90a by tests/cuda_compile.rs.
 #include "common.cuh"
 #include "mma.cuh"
@@ -141,6 +142,17 @@ extern "C" __global__ void named_split_warp(int* out) {
 extern "C" __global__ void __launch_bounds__(128, 1) setmaxnreg_mismatch(int* out) {
     if (threadIdx.x < 64) setmaxnreg_dec<40>();
     else setmaxnreg_dec<32>();
+    out[threadIdx.x] = 1;
+}
+
+// Thread 0 initialises the mbarrier, then every thread arrives without a __syncthreads between.
+extern "C" __global__ void mbar_no_sync_after_init(int* out) {
+    __shared__ u64 bar;
+    if (threadIdx.x == 0) {
+        mbarrier_init(&bar, 64);
+        fence_mbarrier_init();
+    }
+    mbarrier_arrive(&bar);
     out[threadIdx.x] = 1;
 }
 #endif
