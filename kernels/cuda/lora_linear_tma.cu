@@ -42,7 +42,8 @@
 //     warp's lane 0 arrives on empty[(q - 1) % 6] (count 8: every consumer warp, after its own
 //     wait, so no warp can still be reading the stage). At the end of a tile: wgmma_wait<0>, the
 //     last stage released, then the epilogue from registers (accumulators + bias, rounded to T,
-//     4-byte stores as lora_linear_hopper.cu) while the producer already fills the stages with the
+//     the words of a quad transposed by shuffles so that each lane stores 16 contiguous bytes)
+//     while the producer already fills the stages with the
 //     next tile's k-tiles (up to 6 ahead), so the next tile starts on loaded data.
 // Register budget: 128 x 40 + 256 x 232 = 64512 = 384 x 168, the registers __launch_bounds__(384, 1)
 // gives the block.
@@ -82,6 +83,34 @@ __device__ __forceinline__ void lt_mma_step(float (&acc)[BM / 128][LT_BN / 2], c
     for (int h = 0; h < BM / 128; ++h) {
         const u64 a_desc = wgmma_desc(stage + (c * LtShape<BM>::WG_ROWS + h * 64) * 128 + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
         wgmma_ss<T, LT_BN, KMAJOR>(acc[h], a_desc, b_desc, true);
+    }
+}
+
+// Transposes a 4 x 4 block of words across the lanes of a quad (t = lane & 3): lane t holds
+// v[i] = M[t][i] before and M[i][t] after. Two butterfly steps (lanes t ^ 2, then t ^ 1), each
+// exchanging two words; every lane of the warp must call it (full-mask shuffles).
+__device__ __forceinline__ void lt_quad_transpose(u32 (&v)[4], int t) {
+    const bool b1 = (t & 2) != 0, b0 = (t & 1) != 0;
+    u32 s0 = b1 ? v[0] : v[2], s1 = b1 ? v[1] : v[3];
+    s0 = __shfl_xor_sync(0xffffffffu, s0, 2);
+    s1 = __shfl_xor_sync(0xffffffffu, s1, 2);
+    if (b1) {
+        v[0] = s0;
+        v[1] = s1;
+    } else {
+        v[2] = s0;
+        v[3] = s1;
+    }
+    s0 = b0 ? v[0] : v[1];
+    s1 = b0 ? v[2] : v[3];
+    s0 = __shfl_xor_sync(0xffffffffu, s0, 1);
+    s1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+    if (b0) {
+        v[0] = s0;
+        v[2] = s1;
+    } else {
+        v[1] = s0;
+        v[3] = s1;
     }
 }
 
@@ -183,15 +212,28 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
                 }
             }
         }
+        // 16-byte stores: the quad's 4 x 4 words of four 8-column blocks transposed (lt_quad_transpose),
+        // so that lane t writes block 4 q + t of its rows whole (a warp store: 8 rows of 64
+        // contiguous bytes, where 4-byte stores wrote 8 rows of 16 bytes: a quarter of the store
+        // instructions for 16 shuffles and selects per 4 words).
 #pragma unroll
         for (int h = 0; h < BM / 128; ++h) {
             const u32 row = (tile / tiles_n) * BM + c * S::WG_ROWS + h * 64 + warp * 16 + g;
 #pragma unroll
-            for (int j = 0; j < LT_BN / 8; ++j) {
-                const u32 col = col0 + j * 8;
-                if (col < p.n) {  // N is a multiple of 8: col + 1 is in range too
-                    if (row < p.m) *reinterpret_cast<u32*>(out + (u64)row * p.ldc + col) = pack2<T>(acc[h][4 * j], acc[h][4 * j + 1]);
-                    if (row + 8 < p.m) *reinterpret_cast<u32*>(out + (u64)(row + 8) * p.ldc + col) = pack2<T>(acc[h][4 * j + 2], acc[h][4 * j + 3]);
+            for (int q = 0; q < LT_BN / 32; ++q) {
+                Pack<u32, 4> lo, hi;  // rows row, row + 8
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int j = 4 * q + i;
+                    lo.v[i] = pack2<T>(acc[h][4 * j], acc[h][4 * j + 1]);
+                    hi.v[i] = pack2<T>(acc[h][4 * j + 2], acc[h][4 * j + 3]);
+                }
+                lt_quad_transpose(lo.v, t);
+                lt_quad_transpose(hi.v, t);
+                const u32 col = (tile % tiles_n) * LT_BN + (4 * q + t) * 8;
+                if (col < p.n) {  // N is a multiple of 8: the 8 columns are in range together
+                    if (row < p.m) *reinterpret_cast<Pack<u32, 4>*>(out + (u64)row * p.ldc + col) = lo;
+                    if (row + 8 < p.m) *reinterpret_cast<Pack<u32, 4>*>(out + (u64)(row + 8) * p.ldc + col) = hi;
                 }
             }
         }
