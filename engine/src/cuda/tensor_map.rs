@@ -138,12 +138,18 @@ mod tests {
 
     #[test]
     fn encoding_without_a_gpu_is_an_error_and_with_one_succeeds() {
-        let mut buf = vec![0u8; 300 * 400 + 16];
-        let base = (buf.as_mut_ptr() as u64).next_multiple_of(16);
-        match encode(&TensorMap2d { base, ..bf16_map() }) {
-            // On a GPU machine a host pointer is still a valid 64-bit address to encode.
-            Ok(p) => assert!(p.0.iter().any(|&w| w != 0)),
-            Err(e) => assert!(!crate::cuda::is_available(), "encoding failed with a GPU present: {e}"),
+        if !crate::cuda::is_available() {
+            let e = encode(&bf16_map()).expect_err("no GPU: the driver cannot encode");
+            assert!(!e.to_string().is_empty());
+            return;
+        }
+        // A device buffer of the 300 x 200 bf16 matrix (rows 400 bytes apart).
+        let dev = crate::cuda::device(0).expect("device 0");
+        let buf = crate::cuda::CudaStorage::alloc(&dev, DType::BF16, 300 * 200).expect("allocation");
+        for swizzle in [TmaSwizzle::B128, TmaSwizzle::None] {
+            let box_cols = if swizzle == TmaSwizzle::None { 24 } else { 64 };
+            let p = encode(&TensorMap2d { base: buf.device_ptr(), box_cols, swizzle, ..bf16_map() }).unwrap_or_else(|e| panic!("{swizzle:?}: {e}"));
+            assert!(p.0.iter().any(|&w| w != 0));
         }
     }
 }
