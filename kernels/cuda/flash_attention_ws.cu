@@ -3,8 +3,9 @@
 // [own (Lk) ; reference (Lr)] from their two sources, reference tokens with keep == 0 left out, out
 // [B, Lq, H, D] memory, lse f32 [B, H, Lq] natural log, a row with no key left gives out 0 and lse
 // -inf; scale > 0; built with flush-to-zero) with FlashAttention-3's structure instead of one block
-// barrier per key tile. Selected by LOOKAHEAD_VARIANT_FLASH_FWD=ws / ws_nopp / ws3 / ws_poly3 (the instances
-// at the end; engine/src/cuda/flash_attention.rs, kernels::flash_attention::ws_*).
+// barrier per key tile. Selected by LOOKAHEAD_VARIANT_FLASH_FWD=ws / ws_nopp / ws3 / ws_poly3 /
+// ws_tma (the instances at the end; engine/src/cuda/flash_attention.rs,
+// kernels::flash_attention::{hopper_launch, ws_tma_map}).
 //
 // Why: the default kernel (3 warpgroups, all threads copying, a __syncthreads per key tile) keeps
 // its warpgroups in lockstep: they all queue their wgmmas at once, then all compete for MUFU at
@@ -39,7 +40,17 @@
 //
 // Variants (LOOKAHEAD_VARIANT_FLASH_FWD): ws = ping-pong, 2 stages; ws_nopp = no ping-pong, 2
 // stages; ws3 = ping-pong, 3 stages; ws_poly3 = ws with every third 8-column block's
-// exponentials by fh_exp2_poly (FMA pipe). Not yet measured on a GPU (written without one).
+// exponentials by fh_exp2_poly (FMA pipe); ws_tma = ws with K/V by TMA: producer thread 0 alone
+// issues, per tile, arrive_expect_tx(16 KiB) and one tma_load_2d box of 128 rows x 64 (128B
+// swizzle: the layout above) from 2D maps over the B H L rows of k, v, k_ref, v_ref (four
+// `const __grid_constant__ TensorMap` parameters after FlashParams; the host's
+// kernels::flash_attention::ws_tma_map); a tile's rows past its source's end are the next head's
+// (masked like any key past the length: P is 0 against finite values; an inf or NaN there would
+// reach the output as 0 * inf, which a 3D map zero-filling per head would avoid, but
+// engine/src/cuda/tensor_map.rs encodes 2D maps only) or zero-filled past the matrix; the full mbarriers expect 1 arrival, and the consumers skip the per-step proxy fence
+// (a MEMBAR.ALL.CTA in SASS) since TMA writes through the async proxy. The engine runs ws instead
+// when a view's rows are not evenly spaced (heads interleaved). Not yet measured on a GPU
+// (written without one).
 #include "flash_attention.cuh"  // FlashParams, FA_NEG_INF, fa_quad_sum / fa_quad_max
 #include "pipeline.cuh"
 
@@ -95,7 +106,17 @@ template <typename T, u32 ROWS> __device__ __forceinline__ void ws_load_tile(uns
 // PINGPONG: the two consumer warpgroups issue their products in turn (named barriers 1, 2).
 // STAGES: K (and V) tiles in the ring. POLY: 0 takes every exponential on MUFU.EX2; n > 0 those of
 // every n-th 8-column block by fh_exp2_poly on the FMA pipe (as the default kernel's poly<n>).
-template <typename T, bool PINGPONG, int STAGES, int POLY> __device__ __forceinline__ void flash_attention_ws_fwd(const FlashParams& p) {
+// The tensor maps of the TMA instance (kernel parameters): k, v, k_ref, v_ref as 2D maps over
+// rows B * H * L of 64 columns, boxes of WS_BN x 64 elements, 128B swizzle.
+struct WsMaps {
+    const TensorMap* k;
+    const TensorMap* v;
+    const TensorMap* kr;
+    const TensorMap* vr;
+};
+
+// TMA: K/V tiles by TMA (maps), issued by one producer thread, instead of cp.async.
+template <typename T, bool PINGPONG, int STAGES, int POLY, bool TMA> __device__ __forceinline__ void flash_attention_ws_fwd(const FlashParams& p, const WsMaps maps) {
     constexpr int NS = WS_BN / 2;     // S accumulator registers a thread
     constexpr int NO = WS_D / 2;      // O accumulator registers a thread
     constexpr int KSTEPS = WS_D / 16; // k-steps of S = Q K^T
@@ -123,8 +144,9 @@ template <typename T, bool PINGPONG, int STAGES, int POLY> __device__ __forceinl
     if (threadIdx.x == 0) {
         mbarrier_init(q_full, 128);
         for (int s = 0; s < STAGES; ++s) {
-            mbarrier_init(&k_full[s], 128);
-            mbarrier_init(&v_full[s], 128);
+            // cp.async: one arrival a producer thread; TMA: the issuing thread's arrive_expect_tx.
+            mbarrier_init(&k_full[s], TMA ? 1 : 128);
+            mbarrier_init(&v_full[s], TMA ? 1 : 128);
             mbarrier_init(&k_empty[s], 8);
             mbarrier_init(&v_empty[s], 8);
         }
@@ -144,7 +166,22 @@ template <typename T, bool PINGPONG, int STAGES, int POLY> __device__ __forceinl
         const T* vr = (const T*)p.v_ref + bi * p.v_ref_stride[0] + hi * p.v_ref_stride[1];
         ws_load_tile<T, WS_ROWS>(qs, q + (i64)row0 * p.q_stride[2], p.q_stride[2], p.lq - row0, pt);
         cp_async_mbarrier_arrive(q_full);
-        for (u32 j = 0; j < tiles; ++j) {
+        for (u32 j = 0; j < tiles && TMA && pt == 0; ++j) {
+            const u32 s = j % STAGES, n = j / STAGES;
+            const bool is_own = j < own_tiles;
+            const u32 start = (is_own ? j : j - own_tiles) * WS_BN;
+            // Row of the tile in the map: (batch, head) blocks of L rows; rows past the source's
+            // end are the next head's (masked like any key past the length: P 0 against finite
+            // values) or zero-filled past the tensor.
+            const int y = (int)((bi * p.heads + hi) * (is_own ? p.lk : p.lr) + start);
+            if (n > 0) ws_wait(&k_empty[s], (n - 1) & 1);
+            mbarrier_arrive_expect_tx(&k_full[s], WS_TILE_BYTES);
+            tma_load_2d(k_stages + s * WS_TILE_BYTES, is_own ? maps.k : maps.kr, 0, y, &k_full[s]);
+            if (n > 0) ws_wait(&v_empty[s], (n - 1) & 1);
+            mbarrier_arrive_expect_tx(&v_full[s], WS_TILE_BYTES);
+            tma_load_2d(v_stages + s * WS_TILE_BYTES, is_own ? maps.v : maps.vr, 0, y, &v_full[s]);
+        }
+        for (u32 j = 0; j < tiles && !TMA; ++j) {
             const u32 s = j % STAGES, n = j / STAGES;
             const bool is_own = j < own_tiles;
             const u32 start = (is_own ? j : j - own_tiles) * WS_BN;
@@ -196,11 +233,12 @@ template <typename T, bool PINGPONG, int STAGES, int POLY> __device__ __forceinl
         if (PINGPONG && !(wg == 1 && j == tiles)) named_barrier_arrive(2 - wg, 256);
     };
     // Waits for the data of step j: K_j (j < tiles), V_{j-1} (j > 0), then the proxy fence that
-    // orders the landed cp.async writes (generic proxy) before the wgmma reads (async proxy).
+    // orders the landed cp.async writes (generic proxy) before the wgmma reads (async proxy); TMA
+    // writes are async-proxy writes already.
     auto wait_data = [&](u32 j) {
         if (j < tiles) ws_wait(&k_full[j % STAGES], (j / STAGES) & 1);
         if (j > 0) ws_wait(&v_full[(j - 1) % STAGES], ((j - 1) / STAGES) & 1);
-        fence_proxy_async();
+        if (!TMA) fence_proxy_async();
     };
     auto issue_s = [&](u32 j, float (&s)[NS]) {
         const u64 k_stage = k_desc + (j % STAGES) * (WS_TILE_BYTES / 16);
@@ -305,6 +343,7 @@ template <typename T, bool PINGPONG, int STAGES, int POLY> __device__ __forceinl
     if (tiles > 0) {
         float s[NS], corr[2];
         ws_wait(q_full, 0);
+        fence_proxy_async();  // Q came by cp.async
         if (PINGPONG && wg == 1) named_barrier_arrive(1, 256);
         turn_begin();
         wait_data(0);
@@ -354,14 +393,17 @@ template <typename T, bool PINGPONG, int STAGES, int POLY> __device__ __forceinl
 // Without wgmma (sm_80, sm_90 without the a features) the kernels compile empty; the engine
 // launches them only on compute capability 9.0, whose CUBIN is built for sm_90a.
 #if LA_WGMMA
-#define WS_BODY(T, PINGPONG, STAGES, POLY) flash_attention_ws_fwd<T, PINGPONG, STAGES, POLY>(p)
+#define WS_BODY(T, PINGPONG, STAGES, POLY) flash_attention_ws_fwd<T, PINGPONG, STAGES, POLY, false>(p, WsMaps{})
+#define WS_TMA_BODY(T) flash_attention_ws_fwd<T, true, 2, 0, true>(p, WsMaps{&k_map, &v_map, &kr_map, &vr_map})
 #else
 #define WS_BODY(T, PINGPONG, STAGES, POLY) (void)p
+#define WS_TMA_BODY(T) (void)p
 #endif
 
 // Instances flash_attention_hopper_fwd_<type>_d64_<variant> (kernels::flash_attention::
 // hopper_variant_kernel_name): ws (ping-pong, 2 stages), ws_nopp (no ping-pong), ws3 (3 stages),
-// ws_poly3 (ws with 1 / 3 of the exponentials by fh_exp2_poly).
+// ws_poly3 (ws with 1 / 3 of the exponentials by fh_exp2_poly); ws_tma (ws with K/V by TMA: four
+// more parameters, the tensor maps of k, v, k_ref, v_ref).
 #define WS_INSTANCE(TN, T, PINGPONG, STAGES, POLY, SUFFIX) \
     extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) flash_attention_hopper_fwd_##TN##_d64_##SUFFIX(const FlashParams p) { WS_BODY(T, PINGPONG, STAGES, POLY); }
 WS_INSTANCE(bf16, bf16, true, 2, 0, ws)
@@ -372,3 +414,12 @@ WS_INSTANCE(bf16, bf16, true, 3, 0, ws3)
 WS_INSTANCE(f16, f16, true, 3, 0, ws3)
 WS_INSTANCE(bf16, bf16, true, 2, 3, ws_poly3)
 WS_INSTANCE(f16, f16, true, 2, 3, ws_poly3)
+#define WS_TMA_INSTANCE(TN, T)                                                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(WS_THREADS, 1) flash_attention_hopper_fwd_##TN##_d64_ws_tma(const FlashParams p, const __grid_constant__ TensorMap k_map, \
+                                                                                                      const __grid_constant__ TensorMap v_map,                       \
+                                                                                                      const __grid_constant__ TensorMap kr_map,                      \
+                                                                                                      const __grid_constant__ TensorMap vr_map) {                    \
+        WS_TMA_BODY(T);                                                                                                                                                 \
+    }
+WS_TMA_INSTANCE(bf16, bf16)
+WS_TMA_INSTANCE(f16, f16)

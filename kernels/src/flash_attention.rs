@@ -63,8 +63,30 @@ pub fn hopper_kernel_name(dtype: &str, d: usize) -> String {
 /// and "ws_poly3" are the warp-specialized kernel (kernels/cuda/flash_attention_ws.cu, WS_SOURCE;
 /// same parameters and outputs, its own geometry: `hopper_launch`): a producer warpgroup loading
 /// K/V into a ring of stages with mbarriers, two consumer warpgroups with no block barrier in the
-/// loop, ping-pong between them (not in ws_nopp), 3 stages in ws3, poly3's exponentials in ws_poly3.
-pub const HOPPER_D64_VARIANTS: &[&str] = &["poly3", "poly4", "poly8", "late", "late_poly4", "ws", "ws_nopp", "ws3", "ws_poly3"];
+/// loop, ping-pong between them (not in ws_nopp), 3 stages in ws3, poly3's exponentials in ws_poly3,
+/// K/V by TMA in ws_tma (whose instance takes four tensor maps after the parameters: `ws_tma_map`).
+pub const HOPPER_D64_VARIANTS: &[&str] = &["poly3", "poly4", "poly8", "late", "late_poly4", "ws", "ws_nopp", "ws3", "ws_poly3", "ws_tma"];
+
+/// The variant whose instance takes the tensor maps of k, v, k_ref, v_ref (`ws_tma_map`) after
+/// FlashParams.
+pub const WS_TMA_VARIANT: &str = "ws_tma";
+
+/// The "ws_tma" instance's tensor map of a [B, H, L, 64] operand of 16-bit `dtype` at `base` with
+/// element strides `strides` (batch, head, row): B H L rows of 64 columns, (batch b, head h, row l)
+/// at row (b H + h) L + l, boxes of 128 rows x 64 columns, 128B swizzle (the shared-memory layout
+/// of the kernel's tiles). A tile's rows past its source's end are the next head's rows (masked
+/// by the kernel) or past the matrix (zero-filled). None when the rows are not evenly spaced across
+/// heads and batch entries (e.g. heads interleaved, [B, L, H, D] memory), when L is 0, or when the
+/// map is invalid (cuTensorMapEncodeTiled's rules): the engine then runs "ws" (cp.async).
+pub fn ws_tma_map(dtype: crate::emulate::TmaDtype, base: u64, [s0, s1, s2]: [i64; 3], (b, h, l): (usize, usize, usize)) -> Option<crate::emulate::TensorMap2d> {
+    let rows = b * h * l;
+    let even = (h <= 1 || s1 == l as i64 * s2) && (b <= 1 || s0 == (h * l) as i64 * s2);
+    if l == 0 || !even || s2 < 64 || rows >= i32::MAX as usize {
+        return None;
+    }
+    let map = crate::emulate::TensorMap2d { base, dtype, rows: rows as u64, cols: 64, row_stride_bytes: s2 as u64 * 2, box_rows: 128, box_cols: 64, swizzle: crate::emulate::TmaSwizzle::B128 };
+    map.validate().ok().map(|_| map)
+}
 
 /// The warp-specialized Hopper forward at head dim 64 (variants "ws*" of HOPPER_D64_VARIANTS):
 /// same parameters and outputs as HOPPER_SOURCE, built with flush-to-zero too.

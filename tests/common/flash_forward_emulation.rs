@@ -9,7 +9,7 @@
 #![allow(dead_code)]
 
 use kernels::compile::KernelSource;
-use kernels::emulate::EmulatedModule;
+use kernels::emulate::{EmulatedModule, TensorMap2d, TensorMapArg, TmaDtype, TmaSwizzle};
 use kernels::flash_attention::{self as fa, flash_attention_head, FlashDims, FlashParams};
 
 use crate::emulation::{values, Aligned, Half};
@@ -128,16 +128,50 @@ pub unsafe fn launch(kernel: ForwardKernel, name: &str, p: FlashParams, b: usize
     let m = EmulatedModule::load(kernel.source(d)).unwrap_or_else(|e| panic!("{e}"));
     let (rows, threads, shared_bytes) = kernel.geometry(d);
     let grid = (lq.div_ceil(rows) as u32, h as u32, b as u32);
+    let maps = name.ends_with(fa::WS_TMA_VARIANT).then(|| ws_tma_maps(name, &p, b, h));
     let t = std::time::Instant::now();
-    // SAFETY: FlashParams mirrors the kernel's struct; the addresses are the caller's promise.
+    // SAFETY: FlashParams mirrors the kernel's struct (the TMA instance takes the four maps after
+    // it); the addresses are the caller's promise.
     unsafe {
-        m.launch(name, grid, (threads, 1, 1), shared_bytes, &|f| {
-            let kernel: extern "C" fn(FlashParams) = std::mem::transmute(f);
-            kernel(p);
+        m.launch(name, grid, (threads, 1, 1), shared_bytes, &|f| match &maps {
+            Some([k, v, kr, vr]) => {
+                let kernel: extern "C" fn(FlashParams, TensorMapArg, TensorMapArg, TensorMapArg, TensorMapArg) = std::mem::transmute(f);
+                kernel(p, *k, *v, *kr, *vr);
+            }
+            None => {
+                let kernel: extern "C" fn(FlashParams) = std::mem::transmute(f);
+                kernel(p);
+            }
         })
     }
     .unwrap_or_else(|e| panic!("{e}"));
     t.elapsed().as_secs_f32()
+}
+
+/// The emulated tensor maps of the "ws_tma" instance `name` (k, v, k_ref, v_ref;
+/// kernels::flash_attention::ws_tma_map), as the engine builds them: a source with no key uses the
+/// other's maps; with no key at all (no tile is loaded) a one-row map over q stands in.
+fn ws_tma_maps(name: &str, p: &FlashParams, b: usize, h: usize) -> [TensorMapArg; 4] {
+    let dt = if name.contains("_bf16_") { TmaDtype::Bf16 } else { TmaDtype::F16 };
+    let map = |base: u64, strides: [i64; 3], l: u32| {
+        let m = fa::ws_tma_map(dt, base, strides, (b, h, l as usize)).unwrap_or_else(|| panic!("{name}: the test's views can be mapped ({strides:?}, L {l})"));
+        m.emulated().unwrap_or_else(|e| panic!("{e}"))
+    };
+    match (p.lk, p.lr) {
+        (0, 0) => {
+            let q = TensorMap2d { base: p.q, dtype: dt, rows: 1, cols: 64, row_stride_bytes: 128, box_rows: 128, box_cols: 64, swizzle: TmaSwizzle::B128 };
+            [q.emulated().unwrap_or_else(|e| panic!("{e}")); 4]
+        }
+        (_, 0) => {
+            let (k, v) = (map(p.k, p.k_stride, p.lk), map(p.v, p.v_stride, p.lk));
+            [k, v, k, v]
+        }
+        (0, _) => {
+            let (kr, vr) = (map(p.k_ref, p.k_ref_stride, p.lr), map(p.v_ref, p.v_ref_stride, p.lr));
+            [kr, vr, kr, vr]
+        }
+        _ => [map(p.k, p.k_stride, p.lk), map(p.v, p.v_stride, p.lk), map(p.k_ref, p.k_ref_stride, p.lr), map(p.v_ref, p.v_ref_stride, p.lr)],
+    }
 }
 
 /// One output row of the kernel (16-bit) against the reference: |got - want| <= atol + rtol |want|

@@ -13,7 +13,7 @@
 
 use crate::cuda::{launch_failed, DeviceRepr, LaunchConfig, PushKernelArg};
 use kernels::compile::KernelSource;
-use kernels::flash_attention::{decoupled_kernel_name, hopper_kernel_name, hopper_launch, hopper_variant_kernel_name, HOPPER_D64_VARIANTS, kernel_name, rows_per_block, shared_bytes, FlashParams, THREADS};
+use kernels::flash_attention::{decoupled_kernel_name, hopper_kernel_name, hopper_launch, hopper_variant_kernel_name, kernel_name, rows_per_block, shared_bytes, ws_tma_map, FlashParams, HOPPER_D64_VARIANTS, THREADS, WS_TMA_VARIANT};
 
 use crate::ops::flash_attention::{AttentionReference, FlashShape};
 use crate::storage::Storage;
@@ -22,6 +22,7 @@ use cudarc::driver::sys;
 use std::sync::Arc;
 
 use super::device::CudaDevice;
+use super::tensor_map::{self, TensorMapParam};
 use super::storage::CudaStorage;
 
 const OP: &str = "flash_attention (CUDA)";
@@ -143,10 +144,10 @@ fn device_of(op: &'static str, q: &Tensor) -> Result<Arc<CudaDevice>> {
 /// The Hopper kernel instance: the default, or at head dim 64 the variant that
 /// `LOOKAHEAD_VARIANT_FLASH_FWD` names (kernels::flash_attention::HOPPER_D64_VARIANTS: "poly<n>",
 /// 1 / n of the softmax's exponentials by a polynomial on the FMA pipe; "late", the copies issued
-/// after the products; "late_poly4"; "ws", "ws_nopp", "ws3", "ws_poly3", the warp-specialized
-/// kernel of kernels/cuda/flash_attention_ws.cu; for benchmarking them side by side). Head dim 128 has no
-/// variant and ignores it; an unknown name is an error. Returns (source, instance, threads, query
-/// rows a block, dynamic shared memory).
+/// after the products; "late_poly4"; "ws", "ws_nopp", "ws3", "ws_poly3", "ws_tma", the
+/// warp-specialized kernel of kernels/cuda/flash_attention_ws.cu; for benchmarking them side by
+/// side). Head dim 128 has no variant and ignores it; an unknown name is an error. Returns
+/// (source, instance, threads, query rows a block, dynamic shared memory).
 fn hopper_instance(tn: &str, d: usize) -> Result<(&'static KernelSource, String, u32, usize, u32)> {
     let variant = super::kernel_variant("flash_fwd");
     let name = match &variant {
@@ -162,6 +163,23 @@ fn hopper_instance(tn: &str, d: usize) -> Result<(&'static KernelSource, String,
     };
     let (source, threads, rows, smem) = hopper_launch(d, variant.as_deref());
     Ok((source, name, threads, rows, smem))
+}
+
+/// The tensor maps of the "ws_tma" instance for these parameters (kernels::flash_attention::
+/// ws_tma_map): k, v, k_ref, v_ref, a missing source's maps standing in by the other source's (its
+/// tiles are never loaded); None when a view cannot be mapped or there is no key at all.
+fn ws_tma_maps(dtype: DType, p: &FlashParams, b: usize, h: usize) -> Result<Option<[TensorMapParam; 4]>> {
+    let dt = tensor_map::tma_dtype(dtype)?;
+    let map = |base: u64, strides: [i64; 3], l: u32| if l == 0 { None } else { ws_tma_map(dt, base, strides, (b, h, l as usize)) };
+    let own = (map(p.k, p.k_stride, p.lk), map(p.v, p.v_stride, p.lk));
+    let reference = (map(p.k_ref, p.k_ref_stride, p.lr), map(p.v_ref, p.v_ref_stride, p.lr));
+    let [k, v, kr, vr] = match (own, reference) {
+        ((Some(k), Some(v)), (Some(kr), Some(vr))) => [k, v, kr, vr],
+        ((Some(k), Some(v)), (None, None)) if p.lr == 0 => [k, v, k, v],
+        ((None, None), (Some(kr), Some(vr))) if p.lk == 0 => [kr, vr, kr, vr],
+        _ => return Ok(None),
+    };
+    Ok(Some([tensor_map::encode(&k)?, tensor_map::encode(&v)?, tensor_map::encode(&kr)?, tensor_map::encode(&vr)?]))
 }
 
 /// One launch of the kernel instance of `mode`: (out, lse, lse2 in the decoupled mode).
@@ -218,11 +236,20 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
     }
     let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
     // (source, instance, threads, query rows a block, dynamic shared memory)
-    let (source, name, threads, rows, smem): (&KernelSource, String, u32, usize, u32) = match mode {
+    let (source, mut name, threads, rows, smem): (&KernelSource, String, u32, usize, u32) = match mode {
         Mode::Extended => (&kernels::flash_attention::SOURCE, kernel_name(tn, d), THREADS, rows_per_block(d), shared_bytes(d)),
         Mode::Decoupled { .. } => (&kernels::flash_attention::SOURCE, decoupled_kernel_name(tn, d), THREADS, rows_per_block(d), shared_bytes(d)),
         Mode::ExtendedHopper => hopper_instance(tn, d)?,
     };
+    // The TMA instance's tensor maps (k, v, k_ref, v_ref); views it cannot map run the cp.async
+    // instance "ws" (same geometry) instead.
+    let mut maps = None;
+    if name == hopper_variant_kernel_name(tn, WS_TMA_VARIANT) {
+        maps = ws_tma_maps(dtype, &p, b, h)?;
+        if maps.is_none() {
+            name = hopper_variant_kernel_name(tn, "ws");
+        }
+    }
     let f = dev.function(source, &name)?;
     if smem > 48 * 1024 {
         dev.bind()?;
@@ -232,6 +259,11 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
     let mut builder = dev.launch_builder(&f);
     let params = KernelParams(p);
     builder.arg(&params);
+    if let Some(maps) = &maps {
+        for map in maps {
+            builder.arg(map);
+        }
+    }
     // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live CUDA
     // storage (the views in keep_alive, out, lse and lse2) covering the sizes and strides given,
     // and the row strides and starts meet the kernel's alignment (kernel_view).
