@@ -391,6 +391,29 @@ mod tests {
         }
     }
 
+    /// The TMA variant maps [B, H, L, 64] views whose rows are evenly spaced over heads and batch
+    /// entries (contiguous, or rows padded as a narrowed view): (b, h, l) at row (b H + h) L + l;
+    /// interleaved heads ([B, L, H, D] memory), no rows, and unaligned rows are not mapped.
+    #[test]
+    fn ws_tma_map_takes_evenly_spaced_rows_only() {
+        use crate::emulate::{TmaDtype, TmaSwizzle};
+        let (b, h, l) = (2, 3, 45);
+        let m = ws_tma_map(TmaDtype::Bf16, 0x1000, [(h * l * 64) as i64, (l * 64) as i64, 64], (b, h, l)).expect("contiguous rows");
+        assert_eq!((m.rows, m.cols, m.row_stride_bytes, m.box_rows, m.box_cols, m.swizzle), ((b * h * l) as u64, 64, 128, 128, 64, TmaSwizzle::B128));
+        let padded = ws_tma_map(TmaDtype::F16, 0x1000, [(h * l * 72) as i64, (l * 72) as i64, 72], (b, h, l)).expect("padded rows");
+        assert_eq!(padded.row_stride_bytes, 144);
+        // One head or one batch entry: that stride is never used.
+        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [7, (l * 64) as i64, 64], (1, h, l)).is_some());
+        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [(l * 64) as i64, 7, 64], (b, 1, l)).is_some());
+        // Interleaved heads: [B, L, H, D] memory.
+        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [(l * h * 64) as i64, 64, (h * 64) as i64], (b, h, l)).is_none());
+        // A gap between batch entries, no rows, rows not 16-byte aligned, a misaligned base.
+        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [(h * l * 64 + 8) as i64, (l * 64) as i64, 64], (b, h, l)).is_none());
+        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [0, 0, 64], (b, h, 0)).is_none());
+        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [(h * l * 68) as i64, (l * 68) as i64, 68], (b, h, l)).is_none());
+        assert!(ws_tma_map(TmaDtype::Bf16, 0x1008, [(h * l * 64) as i64, (l * 64) as i64, 64], (b, h, l)).is_none());
+    }
+
     #[test]
     fn lse_is_stable_for_large_scores() {
         let mut s = [1000.0f32, 1000.0, -1000.0];
