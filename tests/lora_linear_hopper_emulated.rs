@@ -15,11 +15,12 @@
 //! element fails. The cases, launch and comparisons are shared with the mma.sync kernels' test
 //! (tests/common/lora_emulation.rs).
 //!
-//! The TMA kernels (kernels/cuda/lora_linear_tma.cu, LOOKAHEAD_VARIANT_LORA=tma / tma256: TMA
-//! loads into a ring of stages handed between a producer warp and two consumer warpgroups by
-//! mbarriers) run the same sizes with the ranks they take (multiples of 8: 0, 8, 72), both tile
-//! heights (128: 4 output tiles on 3 blocks, 10 k-tiles through 6 stages; 256: 2 tiles on 2
-//! blocks, 4 stages), under every schedule of the emulator (far-apart runs the producer as far
+//! The TMA kernels (kernels/cuda/lora_linear_tma.cu, LOOKAHEAD_VARIANT_LORA=tma / tma256 /
+//! tma-pp: TMA loads into a ring of stages handed between a producer warp and two consumer
+//! warpgroups by mbarriers) run the same sizes with the ranks they take (multiples of 8: 0, 8,
+//! 72), every variant (128-row tiles: 4 output tiles on 3 blocks, 10 k-tiles through 6 stages;
+//! 256: 2 tiles on 2 blocks, 4 stages; ping-pong: the two consumer warpgroups on alternate tiles
+//! of a block, so with 1 block each takes 2 of the 4 tiles), under every schedule of the emulator (far-apart runs the producer as far
 //! ahead as the empty barriers let it; round-robin and random interleave it with the consumers),
 //! and with idle blocks.
 
@@ -87,44 +88,47 @@ fn every_block_count() {
 const TMA_RANKS: [usize; 3] = [0, 8, 72];
 const SCHEDULES: [Schedule; 4] = [Schedule::FarApart, Schedule::RoundRobin, Schedule::Random(7), Schedule::Random(1234)];
 
-fn tma(tile_m: usize) -> LoraKernel {
-    LoraKernel::Tma { tile_m, sms: EMULATED_SMS, blocks: None }
+/// The TMA variants: (tile rows, ping-pong) = tma, tma256, tma-pp.
+const TMA_VARIANTS: [(usize, bool); 3] = [(128, false), (256, false), (128, true)];
+
+fn tma((tile_m, pingpong): (usize, bool)) -> LoraKernel {
+    LoraKernel::Tma { tile_m, pingpong, sms: EMULATED_SMS, blocks: None }
 }
 
 #[test]
 fn tma_forward_n_major_matches_the_reference() {
-    let Some(module) = module(tma(128), "tma_forward_n_major_matches_the_reference") else { return };
-    for tile_m in [128, 256] {
-        lora_emulation::forward_n_major_matches_the_reference(&module, tma(tile_m), (M, WIDTH, REDUCTION), &TMA_RANKS);
+    let Some(module) = module(tma(TMA_VARIANTS[0]), "tma_forward_n_major_matches_the_reference") else { return };
+    for variant in TMA_VARIANTS {
+        lora_emulation::forward_n_major_matches_the_reference(&module, tma(variant), (M, WIDTH, REDUCTION), &TMA_RANKS);
     }
 }
 
 #[test]
 fn tma_dx_k_major_matches_the_reference() {
-    let Some(module) = module(tma(128), "tma_dx_k_major_matches_the_reference") else { return };
-    for tile_m in [128, 256] {
-        lora_emulation::dx_k_major_matches_the_reference(&module, tma(tile_m), (M, REDUCTION, WIDTH), &TMA_RANKS);
+    let Some(module) = module(tma(TMA_VARIANTS[0]), "tma_dx_k_major_matches_the_reference") else { return };
+    for variant in TMA_VARIANTS {
+        lora_emulation::dx_k_major_matches_the_reference(&module, tma(variant), (M, REDUCTION, WIDTH), &TMA_RANKS);
     }
 }
 
 #[test]
 fn tma_every_schedule_and_block_count() {
-    let Some(module) = module(tma(128), "tma_every_schedule_and_block_count") else { return };
+    let Some(module) = module(tma(TMA_VARIANTS[0]), "tma_every_schedule_and_block_count") else { return };
     let (m, n, k) = (M, WIDTH, REDUCTION);
-    for tile_m in [128, 256] {
+    for (tile_m, pingpong) in TMA_VARIANTS {
         // The engine's grid, one block (every tile through one ring), and more blocks than tiles.
         for blocks in [None, Some(1), Some(5)] {
-            let kernel = LoraKernel::Tma { tile_m, sms: EMULATED_SMS, blocks };
+            let kernel = LoraKernel::Tma { tile_m, pingpong, sms: EMULATED_SMS, blocks };
             for schedule in SCHEDULES {
                 let (h, r) = (Half::Bf16, 8);
                 let (x, w, t, b, bias) = (h.round(&values(m * k, 41)), h.round(&values(n * k, 42)), h.round(&values(m * r, 43)), h.round(&values(n * r, 44)), h.round(&values(n, 45)));
                 let got = run_kernel_with(&module, kernel, schedule, h, BLayout::NMajor, &x, &w, &t, &b, Some(&bias), (m, n, k, r), 0);
-                let label = format!("tma{tile_m} forward blocks {blocks:?} schedule {schedule}");
+                let label = format!("tma{tile_m} pingpong {pingpong} forward blocks {blocks:?} schedule {schedule}");
                 assert_close(&label, &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), BLayout::NMajor), tolerance(h));
                 let (h, r) = (Half::F16, 72);
                 let (dy, w, su, a) = (h.round(&values(m * k, 46)), h.round(&values(k * n, 47)), h.round(&values(m * r, 48)), h.round(&values(r * n, 49)));
                 let got = run_kernel_with(&module, kernel, schedule, h, BLayout::KMajor, &dy, &w, &su, &a, None, (m, n, k, r), 0);
-                let label = format!("tma{tile_m} dx blocks {blocks:?} schedule {schedule}");
+                let label = format!("tma{tile_m} pingpong {pingpong} dx blocks {blocks:?} schedule {schedule}");
                 assert_close(&label, &got, &lora::concat_gemm(&dy, &w, &su, &a, None, (m, n, k, r), BLayout::KMajor), tolerance(h));
             }
         }
@@ -135,14 +139,14 @@ fn tma_every_schedule_and_block_count() {
 fn tma_single_partial_tile() {
     // One partial tile each way (m 37, n 24), k 40 (one k-tile of 40: three k16 steps, the last
     // half zero fill), rank 8 (one LoRA k16 step), both layouts, f16, with bias.
-    let Some(module) = module(tma(128), "tma_single_partial_tile") else { return };
+    let Some(module) = module(tma(TMA_VARIANTS[0]), "tma_single_partial_tile") else { return };
     let h = Half::F16;
     let (m, n, k, r) = (37, 24, 40, 8);
     let (x, w, t, b, bias) = (h.round(&values(m * k, 23)), h.round(&values(n * k, 24)), h.round(&values(m * r, 25)), h.round(&values(n * r, 26)), h.round(&values(n, 27)));
-    for tile_m in [128, 256] {
+    for variant in TMA_VARIANTS {
         for layout in [BLayout::NMajor, BLayout::KMajor] {
-            let got = run_kernel(&module, tma(tile_m), h, layout, &x, &w, &t, &b, Some(&bias), (m, n, k, r), 0);
-            assert_close(&format!("tma{tile_m} single partial tile {layout:?}"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), layout), tolerance(h));
+            let got = run_kernel(&module, tma(variant), h, layout, &x, &w, &t, &b, Some(&bias), (m, n, k, r), 0);
+            assert_close(&format!("tma {variant:?} single partial tile {layout:?}"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), layout), tolerance(h));
         }
     }
 }

@@ -2,11 +2,23 @@
 // lora_linear.cu / lora_linear_hopper.cu over concatenated operands,
 //     C[M, N] = [A1 | A2] · [B1 ; B2] + bias,
 // same arguments (LoraGemmArgs), semantics, B layouts (nk: B rows [n][k], the forward
-// y = [x | t] · [W | B]^T; kn: B rows [k][n], dx = [dy | s u] · [W ; A]), output tiles (128 x 160),
-// k-tiles (64), wgmma instructions and shared-memory tile layouts as lora_linear_hopper.cu; what
-// differs is who loads and how the stages are handed over. Engine variant
-// LOOKAHEAD_VARIANT_LORA=tma (engine/src/cuda/lora_linear.rs); the default stays the cp.async
-// kernel of lora_linear_hopper.cu until a GPU run has measured this one.
+// y = [x | t] · [W | B]^T; kn: B rows [k][n], dx = [dy | s u] · [W ; A]), k-tiles (64), wgmma
+// instructions and shared-memory tile layouts as lora_linear_hopper.cu; what differs is who loads
+// and how the stages are handed over. The default stays the cp.async kernel of
+// lora_linear_hopper.cu until a GPU run has measured these. Variants (LOOKAHEAD_VARIANT_LORA,
+// engine/src/cuda/lora_linear.rs; kernel names lora_gemm_<variant>_{nk,kn}_{bf16,f16}):
+//   tma     128 x 160 tiles, 6 stages of 36 KiB; the two consumer warpgroups share each tile
+//           (64 rows each, 80 accumulators a thread). 8192x640: 256 tiles (1.94 waves of 132 SMs).
+//   tma256  256 x 160 tiles, 4 stages of 52 KiB (128 rows a consumer, 160 accumulators): 27% less
+//           L2->SM traffic a FLOP; 8192x640: 128 tiles (0.97 wave), but 2048x1280: 64 tiles (half
+//           the SMs idle).
+//   tma_pp  (LOOKAHEAD_VARIANT_LORA=tma-pp) 128 x 160 tiles, 6 stages, ping-pong: each consumer
+//           warpgroup computes whole tiles (the block's tiles c, c + 2, ...; 160 accumulators),
+//           the two mainloops take turns through named barriers, so one warpgroup's epilogue
+//           overlaps the other's wgmmas (CUTLASS's KernelTmaWarpSpecializedPingpong). Helps when
+//           a block has several tiles; with one (2048x1280: 128 tiles) the second warpgroup idles.
+// Not done: 2-CTA clusters multicasting the shared operand (would cut L2->SM traffic further; the
+// emulator does not model multicast), TMA stores of C (the stages use the shared memory).
 //
 // Why: on the H200 the cp.async kernel's loads alone took 26.7 us at 8192x640x640, 2x cuBLAS's whole
 // GEMM (12.2 us): 256 threads computing addresses and issuing 16-byte copies, a cp.async wait and a
@@ -14,12 +26,12 @@
 // 6 (kn) bulk tensor copies, the copies complete on an mbarrier, and no block barrier is left in
 // the main loop.
 //
-// Launch: persistent, grid min(output tiles, SMs) (kernels::lora_linear::hopper_blocks) of 384
-// threads = 3 warpgroups, one block an SM, dynamic shared memory 6 stages of 36 KiB + 1 KiB of
-// alignment slack + the 12 mbarriers (kernels::lora_linear::TMA_SHARED_BYTES). Kernel parameters:
+// Launch: persistent, grid min(output tiles, SMs) (kernels::lora_linear::tma_blocks) of 384
+// threads = 3 warpgroups, one block an SM, dynamic shared memory: the stages + 1 KiB of alignment
+// slack + the mbarriers (kernels::lora_linear::tma_shared_bytes). Kernel parameters:
 // the LoraGemmArgs, then four `const __grid_constant__ TensorMap`s (engine/src/cuda/tensor_map.rs,
 // built per call on the host: a few host-only driver calls, no device work): A1, B1, A2, B2, boxes
-//   A1 / A2: [k = 64 columns][m = 128 rows], 128-byte swizzle (the K-major A tile);
+//   A1 / A2: [k = 64 columns][m = 128 or 256 rows], 128-byte swizzle (the K-major A tile);
 //   B1 / B2 nk: [64 columns][160 rows], 128-byte swizzle (the K-major B tile);
 //   B1 / B2 kn: [n = 32 columns][k = 64 rows], 64-byte swizzle (one of the five 4 KiB blocks of
 //     the MN-major [64 k][160 n] tile).
@@ -32,19 +44,19 @@
 //
 // Roles:
 //   warpgroup 0 (producer; setmaxnreg.dec to 40 registers): one thread walks the block's k-tiles
-//     (all its output tiles, q = 0, 1, ...): waits on empty[q % 6] (parity flipping every wrap of
-//     the ring), arrive.expect_tx(full[q % 6], 36 KiB), issues the A and B copies onto full. The
-//     other 127 threads exit.
-//   warpgroups 1 and 2 (consumers; setmaxnreg.inc to 232): warpgroup c computes rows 64 (c - 1)..
+//     (all its output tiles, q = 0, 1, ...): waits on empty[q % S] (S stages; parity flipping
+//     every wrap of the ring), arrive.expect_tx(full[q % S], stage bytes), issues the A and B
+//     copies onto full. The other 127 threads exit.
+//   warpgroups 1 and 2 (consumers c = 0, 1; setmaxnreg.inc to 232): warpgroup c computes its rows
 //     of the tile with wgmma_ss<T, 160> over the stage (the descriptors of lora_linear_hopper.cu's
-//     lh_mma_step): wait full[q % 6], issue the k-tile's k16 steps that hold data (a LoRA tile of
+//     lh_mma_step): wait full[q % S], issue the k-tile's k16 steps that hold data (a LoRA tile of
 //     rank 16: one), commit, wgmma_wait<1> (so the group of k-tile q - 1 has retired), then each
-//     warp's lane 0 arrives on empty[(q - 1) % 6] (count 8: every consumer warp, after its own
-//     wait, so no warp can still be reading the stage). At the end of a tile: wgmma_wait<0>, the
+//     warp's lane 0 arrives on empty[(q - 1) % S] (count 8, tma_pp 4: every consumer warp reading
+//     the stage, after its own wait). At the end of a tile: wgmma_wait<0>, the
 //     last stage released, then the epilogue from registers (accumulators + bias, rounded to T,
 //     the words of a quad transposed by shuffles so that each lane stores 16 contiguous bytes)
-//     while the producer already fills the stages with the
-//     next tile's k-tiles (up to 6 ahead), so the next tile starts on loaded data.
+//     while the producer already fills the stages with the next tile's k-tiles (up to S ahead),
+//     so the next tile starts on loaded data.
 // Register budget: 128 x 40 + 256 x 232 = 64512 = 384 x 168, the registers __launch_bounds__(384, 1)
 // gives the block.
 #include "common.cuh"
@@ -60,12 +72,19 @@
 #define LT_BK 64
 #define LT_THREADS 384
 #define LT_B_BYTES (LT_BN * LT_BK * 2)  // 20 KiB
-#define LT_CONSUMER_WARPS 8             // arrivals that free a stage
-template <int BM> struct LtShape {
+// PP (variant tma-pp, BM 128 only): ping-pong consumers: warpgroup c computes whole tiles, the
+// block's tiles c, c + 2, ... (all 128 rows: two m64 wgmmas a k16 step, 160 accumulators), so
+// that one warpgroup's epilogue runs while the other's wgmmas use the tensor cores; a stage is
+// read by one warpgroup (4 arrivals free it). Without PP both warpgroups share each tile (8).
+template <int BM, bool PP> struct LtShape {
     static constexpr int A_BYTES = BM * LT_BK * 2;             // 16 / 32 KiB
     static constexpr int STAGE_BYTES = A_BYTES + LT_B_BYTES;  // 36 / 52 KiB, multiples of 1024
     static constexpr int STAGES = BM == 128 ? 6 : 4;
-    static constexpr int WG_ROWS = BM / 2;  // rows of a consumer warpgroup
+    static constexpr int WG_ROWS = PP ? BM : BM / 2;  // rows of a tile a consumer warpgroup computes
+    static constexpr int HB = WG_ROWS / 64;           // its m64 blocks (accumulator sets)
+    static constexpr int CONSUMER_WARPS = PP ? 4 : 8;  // arrivals that free a stage
+    static constexpr int TILE_STEP = PP ? 2 : 1;       // a warpgroup's tiles are this many apart
+    static_assert(!PP || BM == 128, "ping-pong with 128-row tiles only");
 };
 
 #if LA_WGMMA
@@ -75,13 +94,14 @@ template <int BM> struct LtShape {
 // swizzled row; a 64-row block 8 KiB further) times the 160 columns of B. nk: B K-major like A;
 // kn: MN-major, LBO the next 32-column block (4 KiB), SBO the next 8 k-rows (512 bytes), the
 // step's 16 k-rows two groups (1024 bytes) further.
-template <typename T, bool KMAJOR, int BM>
-__device__ __forceinline__ void lt_mma_step(float (&acc)[BM / 128][LT_BN / 2], const unsigned char* stage, int c, int ks) {
-    const unsigned char* b_tile = stage + LtShape<BM>::A_BYTES;
+template <typename T, bool KMAJOR, int BM, bool PP>
+__device__ __forceinline__ void lt_mma_step(float (&acc)[LtShape<BM, PP>::HB][LT_BN / 2], const unsigned char* stage, int c, int ks) {
+    using S = LtShape<BM, PP>;
+    const unsigned char* b_tile = stage + S::A_BYTES;
     const u64 b_desc = KMAJOR ? wgmma_desc(b_tile + ks * 1024, 4096, 512, WGMMA_SWIZZLE_64B) : wgmma_desc(b_tile + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
 #pragma unroll
-    for (int h = 0; h < BM / 128; ++h) {
-        const u64 a_desc = wgmma_desc(stage + (c * LtShape<BM>::WG_ROWS + h * 64) * 128 + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+    for (int h = 0; h < S::HB; ++h) {
+        const u64 a_desc = wgmma_desc(stage + ((PP ? 0 : c * S::WG_ROWS) + h * 64) * 128 + ks * 32, 16, 1024, WGMMA_SWIZZLE_128B);
         wgmma_ss<T, LT_BN, KMAJOR>(acc[h], a_desc, b_desc, true);
     }
 }
@@ -115,10 +135,10 @@ __device__ __forceinline__ void lt_quad_transpose(u32 (&v)[4], int t) {
 }
 
 // The producer thread: every k-tile of the block's output tiles, in the consumers' order.
-template <bool KMAJOR, int BM>
+template <bool KMAJOR, int BM, bool PP>
 __device__ __forceinline__ void lt_produce(unsigned char* smem, u64* full, u64* empty, const TensorMap* a1, const TensorMap* b1, const TensorMap* a2, const TensorMap* b2, u32 tiles,
                                            u32 tiles_n, int kt1, int per_tile) {
-    using S = LtShape<BM>;
+    using S = LtShape<BM, PP>;
     int stage = 0;
     u32 phase = 0;
     for (u32 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -146,22 +166,32 @@ __device__ __forceinline__ void lt_produce(unsigned char* smem, u64* full, u64* 
     }
 }
 
-// Consumer warpgroup c (0, 1): rows WG_ROWS c.. of every output tile of the block.
-template <typename T, bool KMAJOR, int BM>
+// Consumer warpgroup c (0, 1): rows WG_ROWS c.. of every output tile of the block, or (PP) every
+// row of the block's tiles c, c + 2, ... The block's k-tiles are numbered q = local tile x
+// per_tile + kt in the ring (the producer's order): stage q % STAGES, parity (q / STAGES) & 1.
+template <typename T, bool KMAJOR, int BM, bool PP>
 __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* empty, const LoraGemmArgs& p, u32 tiles, u32 tiles_n, int kt1, int per_tile, int c, int tid) {
-    using S = LtShape<BM>;
+    using S = LtShape<BM, PP>;
     const int lane = tid & 31, warp = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
     const T* bias = reinterpret_cast<const T*>(p.bias);
     u16* out = reinterpret_cast<u16*>(p.c);
-    int stage = 0;
-    u32 phase = 0;
-    for (u32 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        float acc[BM / 128][LT_BN / 2];
+    const u32 first = PP ? (u32)c : 0u;  // the warpgroup's first local tile
+    for (u32 local = first, tile = blockIdx.x + first * gridDim.x; tile < tiles; local += S::TILE_STEP, tile += S::TILE_STEP * gridDim.x) {
+        float acc[S::HB][LT_BN / 2];
 #pragma unroll
-        for (int h = 0; h < BM / 128; ++h)
+        for (int h = 0; h < S::HB; ++h)
 #pragma unroll
             for (int i = 0; i < LT_BN / 2; ++i) acc[h][i] = 0.0f;
         int held = -1;  // the stage whose wgmma group may still be reading it
+        const int q0 = (int)local * per_tile;
+        int stage = q0 % S::STAGES;
+        u32 phase = (u32)(q0 / S::STAGES) & 1u;
+        // Ping-pong: the mainloops take turns (named barrier 1 + c: warpgroup c's turn). Besides
+        // giving the tensor cores to one warpgroup while the other stores, this keeps the parity
+        // waits sound: a warpgroup waits for the phases of its k-tiles only after the other has
+        // waited for every earlier k-tile, so no full barrier is more than one phase behind the
+        // parity asked for (a wait one phase further ahead would pass at once).
+        if (PP && local > 0) named_barrier_sync(1 + c, 256);
         for (int kt = 0; kt < per_tile; ++kt) {
             mbarrier_wait(&full[stage], phase);
             const unsigned char* st = smem + stage * S::STAGE_BYTES;
@@ -171,12 +201,12 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
             wgmma_fence();
             if (left >= LT_BK) {
 #pragma unroll
-                for (int ks = 0; ks < LT_BK / 16; ++ks) lt_mma_step<T, KMAJOR, BM>(acc, st, c, ks);
+                for (int ks = 0; ks < LT_BK / 16; ++ks) lt_mma_step<T, KMAJOR, BM, PP>(acc, st, c, ks);
             } else {
                 const int steps = (int)((left + 15) / 16);
 #pragma unroll
                 for (int ks = 0; ks < LT_BK / 16; ++ks)
-                    if (ks < steps) lt_mma_step<T, KMAJOR, BM>(acc, st, c, ks);
+                    if (ks < steps) lt_mma_step<T, KMAJOR, BM, PP>(acc, st, c, ks);
             }
             wgmma_commit();
             wgmma_wait<1>();  // the previous k-tile's group has retired: its stage can be refilled
@@ -187,9 +217,12 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
                 phase ^= 1;
             }
         }
+        // The other warpgroup's turn, if the block has a next tile (its local tile + 1), while
+        // this warpgroup's last wgmma group still runs.
+        if (PP && blockIdx.x + (local + 1) * gridDim.x < tiles) named_barrier_arrive(2 - c, 256);
         wgmma_wait<0>();
 #pragma unroll
-        for (int h = 0; h < BM / 128; ++h) wgmma_fence_operands(acc[h]);
+        for (int h = 0; h < S::HB; ++h) wgmma_fence_operands(acc[h]);
         if (held >= 0 && lane == 0) mbarrier_arrive(&empty[held]);
 
         // Epilogue from registers (the stages keep filling with the next tile's k-tiles). The
@@ -203,7 +236,7 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
                 if (col < p.n) {
                     const float b0 = to_f32(bias[col]), b1 = to_f32(bias[col + 1]);
 #pragma unroll
-                    for (int h = 0; h < BM / 128; ++h) {
+                    for (int h = 0; h < S::HB; ++h) {
                         acc[h][4 * j] += b0;
                         acc[h][4 * j + 1] += b1;
                         acc[h][4 * j + 2] += b0;
@@ -217,8 +250,8 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
         // contiguous bytes, where 4-byte stores wrote 8 rows of 16 bytes: a quarter of the store
         // instructions for 16 shuffles and selects per 4 words).
 #pragma unroll
-        for (int h = 0; h < BM / 128; ++h) {
-            const u32 row = (tile / tiles_n) * BM + c * S::WG_ROWS + h * 64 + warp * 16 + g;
+        for (int h = 0; h < S::HB; ++h) {
+            const u32 row = (tile / tiles_n) * BM + (PP ? 0 : c * S::WG_ROWS) + h * 64 + warp * 16 + g;
 #pragma unroll
             for (int q = 0; q < LT_BN / 32; ++q) {
                 Pack<u32, 4> lo, hi;  // rows row, row + 8
@@ -240,16 +273,19 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
     }
 }
 
-template <typename T, bool KMAJOR, int BM>
+template <typename T, bool KMAJOR, int BM, bool PP>
 __device__ __forceinline__ void lora_gemm_tma(const LoraGemmArgs& p, const TensorMap* a1, const TensorMap* b1, const TensorMap* a2, const TensorMap* b2) {
-    using S = LtShape<BM>;
+    using S = LtShape<BM, PP>;
     LA_DYNAMIC_SHARED(unsigned char, smem_raw);
     // The swizzle patterns are functions of the absolute shared address: align to 1024 bytes (the
     // launch adds 1 KiB of slack); the mbarriers follow the stages.
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     u64* full = reinterpret_cast<u64*>(smem + S::STAGES * S::STAGE_BYTES);
     u64* empty = full + S::STAGES;
-    const int tid = threadIdx.x, wg = tid >> 7;
+    // The warpgroup as a shuffled value: ptxas then knows it is warp-uniform (CUTLASS's
+    // canonical_warp_group_idx); the ping-pong consumers' tile loops start at it, and a loop
+    // bound it takes for thread-dependent makes it serialize the wgmmas (C7519).
+    const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
     const u32 tiles_n = (p.n + LT_BN - 1) / LT_BN, tiles = tiles_n * ((p.m + BM - 1) / BM);
     const int kt1 = (int)((p.k1 + LT_BK - 1) / LT_BK);
     const int per_tile = kt1 + (int)((p.k2 + LT_BK - 1) / LT_BK);  // k-tiles of one output tile
@@ -258,7 +294,7 @@ __device__ __forceinline__ void lora_gemm_tma(const LoraGemmArgs& p, const Tenso
 #pragma unroll
         for (int s = 0; s < S::STAGES; ++s) {
             mbarrier_init(&full[s], 1);  // the producer's arrive.expect_tx (+ the copies' bytes)
-            mbarrier_init(&empty[s], LT_CONSUMER_WARPS);
+            mbarrier_init(&empty[s], S::CONSUMER_WARPS);
         }
         fence_mbarrier_init();
     }
@@ -271,11 +307,11 @@ __device__ __forceinline__ void lora_gemm_tma(const LoraGemmArgs& p, const Tenso
             tma_prefetch_descriptor(b1);
             tma_prefetch_descriptor(a2);
             tma_prefetch_descriptor(b2);
-            lt_produce<KMAJOR, BM>(smem, full, empty, a1, b1, a2, b2, tiles, tiles_n, kt1, per_tile);
+            lt_produce<KMAJOR, BM, PP>(smem, full, empty, a1, b1, a2, b2, tiles, tiles_n, kt1, per_tile);
         }
     } else {
         setmaxnreg_inc<232>();
-        lt_consume<T, KMAJOR, BM>(smem, full, empty, p, tiles, tiles_n, kt1, per_tile, wg - 1, tid & 127);
+        lt_consume<T, KMAJOR, BM, PP>(smem, full, empty, p, tiles, tiles_n, kt1, per_tile, wg - 1, tid & 127);
     }
 }
 
@@ -283,21 +319,25 @@ __device__ __forceinline__ void lora_gemm_tma(const LoraGemmArgs& p, const Tenso
 
 // One block an SM. Without wgmma (sm_80) the kernels are empty.
 #if LA_WGMMA
-#define LT_BODY(T, KMAJOR, BM) lora_gemm_tma<T, KMAJOR, BM>(p, &a1, &b1, &a2, &b2);
+#define LT_BODY(T, KMAJOR, BM, PP) lora_gemm_tma<T, KMAJOR, BM, PP>(p, &a1, &b1, &a2, &b2);
 #else
-#define LT_BODY(T, KMAJOR, BM)
+#define LT_BODY(T, KMAJOR, BM, PP)
 #endif
-#define LT_INSTANCE(NAME, T, KMAJOR, BM)                                                                                                                                          \
+#define LT_INSTANCE(NAME, T, KMAJOR, BM, PP)                                                                                                                                          \
     extern "C" __global__ void __launch_bounds__(LT_THREADS, 1)                                                                                                                   \
         NAME(const LoraGemmArgs p, const __grid_constant__ TensorMap a1, const __grid_constant__ TensorMap b1, const __grid_constant__ TensorMap a2, const __grid_constant__ TensorMap b2) { \
-        LT_BODY(T, KMAJOR, BM)                                                                                                                                                     \
+        LT_BODY(T, KMAJOR, BM, PP)                                                                                                                                                     \
     }
 
-LT_INSTANCE(lora_gemm_tma_nk_bf16, bf16, false, 128)
-LT_INSTANCE(lora_gemm_tma_nk_f16, f16, false, 128)
-LT_INSTANCE(lora_gemm_tma_kn_bf16, bf16, true, 128)
-LT_INSTANCE(lora_gemm_tma_kn_f16, f16, true, 128)
-LT_INSTANCE(lora_gemm_tma256_nk_bf16, bf16, false, 256)
-LT_INSTANCE(lora_gemm_tma256_nk_f16, f16, false, 256)
-LT_INSTANCE(lora_gemm_tma256_kn_bf16, bf16, true, 256)
-LT_INSTANCE(lora_gemm_tma256_kn_f16, f16, true, 256)
+LT_INSTANCE(lora_gemm_tma_nk_bf16, bf16, false, 128, false)
+LT_INSTANCE(lora_gemm_tma_nk_f16, f16, false, 128, false)
+LT_INSTANCE(lora_gemm_tma_kn_bf16, bf16, true, 128, false)
+LT_INSTANCE(lora_gemm_tma_kn_f16, f16, true, 128, false)
+LT_INSTANCE(lora_gemm_tma256_nk_bf16, bf16, false, 256, false)
+LT_INSTANCE(lora_gemm_tma256_nk_f16, f16, false, 256, false)
+LT_INSTANCE(lora_gemm_tma256_kn_bf16, bf16, true, 256, false)
+LT_INSTANCE(lora_gemm_tma256_kn_f16, f16, true, 256, false)
+LT_INSTANCE(lora_gemm_tma_pp_nk_bf16, bf16, false, 128, true)
+LT_INSTANCE(lora_gemm_tma_pp_nk_f16, f16, false, 128, true)
+LT_INSTANCE(lora_gemm_tma_pp_kn_bf16, bf16, true, 128, true)
+LT_INSTANCE(lora_gemm_tma_pp_kn_f16, f16, true, 128, true)

@@ -39,7 +39,8 @@ pub const HOPPER_SHARED_BYTES: u32 = 6 * (128 + 160) * 64 * 2 + 1024;
 
 /// kernels/cuda/lora_linear_tma.cu: the Hopper GEMM warp-specialized with TMA loads
 /// (lora_gemm_tma_{nk,kn}_{bf16,f16} with 128 x 160 output tiles, lora_gemm_tma256_* with
-/// 256 x 160; empty kernels on sm_80): same `LoraGemmArgs` followed by four tensor maps (A1, B1,
+/// 256 x 160, lora_gemm_tma_pp_* with 128 x 160 tiles computed by one consumer warpgroup each, the
+/// two taking turns; empty kernels on sm_80): same `LoraGemmArgs` followed by four tensor maps (A1, B1,
 /// A2, B2; boxes `tma_box_a` / `TMA_BOX_B_*`), 384 threads (a producer warpgroup and two consumer
 /// warpgroups), a persistent grid (`tma_blocks`).
 pub const TMA_SOURCE: KernelSource = KernelSource { name: "lora_linear_tma", code: include_str!("../cuda/lora_linear_tma.cu"), options: &[] };
@@ -168,10 +169,15 @@ pub fn hopper_kernel_name(layout: BLayout, dtype: &str) -> String {
     kernel_name(layout, dtype).replacen("lora_gemm_", "lora_gemm_hopper_", 1)
 }
 
-/// The TMA kernel for a B layout, a 16-bit dtype name and the tile rows (128 or 256):
-/// lora_gemm_tma_{nk,kn}_{dtype} or lora_gemm_tma256_{nk,kn}_{dtype}.
-pub fn tma_kernel_name(layout: BLayout, dtype: &str, tile_m: usize) -> String {
-    let family = if tile_m == 128 { "lora_gemm_tma_" } else { "lora_gemm_tma256_" };
+/// The TMA kernel for a B layout, a 16-bit dtype name, the tile rows (128 or 256) and whether its
+/// consumer warpgroups take turns on whole tiles (`pingpong`, 128-row tiles):
+/// lora_gemm_tma_{nk,kn}_{dtype}, lora_gemm_tma256_{nk,kn}_{dtype} or lora_gemm_tma_pp_{nk,kn}_{dtype}.
+pub fn tma_kernel_name(layout: BLayout, dtype: &str, tile_m: usize, pingpong: bool) -> String {
+    let family = match (tile_m, pingpong) {
+        (128, false) => "lora_gemm_tma_",
+        (128, true) => "lora_gemm_tma_pp_",
+        _ => "lora_gemm_tma256_",
+    };
     kernel_name(layout, dtype).replacen("lora_gemm_", family, 1)
 }
 
@@ -399,8 +405,9 @@ mod tests {
         assert_eq!(std::mem::size_of::<LoraGemmArgs>(), 6 * 8 + 12 * 4);
         assert_eq!(kernel_name(BLayout::KMajor, "bf16"), "lora_gemm_kn_bf16");
         assert_eq!(hopper_kernel_name(BLayout::NMajor, "f16"), "lora_gemm_hopper_nk_f16");
-        assert_eq!(tma_kernel_name(BLayout::KMajor, "bf16", 128), "lora_gemm_tma_kn_bf16");
-        assert_eq!(tma_kernel_name(BLayout::NMajor, "f16", 256), "lora_gemm_tma256_nk_f16");
+        assert_eq!(tma_kernel_name(BLayout::KMajor, "bf16", 128, false), "lora_gemm_tma_kn_bf16");
+        assert_eq!(tma_kernel_name(BLayout::NMajor, "f16", 256, false), "lora_gemm_tma256_nk_f16");
+        assert_eq!(tma_kernel_name(BLayout::NMajor, "bf16", 128, true), "lora_gemm_tma_pp_nk_bf16");
         // Within the 227 KiB a block may opt into on sm_90.
         assert!(tma_shared_bytes(128) <= 232_448 && tma_shared_bytes(256) <= 232_448);
         // 32 x 4 tiles of 256 x 160 for M 8192, N 640.

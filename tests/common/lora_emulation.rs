@@ -23,11 +23,12 @@ pub enum LoraKernel {
     Hopper { sms: u32 },
     /// The Hopper kernels on exactly this many blocks (more than the output tiles: idle blocks).
     HopperBlocks(u32),
-    /// lora_gemm_tma_{nk,kn}_DT (tile_m 128) or lora_gemm_tma256_{nk,kn}_DT (256) of
-    /// kernels/cuda/lora_linear_tma.cu (TMA loads, a producer warp and two consumer warpgroups):
-    /// persistent blocks, as many as the engine launches on a device of `sms` SMs
-    /// (lora::tma_blocks), or exactly `blocks` when given (idle blocks beyond the tiles).
-    Tma { tile_m: usize, sms: u32, blocks: Option<u32> },
+    /// lora_gemm_tma_{nk,kn}_DT (tile_m 128), lora_gemm_tma256_{nk,kn}_DT (256) or, with
+    /// `pingpong`, lora_gemm_tma_pp_{nk,kn}_DT (128) of kernels/cuda/lora_linear_tma.cu (TMA
+    /// loads, a producer warp and two consumer warpgroups): persistent blocks, as many as the
+    /// engine launches on a device of `sms` SMs (lora::tma_blocks), or exactly `blocks` when
+    /// given (idle blocks beyond the tiles).
+    Tma { tile_m: usize, pingpong: bool, sms: u32, blocks: Option<u32> },
 }
 
 impl LoraKernel {
@@ -44,6 +45,7 @@ impl LoraKernel {
         match self {
             LoraKernel::MmaSync => "",
             LoraKernel::Hopper { .. } | LoraKernel::HopperBlocks(_) => "hopper ",
+            LoraKernel::Tma { pingpong: true, .. } => "tma-pp ",
             LoraKernel::Tma { tile_m: 128, .. } => "tma ",
             LoraKernel::Tma { .. } => "tma256 ",
         }
@@ -55,9 +57,9 @@ impl LoraKernel {
             LoraKernel::MmaSync => (lora::kernel_name(layout, h.name()), (n.div_ceil(lora::TILE_N) as u32, m.div_ceil(lora::TILE_M) as u32, 1), lora::THREADS, lora::SHARED_BYTES),
             LoraKernel::Hopper { sms } => (lora::hopper_kernel_name(layout, h.name()), (lora::hopper_blocks(m, n, sms), 1, 1), lora::HOPPER_THREADS, lora::HOPPER_SHARED_BYTES),
             LoraKernel::HopperBlocks(blocks) => (lora::hopper_kernel_name(layout, h.name()), (blocks, 1, 1), lora::HOPPER_THREADS, lora::HOPPER_SHARED_BYTES),
-            LoraKernel::Tma { tile_m, sms, blocks } => {
+            LoraKernel::Tma { tile_m, pingpong, sms, blocks } => {
                 let grid = blocks.unwrap_or_else(|| lora::tma_blocks(m, n, tile_m, sms));
-                (lora::tma_kernel_name(layout, h.name(), tile_m), (grid, 1, 1), lora::TMA_THREADS, lora::tma_shared_bytes(tile_m))
+                (lora::tma_kernel_name(layout, h.name(), tile_m, pingpong), (grid, 1, 1), lora::TMA_THREADS, lora::tma_shared_bytes(tile_m))
             }
         }
     }

@@ -11,9 +11,10 @@
 //! (kernels/cuda/lora_linear_hopper.cu, wgmma) runs instead: same arguments, 128 x 160 tiles, a
 //! persistent grid of min(tiles, SMs) blocks of 256 threads, 217 KiB of dynamic shared memory.
 //!
-//! With LOOKAHEAD_VARIANT_LORA=tma or tma256 (`VARIANTS`; unset or `default`: the kernel above),
-//! the warp-specialized TMA kernel (kernels/cuda/lora_linear_tma.cu) runs instead where it can:
-//! 128 x 160 (tma) or 256 x 160 (tma256) tiles, a persistent grid, 384 threads, the operands described by four tensor maps (A1, B1, A2, B2; built
+//! With LOOKAHEAD_VARIANT_LORA=tma, tma256 or tma-pp (`VARIANTS`; unset or `default`: the kernel
+//! above), the warp-specialized TMA kernel (kernels/cuda/lora_linear_tma.cu) runs instead where it
+//! can: 128 x 160 (tma; tma-pp: consumer warpgroups taking turns on whole tiles) or 256 x 160
+//! (tma256) tiles, a persistent grid, 384 threads, the operands described by four tensor maps (A1, B1, A2, B2; built
 //! per call: a few host-only cuTensorMapEncodeTiled calls, no device work, no allocation) passed
 //! as `__grid_constant__` kernel parameters. It needs k1 > 0 and LoRA rows TMA can address
 //! (`klora::tma_lora_ok`: rank a multiple of 8, 16-byte aligned); elsewhere (rank 4, 12, ...,
@@ -68,17 +69,19 @@ pub fn fused_supported(dev: &CudaDevice, dtype: DType, m: usize, n: usize, k1: u
 }
 
 /// The variants of the Hopper kernel (LOOKAHEAD_VARIANT_LORA): kernels/cuda/lora_linear_tma.cu
-/// with 128 x 160 ("tma") or 256 x 160 ("tma256") output tiles.
-pub const VARIANTS: [&str; 2] = ["tma", "tma256"];
+/// with 128 x 160 ("tma") or 256 x 160 ("tma256") output tiles shared by the two consumer
+/// warpgroups, or 128 x 160 tiles that they take in turns ("tma-pp", ping-pong).
+pub const VARIANTS: [&str; 3] = ["tma", "tma256", "tma-pp"];
 const VARIANT_FAMILY: &str = "lora";
 
-/// The TMA kernel's tile rows LOOKAHEAD_VARIANT_LORA asks for (None: the default kernel); an
-/// unknown value is an error naming the variable and the known values.
-fn tma_requested() -> Result<Option<usize>> {
+/// The TMA kernel LOOKAHEAD_VARIANT_LORA asks for (None: the default kernel); an unknown value is
+/// an error naming the variable and the known values.
+fn tma_requested() -> Result<Option<Family>> {
     match super::kernel_variant(VARIANT_FAMILY).as_deref() {
         None | Some("default") => Ok(None),
-        Some("tma") => Ok(Some(128)),
-        Some("tma256") => Ok(Some(256)),
+        Some("tma") => Ok(Some(Family::Tma)),
+        Some("tma256") => Ok(Some(Family::Tma256)),
+        Some("tma-pp") => Ok(Some(Family::TmaPp)),
         Some(v) => Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_LORA = {v:?} is not a variant of the fused LoRA GEMM; known: default, {}", VARIANTS.join(", ")))),
     }
 }
@@ -94,6 +97,8 @@ enum Family {
     Tma,
     /// the same with 256 x 160 tiles
     Tma256,
+    /// the same with 128 x 160 tiles, the consumer warpgroups taking turns (ping-pong)
+    TmaPp,
 }
 
 impl Family {
@@ -131,20 +136,23 @@ fn kernel_name(family: Family, layout: BLayout, dtype: DType) -> &'static str {
         (Family::Tma256, BLayout::NMajor, _) => "lora_gemm_tma256_nk_f16",
         (Family::Tma256, BLayout::KMajor, DType::BF16) => "lora_gemm_tma256_kn_bf16",
         (Family::Tma256, BLayout::KMajor, _) => "lora_gemm_tma256_kn_f16",
+        (Family::TmaPp, BLayout::NMajor, DType::BF16) => "lora_gemm_tma_pp_nk_bf16",
+        (Family::TmaPp, BLayout::NMajor, _) => "lora_gemm_tma_pp_nk_f16",
+        (Family::TmaPp, BLayout::KMajor, DType::BF16) => "lora_gemm_tma_pp_kn_bf16",
+        (Family::TmaPp, BLayout::KMajor, _) => "lora_gemm_tma_pp_kn_f16",
     }
 }
 
 /// The Hopper (wgmma) kernel for C [m, n] on compute capability 9.0 when `cuda::hopper_kernels()`
 /// is on (and the device grants its shared memory, and the tiles fit its u32 count), else the
-/// mma.sync kernel. `tma`: the TMA variant's tile rows, when it was asked for and the operands
-/// allow it (k1 > 0, LoRA rows `klora::tma_lora_ok`); it replaces the cp.async Hopper kernel.
-fn kernel_for(dev: &CudaDevice, m: usize, n: usize, tma: Option<usize>) -> Kernel {
+/// mma.sync kernel. `tma`: the TMA variant, when it was asked for and the operands allow it
+/// (k1 > 0, LoRA rows `klora::tma_lora_ok`); it replaces the cp.async Hopper kernel.
+fn kernel_for(dev: &CudaDevice, m: usize, n: usize, tma: Option<Family>) -> Kernel {
     let hopper_fits = dev.max_shared_memory_per_block_optin() >= klora::HOPPER_SHARED_BYTES && klora::hopper_tiles(m, n) < (1 << 31);
     if !(super::hopper_kernels() && dev.arch() == 90 && hopper_fits) {
         Kernel { source: &klora::SOURCE, family: Family::MmaSync, threads: klora::THREADS, shared_bytes: klora::SHARED_BYTES }
-    } else if let Some(tile_m) = tma.filter(|&t| dev.max_shared_memory_per_block_optin() >= klora::tma_shared_bytes(t)) {
-        let family = if tile_m == 256 { Family::Tma256 } else { Family::Tma };
-        Kernel { source: &klora::TMA_SOURCE, family, threads: klora::TMA_THREADS, shared_bytes: klora::tma_shared_bytes(tile_m) }
+    } else if let Some(family) = tma.filter(|f| dev.max_shared_memory_per_block_optin() >= klora::tma_shared_bytes(f.tile_m())) {
+        Kernel { source: &klora::TMA_SOURCE, family, threads: klora::TMA_THREADS, shared_bytes: klora::tma_shared_bytes(family.tile_m()) }
     } else {
         Kernel { source: &klora::HOPPER_SOURCE, family: Family::Hopper, threads: klora::HOPPER_THREADS, shared_bytes: klora::HOPPER_SHARED_BYTES }
     }
@@ -251,10 +259,10 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
     let grid_dim = match kernel.family {
         Family::MmaSync => (n.div_ceil(klora::TILE_N) as u32, m.div_ceil(klora::TILE_M) as u32, 1),
         Family::Hopper => (klora::hopper_blocks(m, n, dev.multiprocessors()), 1, 1),
-        Family::Tma | Family::Tma256 => (klora::tma_blocks(m, n, kernel.family.tile_m(), dev.multiprocessors()), 1, 1),
+        Family::Tma | Family::Tma256 | Family::TmaPp => (klora::tma_blocks(m, n, kernel.family.tile_m(), dev.multiprocessors()), 1, 1),
     };
     let maps = match kernel.family {
-        Family::Tma | Family::Tma256 => Some(tma_maps(dtype, layout, kernel.family.tile_m(), (pa1, pb1, pa2, pb2), (m, n, k1, k2))?),
+        Family::Tma | Family::Tma256 | Family::TmaPp => Some(tma_maps(dtype, layout, kernel.family.tile_m(), (pa1, pb1, pa2, pb2), (m, n, k1, k2))?),
         _ => None,
     };
     let f = loaded(&dev, &kernel, kernel_name(kernel.family, layout, dtype))?;
@@ -342,7 +350,7 @@ mod tests {
         // The only test of this crate that touches LOOKAHEAD_VARIANT_LORA; put back as it was.
         let before = std::env::var("LOOKAHEAD_VARIANT_LORA").ok();
         let mut seen = Vec::new();
-        for v in ["", "default", "tma", "tma256", "tma512"] {
+        for v in ["", "default", "tma", "tma256", "tma-pp", "tma512"] {
             std::env::set_var("LOOKAHEAD_VARIANT_LORA", v);
             seen.push(tma_requested().map_err(|e| e.to_string()));
         }
@@ -350,9 +358,9 @@ mod tests {
             Some(v) => std::env::set_var("LOOKAHEAD_VARIANT_LORA", v),
             None => std::env::remove_var("LOOKAHEAD_VARIANT_LORA"),
         }
-        assert_eq!(seen[..4], [Ok(None), Ok(None), Ok(Some(128)), Ok(Some(256))]);
-        let e = seen[4].clone().unwrap_err();
-        assert!(e.contains("LOOKAHEAD_VARIANT_LORA") && e.contains("tma512") && e.contains("default, tma, tma256"), "{e}");
+        assert_eq!(seen[..5], [Ok(None), Ok(None), Ok(Some(Family::Tma)), Ok(Some(Family::Tma256)), Ok(Some(Family::TmaPp))]);
+        let e = seen[5].clone().unwrap_err();
+        assert!(e.contains("LOOKAHEAD_VARIANT_LORA") && e.contains("tma512") && e.contains("default, tma, tma256, tma-pp"), "{e}");
     }
 
     #[test]
@@ -361,8 +369,9 @@ mod tests {
             for (dtype, dt) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
                 assert_eq!(kernel_name(Family::MmaSync, layout, dtype), klora::kernel_name(layout, dt));
                 assert_eq!(kernel_name(Family::Hopper, layout, dtype), klora::hopper_kernel_name(layout, dt));
-                assert_eq!(kernel_name(Family::Tma, layout, dtype), klora::tma_kernel_name(layout, dt, 128));
-                assert_eq!(kernel_name(Family::Tma256, layout, dtype), klora::tma_kernel_name(layout, dt, 256));
+                assert_eq!(kernel_name(Family::Tma, layout, dtype), klora::tma_kernel_name(layout, dt, 128, false));
+                assert_eq!(kernel_name(Family::Tma256, layout, dtype), klora::tma_kernel_name(layout, dt, 256, false));
+                assert_eq!(kernel_name(Family::TmaPp, layout, dtype), klora::tma_kernel_name(layout, dt, 128, true));
             }
         }
     }
