@@ -60,3 +60,49 @@ __host__ __device__ __forceinline__ float fh_exp2_poly(float x) {
     p = fmaf(p, f, 0.9999281167984009f);
     return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
 }
+
+// ---- the Hopper kernels' per-tile softmax (flash_attention_hopper.cu, flash_attention_ws.cu) ------
+// One warpgroup's 64 x 128 tile of scores s in the wgmma accumulator layout: register 4 n + e of
+// the thread (lane 4 g + t of its warp) holds row g + 8 (e >> 1), column 8 n + 2 t + (e & 1).
+
+// The online softmax step of the tile: dropped keys -inf (when `check`); per row (h = 0: row g,
+// h = 1: row g + 8; registers 4 n + 2 h, + 1) the new max m (base-2 units: the scale, > 0 by the
+// host's guarantee, is applied inside the exponent, exp2(s scale_log2 - max), one FFMA), corr the
+// factor O and l take, s <- exp2(s scale_log2 - max) (every POLY-th 8-column block by
+// fh_exp2_poly on the FMA pipe when POLY > 0), l += the row's sum.
+template <int POLY>
+__device__ __forceinline__ void fa_softmax_tile(float (&s)[64], bool check, const u32 (&drop)[2], float scale_log2, float (&m)[2], float (&l)[2], float (&corr)[2]) {
+    if (check) {
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[4 * n + e] = (drop[e & 1] >> (2 * n)) & 1u ? FA_NEG_INF : s[4 * n + e];
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float mx = FA_NEG_INF;
+#pragma unroll
+        for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+        const float m_new = fmaxf(m[h], fa_quad_max(mx) * scale_log2);
+        // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives 0, not NaN.
+        const float base = m_new == FA_NEG_INF ? 0.0f : m_new;
+        corr[h] = exp2f(m[h] - base);
+        m[h] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+            const float x0 = fmaf(s[4 * n + 2 * h], scale_log2, -base);
+            const float x1 = fmaf(s[4 * n + 2 * h + 1], scale_log2, -base);
+            if (POLY > 0 && n % POLY == POLY - 1) {
+                s[4 * n + 2 * h] = fh_exp2_poly(x0);
+                s[4 * n + 2 * h + 1] = fh_exp2_poly(x1);
+            } else {
+                s[4 * n + 2 * h] = exp2f(x0);
+                s[4 * n + 2 * h + 1] = exp2f(x1);
+            }
+            sum += s[4 * n + 2 * h] + s[4 * n + 2 * h + 1];
+        }
+        l[h] = l[h] * corr[h] + sum;
+    }
+}

@@ -208,7 +208,8 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
         // tokens with keep 0), read while S is computed: lane l looks at columns 4 l .. 4 l + 3
         // (one coalesced 128-byte read a warp) and four ballots give every lane all 128 bits.
         // Column 8 n + 2 t + c is bit 2 (t % 2) + c of lane 2 n + t / 2, so after the shift by
-        // t / 2 the thread finds it at bit 2 n of drop[c].
+        // t / 2 the thread finds it at bit 2 n of drop[c]. (Kept inline: as a function of
+        // flash_attention.cuh the D 64 kernel took 161 registers instead of 159.)
         const bool reference = j >= own_tiles;
         const u32 start = reference ? (j - own_tiles) * FH_BN : j * FH_BN;
         const u32 len = reference ? p.lr - start : p.lk - start;
@@ -228,47 +229,7 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
         if (pv_pending) wgmma_wait<1>();  // S_j retired (groups retire in order); P V may still run
         else wgmma_wait<0>();
         wgmma_fence_operands(s);
-
-        // Dropped keys -inf (register 4 n + e holds column 8 n + 2 t + (e & 1)); the scale (> 0,
-        // the host's guarantee) is applied inside the exponent: exp2(s scale_log2 - max), one
-        // FFMA, with the max kept in base-2 units.
-        if (check) {
-#pragma unroll
-            for (int n = 0; n < FH_BN / 8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[4 * n + e] = (drop[e & 1] >> (2 * n)) & 1u ? FA_NEG_INF : s[4 * n + e];
-            }
-        }
-
-        // Online softmax per row (h = 0: row g, h = 1: row g + 8; registers 4 n + 2 h, + 1).
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float mx = FA_NEG_INF;
-#pragma unroll
-            for (int n = 0; n < FH_BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
-            const float m_new = fmaxf(m[h], fa_quad_max(mx) * p.scale_log2);
-            // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives 0,
-            // not NaN.
-            const float base = m_new == FA_NEG_INF ? 0.0f : m_new;
-            corr[h] = exp2f(m[h] - base);
-            m[h] = m_new;
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < FH_BN / 8; ++n) {
-                const float x0 = fmaf(s[4 * n + 2 * h], p.scale_log2, -base);
-                const float x1 = fmaf(s[4 * n + 2 * h + 1], p.scale_log2, -base);
-                if (POLY > 0 && n % POLY == POLY - 1) {
-                    s[4 * n + 2 * h] = fh_exp2_poly(x0);
-                    s[4 * n + 2 * h + 1] = fh_exp2_poly(x1);
-                } else {
-                    s[4 * n + 2 * h] = exp2f(x0);
-                    s[4 * n + 2 * h + 1] = exp2f(x1);
-                }
-                sum += s[4 * n + 2 * h] + s[4 * n + 2 * h + 1];
-            }
-            l[h] = l[h] * corr[h] + sum;
-        }
-
+        fa_softmax_tile<POLY>(s, check, drop, p.scale_log2, m, l, corr);  // flash_attention.cuh
     };
     // The end of step j, put at the start of step j + 1 (before its barrier): P_{j-1} V_{j-1} has
     // retired, O (in the frame of the old max) is rescaled and P_j goes into pa. Kept apart from

@@ -281,39 +281,7 @@ template <typename T, bool PINGPONG, int STAGES, int POLY, bool TMA> __device__ 
         wgmma_fence_operands(s);
         release(&k_empty[j % STAGES]);
 
-        if (check) {
-#pragma unroll
-            for (int n = 0; n < WS_BN / 8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[4 * n + e] = (drop[e & 1] >> (2 * n)) & 1u ? FA_NEG_INF : s[4 * n + e];
-            }
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float mx = FA_NEG_INF;
-#pragma unroll
-            for (int n = 0; n < WS_BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
-            const float m_new = fmaxf(m[h], fa_quad_max(mx) * p.scale_log2);
-            // A row with no key so far keeps max -inf; subtract 0 instead so that exp2 gives 0.
-            const float base = m_new == FA_NEG_INF ? 0.0f : m_new;
-            corr[h] = exp2f(m[h] - base);
-            m[h] = m_new;
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < WS_BN / 8; ++n) {
-                const float x0 = fmaf(s[4 * n + 2 * h], p.scale_log2, -base);
-                const float x1 = fmaf(s[4 * n + 2 * h + 1], p.scale_log2, -base);
-                if (POLY > 0 && n % POLY == POLY - 1) {
-                    s[4 * n + 2 * h] = fh_exp2_poly(x0);
-                    s[4 * n + 2 * h + 1] = fh_exp2_poly(x1);
-                } else {
-                    s[4 * n + 2 * h] = exp2f(x0);
-                    s[4 * n + 2 * h + 1] = exp2f(x1);
-                }
-                sum += s[4 * n + 2 * h] + s[4 * n + 2 * h + 1];
-            }
-            l[h] = l[h] * corr[h] + sum;
-        }
+        fa_softmax_tile<POLY>(s, check, drop, p.scale_log2, m, l, corr);
     };
     // The end of step j, at the start of step j + 1 (kept apart from the softmax by the loop's back
     // edge, so that ptxas does not hoist the wait above it): P_{j-1} V_{j-1} retired, V_{j-1}'s
