@@ -545,10 +545,12 @@ template <int N> inline void ldmatrix(uint32_t (&r)[N], const void* row, bool tr
 }
 
 // ---- cp.async (per thread; no synchronisation) ---------------------------------------------------
-inline void cp_async_16(void* dst, const void* src, bool full, const char* file, int line) {
+// One copy of `size` bytes (16: cp.async.cg, 8: cp.async.ca); dst and (when full) src aligned to
+// `size`; !full zero-fills.
+inline void cp_async_bytes(void* dst, const void* src, bool full, unsigned size, const char* name, const char* file, int line) {
     Fiber* f = self();
-    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) thread_error(f, "cp_async_16 destination %p at %s:%d is not 16-byte aligned", dst, base_name(file), line);
-    if (full && reinterpret_cast<uintptr_t>(src) % 16 != 0) thread_error(f, "cp_async_16 source %p at %s:%d is not 16-byte aligned", src, base_name(file), line);
+    if (reinterpret_cast<uintptr_t>(dst) % size != 0) thread_error(f, "%s destination %p at %s:%d is not %u-byte aligned", name, dst, base_name(file), line, size);
+    if (full && reinterpret_cast<uintptr_t>(src) % size != 0) thread_error(f, "%s source %p at %s:%d is not %u-byte aligned", name, src, base_name(file), line, size);
     if (f->ncopies == f->copies_cap) {
         f->copies_cap = f->copies_cap ? 2 * f->copies_cap : 16;
         f->copies = static_cast<PendingCopy*>(realloc(f->copies, f->copies_cap * sizeof(PendingCopy)));
@@ -558,35 +560,18 @@ inline void cp_async_16(void* dst, const void* src, bool full, const char* file,
     c.dst = static_cast<unsigned char*>(dst);
     // The source is read now: a later change to it does not reach the copy, as on the GPU once
     // the copy is under way. The destination is written when a wait retires the group.
-    c.size = 16;
+    c.size = size;
     ++f->copy_seq;
-    if (full) memcpy(c.data, src, 16);
-    else memset(c.data, 0, 16);
+    if (full) memcpy(c.data, src, size);
+    else memset(c.data, 0, size);
     // Until then the destination is undefined (the hardware may write it at any moment after
     // the issue): it holds 0xff bytes (NaN as f32 / bf16 / f16), so that a read of it — by this
     // thread before its wait, or by another thread that still uses the old contents (a stage
     // overwritten before every warp is done with it) — shows in the results.
-    memset(dst, 0xff, 16);
+    memset(dst, 0xff, size);
 }
-
-// cp.async.ca of 8 bytes (src-size 8 or 0): as cp_async_16, 8-byte aligned.
-inline void cp_async_8(void* dst, const void* src, bool full, const char* file, int line) {
-    Fiber* f = self();
-    if (reinterpret_cast<uintptr_t>(dst) % 8 != 0) thread_error(f, "cp_async_8 destination %p at %s:%d is not 8-byte aligned", dst, base_name(file), line);
-    if (full && reinterpret_cast<uintptr_t>(src) % 8 != 0) thread_error(f, "cp_async_8 source %p at %s:%d is not 8-byte aligned", src, base_name(file), line);
-    if (f->ncopies == f->copies_cap) {
-        f->copies_cap = f->copies_cap ? 2 * f->copies_cap : 16;
-        f->copies = static_cast<PendingCopy*>(realloc(f->copies, f->copies_cap * sizeof(PendingCopy)));
-        if (!f->copies) abort();
-    }
-    PendingCopy& c = f->copies[f->ncopies++];
-    c.dst = static_cast<unsigned char*>(dst);
-    c.size = 8;
-    ++f->copy_seq;
-    if (full) memcpy(c.data, src, 8);
-    else memset(c.data, 0, 8);
-    memset(dst, 0xff, 8);  // undefined until the wait, as for cp_async_16
-}
+inline void cp_async_16(void* dst, const void* src, bool full, const char* file, int line) { cp_async_bytes(dst, src, full, 16, "cp_async_16", file, line); }
+inline void cp_async_8(void* dst, const void* src, bool full, const char* file, int line) { cp_async_bytes(dst, src, full, 8, "cp_async_8", file, line); }
 
 inline void cp_async_commit() {
     Fiber* f = self();
