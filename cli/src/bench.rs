@@ -284,9 +284,10 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn()
 struct Timing {
     /// Host clock around a batch of runs and a synchronisation: what a caller sees.
     wall: f64,
-    /// The host's time to queue one run (its launch overhead); when it is close to `wall` the
-    /// case is host-bound and `wall` says little about the kernels.
-    host: f64,
+    /// The host's time to queue one run (its launch overhead), CUDA only (on the CPU the run is
+    /// the host's work); when it is close to `wall` the case is host-bound and `wall` says little
+    /// about the kernels.
+    host: Option<f64>,
     /// Stream time of the batch queued behind `hold_stream` (CUDA only): the kernels alone. None
     /// when the host could not queue the batch within the hold (an op that synchronises).
     gpu: Option<f64>,
@@ -339,7 +340,8 @@ fn median_time(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, min_time:
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied()
     };
-    Ok(Timing { wall: median(wall).expect("at least three batches"), host: median(host).expect("at least three batches"), gpu: median(gpu) })
+    let host = if cuda.is_some() { median(host) } else { None };
+    Ok(Timing { wall: median(wall).expect("at least three batches"), host, gpu: median(gpu) })
 }
 
 #[derive(Serialize)]
@@ -451,7 +453,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             name: c.name.clone(),
             seconds: timing.as_ref().map(|t| t.wall),
             gpu_seconds: timing.as_ref().and_then(|t| t.gpu),
-            host_seconds: timing.as_ref().map(|t| t.host),
+            host_seconds: timing.as_ref().and_then(|t| t.host),
             throughput: ours.map(|s| work / s),
             unit,
             baseline_seconds: base,
