@@ -34,7 +34,7 @@ fn steps_apart(a: u16, b: u16) -> u32 {
 fn check_activation(m: &EmulatedModule, h: Half, op: UnaryOp) {
     let n = 65536usize;
     let x = Aligned::from(&(0..=u16::MAX).collect::<Vec<u16>>());
-    let mut y = Aligned::<u16>::zeroed(n);
+    let y = Aligned::<u16>::zeroed(n);
     let (code, p0, p1) = op.cuda_code();
     let kernel = format!("unary_{}", h.name());
     // The contiguous path's launch (engine/src/cuda/elementwise.rs): one 16-byte pack of 8

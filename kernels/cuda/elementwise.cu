@@ -186,7 +186,7 @@ __device__ __noinline__ float call_sinf(float x) { return sinf(x); }
 __device__ __noinline__ float call_cosf(float x) { return cosf(x); }
 __device__ __noinline__ float call_powf(float x, float y) { return powf(x, y); }
 
-template <int OP, bool LOW> __device__ __forceinline__ float unary_math(float x, float p0, float p1) {
+template <int OP, typename T> __device__ __forceinline__ float unary_math(float x, float p0, float p1) {
     switch (OP) {
     case 0: return -x;                                   // Neg
     case 1: return fabsf(x);                             // Abs
@@ -199,10 +199,10 @@ template <int OP, bool LOW> __device__ __forceinline__ float unary_math(float x,
     case 8: return call_sinf(x);                            // Sin
     case 9: return call_cosf(x);                            // Cos
     case 10: return tanhf(x);                            // Tanh
-    case 11: return LOW ? sigmoid_approx(x) : 1.0f / (1.0f + expf(-x));      // Sigmoid (common.cuh)
-    case 12: return x * (LOW ? sigmoid_approx(x) : 1.0f / (1.0f + expf(-x))); // Silu
+    case 11: return sigmoid_for<T>(x);                  // Sigmoid (common.cuh)
+    case 12: return x * sigmoid_for<T>(x);              // Silu
     case 13: return fmaxf(x, 0.0f);                      // Relu (NaN -> 0, as f32::max)
-    case 14: return LOW ? gelu_erf_approx(x) : gelu_erf_exact(x); // Gelu (erf; common.cuh)
+    case 14: return gelu_for<T>(x);                     // Gelu (erf; common.cuh)
     case 15: {                                           // GeluTanh
         const float c = 0.7978846f;
         return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
@@ -217,7 +217,11 @@ template <int OP, bool LOW> __device__ __forceinline__ float unary_math(float x,
 
 template <typename T, int OP> struct UnaryFn {
     float p0, p1;
-    __device__ __forceinline__ T operator()(T x) const { return from_f32<T>(unary_math<OP, sizeof(T) == 2>(to_f32(x), p0, p1)); }
+    // Neg and Abs pass NaN payloads through, as the CPU does; every other result is arithmetic's.
+    __device__ __forceinline__ T operator()(T x) const {
+        const float r = unary_math<OP, T>(to_f32(x), p0, p1);
+        return OP <= 1 ? from_f32<T>(r) : from_f32_arith<T>(r);
+    }
 };
 
 #define UNARY_OPS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19)
@@ -241,7 +245,7 @@ template <typename T> struct UnaryDynFn {
         float r = v;
         switch (op) {
 #define UNARY_CASE(k)                                                                                 \
-    case k: r = unary_math<k, sizeof(T) == 2>(v, p0, p1); break;
+    case k: r = unary_math<k, T>(v, p0, p1); break;
             UNARY_OPS(UNARY_CASE)
 #undef UNARY_CASE
         }

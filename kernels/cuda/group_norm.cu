@@ -122,7 +122,7 @@ __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restric
             for (int j = 0; j < V; ++j) {
                 float v = (to_f32(r[k].v[j]) - mean) * sc + sh;
                 if (act) v *= sigmoid_for<T>(v);
-                o.v[j] = from_f32<T>(v);
+                o.v[j] = from_f32_arith<T>(v);
             }
             yp[i] = o;
         }
@@ -290,7 +290,7 @@ __device__ __forceinline__ void gn_cluster_bwd(const T* __restrict__ x, const T*
                 const float xh = (to_f32(rx[k].v[j]) - mean) * rstd;
                 float dz = to_f32(rd[k].v[j]);
                 if (act) dz *= gnc_dsilu<T>(xh * wc + bc);
-                o.v[j] = from_f32<T>(rstd * (dz * wc - mg - xh * mgx));
+                o.v[j] = from_f32_arith<T>(rstd * (dz * wc - mg - xh * mgx));
             }
             dxp[i] = o;
         }
@@ -408,7 +408,7 @@ __device__ __forceinline__ void gn_cluster_smem(const T* __restrict__ x, T* __re
         for (int j = 0; j < V; ++j) {
             float v = (to_f32(r.v[j]) - mean) * sc + sh;
             if (act) v *= sigmoid_for<T>(v);
-            o.v[j] = from_f32<T>(v);
+            o.v[j] = from_f32_arith<T>(v);
         }
         yp[i] = o;
     }

@@ -59,7 +59,7 @@ __device__ __forceinline__ void softmax_cached(const T* __restrict__ xr, T* __re
         if (c < cols) {
             Pack<T, V> out;
 #pragma unroll
-            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(log_mode ? (v[p][k] - m) - a : v[p][k] * a);
+            for (int k = 0; k < V; ++k) out.v[k] = from_f32_arith<T>(log_mode ? (v[p][k] - m) - a : v[p][k] * a);
             *reinterpret_cast<Pack<T, V>*>(yr + c) = out;
         }
     }
@@ -102,7 +102,7 @@ __device__ __forceinline__ void softmax_long(const T* __restrict__ x, T* __restr
     const float a = log_mode ? logf(s) : 1.0f / s;
     for (u32 i = threadIdx.x; i < cols; i += tpr) {
         const float v = to_f32(xr[i]);
-        yr[i] = from_f32<T>(log_mode ? (v - mr) - a : expf(v - mr) * a);
+        yr[i] = from_f32_arith<T>(log_mode ? (v - mr) - a : expf(v - mr) * a);
     }
 }
 
@@ -173,7 +173,7 @@ __device__ __forceinline__ void softmax_packed(const T* __restrict__ x, T* __res
 #pragma unroll
             for (int k = 0; k < V; ++k) {
                 const float d = to_f32(v[p].v[k]) - m;
-                out.v[k] = from_f32<T>(log_mode ? d - a : exp2f(d * LOG2E) * a);
+                out.v[k] = from_f32_arith<T>(log_mode ? d - a : exp2f(d * LOG2E) * a);
             }
             yr[i] = out;
         }
