@@ -185,3 +185,107 @@ fn packed_dx_kernels_match_scalar() {
         }
     }
 }
+
+/// The two-phase backward (norm.cu) as engine/src/cuda/norm.rs launches it where the cluster
+/// kernel does not apply: gn_stats_DT -> gn_finalize_DT (mean, rstd), gn_bwd_reduce_DT (per
+/// channel and lane sums), gn_bwd_finalize (per channel coefficients), the dx kernel and
+/// gn_bwd_params (dweight, dbias), against the CPU reference. NCHW planes of 8 packs' multiples
+/// (gn_bwd_reduce_nchw's packed loads, 3 lanes, a short last one) and of an odd length (its scalar
+/// loop); channels-last with C a multiple of the pack (gn_bwd_dx_nhwc) over 2 lanes.
+#[test]
+fn two_phase_backward_matches_cpu_reference() {
+    if !have_compiler("two_phase_backward_matches_cpu_reference") {
+        return;
+    }
+    let module = EmulatedModule::load(&knorm::SOURCE).expect("norm.cu builds for the emulator");
+    // (layout, case, lanes): chunk = HW / lanes rounded up to a multiple of 8, as gn_lanes.
+    let cases = [(false, Case { n: 2, c: 6, hw: 200, groups: 3 }, 3usize), (false, Case { n: 2, c: 4, hw: 45, groups: 2 }, 2), (true, Case { n: 2, c: 16, hw: 9, groups: 4 }, 2)];
+    for dt in [Dt::F32, Dt::Half(Half::Bf16), Dt::Half(Half::F16)] {
+        for (ci, &(channels_last, k, lanes)) in cases.iter().enumerate() {
+            let len = k.n * k.c * k.hw;
+            let seed = 100 + 10 * ci as u64;
+            let x = dt.round(&values(len, seed + 1).iter().map(|v| 1.5 + 2.0 * v).collect::<Vec<_>>());
+            let dy = dt.round(&values(len, seed + 2));
+            let w: Vec<f32> = values(k.c, seed + 3).iter().map(|v| 1.5 * v).collect();
+            let b: Vec<f32> = values(k.c, seed + 4).iter().map(|v| 0.5 * v).collect();
+            for silu in [false, true] {
+                let label = format!("{} {k:?} channels_last {channels_last} lanes {lanes} silu {silu}", dt.name());
+                let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0f32; len], vec![0f32; k.c], vec![0f32; k.c]);
+                group_norm_backward(&x, &dy, k.n, k.c, k.hw, k.groups, Some(&w), Some(&b), 1e-5, silu, &mut dx_ref, Some(&mut dw_ref), Some(&mut db_ref));
+                let (dx, dw, db) = run_two_phase(&module, dt, k, channels_last, lanes, &x, &dy, &w, &b, silu);
+                let (atol, rtol) = dt.tolerance();
+                assert_close(&format!("{label} dx"), &dx, &dx_ref, atol, rtol);
+                let atol_p = 2e-5 * ((k.n * k.hw) as f32).sqrt() * if matches!(dt, Dt::F32) { 1.0 } else { 4.0 };
+                assert_close(&format!("{label} dweight"), &dw, &dw_ref, atol_p, 1e-5);
+                assert_close(&format!("{label} dbias"), &db, &db_ref, atol_p, 1e-5);
+            }
+        }
+    }
+}
+
+/// One two-phase backward on NCHW `x` / `dy` (stored channels-last when asked): (dx in NCHW,
+/// dweight, dbias).
+#[allow(clippy::too_many_arguments)]
+fn run_two_phase(module: &EmulatedModule, dt: Dt, k: Case, channels_last: bool, lanes: usize, x: &[f32], dy: &[f32], w: &[f32], b: &[f32], silu: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (n, c, hw) = (k.n, k.c, k.hw);
+    // NCHW index of the i-th stored element, and back.
+    let nchw_of = |i: usize| if channels_last { (i / (hw * c) * c + i % c) * hw + i / c % hw } else { i };
+    let stored = |v: &[f32]| (0..v.len()).map(|i| v[nchw_of(i)]).collect::<Vec<f32>>();
+    let (bx, bdy) = (Buf::new(dt, &stored(x)), Buf::new(dt, &stored(dy)));
+    let bdx = Buf::new(dt, &vec![f32::NAN; x.len()]);
+    let (bw, bb) = (Aligned::from(w), Aligned::from(b));
+    let part = Aligned::<f32>::zeroed(3 * n * c * lanes);
+    let stats = Aligned::<f32>::zeroed(2 * n * k.groups);
+    let coef = Aligned::<f32>::zeroed(4 * n * c);
+    let (dw, db) = (Aligned::<f32>::zeroed(c), Aligned::<f32>::zeroed(c));
+    let (xp, dyp, dxp, wp, bp, pp, sp, cp) = (bx.addr(), bdy.addr(), bdx.addr(), bw.addr(), bb.addr(), part.addr(), stats.addr(), coef.addr());
+    let (dwp, dbp) = (dw.addr(), db.addr());
+    let (n32, c32, hw32, g32, l32, cl, act) = (n as u32, c as u32, hw as u32, k.groups as u32, lanes as u32, channels_last as i32, silu as i32);
+    let chunk = (hw.div_ceil(lanes).div_ceil(8) * 8) as u32;
+    assert_eq!(hw.div_ceil(chunk as usize), lanes, "lanes must cover hw in chunks of a multiple of 8");
+    let dtn = dt.name();
+    let block = (BLOCK as u32, 1, 1);
+    let run = |name: &str, grid: (u32, u32, u32), call: &dyn Fn(*const std::ffi::c_void)| {
+        // SAFETY: each call below transmutes to its kernel's signature (norm.cu); the buffers
+        // outlive the launch and hold what the kernel reads or writes: part 3 N C L floats (the
+        // backward uses 2 N C L), stats 2 N G, coef 4 N C, dw / db C, the tensors N C HW elements,
+        // 16-byte aligned; C % V == 0 with C / V <= BLOCK for the channels-last dx kernel.
+        unsafe { module.launch(name, grid, block, 0, call) }.unwrap_or_else(|e| panic!("{name} {k:?}: {e}"));
+    };
+    // SAFETY (transmutes): the signatures of norm.cu's kernels, argument for argument.
+    unsafe {
+        if channels_last {
+            run(&format!("gn_stats_nhwc_{dtn}"), (l32, n32, 1), &|f| std::mem::transmute::<_, extern "C" fn(u64, u64, u32, u32)>(f)(xp, pp, c32, hw32));
+        } else {
+            run(&format!("gn_stats_nchw_{dtn}"), ((n * c) as u32, l32, 1), &|f| std::mem::transmute::<_, extern "C" fn(u64, u64, u32, u32)>(f)(xp, pp, hw32, chunk));
+        }
+        run(&format!("gn_finalize_{dtn}"), ((n * k.groups) as u32, 1, 1), &|f| {
+            std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, u32, i32, f32)>(f)(xp, pp, sp, 0, wp, bp, n32, c32, hw32, g32, l32, cl, 1e-5)
+        });
+        if channels_last {
+            run(&format!("gn_bwd_reduce_nhwc_{dtn}"), (l32, n32, 1), &|f| {
+                std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, u32, i32)>(f)(xp, dyp, sp, wp, bp, pp, c32, hw32, g32, act)
+            });
+        } else {
+            run(&format!("gn_bwd_reduce_nchw_{dtn}"), ((n * c) as u32, l32, 1), &|f| {
+                std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, i32)>(f)(xp, dyp, sp, wp, bp, pp, c32, hw32, g32, chunk, act)
+            });
+        }
+        run("gn_bwd_finalize", ((n * k.groups) as u32, 1, 1), &|f| std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u64, u32, u32, u32, u32, u32)>(f)(pp, sp, wp, cp, n32, c32, hw32, g32, l32));
+        if channels_last {
+            run(&format!("gn_bwd_dx_nhwc_{dtn}"), (l32, n32, 1), &|f| std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, i32)>(f)(xp, dyp, cp, wp, bp, dxp, c32, hw32, act));
+        } else {
+            let total = (n * c * hw) as u32;
+            run(&format!("gn_bwd_dx_{dtn}"), (total.div_ceil(BLOCK as u32), 1, 1), &|f| {
+                std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, u32, i32, i32)>(f)(xp, dyp, cp, wp, bp, dxp, total, c32, hw32, cl, act)
+            });
+        }
+        run("gn_bwd_params", (c32, 1, 1), &|f| std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u32, u32, u32)>(f)(pp, dwp, dbp, n32, c32, l32));
+    }
+    let got = bdx.values();
+    let mut dx = vec![0f32; got.len()];
+    for (i, &v) in got.iter().enumerate() {
+        dx[nchw_of(i)] = v;
+    }
+    (dx, dw.to_vec(), db.to_vec())
+}

@@ -91,7 +91,7 @@ __device__ __forceinline__ void layer_norm_cached(const T* __restrict__ xr, T* _
             params_at<V>(b, c, 0.0f, bk);
             Pack<T, V> out;
 #pragma unroll
-            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>((v[p][k] - mean) * rstd * wk[k] + bk[k]);
+            for (int k = 0; k < V; ++k) out.v[k] = from_f32_arith<T>((v[p][k] - mean) * rstd * wk[k] + bk[k]);
             *reinterpret_cast<Pack<T, V>*>(yr + c) = out;
         }
     }
@@ -132,19 +132,22 @@ __device__ __forceinline__ void layer_norm_long(const T* x, T* y, const float* w
     if (var < 0.0f) var = 0.0f;
     const float rstd = 1.0f / sqrtf(var + eps);
     for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
-        yr[i] = from_f32<T>((to_f32(xr[i]) - mean) * rstd * param(w, i, 1.0f) + param(b, i, 0.0f));
+        yr[i] = from_f32_arith<T>((to_f32(xr[i]) - mean) * rstd * param(w, i, 1.0f) + param(b, i, 0.0f));
     }
 }
 
 // layer_norm_packed_DT (16-bit dtypes; cols a multiple of 8, x and y 16-byte aligned): each thread
-// keeps up to LNP_PACKS packs of 8 raw 16-bit values of its row in registers (16 registers, where
-// 32 floats would need twice that), converting to f32 on the fly in each pass, so a block holds
+// keeps up to LNP_PACKS packs of 8 raw 16-bit values of its row in registers (20 registers, where
+// 40 floats would need twice that), converting to f32 on the fly in each pass, so a block holds
 // several rows and the SM many more rows in flight than layer_norm_DT's one 4096-wide row per
 // 256 threads (16-bit rows carry half the bytes of f32 ones for the same latency). All loads of a
 // row are issued before its first reduction. tpr = a power of two from 32 to 1024 threads a row
 // (cols <= tpr * 8 * LNP_PACKS); blocks of max(256, tpr) threads hold blockDim / tpr rows; grid.x =
 // ceil(rows / rows per block). Rows past the end load and store nothing but join the barriers.
-#define LNP_PACKS 4
+// Five packs rather than softmax's four so that SDXL's 1280-wide rows (160 packs) take a warp of
+// 5 packs a lane, reduced by shuffles alone, where four packs needed 64 threads a row, half of them
+// idle in the third pack, and two block barriers a row (54% of copy bandwidth on an H200).
+#define LNP_PACKS 5
 #define LNP_MAX_BLOCK 1024
 
 template <typename T>
@@ -193,7 +196,7 @@ __device__ __forceinline__ void layer_norm_packed(const T* __restrict__ x, T* __
             params_at<V>(b, i * V, 0.0f, bk);
             PT out;
 #pragma unroll
-            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>((to_f32(v[p].v[k]) - mean) * rstd * wk[k] + bk[k]);
+            for (int k = 0; k < V; ++k) out.v[k] = from_f32_arith<T>((to_f32(v[p].v[k]) - mean) * rstd * wk[k] + bk[k]);
             yr[i] = out;
         }
     }
@@ -240,7 +243,7 @@ __device__ __forceinline__ void layer_norm_bwd(const T* __restrict__ x, const T*
     for (u32 i = t; i < cols; i += tpr) {
         const float xh = (to_f32(x[base + i]) - mean) * rstd;
         const float g = to_f32(dy[base + i]) * param(w, i, 1.0f);
-        dx[base + i] = from_f32<T>(rstd * (g - mg - xh * mgx));
+        dx[base + i] = from_f32_arith<T>(rstd * (g - mg - xh * mgx));
     }
     if (stats && t == 0) {
         stats[2 * (u64)row] = mean;
@@ -510,7 +513,7 @@ __device__ __forceinline__ void gn_apply_nhwc(const T* __restrict__ x, T* __rest
         for (int k = 0; k < V; ++k) {
             float v = (to_f32(pk.v[k]) - mu[k]) * sc[k] + sh[k];
             if (act) v = silu_out<T>(v);
-            out.v[k] = from_f32<T>(v);
+            out.v[k] = from_f32_arith<T>(v);
         }
         *reinterpret_cast<Pack<T, V>*>(yn + (u64)p * C) = out;
     }
@@ -547,7 +550,7 @@ __device__ __forceinline__ void affine_apply_body(const T* __restrict__ x, T* __
         const float4 f = (channels_last && k > 0) ? coef[(u64)n * cstride + c0 + k] : f0;
         float v = (to_f32(pk.v[k]) - f.x) * f.y + f.z;
         if (act) v = silu_out<T>(v);
-        out.v[k] = from_f32<T>(v);
+        out.v[k] = from_f32_arith<T>(v);
     }
     *reinterpret_cast<Pack<T, V>*>(y + i) = out;
 }
@@ -579,18 +582,24 @@ extern "C" __global__ void __launch_bounds__(EW_BLOCK) bn_coef(const float* mean
 // part[q * N*C*L + (n C + c) L + l], q = 0 A, 1 B); then per group mg = sum_c w_c A_c / m,
 // mgx = sum_c w_c B_c / m and dx = rstd * (d * w - mg - xhat * mgx); dweight = sum_n B,
 // dbias = sum_n A. stats are gn_finalize's (mean, rstd) per (sample, group).
-__device__ __forceinline__ float gn_dprime(float dy, float xh, float w, float b, int act) {
+// The SiLU derivative through sigmoid_for<T>: MUFU ex2/rcp for 16-bit tensors (the gradients are
+// rounded to 16 bits), where expf and an IEEE division made the reduction and dx passes
+// instruction-bound.
+template <typename T> __device__ __forceinline__ float gn_dprime(float dy, float xh, float w, float b, int act) {
     if (!act) return dy;
     const float y = xh * w + b;
-    const float s = 1.0f / (1.0f + expf(-y));
+    const float s = sigmoid_for<T>(y);
     return dy * (s * (1.0f + y * (1.0f - s)));
 }
 
-// NCHW: grid (N*C planes, L lanes), GN_BLOCK threads, lane l covers [l * chunk, (l + 1) * chunk).
+// NCHW: grid (N*C planes, L lanes), GN_BLOCK threads, lane l covers [l * chunk, (l + 1) * chunk)
+// (chunk a multiple of 8, engine/src/cuda/norm.rs gn_lanes). 16-byte packs of x and dy when the
+// planes allow them, up to four of each in flight a thread, as gn_stats_nchw.
 template <typename T>
 __device__ __forceinline__ void gn_bwd_reduce_nchw(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ stats, const float* __restrict__ w,
                                                    const float* __restrict__ b, float* __restrict__ part, u32 C, u32 HW, u32 G, u32 chunk, int act) {
     __shared__ float sm[32];
+    constexpr int V = 16 / sizeof(T);
     const u32 plane = blockIdx.x, L = gridDim.y, lane = blockIdx.y;
     const u32 n = plane / C, c = plane % C, ng = n * G + c / (C / G);
     const float mean = stats[2 * (u64)ng], rstd = stats[2 * (u64)ng + 1];
@@ -598,11 +607,26 @@ __device__ __forceinline__ void gn_bwd_reduce_nchw(const T* __restrict__ x, cons
     const u64 base = (u64)plane * HW;
     const u32 start = lane * chunk, end = min(HW, start + chunk);
     float sa = 0.0f, sb = 0.0f;
-    for (u32 i = start + threadIdx.x; i < end; i += blockDim.x) {
-        const float xh = (to_f32(x[base + i]) - mean) * rstd;
-        const float d = gn_dprime(to_f32(dy[base + i]), xh, wc, bc, act);
-        sa += d;
-        sb += d * xh;
+    if (HW % V == 0 && (u64)x % 16 == 0 && (u64)dy % 16 == 0) {
+#pragma unroll 4
+        for (u32 i = start + threadIdx.x * V; i < end; i += blockDim.x * V) {
+            const Pack<T, V> px = *reinterpret_cast<const Pack<T, V>*>(x + base + i);
+            const Pack<T, V> pd = *reinterpret_cast<const Pack<T, V>*>(dy + base + i);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float xh = (to_f32(px.v[k]) - mean) * rstd;
+                const float d = gn_dprime<T>(to_f32(pd.v[k]), xh, wc, bc, act);
+                sa += d;
+                sb += d * xh;
+            }
+        }
+    } else {
+        for (u32 i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const float xh = (to_f32(x[base + i]) - mean) * rstd;
+            const float d = gn_dprime<T>(to_f32(dy[base + i]), xh, wc, bc, act);
+            sa += d;
+            sb += d * xh;
+        }
     }
     sa = row_sum(sa, blockDim.x, sm);
     sb = row_sum(sb, blockDim.x, sm);
@@ -641,7 +665,7 @@ __device__ __forceinline__ void gn_bwd_reduce_nhwc_body(const T* __restrict__ x,
 #pragma unroll
             for (int k = 0; k < V; ++k) {
                 const float xh = (to_f32(px.v[k]) - mean[k]) * rstd[k];
-                const float d = gn_dprime(to_f32(pd.v[k]), xh, wc[k], bc[k], act);
+                const float d = gn_dprime<T>(to_f32(pd.v[k]), xh, wc[k], bc[k], act);
                 sa[k] += d;
                 sb[k] += d * xh;
             }
@@ -741,8 +765,8 @@ __device__ __forceinline__ void gn_bwd_dx(const T* __restrict__ x, const T* __re
     const float4 f = coef[(u64)n * C + c];
     const float wc = param(w, c, 1.0f), bc = param(b, c, 0.0f);
     const float xh = (to_f32(x[i]) - f.x) * f.y;
-    const float d = gn_dprime(to_f32(dy[i]), xh, wc, bc, act);
-    dx[i] = from_f32<T>(f.y * (d * wc - f.z - xh * f.w));
+    const float d = gn_dprime<T>(to_f32(dy[i]), xh, wc, bc, act);
+    dx[i] = from_f32_arith<T>(f.y * (d * wc - f.z - xh * f.w));
 }
 
 // gn_bwd_dx_pack_DT: gn_bwd_dx for NCHW with a 16-byte pack of V elements a thread (one plane, so
@@ -766,8 +790,8 @@ __device__ __forceinline__ void gn_bwd_dx_pack(const T* __restrict__ x, const T*
 #pragma unroll
     for (int k = 0; k < V; ++k) {
         const float xh = (to_f32(px.v[k]) - f.x) * f.y;
-        const float d = gn_dprime(to_f32(pd.v[k]), xh, wc, bc, act);
-        o.v[k] = from_f32<T>(f.y * (d * wc - f.z - xh * f.w));
+        const float d = gn_dprime<T>(to_f32(pd.v[k]), xh, wc, bc, act);
+        o.v[k] = from_f32_arith<T>(f.y * (d * wc - f.z - xh * f.w));
     }
     *reinterpret_cast<Pack<T, V>*>(dx + i) = o;
 }
@@ -802,8 +826,8 @@ __device__ __forceinline__ void gn_bwd_dx_nhwc(const T* __restrict__ x, const T*
 #pragma unroll
         for (int k = 0; k < V; ++k) {
             const float xh = (to_f32(px.v[k]) - f[k].x) * f[k].y;
-            const float d = gn_dprime(to_f32(pd.v[k]), xh, wc[k], bc[k], act);
-            o.v[k] = from_f32<T>(f[k].y * (d * wc[k] - f[k].z - xh * f[k].w));
+            const float d = gn_dprime<T>(to_f32(pd.v[k]), xh, wc[k], bc[k], act);
+            o.v[k] = from_f32_arith<T>(f[k].y * (d * wc[k] - f[k].z - xh * f[k].w));
         }
         *reinterpret_cast<Pack<T, V>*>(dx + off + (u64)p * C) = o;
     }
@@ -827,7 +851,7 @@ __device__ __forceinline__ void geglu(const T* __restrict__ x, T* __restrict__ y
 #pragma unroll
     for (int k = 0; k < V; ++k) {
         const float gv = to_f32(g.v[k]);
-        o.v[k] = from_f32<T>(to_f32(h.v[k]) * gelu_for<T>(gv));
+        o.v[k] = from_f32_arith<T>(to_f32(h.v[k]) * gelu_for<T>(gv));
     }
     *reinterpret_cast<P*>(y + i) = o;
 }
@@ -841,7 +865,7 @@ __device__ __forceinline__ void prelu(const T* __restrict__ x, T* __restrict__ y
     const u32 i = (u32)i64_;
     const float v = to_f32(x[i]);
     const float a = per_channel ? w[(i / inner) % C] : w[0];
-    y[i] = from_f32<T>(v > 0.0f ? v : a * v);
+    y[i] = from_f32_arith<T>(v > 0.0f ? v : a * v);
 }
 
 #define NORM_KERNELS(NAME, T)                                                                         \

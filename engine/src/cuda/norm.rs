@@ -86,22 +86,23 @@ fn rows_config(rows: usize, tpr: u32) -> LaunchConfig {
 }
 
 /// Elements of its row each thread of the packed 16-bit softmax / layer-norm kernels holds as raw
-/// 16-bit values (4 packs of 8: SMP_PACKS, LNP_PACKS in the .cu files), and their largest block.
-const PACKED_CACHE: usize = 32;
+/// 16-bit values (packs of 8: SMP_PACKS, LNP_PACKS in the .cu files), and their largest block.
+const SOFTMAX_PACKED_CACHE: usize = 32;
+const LAYER_NORM_PACKED_CACHE: usize = 40;
 const PACKED_MAX_BLOCK: usize = 1024;
 
 /// Threads per row and grid of the packed 16-bit row kernels (softmax_packed_DT,
 /// layer_norm_packed_DT), or None when they do not apply: f32 (its cached kernels already stream
 /// at copy speed), rows not a whole number of 16-byte packs or unaligned, rows too long. tpr is a
 /// power of two (32 ..= 1024) so that blocks of max(256, tpr) threads hold whole rows.
-fn packed_rows_config(dt: DType, rows: usize, cols: usize, src: u64, dst: u64) -> Option<(u32, LaunchConfig)> {
+fn packed_rows_config(dt: DType, rows: usize, cols: usize, cache: usize, src: u64, dst: u64) -> Option<(u32, LaunchConfig)> {
     if !super::experimental_kernels() {
         return None;
     }
     if !matches!(dt, DType::BF16 | DType::F16) || !cols.is_multiple_of(8) || !src.is_multiple_of(16) || !dst.is_multiple_of(16) {
         return None;
     }
-    let tpr = cols.div_ceil(PACKED_CACHE).next_power_of_two().max(32);
+    let tpr = cols.div_ceil(cache).next_power_of_two().max(32);
     if tpr > PACKED_MAX_BLOCK {
         return None;
     }
@@ -199,13 +200,13 @@ pub(crate) fn softmax_last(x: &Tensor, log: bool) -> Result<Tensor> {
         let rows = n / cols;
         let (rows32, cols32) = (u32_of(OP, "rows", rows, x.shape())?, u32_of(OP, "row length", cols, x.shape())?);
         let (dst, lm) = (out.device_ptr(), log as i32);
-        if let Some((tpr, cfg)) = packed_rows_config(x.dtype(), rows, cols, src, dst) {
+        if let Some((tpr, cfg)) = packed_rows_config(x.dtype(), rows, cols, SOFTMAX_PACKED_CACHE, src, dst) {
             let name = format!("softmax_packed_{dt}");
             let f = dev.function(&ksoftmax::SOURCE, &name)?;
             let mut b = dev.launch_builder(&f);
             b.arg(&src).arg(&dst).arg(&rows32).arg(&cols32).arg(&tpr).arg(&lm);
             // SAFETY: arguments match softmax_packed_DT; cols is a multiple of 8 and at most
-            // tpr * PACKED_CACHE, x and y are 16-byte aligned.
+            // tpr * SOFTMAX_PACKED_CACHE, x and y are 16-byte aligned.
             unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
             return wrap(out, x.shape());
         }
@@ -248,13 +249,13 @@ pub(crate) fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tens
         let rows = n / cols;
         let (rows32, cols32) = (u32_of(OP, "rows", rows, x.shape())?, u32_of(OP, "row length", cols, x.shape())?);
         let dst = out.device_ptr();
-        if let Some((tpr, cfg)) = packed_rows_config(x.dtype(), rows, cols, src, dst) {
+        if let Some((tpr, cfg)) = packed_rows_config(x.dtype(), rows, cols, LAYER_NORM_PACKED_CACHE, src, dst) {
             let name = format!("layer_norm_packed_{dt}");
             let f = dev.function(&knorm::SOURCE, &name)?;
             let mut b = dev.launch_builder(&f);
             b.arg(&src).arg(&dst).arg(&wp).arg(&bp).arg(&rows32).arg(&cols32).arg(&tpr).arg(&eps);
             // SAFETY: arguments match layer_norm_packed_DT; cols is a multiple of 8 and at most
-            // tpr * PACKED_CACHE, x and y are 16-byte aligned; w/b hold cols floats or are null.
+            // tpr * LAYER_NORM_PACKED_CACHE, x and y are 16-byte aligned; w/b hold cols floats or are null.
             unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
             return wrap(out, x.shape());
         }
