@@ -122,7 +122,8 @@ for n in "${names[@]}"; do
 done
 
 # ---- bench: JSON (with the PyTorch baseline timed in the same run), tables rendered from it ----
-# 1. every case as dispatched by default (our performance kernels on);
+# 1. every case as dispatched by default (our performance kernels on), with --profile: each case's
+#    GPU time per kernel it launches, to show which kernel of a multi-kernel op to work on;
 # 2. the families with performance kernels again with them switched off (library / composed
 #    paths: LOOKAHEAD_EXPERIMENTAL_KERNELS=0), for the on/off comparison;
 # 3. kernel variants: VARIANTS holds entries "ENV=VALUE|filter" separated by ';' (e.g.
@@ -131,7 +132,7 @@ done
 #    its "variant".
 BENCH=("$CARRY/lookahead" bench --device cuda --baseline python3 --json)
 : > "$OUT/bench.txt"
-step "bench --device cuda --baseline python3" 150 "$OUT/bench.txt" sh -c "$(printf '%q ' "${BENCH[@]}") > '$OUT/bench.json'"
+step "bench --device cuda --baseline python3 --profile" 150 "$OUT/bench.txt" sh -c "$(printf '%q ' "${BENCH[@]}") --profile > '$OUT/bench.json'"
 PERF_FAMILIES="copy,ext attention,ip attention,lora_linear,softmax,layer_norm,group_norm"
 step "bench (performance kernels off)" 120 "$OUT/bench.txt" env LOOKAHEAD_EXPERIMENTAL_KERNELS=0 sh -c "$(printf '%q ' "${BENCH[@]}") --filter '$PERF_FAMILIES' > '$OUT/bench-off.json'"
 : > "$OUT/bench-variants.jsonl"
@@ -175,6 +176,12 @@ for label, r in reports:
         sp = row.get("speedup")
         print(f"{row['name']:<42} {ms(t):>9} {ms(row.get('seconds')):>9} {ms(row.get('host_seconds')):>9} {row['throughput'] / 1e9:>9.1f} G{row['unit']:<5} "
               f"{pct(row.get('of_copy')):>7} {pct(row.get('of_same_size_copy')):>9} {ms(bt):>9} {(f'{sp:.2f}x' if sp else '-'):>8}")
+        kernels = row.get("kernels") or []
+        total = sum(k["ms"] for k in kernels) or 1e-12
+        for k in kernels:
+            print(f"    {k['name']:<58} {k['ms']:>9.4f} ms {100 * k['ms'] / total:>4.0f}%  x{k['launches']}")
+        if row.get("profile_error"):
+            print(f"    --profile: {row['profile_error']}")
     for name, d in ((r.get("baseline") or {}).get("details") or {}).items():
         print(f"  torch {name}: {d}")
 EOF

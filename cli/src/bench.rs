@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// Machine-readable JSON on stdout instead of the table.
     #[arg(long)]
     json: bool,
+    /// CUDA: also give each case's GPU time per kernel it launches (and per library call, memset
+    /// and copy), from timing events around every launch of one batch queued behind a held stream.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// One benchmark case; serialised as the baseline script's input.
@@ -367,7 +371,42 @@ struct Row {
     /// measured in this run, / our time. A 5-20 MB tensor cannot reach the bandwidth of a 256 MB
     /// copy (launch and ramp-up are a larger share), so this is the like-for-like ratio.
     of_same_size_copy: Option<f64>,
+    /// With --profile: GPU milliseconds and launches of each kernel per run.
+    kernels: Option<Vec<engine::cuda::KernelTime>>,
+    /// With --profile: why this case has no per-kernel times (its timing still stands).
+    profile_error: Option<String>,
     error: Option<String>,
+}
+
+/// GPU time per run of each kernel a case launches: one batch of runs queued behind
+/// `hold_stream` (so that the host's queueing leaves no idle time between the marks), profiled
+/// by the device (engine::cuda::profile), divided by the batch size. An error if the host could
+/// not queue the batch within the hold (then the spans would include idle time).
+fn profile_kernels(f: &dyn Fn() -> engine::Result<Tensor>, device: Device) -> anyhow::Result<Vec<engine::cuda::KernelTime>> {
+    let Device::Cuda(n) = device else { bail!("--profile needs a CUDA device") };
+    let dev = engine::cuda::device(n)?;
+    f()?;
+    dev.synchronize()?;
+    let t = Instant::now();
+    f()?;
+    dev.synchronize()?;
+    let batch = (1e-3 / t.elapsed().as_secs_f64().max(1e-9)).ceil().clamp(1.0, 100.0) as usize;
+    // The marks add host work to each launch: hold for several times the unprofiled run.
+    let hold = (8.0 * batch as f64 * t.elapsed().as_secs_f64()).clamp(1e-3, 0.5);
+    let t = Instant::now();
+    dev.hold_stream((hold * 1e9) as u64)?;
+    dev.profile_begin();
+    let queued = (0..batch).try_for_each(|_| f().map(drop)).map(|_| t.elapsed().as_secs_f64());
+    let kernels = dev.profile_end();
+    let (queued, mut kernels) = (queued?, kernels?);
+    if queued >= hold {
+        bail!("the host took {:.1} ms to queue the profiled batch, longer than the {:.1} ms hold: the spans would include idle time", queued * 1e3, hold * 1e3);
+    }
+    for k in &mut kernels {
+        k.ms /= batch as f64;
+        k.launches = k.launches.div_ceil(batch);
+    }
+    Ok(kernels)
 }
 
 fn run_baseline(python: &str, cases: &[Case], device: Device, dtype: DType, min_time: f64) -> Result<serde_json::Value> {
@@ -399,6 +438,9 @@ fn run_baseline(python: &str, cases: &[Case], device: Device, dtype: DType, min_
 pub fn run(args: BenchArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
     device.open().with_context(|| format!("--device {}", args.device))?;
+    if args.profile && !device.is_cuda() {
+        bail!("--profile times the kernels of each case on a GPU; it needs --device cuda (this run is on {device})");
+    }
     let dtype = match args.dtype.as_deref() {
         None if device == Device::Cpu => DType::F32,
         None => DType::BF16,
@@ -426,11 +468,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let base = baseline.as_ref().and_then(|b| b["results"][&c.name].as_f64());
         let base_gpu = baseline.as_ref().and_then(|b| b["gpu_results"][&c.name].as_f64());
         // One failing case (a missing library, an unsupported shape) must not hide the others.
-        let timed = prepare(&c.op, dtype, device).and_then(|f| median_time(&*f, device, args.min_time));
+        let prepared = prepare(&c.op, dtype, device);
+        let timed = prepared.as_ref().map_err(|e| e.to_string()).and_then(|f| median_time(&**f, device, args.min_time).map_err(|e| format!("{e:#}")));
         let (timing, error) = match timed {
             Ok(t) => (Some(t), None),
-            Err(e) => (None, Some(format!("{e:#}"))),
+            Err(e) => (None, Some(e)),
         };
+        let (mut kernels, mut profile_error) = (None, None);
+        if let (Ok(f), true) = (&prepared, args.profile && timing.is_some()) {
+            match profile_kernels(&**f, device) {
+                Ok(k) => kernels = Some(k),
+                Err(e) => profile_error = Some(format!("{e:#}")),
+            }
+        }
+        drop(prepared);
         let ours = timing.as_ref().map(|t| t.gpu.unwrap_or(t.wall));
         let speedup = match (&timing, base_gpu, base) {
             (Some(Timing { gpu: Some(g), .. }), Some(bg), _) => Some(bg / g),
@@ -461,6 +512,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             speedup,
             of_copy: None,
             of_same_size_copy,
+            kernels,
+            profile_error,
             error,
         });
     }
@@ -513,6 +566,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             opt(r.baseline_gpu_seconds.or(r.baseline_seconds), &ms),
             opt(r.speedup, &|s| format!("{s:.2}x")),
         );
+        // --profile: each kernel's share of the run's GPU time.
+        let total: f64 = r.kernels.iter().flatten().map(|k| k.ms).sum();
+        for k in r.kernels.iter().flatten() {
+            println!("    {:<58} {:>9.4} ms {:>4.0}%  x{}", k.name, k.ms, 100.0 * k.ms / total.max(1e-12), k.launches);
+        }
+        if let Some(e) = &r.profile_error {
+            println!("    --profile: {e}");
+        }
     }
     if failed > 0 {
         bail!("{failed} of {} cases failed (see the table)", rows.len());

@@ -428,6 +428,7 @@ fn run(dev: &Arc<CudaDevice>, pass: Pass, dtype: DType, f: Format, xs: [usize; 4
     // SAFETY: every pointer addresses a packed tensor in format `f` of the shape its descriptor
     // gives (prepared by the callers), the workspace holds `ws_bytes`, and the handle's stream is
     // the device's stream, ordered after the work that produced the inputs.
+    dev.profile_mark("cuDNN convolution");
     let status = unsafe {
         match algo {
             Algo::Forward(a) => (api.cudnnConvolutionForward)(handle.raw, al, xd.0, p0, wd.0, p1, cd.0, a, wsp, ws_bytes, be, yd.0, p2),

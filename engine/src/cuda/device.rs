@@ -11,6 +11,7 @@ use kernels::compile::{KernelCache, KernelResources, KernelSource, Nvrtc};
 
 use super::alloc::Pool;
 use super::driver_error;
+use super::profile::{aggregate, KernelTime, Profiler};
 use crate::{Error, Result};
 
 // ---- probe ------------------------------------------------------------------------------------
@@ -122,6 +123,7 @@ pub struct CudaDevice {
     pub(super) pool: Mutex<Pool>,
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
     staging: Mutex<Option<Staging>>,
+    profiler: Profiler,
 }
 
 struct LoadedModule {
@@ -160,6 +162,7 @@ impl CudaDevice {
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             staging: Mutex::new(None),
+            profiler: Profiler::default(),
             ctx,
             stream,
         })
@@ -248,6 +251,7 @@ impl CudaDevice {
         }
         let f = m.module.load_function(name).map_err(|e| Error::Cuda(format!("{}: no kernel `{name}` in the compiled module ({e})", src.path())))?;
         m.functions.insert(name.to_string(), f.clone());
+        self.profiler.register(&f, name);
         Ok(f)
     }
 
@@ -274,7 +278,47 @@ impl CudaDevice {
     /// pointers as `u64`, scalars by value, `#[repr(C)]` structs that implement `DeviceRepr`),
     /// then `unsafe { b.launch(cfg) }`.
     pub fn launch_builder<'a>(&'a self, f: &'a CudaFunction) -> LaunchArgs<'a> {
+        self.profile_launch(f);
         self.stream.launch_builder(f)
+    }
+
+    // ---- kernel profile (profile.rs) ----------------------------------------------------------
+
+    /// Starts tagging every launch on the stream with a timing event (see `profile_end`).
+    pub fn profile_begin(&self) {
+        self.profiler.begin();
+    }
+
+    /// Ends the window `profile_begin` started and returns the GPU time of each kernel (and
+    /// library call, memset, copy) launched in it, in first-launch order; waits for the stream.
+    pub fn profile_end(&self) -> Result<Vec<KernelTime>> {
+        let marks = self.profiler.end();
+        let end = self.record_event(true)?;
+        let mut spans = Vec::with_capacity(marks.len());
+        for (i, (what, start)) in marks.iter().enumerate() {
+            let next = marks.get(i + 1).map_or(&end, |m| &m.1);
+            let ms = start.elapsed_ms(next).map_err(|e| driver_error(format!("timing `{what}` on cuda:{}", self.ordinal), e))?;
+            spans.push((what.as_str(), ms as f64));
+        }
+        Ok(aggregate(spans))
+    }
+
+    /// Tags the launch of `f` that follows (a no-op unless profiling).
+    pub fn profile_launch(&self, f: &CudaFunction) {
+        if self.profiler.active() {
+            self.profile_mark(&self.profiler.name_of(f));
+        }
+    }
+
+    /// Tags the stream work that follows, up to the next mark, as `what` (a no-op unless
+    /// profiling): library calls and copies, which do not go through `launch_builder`.
+    pub fn profile_mark(&self, what: &str) {
+        if self.profiler.active() {
+            // A failed event only loses this mark: the time then counts toward the previous one.
+            if let Ok(event) = self.record_event(true) {
+                self.profiler.push(what.to_string(), event);
+            }
+        }
     }
 
     // ---- events and timing --------------------------------------------------------------------
@@ -309,6 +353,7 @@ impl CudaDevice {
     /// as soon as this returns.
     pub fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.bind()?;
+        self.profile_mark("memcpy host to device");
         let err = |e| driver_error(format!("copying {} bytes to cuda:{}", src.len(), self.ordinal), e);
         if src.len() < STAGING_MIN {
             // Pageable source: the driver stages it before returning.
@@ -338,6 +383,7 @@ impl CudaDevice {
     /// Copies device memory at `src` into `dst`, after all queued work; returns when it is there.
     pub fn copy_dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
         self.bind()?;
+        self.profile_mark("memcpy device to host");
         let n = dst.len();
         unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.map_err(|e| driver_error(format!("copying {n} bytes from cuda:{}", self.ordinal), e))?;
         self.synchronize()
@@ -349,6 +395,7 @@ impl CudaDevice {
             return Ok(());
         }
         self.bind()?;
+        self.profile_mark("memcpy device to device");
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.map_err(|e| driver_error(format!("copying {bytes} bytes within cuda:{}", self.ordinal), e))
     }
 
@@ -358,6 +405,7 @@ impl CudaDevice {
             return Ok(());
         }
         self.bind()?;
+        self.profile_mark("memset");
         unsafe { result::memset_d8_async(dst, value, bytes, self.stream.cu_stream()) }.map_err(|e| driver_error(format!("setting {bytes} bytes on cuda:{}", self.ordinal), e))
     }
 }

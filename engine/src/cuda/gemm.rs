@@ -440,6 +440,7 @@ fn gemm(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, batch: &[usize], (m, k, n
     let beta = 0f32;
     let stream = dev.stream().cu_stream() as lt::cudaStream_t;
     for &(off_a, off_b, off_c) in &offsets {
+        dev.profile_mark("cuBLASLt matmul");
         let (pa, pb, pc) = (oa.ptr + off_a as u64 * size, ob.ptr + off_b as u64 * size, out.device_ptr() + off_c as u64 * size_out);
         // SAFETY: every pointer addresses the matrices its layout describes (views checked by
         // the caller's shape validation and `matrix_form`), the workspace holds `ws_bytes`, and

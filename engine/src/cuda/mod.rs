@@ -34,6 +34,7 @@ pub mod flash_attention;
 pub mod flash_attention_backward;
 mod index;
 mod launch;
+mod profile;
 // Reductions, softmax, norms (+ backward), GEGLU, PReLU, RNG (helper C2).
 pub(crate) mod norm;
 mod spatial;
@@ -43,6 +44,7 @@ pub mod tensor_map;
 
 pub use alloc::{size_class, CudaBlock, MemoryStats};
 pub use device::{device, device_count, device_info, is_available, probe, CudaDevice, DeviceInfo, GpuTimer};
+pub use profile::{aggregate, KernelTime};
 pub use launch::{launch_1d, launch_failed, strided_config, ElementwisePlan, StridedArgs, MAX_DIMS};
 pub use norm::group_norm_forward_path;
 pub use storage::CudaStorage;

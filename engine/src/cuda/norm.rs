@@ -805,6 +805,7 @@ unsafe fn gn_cluster_launch(dev: &Arc<CudaDevice>, plan: &GnClusterPlan, args: &
     // SAFETY: zeroed, then every field written by cluster_config.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     let cfg = cluster_config(dev, plan.grid, plan.cs, plan.shared, &mut attr);
+    dev.profile_launch(&plan.f);
     // SAFETY: cfg and its attribute live for the call; the arguments are the caller's promise.
     unsafe { sys::cuLaunchKernelEx(&cfg, plan.f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(launch_failed(&plan.name))?;
     Ok(())
