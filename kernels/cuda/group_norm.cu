@@ -361,30 +361,37 @@ __device__ __forceinline__ void gn_cluster_smem(const T* __restrict__ x, T* __re
     const u32 lo = min(packs, rank * per), hi = min(packs, lo + per), own = hi - lo;
     const Pack<T, V>* xp = reinterpret_cast<const Pack<T, V>*>(x + base) + lo;
     Pack<T, V>* yp = reinterpret_cast<Pack<T, V>*>(y + base) + lo;
+    // Pass 1 (shifted sum) as the packs arrive; pass 2 (squared deviations from the cluster's
+    // mean) from shared memory, as gnc_group_stats. Each thread reads back only the packs it
+    // stored, in the order it stored them, so the sums are term for term those of two passes.
+    const float K = to_f32(x[base]);
+    float s = 0.0f;
     if (ASYNC) {
         // Every pack of the CTA's share requested at once (cp.async holds no registers).
         for (u32 i = threadIdx.x; i < own; i += GNC_BLOCK) gnc_cp_async_16(&buf[i], &xp[i]);
         gnc_cp_async_wait_all();
-    } else
-    // Four 16-byte loads a thread in flight before their shared stores (4-5 CTAs of 256 threads
-    // an SM: 64-80 KB requested an SM at a time, more than the latency x bandwidth product).
-    for (u32 i0 = threadIdx.x; i0 < own; i0 += 4 * GNC_BLOCK) {
-        Pack<T, V> r[4];
+        for (u32 i = threadIdx.x; i < own; i += GNC_BLOCK) {
+            const Pack<T, V> r = buf[i];
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-            if (i0 + k * GNC_BLOCK < own) r[k] = xp[i0 + k * GNC_BLOCK];
+            for (int j = 0; j < V; ++j) s += to_f32(r.v[j]) - K;
+        }
+    } else {
+        // Four 16-byte loads a thread in flight before their shared stores (4-5 CTAs of 256
+        // threads an SM: 64-80 KB requested an SM at a time, more than the latency x bandwidth
+        // product).
+        for (u32 i0 = threadIdx.x; i0 < own; i0 += 4 * GNC_BLOCK) {
+            Pack<T, V> r[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-            if (i0 + k * GNC_BLOCK < own) buf[i0 + k * GNC_BLOCK] = r[k];
-    }
-    __syncthreads();
-    const float K = to_f32(x[base]);
-    // Pass 1: shifted sum; pass 2: squared deviations from the cluster's mean (as gnc_group_stats).
-    float s = 0.0f;
-    for (u32 i = threadIdx.x; i < own; i += GNC_BLOCK) {
-        const Pack<T, V> r = buf[i];
+            for (int k = 0; k < 4; ++k)
+                if (i0 + k * GNC_BLOCK < own) r[k] = xp[i0 + k * GNC_BLOCK];
 #pragma unroll
-        for (int j = 0; j < V; ++j) s += to_f32(r.v[j]) - K;
+            for (int k = 0; k < 4; ++k)
+                if (i0 + k * GNC_BLOCK < own) {
+                    buf[i0 + k * GNC_BLOCK] = r[k];
+#pragma unroll
+                    for (int j = 0; j < V; ++j) s += to_f32(r[k].v[j]) - K;
+                }
+        }
     }
     const float mean = K + gnc_cluster_sum(s, red, &slots[0], cs) / (float)M;
     float ss = 0.0f;
