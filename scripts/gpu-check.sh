@@ -184,6 +184,22 @@ for label, r in reports:
             print(f"    --profile: {row['profile_error']}")
     for name, d in ((r.get("baseline") or {}).get("details") or {}).items():
         print(f"  torch {name}: {d}")
+# The fastest run of each case across the default pass and every variant (what to make the default).
+best, default = {}, {}
+for label, r in reports:
+    for row in r.get("rows", []):
+        t = row.get("gpu_seconds") or row.get("seconds")
+        if row.get("error") or not t:
+            continue
+        if label == "bench.json":
+            default[row["name"]] = t
+        if row["name"] not in best or t < best[row["name"]][0]:
+            best[row["name"]] = (t, label)
+print("\nfastest run of each case (GPU time where measured): the default pass (bench.json), performance kernels off, variants")
+print(f"{'case':<42} {'default ms':>10} {'best ms':>9}  best run")
+for name, (t, label) in best.items():
+    d = default.get(name)
+    print(f"{name:<42} {ms(d):>10} {ms(t):>9}  {label}{f'  ({d / t:.2f}x)' if d and label != 'bench.json' else ''}")
 EOF
 
 # ---- at most 8 files come back: fold the test logs together if needed --------------------------
