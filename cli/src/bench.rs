@@ -297,6 +297,18 @@ struct Timing {
     gpu: Option<f64>,
 }
 
+/// Runs `f` once to warm up (compiles, pools) and once timed: (runs that fill about a
+/// millisecond, at most `max`; seconds of one run with its synchronisation).
+fn warm_batch(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, max: usize) -> engine::Result<(usize, f64)> {
+    f()?;
+    device.synchronize()?;
+    let t = Instant::now();
+    f()?;
+    device.synchronize()?;
+    let run = t.elapsed().as_secs_f64();
+    Ok(((1e-3 / run.max(1e-9)).ceil().clamp(1.0, max as f64) as usize, run))
+}
+
 /// Times `f`. Runs are timed in batches (as many runs as fill about a millisecond) between two
 /// device synchronisations, so that the host's synchronisation latency is not counted against
 /// microsecond kernels; on CUDA each batch is run a second time queued behind a kernel that holds
@@ -308,12 +320,7 @@ fn median_time(f: &dyn Fn() -> engine::Result<Tensor>, device: Device, min_time:
         Device::Cuda(n) => Some(engine::cuda::device(n)?),
         Device::Cpu => None,
     };
-    f()?;
-    device.synchronize()?;
-    let t = Instant::now();
-    f()?;
-    device.synchronize()?;
-    let batch = (1e-3 / t.elapsed().as_secs_f64().max(1e-9)).ceil().clamp(1.0, 1000.0) as usize;
+    let (batch, _) = warm_batch(f, device, 1000)?;
     let (mut wall, mut host, mut gpu) = (Vec::new(), Vec::new(), Vec::new());
     let start = Instant::now();
     while wall.len() < 3 || (start.elapsed().as_secs_f64() < min_time && wall.len() < 200) {
@@ -385,14 +392,9 @@ struct Row {
 fn profile_kernels(f: &dyn Fn() -> engine::Result<Tensor>, device: Device) -> anyhow::Result<Vec<engine::cuda::KernelTime>> {
     let Device::Cuda(n) = device else { bail!("--profile needs a CUDA device") };
     let dev = engine::cuda::device(n)?;
-    f()?;
-    dev.synchronize()?;
-    let t = Instant::now();
-    f()?;
-    dev.synchronize()?;
-    let batch = (1e-3 / t.elapsed().as_secs_f64().max(1e-9)).ceil().clamp(1.0, 100.0) as usize;
+    let (batch, run) = warm_batch(f, device, 100)?;
     // The marks add host work to each launch: hold for several times the unprofiled run.
-    let hold = (8.0 * batch as f64 * t.elapsed().as_secs_f64()).clamp(1e-3, 0.5);
+    let hold = (8.0 * batch as f64 * run).clamp(1e-3, 0.5);
     let t = Instant::now();
     dev.hold_stream((hold * 1e9) as u64)?;
     dev.profile_begin();
