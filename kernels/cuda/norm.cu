@@ -13,7 +13,6 @@
 #define LN_MAX_BLOCK 512
 #define LN_LONG_BLOCK 1024
 #define GN_BLOCK 256
-#define GN_MAX_C 4096    // channels-last group norm: per-channel sums of a block live in shared memory
 #define EW_BLOCK 256
 
 __device__ __forceinline__ float param(const float* p, u32 i, float absent) { return p ? __ldg(p + i) : absent; }
@@ -332,11 +331,18 @@ __device__ __forceinline__ void gn_stats_nchw(const T* __restrict__ x, float* __
 }
 
 // Channels-last: grid (L lanes, N), blocks of GN_BLOCK threads as R = GN_BLOCK / npk rows of
-// npk = C / V channel packs (host: npk <= GN_BLOCK, C <= GN_MAX_C); threads past R * npk only help
+// npk = C / V channel packs (host: npk <= GN_BLOCK); threads past R * npk only help
 // with shared memory. Row r of block l takes positions l*R + r, + L*R, ... (whole rows of C
 // channels per warp step: coalesced). The block's rows are added in row order in shared memory.
+// Column c of the block's [R][C] per-row partials in shared memory, summed in row order.
+__device__ __forceinline__ float gn_rows_sum(const float* rows, u32 R, u32 C, u32 c) {
+    float t = 0.0f;
+    for (u32 rr = 0; rr < R; ++rr) t += rows[rr * C + c];
+    return t;
+}
+
 template <typename T, int V>
-__device__ __forceinline__ void gn_stats_nhwc_body(const T* __restrict__ x, float* __restrict__ part, u32 C, u32 HW, float* ss1, float* ss2, float* scnt) {
+__device__ __forceinline__ void gn_stats_nhwc_body(const T* __restrict__ x, float* __restrict__ part, u32 C, u32 HW, float* rows, float* rcnt) {
     const u32 npk = C / V, R = blockDim.x / npk, L = gridDim.x, lane = blockIdx.x, n = blockIdx.y, N = gridDim.y;
     const u32 r = threadIdx.x / npk, cp = threadIdx.x % npk;
     const bool worker = r < R;
@@ -364,38 +370,33 @@ __device__ __forceinline__ void gn_stats_nhwc_body(const T* __restrict__ x, floa
             ++cnt;
         }
     }
-    for (u32 i = threadIdx.x; i < C; i += blockDim.x) {
-        ss1[i] = 0.0f;
-        ss2[i] = 0.0f;
-    }
-    if (threadIdx.x == 0) *scnt = 0.0f;
-    __syncthreads();
-    for (u32 rr = 0; rr < R; ++rr) {
-        if (worker && r == rr) {
+    // Each row's sums into its own row of shared memory, then a thread a channel adds the rows in
+    // row order: one barrier (adding row by row took R barriers).
+    if (worker) {
 #pragma unroll
-            for (int k = 0; k < V; ++k) {
-                ss1[cp * V + k] += s1[k];
-                ss2[cp * V + k] += s2[k];
-            }
-            if (cp == 0) *scnt += (float)cnt;
+        for (int k = 0; k < V; ++k) {
+            rows[r * C + cp * V + k] = s1[k];
+            rows[(R + r) * C + cp * V + k] = s2[k];
         }
-        __syncthreads();
+        if (cp == 0) rcnt[r] = (float)cnt;
     }
+    __syncthreads();
     const u64 total = (u64)N * C * L;
     for (u32 c = threadIdx.x; c < C; c += blockDim.x) {
         const u64 o = ((u64)n * C + c) * L + lane;
-        part[o] = *scnt;
-        part[total + o] = ss1[c];
-        part[2 * total + o] = ss2[c];
+        part[o] = gn_rows_sum(rcnt, R, 1, 0);
+        part[total + o] = gn_rows_sum(rows, R, C, c);
+        part[2 * total + o] = gn_rows_sum(rows + R * C, R, C, c);
     }
 }
 
 template <typename T>
 __device__ __forceinline__ void gn_stats_nhwc(const T* x, float* part, u32 C, u32 HW) {
-    __shared__ float ss1[GN_MAX_C], ss2[GN_MAX_C], scnt;
+    // Two [R][C] arrays: R C = R npk V <= GN_BLOCK V.
+    __shared__ float rows[2 * GN_BLOCK * 16 / sizeof(T)], rcnt[GN_BLOCK];
     constexpr int V = 16 / sizeof(T);
-    if (C % V == 0 && (u64)x % 16 == 0) gn_stats_nhwc_body<T, V>(x, part, C, HW, ss1, ss2, &scnt);
-    else gn_stats_nhwc_body<T, 1>(x, part, C, HW, ss1, ss2, &scnt);
+    if (C % V == 0 && (u64)x % 16 == 0) gn_stats_nhwc_body<T, V>(x, part, C, HW, rows, rcnt);
+    else gn_stats_nhwc_body<T, 1>(x, part, C, HW, rows, rcnt);
 }
 
 // Chan et al.'s merge of (count, mean, M2) summaries.
@@ -641,7 +642,7 @@ __device__ __forceinline__ void gn_bwd_reduce_nchw(const T* __restrict__ x, cons
 // gn_stats_nhwc.
 template <typename T, int V>
 __device__ __forceinline__ void gn_bwd_reduce_nhwc_body(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ stats, const float* __restrict__ w,
-                                                        const float* __restrict__ b, float* __restrict__ part, u32 C, u32 HW, u32 G, int act, float* sa_s, float* sb_s) {
+                                                        const float* __restrict__ b, float* __restrict__ part, u32 C, u32 HW, u32 G, int act, float* rows) {
     const u32 npk = C / V, R = blockDim.x / npk, L = gridDim.x, lane = blockIdx.x, n = blockIdx.y, N = gridDim.y, cpg = C / G;
     const u32 r = threadIdx.x / npk, cp = threadIdx.x % npk;
     const bool worker = r < R;
@@ -671,35 +672,30 @@ __device__ __forceinline__ void gn_bwd_reduce_nhwc_body(const T* __restrict__ x,
             }
         }
     }
-    for (u32 i = threadIdx.x; i < C; i += blockDim.x) {
-        sa_s[i] = 0.0f;
-        sb_s[i] = 0.0f;
+    // As gn_stats_nhwc: each row's sums into its own row of shared memory, one barrier, then the
+    // rows added per channel in row order.
+    if (worker) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            rows[r * C + cp * V + k] = sa[k];
+            rows[(R + r) * C + cp * V + k] = sb[k];
+        }
     }
     __syncthreads();
-    for (u32 rr = 0; rr < R; ++rr) {
-        if (worker && r == rr) {
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                sa_s[cp * V + k] += sa[k];
-                sb_s[cp * V + k] += sb[k];
-            }
-        }
-        __syncthreads();
-    }
     const u64 total = (u64)N * C * L;
     for (u32 c = threadIdx.x; c < C; c += blockDim.x) {
         const u64 o = ((u64)n * C + c) * L + lane;
-        part[o] = sa_s[c];
-        part[total + o] = sb_s[c];
+        part[o] = gn_rows_sum(rows, R, C, c);
+        part[total + o] = gn_rows_sum(rows + R * C, R, C, c);
     }
 }
 
 template <typename T>
 __device__ __forceinline__ void gn_bwd_reduce_nhwc(const T* x, const T* dy, const float* stats, const float* w, const float* b, float* part, u32 C, u32 HW, u32 G, int act) {
-    __shared__ float sa_s[GN_MAX_C], sb_s[GN_MAX_C];
+    __shared__ float rows[2 * GN_BLOCK * 16 / sizeof(T)];
     constexpr int V = 16 / sizeof(T);
-    if (C % V == 0 && (u64)x % 16 == 0 && (u64)dy % 16 == 0) gn_bwd_reduce_nhwc_body<T, V>(x, dy, stats, w, b, part, C, HW, G, act, sa_s, sb_s);
-    else gn_bwd_reduce_nhwc_body<T, 1>(x, dy, stats, w, b, part, C, HW, G, act, sa_s, sb_s);
+    if (C % V == 0 && (u64)x % 16 == 0 && (u64)dy % 16 == 0) gn_bwd_reduce_nhwc_body<T, V>(x, dy, stats, w, b, part, C, HW, G, act, rows);
+    else gn_bwd_reduce_nhwc_body<T, 1>(x, dy, stats, w, b, part, C, HW, G, act, rows);
 }
 
 // gn_bwd_finalize: grid N*G blocks of GN_BLOCK threads: sums w_c A and w_c B over the group's
