@@ -994,6 +994,70 @@ fn group_norm_statistics_and_apply_kernels_match_the_cpu() {
     check_group_norm(&m, Dt::F32, 2, 10, 31, 5, true, 1, true);
 }
 
+/// The grid-resident channels-last group norm (gn_grid_nhwc_DT, norm.cu) against
+/// kernels::norm::group_norm: the emulator runs a cooperative launch as one cluster of all its
+/// blocks (grid_sync is then the cluster barrier), so grids of at most 16 blocks. `lanes` blocks a
+/// sample of `threads` threads; a slice of ceil(hw / lanes) positions each (the last ones short or
+/// empty), `schedule` as the emulator's.
+#[allow(clippy::too_many_arguments)]
+fn check_group_norm_grid(m: &EmulatedModule, dt: Dt, n: usize, c: usize, hw: usize, groups: usize, lanes: usize, threads: u32, affine: bool, silu: bool, schedule: Schedule) {
+    let eps = 1e-5f32;
+    let label = format!("gn_grid_nhwc {} n={n} c={c} hw={hw} g={groups} lanes={lanes} threads={threads} affine={affine} silu={silu} {schedule:?}", dt.name());
+    // NCHW values with an offset on sample 1 (the shifted sums must keep the spread).
+    let x: Vec<f32> = values(n * c * hw, (7 * c + hw) as u64).iter().enumerate().map(|(i, v)| 2.0 * v + if i / (c * hw) == 1 { 40.0 } else { 0.0 }).collect();
+    let x: Vec<f32> = x.iter().map(|&v| dt.round(v)).collect();
+    let stored: Vec<f32> = (0..n * hw * c).map(|i| x[(i / (hw * c) * c + i % c) * hw + i / c % hw]).collect();
+    let (w, b) = affine_params(c, 5);
+    let (wb, bb) = (Aligned::from(&w), Aligned::from(&b));
+    let xb = dt.encode(&stored);
+    let y = dt.zeroed(n * c * hw);
+    let part = Aligned::<f32>::zeroed(3 * n * c * lanes);
+    let coef = Aligned::<f32>::zeroed(4 * n * c);
+    let bar = Aligned::<u32>::zeroed(2);
+    let ppb = hw.div_ceil(lanes) as u32;
+    let elem = if matches!(dt, Dt::F32) { 4 } else { 2 };
+    let shared = ppb as usize * c * elem;
+    let (wp, bp) = if affine { (wb.addr(), bb.addr()) } else { (0, 0) };
+    let (xp, yp, pp, cp, barp) = (xb.addr(), y.addr(), part.addr(), coef.addr(), bar.addr());
+    let (c32, hw32, g32, act) = (c as u32, hw as u32, groups as u32, silu as i32);
+    let name = format!("gn_grid_nhwc_{}", dt.name());
+    // SAFETY: gn_grid_nhwc_DT's argument list; x and y hold N C HW elements (16-byte aligned,
+    // C % V == 0, C / V <= threads), part 3 N C L floats, coef 4 N C, bar two zeroed u32; every
+    // block of the grid runs at once (one cluster).
+    unsafe {
+        m.launch_cluster_with(&name, (lanes as u32, n as u32, 1), (threads, 1, 1), (lanes as u32, n as u32, 1), shared as u32, schedule, &|f| {
+            let k: extern "C" fn(u64, u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, f32, i32) = std::mem::transmute(f);
+            k(xp, yp, wp, bp, pp, cp, barp, c32, hw32, g32, ppb, eps, act);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let mut want = vec![0f32; n * c * hw];
+    kernels::norm::group_norm(&x, n, c, hw, groups, affine.then_some(&w[..]), affine.then_some(&b[..]), eps, silu, &mut want);
+    let got = dt.decode(&y);
+    let got: Vec<f32> = (0..n * c * hw).map(|i| got[(i / (c * hw) * hw + i % hw) * c + i / hw % c]).collect();
+    let want: Vec<f32> = want.iter().map(|&v| dt.round(v)).collect();
+    let (atol, rtol) = dt.tolerance();
+    assert_close(&label, &got, &want, atol.max(3e-5), rtol.max(3e-5));
+}
+
+#[test]
+fn group_norm_grid_kernel_matches_the_cpu() {
+    if !have_compiler("group_norm_grid_kernel_matches_the_cpu") {
+        return;
+    }
+    let m = family(&kernels::norm::SOURCE);
+    // Slices of 13 positions (the last 11); 2 channel packs a row, 64 rows a block; f32 packs of
+    // 4; C / V = 40 of 512 threads (12 rows, 32 threads idle) as the engine launches SDXL's 320
+    // channels; 5 positions over 4 lanes (slices 2, 2, 1 and an empty one).
+    for schedule in [Schedule::FarApart, Schedule::RoundRobin, Schedule::Random(7)] {
+        check_group_norm_grid(&m, Dt::Bf16, 2, 16, 37, 4, 3, 128, true, true, schedule);
+    }
+    check_group_norm_grid(&m, Dt::F16, 2, 16, 37, 2, 3, 128, false, false, Schedule::FarApart);
+    check_group_norm_grid(&m, Dt::F32, 2, 12, 20, 3, 2, 64, true, false, Schedule::FarApart);
+    check_group_norm_grid(&m, Dt::Bf16, 1, 320, 6, 32, 2, 512, true, true, Schedule::FarApart);
+    check_group_norm_grid(&m, Dt::Bf16, 2, 8, 5, 2, 4, 64, true, true, Schedule::FarApart);
+}
+
 // ---- thread-block clusters (kernels/emu/tests/cluster.cu, group_norm.cu) ----------------------------
 
 /// cluster_sum's (out, out2, ranks), or the launch error.

@@ -381,7 +381,7 @@ fn philox_rand_randn_match_cpu() {
 }
 
 /// The group-norm variants (engine/src/cuda/norm.rs, GnVariant).
-const GN_VARIANTS: [&str; 5] = ["auto", "two-phase", "cluster-regs", "cluster-smem", "cluster-smem-async"];
+const GN_VARIANTS: [&str; 6] = ["auto", "two-phase", "cluster-regs", "cluster-smem", "cluster-smem-async", "grid"];
 
 /// The parity cases of the kernels behind `engine::cuda::experimental_kernels` (16-bit packed
 /// softmax / layer norm rows, cluster group norm), which the other tests run with the switch off.

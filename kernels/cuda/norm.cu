@@ -6,6 +6,7 @@
 // section and engine/src/cuda/norm.rs. Per-channel parameters (weight, bias, running stats) are
 // f32 vectors; a null pointer means "absent" (weight 1, bias 0).
 #include "warp_reduce.cuh"
+#include "cluster.cuh"
 
 #define LN_CACHE 16      // f32 values of its row each layer-norm thread holds
 // The cached kernel: ~75 registers a thread (3 blocks of 256 threads per SM for a 4096-wide row);
@@ -424,15 +425,17 @@ __device__ __forceinline__ void warp_chan(float& n, float& m, float& m2) {
     }
 }
 
-// gn_finalize_DT: grid N*G blocks of GN_BLOCK threads, one per (sample, group): merges the group's
-// cpg * L partials (each thread a strided subset, then the block) into mean and rstd; writes
-// stats[2 (n G + g) + {0, 1}] = (mean, rstd) and, when coef is given, for each channel c of the
-// group coef[4 (n C + c) + {0, 1, 2}] = (mean, rstd * w[c], b[c]) for gn_apply.
+// gn_finalize_DT: grid N*G blocks of GN_BLOCK threads, one per (sample, group) ng
+// (gn_finalize_group; gn_grid_nhwc_DT calls it too): merges the group's cpg * L partials (each
+// thread a strided subset, then the block) into mean and rstd; writes, when given,
+// stats[2 (n G + g) + {0, 1}] = (mean, rstd) and for each channel c of the group
+// coef[4 (n C + c) + {0, 1, 2}] = (mean, rstd * w[c], b[c]) for gn_apply. Every thread of the block
+// calls it (block barriers inside).
 template <typename T>
-__device__ __forceinline__ void gn_finalize(const T* __restrict__ x, const float* __restrict__ part, float* __restrict__ stats, float* __restrict__ coef,
-                                            const float* __restrict__ w, const float* __restrict__ b, u32 N, u32 C, u32 HW, u32 G, u32 L, int channels_last, float eps) {
+__device__ __forceinline__ void gn_finalize_group(u32 ng, const T* __restrict__ x, const float* __restrict__ part, float* __restrict__ stats, float* __restrict__ coef,
+                                                  const float* __restrict__ w, const float* __restrict__ b, u32 N, u32 C, u32 HW, u32 G, u32 L, int channels_last, float eps) {
     __shared__ float sn[32], sm_[32], sm2[32], sres[2];
-    const u32 ng = blockIdx.x, n = ng / G, g = ng % G, cpg = C / G;
+    const u32 n = ng / G, g = ng % G, cpg = C / G;
     const u64 total = (u64)N * C * L, base = ((u64)n * C + (u64)g * cpg) * L;
     const u32 items = cpg * L;
     float cn = 0.0f, mean = 0.0f, m2 = 0.0f;
@@ -463,8 +466,10 @@ __device__ __forceinline__ void gn_finalize(const T* __restrict__ x, const float
         if (lane == 0) {
             float var = m2 / cn;
             const float rstd = 1.0f / sqrtf(var + eps);
-            stats[2 * (u64)ng] = mean;
-            stats[2 * (u64)ng + 1] = rstd;
+            if (stats) {
+                stats[2 * (u64)ng] = mean;
+                stats[2 * (u64)ng + 1] = rstd;
+            }
             sres[0] = mean;
             sres[1] = rstd;
         }
@@ -575,6 +580,109 @@ extern "C" __global__ void __launch_bounds__(EW_BLOCK) bn_coef(const float* mean
     coef[4 * (u64)c + 1] = (float)(rstd * wc);
     coef[4 * (u64)c + 2] = (float)(bc - (double)mean[c] * rstd * wc);
     coef[4 * (u64)c + 3] = 0.0f;
+}
+
+// ---- group norm (+SiLU), channels-last, one grid-resident pass --------------------------------
+// gn_grid_nhwc_DT: gn_stats_nhwc, gn_finalize and gn_apply_nhwc as one cooperative launch whose
+// blocks keep their slice of x in shared memory, so that x is read once (the two-phase path reads
+// it twice, in three launches; the UNet keeps activations channels-last, where no cluster holds a
+// group). Grid (L, N): block (l, n) owns positions [l ppb, min(HW, (l + 1) ppb)) of sample n, a
+// contiguous run of ppb C elements kept in ppb * C * sizeof(T) bytes of dynamic shared memory; its
+// threads are R = blockDim / npk rows of npk = C / V channel packs, row r taking positions r, r + R,
+// ... of the slice, as gn_stats_nhwc.
+//   1. load the slice (GNG_INFLIGHT 16-byte loads a thread in flight), summing each channel's
+//      shifted values and squares as they arrive; the block's sums to part in gn_stats_nhwc's
+//      layout (the L blocks of a sample are its lanes); grid barrier;
+//   2. gn_finalize_group for the (sample, group) pairs, strided over the blocks -> coef; grid barrier;
+//   3. normalize (+SiLU) the slice from shared memory into y, gn_apply_nhwc's arithmetic.
+// Host guarantees (engine/src/cuda/norm.rs gn_grid_plan): a cooperative launch (all N L blocks
+// resident at once), C % V == 0, npk <= blockDim <= GNG_MAX_BLOCK, x and y 16-byte aligned, part
+// 3 N C L floats, coef 4 N C floats, bar two u32 as grid_sync wants.
+#define GNG_MAX_BLOCK 512
+#define GNG_INFLIGHT 8
+
+template <typename T>
+__device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, float* __restrict__ part,
+                                             float* __restrict__ coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, float eps, int act) {
+    constexpr int V = 16 / sizeof(T);
+    // The rows' per-channel sums: R C = R npk V <= blockDim V.
+    __shared__ float rows[2 * GNG_MAX_BLOCK * V], rcnt[GNG_MAX_BLOCK];
+    LA_DYNAMIC_SHARED(unsigned char, smem_raw);
+    Pack<T, V>* buf = reinterpret_cast<Pack<T, V>*>(smem_raw);
+    const u32 npk = C / V, R = blockDim.x / npk, L = gridDim.x, lane = blockIdx.x, n = blockIdx.y, N = gridDim.y;
+    const u32 r = threadIdx.x / npk, cp = threadIdx.x % npk;
+    const bool worker = r < R;
+    const u32 p0 = min(HW, lane * ppb), npos = min(HW, p0 + ppb) - p0;
+    // This thread's channel pack at position 0 of the slice; position q is npk packs further each.
+    const Pack<T, V>* xs = reinterpret_cast<const Pack<T, V>*>(x + ((u64)n * HW + p0) * C) + cp;
+    Pack<T, V>* ys = reinterpret_cast<Pack<T, V>*>(y + ((u64)n * HW + p0) * C) + cp;
+    float K[V], s1[V], s2[V];
+    u32 cnt = 0;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        K[k] = worker ? to_f32(x[(u64)n * HW * C + cp * V + k]) : 0.0f;
+        s1[k] = 0.0f;
+        s2[k] = 0.0f;
+    }
+    if (worker) {
+        for (u32 q0 = r; q0 < npos; q0 += GNG_INFLIGHT * R) {
+            Pack<T, V> v[GNG_INFLIGHT];
+#pragma unroll
+            for (int j = 0; j < GNG_INFLIGHT; ++j)
+                if (q0 + j * R < npos) v[j] = xs[(u64)(q0 + j * R) * npk];
+#pragma unroll
+            for (int j = 0; j < GNG_INFLIGHT; ++j) {
+                const u32 q = q0 + j * R;
+                if (q < npos) {
+                    buf[q * npk + cp] = v[j];
+#pragma unroll
+                    for (int k = 0; k < V; ++k) {
+                        const float d = to_f32(v[j].v[k]) - K[k];
+                        s1[k] += d;
+                        s2[k] += d * d;
+                    }
+                    ++cnt;
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            rows[r * C + cp * V + k] = s1[k];
+            rows[(R + r) * C + cp * V + k] = s2[k];
+        }
+        if (cp == 0) rcnt[r] = (float)cnt;
+    }
+    __syncthreads();
+    const u64 total = (u64)N * C * L;
+    for (u32 c = threadIdx.x; c < C; c += blockDim.x) {
+        const u64 o = ((u64)n * C + c) * L + lane;
+        part[o] = gn_rows_sum(rcnt, R, 1, 0);
+        part[total + o] = gn_rows_sum(rows, R, C, c);
+        part[2 * total + o] = gn_rows_sum(rows + R * C, R, C, c);
+    }
+    grid_sync(bar, N * L);
+    for (u32 ng = n * L + lane; ng < N * G; ng += N * L) gn_finalize_group<T>(ng, x, part, nullptr, coef, w, b, N, C, HW, G, L, 1, eps);
+    grid_sync(bar, N * L);
+    if (!worker) return;
+    float mu[V], sc[V], sh[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const float4 f = reinterpret_cast<const float4*>(coef)[(u64)n * C + cp * V + k];
+        mu[k] = f.x;
+        sc[k] = f.y;
+        sh[k] = f.z;
+    }
+    for (u32 q = r; q < npos; q += R) {
+        const Pack<T, V> pk = buf[q * npk + cp];
+        Pack<T, V> out;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            float v = (to_f32(pk.v[k]) - mu[k]) * sc[k] + sh[k];
+            if (act) v = silu_out<T>(v);
+            out.v[k] = from_f32_arith<T>(v);
+        }
+        ys[(u64)q * npk] = out;
+    }
 }
 
 // ---- group norm backward ---------------------------------------------------------------------
@@ -887,12 +995,16 @@ __device__ __forceinline__ void prelu(const T* __restrict__ x, T* __restrict__ y
     extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_stats_nhwc_##NAME(const T* x, float* part, u32 C, u32 HW) { \
         gn_stats_nhwc<T>(x, part, C, HW);                                                             \
     }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GNG_MAX_BLOCK)                                       \
+        gn_grid_nhwc_##NAME(const T* x, T* y, const float* w, const float* b, float* part, float* coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, float eps, int act) { \
+        gn_grid_nhwc<T>(x, y, w, b, part, coef, bar, C, HW, G, ppb, eps, act);                        \
+    }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_apply_nhwc_##NAME(const T* x, T* y, const float4* coef, u32 C, u32 HW, int act) { \
         gn_apply_nhwc<T>(x, y, coef, C, HW, act);                                                     \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GN_BLOCK)                                            \
         gn_finalize_##NAME(const T* x, const float* part, float* stats, float* coef, const float* w, const float* b, u32 N, u32 C, u32 HW, u32 G, u32 L, int channels_last, float eps) { \
-        gn_finalize<T>(x, part, stats, coef, w, b, N, C, HW, G, L, channels_last, eps);               \
+        gn_finalize_group<T>(blockIdx.x, x, part, stats, coef, w, b, N, C, HW, G, L, channels_last, eps); \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(EW_BLOCK)                                            \
         affine_apply_##NAME(const T* x, T* y, const float4* coef, u32 total, u32 C, u32 HW, u32 cstride, int channels_last, int act) { \

@@ -526,6 +526,10 @@ pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bia
         }
         return wrap_like(out, x.shape(), &l);
     }
+    if let Some(plan) = gn_grid_plan(&dev, &l, groups)? {
+        gn_grid_launch(&dev, &plan, &l, groups, xp, out.device_ptr(), wp, bp, eps, silu)?;
+        return wrap_like(out, x.shape(), &l);
+    }
     let (_stats, coef) = gn_stats(&dev, &l, groups, wp, bp, eps, true)?;
     let coef = coef.expect("asked for coefficients");
     if l.channels_last && l.vec {
@@ -642,6 +646,8 @@ fn gn_cluster_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64, 
 /// - `cluster-smem`: the forward with the group in shared memory (gn_cluster_smem_DT) wherever
 ///   its plan applies; the backward as `auto` (there is no shared-memory backward);
 /// - `cluster-smem-async`: as `cluster-smem` with cp.async loads (gn_cluster_smem_async_DT).
+/// - `grid`: channels-last forwards by the grid-resident cooperative kernel (gn_grid_nhwc_DT)
+///   wherever its plan applies (x fits the GPU's shared memory); everything else as `auto`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum GnVariant {
     Auto,
@@ -649,16 +655,18 @@ enum GnVariant {
     ClusterRegs,
     ClusterSmem,
     ClusterSmemAsync,
+    Grid,
 }
 
 fn gn_variant() -> Result<GnVariant> {
-    const KNOWN: &str = "auto, two-phase, cluster-regs, cluster-smem, cluster-smem-async";
+    const KNOWN: &str = "auto, two-phase, cluster-regs, cluster-smem, cluster-smem-async, grid";
     Ok(match super::kernel_variant("group_norm").as_deref() {
         None | Some("auto") => GnVariant::Auto,
         Some("two-phase") => GnVariant::TwoPhase,
         Some("cluster-regs") => GnVariant::ClusterRegs,
         Some("cluster-smem") => GnVariant::ClusterSmem,
         Some("cluster-smem-async") => GnVariant::ClusterSmemAsync,
+        Some("grid") => GnVariant::Grid,
         Some(v) => return Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_GROUP_NORM={v}: unknown group-norm variant (known: {KNOWN})"))),
     })
 }
@@ -737,7 +745,7 @@ fn gn_forward_path(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64) 
         GnVariant::ClusterRegs => gn_cluster_plan(dev, l, groups, xp, GnClusterKernel::Forward),
         GnVariant::ClusterSmem => gn_cluster_smem_plan(dev, l, groups, xp, false),
         GnVariant::ClusterSmemAsync => gn_cluster_smem_plan(dev, l, groups, xp, true),
-        GnVariant::Auto => {
+        GnVariant::Auto | GnVariant::Grid => {
             if let Some(p) = gn_cluster_smem_plan(dev, l, groups, xp, false)? {
                 return Ok(Some(p));
             }
@@ -757,7 +765,7 @@ fn gn_backward_uses_cluster(l: &GnLayout, groups: usize) -> Result<bool> {
     Ok(match gn_variant()? {
         GnVariant::TwoPhase => false,
         GnVariant::ClusterRegs => true,
-        GnVariant::Auto | GnVariant::ClusterSmem | GnVariant::ClusterSmemAsync => group_bytes <= GNC_REGS_MAX_GROUP_BYTES,
+        GnVariant::Auto | GnVariant::ClusterSmem | GnVariant::ClusterSmemAsync | GnVariant::Grid => group_bytes <= GNC_REGS_MAX_GROUP_BYTES,
     })
 }
 
@@ -821,11 +829,113 @@ pub fn group_norm_forward_path(x: &Tensor, groups: usize) -> Result<String> {
     gn_check(OP, x, groups)?;
     let l = gn_layout_checked(x)?;
     let (xp, dev) = addr(&l.x, OP)?;
+    if let Some(p) = gn_grid_plan(&dev, &l, groups)? {
+        return Ok(format!("grid-resident ({} x {} blocks, {} positions a block in shared memory, {})", p.lanes, l.n, p.positions, p.name));
+    }
     Ok(match gn_forward_path(&dev, &l, groups, xp)? {
         Some(p) if p.shared > 0 => format!("cluster ({} CTAs x {} packs/CTA in shared memory, {})", p.cs, p.packs, p.name),
         Some(p) => format!("cluster ({} CTAs x {} packs/thread, {})", p.cs, p.packs, p.name),
         None => "two-phase".to_string(),
     })
+}
+
+// ---- single-launch channels-last group norm: a grid-resident cooperative kernel --------------
+
+/// Threads of a block of gn_grid_nhwc_DT (<= GNG_MAX_BLOCK in norm.cu).
+const GNG_BLOCK: u32 = 512;
+
+/// A cooperative launch of gn_grid_nhwc_DT: grid (lanes, N), each block holding `positions`
+/// positions of its sample (all channels) in `shared` bytes of dynamic shared memory.
+struct GnGridPlan {
+    name: String,
+    f: super::CudaFunction,
+    lanes: usize,
+    positions: usize,
+    shared: u32,
+}
+
+/// The grid-resident kernel's plan (variant `grid` only, until measured), or None where it does not
+/// apply: not channels-last with 16-byte channel packs, or x larger than the blocks that can be
+/// resident at once hold in shared memory (about 132 x 190 KB on an H100/H200, for 512-thread
+/// blocks of ~90 registers: one an SM). Blocks: the SMs shared among the samples.
+fn gn_grid_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize) -> Result<Option<GnGridPlan>> {
+    if !super::experimental_kernels() || gn_variant()? != GnVariant::Grid || !l.channels_last || !l.vec || groups == 0 || l.n == 0 || l.hw == 0 {
+        return Ok(None);
+    }
+    let dt = dt_name("group_norm", l.x.dtype())?;
+    let sms = dev.multiprocessors() as usize;
+    let lanes = (sms / l.n).max(1);
+    let positions = l.hw.div_ceil(lanes);
+    let Ok(shared) = u32::try_from(positions * l.c * l.x.dtype().size_in_bytes()) else { return Ok(None) };
+    let name = format!("gn_grid_nhwc_{dt}");
+    let f = dev.function(&knorm::SOURCE, &name)?;
+    dev.bind()?;
+    let fixed = f.shared_size_bytes().map_err(|e| Error::Cuda(format!("reading the shared memory size of {name}: {e}")))? as u32;
+    if shared + fixed > dev.max_shared_memory_per_block_optin() {
+        return Ok(None);
+    }
+    if shared > 48 * 1024 && f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).is_err() {
+        return Ok(None);
+    }
+    let mut per_sm: std::ffi::c_int = 0;
+    // SAFETY: f is a loaded kernel of this (bound) context; per_sm is written by the call.
+    let ok = unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut per_sm, f.cu_function(), GNG_BLOCK as i32, shared as usize) }.result().is_ok();
+    if !ok || (per_sm.max(0) as usize) * sms < lanes * l.n {
+        return Ok(None);
+    }
+    Ok(Some(GnGridPlan { name, f, lanes, positions, shared }))
+}
+
+/// Two u32 per device for grid_sync (kernels/cuda/cluster.cuh), zeroed once: every barrier leaves
+/// its arrivals at zero, so launches on the device's stream share them.
+fn grid_barrier(dev: &Arc<CudaDevice>) -> Result<u64> {
+    static BARRIERS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<usize, CudaStorage>>> = std::sync::OnceLock::new();
+    let mut map = BARRIERS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = map.get(&dev.ordinal()) {
+        return Ok(s.device_ptr());
+    }
+    let s = CudaStorage::alloc(dev, DType::F32, 2)?;
+    dev.memset(s.device_ptr(), 0, 8)?;
+    let p = s.device_ptr();
+    map.insert(dev.ordinal(), s);
+    Ok(p)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gn_grid_launch(dev: &Arc<CudaDevice>, plan: &GnGridPlan, l: &GnLayout, groups: usize, xp: u64, yp: u64, wp: u64, bp: u64, eps: f32, silu: bool) -> Result<()> {
+    let part = CudaStorage::alloc(dev, DType::F32, 3 * l.n * l.c * plan.lanes)?;
+    let coef = CudaStorage::alloc(dev, DType::F32, 4 * l.n * l.c)?;
+    let bar = grid_barrier(dev)?;
+    let (pp, cp) = (part.device_ptr(), coef.device_ptr());
+    let (c32, hw32, g32, ppb, act) = (l.c as u32, l.hw as u32, groups as u32, plan.positions as u32, silu as i32);
+    let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&pp), karg(&cp), karg(&bar), karg(&c32), karg(&hw32), karg(&g32), karg(&ppb), karg(&eps), karg(&act)];
+    // SAFETY: an all-zero attribute value is a valid bit pattern (plain integers).
+    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+    value.cooperative = 1;
+    let mut attr = sys::CUlaunchAttribute { id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE, pad: [0; 4], value };
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: plan.lanes as u32,
+        gridDimY: l.n as u32,
+        gridDimZ: 1,
+        blockDimX: GNG_BLOCK,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: plan.shared,
+        hStream: dev.stream().cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    dev.bind()?;
+    dev.profile_launch(&plan.f);
+    // SAFETY: the arguments match gn_grid_nhwc_DT (x, y, w, b, part, coef, bar, C, HW, G, ppb, eps,
+    // act) and live until the call returns; gn_grid_plan checked the kernel's conditions
+    // (channels-last with C % V == 0 and C / V <= BLOCK <= GNG_BLOCK, 16-byte aligned x, y a fresh
+    // allocation, ppb * C elements of dynamic shared memory opted in, every block resident at once,
+    // which the cooperative launch also enforces); part holds 3 N C L floats, coef 4 N C, bar is
+    // grid_barrier's pair.
+    unsafe { sys::cuLaunchKernelEx(&cfg, plan.f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(launch_failed(&plan.name))?;
+    drop((part, coef));
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
