@@ -998,11 +998,12 @@ fn group_norm_statistics_and_apply_kernels_match_the_cpu() {
 /// kernels::norm::group_norm: the emulator runs a cooperative launch as one cluster of all its
 /// blocks (grid_sync is then the cluster barrier), so grids of at most 16 blocks. `lanes` blocks a
 /// sample of `threads` threads; a slice of ceil(hw / lanes) positions each (the last ones short or
-/// empty), `schedule` as the emulator's.
+/// empty), of which the first `held` stay in shared memory (None: all), `schedule` as the
+/// emulator's.
 #[allow(clippy::too_many_arguments)]
-fn check_group_norm_grid(m: &EmulatedModule, dt: Dt, n: usize, c: usize, hw: usize, groups: usize, lanes: usize, threads: u32, affine: bool, silu: bool, schedule: Schedule) {
+fn check_group_norm_grid(m: &EmulatedModule, dt: Dt, n: usize, c: usize, hw: usize, groups: usize, lanes: usize, held: Option<usize>, threads: u32, affine: bool, silu: bool, schedule: Schedule) {
     let eps = 1e-5f32;
-    let label = format!("gn_grid_nhwc {} n={n} c={c} hw={hw} g={groups} lanes={lanes} threads={threads} affine={affine} silu={silu} {schedule:?}", dt.name());
+    let label = format!("gn_grid_nhwc {} n={n} c={c} hw={hw} g={groups} lanes={lanes} held={held:?} threads={threads} affine={affine} silu={silu} {schedule:?}", dt.name());
     // NCHW values with an offset on sample 1 (the shifted sums must keep the spread).
     let x: Vec<f32> = values(n * c * hw, (7 * c + hw) as u64).iter().enumerate().map(|(i, v)| 2.0 * v + if i / (c * hw) == 1 { 40.0 } else { 0.0 }).collect();
     let x: Vec<f32> = x.iter().map(|&v| dt.round(v)).collect();
@@ -1015,8 +1016,9 @@ fn check_group_norm_grid(m: &EmulatedModule, dt: Dt, n: usize, c: usize, hw: usi
     let coef = Aligned::<f32>::zeroed(4 * n * c);
     let bar = Aligned::<u32>::zeroed(2);
     let ppb = hw.div_ceil(lanes) as u32;
+    let held = held.unwrap_or(ppb as usize) as u32;
     let elem = if matches!(dt, Dt::F32) { 4 } else { 2 };
-    let shared = ppb as usize * c * elem;
+    let shared = held as usize * c * elem;
     let (wp, bp) = if affine { (wb.addr(), bb.addr()) } else { (0, 0) };
     let (xp, yp, pp, cp, barp) = (xb.addr(), y.addr(), part.addr(), coef.addr(), bar.addr());
     let (c32, hw32, g32, act) = (c as u32, hw as u32, groups as u32, silu as i32);
@@ -1026,8 +1028,8 @@ fn check_group_norm_grid(m: &EmulatedModule, dt: Dt, n: usize, c: usize, hw: usi
     // block of the grid runs at once (one cluster).
     unsafe {
         m.launch_cluster_with(&name, (lanes as u32, n as u32, 1), (threads, 1, 1), (lanes as u32, n as u32, 1), shared as u32, schedule, &|f| {
-            let k: extern "C" fn(u64, u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, f32, i32) = std::mem::transmute(f);
-            k(xp, yp, wp, bp, pp, cp, barp, c32, hw32, g32, ppb, eps, act);
+            let k: extern "C" fn(u64, u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, u32, f32, i32) = std::mem::transmute(f);
+            k(xp, yp, wp, bp, pp, cp, barp, c32, hw32, g32, ppb, held, eps, act);
         })
     }
     .unwrap_or_else(|e| panic!("{label}: {e}"));
@@ -1049,13 +1051,17 @@ fn group_norm_grid_kernel_matches_the_cpu() {
     // Slices of 13 positions (the last 11); 2 channel packs a row, 64 rows a block; f32 packs of
     // 4; C / V = 40 of 512 threads (12 rows, 32 threads idle) as the engine launches SDXL's 320
     // channels; 5 positions over 4 lanes (slices 2, 2, 1 and an empty one).
+    // Slices larger than shared memory keep their first `held` positions there and read the rest
+    // again (5 of 13; 1 of 10).
     for schedule in [Schedule::FarApart, Schedule::RoundRobin, Schedule::Random(7)] {
-        check_group_norm_grid(&m, Dt::Bf16, 2, 16, 37, 4, 3, 128, true, true, schedule);
+        check_group_norm_grid(&m, Dt::Bf16, 2, 16, 37, 4, 3, None, 128, true, true, schedule);
     }
-    check_group_norm_grid(&m, Dt::F16, 2, 16, 37, 2, 3, 128, false, false, Schedule::FarApart);
-    check_group_norm_grid(&m, Dt::F32, 2, 12, 20, 3, 2, 64, true, false, Schedule::FarApart);
-    check_group_norm_grid(&m, Dt::Bf16, 1, 320, 6, 32, 2, 512, true, true, Schedule::FarApart);
-    check_group_norm_grid(&m, Dt::Bf16, 2, 8, 5, 2, 4, 64, true, true, Schedule::FarApart);
+    check_group_norm_grid(&m, Dt::Bf16, 2, 16, 37, 4, 3, Some(5), 128, true, true, Schedule::FarApart);
+    check_group_norm_grid(&m, Dt::F16, 2, 16, 37, 2, 3, None, 128, false, false, Schedule::FarApart);
+    check_group_norm_grid(&m, Dt::F32, 2, 12, 20, 3, 2, None, 64, true, false, Schedule::FarApart);
+    check_group_norm_grid(&m, Dt::F32, 2, 12, 20, 3, 2, Some(1), 64, true, true, Schedule::RoundRobin);
+    check_group_norm_grid(&m, Dt::Bf16, 1, 320, 6, 32, 2, None, 512, true, true, Schedule::FarApart);
+    check_group_norm_grid(&m, Dt::Bf16, 2, 8, 5, 2, 4, None, 64, true, true, Schedule::FarApart);
 }
 
 // ---- thread-block clusters (kernels/emu/tests/cluster.cu, group_norm.cu) ----------------------------

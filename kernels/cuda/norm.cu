@@ -587,14 +587,16 @@ extern "C" __global__ void __launch_bounds__(EW_BLOCK) bn_coef(const float* mean
 // blocks keep their slice of x in shared memory, so that x is read once (the two-phase path reads
 // it twice, in three launches; the UNet keeps activations channels-last, where no cluster holds a
 // group). Grid (L, N): block (l, n) owns positions [l ppb, min(HW, (l + 1) ppb)) of sample n, a
-// contiguous run of ppb C elements kept in ppb * C * sizeof(T) bytes of dynamic shared memory; its
-// threads are R = blockDim / npk rows of npk = C / V channel packs, row r taking positions r, r + R,
-// ... of the slice, as gn_stats_nhwc.
+// contiguous run of ppb C elements whose first `held` positions it keeps in held * C * sizeof(T)
+// bytes of dynamic shared memory (all of them when x fits the grid's shared memory; the rest is
+// read again in step 3, most recently read and so likely still in L2); its threads are
+// R = blockDim / npk rows of npk = C / V channel packs, row r taking positions r, r + R, ... of the
+// slice, as gn_stats_nhwc.
 //   1. load the slice (GNG_INFLIGHT 16-byte loads a thread in flight), summing each channel's
 //      shifted values and squares as they arrive; the block's sums to part in gn_stats_nhwc's
 //      layout (the L blocks of a sample are its lanes); grid barrier;
 //   2. gn_finalize_group for the (sample, group) pairs, strided over the blocks -> coef; grid barrier;
-//   3. normalize (+SiLU) the slice from shared memory into y, gn_apply_nhwc's arithmetic.
+//   3. normalize (+SiLU) the slice (shared memory, then global) into y, gn_apply_nhwc's arithmetic.
 // Host guarantees (engine/src/cuda/norm.rs gn_grid_plan): a cooperative launch (all N L blocks
 // resident at once), C % V == 0, npk <= blockDim <= GNG_MAX_BLOCK, x and y 16-byte aligned, part
 // 3 N C L floats, coef 4 N C floats, bar two u32 as grid_sync wants.
@@ -603,7 +605,7 @@ extern "C" __global__ void __launch_bounds__(EW_BLOCK) bn_coef(const float* mean
 
 template <typename T>
 __device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, float* __restrict__ part,
-                                             float* __restrict__ coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, float eps, int act) {
+                                             float* __restrict__ coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act) {
     constexpr int V = 16 / sizeof(T);
     // The rows' per-channel sums: R C = R npk V <= blockDim V.
     __shared__ float rows[2 * GNG_MAX_BLOCK * V], rcnt[GNG_MAX_BLOCK];
@@ -634,7 +636,7 @@ __device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restr
             for (int j = 0; j < GNG_INFLIGHT; ++j) {
                 const u32 q = q0 + j * R;
                 if (q < npos) {
-                    buf[q * npk + cp] = v[j];
+                    if (q < held) buf[q * npk + cp] = v[j];
 #pragma unroll
                     for (int k = 0; k < V; ++k) {
                         const float d = to_f32(v[j].v[k]) - K[k];
@@ -672,8 +674,9 @@ __device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restr
         sc[k] = f.y;
         sh[k] = f.z;
     }
+#pragma unroll 4
     for (u32 q = r; q < npos; q += R) {
-        const Pack<T, V> pk = buf[q * npk + cp];
+        const Pack<T, V> pk = q < held ? buf[q * npk + cp] : xs[(u64)q * npk];
         Pack<T, V> out;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
@@ -996,8 +999,8 @@ __device__ __forceinline__ void prelu(const T* __restrict__ x, T* __restrict__ y
         gn_stats_nhwc<T>(x, part, C, HW);                                                             \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GNG_MAX_BLOCK)                                       \
-        gn_grid_nhwc_##NAME(const T* x, T* y, const float* w, const float* b, float* part, float* coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, float eps, int act) { \
-        gn_grid_nhwc<T>(x, y, w, b, part, coef, bar, C, HW, G, ppb, eps, act);                        \
+        gn_grid_nhwc_##NAME(const T* x, T* y, const float* w, const float* b, float* part, float* coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act) { \
+        gn_grid_nhwc<T>(x, y, w, b, part, coef, bar, C, HW, G, ppb, held, eps, act);                  \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_apply_nhwc_##NAME(const T* x, T* y, const float4* coef, u32 C, u32 HW, int act) { \
         gn_apply_nhwc<T>(x, y, coef, C, HW, act);                                                     \

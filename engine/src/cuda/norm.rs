@@ -830,7 +830,7 @@ pub fn group_norm_forward_path(x: &Tensor, groups: usize) -> Result<String> {
     let l = gn_layout_checked(x)?;
     let (xp, dev) = addr(&l.x, OP)?;
     if let Some(p) = gn_grid_plan(&dev, &l, groups)? {
-        return Ok(format!("grid-resident ({} x {} blocks, {} positions a block in shared memory, {})", p.lanes, l.n, p.positions, p.name));
+        return Ok(format!("grid-resident ({} x {} blocks of {} positions, {} of them in shared memory, {})", p.lanes, l.n, p.positions, p.held, p.name));
     }
     Ok(match gn_forward_path(&dev, &l, groups, xp)? {
         Some(p) if p.shared > 0 => format!("cluster ({} CTAs x {} packs/CTA in shared memory, {})", p.cs, p.packs, p.name),
@@ -844,20 +844,22 @@ pub fn group_norm_forward_path(x: &Tensor, groups: usize) -> Result<String> {
 /// Threads of a block of gn_grid_nhwc_DT (<= GNG_MAX_BLOCK in norm.cu).
 const GNG_BLOCK: u32 = 512;
 
-/// A cooperative launch of gn_grid_nhwc_DT: grid (lanes, N), each block holding `positions`
-/// positions of its sample (all channels) in `shared` bytes of dynamic shared memory.
+/// A cooperative launch of gn_grid_nhwc_DT: grid (lanes, N), each block owning `positions`
+/// positions of its sample (all channels), the first `held` of them kept in `shared` bytes of
+/// dynamic shared memory (the rest read again for the apply step).
 struct GnGridPlan {
     name: String,
     f: super::CudaFunction,
     lanes: usize,
     positions: usize,
+    held: usize,
     shared: u32,
 }
 
 /// The grid-resident kernel's plan (variant `grid` only, until measured), or None where it does not
-/// apply: not channels-last with 16-byte channel packs, or x larger than the blocks that can be
-/// resident at once hold in shared memory (about 132 x 190 KB on an H100/H200, for 512-thread
-/// blocks of ~90 registers: one an SM). Blocks: the SMs shared among the samples.
+/// apply: not channels-last with 16-byte channel packs, more samples than resident blocks. Blocks:
+/// the SMs shared among the samples (512 threads of ~90 registers: one an SM); each keeps as much
+/// of its slice as its shared memory holds (all of x up to about 132 x 190 KB on an H100/H200).
 fn gn_grid_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize) -> Result<Option<GnGridPlan>> {
     if !super::experimental_kernels() || gn_variant()? != GnVariant::Grid || !l.channels_last || !l.vec || groups == 0 || l.n == 0 || l.hw == 0 {
         return Ok(None);
@@ -866,24 +868,24 @@ fn gn_grid_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize) -> Result<Op
     let sms = dev.multiprocessors() as usize;
     let lanes = (sms / l.n).max(1);
     let positions = l.hw.div_ceil(lanes);
-    let Ok(shared) = u32::try_from(positions * l.c * l.x.dtype().size_in_bytes()) else { return Ok(None) };
+    let row = l.c * l.x.dtype().size_in_bytes();
     let name = format!("gn_grid_nhwc_{dt}");
     let f = dev.function(&knorm::SOURCE, &name)?;
     dev.bind()?;
-    let fixed = f.shared_size_bytes().map_err(|e| Error::Cuda(format!("reading the shared memory size of {name}: {e}")))? as u32;
-    if shared + fixed > dev.max_shared_memory_per_block_optin() {
-        return Ok(None);
-    }
+    let fixed = f.shared_size_bytes().map_err(|e| Error::Cuda(format!("reading the shared memory size of {name}: {e}")))? as usize;
+    let room = (dev.max_shared_memory_per_block_optin() as usize).saturating_sub(fixed);
+    let held = positions.min(room / row);
+    let shared = (held * row) as u32;
     if shared > 48 * 1024 && f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).is_err() {
         return Ok(None);
     }
     let mut per_sm: std::ffi::c_int = 0;
     // SAFETY: f is a loaded kernel of this (bound) context; per_sm is written by the call.
     let ok = unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut per_sm, f.cu_function(), GNG_BLOCK as i32, shared as usize) }.result().is_ok();
-    if !ok || (per_sm.max(0) as usize) * sms < lanes * l.n {
+    if !ok || (per_sm.max(0) as usize) * sms < lanes * l.n || u32::try_from(positions).is_err() {
         return Ok(None);
     }
-    Ok(Some(GnGridPlan { name, f, lanes, positions, shared }))
+    Ok(Some(GnGridPlan { name, f, lanes, positions, held, shared }))
 }
 
 /// Two u32 per device for grid_sync (kernels/cuda/cluster.cuh), zeroed once: every barrier leaves
@@ -907,8 +909,8 @@ fn gn_grid_launch(dev: &Arc<CudaDevice>, plan: &GnGridPlan, l: &GnLayout, groups
     let coef = CudaStorage::alloc(dev, DType::F32, 4 * l.n * l.c)?;
     let bar = grid_barrier(dev)?;
     let (pp, cp) = (part.device_ptr(), coef.device_ptr());
-    let (c32, hw32, g32, ppb, act) = (l.c as u32, l.hw as u32, groups as u32, plan.positions as u32, silu as i32);
-    let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&pp), karg(&cp), karg(&bar), karg(&c32), karg(&hw32), karg(&g32), karg(&ppb), karg(&eps), karg(&act)];
+    let (c32, hw32, g32, ppb, held, act) = (l.c as u32, l.hw as u32, groups as u32, plan.positions as u32, plan.held as u32, silu as i32);
+    let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&pp), karg(&cp), karg(&bar), karg(&c32), karg(&hw32), karg(&g32), karg(&ppb), karg(&held), karg(&eps), karg(&act)];
     // SAFETY: an all-zero attribute value is a valid bit pattern (plain integers).
     let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
     value.cooperative = 1;
@@ -927,10 +929,10 @@ fn gn_grid_launch(dev: &Arc<CudaDevice>, plan: &GnGridPlan, l: &GnLayout, groups
     };
     dev.bind()?;
     dev.profile_launch(&plan.f);
-    // SAFETY: the arguments match gn_grid_nhwc_DT (x, y, w, b, part, coef, bar, C, HW, G, ppb, eps,
-    // act) and live until the call returns; gn_grid_plan checked the kernel's conditions
+    // SAFETY: the arguments match gn_grid_nhwc_DT (x, y, w, b, part, coef, bar, C, HW, G, ppb, held,
+    // eps, act) and live until the call returns; gn_grid_plan checked the kernel's conditions
     // (channels-last with C % V == 0 and C / V <= BLOCK <= GNG_BLOCK, 16-byte aligned x, y a fresh
-    // allocation, ppb * C elements of dynamic shared memory opted in, every block resident at once,
+    // allocation, held * C elements of dynamic shared memory opted in, every block resident at once,
     // which the cooperative launch also enforces); part holds 3 N C L floats, coef 4 N C, bar is
     // grid_barrier's pair.
     unsafe { sys::cuLaunchKernelEx(&cfg, plan.f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(launch_failed(&plan.name))?;
