@@ -26,3 +26,7 @@ mod late {
     use super::*;
     emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("late"));
 }
+mod ws {
+    use super::*;
+    emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("ws"));
+}

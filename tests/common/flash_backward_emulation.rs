@@ -28,17 +28,19 @@ pub enum MainKernel {
 }
 
 impl MainKernel {
-    /// (instance name, keys a block, threads a block, dynamic shared bytes) at this dtype / head dim.
-    fn geometry(self, dtype: Half, d: usize) -> (String, usize, u32, u32) {
+    /// (source, instance name, keys a block, threads a block, dynamic shared bytes) at this dtype /
+    /// head dim.
+    fn geometry(self, dtype: Half, d: usize) -> (&'static kernels::compile::KernelSource, String, usize, u32, u32) {
         match self {
             MainKernel::MmaSync => {
                 let tiles = BackwardTiles::for_head_dim(d).expect("a kernel head dim");
-                (fab::kernel_names(dtype.name(), d).1, tiles.bc, tiles.threads(), tiles.shared_bytes(d))
+                (&fab::SOURCE, fab::kernel_names(dtype.name(), d).1, tiles.bc, tiles.threads(), tiles.shared_bytes(d))
             }
-            MainKernel::Hopper => (fab::hopper_kernel_name(dtype.name(), d), fab::HOPPER_KEYS_PER_BLOCK, fab::HOPPER_THREADS, fab::hopper_shared_bytes(d).expect("a Hopper head dim")),
+            MainKernel::Hopper => (&fab::HOPPER_SOURCE, fab::hopper_kernel_name(dtype.name(), d), fab::HOPPER_KEYS_PER_BLOCK, fab::HOPPER_THREADS, fab::hopper_shared_bytes(d).expect("a Hopper head dim")),
             MainKernel::HopperVariant(v) => {
                 let name = if d == 64 { format!("flash_bwd_hopper_{v}_{}_d{d}", dtype.name()) } else { fab::hopper_kernel_name(dtype.name(), d) };
-                (name, fab::HOPPER_KEYS_PER_BLOCK, fab::HOPPER_THREADS, fab::hopper_shared_bytes(d).expect("a Hopper head dim"))
+                let (source, threads, shared) = fab::hopper_launch(d, Some(v)).expect("a Hopper head dim");
+                (source, name, fab::HOPPER_KEYS_PER_BLOCK, threads, shared)
             }
         }
     }
@@ -106,7 +108,7 @@ fn strides(case: &Case, l: usize) -> [i64; 3] {
 pub fn run(case: Case, kernel: MainKernel) {
     let Case { dtype, b, h, lq, lk, lr, d, keep_per_batch, drop_all_in_batch0 } = case;
     let scale = 1.0 / (d as f32).sqrt();
-    let (main, bc, threads, shared) = kernel.geometry(dtype, d);
+    let (main_source, main, bc, threads, shared) = kernel.geometry(dtype, d);
     // Inputs as the 16-bit type holds them; q scaled up so that the softmax is not flat.
     let q = dtype.round(&values(b * lq * h * d, 1).iter().map(|x| 3.0 * x).collect::<Vec<_>>());
     let (k, v) = (dtype.round(&values(b * lk * h * d, 2)), dtype.round(&values(b * lk * h * d, 3)));
@@ -213,10 +215,7 @@ pub fn run(case: Case, kernel: MainKernel) {
         pad: 0,
     };
     let m = EmulatedModule::load(&fab::SOURCE).unwrap_or_else(|e| panic!("{e}"));
-    let main_module = match kernel {
-        MainKernel::MmaSync => None,
-        MainKernel::Hopper | MainKernel::HopperVariant(_) => Some(EmulatedModule::load(&fab::HOPPER_SOURCE).unwrap_or_else(|e| panic!("{e}"))),
-    };
+    let main_module = (main_source.name != fab::SOURCE.name).then(|| EmulatedModule::load(main_source).unwrap_or_else(|e| panic!("{e}")));
     let (prep, _, dq) = fab::kernel_names(dtype.name(), d);
     let launch = |m: &EmulatedModule, name: &str, grid: (u32, u32, u32), threads: u32, shared: u32| {
         // SAFETY: the kernel takes FlashBwdParams by value (mirrored by FlashBackwardParams); every

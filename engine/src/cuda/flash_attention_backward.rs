@@ -15,7 +15,8 @@
 //! On compute capability 9.0 with the Hopper kernels switched on (crate::cuda::hopper_kernels) the
 //! main launch runs the wgmma kernel instead (kernels/cuda/flash_attention_backward_hopper.cu:
 //! same parameters and outputs; grid (own + reference tiles of 128 keys, H, B), 256 threads,
-//! 146.5 / 194.5 KiB of dynamic shared memory); prep and dq stay as they are.
+//! 146.5 / 194.5 KiB of dynamic shared memory; the "ws" variant at head dim 64: 384 threads,
+//! 178.6 KiB); prep and dq stay as they are.
 
 use kernels::flash_attention_backward::{self as kfab, BackwardTiles, FlashBackwardParams};
 
@@ -61,18 +62,21 @@ struct MainKernel {
 /// The Hopper (wgmma) main kernel when it applies: the Hopper kernels switched on, a compute
 /// capability 9.0 device with the opt-in shared memory it needs, bf16/f16 with head dim 64 or 128.
 fn hopper_main_kernel(dev: &super::CudaDevice, dtype: DType, d: usize) -> Result<Option<MainKernel>> {
-    let Some(shared_bytes) = kfab::hopper_shared_bytes(d) else { return Ok(None) };
+    let variant = super::kernel_variant(VARIANT_FAMILY);
+    let Some((source, threads, shared_bytes)) = kfab::hopper_launch(d, variant.as_deref()) else { return Ok(None) };
     let applies = super::hopper_kernels() && dev.arch() == 90 && matches!(dtype, DType::BF16 | DType::F16) && dev.max_shared_memory_per_block_optin() >= shared_bytes;
     let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
-    let name = hopper_kernel_name(super::kernel_variant(VARIANT_FAMILY).as_deref(), tn, d)?;
-    Ok(applies.then(|| MainKernel { source: &kfab::HOPPER_SOURCE, name, keys_per_block: kfab::HOPPER_KEYS_PER_BLOCK, threads: kfab::HOPPER_THREADS, shared_bytes }))
+    let name = hopper_kernel_name(variant.as_deref(), tn, d)?;
+    Ok(applies.then(|| MainKernel { source, name, keys_per_block: kfab::HOPPER_KEYS_PER_BLOCK, threads, shared_bytes }))
 }
 
 /// The variant family of the Hopper main kernel: LOOKAHEAD_VARIANT_FLASH_BWD.
 const VARIANT_FAMILY: &str = "flash_bwd";
 /// The Hopper main kernel's variants (kernels/cuda/flash_attention_backward_hopper.cu, top of the
-/// file): head dim 64 only; head dim 128 runs the default kernel under any of them.
-pub const HOPPER_VARIANTS: [&str; 2] = ["ss", "late"];
+/// file; "ws": the warp-specialized kernel of kernels/cuda/flash_attention_backward_ws.cu, 384
+/// threads, its own shared memory: kfab::hopper_launch): head dim 64 only; head dim 128 runs the
+/// default kernel under any of them.
+pub const HOPPER_VARIANTS: [&str; 3] = ["ss", "late", "ws"];
 
 /// The Hopper main kernel's instance name for `variant` (None: the default), dtype `tn` and head
 /// dim `d`; an unknown variant is an error naming the variable and the known values.

@@ -1,0 +1,422 @@
+// Flash extended attention, backward, for Hopper (sm_90a), head dim 64, warp-specialized: the math,
+// parameters and outputs of flash_bwd_hopper_*_d64 (flash_attention_backward_hopper.cu: keys/values
+// [own (Lk) ; reference (Lr)] from their two sources, reference tokens with keep == 0 left out, dK /
+// dV of both sources, dQ accumulated in f32 into dq_accum with atomics; built with flush-to-zero)
+// with FlashAttention-3's structure instead of one block barrier per query tile. Selected by
+// LOOKAHEAD_VARIANT_FLASH_BWD=ws (engine/src/cuda/flash_attention_backward.rs,
+// kernels::flash_attention_backward::hopper_launch); D 128 keeps its default kernel.
+//
+// Why: the default kernel issues every cp.async from the compute threads, keeps both warpgroups in
+// lockstep with a block barrier a query tile (both queue their wgmmas at once, then both wait on
+// MUFU / the dS stores at once), and adds dQ to dq_accum from the compute threads (the exchange of
+// partials, the shuffles and atomics sit between two barriers). Measured (H200, bf16 b2 h10
+// 4096 x (4096 + 4096) d64): 1.52 ms against cuDNN's 1.08-1.14 ms.
+//
+// Launch: grid (own key tiles + reference key tiles, H, B) of FBW_BC = 128 keys (as the default
+// kernel), FBW_THREADS = 384: warpgroups 0 and 1 are the consumers (64 keys each, K / V rows as
+// wgmma A fragments in registers, dK / dV accumulators: ~230 registers), warpgroup 2 the producer:
+// its warps 0-1 copy (cp.async), its warps 2-3 write dQ. setmaxnreg moves registers from the
+// producer (40 a thread) to the consumers (232; 168 each at launch; 40 + 2 x 232 = 504 <= 512, a
+// warp scheduler's quarter of the register file for 3 warps). Dynamic shared memory
+// fbw_shared_bytes() = 178.6 KiB: K, V [128][64]; FBW_STAGES = 3 stages of Q, dO [64][64] and
+// lse2, delta [64]; dS [64 queries][64 keys] per consumer warpgroup, two buffers; the partial dQ
+// [64][64] f32 per consumer warpgroup, two buffers; the mbarriers; 1 KiB to align the start.
+// 16-bit tiles have the layout of the default kernel (128-byte rows, 128B-swizzled, 1024-byte
+// aligned: K-major wgmma operands, and MN-major read with the rows as k).
+//
+// Copy warps: K and V once (kv_full), then for query tile i: wait until stage i % 3 is released
+// (its "empty" mbarrier, 8 arrivals: lane 0 of each consumer warp), copy Q_i, dO_i (zero-filled
+// past Lq: those queries then get P = exp2(0 - 0) but dO = 0 and dS = 0, so nothing reaches dK,
+// dV, dQ), lse2_i, delta_i into it, cp_async_mbarrier_arrive on its "full" mbarrier (64 arrivals).
+// cp.async, not TMA: Q / dO are [B, L, H, D] memory, whose 2D map would read the next batch
+// entry's rows past Lq instead of zeros (engine/src/cuda/tensor_map.rs encodes 2D maps only).
+//
+// Consumer warpgroup w (keys 64 w ..), query tile i, as the default kernel's KREG path:
+//   S^T = K_w Q^T, dP^T = V_w dO^T (wgmma_rs, two commit groups); P^T = exp2(S^T scale log2 e -
+//   lse2) on live keys (0 past the source's end and for dropped tokens) while dP^T runs; dV += P^T
+//   dO (wgmma_rs); dS^T = P^T (dP^T - delta) while dV runs; dK += dS^T Q (wgmma_rs); dS^T stored
+//   transposed into this warpgroup's dS buffer i & 1, a named barrier of the warpgroup's 128
+//   threads (the other warpgroup does not wait), dQ_w = dS_w K_w (wgmma_ss, 64 x 64 over the
+//   warpgroup's 64 keys); once dK has retired the stage is released; once dQ_w has retired it goes
+//   to the partial-dQ buffer i & 1 (after that buffer's "dq_empty" wait) and every consumer thread
+//   arrives on "dq_full" (256 arrivals).
+// dQ warps: for tile i, wait for dq_full[i & 1], add the two warpgroups' partials and
+//   red.global.add.v4.f32 them into dq_accum (rows past Lq left out), then release the buffer
+//   (dq_empty, 2 arrivals). The atomics and the sum of partials leave the consumers' path; the
+//   consumers store 16 float2 a thread a tile instead of the default kernel's exchange, shuffles
+//   and 16 vector atomics.
+// No block barrier in the loop: a warpgroup runs up to 2 tiles ahead of the other (dQ buffers;
+// the stage ring allows 3), so the tensor cores get one warpgroup's products while the other
+// computes P / dS or stores. dS is double-buffered so that a warp's stores of tile i + 2 are
+// ordered after every warp's retirement of dQ(i) by the named barrier of tile i + 1, not by how
+// the hardware completes a warpgroup's wgmma across its warps.
+// Every wgmma of a tile retires within the tile (wgmma_wait<0> before the back edge: C7514 /
+// C7517, flash_attention_backward_hopper.cu). Not yet measured on a GPU (written without one).
+// Host guarantees as flash_attention_backward.cu: 16-bit inputs with unit stride along D, row
+// strides multiples of 8 elements, 16-byte aligned bases; lq_pad = Lq rounded up to 4.
+#include "mma.cuh"
+#include "pipeline.cuh"
+#include "flash_attention_backward.cuh"
+
+#define FBW_D 64
+#define FBW_BC 128
+#define FBW_BR 64
+#define FBW_THREADS 384
+#define FBW_STAGES 3
+#define FBW_COPY_THREADS 64  // producer threads 0..63 copy, 64..127 write dQ
+#define FBW_PRODUCER_REGS 40
+#define FBW_CONSUMER_REGS 232
+
+// Mirrored by kernels::flash_attention_backward::ws_shared_bytes: K, V; the stages of Q, dO; two
+// dS buffers a consumer warpgroup; two partial-dQ buffers a consumer warpgroup (f32); lse2, delta
+// stages; 128 bytes of mbarriers; 1 KiB to align the start.
+__host__ __device__ constexpr u32 fbw_shared_bytes() {
+    return 2u * FBW_BC * FBW_D * 2u + FBW_STAGES * 2u * FBW_BR * FBW_D * 2u + 2u * 2u * FBW_BR * 64u * 2u + 2u * 2u * FBW_BR * FBW_D * 4u + 2u * FBW_STAGES * FBW_BR * 4u + 128u + 1024u;
+}
+
+#if LA_WGMMA
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a [rows][64] 16-bit tile,
+// 128B-swizzled.
+__device__ __forceinline__ u32 fbw_offset(u32 row, u32 chunk) { return row * 128u + (((chunk % 8) ^ (row % 8)) << 4); }
+
+// mbarrier wait with a bound (as flash_attention_ws.cu): a phase that never completes traps after
+// 2^22 tries, a launch error, instead of hanging the GPU. The trap is a call: inlined, ptxas
+// allocates the whole kernel within the 168 registers a thread has at launch (setmaxnreg's larger
+// budget unused: spills and serialized wgmmas, C7512).
+__device__ __noinline__ void fbw_stuck() { __trap(); }
+__device__ __forceinline__ void fbw_wait(u64* bar, u32 parity) {
+    for (u32 tries = 0; !mbarrier_try_wait(bar, parity); ++tries) {
+        if (tries == (1u << 22)) fbw_stuck();
+    }
+}
+
+// Copy thread i (0..63) of ROWS rows x 64 from src (row stride rs, zero fill from row `len` on)
+// into the tile at dst: chunk i % 8 of rows i / 8 + 8 k. Rows 8 apart keep the swizzled chunk
+// position, so destination and source advance by constants; 8 consecutive threads read 128
+// contiguous bytes of a row.
+template <typename T, u32 ROWS> __device__ __forceinline__ void fbw_load_tile(unsigned char* dst, const T* src, i64 rs, u32 len, u32 i) {
+    const u32 chunk = i % 8, row = i / 8;
+    unsigned char* to = dst + fbw_offset(row, chunk);
+    const T* from = src + (i64)row * rs + chunk * 8;
+#pragma unroll
+    for (u32 k = 0; k < ROWS / 8; ++k) {
+        // A row past the end is not read (zero fill), but the address must still be valid.
+        const bool full = row + 8 * k < len;
+        cp_async_16(to + k * 1024, full ? from : src, full);
+        from += 8 * rs;
+    }
+}
+
+template <typename T> __device__ __forceinline__ void flash_bwd_ws(const FlashBwdParams& p) {
+    constexpr u32 D = FBW_D, BC = FBW_BC, BR = FBW_BR, STAGES = FBW_STAGES;
+    constexpr u32 KV_BYTES = BC * D * 2;  // one of K, V
+    constexpr u32 QO_BYTES = BR * D * 2;  // one of Q, dO (a stage holds both)
+    constexpr u32 DS_BYTES = BR * 64 * 2; // one warpgroup's dS buffer
+    constexpr u32 DQ_FLOATS = BR * D;     // one warpgroup's partial-dQ buffer
+    constexpr int KD = D / 16;            // k-steps of S^T, dP^T (over the head dim)
+    constexpr int KQ = BR / 16;           // k-steps of dV, dK (over the query tile)
+    constexpr int NS = BR / 2;            // S^T / dP^T accumulator registers a thread
+    constexpr int NG = D / 2;             // dK / dV / dQ accumulator registers a thread
+
+    LA_DYNAMIC_SHARED(unsigned char, smem_raw);
+    // Tiles start 1024-byte aligned in the shared window (the swizzle works on absolute addresses).
+    const u32 window_offset = (u32)(wgmma_desc(smem_raw, 16, 16, WGMMA_SWIZZLE_NONE) & 0x3fffu) << 4;
+    unsigned char* smem = smem_raw + (1024u - window_offset % 1024u) % 1024u;
+    unsigned char* ks = smem;                            // K [BC][D]
+    unsigned char* vs = ks + KV_BYTES;                   // V [BC][D]
+    unsigned char* stages = vs + KV_BYTES;               // stage s: Q at stages + 2 s QO_BYTES, dO after it
+    unsigned char* dss = stages + 2 * STAGES * QO_BYTES; // dS of buffer b, warpgroup w at dss + (2 b + w) DS_BYTES
+    float* dqs = (float*)(dss + 4 * DS_BYTES);           // partial dQ of buffer b, warpgroup w at dqs + (2 b + w) DQ_FLOATS
+    float* lse_s = dqs + 4 * DQ_FLOATS;                  // lse2 [STAGES][BR]
+    float* delta_s = lse_s + STAGES * BR;                // delta [STAGES][BR]
+    u64* bars = (u64*)(delta_s + STAGES * BR);
+    u64* kv_full = bars;
+    u64* full = bars + 1;           // [STAGES]
+    u64* empty = full + STAGES;     // [STAGES]
+    u64* dq_full = empty + STAGES;  // [2]
+    u64* dq_empty = dq_full + 2;    // [2]
+
+    const FlashBwdTile<T> tile = flash_bwd_tile<T>(p, BC, D);
+    const u32 nq = (p.lq + BR - 1) / BR;
+
+    if (threadIdx.x == 0) {
+        mbarrier_init(kv_full, FBW_COPY_THREADS);
+        for (u32 s = 0; s < STAGES; ++s) {
+            mbarrier_init(&full[s], FBW_COPY_THREADS);
+            mbarrier_init(&empty[s], 8);
+        }
+        for (u32 b = 0; b < 2; ++b) {
+            mbarrier_init(&dq_full[b], 256);
+            mbarrier_init(&dq_empty[b], 2);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+
+    if (threadIdx.x >= 256) {
+        // ---- producer warpgroup ------------------------------------------------------------
+        setmaxnreg_dec<FBW_PRODUCER_REGS>();
+        const u32 pt = threadIdx.x - 256;
+        if (pt < FBW_COPY_THREADS) {
+            fbw_load_tile<T, BC>(ks, tile.k, tile.k_rs, tile.len, pt);
+            fbw_load_tile<T, BC>(vs, tile.v, tile.v_rs, tile.len, pt);
+            cp_async_mbarrier_arrive(kv_full);
+            const i64 q_rs = p.q_stride[2], do_rs = p.dout_stride[2];
+            for (u32 it = 0; it < nq; ++it) {
+                const u32 st = it % STAGES, n = it / STAGES, i0 = it * BR;
+                // Stage st last held tile it - STAGES (use n - 1): wait until every consumer warp
+                // has released it.
+                if (n > 0) fbw_wait(&empty[st], (n - 1) & 1);
+                unsigned char* qs = stages + 2 * st * QO_BYTES;
+                fbw_load_tile<T, BR>(qs, tile.q + (i64)i0 * q_rs, q_rs, p.lq - i0, pt);
+                fbw_load_tile<T, BR>(qs + QO_BYTES, tile.dout + (i64)i0 * do_rs, do_rs, p.lq - i0, pt);
+                // lse2 by threads 0..15, delta by 16..31: one 16-byte chunk each, zero past lq_pad.
+                if (pt < 2 * BR / 4) {
+                    const u32 c = pt % (BR / 4);
+                    const float* src = (pt < BR / 4 ? tile.lse2 : tile.delta) + i0;
+                    float* dst = (pt < BR / 4 ? lse_s : delta_s) + st * BR;
+                    const bool in = 4 * c < p.lq_pad - i0;
+                    cp_async_16(dst + 4 * c, in ? src + 4 * c : src, in);
+                }
+                cp_async_mbarrier_arrive(&full[st]);
+            }
+            // Every copy landed before the thread exits (wait_group waits for committed groups).
+            cp_async_commit();
+            cp_async_wait<0>();
+        } else {
+            // dQ writer thread wt (0..63): float4 column c of rows wt / 16 + 4 k of the tile (16
+            // threads cover one 256-byte row of dq_accum).
+            const u32 wt = pt - FBW_COPY_THREADS, c = wt % 16, r0 = wt / 16;
+            for (u32 it = 0; it < nq; ++it) {
+                const u32 b = it & 1;
+                fbw_wait(&dq_full[b], (it >> 1) & 1);
+                const float* part0 = dqs + 2 * b * DQ_FLOATS;
+                const float* part1 = part0 + DQ_FLOATS;
+#pragma unroll 4
+                for (u32 k = 0; k < BR / 4; ++k) {
+                    const u32 row = r0 + 4 * k, off = row * D + ((c ^ (row % 8)) << 2);
+                    const float4 x = *(const float4*)(part0 + off), y = *(const float4*)(part1 + off);
+                    const u32 q_row = it * BR + row;
+                    if (q_row < p.lq) {
+                        float* at = tile.dq_accum + (u64)q_row * D + 4 * c;
+#ifdef LOOKAHEAD_EMULATE
+                        // The emulator has no vector atomics: the same additions one by one.
+                        atomicAdd(at, x.x + y.x);
+                        atomicAdd(at + 1, x.y + y.y);
+                        atomicAdd(at + 2, x.z + y.z);
+                        atomicAdd(at + 3, x.w + y.w);
+#else
+                        atomicAdd((float4*)at, make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w));
+#endif
+                    }
+                }
+                __syncwarp();
+                if (threadIdx.x % 32 == 0) mbarrier_arrive(&dq_empty[b]);
+            }
+        }
+        return;
+    }
+
+    // ---- consumer warpgroups ----------------------------------------------------------------
+    setmaxnreg_inc<FBW_CONSUMER_REGS>();
+    const u32 wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const u32 g = lane / 4, t = lane % 4;
+    const u32 bi = blockIdx.z, hi = blockIdx.y;
+    const bool reference = tile.reference;
+    const u32 start = tile.start, len = tile.len;
+
+    // The two key rows whose S^T / dP^T / dK / dV values this thread holds (accumulator rows g and
+    // g + 8 of its warp's 16), and whether they take part: inside the tile and not dropped.
+    const u32 key0 = wg * 64 + warp * 16 + g, key1 = key0 + 8;
+    const u8* keep = reference && p.keep ? (const u8*)p.keep + bi * p.keep_batch_stride + start : nullptr;
+    const bool live0 = key0 < len && (keep == nullptr || keep[key0] != 0);
+    const bool live1 = key1 < len && (keep == nullptr || keep[key1] != 0);
+
+    // Descriptors (128B swizzle, SBO 1024) advanced from one built at the aligned start, as in
+    // the default kernel: K-major k-step kk of a [rows][64] tile is +32 bytes a step; MN-major with
+    // the rows as k (rows row0 + 16 kk ..) is 2048 bytes a step.
+    const u64 kmajor_base = wgmma_desc(smem, 16, 1024, WGMMA_SWIZZLE_128B);
+    const u64 mnmajor_base = wgmma_desc(smem, BR * 128, 1024, WGMMA_SWIZZLE_128B);
+    auto advance = [](u64 base, u32 bytes) { return (base & 0xffffffff00000000ull) | (u32)((u32)base + bytes / 16); };
+    auto kmajor = [&](const unsigned char* at, int kk) { return advance(kmajor_base, (u32)(at - smem) + kk * 32); };
+    auto mnmajor = [&](const unsigned char* at, u32 row0, int kk) { return advance(mnmajor_base, (u32)(at - smem) + (row0 + 16 * kk) * 128); };
+
+    // K / V rows of the warpgroup as wgmma A fragments (k-step kk: [0] key row g, columns 16 kk +
+    // 2t, + 1; [1] row g + 8; [2], [3] the same rows, columns + 8).
+    fbw_wait(kv_full, 0);
+    u32 ka[KD][4], va[KD][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const u32 off = fbw_offset(wg * 64 + warp * 16 + g + 8 * (r % 2), 2 * kk + r / 2) + 4 * t;
+            ka[kk][r] = *(const u32*)(ks + off);
+            va[kk][r] = *(const u32*)(vs + off);
+        }
+    }
+
+    float dk[NG], dv[NG];
+#pragma unroll
+    for (int i = 0; i < NG; ++i) dk[i] = dv[i] = 0.0f;
+    float s[NS], dp[NS], dq[NG];
+    // One arrival a warp on `bar` once the warp is done reading what it guards.
+    auto release = [&](u64* bar) {
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(bar);
+    };
+
+    for (u32 it = 0; it < nq; ++it) {
+        const u32 st = it % STAGES, b = it & 1;
+        const unsigned char* qs = stages + 2 * st * QO_BYTES;
+        const unsigned char* dos = qs + QO_BYTES;
+        const float* ls = lse_s + st * BR;
+        const float* dls = delta_s + st * BR;
+        unsigned char* ds_tile = dss + (2 * b + wg) * DS_BYTES;
+        float* dq_tile = dqs + (2 * b + wg) * DQ_FLOATS;
+
+        // Stage st holds tile it; the proxy fence orders the landed cp.async writes (generic
+        // proxy) before the wgmma reads (async proxy); K came the same way (first tile).
+        fbw_wait(&full[st], (it / STAGES) & 1);
+        fence_proxy_async();
+
+        wgmma_fence();  // dk, dv, pa, da, dq were last used by other instructions
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) wgmma_rs<T, BR, false>(s, ka[kk], kmajor(qs, kk), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) wgmma_rs<T, BR, false>(dp, va[kk], kmajor(dos, kk), kk > 0);
+        wgmma_commit();
+
+        // P^T on live keys (0 elsewhere) while dP^T is computed. Register 4 n + e: key row g (e <
+        // 2) or g + 8, query 8 n + 2 t + (e & 1).
+        wgmma_wait<1>();
+        wgmma_fence_operands(s);
+#pragma unroll
+        for (int n = 0; n < BR / 8; ++n) {
+            const float2 l = *(const float2*)(ls + 8 * n + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool live = e < 2 ? live0 : live1;
+                s[4 * n + e] = live ? exp2f(s[4 * n + e] * p.scale_log2 - (e & 1 ? l.y : l.x)) : 0.0f;
+            }
+        }
+        // As A fragments: k-step kk (queries 16 kk ..) is accumulator registers 8 kk .. 8 kk + 7.
+        u32 pa[KQ][4];
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2_rn<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+        }
+        // dV += P^T dO.
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dv, pa[kk], mnmajor(dos, 0, kk), true);
+        wgmma_commit();
+
+        // dS^T = P^T (dP^T - delta) once dP^T has retired (dV may still run).
+        wgmma_wait<1>();
+        wgmma_fence_operands(dp);
+#pragma unroll
+        for (int n = 0; n < BR / 8; ++n) {
+            const float2 dl = *(const float2*)(dls + 8 * n + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * n + e] = s[4 * n + e] * (dp[4 * n + e] - (e & 1 ? dl.y : dl.x));
+        }
+        u32 da[KQ][4];
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) da[kk][r] = pack2_rn<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
+        }
+        // dK += dS^T Q.
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dk, da[kk], mnmajor(qs, 0, kk), true);
+        wgmma_commit();
+
+        // dS transposed into this warpgroup's buffer: element (query, key 16 warp + g + 8 (r % 2))
+        // at row query, chunk 2 warp + r % 2, 2 g bytes in. da[kk][r]: queries 16 kk + 8 (r / 2) +
+        // 2t (low half) and + 1 (high half). Buffer b was last read by dQ(it - 2), which every
+        // warp of the warpgroup retired before the named barrier of tile it - 1.
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const u32 query = 16 * kk + 8 * (r / 2) + 2 * t, chunk = 2 * warp + (r % 2);
+                *(u16*)(ds_tile + fbw_offset(query, chunk) + 2 * g) = (u16)(da[kk][r] & 0xffffu);
+                *(u16*)(ds_tile + fbw_offset(query + 1, chunk) + 2 * g) = (u16)(da[kk][r] >> 16);
+            }
+        }
+        // Every warp's dS stores (fenced for the async proxy) before the warpgroup's dQ product;
+        // the other warpgroup does not take part.
+        fence_proxy_async();
+        named_barrier_sync(1 + wg, 128);
+
+        // dQ_w = dS_w K_w: A = the dS buffer (K-major, keys as k), B = K rows 64 wg .. as MN-major.
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) wgmma_ss<T, D, true>(dq, kmajor(ds_tile, kk), mnmajor(ks, wg * 64, kk), kk > 0);
+        wgmma_commit();
+
+        // dK has retired (groups retire in order): the stage (Q, dO, lse2, delta) is free.
+        wgmma_wait<1>();
+        wgmma_fence_operands(dk);
+        wgmma_fence_operands(dv);
+        wgmma_fence_operands(pa);
+        wgmma_fence_operands(da);
+        release(&empty[st]);
+
+        wgmma_wait<0>();
+        wgmma_fence_operands(dq);
+        // The partial dQ to buffer b once the dQ warps are done with its previous tile (it - 2):
+        // rows 16 warp + g (+ 8), columns 8 n + 2t, + 1, as float2 in row-major [BR][D] f32 with
+        // 16-byte chunk c of row r at c ^ (r % 8) (conflict-free stores and float4 reads).
+        if (it >= 2) fbw_wait(&dq_empty[b], ((it >> 1) - 1) & 1);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 row = warp * 16 + g + 8 * h, chunk = 2 * n + t / 2;
+                *(float2*)(dq_tile + row * D + ((chunk ^ (row % 8)) << 2) + 2 * (t % 2)) = make_float2(dq[4 * n + 2 * h], dq[4 * n + 2 * h + 1]);
+            }
+        }
+        mbarrier_arrive(&dq_full[b]);
+    }
+
+    // dK (times scale) and dV of the thread's two keys, in q's dtype, for keys inside the tile.
+    const i64 dk_rs = reference ? p.dk_ref_stride[2] : p.dk_stride[2];
+    const i64 dv_rs = reference ? p.dv_ref_stride[2] : p.dv_stride[2];
+    T* dkp = reference ? (T*)p.dk_ref + bi * p.dk_ref_stride[0] + hi * p.dk_ref_stride[1] : (T*)p.dk + bi * p.dk_stride[0] + hi * p.dk_stride[1];
+    T* dvp = reference ? (T*)p.dv_ref + bi * p.dv_ref_stride[0] + hi * p.dv_ref_stride[1] : (T*)p.dv + bi * p.dv_stride[0] + hi * p.dv_stride[1];
+    dkp += (i64)start * dk_rs;
+    dvp += (i64)start * dv_rs;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const u32 col = n * 8 + 2 * t;
+        if (key0 < len) {
+            *(u32*)(dkp + (i64)key0 * dk_rs + col) = pack2<T>(dk[4 * n] * p.scale, dk[4 * n + 1] * p.scale);
+            *(u32*)(dvp + (i64)key0 * dv_rs + col) = pack2<T>(dv[4 * n], dv[4 * n + 1]);
+        }
+        if (key1 < len) {
+            *(u32*)(dkp + (i64)key1 * dk_rs + col) = pack2<T>(dk[4 * n + 2] * p.scale, dk[4 * n + 3] * p.scale);
+            *(u32*)(dvp + (i64)key1 * dv_rs + col) = pack2<T>(dv[4 * n + 2], dv[4 * n + 3]);
+        }
+    }
+}
+
+#endif  // LA_WGMMA
+
+// Without wgmma (sm_80, sm_90 without the a features) the kernels compile empty; the engine
+// launches them only on compute capability 9.0, whose CUBIN is built for sm_90a.
+#if LA_WGMMA
+#define FBW_BODY(T) flash_bwd_ws<T>(p)
+#else
+#define FBW_BODY(T) (void)p
+#endif
+
+// Instances flash_bwd_hopper_ws_<type>_d64 (the variant naming of flash_attention_backward_hopper.cu).
+#define FBW_INSTANCE(TN, T) \
+    extern "C" __global__ void __launch_bounds__(FBW_THREADS, 1) flash_bwd_hopper_ws_##TN##_d64(const FlashBwdParams p) { FBW_BODY(T); }
+FBW_INSTANCE(bf16, bf16)
+FBW_INSTANCE(f16, f16)
