@@ -289,3 +289,83 @@ fn run_two_phase(module: &EmulatedModule, dt: Dt, k: Case, channels_last: bool, 
     }
     (dx, dw.to_vec(), db.to_vec())
 }
+
+/// The grid-resident channels-last backward (gn_grid_bwd_nhwc_DT, norm.cu) against the CPU
+/// reference: dx, dweight, dbias. The emulator runs a cooperative launch as one cluster of all its
+/// blocks (grid_sync is the cluster barrier), so at most 16 blocks. Slices short and empty
+/// (5 positions over 4 lanes), all of them in shared memory or only the first positions.
+#[test]
+fn grid_backward_matches_cpu_reference() {
+    if !have_compiler("grid_backward_matches_cpu_reference") {
+        return;
+    }
+    let module = EmulatedModule::load(&knorm::SOURCE).expect("norm.cu builds for the emulator");
+    // (case, lanes, held positions (None: the whole slice), threads)
+    let cases = [(Case { n: 2, c: 16, hw: 37, groups: 4 }, 3usize, None, 128u32), (Case { n: 2, c: 16, hw: 37, groups: 4 }, 3, Some(4), 128), (Case { n: 2, c: 8, hw: 5, groups: 2 }, 4, None, 64)];
+    for dt in [Dt::F32, Dt::Half(Half::Bf16), Dt::Half(Half::F16)] {
+        for (ci, &(k, lanes, held, threads)) in cases.iter().enumerate() {
+            if k.c % dt.pack() != 0 {
+                continue;
+            }
+            let len = k.n * k.c * k.hw;
+            let seed = 300 + 10 * ci as u64;
+            let x = dt.round(&values(len, seed + 1).iter().map(|v| 1.5 + 2.0 * v).collect::<Vec<_>>());
+            let dy = dt.round(&values(len, seed + 2));
+            let w: Vec<f32> = values(k.c, seed + 3).iter().map(|v| 1.5 * v).collect();
+            let b: Vec<f32> = values(k.c, seed + 4).iter().map(|v| 0.5 * v).collect();
+            for silu in [false, true] {
+                let label = format!("{} {k:?} lanes {lanes} held {held:?} threads {threads} silu {silu}", dt.name());
+                let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0f32; len], vec![0f32; k.c], vec![0f32; k.c]);
+                group_norm_backward(&x, &dy, k.n, k.c, k.hw, k.groups, Some(&w), Some(&b), 1e-5, silu, &mut dx_ref, Some(&mut dw_ref), Some(&mut db_ref));
+                let (dx, dw, db) = run_grid_backward(&module, dt, k, lanes, held, threads, &x, &dy, &w, &b, silu);
+                let (atol, rtol) = dt.tolerance();
+                assert_close(&format!("{label} dx"), &dx, &dx_ref, atol, rtol);
+                let atol_p = 2e-5 * ((k.n * k.hw) as f32).sqrt() * if matches!(dt, Dt::F32) { 1.0 } else { 4.0 };
+                assert_close(&format!("{label} dweight"), &dw, &dw_ref, atol_p, 1e-5);
+                assert_close(&format!("{label} dbias"), &db, &db_ref, atol_p, 1e-5);
+            }
+        }
+    }
+}
+
+/// One gn_grid_bwd_nhwc_DT launch on NCHW `x` / `dy` stored channels-last: (dx in NCHW, dweight,
+/// dbias).
+#[allow(clippy::too_many_arguments)]
+fn run_grid_backward(module: &EmulatedModule, dt: Dt, k: Case, lanes: usize, held: Option<usize>, threads: u32, x: &[f32], dy: &[f32], w: &[f32], b: &[f32], silu: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (n, c, hw) = (k.n, k.c, k.hw);
+    let nchw_of = |i: usize| (i / (hw * c) * c + i % c) * hw + i / c % hw;
+    let stored = |v: &[f32]| (0..v.len()).map(|i| v[nchw_of(i)]).collect::<Vec<f32>>();
+    let (bx, bdy) = (Buf::new(dt, &stored(x)), Buf::new(dt, &stored(dy)));
+    let bdx = Buf::new(dt, &vec![f32::NAN; x.len()]);
+    let (bw, bb) = (Aligned::from(w), Aligned::from(b));
+    let part = Aligned::<f32>::zeroed(3 * n * c * lanes);
+    let stats = Aligned::<f32>::zeroed(2 * n * k.groups);
+    let coef = Aligned::<f32>::zeroed(4 * n * c);
+    let (dw, db) = (Aligned::<f32>::zeroed(c), Aligned::<f32>::zeroed(c));
+    let bar = Aligned::<u32>::zeroed(2);
+    let ppb = hw.div_ceil(lanes);
+    let held = held.unwrap_or(ppb);
+    let elem = if matches!(dt, Dt::F32) { 4 } else { 2 };
+    let shared = (2 * held * c * elem) as u32;
+    let (xp, dyp, dxp, wp, bp, pp, sp, cp) = (bx.addr(), bdy.addr(), bdx.addr(), bw.addr(), bb.addr(), part.addr(), stats.addr(), coef.addr());
+    let (dwp, dbp, barp) = (dw.addr(), db.addr(), bar.addr());
+    let (c32, hw32, g32, ppb32, held32, act) = (c as u32, hw as u32, k.groups as u32, ppb as u32, held as u32, silu as i32);
+    let name = format!("gn_grid_bwd_nhwc_{}", dt.name());
+    // SAFETY: gn_grid_bwd_nhwc_DT's argument list; the tensors hold N C HW elements (16-byte
+    // aligned, C % V == 0, C / V <= threads), part 3 N C L floats, stats 2 N G, coef 4 N C, dw / db
+    // C, bar two zeroed u32, 2 held C elements of dynamic shared memory; every block of the grid
+    // runs at once (one cluster).
+    unsafe {
+        module.launch_cluster(&name, (lanes as u32, n as u32, 1), (threads, 1, 1), (lanes as u32, n as u32, 1), shared, &|f| {
+            let kernel: extern "C" fn(u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, u32, f32, i32) = std::mem::transmute(f);
+            kernel(xp, dyp, dxp, wp, bp, dwp, dbp, pp, sp, cp, barp, c32, hw32, g32, ppb32, held32, 1e-5, act);
+        })
+    }
+    .unwrap_or_else(|e| panic!("{name} {k:?}: {e}"));
+    let got = bdx.values();
+    let mut dx = vec![0f32; got.len()];
+    for (i, &v) in got.iter().enumerate() {
+        dx[nchw_of(i)] = v;
+    }
+    (dx, dw.to_vec(), db.to_vec())
+}

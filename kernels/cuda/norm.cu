@@ -582,112 +582,6 @@ extern "C" __global__ void __launch_bounds__(EW_BLOCK) bn_coef(const float* mean
     coef[4 * (u64)c + 3] = 0.0f;
 }
 
-// ---- group norm (+SiLU), channels-last, one grid-resident pass --------------------------------
-// gn_grid_nhwc_DT: gn_stats_nhwc, gn_finalize and gn_apply_nhwc as one cooperative launch whose
-// blocks keep their slice of x in shared memory, so that x is read once (the two-phase path reads
-// it twice, in three launches; the UNet keeps activations channels-last, where no cluster holds a
-// group). Grid (L, N): block (l, n) owns positions [l ppb, min(HW, (l + 1) ppb)) of sample n, a
-// contiguous run of ppb C elements whose first `held` positions it keeps in held * C * sizeof(T)
-// bytes of dynamic shared memory (all of them when x fits the grid's shared memory; the rest is
-// read again in step 3, most recently read and so likely still in L2); its threads are
-// R = blockDim / npk rows of npk = C / V channel packs, row r taking positions r, r + R, ... of the
-// slice, as gn_stats_nhwc.
-//   1. load the slice (GNG_INFLIGHT 16-byte loads a thread in flight), summing each channel's
-//      shifted values and squares as they arrive; the block's sums to part in gn_stats_nhwc's
-//      layout (the L blocks of a sample are its lanes); grid barrier;
-//   2. gn_finalize_group for the (sample, group) pairs, strided over the blocks -> coef; grid barrier;
-//   3. normalize (+SiLU) the slice (shared memory, then global) into y, gn_apply_nhwc's arithmetic.
-// Host guarantees (engine/src/cuda/norm.rs gn_grid_plan): a cooperative launch (all N L blocks
-// resident at once), C % V == 0, npk <= blockDim <= GNG_MAX_BLOCK, x and y 16-byte aligned, part
-// 3 N C L floats, coef 4 N C floats, bar two u32 as grid_sync wants.
-#define GNG_MAX_BLOCK 512
-#define GNG_INFLIGHT 8
-
-template <typename T>
-__device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, float* __restrict__ part,
-                                             float* __restrict__ coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act) {
-    constexpr int V = 16 / sizeof(T);
-    // The rows' per-channel sums: R C = R npk V <= blockDim V.
-    __shared__ float rows[2 * GNG_MAX_BLOCK * V], rcnt[GNG_MAX_BLOCK];
-    LA_DYNAMIC_SHARED(unsigned char, smem_raw);
-    Pack<T, V>* buf = reinterpret_cast<Pack<T, V>*>(smem_raw);
-    const u32 npk = C / V, R = blockDim.x / npk, L = gridDim.x, lane = blockIdx.x, n = blockIdx.y, N = gridDim.y;
-    const u32 r = threadIdx.x / npk, cp = threadIdx.x % npk;
-    const bool worker = r < R;
-    const u32 p0 = min(HW, lane * ppb), npos = min(HW, p0 + ppb) - p0;
-    // This thread's channel pack at position 0 of the slice; position q is npk packs further each.
-    const Pack<T, V>* xs = reinterpret_cast<const Pack<T, V>*>(x + ((u64)n * HW + p0) * C) + cp;
-    Pack<T, V>* ys = reinterpret_cast<Pack<T, V>*>(y + ((u64)n * HW + p0) * C) + cp;
-    float K[V], s1[V], s2[V];
-    u32 cnt = 0;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-        K[k] = worker ? to_f32(x[(u64)n * HW * C + cp * V + k]) : 0.0f;
-        s1[k] = 0.0f;
-        s2[k] = 0.0f;
-    }
-    if (worker) {
-        for (u32 q0 = r; q0 < npos; q0 += GNG_INFLIGHT * R) {
-            Pack<T, V> v[GNG_INFLIGHT];
-#pragma unroll
-            for (int j = 0; j < GNG_INFLIGHT; ++j)
-                if (q0 + j * R < npos) v[j] = xs[(u64)(q0 + j * R) * npk];
-#pragma unroll
-            for (int j = 0; j < GNG_INFLIGHT; ++j) {
-                const u32 q = q0 + j * R;
-                if (q < npos) {
-                    if (q < held) buf[q * npk + cp] = v[j];
-#pragma unroll
-                    for (int k = 0; k < V; ++k) {
-                        const float d = to_f32(v[j].v[k]) - K[k];
-                        s1[k] += d;
-                        s2[k] += d * d;
-                    }
-                    ++cnt;
-                }
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            rows[r * C + cp * V + k] = s1[k];
-            rows[(R + r) * C + cp * V + k] = s2[k];
-        }
-        if (cp == 0) rcnt[r] = (float)cnt;
-    }
-    __syncthreads();
-    const u64 total = (u64)N * C * L;
-    for (u32 c = threadIdx.x; c < C; c += blockDim.x) {
-        const u64 o = ((u64)n * C + c) * L + lane;
-        part[o] = gn_rows_sum(rcnt, R, 1, 0);
-        part[total + o] = gn_rows_sum(rows, R, C, c);
-        part[2 * total + o] = gn_rows_sum(rows + R * C, R, C, c);
-    }
-    grid_sync(bar, N * L);
-    for (u32 ng = n * L + lane; ng < N * G; ng += N * L) gn_finalize_group<T>(ng, x, part, nullptr, coef, w, b, N, C, HW, G, L, 1, eps);
-    grid_sync(bar, N * L);
-    if (!worker) return;
-    float mu[V], sc[V], sh[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-        const float4 f = reinterpret_cast<const float4*>(coef)[(u64)n * C + cp * V + k];
-        mu[k] = f.x;
-        sc[k] = f.y;
-        sh[k] = f.z;
-    }
-#pragma unroll 4
-    for (u32 q = r; q < npos; q += R) {
-        const Pack<T, V> pk = q < held ? buf[q * npk + cp] : xs[(u64)q * npk];
-        Pack<T, V> out;
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            float v = (to_f32(pk.v[k]) - mu[k]) * sc[k] + sh[k];
-            if (act) v = silu_out<T>(v);
-            out.v[k] = from_f32_arith<T>(v);
-        }
-        ys[(u64)q * npk] = out;
-    }
-}
-
 // ---- group norm backward ---------------------------------------------------------------------
 // With xhat = (x - mean) * rstd, y = xhat * w + b and d = dy (times SiLU'(y) when fused): per
 // (sample, channel) sums A = sum d and B = sum d * xhat over lanes (layout as the statistics:
@@ -809,11 +703,12 @@ __device__ __forceinline__ void gn_bwd_reduce_nhwc(const T* x, const T* dy, cons
     else gn_bwd_reduce_nhwc_body<T, 1>(x, dy, stats, w, b, part, C, HW, G, act, rows);
 }
 
-// gn_bwd_finalize: grid N*G blocks of GN_BLOCK threads: sums w_c A and w_c B over the group's
+// gn_bwd_finalize: grid N*G blocks of GN_BLOCK threads, one per (sample, group) ng
+// (gn_bwd_finalize_group; gn_grid_bwd_nhwc_DT calls it too): sums w_c A and w_c B over the group's
 // cpg * L partials; writes coef[4 (n C + c) + {0..3}] = (mean, rstd, mg, mgx) for its channels.
-extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_bwd_finalize(const float* part, const float* stats, const float* w, float* coef, u32 N, u32 C, u32 HW, u32 G, u32 L) {
+__device__ __forceinline__ void gn_bwd_finalize_group(u32 ng, const float* part, const float* stats, const float* w, float* coef, u32 N, u32 C, u32 HW, u32 G, u32 L) {
     __shared__ float sm[32];
-    const u32 ng = blockIdx.x, n = ng / G, g = ng % G, cpg = C / G;
+    const u32 n = ng / G, g = ng % G, cpg = C / G;
     const u64 total = (u64)N * C * L, base = ((u64)n * C + (u64)g * cpg) * L;
     float sg = 0.0f, sgx = 0.0f;
     for (u32 i = threadIdx.x; i < cpg * L; i += blockDim.x) {
@@ -832,11 +727,14 @@ extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_bwd_finalize(const flo
         q[3] = sgx / m;
     }
 }
+extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_bwd_finalize(const float* part, const float* stats, const float* w, float* coef, u32 N, u32 C, u32 HW, u32 G, u32 L) {
+    gn_bwd_finalize_group(blockIdx.x, part, stats, w, coef, N, C, HW, G, L);
+}
 
-// gn_bwd_params: grid C blocks of GN_BLOCK threads: dw[c] = sum over (n, l) of B, db[c] = of A.
-extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_bwd_params(const float* part, float* dw, float* db, u32 N, u32 C, u32 L) {
+// gn_bwd_params: grid C blocks of GN_BLOCK threads, one per channel c (gn_bwd_params_channel; also
+// gn_grid_bwd_nhwc_DT's): dw[c] = sum over (n, l) of B, db[c] = of A.
+__device__ __forceinline__ void gn_bwd_params_channel(u32 c, const float* part, float* dw, float* db, u32 N, u32 C, u32 L) {
     __shared__ float sm[32];
-    const u32 c = blockIdx.x;
     const u64 total = (u64)N * C * L;
     float sa = 0.0f, sb = 0.0f;
     for (u32 i = threadIdx.x; i < N * L; i += blockDim.x) {
@@ -849,6 +747,252 @@ extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_bwd_params(const float
     if (threadIdx.x == 0) {
         dw[c] = sb;
         db[c] = sa;
+    }
+}
+extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_bwd_params(const float* part, float* dw, float* db, u32 N, u32 C, u32 L) {
+    gn_bwd_params_channel(blockIdx.x, part, dw, db, N, C, L);
+}
+
+// ---- group norm (+SiLU), channels-last, one grid-resident pass --------------------------------
+// gn_grid_nhwc_DT: gn_stats_nhwc, gn_finalize and gn_apply_nhwc as one cooperative launch whose
+// blocks keep their slice of x in shared memory, so that x is read once (the two-phase path reads
+// it twice, in three launches; the UNet keeps activations channels-last, where no cluster holds a
+// group). Grid (L, N): block (l, n) owns positions [l ppb, min(HW, (l + 1) ppb)) of sample n, a
+// contiguous run of ppb C elements whose first `held` positions it keeps in held * C * sizeof(T)
+// bytes of dynamic shared memory (all of them when x fits the grid's shared memory; the rest is
+// read again in step 3, most recently read and so likely still in L2); its threads are
+// R = blockDim / npk rows of npk = C / V channel packs, row r taking positions r, r + R, ... of the
+// slice, as gn_stats_nhwc.
+//   1. load the slice (GNG_INFLIGHT 16-byte loads a thread in flight), summing each channel's
+//      shifted values and squares as they arrive; the block's sums to part in gn_stats_nhwc's
+//      layout (the L blocks of a sample are its lanes); grid barrier;
+//   2. gn_finalize_group for the (sample, group) pairs, strided over the blocks -> coef; grid barrier;
+//   3. normalize (+SiLU) the slice (shared memory, then global) into y, gn_apply_nhwc's arithmetic.
+// Host guarantees (engine/src/cuda/norm.rs gn_grid_plan): a cooperative launch (all N L blocks
+// resident at once), C % V == 0, npk <= blockDim <= GNG_MAX_BLOCK, x and y 16-byte aligned, part
+// 3 N C L floats, coef 4 N C floats, bar two u32 as grid_sync wants.
+#define GNG_MAX_BLOCK 512
+// 16-byte loads a thread keeps in flight: 8 x 512 threads = 64 KB an SM, over the
+// latency x bandwidth product; the backward's second pass keeps 4 (with 6 per-channel
+// coefficients a thread, 8 spill at the 128 registers of a 512-thread block).
+#define GNG_INFLIGHT 8
+
+// Where a grid-resident block is: sample n, lane (block of the sample) of L, its slice of npos
+// positions from p0, and this thread's row r of R and channel pack cp of npk.
+struct GnGridSlice {
+    u32 n, N, lane, L, p0, npos, r, R, cp, npk;
+    bool worker;
+};
+
+template <int V> __device__ __forceinline__ GnGridSlice gn_grid_slice(u32 C, u32 HW, u32 ppb) {
+    GnGridSlice q;
+    q.npk = C / V;
+    q.R = blockDim.x / q.npk;
+    q.L = gridDim.x;
+    q.lane = blockIdx.x;
+    q.n = blockIdx.y;
+    q.N = gridDim.y;
+    q.r = threadIdx.x / q.npk;
+    q.cp = threadIdx.x % q.npk;
+    q.worker = q.r < q.R;
+    q.p0 = min(HW, q.lane * ppb);
+    q.npos = min(HW, q.p0 + ppb) - q.p0;
+    return q;
+}
+
+// Index of this thread's channel pack at position 0 of the slice, in packs of V elements from the
+// tensor's start (position p of the slice is p npk packs further).
+template <int V> __device__ __forceinline__ u64 gn_grid_pack0(const GnGridSlice& q, u32 C, u32 HW) { return ((u64)q.n * HW + q.p0) * (C / V) + q.cp; }
+
+// Reads this thread's packs of a slice (INFLIGHT loads in flight), keeps the first `held`
+// positions in `buf` ([position][npk] packs) and hands each pack to `f(position, pack)`.
+template <typename T, int V, int INFLIGHT, typename F>
+__device__ __forceinline__ void gn_grid_load(const Pack<T, V>* src, Pack<T, V>* buf, const GnGridSlice& q, u32 held, F f) {
+    for (u32 q0 = q.r; q0 < q.npos; q0 += INFLIGHT * q.R) {
+        Pack<T, V> v[INFLIGHT];
+#pragma unroll
+        for (int j = 0; j < INFLIGHT; ++j)
+            if (q0 + j * q.R < q.npos) v[j] = src[(u64)(q0 + j * q.R) * q.npk];
+#pragma unroll
+        for (int j = 0; j < INFLIGHT; ++j) {
+            const u32 p = q0 + j * q.R;
+            if (p < q.npos) {
+                if (p < held) buf[p * q.npk + q.cp] = v[j];
+                f(p, v[j]);
+            }
+        }
+    }
+}
+
+// The block's per-channel sums a, b (and, when cnt >= 0, the count) into part: (count,) a, b at
+// part[k total + o], o = (n C + c) L + lane, k = 0, 1(, 2), as gn_stats_nhwc / gn_bwd_reduce_nhwc
+// lay them out; each row's sums go to its own row of `rows` ([2][R][C]), one barrier, then a thread
+// a channel adds the rows in row order.
+template <int V>
+__device__ __forceinline__ void gn_grid_rows_to_part(const GnGridSlice& q, u32 C, const float (&a)[V], const float (&b)[V], int cnt, float* rows, float* rcnt, float* part) {
+    if (q.worker) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            rows[q.r * C + q.cp * V + k] = a[k];
+            rows[(q.R + q.r) * C + q.cp * V + k] = b[k];
+        }
+        if (q.cp == 0) rcnt[q.r] = (float)cnt;
+    }
+    __syncthreads();
+    const u64 total = (u64)q.N * C * q.L;
+    for (u32 c = threadIdx.x; c < C; c += blockDim.x) {
+        float* o = part + ((u64)q.n * C + c) * q.L + q.lane;
+        if (cnt >= 0) {
+            *o = gn_rows_sum(rcnt, q.R, 1, 0);
+            o += total;
+        }
+        o[0] = gn_rows_sum(rows, q.R, C, c);
+        o[total] = gn_rows_sum(rows + q.R * C, q.R, C, c);
+    }
+}
+
+// Step 1 of both grid kernels: loads x's slice (into `buf` up to `held`), summing each channel's
+// shifted values and squares; part gets gn_stats_nhwc's partials (the L blocks of a sample are
+// its lanes).
+template <typename T, int V>
+__device__ __forceinline__ void gn_grid_stats(const T* x, Pack<T, V>* buf, const GnGridSlice& q, u32 C, u32 HW, u32 held, float* rows, float* rcnt, float* part) {
+    float K[V], s1[V], s2[V];
+    int cnt = 0;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        K[k] = q.worker ? to_f32(x[(u64)q.n * HW * C + q.cp * V + k]) : 0.0f;
+        s1[k] = 0.0f;
+        s2[k] = 0.0f;
+    }
+    if (q.worker) {
+        gn_grid_load<T, V, GNG_INFLIGHT>(reinterpret_cast<const Pack<T, V>*>(x) + gn_grid_pack0<V>(q, C, HW), buf, q, held, [&](u32, const Pack<T, V>& v) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float d = to_f32(v.v[k]) - K[k];
+                s1[k] += d;
+                s2[k] += d * d;
+            }
+            ++cnt;
+        });
+    }
+    gn_grid_rows_to_part<V>(q, C, s1, s2, cnt, rows, rcnt, part);
+}
+
+// gn_grid_nhwc_DT (forward): gn_stats_nhwc, gn_finalize and gn_apply_nhwc as one launch:
+//   1. gn_grid_stats; grid barrier;
+//   2. gn_finalize_group for the (sample, group) pairs, strided over the blocks -> coef; grid barrier;
+//   3. normalize (+SiLU) the slice (shared memory, then global) into y, gn_apply_nhwc's arithmetic.
+template <typename T>
+__device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, float* __restrict__ part,
+                                             float* __restrict__ coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act) {
+    constexpr int V = 16 / sizeof(T);
+    // The rows' per-channel sums: R C = R npk V <= blockDim V.
+    __shared__ float rows[2 * GNG_MAX_BLOCK * V], rcnt[GNG_MAX_BLOCK];
+    LA_DYNAMIC_SHARED(unsigned char, smem_raw);
+    Pack<T, V>* buf = reinterpret_cast<Pack<T, V>*>(smem_raw);
+    const GnGridSlice q = gn_grid_slice<V>(C, HW, ppb);
+    const u32 blocks = q.N * q.L, block = q.n * q.L + q.lane;
+    gn_grid_stats<T, V>(x, buf, q, C, HW, held, rows, rcnt, part);
+    grid_sync(bar, blocks);
+    for (u32 ng = block; ng < q.N * G; ng += blocks) gn_finalize_group<T>(ng, x, part, nullptr, coef, w, b, q.N, C, HW, G, q.L, 1, eps);
+    grid_sync(bar, blocks);
+    if (!q.worker) return;
+    float mu[V], sc[V], sh[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const float4 f = reinterpret_cast<const float4*>(coef)[(u64)q.n * C + q.cp * V + k];
+        mu[k] = f.x;
+        sc[k] = f.y;
+        sh[k] = f.z;
+    }
+    const Pack<T, V>* xs = reinterpret_cast<const Pack<T, V>*>(x) + gn_grid_pack0<V>(q, C, HW);
+    Pack<T, V>* ys = reinterpret_cast<Pack<T, V>*>(y) + gn_grid_pack0<V>(q, C, HW);
+#pragma unroll 4
+    for (u32 p = q.r; p < q.npos; p += q.R) {
+        const Pack<T, V> pk = p < held ? buf[p * q.npk + q.cp] : xs[(u64)p * q.npk];
+        Pack<T, V> out;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            float v = (to_f32(pk.v[k]) - mu[k]) * sc[k] + sh[k];
+            if (act) v = silu_out<T>(v);
+            out.v[k] = from_f32_arith<T>(v);
+        }
+        ys[(u64)p * q.npk] = out;
+    }
+}
+
+// gn_grid_bwd_nhwc_DT (backward): the two-phase backward's kernels (statistics, finalize,
+// gn_bwd_reduce_nhwc, gn_bwd_finalize, gn_bwd_params, gn_bwd_dx_nhwc) as one launch with the
+// slices of x and dy in shared memory (the first `held` positions of each; dynamic shared memory
+// 2 held C sizeof(T), x's then dy's):
+//   1. gn_grid_stats; grid barrier; 2. gn_finalize_group -> stats (mean, rstd); grid barrier;
+//   3. dy's slice: per channel A = sum d, B = sum d xhat (gn_bwd_reduce's terms) -> part; barrier;
+//   4. gn_bwd_finalize_group -> coef (mean, rstd, mg, mgx), gn_bwd_params_channel -> dw, db (when
+//      dw is given); grid barrier; 5. dx of the slice, gn_bwd_dx's arithmetic.
+// Host guarantees: gn_grid_nhwc_DT's, stats 2 N G floats, dw / db C floats or both null.
+template <typename T>
+__device__ __forceinline__ void gn_grid_bwd_nhwc(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, const float* __restrict__ w, const float* __restrict__ b,
+                                                 float* dw, float* db, float* part, float* stats, float* coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps,
+                                                 int act) {
+    constexpr int V = 16 / sizeof(T);
+    __shared__ float rows[2 * GNG_MAX_BLOCK * V], rcnt[GNG_MAX_BLOCK];
+    LA_DYNAMIC_SHARED(unsigned char, smem_raw);
+    Pack<T, V>* bx = reinterpret_cast<Pack<T, V>*>(smem_raw);
+    const GnGridSlice q = gn_grid_slice<V>(C, HW, ppb);
+    Pack<T, V>* bdy = bx + (u64)held * q.npk;
+    const u32 blocks = q.N * q.L, block = q.n * q.L + q.lane, cpg = C / G;
+    gn_grid_stats<T, V>(x, bx, q, C, HW, held, rows, rcnt, part);
+    grid_sync(bar, blocks);
+    for (u32 ng = block; ng < q.N * G; ng += blocks) gn_finalize_group<T>(ng, x, part, stats, nullptr, w, b, q.N, C, HW, G, q.L, 1, eps);
+    grid_sync(bar, blocks);
+    const Pack<T, V>* xs = reinterpret_cast<const Pack<T, V>*>(x) + gn_grid_pack0<V>(q, C, HW);
+    float mean[V], rstd[V], wc[V], bc[V], sa[V], sb[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const u32 c = q.worker ? q.cp * V + k : 0, ng = q.n * G + c / cpg;
+        mean[k] = stats[2 * (u64)ng];
+        rstd[k] = stats[2 * (u64)ng + 1];
+        wc[k] = param(w, c, 1.0f);
+        bc[k] = param(b, c, 0.0f);
+        sa[k] = 0.0f;
+        sb[k] = 0.0f;
+    }
+    if (q.worker) {
+        gn_grid_load<T, V, GNG_INFLIGHT / 2>(reinterpret_cast<const Pack<T, V>*>(dy) + gn_grid_pack0<V>(q, C, HW), bdy, q, held, [&](u32 p, const Pack<T, V>& d) {
+            const Pack<T, V> px = p < held ? bx[p * q.npk + q.cp] : xs[(u64)p * q.npk];
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float xh = (to_f32(px.v[k]) - mean[k]) * rstd[k];
+                const float dd = gn_dprime<T>(to_f32(d.v[k]), xh, wc[k], bc[k], act);
+                sa[k] += dd;
+                sb[k] += dd * xh;
+            }
+        });
+    }
+    gn_grid_rows_to_part<V>(q, C, sa, sb, -1, rows, rcnt, part);
+    grid_sync(bar, blocks);
+    for (u32 ng = block; ng < q.N * G; ng += blocks) gn_bwd_finalize_group(ng, part, stats, w, coef, q.N, C, HW, G, q.L);
+    if (dw)
+        for (u32 c = block; c < C; c += blocks) gn_bwd_params_channel(c, part, dw, db, q.N, C, q.L);
+    grid_sync(bar, blocks);
+    if (!q.worker) return;
+    float4 f[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) f[k] = reinterpret_cast<const float4*>(coef)[(u64)q.n * C + q.cp * V + k];
+    const Pack<T, V>* dys = reinterpret_cast<const Pack<T, V>*>(dy) + gn_grid_pack0<V>(q, C, HW);
+    Pack<T, V>* dxs = reinterpret_cast<Pack<T, V>*>(dx) + gn_grid_pack0<V>(q, C, HW);
+#pragma unroll 2
+    for (u32 p = q.r; p < q.npos; p += q.R) {
+        const Pack<T, V> px = p < held ? bx[p * q.npk + q.cp] : xs[(u64)p * q.npk];
+        const Pack<T, V> pd = p < held ? bdy[p * q.npk + q.cp] : dys[(u64)p * q.npk];
+        Pack<T, V> o;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float xh = (to_f32(px.v[k]) - f[k].x) * f[k].y;
+            const float d = gn_dprime<T>(to_f32(pd.v[k]), xh, wc[k], bc[k], act);
+            o.v[k] = from_f32_arith<T>(f[k].y * (d * wc[k] - f[k].z - xh * f[k].w));
+        }
+        dxs[(u64)p * q.npk] = o;
     }
 }
 
@@ -1001,6 +1145,11 @@ __device__ __forceinline__ void prelu(const T* __restrict__ x, T* __restrict__ y
     extern "C" __global__ void __launch_bounds__(GNG_MAX_BLOCK)                                       \
         gn_grid_nhwc_##NAME(const T* x, T* y, const float* w, const float* b, float* part, float* coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act) { \
         gn_grid_nhwc<T>(x, y, w, b, part, coef, bar, C, HW, G, ppb, held, eps, act);                  \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GNG_MAX_BLOCK)                                       \
+        gn_grid_bwd_nhwc_##NAME(const T* x, const T* dy, T* dx, const float* w, const float* b, float* dw, float* db, float* part, float* stats, float* coef, u32* bar, \
+                                u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act) {        \
+        gn_grid_bwd_nhwc<T>(x, dy, dx, w, b, dw, db, part, stats, coef, bar, C, HW, G, ppb, held, eps, act); \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_apply_nhwc_##NAME(const T* x, T* y, const float4* coef, u32 C, u32 HW, int act) { \
         gn_apply_nhwc<T>(x, y, coef, C, HW, act);                                                     \

@@ -526,8 +526,19 @@ pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bia
         }
         return wrap_like(out, x.shape(), &l);
     }
-    if let Some(plan) = gn_grid_plan(&dev, &l, groups)? {
-        gn_grid_launch(&dev, &plan, &l, groups, xp, out.device_ptr(), wp, bp, eps, silu)?;
+    if let Some(plan) = gn_grid_plan(&dev, &l, groups, false)? {
+        let part = CudaStorage::alloc(&dev, DType::F32, 3 * l.n * l.c * plan.lanes)?;
+        let coef = CudaStorage::alloc(&dev, DType::F32, 4 * l.n * l.c)?;
+        let (yp, pp, cp, bar) = (out.device_ptr(), part.device_ptr(), coef.device_ptr(), grid_barrier(&dev)?);
+        let (c32, hw32, g32, ppb, held, act) = (l.c as u32, l.hw as u32, groups as u32, plan.positions as u32, plan.held as u32, silu as i32);
+        let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&pp), karg(&cp), karg(&bar), karg(&c32), karg(&hw32), karg(&g32), karg(&ppb), karg(&held), karg(&eps), karg(&act)];
+        // SAFETY: the arguments match gn_grid_nhwc_DT (x, y, w, b, part, coef, bar, C, HW, G, ppb,
+        // held, eps, act) and live until the call returns; gn_grid_plan checked the kernel's
+        // conditions (channels-last with C % V == 0 and C / V <= BLOCK <= GNG_BLOCK, 16-byte
+        // aligned x, y a fresh allocation, held * C elements of dynamic shared memory opted in,
+        // every block resident at once); part holds 3 N C L floats, coef 4 N C, bar is
+        // grid_barrier's pair.
+        unsafe { gn_grid_launch(&dev, &plan, l.n, &mut args) }?;
         return wrap_like(out, x.shape(), &l);
     }
     let (_stats, coef) = gn_stats(&dev, &l, groups, wp, bp, eps, true)?;
@@ -646,8 +657,8 @@ fn gn_cluster_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64, 
 /// - `cluster-smem`: the forward with the group in shared memory (gn_cluster_smem_DT) wherever
 ///   its plan applies; the backward as `auto` (there is no shared-memory backward);
 /// - `cluster-smem-async`: as `cluster-smem` with cp.async loads (gn_cluster_smem_async_DT).
-/// - `grid`: channels-last forwards by the grid-resident cooperative kernel (gn_grid_nhwc_DT)
-///   wherever its plan applies (x fits the GPU's shared memory); everything else as `auto`.
+/// - `grid`: channels-last forwards and backwards by the grid-resident cooperative kernels
+///   (gn_grid_nhwc_DT, gn_grid_bwd_nhwc_DT) wherever their plan applies; everything else as `auto`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum GnVariant {
     Auto,
@@ -829,7 +840,7 @@ pub fn group_norm_forward_path(x: &Tensor, groups: usize) -> Result<String> {
     gn_check(OP, x, groups)?;
     let l = gn_layout_checked(x)?;
     let (xp, dev) = addr(&l.x, OP)?;
-    if let Some(p) = gn_grid_plan(&dev, &l, groups)? {
+    if let Some(p) = gn_grid_plan(&dev, &l, groups, false)? {
         return Ok(format!("grid-resident ({} x {} blocks of {} positions, {} of them in shared memory, {})", p.lanes, l.n, p.positions, p.held, p.name));
     }
     Ok(match gn_forward_path(&dev, &l, groups, xp)? {
@@ -860,7 +871,9 @@ struct GnGridPlan {
 /// apply: not channels-last with 16-byte channel packs, more samples than resident blocks. Blocks:
 /// the SMs shared among the samples (512 threads of ~90 registers: one an SM); each keeps as much
 /// of its slice as its shared memory holds (all of x up to about 132 x 190 KB on an H100/H200).
-fn gn_grid_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize) -> Result<Option<GnGridPlan>> {
+/// `backward`: gn_grid_bwd_nhwc_DT, which keeps x's and dy's slices (twice the shared memory a
+/// position).
+fn gn_grid_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, backward: bool) -> Result<Option<GnGridPlan>> {
     if !super::experimental_kernels() || gn_variant()? != GnVariant::Grid || !l.channels_last || !l.vec || groups == 0 || l.n == 0 || l.hw == 0 {
         return Ok(None);
     }
@@ -868,8 +881,8 @@ fn gn_grid_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize) -> Result<Op
     let sms = dev.multiprocessors() as usize;
     let lanes = (sms / l.n).max(1);
     let positions = l.hw.div_ceil(lanes);
-    let row = l.c * l.x.dtype().size_in_bytes();
-    let name = format!("gn_grid_nhwc_{dt}");
+    let row = l.c * l.x.dtype().size_in_bytes() * if backward { 2 } else { 1 };
+    let name = if backward { format!("gn_grid_bwd_nhwc_{dt}") } else { format!("gn_grid_nhwc_{dt}") };
     let f = dev.function(&knorm::SOURCE, &name)?;
     dev.bind()?;
     let fixed = f.shared_size_bytes().map_err(|e| Error::Cuda(format!("reading the shared memory size of {name}: {e}")))? as usize;
@@ -903,21 +916,19 @@ fn grid_barrier(dev: &Arc<CudaDevice>) -> Result<u64> {
     Ok(p)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gn_grid_launch(dev: &Arc<CudaDevice>, plan: &GnGridPlan, l: &GnLayout, groups: usize, xp: u64, yp: u64, wp: u64, bp: u64, eps: f32, silu: bool) -> Result<()> {
-    let part = CudaStorage::alloc(dev, DType::F32, 3 * l.n * l.c * plan.lanes)?;
-    let coef = CudaStorage::alloc(dev, DType::F32, 4 * l.n * l.c)?;
-    let bar = grid_barrier(dev)?;
-    let (pp, cp) = (part.device_ptr(), coef.device_ptr());
-    let (c32, hw32, g32, ppb, held, act) = (l.c as u32, l.hw as u32, groups as u32, plan.positions as u32, plan.held as u32, silu as i32);
-    let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&pp), karg(&cp), karg(&bar), karg(&c32), karg(&hw32), karg(&g32), karg(&ppb), karg(&held), karg(&eps), karg(&act)];
+/// Launches `plan`'s kernel cooperatively on a (lanes, n) grid of GNG_BLOCK threads.
+///
+/// # Safety
+/// `args` must point at values matching the kernel's parameters, alive until the call returns,
+/// and the buffers they name must satisfy the kernel's host guarantees.
+unsafe fn gn_grid_launch(dev: &Arc<CudaDevice>, plan: &GnGridPlan, n: usize, args: &mut [*mut std::ffi::c_void]) -> Result<()> {
     // SAFETY: an all-zero attribute value is a valid bit pattern (plain integers).
     let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
     value.cooperative = 1;
     let mut attr = sys::CUlaunchAttribute { id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE, pad: [0; 4], value };
     let cfg = sys::CUlaunchConfig {
         gridDimX: plan.lanes as u32,
-        gridDimY: l.n as u32,
+        gridDimY: n as u32,
         gridDimZ: 1,
         blockDimX: GNG_BLOCK,
         blockDimY: 1,
@@ -929,14 +940,8 @@ fn gn_grid_launch(dev: &Arc<CudaDevice>, plan: &GnGridPlan, l: &GnLayout, groups
     };
     dev.bind()?;
     dev.profile_launch(&plan.f);
-    // SAFETY: the arguments match gn_grid_nhwc_DT (x, y, w, b, part, coef, bar, C, HW, G, ppb, held,
-    // eps, act) and live until the call returns; gn_grid_plan checked the kernel's conditions
-    // (channels-last with C % V == 0 and C / V <= BLOCK <= GNG_BLOCK, 16-byte aligned x, y a fresh
-    // allocation, held * C elements of dynamic shared memory opted in, every block resident at once,
-    // which the cooperative launch also enforces); part holds 3 N C L floats, coef 4 N C, bar is
-    // grid_barrier's pair.
+    // SAFETY: cfg and its attribute live for the call; the arguments are the caller's promise.
     unsafe { sys::cuLaunchKernelEx(&cfg, plan.f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(launch_failed(&plan.name))?;
-    drop((part, coef));
     Ok(())
 }
 
@@ -1000,6 +1005,32 @@ pub(crate) fn group_norm_backward(x: &Tensor, dy: &Tensor, groups: usize, weight
             unsafe { gn_cluster_launch(&dev, &plan, &mut args) }?;
             return Ok((wrap_like(dx, x.shape(), &l)?, grads));
         }
+    }
+    if let Some(plan) = gn_grid_plan(&dev, &l, groups, true)? {
+        let part = CudaStorage::alloc(&dev, DType::F32, 3 * l.n * l.c * plan.lanes)?;
+        let stats = CudaStorage::alloc(&dev, DType::F32, 2 * l.n * groups)?;
+        let coef = CudaStorage::alloc(&dev, DType::F32, 4 * l.n * l.c)?;
+        let grads = if param_grads { Some((CudaStorage::alloc(&dev, DType::F32, l.c)?, CudaStorage::alloc(&dev, DType::F32, l.c)?)) } else { None };
+        let (dwp, dbp) = grads.as_ref().map_or((0, 0), |(dw, db)| (dw.device_ptr(), db.device_ptr()));
+        let (dxp, pp, sp, cp, bar) = (dx.device_ptr(), part.device_ptr(), stats.device_ptr(), coef.device_ptr(), grid_barrier(&dev)?);
+        let (c32, hw32, g32, ppb, held, act) = (l.c as u32, l.hw as u32, groups as u32, plan.positions as u32, plan.held as u32, silu as i32);
+        let mut args = [
+            karg(&xp), karg(&dyp), karg(&dxp), karg(&wp), karg(&bp), karg(&dwp), karg(&dbp), karg(&pp), karg(&sp), karg(&cp), karg(&bar), karg(&c32), karg(&hw32), karg(&g32), karg(&ppb),
+            karg(&held), karg(&eps), karg(&act),
+        ];
+        // SAFETY: the arguments match gn_grid_bwd_nhwc_DT (x, dy, dx, w, b, dw, db, part, stats,
+        // coef, bar, C, HW, G, ppb, held, eps, act) and live until the call returns; gn_grid_plan
+        // checked the forward kernel's conditions for twice the shared memory a position; dy has
+        // x's channels-last layout and is 16-byte aligned (like_layout and the copy above), dx is
+        // a fresh allocation; part 3 N C L floats, stats 2 N G, coef 4 N C, dw / db C floats or
+        // both null, bar grid_barrier's pair.
+        unsafe { gn_grid_launch(&dev, &plan, l.n, &mut args) }?;
+        drop((part, stats, coef));
+        let grads = match grads {
+            Some((dw, db)) => Some((wrap(dw, &[l.c])?, wrap(db, &[l.c])?)),
+            None => None,
+        };
+        return Ok((wrap_like(dx, x.shape(), &l)?, grads));
     }
     let (stats, _) = gn_stats(&dev, &l, groups, wp, bp, eps, false)?;
     let sp = stats.device_ptr();
