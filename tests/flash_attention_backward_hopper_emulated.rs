@@ -30,3 +30,7 @@ mod ws {
     use super::*;
     emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("ws"));
 }
+mod ws_stagger {
+    use super::*;
+    emulated_backward_tests!(flash_backward_emulation::MainKernel::HopperVariant("ws_stagger"));
+}

@@ -3,7 +3,7 @@
 // [own (Lk) ; reference (Lr)] from their two sources, reference tokens with keep == 0 left out, dK /
 // dV of both sources, dQ accumulated in f32 into dq_accum with atomics; built with flush-to-zero)
 // with FlashAttention-3's structure instead of one block barrier per query tile. Selected by
-// LOOKAHEAD_VARIANT_FLASH_BWD=ws (engine/src/cuda/flash_attention_backward.rs,
+// LOOKAHEAD_VARIANT_FLASH_BWD=ws or ws_stagger (engine/src/cuda/flash_attention_backward.rs,
 // kernels::flash_attention_backward::hopper_launch); D 128 keeps its default kernel.
 //
 // Why: the default kernel issues every cp.async from the compute threads, keeps both warpgroups in
@@ -14,7 +14,7 @@
 //
 // Launch: grid (own key tiles + reference key tiles, H, B) of FBW_BC = 128 keys (as the default
 // kernel), FBW_THREADS = 384: warpgroups 0 and 1 are the consumers (64 keys each, K / V rows as
-// wgmma A fragments in registers, dK / dV accumulators: ~230 registers), warpgroup 2 the producer:
+// wgmma A fragments in registers, dK / dV accumulators: 204 registers), warpgroup 2 the producer:
 // its warps 0-1 copy (cp.async), its warps 2-3 write dQ. setmaxnreg moves registers from the
 // producer (40 a thread) to the consumers (232; 168 each at launch; 40 + 2 x 232 = 504 <= 512, a
 // warp scheduler's quarter of the register file for 3 warps). Dynamic shared memory
@@ -51,7 +51,17 @@
 // ordered after every warp's retirement of dQ(i) by the named barrier of tile i + 1, not by how
 // the hardware completes a warpgroup's wgmma across its warps.
 // Every wgmma of a tile retires within the tile (wgmma_wait<0> before the back edge: C7514 /
-// C7517, flash_attention_backward_hopper.cu). Not yet measured on a GPU (written without one).
+// C7517, flash_attention_backward_hopper.cu).
+// Variants: ws as above. ws_stagger: block x of a (batch, head)'s X key blocks starts at query
+// tile x nq / X and wraps around. In order, the X blocks of a head (64 at 8192 keys) add to the
+// same 64 rows of dq_accum at the same time, every 16-byte address taking X atomics in a row at
+// its L2 slice; staggered, they spread over the head's tiles (Q, dO of a head: 1 MiB, L2-resident
+// either way). Same sums in another order.
+// Emulated (tests/flash_attention_backward_hopper_emulated.rs, every schedule): releasing a stage
+// before dK retires, the copy warps skipping the empty wait, the dQ warps skipping the dq_full
+// wait fail the suite; removing the named barrier or the dq_empty wait does not (the emulator's
+// wgmma is a warpgroup collective, a barrier in itself; its schedules run the waiting dQ warps
+// before a consumer can get two tiles ahead). Not yet measured on a GPU (written without one).
 // Host guarantees as flash_attention_backward.cu: 16-bit inputs with unit stride along D, row
 // strides multiples of 8 elements, 16-byte aligned bases; lq_pad = Lq rounded up to 4.
 #include "mma.cuh"
@@ -108,7 +118,9 @@ template <typename T, u32 ROWS> __device__ __forceinline__ void fbw_load_tile(un
     }
 }
 
-template <typename T> __device__ __forceinline__ void flash_bwd_ws(const FlashBwdParams& p) {
+// STAGGER: block x of a (batch, head) starts at query tile x nq / (key blocks) and wraps around,
+// instead of every block at tile 0 (see the top of the file).
+template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws(const FlashBwdParams& p) {
     constexpr u32 D = FBW_D, BC = FBW_BC, BR = FBW_BR, STAGES = FBW_STAGES;
     constexpr u32 KV_BYTES = BC * D * 2;  // one of K, V
     constexpr u32 QO_BYTES = BR * D * 2;  // one of Q, dO (a stage holds both)
@@ -139,6 +151,9 @@ template <typename T> __device__ __forceinline__ void flash_bwd_ws(const FlashBw
 
     const FlashBwdTile<T> tile = flash_bwd_tile<T>(p, BC, D);
     const u32 nq = (p.lq + BR - 1) / BR;
+    // Step it works on query tile (it + first) % nq (the ring, buffers and parities follow it).
+    const u32 first = STAGGER && nq > 0 ? (u32)((u64)blockIdx.x * nq / gridDim.x) : 0u;
+    auto query_tile = [&](u32 it) { return STAGGER ? (it + first) % nq : it; };
 
     if (threadIdx.x == 0) {
         mbarrier_init(kv_full, FBW_COPY_THREADS);
@@ -164,7 +179,7 @@ template <typename T> __device__ __forceinline__ void flash_bwd_ws(const FlashBw
             cp_async_mbarrier_arrive(kv_full);
             const i64 q_rs = p.q_stride[2], do_rs = p.dout_stride[2];
             for (u32 it = 0; it < nq; ++it) {
-                const u32 st = it % STAGES, n = it / STAGES, i0 = it * BR;
+                const u32 st = it % STAGES, n = it / STAGES, i0 = query_tile(it) * BR;
                 // Stage st last held tile it - STAGES (use n - 1): wait until every consumer warp
                 // has released it.
                 if (n > 0) fbw_wait(&empty[st], (n - 1) & 1);
@@ -197,7 +212,7 @@ template <typename T> __device__ __forceinline__ void flash_bwd_ws(const FlashBw
                 for (u32 k = 0; k < BR / 4; ++k) {
                     const u32 row = r0 + 4 * k, off = row * D + ((c ^ (row % 8)) << 2);
                     const float4 x = *(const float4*)(part0 + off), y = *(const float4*)(part1 + off);
-                    const u32 q_row = it * BR + row;
+                    const u32 q_row = query_tile(it) * BR + row;
                     if (q_row < p.lq) {
                         float* at = tile.dq_accum + (u64)q_row * D + 4 * c;
 #ifdef LOOKAHEAD_EMULATE
@@ -410,13 +425,16 @@ template <typename T> __device__ __forceinline__ void flash_bwd_ws(const FlashBw
 // Without wgmma (sm_80, sm_90 without the a features) the kernels compile empty; the engine
 // launches them only on compute capability 9.0, whose CUBIN is built for sm_90a.
 #if LA_WGMMA
-#define FBW_BODY(T) flash_bwd_ws<T>(p)
+#define FBW_BODY(T, STAGGER) flash_bwd_ws<T, STAGGER>(p)
 #else
-#define FBW_BODY(T) (void)p
+#define FBW_BODY(T, STAGGER) (void)p
 #endif
 
-// Instances flash_bwd_hopper_ws_<type>_d64 (the variant naming of flash_attention_backward_hopper.cu).
-#define FBW_INSTANCE(TN, T) \
-    extern "C" __global__ void __launch_bounds__(FBW_THREADS, 1) flash_bwd_hopper_ws_##TN##_d64(const FlashBwdParams p) { FBW_BODY(T); }
-FBW_INSTANCE(bf16, bf16)
-FBW_INSTANCE(f16, f16)
+// Instances flash_bwd_hopper_<variant>_<type>_d64 (the variant naming of
+// flash_attention_backward_hopper.cu): ws, ws_stagger.
+#define FBW_INSTANCE(TN, T, STAGGER, SUFFIX) \
+    extern "C" __global__ void __launch_bounds__(FBW_THREADS, 1) flash_bwd_hopper_##SUFFIX##_##TN##_d64(const FlashBwdParams p) { FBW_BODY(T, STAGGER); }
+FBW_INSTANCE(bf16, bf16, false, ws)
+FBW_INSTANCE(f16, f16, false, ws)
+FBW_INSTANCE(bf16, bf16, true, ws_stagger)
+FBW_INSTANCE(f16, f16, true, ws_stagger)

@@ -45,16 +45,16 @@ pub fn hopper_kernel_name(dtype: &str, d: usize) -> String {
     format!("flash_bwd_hopper_{dtype}_d{d}")
 }
 
-/// The warp-specialized Hopper main kernel at head dim 64 (variant "ws",
-/// kernels/cuda/flash_attention_backward_ws.cu: instances flash_bwd_hopper_ws_{dtype}_d64): the
-/// same parameters and outputs as HOPPER_SOURCE, built with flush-to-zero too.
+/// The warp-specialized Hopper main kernel at head dim 64 (variants "ws" and "ws_stagger",
+/// kernels/cuda/flash_attention_backward_ws.cu: instances flash_bwd_hopper_{variant}_{dtype}_d64):
+/// the same parameters and outputs as HOPPER_SOURCE, built with flush-to-zero too.
 pub const WS_SOURCE: crate::compile::KernelSource = crate::compile::KernelSource { name: "flash_attention_backward_ws", code: include_str!("../cuda/flash_attention_backward_ws.cu"), options: &["--ftz=true"] };
 
-/// Threads of a "ws" block (FBW_THREADS): two consumer warpgroups of 64 keys and one producer
+/// Threads of a "ws*" block (FBW_THREADS): two consumer warpgroups of 64 keys and one producer
 /// warpgroup (copies and dQ atomics). Keys a block: HOPPER_KEYS_PER_BLOCK, as the default kernel.
 pub const WS_THREADS: u32 = 384;
 
-/// Dynamic shared memory of the "ws" kernel (fbw_shared_bytes): K and V of 128 keys, three stages
+/// Dynamic shared memory of the "ws*" kernels (fbw_shared_bytes): K and V of 128 keys, three stages
 /// of Q, dO (64 x 64) and lse2, delta, two dS buffers (64 x 64, 16-bit) and two partial-dQ buffers
 /// (64 x 64 f32) per consumer warpgroup, 128 bytes of mbarriers, 1 KiB to align: 178.6 KiB.
 pub fn ws_shared_bytes() -> u32 {
@@ -69,7 +69,7 @@ pub fn ws_shared_bytes() -> u32 {
 pub fn hopper_launch(d: usize, variant: Option<&str>) -> Option<(&'static crate::compile::KernelSource, u32, u32)> {
     let shared = hopper_shared_bytes(d)?;
     Some(match variant {
-        Some("ws") if d == 64 => (&WS_SOURCE, WS_THREADS, ws_shared_bytes()),
+        Some(v) if d == 64 && v.starts_with("ws") => (&WS_SOURCE, WS_THREADS, ws_shared_bytes()),
         _ => (&HOPPER_SOURCE, HOPPER_THREADS, shared),
     })
 }

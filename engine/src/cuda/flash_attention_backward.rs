@@ -15,7 +15,7 @@
 //! On compute capability 9.0 with the Hopper kernels switched on (crate::cuda::hopper_kernels) the
 //! main launch runs the wgmma kernel instead (kernels/cuda/flash_attention_backward_hopper.cu:
 //! same parameters and outputs; grid (own + reference tiles of 128 keys, H, B), 256 threads,
-//! 146.5 / 194.5 KiB of dynamic shared memory; the "ws" variant at head dim 64: 384 threads,
+//! 146.5 / 194.5 KiB of dynamic shared memory; the "ws*" variants at head dim 64: 384 threads,
 //! 178.6 KiB); prep and dq stay as they are.
 
 use kernels::flash_attention_backward::{self as kfab, BackwardTiles, FlashBackwardParams};
@@ -73,10 +73,10 @@ fn hopper_main_kernel(dev: &super::CudaDevice, dtype: DType, d: usize) -> Result
 /// The variant family of the Hopper main kernel: LOOKAHEAD_VARIANT_FLASH_BWD.
 const VARIANT_FAMILY: &str = "flash_bwd";
 /// The Hopper main kernel's variants (kernels/cuda/flash_attention_backward_hopper.cu, top of the
-/// file; "ws": the warp-specialized kernel of kernels/cuda/flash_attention_backward_ws.cu, 384
-/// threads, its own shared memory: kfab::hopper_launch): head dim 64 only; head dim 128 runs the
-/// default kernel under any of them.
-pub const HOPPER_VARIANTS: [&str; 3] = ["ss", "late", "ws"];
+/// file; "ws", "ws_stagger": the warp-specialized kernel of
+/// kernels/cuda/flash_attention_backward_ws.cu, 384 threads, its own shared memory:
+/// kfab::hopper_launch): head dim 64 only; head dim 128 runs the default kernel under any of them.
+pub const HOPPER_VARIANTS: [&str; 4] = ["ss", "late", "ws", "ws_stagger"];
 
 /// The Hopper main kernel's instance name for `variant` (None: the default), dtype `tn` and head
 /// dim `d`; an unknown variant is an error naming the variable and the known values.
