@@ -26,8 +26,9 @@
 //
 // Copy warps: K and V once (kv_full), then for query tile i: wait until stage i % 3 is released
 // (its "empty" mbarrier, 8 arrivals: lane 0 of each consumer warp), copy Q_i, dO_i (zero-filled
-// past Lq: those queries then get P = exp2(0 - 0) but dO = 0 and dS = 0, so nothing reaches dK,
-// dV, dQ), lse2_i, delta_i into it, cp_async_mbarrier_arrive on its "full" mbarrier (64 arrivals).
+// past Lq; lse2 is +inf on the prep kernel's padding rows and zero-filled past them, so those
+// queries get P = 0 or 1 against dO = 0 and dS = 0: nothing reaches dK, dV, dQ), lse2_i, delta_i
+// into it, cp_async_mbarrier_arrive on its "full" mbarrier (64 arrivals).
 // cp.async, not TMA: Q / dO are [B, L, H, D] memory, whose 2D map would read the next batch
 // entry's rows past Lq instead of zeros (engine/src/cuda/tensor_map.rs encodes 2D maps only).
 //
@@ -45,9 +46,9 @@
 //   (dq_empty, 2 arrivals). The atomics and the sum of partials leave the consumers' path; the
 //   consumers store 16 float2 a thread a tile instead of the default kernel's exchange, shuffles
 //   and 16 vector atomics.
-// No block barrier in the loop: a warpgroup runs up to 2 tiles ahead of the other (dQ buffers;
-// the stage ring allows 3), so the tensor cores get one warpgroup's products while the other
-// computes P / dS or stores. dS is double-buffered so that a warp's stores of tile i + 2 are
+// No block barrier in the loop: a warpgroup runs up to 2 tiles ahead of the other (as far as the
+// stage ring and the dQ buffers allow), so the tensor cores get one warpgroup's products while
+// the other computes P / dS or stores. dS is double-buffered so that a warp's stores of tile i + 2 are
 // ordered after every warp's retirement of dQ(i) by the named barrier of tile i + 1, not by how
 // the hardware completes a warpgroup's wgmma across its warps.
 // Every wgmma of a tile retires within the tile (wgmma_wait<0> before the back edge: C7514 /
