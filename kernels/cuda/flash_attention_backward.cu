@@ -152,10 +152,8 @@ __device__ __forceinline__ void flash_bwd_main(const FlashBwdParams& p) {
 
     const u32 warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const u32 g = lane / 4, t = lane % 4;
-    const u32 bi = blockIdx.z, hi = blockIdx.y;
     const FlashBwdTile<T> tile = flash_bwd_tile<T>(p, BC, D);
-    const bool reference = tile.reference;
-    const u32 start = tile.start, len = tile.len;
+    const u32 len = tile.len;
     const i64 k_rs = tile.k_rs, v_rs = tile.v_rs;
     const T *k = tile.k, *v = tile.v, *q = tile.q, *dout = tile.dout;
     const float *lse2 = tile.lse2, *delta = tile.delta;
@@ -164,9 +162,7 @@ __device__ __forceinline__ void flash_bwd_main(const FlashBwdParams& p) {
     // The two key rows whose S^T / dP^T / dK / dV values this thread holds (C fragment rows g and
     // g + 8 of the warp's 16 keys), and whether they take part: inside the tile and not dropped.
     const u32 key0 = warp * 16 + g, key1 = key0 + 8;
-    const u8* keep = reference && p.keep ? (const u8*)p.keep + bi * p.keep_batch_stride + start : nullptr;
-    const bool live0 = key0 < len && (keep == nullptr || keep[key0] != 0);
-    const bool live1 = key1 < len && (keep == nullptr || keep[key1] != 0);
+    const bool live0 = flash_bwd_live(p, tile, key0), live1 = flash_bwd_live(p, tile, key1);
 
     const u32 nq = (p.lq + BR - 1) / BR;
     auto load_stage = [&](u32 it, u32 st) {
@@ -321,25 +317,7 @@ __device__ __forceinline__ void flash_bwd_main(const FlashBwdParams& p) {
     }
     cp_async_wait<0>();
 
-    // dK (times scale) and dV of the warp's keys, in q's dtype, for keys inside the tile.
-    const i64 dk_rs = reference ? p.dk_ref_stride[2] : p.dk_stride[2];
-    const i64 dv_rs = reference ? p.dv_ref_stride[2] : p.dv_stride[2];
-    T* dkp = reference ? (T*)p.dk_ref + bi * p.dk_ref_stride[0] + hi * p.dk_ref_stride[1] : (T*)p.dk + bi * p.dk_stride[0] + hi * p.dk_stride[1];
-    T* dvp = reference ? (T*)p.dv_ref + bi * p.dv_ref_stride[0] + hi * p.dv_ref_stride[1] : (T*)p.dv + bi * p.dv_stride[0] + hi * p.dv_stride[1];
-    dkp += (i64)start * dk_rs;
-    dvp += (i64)start * dv_rs;
-#pragma unroll
-    for (int n = 0; n < ND; ++n) {
-        const u32 col = n * 8 + 2 * t;
-        if (key0 < len) {
-            *(u32*)(dkp + (i64)key0 * dk_rs + col) = pack2<T>(dk[n][0] * p.scale, dk[n][1] * p.scale);
-            *(u32*)(dvp + (i64)key0 * dv_rs + col) = pack2<T>(dv[n][0], dv[n][1]);
-        }
-        if (key1 < len) {
-            *(u32*)(dkp + (i64)key1 * dk_rs + col) = pack2<T>(dk[n][2] * p.scale, dk[n][3] * p.scale);
-            *(u32*)(dvp + (i64)key1 * dv_rs + col) = pack2<T>(dv[n][2], dv[n][3]);
-        }
-    }
+    flash_bwd_store_dk_dv<T, D>(p, tile, key0, key1, t, dk, dv);
 }
 
 // ---- dq = scale * dq_accum ----------------------------------------------------------------

@@ -79,7 +79,7 @@ template <int D> __host__ __device__ constexpr u32 fbh_shared_bytes() {
 // Byte offset of 16-byte chunk `chunk` (0 .. W / 8 - 1) of row `row` in a tile of ROWS rows of W
 // 16-bit elements laid out as above (64-column blocks of 128-byte rows, 128B-swizzled).
 template <u32 ROWS> __device__ __forceinline__ u32 fbh_offset(u32 row, u32 chunk) {
-    return (chunk / 8) * ROWS * 128u + row * 128u + (((chunk % 8) ^ (row % 8)) << 4);
+    return (chunk / 8) * ROWS * 128u + flash_bwd_swizzle128(row, chunk);
 }
 
 // cp.async of ROWS rows x D (zero-filled from row `len` on) from src (row stride `rs`) into the tile
@@ -170,10 +170,8 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
 
     const u32 wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const u32 g = lane / 4, t = lane % 4;
-    const u32 bi = blockIdx.z, hi = blockIdx.y;
     const FlashBwdTile<T> tile = flash_bwd_tile<T>(p, BC, D);
-    const bool reference = tile.reference;
-    const u32 start = tile.start, len = tile.len;
+    const u32 len = tile.len;
     const i64 k_rs = tile.k_rs, v_rs = tile.v_rs;
     const T *k = tile.k, *v = tile.v, *q = tile.q, *dout = tile.dout;
     const float *lse2 = tile.lse2, *delta = tile.delta;
@@ -183,9 +181,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
     // (accumulator rows g and g + 8 of its warp's 16), and whether they take part: inside the tile
     // and not dropped.
     const u32 key0 = wg * 64 + warp * 16 + g, key1 = key0 + 8;
-    const u8* keep = reference && p.keep ? (const u8*)p.keep + bi * p.keep_batch_stride + start : nullptr;
-    const bool live0 = key0 < len && (keep == nullptr || keep[key0] != 0);
-    const bool live1 = key1 < len && (keep == nullptr || keep[key1] != 0);
+    const bool live0 = flash_bwd_live(p, tile, key0), live1 = flash_bwd_live(p, tile, key1);
 
     const u32 nq = (p.lq + BR - 1) / BR;
     auto load_stage = [&](u32 it) {
@@ -225,22 +221,10 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
     // S^T(it) = K_w Q_it^T and dP^T(it) = V_w dO_it^T, 64 keys x BR queries each, as two commit
     // groups (S^T is used while dP^T is still computed).
     // KREG (top of the file): the warpgroup's K and V rows as wgmma A fragments in registers
-    // (loaded once after the prologue), S^T and dP^T by wgmma_rs. Fragment of k-step kk: [0] key row g, columns 16 kk + 2t, + 1; [1] row g + 8; [2], [3] the
-    // same rows, columns + 8 (16-byte chunk 2 kk + 1). D 64 only (D 128 has no registers left).
+    // (loaded once after the prologue, flash_bwd_kv_fragments), S^T and dP^T by wgmma_rs. D 64
+    // only (D 128 has no registers left).
     constexpr int KA = KREG ? KD : 1;
     u32 ka[KA][4], va[KA][4];
-    auto load_kv_fragments = [&]() {
-        const u32 r0 = wg * 64 + warp * 16 + g;
-#pragma unroll
-        for (int kk = 0; kk < KA; ++kk) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const u32 off = fbh_offset<BC>(r0 + 8 * (r % 2), 2 * kk + r / 2) + 4 * t;
-                ka[kk][r] = *(const u32*)(ks + off);
-                va[kk][r] = *(const u32*)(vs + off);
-            }
-        }
-    };
     auto issue_sdp = [&](u32 it) {
         const unsigned char* qs = stages + 2 * (it % STAGES) * QO_BYTES;
         const unsigned char* dos = qs + QO_BYTES;
@@ -309,7 +293,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
     cp_async_wait<1>();
     fence_proxy_async();
     __syncthreads();
-    if constexpr (KREG) load_kv_fragments();
+    if constexpr (KREG) flash_bwd_kv_fragments(ka, va, ks, vs, key0, t);
     // Query tile `it`. One block barrier a tile (after the dS stores), which also hands over the
     // buffers: stage it % 3 (Q, dO, lse2, delta) is read by this tile's S^T, dP^T, dV, dK, all
     // retired by the end of the tile; the copies of stage it + 2 start after the barrier, when
@@ -329,28 +313,12 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         wgmma_fence();  // dk, dv, pa, da, dq were last used by other instructions
         issue_sdp(it);
 
-        // P^T on live keys (0 elsewhere), while dP^T is computed. Register 4 n + e: key row g (e < 2)
-        // or g + 8, query 8 n + 2 t + (e & 1).
+        // P^T on live keys (0 elsewhere), while dP^T is computed, as A fragments.
         wgmma_wait<1>();
         wgmma_fence_operands(s);
-#pragma unroll
-        for (int n = 0; n < BR / 8; ++n) {
-            const float2 l = *(const float2*)(ls + 8 * n + 2 * t);  // the thread's two queries
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const bool live = e < 2 ? live0 : live1;
-                s[4 * n + e] = live ? exp2f(s[4 * n + e] * p.scale_log2 - (e & 1 ? l.y : l.x)) : 0.0f;
-            }
-        }
-        // As A fragments: k-step kk (queries 16 kk ..) is accumulator blocks 2 kk, 2 kk + 1
-        // (registers 8 kk .. 8 kk + 7): a[0] row g queries 2t.., a[1] row g + 8, a[2] row g
-        // queries 8 + 2t.., a[3] row g + 8.
+        flash_bwd_probs(s, ls, p.scale_log2, live0, live1, t);
         u32 pa[KQ][4];
-#pragma unroll
-        for (int kk = 0; kk < KQ; ++kk) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2_rn<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
-        }
+        flash_bwd_a_fragments<T>(pa, s);
         // dV += P^T dO.
         wgmma_fence();
 #pragma unroll
@@ -360,37 +328,17 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         // dS^T = P^T (dP^T - delta) once dP^T has retired (dV may still run).
         wgmma_wait<1>();
         wgmma_fence_operands(dp);
-#pragma unroll
-        for (int n = 0; n < BR / 8; ++n) {
-            const float2 dl = *(const float2*)(dls + 8 * n + 2 * t);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dp[4 * n + e] = s[4 * n + e] * (dp[4 * n + e] - (e & 1 ? dl.y : dl.x));
-        }
+        flash_bwd_dscores(dp, s, dls, t);
         u32 da[KQ][4];
-#pragma unroll
-        for (int kk = 0; kk < KQ; ++kk) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) da[kk][r] = pack2_rn<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
-        }
+        flash_bwd_a_fragments<T>(da, dp);
         // dK += dS^T Q.
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dk, da[kk], mnmajor(qs, BR, 0, kk), true);
         wgmma_commit();
 
-        // dS transposed into the dS tile: element (query, key) in column block key / 64 (= wg),
-        // row query, chunk (key % 64) / 8, 2 (key % 8) bytes in. da[kk][r] holds key row g (r even)
-        // or g + 8 (r odd), queries 16 kk + 8 (r / 2) + 2t (low half) and + 1 (high half).
-#pragma unroll
-        for (int kk = 0; kk < KQ; ++kk) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const u32 query = 16 * kk + 8 * (r / 2) + 2 * t, chunk = 2 * warp + (r % 2);
-                unsigned char* at = ds_tile + wg * BR * 128 + 2 * g;
-                *(u16*)(at + fbh_offset<BR>(query, chunk)) = (u16)(da[kk][r] & 0xffffu);
-                *(u16*)(at + fbh_offset<BR>(query + 1, chunk)) = (u16)(da[kk][r] >> 16);
-            }
-        }
+        // dS transposed into the dS tile: key `key` in column block key / 64 (= wg).
+        flash_bwd_store_ds_t(ds_tile + wg * BR * 128, da, warp, g, t);
         // This thread's copies of stage it + 1 have landed; after the barrier every thread's
         // have, and dS(it) of both warpgroups is written (both fenced for the async proxy), and
         // both warpgroups are past dq_send(it - 1) and have retired tile it - 1's products.
@@ -441,25 +389,7 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
     }
     cp_async_wait<0>();
 
-    // dK (times scale) and dV of the thread's two keys, in q's dtype, for keys inside the tile.
-    const i64 dk_rs = reference ? p.dk_ref_stride[2] : p.dk_stride[2];
-    const i64 dv_rs = reference ? p.dv_ref_stride[2] : p.dv_stride[2];
-    T* dkp = reference ? (T*)p.dk_ref + bi * p.dk_ref_stride[0] + hi * p.dk_ref_stride[1] : (T*)p.dk + bi * p.dk_stride[0] + hi * p.dk_stride[1];
-    T* dvp = reference ? (T*)p.dv_ref + bi * p.dv_ref_stride[0] + hi * p.dv_ref_stride[1] : (T*)p.dv + bi * p.dv_stride[0] + hi * p.dv_stride[1];
-    dkp += (i64)start * dk_rs;
-    dvp += (i64)start * dv_rs;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-        const u32 col = n * 8 + 2 * t;
-        if (key0 < len) {
-            *(u32*)(dkp + (i64)key0 * dk_rs + col) = pack2<T>(dk[4 * n] * p.scale, dk[4 * n + 1] * p.scale);
-            *(u32*)(dvp + (i64)key0 * dv_rs + col) = pack2<T>(dv[4 * n], dv[4 * n + 1]);
-        }
-        if (key1 < len) {
-            *(u32*)(dkp + (i64)key1 * dk_rs + col) = pack2<T>(dk[4 * n + 2] * p.scale, dk[4 * n + 3] * p.scale);
-            *(u32*)(dvp + (i64)key1 * dv_rs + col) = pack2<T>(dv[4 * n + 2], dv[4 * n + 3]);
-        }
-    }
+    flash_bwd_store_dk_dv<T, D>(p, tile, key0, key1, t, dk, dv);
 }
 
 #endif  // LA_WGMMA

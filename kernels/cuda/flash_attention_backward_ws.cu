@@ -87,10 +87,6 @@ __host__ __device__ constexpr u32 fbw_shared_bytes() {
 
 #if LA_WGMMA
 
-// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a [rows][64] 16-bit tile,
-// 128B-swizzled.
-__device__ __forceinline__ u32 fbw_offset(u32 row, u32 chunk) { return row * 128u + (((chunk % 8) ^ (row % 8)) << 4); }
-
 // mbarrier wait with a bound (as flash_attention_ws.cu): a phase that never completes traps after
 // 2^22 tries, a launch error, instead of hanging the GPU. The trap is a call: inlined, ptxas
 // allocates the whole kernel within the 168 registers a thread has at launch (setmaxnreg's larger
@@ -108,7 +104,7 @@ __device__ __forceinline__ void fbw_wait(u64* bar, u32 parity) {
 // contiguous bytes of a row.
 template <typename T, u32 ROWS> __device__ __forceinline__ void fbw_load_tile(unsigned char* dst, const T* src, i64 rs, u32 len, u32 i) {
     const u32 chunk = i % 8, row = i / 8;
-    unsigned char* to = dst + fbw_offset(row, chunk);
+    unsigned char* to = dst + flash_bwd_swizzle128(row, chunk);
     const T* from = src + (i64)row * rs + chunk * 8;
 #pragma unroll
     for (u32 k = 0; k < ROWS / 8; ++k) {
@@ -238,16 +234,11 @@ template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws
     setmaxnreg_inc<FBW_CONSUMER_REGS>();
     const u32 wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const u32 g = lane / 4, t = lane % 4;
-    const u32 bi = blockIdx.z, hi = blockIdx.y;
-    const bool reference = tile.reference;
-    const u32 start = tile.start, len = tile.len;
 
     // The two key rows whose S^T / dP^T / dK / dV values this thread holds (accumulator rows g and
     // g + 8 of its warp's 16), and whether they take part: inside the tile and not dropped.
     const u32 key0 = wg * 64 + warp * 16 + g, key1 = key0 + 8;
-    const u8* keep = reference && p.keep ? (const u8*)p.keep + bi * p.keep_batch_stride + start : nullptr;
-    const bool live0 = key0 < len && (keep == nullptr || keep[key0] != 0);
-    const bool live1 = key1 < len && (keep == nullptr || keep[key1] != 0);
+    const bool live0 = flash_bwd_live(p, tile, key0), live1 = flash_bwd_live(p, tile, key1);
 
     // Descriptors (128B swizzle, SBO 1024) advanced from one built at the aligned start, as in
     // the default kernel: K-major k-step kk of a [rows][64] tile is +32 bytes a step; MN-major with
@@ -258,19 +249,10 @@ template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws
     auto kmajor = [&](const unsigned char* at, int kk) { return advance(kmajor_base, (u32)(at - smem) + kk * 32); };
     auto mnmajor = [&](const unsigned char* at, u32 row0, int kk) { return advance(mnmajor_base, (u32)(at - smem) + (row0 + 16 * kk) * 128); };
 
-    // K / V rows of the warpgroup as wgmma A fragments (k-step kk: [0] key row g, columns 16 kk +
-    // 2t, + 1; [1] row g + 8; [2], [3] the same rows, columns + 8).
+    // K / V rows of the warpgroup as wgmma A fragments.
     fbw_wait(kv_full, 0);
     u32 ka[KD][4], va[KD][4];
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const u32 off = fbw_offset(wg * 64 + warp * 16 + g + 8 * (r % 2), 2 * kk + r / 2) + 4 * t;
-            ka[kk][r] = *(const u32*)(ks + off);
-            va[kk][r] = *(const u32*)(vs + off);
-        }
-    }
+    flash_bwd_kv_fragments(ka, va, ks, vs, key0, t);
 
     float dk[NG], dv[NG];
 #pragma unroll
@@ -304,26 +286,12 @@ template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws
         for (int kk = 0; kk < KD; ++kk) wgmma_rs<T, BR, false>(dp, va[kk], kmajor(dos, kk), kk > 0);
         wgmma_commit();
 
-        // P^T on live keys (0 elsewhere) while dP^T is computed. Register 4 n + e: key row g (e <
-        // 2) or g + 8, query 8 n + 2 t + (e & 1).
+        // P^T on live keys (0 elsewhere) while dP^T is computed, as A fragments.
         wgmma_wait<1>();
         wgmma_fence_operands(s);
-#pragma unroll
-        for (int n = 0; n < BR / 8; ++n) {
-            const float2 l = *(const float2*)(ls + 8 * n + 2 * t);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const bool live = e < 2 ? live0 : live1;
-                s[4 * n + e] = live ? exp2f(s[4 * n + e] * p.scale_log2 - (e & 1 ? l.y : l.x)) : 0.0f;
-            }
-        }
-        // As A fragments: k-step kk (queries 16 kk ..) is accumulator registers 8 kk .. 8 kk + 7.
+        flash_bwd_probs(s, ls, p.scale_log2, live0, live1, t);
         u32 pa[KQ][4];
-#pragma unroll
-        for (int kk = 0; kk < KQ; ++kk) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2_rn<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
-        }
+        flash_bwd_a_fragments<T>(pa, s);
         // dV += P^T dO.
         wgmma_fence();
 #pragma unroll
@@ -333,37 +301,18 @@ template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws
         // dS^T = P^T (dP^T - delta) once dP^T has retired (dV may still run).
         wgmma_wait<1>();
         wgmma_fence_operands(dp);
-#pragma unroll
-        for (int n = 0; n < BR / 8; ++n) {
-            const float2 dl = *(const float2*)(dls + 8 * n + 2 * t);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dp[4 * n + e] = s[4 * n + e] * (dp[4 * n + e] - (e & 1 ? dl.y : dl.x));
-        }
+        flash_bwd_dscores(dp, s, dls, t);
         u32 da[KQ][4];
-#pragma unroll
-        for (int kk = 0; kk < KQ; ++kk) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) da[kk][r] = pack2_rn<T>(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
-        }
+        flash_bwd_a_fragments<T>(da, dp);
         // dK += dS^T Q.
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dk, da[kk], mnmajor(qs, 0, kk), true);
         wgmma_commit();
 
-        // dS transposed into this warpgroup's buffer: element (query, key 16 warp + g + 8 (r % 2))
-        // at row query, chunk 2 warp + r % 2, 2 g bytes in. da[kk][r]: queries 16 kk + 8 (r / 2) +
-        // 2t (low half) and + 1 (high half). Buffer b was last read by dQ(it - 2), which every
-        // warp of the warpgroup retired before the named barrier of tile it - 1.
-#pragma unroll
-        for (int kk = 0; kk < KQ; ++kk) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const u32 query = 16 * kk + 8 * (r / 2) + 2 * t, chunk = 2 * warp + (r % 2);
-                *(u16*)(ds_tile + fbw_offset(query, chunk) + 2 * g) = (u16)(da[kk][r] & 0xffffu);
-                *(u16*)(ds_tile + fbw_offset(query + 1, chunk) + 2 * g) = (u16)(da[kk][r] >> 16);
-            }
-        }
+        // dS transposed into this warpgroup's buffer. Buffer b was last read by dQ(it - 2), which
+        // every warp of the warpgroup retired before the named barrier of tile it - 1.
+        flash_bwd_store_ds_t(ds_tile, da, warp, g, t);
         // Every warp's dS stores (fenced for the async proxy) before the warpgroup's dQ product;
         // the other warpgroup does not take part.
         fence_proxy_async();
@@ -400,25 +349,7 @@ template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws
         mbarrier_arrive(&dq_full[b]);
     }
 
-    // dK (times scale) and dV of the thread's two keys, in q's dtype, for keys inside the tile.
-    const i64 dk_rs = reference ? p.dk_ref_stride[2] : p.dk_stride[2];
-    const i64 dv_rs = reference ? p.dv_ref_stride[2] : p.dv_stride[2];
-    T* dkp = reference ? (T*)p.dk_ref + bi * p.dk_ref_stride[0] + hi * p.dk_ref_stride[1] : (T*)p.dk + bi * p.dk_stride[0] + hi * p.dk_stride[1];
-    T* dvp = reference ? (T*)p.dv_ref + bi * p.dv_ref_stride[0] + hi * p.dv_ref_stride[1] : (T*)p.dv + bi * p.dv_stride[0] + hi * p.dv_stride[1];
-    dkp += (i64)start * dk_rs;
-    dvp += (i64)start * dv_rs;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-        const u32 col = n * 8 + 2 * t;
-        if (key0 < len) {
-            *(u32*)(dkp + (i64)key0 * dk_rs + col) = pack2<T>(dk[4 * n] * p.scale, dk[4 * n + 1] * p.scale);
-            *(u32*)(dvp + (i64)key0 * dv_rs + col) = pack2<T>(dv[4 * n], dv[4 * n + 1]);
-        }
-        if (key1 < len) {
-            *(u32*)(dkp + (i64)key1 * dk_rs + col) = pack2<T>(dk[4 * n + 2] * p.scale, dk[4 * n + 3] * p.scale);
-            *(u32*)(dvp + (i64)key1 * dv_rs + col) = pack2<T>(dv[4 * n + 2], dv[4 * n + 3]);
-        }
-    }
+    flash_bwd_store_dk_dv<T, D>(p, tile, key0, key1, t, dk, dv);
 }
 
 #endif  // LA_WGMMA
