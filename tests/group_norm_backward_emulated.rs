@@ -67,6 +67,21 @@ fn assert_close(label: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     assert!(worst.1 <= 0.0, "{label}: element {i}: got {} want {} (atol {atol}, rtol {rtol})", got[i], want[i]);
 }
 
+/// Asserts a kernel's (dx, dweight, dbias) against the CPU reference on the same inputs: dx within
+/// the dtype's tolerance; dweight / dbias, sums of n * hw f32 terms in another order (per-warp runs,
+/// per-CTA or per-block shared sums, atomics) than the reference's f64, within a bound that scales
+/// with sqrt(terms).
+#[allow(clippy::too_many_arguments)]
+fn assert_matches_reference(label: &str, dt: Dt, k: Case, x: &[f32], dy: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, silu: bool, dx: &[f32], dw: &[f32], db: &[f32]) {
+    let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0f32; x.len()], vec![0f32; k.c], vec![0f32; k.c]);
+    group_norm_backward(x, dy, k.n, k.c, k.hw, k.groups, w, b, 1e-5, silu, &mut dx_ref, Some(&mut dw_ref), Some(&mut db_ref));
+    let (atol, rtol) = dt.tolerance();
+    assert_close(&format!("{label} dx"), dx, &dx_ref, atol, rtol);
+    let atol_p = 2e-5 * ((k.n * k.hw) as f32).sqrt() * if matches!(dt, Dt::F32) { 1.0 } else { 4.0 };
+    assert_close(&format!("{label} dweight"), dw, &dw_ref, atol_p, 1e-5);
+    assert_close(&format!("{label} dbias"), db, &db_ref, atol_p, 1e-5);
+}
+
 #[test]
 fn cluster_backward_matches_cpu_reference() {
     if !have_compiler("cluster_backward_matches_cpu_reference") {
@@ -94,17 +109,9 @@ fn cluster_backward_matches_cpu_reference() {
                     for affine in [false, true] {
                         let (wo, bo) = if affine { (Some(&w[..]), Some(&b[..])) } else { (None, None) };
                         let label = format!("{} {k:?} cs {cs} silu {silu} affine {affine}", dt.name());
-                        let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0f32; len], vec![0f32; k.c], vec![0f32; k.c]);
-                        group_norm_backward(&x, &dy, k.n, k.c, k.hw, k.groups, wo, bo, 1e-5, silu, &mut dx_ref, Some(&mut dw_ref), Some(&mut db_ref));
                         let (dx, grads) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, true);
-                        let (atol, rtol) = dt.tolerance();
-                        assert_close(&format!("{label} dx"), &dx, &dx_ref, atol, rtol);
-                        // dw / db: sums of n * hw f32 terms in another order (per-warp runs, per-CTA
-                        // shared sums, atomics) than the reference's f64; the scale is sqrt(terms).
                         let (dw, db) = grads.expect("asked");
-                        let atol_p = 2e-5 * ((k.n * k.hw) as f32).sqrt() * if matches!(dt, Dt::F32) { 1.0 } else { 4.0 };
-                        assert_close(&format!("{label} dweight"), &dw, &dw_ref, atol_p, 1e-5);
-                        assert_close(&format!("{label} dbias"), &db, &db_ref, atol_p, 1e-5);
+                        assert_matches_reference(&label, dt, k, &x, &dy, wo, bo, silu, &dx, &dw, &db);
                         // Without parameter gradients: the same dx (dw / db untouched).
                         if cs == 2 && affine {
                             let (dx2, none) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, false);
@@ -210,14 +217,8 @@ fn two_phase_backward_matches_cpu_reference() {
             let b: Vec<f32> = values(k.c, seed + 4).iter().map(|v| 0.5 * v).collect();
             for silu in [false, true] {
                 let label = format!("{} {k:?} channels_last {channels_last} lanes {lanes} silu {silu}", dt.name());
-                let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0f32; len], vec![0f32; k.c], vec![0f32; k.c]);
-                group_norm_backward(&x, &dy, k.n, k.c, k.hw, k.groups, Some(&w), Some(&b), 1e-5, silu, &mut dx_ref, Some(&mut dw_ref), Some(&mut db_ref));
                 let (dx, dw, db) = run_two_phase(&module, dt, k, channels_last, lanes, &x, &dy, &w, &b, silu);
-                let (atol, rtol) = dt.tolerance();
-                assert_close(&format!("{label} dx"), &dx, &dx_ref, atol, rtol);
-                let atol_p = 2e-5 * ((k.n * k.hw) as f32).sqrt() * if matches!(dt, Dt::F32) { 1.0 } else { 4.0 };
-                assert_close(&format!("{label} dweight"), &dw, &dw_ref, atol_p, 1e-5);
-                assert_close(&format!("{label} dbias"), &db, &db_ref, atol_p, 1e-5);
+                assert_matches_reference(&label, dt, k, &x, &dy, Some(&w), Some(&b), silu, &dx, &dw, &db);
             }
         }
     }
@@ -315,14 +316,8 @@ fn grid_backward_matches_cpu_reference() {
             let b: Vec<f32> = values(k.c, seed + 4).iter().map(|v| 0.5 * v).collect();
             for silu in [false, true] {
                 let label = format!("{} {k:?} lanes {lanes} held {held:?} threads {threads} silu {silu}", dt.name());
-                let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0f32; len], vec![0f32; k.c], vec![0f32; k.c]);
-                group_norm_backward(&x, &dy, k.n, k.c, k.hw, k.groups, Some(&w), Some(&b), 1e-5, silu, &mut dx_ref, Some(&mut dw_ref), Some(&mut db_ref));
                 let (dx, dw, db) = run_grid_backward(&module, dt, k, lanes, held, threads, &x, &dy, &w, &b, silu);
-                let (atol, rtol) = dt.tolerance();
-                assert_close(&format!("{label} dx"), &dx, &dx_ref, atol, rtol);
-                let atol_p = 2e-5 * ((k.n * k.hw) as f32).sqrt() * if matches!(dt, Dt::F32) { 1.0 } else { 4.0 };
-                assert_close(&format!("{label} dweight"), &dw, &dw_ref, atol_p, 1e-5);
-                assert_close(&format!("{label} dbias"), &db, &db_ref, atol_p, 1e-5);
+                assert_matches_reference(&label, dt, k, &x, &dy, Some(&w), Some(&b), silu, &dx, &dw, &db);
             }
         }
     }

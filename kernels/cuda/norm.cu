@@ -19,6 +19,12 @@
 __device__ __forceinline__ float param(const float* p, u32 i, float absent) { return p ? __ldg(p + i) : absent; }
 // SiLU of a value about to be rounded to T (sigmoid_for: MUFU approximation for 16-bit outputs).
 template <typename T> __device__ __forceinline__ float silu_out(float y) { return y * sigmoid_for<T>(y); }
+// Group norm's y of one element: (x - mean) * sc + sh with sc = rstd w, sh = b (gn_finalize's
+// coef), then SiLU when act.
+template <typename T> __device__ __forceinline__ float gn_apply_value(float x, float mu, float sc, float sh, int act) {
+    const float v = (x - mu) * sc + sh;
+    return act ? silu_out<T>(v) : v;
+}
 
 // V consecutive per-channel parameters from index c (a multiple of V): `absent` when p is null,
 // 16-byte loads when V is a multiple of 4 and p is aligned (one load instead of four), else
@@ -342,6 +348,18 @@ __device__ __forceinline__ float gn_rows_sum(const float* rows, u32 R, u32 C, u3
     return t;
 }
 
+// Adds a pack of V channels' values, each shifted by its channel's K, and their squares to the
+// per-channel sums (the channels-last statistics' terms).
+template <typename T, int V>
+__device__ __forceinline__ void gn_add_shifted(const Pack<T, V>& v, const float (&K)[V], float (&s1)[V], float (&s2)[V]) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const float d = to_f32(v.v[k]) - K[k];
+        s1[k] += d;
+        s2[k] += d * d;
+    }
+}
+
 template <typename T, int V>
 __device__ __forceinline__ void gn_stats_nhwc_body(const T* __restrict__ x, float* __restrict__ part, u32 C, u32 HW, float* rows, float* rcnt) {
     const u32 npk = C / V, R = blockDim.x / npk, L = gridDim.x, lane = blockIdx.x, n = blockIdx.y, N = gridDim.y;
@@ -361,13 +379,7 @@ __device__ __forceinline__ void gn_stats_nhwc_body(const T* __restrict__ x, floa
         // time left the kernel latency-bound (channels-last group norm at 14% of copy, H200).
 #pragma unroll 4
         for (u32 p = lane * R + r; p < HW; p += L * R) {
-            const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(xn + (u64)p * C);
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const float d = to_f32(pk.v[k]) - K[k];
-                s1[k] += d;
-                s2[k] += d * d;
-            }
+            gn_add_shifted<T, V>(*reinterpret_cast<const Pack<T, V>*>(xn + (u64)p * C), K, s1, s2);
             ++cnt;
         }
     }
@@ -517,9 +529,7 @@ __device__ __forceinline__ void gn_apply_nhwc(const T* __restrict__ x, T* __rest
         Pack<T, V> out;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            float v = (to_f32(pk.v[k]) - mu[k]) * sc[k] + sh[k];
-            if (act) v = silu_out<T>(v);
-            out.v[k] = from_f32_arith<T>(v);
+            out.v[k] = from_f32_arith<T>(gn_apply_value<T>(to_f32(pk.v[k]), mu[k], sc[k], sh[k], act));
         }
         *reinterpret_cast<Pack<T, V>*>(yn + (u64)p * C) = out;
     }
@@ -554,9 +564,7 @@ __device__ __forceinline__ void affine_apply_body(const T* __restrict__ x, T* __
 #pragma unroll
     for (int k = 0; k < V; ++k) {
         const float4 f = (channels_last && k > 0) ? coef[(u64)n * cstride + c0 + k] : f0;
-        float v = (to_f32(pk.v[k]) - f.x) * f.y + f.z;
-        if (act) v = silu_out<T>(v);
-        out.v[k] = from_f32_arith<T>(v);
+        out.v[k] = from_f32_arith<T>(gn_apply_value<T>(to_f32(pk.v[k]), f.x, f.y, f.z, act));
     }
     *reinterpret_cast<Pack<T, V>*>(y + i) = out;
 }
@@ -596,6 +604,45 @@ template <typename T> __device__ __forceinline__ float gn_dprime(float dy, float
     const float y = xh * w + b;
     const float s = sigmoid_for<T>(y);
     return dy * (s * (1.0f + y * (1.0f - s)));
+}
+
+// dx of one element from gn_bwd_finalize's coef f = (mean, rstd, mg, mgx) and the channel's w, b.
+template <typename T> __device__ __forceinline__ float gn_dx_value(float x, float dy, float4 f, float wc, float bc, int act) {
+    const float xh = (x - f.x) * f.y;
+    const float d = gn_dprime<T>(dy, xh, wc, bc, act);
+    return f.y * (d * wc - f.z - xh * f.w);
+}
+
+// The channels-last backward reduction's per-channel terms of a thread's channel pack (first
+// channel c0): the group's mean and rstd, the channel's w and b; sums A, B start at zero.
+template <int V> struct GnPackTerms {
+    float mean[V], rstd[V], wc[V], bc[V], sa[V], sb[V];
+};
+template <int V>
+__device__ __forceinline__ GnPackTerms<V> gn_pack_terms(const float* stats, const float* w, const float* b, u32 n, u32 G, u32 cpg, u32 c0) {
+    GnPackTerms<V> t;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const u32 c = c0 + k, ng = n * G + c / cpg;
+        t.mean[k] = stats[2 * (u64)ng];
+        t.rstd[k] = stats[2 * (u64)ng + 1];
+        t.wc[k] = param(w, c, 1.0f);
+        t.bc[k] = param(b, c, 0.0f);
+        t.sa[k] = 0.0f;
+        t.sb[k] = 0.0f;
+    }
+    return t;
+}
+// Adds a pack's terms of A = sum d and B = sum d xhat (d = dy, times SiLU' when fused).
+template <typename T, int V>
+__device__ __forceinline__ void gn_add_dsums(const Pack<T, V>& px, const Pack<T, V>& pd, GnPackTerms<V>& t, int act) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const float xh = (to_f32(px.v[k]) - t.mean[k]) * t.rstd[k];
+        const float d = gn_dprime<T>(to_f32(pd.v[k]), xh, t.wc[k], t.bc[k], act);
+        t.sa[k] += d;
+        t.sb[k] += d * xh;
+    }
 }
 
 // NCHW: grid (N*C planes, L lanes), GN_BLOCK threads, lane l covers [l * chunk, (l + 1) * chunk)
@@ -652,38 +699,18 @@ __device__ __forceinline__ void gn_bwd_reduce_nhwc_body(const T* __restrict__ x,
     const u32 r = threadIdx.x / npk, cp = threadIdx.x % npk;
     const bool worker = r < R;
     const u64 off = (u64)n * HW * C + cp * V;
-    float mean[V], rstd[V], wc[V], bc[V], sa[V], sb[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-        const u32 c = worker ? cp * V + k : 0;
-        const u32 ng = n * G + c / cpg;
-        mean[k] = stats[2 * (u64)ng];
-        rstd[k] = stats[2 * (u64)ng + 1];
-        wc[k] = param(w, c, 1.0f);
-        bc[k] = param(b, c, 0.0f);
-        sa[k] = 0.0f;
-        sb[k] = 0.0f;
-    }
+    GnPackTerms<V> t = gn_pack_terms<V>(stats, w, b, n, G, cpg, worker ? cp * V : 0);
     if (worker) {
-        for (u32 p = lane * R + r; p < HW; p += L * R) {
-            const Pack<T, V> px = *reinterpret_cast<const Pack<T, V>*>(x + off + (u64)p * C);
-            const Pack<T, V> pd = *reinterpret_cast<const Pack<T, V>*>(dy + off + (u64)p * C);
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const float xh = (to_f32(px.v[k]) - mean[k]) * rstd[k];
-                const float d = gn_dprime<T>(to_f32(pd.v[k]), xh, wc[k], bc[k], act);
-                sa[k] += d;
-                sb[k] += d * xh;
-            }
-        }
+        for (u32 p = lane * R + r; p < HW; p += L * R)
+            gn_add_dsums<T, V>(*reinterpret_cast<const Pack<T, V>*>(x + off + (u64)p * C), *reinterpret_cast<const Pack<T, V>*>(dy + off + (u64)p * C), t, act);
     }
     // As gn_stats_nhwc: each row's sums into its own row of shared memory, one barrier, then the
     // rows added per channel in row order.
     if (worker) {
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            rows[r * C + cp * V + k] = sa[k];
-            rows[(R + r) * C + cp * V + k] = sb[k];
+            rows[r * C + cp * V + k] = t.sa[k];
+            rows[(R + r) * C + cp * V + k] = t.sb[k];
         }
     }
     __syncthreads();
@@ -866,12 +893,7 @@ __device__ __forceinline__ void gn_grid_stats(const T* x, Pack<T, V>* buf, const
     }
     if (q.worker) {
         gn_grid_load<T, V, GNG_INFLIGHT>(reinterpret_cast<const Pack<T, V>*>(x) + gn_grid_pack0<V>(q, C, HW), buf, q, held, [&](u32, const Pack<T, V>& v) {
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const float d = to_f32(v.v[k]) - K[k];
-                s1[k] += d;
-                s2[k] += d * d;
-            }
+            gn_add_shifted<T, V>(v, K, s1, s2);
             ++cnt;
         });
     }
@@ -913,9 +935,7 @@ __device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restr
         Pack<T, V> out;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            float v = (to_f32(pk.v[k]) - mu[k]) * sc[k] + sh[k];
-            if (act) v = silu_out<T>(v);
-            out.v[k] = from_f32_arith<T>(v);
+            out.v[k] = from_f32_arith<T>(gn_apply_value<T>(to_f32(pk.v[k]), mu[k], sc[k], sh[k], act));
         }
         ys[(u64)p * q.npk] = out;
     }
@@ -946,30 +966,13 @@ __device__ __forceinline__ void gn_grid_bwd_nhwc(const T* __restrict__ x, const 
     for (u32 ng = block; ng < q.N * G; ng += blocks) gn_finalize_group<T>(ng, x, part, stats, nullptr, w, b, q.N, C, HW, G, q.L, 1, eps);
     grid_sync(bar, blocks);
     const Pack<T, V>* xs = reinterpret_cast<const Pack<T, V>*>(x) + gn_grid_pack0<V>(q, C, HW);
-    float mean[V], rstd[V], wc[V], bc[V], sa[V], sb[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-        const u32 c = q.worker ? q.cp * V + k : 0, ng = q.n * G + c / cpg;
-        mean[k] = stats[2 * (u64)ng];
-        rstd[k] = stats[2 * (u64)ng + 1];
-        wc[k] = param(w, c, 1.0f);
-        bc[k] = param(b, c, 0.0f);
-        sa[k] = 0.0f;
-        sb[k] = 0.0f;
-    }
+    GnPackTerms<V> t = gn_pack_terms<V>(stats, w, b, q.n, G, cpg, q.worker ? q.cp * V : 0);
     if (q.worker) {
         gn_grid_load<T, V, GNG_INFLIGHT / 2>(reinterpret_cast<const Pack<T, V>*>(dy) + gn_grid_pack0<V>(q, C, HW), bdy, q, held, [&](u32 p, const Pack<T, V>& d) {
-            const Pack<T, V> px = p < held ? bx[p * q.npk + q.cp] : xs[(u64)p * q.npk];
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const float xh = (to_f32(px.v[k]) - mean[k]) * rstd[k];
-                const float dd = gn_dprime<T>(to_f32(d.v[k]), xh, wc[k], bc[k], act);
-                sa[k] += dd;
-                sb[k] += dd * xh;
-            }
+            gn_add_dsums<T, V>(p < held ? bx[p * q.npk + q.cp] : xs[(u64)p * q.npk], d, t, act);
         });
     }
-    gn_grid_rows_to_part<V>(q, C, sa, sb, -1, rows, rcnt, part);
+    gn_grid_rows_to_part<V>(q, C, t.sa, t.sb, -1, rows, rcnt, part);
     grid_sync(bar, blocks);
     for (u32 ng = block; ng < q.N * G; ng += blocks) gn_bwd_finalize_group(ng, part, stats, w, coef, q.N, C, HW, G, q.L);
     if (dw)
@@ -988,9 +991,7 @@ __device__ __forceinline__ void gn_grid_bwd_nhwc(const T* __restrict__ x, const 
         Pack<T, V> o;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            const float xh = (to_f32(px.v[k]) - f[k].x) * f[k].y;
-            const float d = gn_dprime<T>(to_f32(pd.v[k]), xh, wc[k], bc[k], act);
-            o.v[k] = from_f32_arith<T>(f[k].y * (d * wc[k] - f[k].z - xh * f[k].w));
+            o.v[k] = from_f32_arith<T>(gn_dx_value<T>(to_f32(px.v[k]), to_f32(pd.v[k]), f[k], t.wc[k], t.bc[k], act));
         }
         dxs[(u64)p * q.npk] = o;
     }
@@ -1015,9 +1016,7 @@ __device__ __forceinline__ void gn_bwd_dx(const T* __restrict__ x, const T* __re
     }
     const float4 f = coef[(u64)n * C + c];
     const float wc = param(w, c, 1.0f), bc = param(b, c, 0.0f);
-    const float xh = (to_f32(x[i]) - f.x) * f.y;
-    const float d = gn_dprime<T>(to_f32(dy[i]), xh, wc, bc, act);
-    dx[i] = from_f32_arith<T>(f.y * (d * wc - f.z - xh * f.w));
+    dx[i] = from_f32_arith<T>(gn_dx_value<T>(to_f32(x[i]), to_f32(dy[i]), f, wc, bc, act));
 }
 
 // gn_bwd_dx_pack_DT: gn_bwd_dx for NCHW with a 16-byte pack of V elements a thread (one plane, so
@@ -1040,9 +1039,7 @@ __device__ __forceinline__ void gn_bwd_dx_pack(const T* __restrict__ x, const T*
     Pack<T, V> o;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-        const float xh = (to_f32(px.v[k]) - f.x) * f.y;
-        const float d = gn_dprime<T>(to_f32(pd.v[k]), xh, wc, bc, act);
-        o.v[k] = from_f32_arith<T>(f.y * (d * wc - f.z - xh * f.w));
+        o.v[k] = from_f32_arith<T>(gn_dx_value<T>(to_f32(px.v[k]), to_f32(pd.v[k]), f, wc, bc, act));
     }
     *reinterpret_cast<Pack<T, V>*>(dx + i) = o;
 }
@@ -1076,9 +1073,7 @@ __device__ __forceinline__ void gn_bwd_dx_nhwc(const T* __restrict__ x, const T*
         Pack<T, V> o;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-            const float xh = (to_f32(px.v[k]) - f[k].x) * f[k].y;
-            const float d = gn_dprime<T>(to_f32(pd.v[k]), xh, wc[k], bc[k], act);
-            o.v[k] = from_f32_arith<T>(f[k].y * (d * wc[k] - f[k].z - xh * f[k].w));
+            o.v[k] = from_f32_arith<T>(gn_dx_value<T>(to_f32(px.v[k]), to_f32(pd.v[k]), f[k], wc[k], bc[k], act));
         }
         *reinterpret_cast<Pack<T, V>*>(dx + off + (u64)p * C) = o;
     }
