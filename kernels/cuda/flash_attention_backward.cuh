@@ -159,6 +159,34 @@ template <typename T, int KQ> __device__ __forceinline__ void flash_bwd_a_fragme
     }
 }
 
+// One query tile's dV += P^T dO and dK += dS^T Q, once its S^T and dP^T products are issued (two
+// commit groups, S^T first): P^T as soon as S^T retires (dP^T still runs), dS^T as soon as dP^T
+// retires (dV still runs). Leaves the dV and dK groups in flight, reading pa (P^T) and da (dS^T) as
+// A fragments: the caller fences them once the groups retire. mn_major(tile, kk): the MN-major
+// descriptor of k-step kk (queries 16 kk ..) of the stage's dO or Q tile (qs, dos).
+template <typename T, int D, int NS, typename MnMajor>
+__device__ __forceinline__ void flash_bwd_dv_dk(float (&dv)[D / 2], float (&dk)[D / 2], float (&s)[NS], float (&dp)[NS], u32 (&pa)[NS / 8][4], u32 (&da)[NS / 8][4], const unsigned char* qs,
+                                                const unsigned char* dos, const MnMajor& mn_major, const float* ls, const float* dls, float scale_log2, bool live0, bool live1, u32 t) {
+    constexpr int KQ = NS / 8;  // k-steps of dV, dK (over the query tile)
+    wgmma_wait<1>();
+    wgmma_fence_operands(s);
+    flash_bwd_probs(s, ls, scale_log2, live0, live1, t);
+    flash_bwd_a_fragments<T>(pa, s);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dv, pa[kk], mn_major(dos, kk), true);
+    wgmma_commit();
+
+    wgmma_wait<1>();
+    wgmma_fence_operands(dp);
+    flash_bwd_dscores(dp, s, dls, t);
+    flash_bwd_a_fragments<T>(da, dp);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dk, da[kk], mn_major(qs, kk), true);
+    wgmma_commit();
+}
+
 // dS^T (ds: flash_bwd_a_fragments of it) stored transposed into the warpgroup's [queries][64 keys]
 // block at `block`, the dQ product's K-major A: element (query, key 16 warp + g + 8 (r % 2)) at row
 // query, chunk 2 warp + r % 2, 2 g bytes in; ds[kk][r] holds queries 16 kk + 8 (r / 2) + 2t (low

@@ -313,29 +313,9 @@ __device__ __forceinline__ void flash_bwd_hopper(const FlashBwdParams& p) {
         wgmma_fence();  // dk, dv, pa, da, dq were last used by other instructions
         issue_sdp(it);
 
-        // P^T on live keys (0 elsewhere), while dP^T is computed, as A fragments.
-        wgmma_wait<1>();
-        wgmma_fence_operands(s);
-        flash_bwd_probs(s, ls, p.scale_log2, live0, live1, t);
-        u32 pa[KQ][4];
-        flash_bwd_a_fragments<T>(pa, s);
-        // dV += P^T dO.
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dv, pa[kk], mnmajor(dos, BR, 0, kk), true);
-        wgmma_commit();
-
-        // dS^T = P^T (dP^T - delta) once dP^T has retired (dV may still run).
-        wgmma_wait<1>();
-        wgmma_fence_operands(dp);
-        flash_bwd_dscores(dp, s, dls, t);
-        u32 da[KQ][4];
-        flash_bwd_a_fragments<T>(da, dp);
-        // dK += dS^T Q.
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KQ; ++kk) wgmma_rs<T, D, true>(dk, da[kk], mnmajor(qs, BR, 0, kk), true);
-        wgmma_commit();
+        // P^T on live keys (0 elsewhere), dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+        u32 pa[KQ][4], da[KQ][4];
+        flash_bwd_dv_dk<T, D>(dv, dk, s, dp, pa, da, qs, dos, [&](const unsigned char* at, int kk) { return mnmajor(at, BR, 0, kk); }, ls, dls, p.scale_log2, live0, live1, t);
 
         // dS transposed into the dS tile: key `key` in column block key / 64 (= wg).
         flash_bwd_store_ds_t(ds_tile + wg * BR * 128, da, warp, g, t);
