@@ -67,6 +67,17 @@ fn assert_close(label: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     assert!(worst.1 <= 0.0, "{label}: element {i}: got {} want {} (atol {atol}, rtol {rtol})", got[i], want[i]);
 }
 
+/// A case's inputs in the kernel's dtype: x with a common offset (the shifted first sum) and a
+/// spread, dy in [-1, 1), weight and bias (f32).
+fn inputs(dt: Dt, k: Case, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let len = k.n * k.c * k.hw;
+    let x = dt.round(&values(len, seed + 1).iter().map(|v| 1.5 + 2.0 * v).collect::<Vec<_>>());
+    let dy = dt.round(&values(len, seed + 2));
+    let w: Vec<f32> = values(k.c, seed + 3).iter().map(|v| 1.5 * v).collect();
+    let b: Vec<f32> = values(k.c, seed + 4).iter().map(|v| 0.5 * v).collect();
+    (x, dy, w, b)
+}
+
 /// Asserts a kernel's (dx, dweight, dbias) against the CPU reference on the same inputs: dx within
 /// the dtype's tolerance; dweight / dbias, sums of n * hw f32 terms in another order (per-warp runs,
 /// per-CTA or per-block shared sums, atomics) than the reference's f64, within a bound that scales
@@ -97,13 +108,7 @@ fn cluster_backward_matches_cpu_reference() {
     ];
     for dt in [Dt::F32, Dt::Half(Half::Bf16), Dt::Half(Half::F16)] {
         for (ci, &k) in cases.iter().enumerate() {
-            let len = k.n * k.c * k.hw;
-            let seed = 10 * ci as u64;
-            // x with a common offset (the shifted first sum) and a spread; dy in [-1, 1).
-            let x = dt.round(&values(len, seed + 1).iter().map(|v| 1.5 + 2.0 * v).collect::<Vec<_>>());
-            let dy = dt.round(&values(len, seed + 2));
-            let w: Vec<f32> = values(k.c, seed + 3).iter().map(|v| 1.5 * v).collect();
-            let b: Vec<f32> = values(k.c, seed + 4).iter().map(|v| 0.5 * v).collect();
+            let (x, dy, w, b) = inputs(dt, k, 10 * ci as u64);
             for cs in [2, 4] {
                 for silu in [false, true] {
                     for affine in [false, true] {
@@ -209,12 +214,7 @@ fn two_phase_backward_matches_cpu_reference() {
     let cases = [(false, Case { n: 2, c: 6, hw: 200, groups: 3 }, 3usize), (false, Case { n: 2, c: 4, hw: 45, groups: 2 }, 2), (true, Case { n: 2, c: 16, hw: 9, groups: 4 }, 2)];
     for dt in [Dt::F32, Dt::Half(Half::Bf16), Dt::Half(Half::F16)] {
         for (ci, &(channels_last, k, lanes)) in cases.iter().enumerate() {
-            let len = k.n * k.c * k.hw;
-            let seed = 100 + 10 * ci as u64;
-            let x = dt.round(&values(len, seed + 1).iter().map(|v| 1.5 + 2.0 * v).collect::<Vec<_>>());
-            let dy = dt.round(&values(len, seed + 2));
-            let w: Vec<f32> = values(k.c, seed + 3).iter().map(|v| 1.5 * v).collect();
-            let b: Vec<f32> = values(k.c, seed + 4).iter().map(|v| 0.5 * v).collect();
+            let (x, dy, w, b) = inputs(dt, k, 100 + 10 * ci as u64);
             for silu in [false, true] {
                 let label = format!("{} {k:?} channels_last {channels_last} lanes {lanes} silu {silu}", dt.name());
                 let (dx, dw, db) = run_two_phase(&module, dt, k, channels_last, lanes, &x, &dy, &w, &b, silu);
@@ -308,12 +308,7 @@ fn grid_backward_matches_cpu_reference() {
             if k.c % dt.pack() != 0 {
                 continue;
             }
-            let len = k.n * k.c * k.hw;
-            let seed = 300 + 10 * ci as u64;
-            let x = dt.round(&values(len, seed + 1).iter().map(|v| 1.5 + 2.0 * v).collect::<Vec<_>>());
-            let dy = dt.round(&values(len, seed + 2));
-            let w: Vec<f32> = values(k.c, seed + 3).iter().map(|v| 1.5 * v).collect();
-            let b: Vec<f32> = values(k.c, seed + 4).iter().map(|v| 0.5 * v).collect();
+            let (x, dy, w, b) = inputs(dt, k, 300 + 10 * ci as u64);
             for silu in [false, true] {
                 let label = format!("{} {k:?} lanes {lanes} held {held:?} threads {threads} silu {silu}", dt.name());
                 let (dx, dw, db) = run_grid_backward(&module, dt, k, lanes, held, threads, &x, &dy, &w, &b, silu);
