@@ -224,23 +224,77 @@ fn two_phase_backward_matches_cpu_reference() {
     }
 }
 
+/// The buffers of a two-phase or grid backward launch for one case: x and dy stored NCHW or
+/// channels-last, dx starting as NaN (an unwritten element shows), weight, bias, the f32 work
+/// buffers (partials for `lanes` lanes, statistics, coefficients) and zeroed dweight / dbias.
+struct BackwardBuffers {
+    k: Case,
+    channels_last: bool,
+    x: Buf,
+    dy: Buf,
+    dx: Buf,
+    w: Aligned<f32>,
+    b: Aligned<f32>,
+    part: Aligned<f32>,
+    stats: Aligned<f32>,
+    coef: Aligned<f32>,
+    dw: Aligned<f32>,
+    db: Aligned<f32>,
+}
+
+impl BackwardBuffers {
+    #[allow(clippy::too_many_arguments)]
+    fn new(dt: Dt, k: Case, channels_last: bool, lanes: usize, x: &[f32], dy: &[f32], w: &[f32], b: &[f32]) -> BackwardBuffers {
+        let (n, c) = (k.n, k.c);
+        let mut t = BackwardBuffers {
+            k,
+            channels_last,
+            x: Buf::new(dt, &[]),
+            dy: Buf::new(dt, &[]),
+            dx: Buf::new(dt, &vec![f32::NAN; x.len()]),
+            w: Aligned::from(w),
+            b: Aligned::from(b),
+            part: Aligned::zeroed(3 * n * c * lanes),
+            stats: Aligned::zeroed(2 * n * k.groups),
+            coef: Aligned::zeroed(4 * n * c),
+            dw: Aligned::zeroed(c),
+            db: Aligned::zeroed(c),
+        };
+        let stored = |v: &[f32]| (0..v.len()).map(|i| v[t.nchw_of(i)]).collect::<Vec<f32>>();
+        let (sx, sdy) = (stored(x), stored(dy));
+        (t.x, t.dy) = (Buf::new(dt, &sx), Buf::new(dt, &sdy));
+        t
+    }
+
+    /// NCHW index of the i-th stored element.
+    fn nchw_of(&self, i: usize) -> usize {
+        let (c, hw) = (self.k.c, self.k.hw);
+        if self.channels_last {
+            (i / (hw * c) * c + i % c) * hw + i / c % hw
+        } else {
+            i
+        }
+    }
+
+    /// (dx in NCHW, dweight, dbias).
+    fn results(&self) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let got = self.dx.values();
+        let mut dx = vec![0f32; got.len()];
+        for (i, &v) in got.iter().enumerate() {
+            dx[self.nchw_of(i)] = v;
+        }
+        (dx, self.dw.to_vec(), self.db.to_vec())
+    }
+}
+
 /// One two-phase backward on NCHW `x` / `dy` (stored channels-last when asked): (dx in NCHW,
 /// dweight, dbias).
 #[allow(clippy::too_many_arguments)]
 fn run_two_phase(module: &EmulatedModule, dt: Dt, k: Case, channels_last: bool, lanes: usize, x: &[f32], dy: &[f32], w: &[f32], b: &[f32], silu: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (n, c, hw) = (k.n, k.c, k.hw);
-    // NCHW index of the i-th stored element, and back.
-    let nchw_of = |i: usize| if channels_last { (i / (hw * c) * c + i % c) * hw + i / c % hw } else { i };
-    let stored = |v: &[f32]| (0..v.len()).map(|i| v[nchw_of(i)]).collect::<Vec<f32>>();
-    let (bx, bdy) = (Buf::new(dt, &stored(x)), Buf::new(dt, &stored(dy)));
-    let bdx = Buf::new(dt, &vec![f32::NAN; x.len()]);
-    let (bw, bb) = (Aligned::from(w), Aligned::from(b));
-    let part = Aligned::<f32>::zeroed(3 * n * c * lanes);
-    let stats = Aligned::<f32>::zeroed(2 * n * k.groups);
-    let coef = Aligned::<f32>::zeroed(4 * n * c);
-    let (dw, db) = (Aligned::<f32>::zeroed(c), Aligned::<f32>::zeroed(c));
-    let (xp, dyp, dxp, wp, bp, pp, sp, cp) = (bx.addr(), bdy.addr(), bdx.addr(), bw.addr(), bb.addr(), part.addr(), stats.addr(), coef.addr());
-    let (dwp, dbp) = (dw.addr(), db.addr());
+    let t = BackwardBuffers::new(dt, k, channels_last, lanes, x, dy, w, b);
+    let (xp, dyp, dxp, wp, bp, pp, sp, cp) = (t.x.addr(), t.dy.addr(), t.dx.addr(), t.w.addr(), t.b.addr(), t.part.addr(), t.stats.addr(), t.coef.addr());
+    let (dwp, dbp) = (t.dw.addr(), t.db.addr());
     let (n32, c32, hw32, g32, l32, cl, act) = (n as u32, c as u32, hw as u32, k.groups as u32, lanes as u32, channels_last as i32, silu as i32);
     let chunk = (hw.div_ceil(lanes).div_ceil(8) * 8) as u32;
     assert_eq!(hw.div_ceil(chunk as usize), lanes, "lanes must cover hw in chunks of a multiple of 8");
@@ -283,12 +337,7 @@ fn run_two_phase(module: &EmulatedModule, dt: Dt, k: Case, channels_last: bool, 
         }
         run("gn_bwd_params", (c32, 1, 1), &|f| std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u32, u32, u32)>(f)(pp, dwp, dbp, n32, c32, l32));
     }
-    let got = bdx.values();
-    let mut dx = vec![0f32; got.len()];
-    for (i, &v) in got.iter().enumerate() {
-        dx[nchw_of(i)] = v;
-    }
-    (dx, dw.to_vec(), db.to_vec())
+    t.results()
 }
 
 /// The grid-resident channels-last backward (gn_grid_bwd_nhwc_DT, norm.cu) against the CPU
@@ -323,22 +372,14 @@ fn grid_backward_matches_cpu_reference() {
 #[allow(clippy::too_many_arguments)]
 fn run_grid_backward(module: &EmulatedModule, dt: Dt, k: Case, lanes: usize, held: Option<usize>, threads: u32, x: &[f32], dy: &[f32], w: &[f32], b: &[f32], silu: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (n, c, hw) = (k.n, k.c, k.hw);
-    let nchw_of = |i: usize| (i / (hw * c) * c + i % c) * hw + i / c % hw;
-    let stored = |v: &[f32]| (0..v.len()).map(|i| v[nchw_of(i)]).collect::<Vec<f32>>();
-    let (bx, bdy) = (Buf::new(dt, &stored(x)), Buf::new(dt, &stored(dy)));
-    let bdx = Buf::new(dt, &vec![f32::NAN; x.len()]);
-    let (bw, bb) = (Aligned::from(w), Aligned::from(b));
-    let part = Aligned::<f32>::zeroed(3 * n * c * lanes);
-    let stats = Aligned::<f32>::zeroed(2 * n * k.groups);
-    let coef = Aligned::<f32>::zeroed(4 * n * c);
-    let (dw, db) = (Aligned::<f32>::zeroed(c), Aligned::<f32>::zeroed(c));
+    let t = BackwardBuffers::new(dt, k, true, lanes, x, dy, w, b);
     let bar = Aligned::<u32>::zeroed(2);
     let ppb = hw.div_ceil(lanes);
     let held = held.unwrap_or(ppb);
     let elem = if matches!(dt, Dt::F32) { 4 } else { 2 };
     let shared = (2 * held * c * elem) as u32;
-    let (xp, dyp, dxp, wp, bp, pp, sp, cp) = (bx.addr(), bdy.addr(), bdx.addr(), bw.addr(), bb.addr(), part.addr(), stats.addr(), coef.addr());
-    let (dwp, dbp, barp) = (dw.addr(), db.addr(), bar.addr());
+    let (xp, dyp, dxp, wp, bp, pp, sp, cp) = (t.x.addr(), t.dy.addr(), t.dx.addr(), t.w.addr(), t.b.addr(), t.part.addr(), t.stats.addr(), t.coef.addr());
+    let (dwp, dbp, barp) = (t.dw.addr(), t.db.addr(), bar.addr());
     let (c32, hw32, g32, ppb32, held32, act) = (c as u32, hw as u32, k.groups as u32, ppb as u32, held as u32, silu as i32);
     let name = format!("gn_grid_bwd_nhwc_{}", dt.name());
     // SAFETY: gn_grid_bwd_nhwc_DT's argument list; the tensors hold N C HW elements (16-byte
@@ -352,10 +393,5 @@ fn run_grid_backward(module: &EmulatedModule, dt: Dt, k: Case, lanes: usize, hel
         })
     }
     .unwrap_or_else(|e| panic!("{name} {k:?}: {e}"));
-    let got = bdx.values();
-    let mut dx = vec![0f32; got.len()];
-    for (i, &v) in got.iter().enumerate() {
-        dx[nchw_of(i)] = v;
-    }
-    (dx, dw.to_vec(), db.to_vec())
+    t.results()
 }
