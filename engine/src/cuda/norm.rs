@@ -884,21 +884,51 @@ fn gn_grid_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, backward: bo
     let row = l.c * l.x.dtype().size_in_bytes() * if backward { 2 } else { 1 };
     let name = if backward { format!("gn_grid_bwd_nhwc_{dt}") } else { format!("gn_grid_nhwc_{dt}") };
     let f = dev.function(&knorm::SOURCE, &name)?;
-    dev.bind()?;
-    let fixed = f.shared_size_bytes().map_err(|e| Error::Cuda(format!("reading the shared memory size of {name}: {e}")))? as usize;
-    let room = (dev.max_shared_memory_per_block_optin() as usize).saturating_sub(fixed);
+    let Some(room) = gn_grid_room(dev, &f, &name)? else { return Ok(None) };
     let held = positions.min(room / row);
     let shared = (held * row) as u32;
-    if shared > 48 * 1024 && f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).is_err() {
-        return Ok(None);
-    }
-    let mut per_sm: std::ffi::c_int = 0;
-    // SAFETY: f is a loaded kernel of this (bound) context; per_sm is written by the call.
-    let ok = unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut per_sm, f.cu_function(), GNG_BLOCK as i32, shared as usize) }.result().is_ok();
-    if !ok || (per_sm.max(0) as usize) * sms < lanes * l.n || u32::try_from(positions).is_err() {
+    if gn_grid_blocks_per_sm(dev, &f, &name, shared)? * sms < lanes * l.n || u32::try_from(positions).is_err() {
         return Ok(None);
     }
     Ok(Some(GnGridPlan { name, f, lanes, positions, held, shared }))
+}
+
+// The driver queries below cost microseconds of host time each, as much as the kernel on small
+// tensors: asked once per (device, kernel[, shared bytes]).
+
+/// Dynamic shared memory a block of grid kernel `f` may use: the device's opt-in maximum less the
+/// kernel's static shared memory, to which the kernel is opted in on first use; None if that fails.
+fn gn_grid_room(dev: &CudaDevice, f: &super::CudaFunction, name: &str) -> Result<Option<usize>> {
+    static ROOM: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<(usize, String), Option<usize>>>> = std::sync::OnceLock::new();
+    let key = (dev.ordinal(), name.to_string());
+    let mut seen = ROOM.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&room) = seen.get(&key) {
+        return Ok(room);
+    }
+    dev.bind()?;
+    let fixed = f.shared_size_bytes().map_err(|e| Error::Cuda(format!("reading the shared memory size of {name}: {e}")))? as usize;
+    let room = (dev.max_shared_memory_per_block_optin() as usize).saturating_sub(fixed);
+    let room = f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, room as i32).is_ok().then_some(room);
+    seen.insert(key, room);
+    Ok(room)
+}
+
+/// Blocks of GNG_BLOCK threads and `shared` dynamic bytes of grid kernel `f` resident an SM
+/// (0 if the occupancy query fails).
+fn gn_grid_blocks_per_sm(dev: &CudaDevice, f: &super::CudaFunction, name: &str, shared: u32) -> Result<usize> {
+    static PER_SM: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<(usize, String, u32), usize>>> = std::sync::OnceLock::new();
+    let key = (dev.ordinal(), name.to_string(), shared);
+    let mut seen = PER_SM.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&n) = seen.get(&key) {
+        return Ok(n);
+    }
+    dev.bind()?;
+    let mut per_sm: std::ffi::c_int = 0;
+    // SAFETY: f is a loaded kernel of this (bound) context; per_sm is written by the call.
+    let ok = unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut per_sm, f.cu_function(), GNG_BLOCK as i32, shared as usize) }.result().is_ok();
+    let n = if ok { per_sm.max(0) as usize } else { 0 };
+    seen.insert(key, n);
+    Ok(n)
 }
 
 /// Two u32 per device for grid_sync (kernels/cuda/cluster.cuh), zeroed once: every barrier leaves
