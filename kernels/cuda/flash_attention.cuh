@@ -2,9 +2,12 @@
 // flash_attention_decoupled_fwd_* (flash_attention.cu, mma.sync) and flash_attention_hopper_fwd_*
 // (flash_attention_hopper.cu, wgmma) and the warp-specialized flash_attention_ws.cu take the same
 // parameter struct, so the engine fills one `FlashParams` for any, and reduce a row of an
-// accumulator over the same 4 lanes; the Hopper kernels' "poly" variants share fh_exp2_poly.
+// accumulator over the same 4 lanes; the Hopper kernels' "poly" variants share fh_exp2_poly, and
+// the two wgmma kernels (flash_attention_hopper.cu, flash_attention_ws.cu) their per-tile softmax,
+// P V product, end-of-step rescale and epilogue.
 #pragma once
 #include "common.cuh"
+#include "mma.cuh"
 
 #define FA_NEG_INF __uint_as_float(0xff800000u)
 
@@ -106,3 +109,55 @@ __device__ __forceinline__ void fa_softmax_tile(float (&s)[64], bool check, cons
         l[h] = l[h] * corr[h] + sum;
     }
 }
+
+#if LA_WGMMA
+// O += P V over a tile of 128 keys (8 k-steps; P from registers as wgmma_rs A fragments), V the
+// MN-major stage at v_stage: k-step kk is keys 16 kk .. + 15, 2048 bytes further; a D 128 tile's
+// 64-column blocks are LBO apart (in the descriptor). One commit group.
+template <typename T, int D> __device__ __forceinline__ void fa_issue_pv(float (&o)[D / 2], const u32 (&pa)[8][4], u64 v_stage) {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) wgmma_rs<T, D, true>(o, pa[kk], v_stage + kk * 16 * 128 / 16, true);
+    wgmma_commit();
+}
+
+// The end of a step once its P V product has retired (the caller fences o and pa): O, in the
+// frame of the old row max, takes the factor corr (rows g, g + 8), and the tile's probabilities s
+// become the next P V's A fragments: k-step kk (keys 16 kk ..) is accumulator blocks 2 kk and
+// 2 kk + 1 (registers 8 kk .. 8 kk + 7): pa[kk][0] row g keys 2t.., [1] row g + 8, [2] row g keys
+// 8 + 2t.., [3] row g + 8.
+template <typename T, int D> __device__ __forceinline__ void fa_rescale_o_pack_p(float (&o)[D / 2], u32 (&pa)[8][4], const float (&s)[64], const float (&corr)[2]) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        o[4 * n] *= corr[0];
+        o[4 * n + 1] *= corr[0];
+        o[4 * n + 2] *= corr[1];
+        o[4 * n + 3] *= corr[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) pa[kk][r] = pack2_rn<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+    }
+}
+
+// The epilogue of a warp's 16 query rows (row16: the first, in the sequence): full row sums over
+// the quad, then out = O / l (0 for a row with no key) and lse = ln 2 (m + log2 l), -inf for such
+// a row; rows past Lq are not written. bi, hi: batch entry and head.
+template <typename T, int D>
+__device__ __forceinline__ void fa_store_out_lse(const FlashParams& p, const float (&o)[D / 2], const float (&m)[2], const float (&l)[2], u32 bi, u32 hi, u32 row16, u32 g, u32 t) {
+    T* out = (T*)p.out + bi * p.out_stride[0] + hi * p.out_stride[1];
+    float* lse = (float*)p.lse + ((u64)bi * p.heads + hi) * p.lq;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float sum = fa_quad_sum(l[h]);
+        const u32 row = row16 + g + 8 * h;
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        if (row < p.lq) {
+            T* orow = out + (i64)row * p.out_stride[2];
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) *(u32*)(orow + n * 8 + 2 * t) = pack2<T>(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
+            if (t == 0) lse[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
+        }
+    }
+}
+#endif  // LA_WGMMA

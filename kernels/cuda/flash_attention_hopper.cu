@@ -40,7 +40,7 @@
 // late issues each step's cp.async copies after its wgmmas; late_poly4 both. The variants ws,
 // ws_nopp, ws3 and ws_poly3 are another kernel (warp-specialized: a producer warpgroup, two
 // consumer warpgroups, mbarriers, ping-pong): kernels/cuda/flash_attention_ws.cu.
-#include "flash_attention.cuh"  // FlashParams, FA_NEG_INF, fa_quad_sum / fa_quad_max, fh_exp2_poly
+#include "flash_attention.cuh"  // FlashParams, FA_NEG_INF, fh_exp2_poly, the per-tile steps fa_*
 #include "mma.cuh"
 
 #define FH_BN 128
@@ -193,14 +193,9 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
         }
         wgmma_commit();
     };
-    // O += P_{j-1} V_{j-1}: V (B, MN-major) k-step kk is keys 16 kk .. + 15, 2048 bytes further;
-    // its 64-column blocks (D 128) are LBO = FH_BN * 128 bytes apart. One commit group.
-    auto issue_pv = [&](u32 j) {
-        const u64 v_stage = v_desc + ((j - 1) & 1) * (TILE_BYTES / 16);
-#pragma unroll
-        for (int kk = 0; kk < PSTEPS; ++kk) wgmma_rs<T, D, true>(o, pa[kk], v_stage + kk * 16 * 128 / 16, true);
-        wgmma_commit();
-    };
+    // O += P_{j-1} V_{j-1} (flash_attention.cuh); V's 64-column blocks (D 128) are LBO = FH_BN * 128
+    // bytes apart.
+    auto issue_pv = [&](u32 j) { fa_issue_pv<T, D>(o, pa, v_desc + ((j - 1) & 1) * (TILE_BYTES / 16)); };
     // The softmax of step j once S_j is issued (and P_{j-1} V_{j-1} after it when `pv_pending`):
     // mask, online softmax; s <- the probabilities exp2(s - max), corr <- the factor O takes.
     auto softmax_step = [&](u32 j, float (&s)[NS], float (&corr)[2], bool pv_pending) {
@@ -241,18 +236,7 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
         wgmma_fence_operands(o);
 #pragma unroll
         for (int kk = 0; kk < PSTEPS; ++kk) wgmma_fence_operands(pa[kk]);
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            o[4 * n] *= corr[0];
-            o[4 * n + 1] *= corr[0];
-            o[4 * n + 2] *= corr[1];
-            o[4 * n + 3] *= corr[1];
-        }
-#pragma unroll
-        for (int kk = 0; kk < PSTEPS; ++kk) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2_rn<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
-        }
+        fa_rescale_o_pack_p<T, D>(o, pa, s, corr);
     };
 
     if (tiles > 0) {
@@ -281,21 +265,8 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
     }
     cp_async_wait<0>();
 
-    // Full row sums, then out = O / l (0 for a row with no key) and lse = ln 2 (m + log2 l).
-    T* out = (T*)p.out + bi * p.out_stride[0] + hi * p.out_stride[1];
-    float* lse = (float*)p.lse + ((u64)bi * p.heads + hi) * p.lq;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float sum = fa_quad_sum(l[h]);
-        const u32 row = row0 + wg * 64 + warp * 16 + g + 8 * h;
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        if (row < p.lq) {
-            T* orow = out + (i64)row * p.out_stride[2];
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) *(u32*)(orow + n * 8 + 2 * t) = pack2<T>(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
-            if (t == 0) lse[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
-        }
-    }
+    // Full row sums, then out = O / l and lse (flash_attention.cuh).
+    fa_store_out_lse<T, D>(p, o, m, l, bi, hi, row0 + wg * 64 + warp * 16, g, t);
 }
 
 #endif  // LA_WGMMA

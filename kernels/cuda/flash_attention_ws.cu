@@ -51,7 +51,7 @@
 // (a MEMBAR.ALL.CTA in SASS) since TMA writes through the async proxy. The engine runs ws instead
 // when a view's rows are not evenly spaced (heads interleaved). Not yet measured on a GPU
 // (written without one).
-#include "flash_attention.cuh"  // FlashParams, FA_NEG_INF, fa_quad_sum / fa_quad_max
+#include "flash_attention.cuh"  // FlashParams, FA_NEG_INF, the per-tile steps fa_*
 #include "pipeline.cuh"
 
 #define WS_D 64
@@ -246,12 +246,7 @@ template <typename T, bool PINGPONG, int STAGES, int POLY, bool TMA> __device__ 
         for (int kk = 0; kk < KSTEPS; ++kk) wgmma_ss<T, WS_BN, false>(s, q_desc + kk * 2, k_stage + kk * 2, kk > 0);
         wgmma_commit();
     };
-    auto issue_pv = [&](u32 j) {
-        const u64 v_stage = v_desc + ((j - 1) % STAGES) * (WS_TILE_BYTES / 16);
-#pragma unroll
-        for (int kk = 0; kk < PSTEPS; ++kk) wgmma_rs<T, WS_D, true>(o, pa[kk], v_stage + kk * 16 * 128 / 16, true);
-        wgmma_commit();
-    };
+    auto issue_pv = [&](u32 j) { fa_issue_pv<T, WS_D>(o, pa, v_desc + ((j - 1) % STAGES) * (WS_TILE_BYTES / 16)); };
     // One arrival a warp on `bar` once the warp's wgmmas reading its stage have retired.
     auto release = [&](u64* bar) {
         __syncwarp();
@@ -292,18 +287,7 @@ template <typename T, bool PINGPONG, int STAGES, int POLY, bool TMA> __device__ 
 #pragma unroll
         for (int kk = 0; kk < PSTEPS; ++kk) wgmma_fence_operands(pa[kk]);
         if (j > 0) release(&v_empty[(j - 1) % STAGES]);
-#pragma unroll
-        for (int n = 0; n < WS_D / 8; ++n) {
-            o[4 * n] *= corr[0];
-            o[4 * n + 1] *= corr[0];
-            o[4 * n + 2] *= corr[1];
-            o[4 * n + 3] *= corr[1];
-        }
-#pragma unroll
-        for (int kk = 0; kk < PSTEPS; ++kk) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) pa[kk][r] = pack2_rn<T>(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
-        }
+        fa_rescale_o_pack_p<T, WS_D>(o, pa, s, corr);
     };
 
     // Step 0 (no P V yet) and step `tiles` (P V only) are peeled off the loop: no wgmma is issued
@@ -339,21 +323,8 @@ template <typename T, bool PINGPONG, int STAGES, int POLY, bool TMA> __device__ 
         wgmma_fence_operands(o);
     }
 
-    // Full row sums, then out = O / l (0 for a row with no key) and lse = ln 2 (m + log2 l).
-    T* out = (T*)p.out + bi * p.out_stride[0] + hi * p.out_stride[1];
-    float* lse = (float*)p.lse + ((u64)bi * p.heads + hi) * p.lq;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float sum = fa_quad_sum(l[h]);
-        const u32 row = row0 + wg * 64 + warp * 16 + g + 8 * h;
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        if (row < p.lq) {
-            T* orow = out + (i64)row * p.out_stride[2];
-#pragma unroll
-            for (int n = 0; n < WS_D / 8; ++n) *(u32*)(orow + n * 8 + 2 * t) = pack2<T>(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
-            if (t == 0) lse[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
-        }
-    }
+    // Full row sums, then out = O / l and lse (flash_attention.cuh).
+    fa_store_out_lse<T, WS_D>(p, o, m, l, bi, hi, row0 + wg * 64 + warp * 16, g, t);
 }
 
 #endif  // LA_WGMMA
