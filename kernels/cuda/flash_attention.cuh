@@ -111,6 +111,22 @@ __device__ __forceinline__ void fa_softmax_tile(float (&s)[64], bool check, cons
 }
 
 #if LA_WGMMA
+// The dropped keys of a 128-key tile (`check` tiles only: past the source's length `len`, reference
+// tokens with keep 0) as fa_softmax_tile's bits, read while S is computed: lane l looks at columns
+// 4 l .. 4 l + 3 (one coalesced 128-byte read a warp) and four ballots give every lane all 128
+// bits. Column 8 n + 2 t + c is bit 2 (t % 2) + c of lane 2 n + t / 2, so after the shift by t / 2
+// the thread finds it at bit 2 n of drop[c].
+__device__ __forceinline__ void fa_drop_bits(u32 (&drop)[2], bool reference, u32 start, u32 len, const u8* keep, u32 lane, u32 t) {
+    u32 ballot[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const u32 col = 4 * lane + c;
+        ballot[c] = __ballot_sync(0xffffffffu, col >= len || (reference && keep != nullptr && keep[start + col] == 0));
+    }
+    drop[0] = ((t & 1) ? ballot[2] : ballot[0]) >> (t / 2);
+    drop[1] = ((t & 1) ? ballot[3] : ballot[1]) >> (t / 2);
+}
+
 // O += P V over a tile of 128 keys (8 k-steps; P from registers as wgmma_rs A fragments), V the
 // MN-major stage at v_stage: k-step kk is keys 16 kk .. + 15, 2048 bytes further; a D 128 tile's
 // 64-column blocks are LBO apart (in the descriptor). One commit group.

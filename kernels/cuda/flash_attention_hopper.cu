@@ -203,8 +203,9 @@ __device__ __forceinline__ void flash_attention_hopper_fwd(const FlashParams& p)
         // tokens with keep 0), read while S is computed: lane l looks at columns 4 l .. 4 l + 3
         // (one coalesced 128-byte read a warp) and four ballots give every lane all 128 bits.
         // Column 8 n + 2 t + c is bit 2 (t % 2) + c of lane 2 n + t / 2, so after the shift by
-        // t / 2 the thread finds it at bit 2 n of drop[c]. (Kept inline: as a function of
-        // flash_attention.cuh the D 64 kernel took 161 registers instead of 159.)
+        // t / 2 the thread finds it at bit 2 n of drop[c]. (Kept inline, the code of
+        // fa_drop_bits in flash_attention.cuh, which flash_attention_ws.cu calls: calling it here,
+        // even with the statements unchanged, gives the D 64 kernel 161 registers instead of 159.)
         const bool reference = j >= own_tiles;
         const u32 start = reference ? (j - own_tiles) * FH_BN : j * FH_BN;
         const u32 len = reference ? p.lr - start : p.lk - start;

@@ -253,23 +253,15 @@ template <typename T, bool PINGPONG, int STAGES, int POLY, bool TMA> __device__ 
         if (lane == 0) mbarrier_arrive(bar);
     };
     // The softmax of step j once S_j is issued (P_{j-1} V_{j-1} after it when `pv_pending`): as in
-    // flash_attention_hopper.cu (mask bits by ballots over the keep mask, online softmax in base 2).
+    // flash_attention_hopper.cu (the dropped keys' bits by ballots, fa_drop_bits; online softmax in
+    // base 2, fa_softmax_tile).
     auto softmax_step = [&](u32 j, float (&s)[NS], float (&corr)[2], bool pv_pending) {
         const bool reference = j >= own_tiles;
         const u32 start = reference ? (j - own_tiles) * WS_BN : j * WS_BN;
         const u32 len = reference ? p.lr - start : p.lk - start;
         const bool check = len < WS_BN || (reference && keep != nullptr);
         u32 drop[2] = {0, 0};
-        if (check) {
-            u32 ballot[4];
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const u32 col = 4 * lane + c;
-                ballot[c] = __ballot_sync(0xffffffffu, col >= len || (reference && keep != nullptr && keep[start + col] == 0));
-            }
-            drop[0] = ((t & 1) ? ballot[2] : ballot[0]) >> (t / 2);
-            drop[1] = ((t & 1) ? ballot[3] : ballot[1]) >> (t / 2);
-        }
+        if (check) fa_drop_bits(drop, reference, start, len, keep, lane, t);
 
         if (pv_pending) wgmma_wait<1>();  // S_j retired (groups retire in order); P V may still run
         else wgmma_wait<0>();
