@@ -2,8 +2,9 @@
 //! strided-operand description (`StridedArgs`, mirrored from kernels/cuda/common.cuh) with the
 //! dimension coalescing that lets most views run as fewer, larger dimensions.
 
-use cudarc::driver::{DeviceRepr, DriverError, LaunchConfig};
+use cudarc::driver::{sys, DeviceRepr, DriverError, LaunchConfig};
 
+use super::device::CudaDevice;
 use crate::{Error, Result};
 
 /// Dimensions a strided kernel takes (LA_MAX_DIMS in common.cuh). Layouts are coalesced first,
@@ -20,6 +21,29 @@ pub fn launch_1d(threads: usize, block: u32) -> LaunchConfig {
 /// `map_err` adapter for a failed launch of `kernel`.
 pub fn launch_failed(kernel: &str) -> impl FnOnce(DriverError) -> Error + '_ {
     move |e| Error::Cuda(format!("launching {kernel}: {e}"))
+}
+
+/// The CUlaunchConfig of a (grid, block) launch on the device's stream in thread-block clusters
+/// of `cs` CTAs along x (CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION; grid a multiple of `cs`), with
+/// `shared` bytes of dynamic shared memory, for cuLaunchKernelEx and
+/// cuOccupancyMaxActiveClusters; `attr` must outlive the config's use.
+pub fn cluster_config(dev: &CudaDevice, grid: u32, block: u32, cs: u32, shared: u32, attr: &mut sys::CUlaunchAttribute) -> sys::CUlaunchConfig {
+    // SAFETY: an all-zero attribute value is a valid bit pattern (plain integers).
+    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+    value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: cs, y: 1, z: 1 };
+    *attr = sys::CUlaunchAttribute { id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, pad: [0; 4], value };
+    sys::CUlaunchConfig {
+        gridDimX: grid,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: shared,
+        hStream: dev.stream().cu_stream(),
+        attrs: attr as *mut sys::CUlaunchAttribute,
+        numAttrs: 1,
+    }
 }
 
 /// Shape and per-input strides (in elements) of an element-wise kernel; the output is contiguous

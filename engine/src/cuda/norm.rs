@@ -12,7 +12,7 @@ use std::sync::Arc;
 use kernels::{norm as knorm, reduce as kreduce, rng as krng, softmax as ksoftmax};
 
 use super::device::CudaDevice;
-use super::launch::{launch_1d, launch_failed};
+use super::launch::{cluster_config, launch_1d, launch_failed};
 use super::storage::CudaStorage;
 use super::{LaunchConfig, PushKernelArg};
 use cudarc::driver::sys;
@@ -494,55 +494,71 @@ fn gn_layout_checked(x: &Tensor) -> Result<GnLayout> {
 }
 
 /// Group norm (+SiLU) of an [N, C, *] CUDA tensor, NCHW or channels-last; the result keeps the
-/// input's memory format (channels-last stays channels-last).
-pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool) -> Result<Tensor> {
+/// input's memory format (channels-last stays channels-last). With `want_stats`, also the
+/// statistics every path computes anyway: an f32 [N, G, 2] tensor of (mean, rstd) per (sample,
+/// group), for the backward (`group_norm_backward`'s `stats`). Without, the kernels get a null
+/// pointer and write nothing.
+pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool, want_stats: bool) -> Result<(Tensor, Option<Tensor>)> {
     const OP: &str = "group_norm";
     let dt = dt_name(OP, x.dtype())?;
     gn_check(OP, x, groups)?;
     let l = gn_layout_checked(x)?;
     let (xp, dev) = addr(&l.x, OP)?;
     let out = CudaStorage::alloc(&dev, x.dtype(), x.elem_count())?;
+    let stats_shape = [l.n, groups, 2];
     if x.elem_count() == 0 {
-        return wrap_like(out, x.shape(), &l);
+        let stats = if want_stats { Some(Tensor::zeros(&stats_shape, DType::F32, x.device())?) } else { None };
+        return Ok((wrap_like(out, x.shape(), &l)?, stats));
     }
     let (_w, wp) = param(weight)?;
     let (_b, bp) = param(bias)?;
+    let stats = if want_stats { Some(CudaStorage::alloc(&dev, DType::F32, 2 * l.n * groups)?) } else { None };
+    let sp = stats.as_ref().map_or(0u64, |s| s.device_ptr());
+    let finish = |out: CudaStorage, stats: Option<CudaStorage>| -> Result<(Tensor, Option<Tensor>)> {
+        Ok((wrap_like(out, x.shape(), &l)?, stats.map(|s| wrap(s, &stats_shape)).transpose()?))
+    };
     if let Some(plan) = gn_forward_path(&dev, &l, groups, xp)? {
         let (yp, c32, hw32, g32, cs, act) = (out.device_ptr(), l.c as u32, l.hw as u32, groups as u32, plan.cs, silu as i32);
         let per = plan.packs as u32;
         if plan.shared > 0 {
-            let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&per), karg(&eps), karg(&act)];
-            // SAFETY: the arguments match gn_cluster_smem_DT (x, y, w, b, C, HW, G, cs, per, eps,
-            // act) and live until the call returns; gn_cluster_smem_plan checked the kernel's
+            let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&sp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&per), karg(&eps), karg(&act)];
+            // SAFETY: the arguments match gn_cluster_smem_DT (x, y, w, b, stats, C, HW, G, cs, per,
+            // eps, act) and live until the call returns; gn_cluster_smem_plan checked the kernel's
             // conditions (NCHW, HW % V == 0, aligned x (y is a fresh allocation), cs * per >=
-            // packs, per * 16 bytes of dynamic shared memory opted in).
+            // packs, per * 16 bytes of dynamic shared memory opted in); stats holds 2 N G floats
+            // or is null.
             unsafe { gn_cluster_launch(&dev, &plan, &mut args) }?;
         } else {
-            let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&eps), karg(&act)];
-            // SAFETY: the arguments match gn_cluster_DT_pP (x, y, w, b, C, HW, G, cs, eps, act) and
-            // live until the call returns; gn_cluster_plan checked the kernel's conditions (NCHW,
-            // HW % V == 0, aligned x (y is a fresh allocation), the group fits cs * GNC_BLOCK * P packs).
+            let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&sp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&eps), karg(&act)];
+            // SAFETY: the arguments match gn_cluster_DT_pP (x, y, w, b, stats, C, HW, G, cs, eps,
+            // act) and live until the call returns; gn_cluster_plan checked the kernel's conditions
+            // (NCHW, HW % V == 0, aligned x (y is a fresh allocation), the group fits cs *
+            // GNC_BLOCK * P packs); stats holds 2 N G floats or is null.
             unsafe { gn_cluster_launch(&dev, &plan, &mut args) }?;
         }
-        return wrap_like(out, x.shape(), &l);
+        return finish(out, stats);
     }
     if let Some(plan) = gn_grid_plan(&dev, &l, groups, false)? {
         let part = CudaStorage::alloc(&dev, DType::F32, 3 * l.n * l.c * plan.lanes)?;
         let coef = CudaStorage::alloc(&dev, DType::F32, 4 * l.n * l.c)?;
         let (yp, pp, cp, bar) = (out.device_ptr(), part.device_ptr(), coef.device_ptr(), grid_barrier(&dev)?);
         let (c32, hw32, g32, ppb, held, act) = (l.c as u32, l.hw as u32, groups as u32, plan.positions as u32, plan.held as u32, silu as i32);
-        let mut args = [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&pp), karg(&cp), karg(&bar), karg(&c32), karg(&hw32), karg(&g32), karg(&ppb), karg(&held), karg(&eps), karg(&act)];
-        // SAFETY: the arguments match gn_grid_nhwc_DT (x, y, w, b, part, coef, bar, C, HW, G, ppb,
-        // held, eps, act) and live until the call returns; gn_grid_plan checked the kernel's
-        // conditions (channels-last with C % V == 0 and C / V <= BLOCK <= GNG_BLOCK, 16-byte
-        // aligned x, y a fresh allocation, held * C elements of dynamic shared memory opted in,
-        // every block resident at once); part holds 3 N C L floats, coef 4 N C, bar is
-        // grid_barrier's pair.
+        let mut args =
+            [karg(&xp), karg(&yp), karg(&wp), karg(&bp), karg(&pp), karg(&cp), karg(&sp), karg(&bar), karg(&c32), karg(&hw32), karg(&g32), karg(&ppb), karg(&held), karg(&eps), karg(&act)];
+        // SAFETY: the arguments match gn_grid_nhwc_DT (x, y, w, b, part, coef, stats, bar, C, HW,
+        // G, ppb, held, eps, act) and live until the call returns; gn_grid_plan checked the
+        // kernel's conditions (channels-last with C % V == 0 and C / V <= BLOCK <= GNG_BLOCK,
+        // 16-byte aligned x, y a fresh allocation, held * C elements of dynamic shared memory
+        // opted in, every block resident at once); part holds 3 N C L floats, coef 4 N C, stats
+        // 2 N G or null, bar is grid_barrier's pair.
         unsafe { gn_grid_launch(&dev, &plan, l.n, &mut args) }?;
-        return wrap_like(out, x.shape(), &l);
+        return finish(out, stats);
     }
-    let (_stats, coef) = gn_stats(&dev, &l, groups, wp, bp, eps, true)?;
-    let coef = coef.expect("asked for coefficients");
+    // Two-phase: gn_stats computes the statistics in the [N, G, 2] layout anyway.
+    drop(stats);
+    let (stats, coef) = gn_stats(&dev, &l, groups, wp, bp, eps, true)?;
+    let Some(coef) = coef else { return Err(Error::Cuda("group_norm: gn_stats returned no coefficients".into())) };
+    let stats = want_stats.then_some(stats);
     if l.channels_last && l.vec {
         // Channels-last with 16-byte channel packs: each thread keeps its pack's coefficients in
         // registers across positions (affine_apply reloads them for every pack: L1-bound).
@@ -558,10 +574,10 @@ pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bia
         // (y is a fresh allocation), and gn_layout_checked keeps C / V <= BLOCK; coef holds 4
         // floats per (n, c).
         unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
-        return wrap_like(out, x.shape(), &l);
+        return finish(out, stats);
     }
     apply_affine(&dev, dt, xp, out.device_ptr(), coef.device_ptr(), x.elem_count(), l.c, l.hw, l.c, l.channels_last, silu)?;
-    wrap_like(out, x.shape(), &l)
+    finish(out, stats)
 }
 
 // ---- single-launch group norm with thread-block clusters (sm_90+) --------------------------------
@@ -581,27 +597,6 @@ struct GnClusterPlan {
     grid: u32,
     /// Dynamic shared memory bytes of a CTA (the shared-memory kernel; 0 for the others).
     shared: u32,
-}
-
-/// The CUlaunchConfig of a (grid, GNC_BLOCK) launch in clusters of `cs` CTAs; `attr` must outlive
-/// the config's use.
-fn cluster_config(dev: &CudaDevice, grid: u32, cs: u32, shared: u32, attr: &mut sys::CUlaunchAttribute) -> sys::CUlaunchConfig {
-    // SAFETY: an all-zero attribute value is a valid bit pattern (plain integers).
-    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
-    value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: cs, y: 1, z: 1 };
-    *attr = sys::CUlaunchAttribute { id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, pad: [0; 4], value };
-    sys::CUlaunchConfig {
-        gridDimX: grid,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: GNC_BLOCK as u32,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: shared,
-        hStream: dev.stream().cu_stream(),
-        attrs: attr as *mut sys::CUlaunchAttribute,
-        numAttrs: 1,
-    }
 }
 
 /// Which cluster kernel family a plan is for: the forward (gn_cluster_DT_pP) or the backward
@@ -804,7 +799,7 @@ fn gn_cluster_schedulable(dev: &CudaDevice, f: &super::CudaFunction, name: &str,
     }
     // SAFETY: zeroed, then every field written by cluster_config.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    let cfg = cluster_config(dev, grid, cs, shared, &mut attr);
+    let cfg = cluster_config(dev, grid, GNC_BLOCK as u32, cs, shared, &mut attr);
     let mut active: std::ffi::c_int = 0;
     // SAFETY: cfg (and the attribute it points to) and f are valid for the call.
     let ok = unsafe { sys::cuOccupancyMaxActiveClusters(&mut active, f.cu_function(), &cfg) }.result().is_ok() && active > 0;
@@ -821,7 +816,7 @@ unsafe fn gn_cluster_launch(dev: &Arc<CudaDevice>, plan: &GnClusterPlan, args: &
     dev.bind()?;
     // SAFETY: zeroed, then every field written by cluster_config.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    let cfg = cluster_config(dev, plan.grid, plan.cs, plan.shared, &mut attr);
+    let cfg = cluster_config(dev, plan.grid, GNC_BLOCK as u32, plan.cs, plan.shared, &mut attr);
     dev.profile_launch(&plan.f);
     // SAFETY: cfg and its attribute live for the call; the arguments are the caller's promise.
     unsafe { sys::cuLaunchKernelEx(&cfg, plan.f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(launch_failed(&plan.name))?;
@@ -995,9 +990,21 @@ fn apply_affine(dev: &Arc<CudaDevice>, dt: &str, xp: u64, yp: u64, coef: u64, to
 }
 
 /// Group-norm (+SiLU) backward: dx (x's dtype and memory format) and, when asked, f32 dweight
-/// and dbias.
+/// and dbias. `stats`: the forward's f32 [N, G, 2] (mean, rstd) (checked by the op), read instead
+/// of recomputed: the two-phase path skips gn_stats (a read of x and two launches), the grid
+/// kernel its statistics phase and two grid barriers, the cluster kernel two cluster rounds.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn group_norm_backward(x: &Tensor, dy: &Tensor, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool, param_grads: bool) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+pub(crate) fn group_norm_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+    silu: bool,
+    stats: Option<&Tensor>,
+    param_grads: bool,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     const OP: &str = "group_norm_backward";
     let dt = dt_name(OP, x.dtype())?;
     gn_check(OP, x, groups)?;
@@ -1011,6 +1018,11 @@ pub(crate) fn group_norm_backward(x: &Tensor, dy: &Tensor, groups: usize, weight
     let (dyp, _) = addr(&dyl, OP)?;
     let (_w, wp) = param(weight)?;
     let (_b, bp) = param(bias)?;
+    let saved = stats.map(|s| s.contiguous()).transpose()?;
+    let saved_ptr = match &saved {
+        Some(s) => addr(s, OP)?.0,
+        None => 0u64,
+    };
     let total = x.elem_count();
     let dx = CudaStorage::alloc(&dev, x.dtype(), total)?;
     if total == 0 {
@@ -1027,43 +1039,49 @@ pub(crate) fn group_norm_backward(x: &Tensor, dy: &Tensor, groups: usize, weight
                 None => (0u64, 0u64),
             };
             let (dxp, c32, hw32, g32, cs, act) = (dx.device_ptr(), l.c as u32, l.hw as u32, groups as u32, plan.cs, silu as i32);
-            let mut args = [karg(&xp), karg(&dyp), karg(&dxp), karg(&wp), karg(&bp), karg(&dwp), karg(&dbp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&eps), karg(&act)];
-            // SAFETY: the arguments match gn_cluster_bwd_DT_pP (x, dy, dx, w, b, dw, db, C, HW, G,
-            // cs, eps, act) and live until the call returns; gn_cluster_plan checked the forward's
-            // conditions, dy is aligned (checked above; dy has x's NCHW layout, like_layout), dx
-            // is a fresh allocation, C / G <= GNC_MAX_CPG, and dw / db hold C zeroed floats.
+            let mut args =
+                [karg(&xp), karg(&dyp), karg(&dxp), karg(&wp), karg(&bp), karg(&saved_ptr), karg(&dwp), karg(&dbp), karg(&c32), karg(&hw32), karg(&g32), karg(&cs), karg(&eps), karg(&act)];
+            // SAFETY: the arguments match gn_cluster_bwd_DT_pP (x, dy, dx, w, b, stats, dw, db, C,
+            // HW, G, cs, eps, act) and live until the call returns; gn_cluster_plan checked the
+            // forward's conditions, dy is aligned (checked above; dy has x's NCHW layout,
+            // like_layout), dx is a fresh allocation, C / G <= GNC_MAX_CPG, dw / db hold C zeroed
+            // floats, stats 2 N G floats (contiguous [N, G, 2]) or is null.
             unsafe { gn_cluster_launch(&dev, &plan, &mut args) }?;
             return Ok((wrap_like(dx, x.shape(), &l)?, grads));
         }
     }
     if let Some(plan) = gn_grid_plan(&dev, &l, groups, true)? {
         let part = CudaStorage::alloc(&dev, DType::F32, 3 * l.n * l.c * plan.lanes)?;
-        let stats = CudaStorage::alloc(&dev, DType::F32, 2 * l.n * groups)?;
+        // Without saved statistics the kernel computes them into its own scratch.
+        let scratch = if saved.is_none() { Some(CudaStorage::alloc(&dev, DType::F32, 2 * l.n * groups)?) } else { None };
+        let sp = scratch.as_ref().map_or(saved_ptr, |s| s.device_ptr());
         let coef = CudaStorage::alloc(&dev, DType::F32, 4 * l.n * l.c)?;
         let grads = if param_grads { Some((CudaStorage::alloc(&dev, DType::F32, l.c)?, CudaStorage::alloc(&dev, DType::F32, l.c)?)) } else { None };
         let (dwp, dbp) = grads.as_ref().map_or((0, 0), |(dw, db)| (dw.device_ptr(), db.device_ptr()));
-        let (dxp, pp, sp, cp, bar) = (dx.device_ptr(), part.device_ptr(), stats.device_ptr(), coef.device_ptr(), grid_barrier(&dev)?);
-        let (c32, hw32, g32, ppb, held, act) = (l.c as u32, l.hw as u32, groups as u32, plan.positions as u32, plan.held as u32, silu as i32);
+        let (dxp, pp, cp, bar) = (dx.device_ptr(), part.device_ptr(), coef.device_ptr(), grid_barrier(&dev)?);
+        let (c32, hw32, g32, ppb, held, act, have) = (l.c as u32, l.hw as u32, groups as u32, plan.positions as u32, plan.held as u32, silu as i32, saved.is_some() as i32);
         let mut args = [
             karg(&xp), karg(&dyp), karg(&dxp), karg(&wp), karg(&bp), karg(&dwp), karg(&dbp), karg(&pp), karg(&sp), karg(&cp), karg(&bar), karg(&c32), karg(&hw32), karg(&g32), karg(&ppb),
-            karg(&held), karg(&eps), karg(&act),
+            karg(&held), karg(&eps), karg(&act), karg(&have),
         ];
         // SAFETY: the arguments match gn_grid_bwd_nhwc_DT (x, dy, dx, w, b, dw, db, part, stats,
-        // coef, bar, C, HW, G, ppb, held, eps, act) and live until the call returns; gn_grid_plan
-        // checked the forward kernel's conditions for twice the shared memory a position; dy has
-        // x's channels-last layout and is 16-byte aligned (like_layout and the copy above), dx is
-        // a fresh allocation; part 3 N C L floats, stats 2 N G, coef 4 N C, dw / db C floats or
-        // both null, bar grid_barrier's pair.
+        // coef, bar, C, HW, G, ppb, held, eps, act, saved) and live until the call returns;
+        // gn_grid_plan checked the forward kernel's conditions for twice the shared memory a
+        // position; dy has x's channels-last layout and is 16-byte aligned (like_layout and the
+        // copy above), dx is a fresh allocation; part 3 N C L floats, stats 2 N G (the forward's
+        // when saved is set, else scratch), coef 4 N C, dw / db C floats or both null, bar
+        // grid_barrier's pair.
         unsafe { gn_grid_launch(&dev, &plan, l.n, &mut args) }?;
-        drop((part, stats, coef));
+        drop((part, scratch, coef));
         let grads = match grads {
             Some((dw, db)) => Some((wrap(dw, &[l.c])?, wrap(db, &[l.c])?)),
             None => None,
         };
         return Ok((wrap_like(dx, x.shape(), &l)?, grads));
     }
-    let (stats, _) = gn_stats(&dev, &l, groups, wp, bp, eps, false)?;
-    let sp = stats.device_ptr();
+    // The forward's statistics, or gn_stats' (a read of x, two launches).
+    let scratch = if saved.is_none() { Some(gn_stats(&dev, &l, groups, wp, bp, eps, false)?.0) } else { None };
+    let sp = scratch.as_ref().map_or(saved_ptr, |s| s.device_ptr());
     let (lanes, chunk) = gn_lanes(&dev, &l);
     let part = CudaStorage::alloc(&dev, DType::F32, 2 * l.n * l.c * lanes)?;
     let pp = part.device_ptr();
@@ -1143,7 +1161,7 @@ pub(crate) fn group_norm_backward(x: &Tensor, dy: &Tensor, groups: usize, weight
     } else {
         None
     };
-    drop((part, coef, stats));
+    drop((part, coef, scratch, saved));
     Ok((wrap_like(dx, x.shape(), &l)?, grads))
 }
 
