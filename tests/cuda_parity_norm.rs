@@ -194,9 +194,26 @@ fn group_norm_forward() {
                     let b = input(&[c], DType::F32, -0.5, 0.5, 11, dv)?;
                     x(dv)?.group_norm(*groups, Some(&w), Some(&b), 1e-5, silu)
                 });
+                if silu {
+                    check_stats(dev, &format!("group_norm {dt} {label}"), *groups, &x);
+                }
             }
         }
     }
+}
+
+/// group_norm_stats on `dev` against the CPU: the statistics (f32 [N, G, 2] (mean, rstd); the
+/// GPU sums in f32, the CPU in f64) and, on `dev`, the same y as group_norm, bit for bit.
+fn check_stats(dev: Device, label: &str, groups: usize, x: &dyn Fn(Device) -> Result<Tensor>) {
+    check_tol(dev, &format!("{label} saved statistics"), DType::F32, 2.0, |dv| {
+        let (y, stats) = x(dv)?.group_norm_stats(groups, None, None, 1e-5, true)?;
+        assert_eq!(stats.dtype(), DType::F32, "{label}: statistics dtype");
+        assert_eq!(stats.device(), dv, "{label}: statistics device");
+        let plain = x(dv)?.group_norm(groups, None, None, 1e-5, true)?;
+        let bits = |t: &Tensor| t.to_dtype(DType::F32).and_then(|t| t.to_vec::<f32>()).map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+        assert_eq!(bits(&y)?, bits(&plain)?, "{label} on {dv:?}: group_norm_stats' y differs from group_norm's");
+        Ok(stats)
+    });
 }
 
 /// Forward-only group-norm inputs sized for the single-launch cluster kernel on sm_90+
@@ -237,6 +254,7 @@ fn group_norm_forward_cluster() {
                     x(dv)?.group_norm(*groups, Some(&w), Some(&b), 1e-5, silu)
                 });
             }
+            check_stats(dev, &format!("group_norm {dt} {label}"), *groups, &x);
         }
         // Large offset: the shifted first pass and the second pass keep the variance of values near 100.
         let x = |dv| input(&[2, 16, 32, 32], dt, 99.0, 101.0, 991, dv);
@@ -257,20 +275,20 @@ fn group_norm_backward_cluster() {
                 eprintln!("group_norm_backward {dt} {label}: forward path {}", engine::cuda::group_norm_forward_path(&x(dev).unwrap(), *groups).unwrap());
             }
             for silu in [false, true] {
-                for affine in [false, true] {
+                for (affine, saved) in [(false, false), (true, false), (false, true), (true, true)] {
                     let run = |dv: Device| {
                         let x = x(dv)?;
                         let c = x.shape()[1];
                         let dy = input(x.shape(), dt, -1.0, 1.0, i as u64 + 291, dv)?;
                         let w = input(&[c], DType::F32, -1.5, 1.5, 14, dv)?;
                         let b = input(&[c], DType::F32, -0.5, 0.5, 15, dv)?;
-                        if affine {
-                            x.group_norm_backward(&dy, *groups, Some(&w), Some(&b), 1e-5, silu, true)
-                        } else {
-                            x.group_norm_backward(&dy, *groups, None, None, 1e-5, silu, true)
-                        }
+                        let (w, b) = if affine { (Some(&w), Some(&b)) } else { (None, None) };
+                        // The forward's statistics on the same device (the cluster, grid or
+                        // two-phase forward's), as the autograd op passes them.
+                        let stats = if saved { Some(x.group_norm_stats(*groups, w, b, 1e-5, silu)?.1) } else { None };
+                        x.group_norm_backward(&dy, *groups, w, b, 1e-5, silu, stats.as_ref(), true)
                     };
-                    let label = format!("group_norm_backward {dt} {label} silu={silu} affine={affine}");
+                    let label = format!("group_norm_backward {dt} {label} silu={silu} affine={affine} saved stats={saved}");
                     check_tol(dev, &format!("{label} dx"), dt, 2.0, |dv| Ok(run(dv)?.0));
                     check_tol(dev, &format!("{label} dweight"), DType::F32, 20.0, |dv| Ok(run(dv)?.1.expect("asked")));
                     check_tol(dev, &format!("{label} dbias"), DType::F32, 20.0, |dv| Ok(run(dv)?.2.expect("asked")));
@@ -285,16 +303,17 @@ fn group_norm_backward() {
     let Some((dev, _gpu)) = gpu("group_norm_backward") else { return };
     for dt in FLOATS {
         for (i, (label, shape, view, groups)) in GROUPS.iter().enumerate() {
-            for silu in [false, true] {
+            for (silu, saved) in [(false, false), (true, false), (false, true), (true, true)] {
                 let run = |dv: Device| {
                     let x = view(&input(shape, dt, -2.0, 2.0, i as u64 + 81, dv)?)?;
                     let c = x.shape()[1];
                     let dy = input(x.shape(), dt, -1.0, 1.0, i as u64 + 91, dv)?;
                     let w = input(&[c], DType::F32, 0.5, 1.5, 12, dv)?;
                     let b = input(&[c], DType::F32, -0.5, 0.5, 13, dv)?;
-                    x.group_norm_backward(&dy, *groups, Some(&w), Some(&b), 1e-5, silu, true)
+                    let stats = if saved { Some(x.group_norm_stats(*groups, Some(&w), Some(&b), 1e-5, silu)?.1) } else { None };
+                    x.group_norm_backward(&dy, *groups, Some(&w), Some(&b), 1e-5, silu, stats.as_ref(), true)
                 };
-                let label = format!("group_norm_backward {dt} {label} silu={silu}");
+                let label = format!("group_norm_backward {dt} {label} silu={silu} saved stats={saved}");
                 check_tol(dev, &format!("{label} dx"), dt, 2.0, |dv| Ok(run(dv)?.0));
                 check_tol(dev, &format!("{label} dweight"), DType::F32, 20.0, |dv| Ok(run(dv)?.1.expect("asked")));
                 check_tol(dev, &format!("{label} dbias"), DType::F32, 20.0, |dv| Ok(run(dv)?.2.expect("asked")));
@@ -465,11 +484,14 @@ fn norm_bandwidth_report() {
             eprintln!("    path: {}", engine::cuda::group_norm_forward_path(&cl, groups).unwrap());
             report(&format!("group_norm+silu bf16 {shape:?} channels-last"), &cl, &|| drop(cl.group_norm(groups, Some(&w), Some(&w), 1e-5, true).unwrap()));
             let dy = Tensor::randn(cl.shape(), DType::BF16, dev, 6).unwrap().permute(&[0, 2, 3, 1]).unwrap().contiguous().unwrap().permute(&[0, 3, 1, 2]).unwrap();
-            // Backward reads x and dy twice-ish and writes dx: reported against 2 tensor passes too.
-            report(&format!("group_norm+silu backward bf16 {shape:?} ch-last"), &cl, &|| drop(cl.group_norm_backward(&dy, groups, Some(&w), Some(&w), 1e-5, true, true).unwrap()));
+            // Backward (with the forward's saved statistics, as training runs it) reads x and dy
+            // twice-ish and writes dx: reported against 2 tensor passes too.
+            let (_, cl_stats) = cl.group_norm_stats(groups, Some(&w), Some(&w), 1e-5, true).unwrap();
+            report(&format!("group_norm+silu backward bf16 {shape:?} ch-last"), &cl, &|| drop(cl.group_norm_backward(&dy, groups, Some(&w), Some(&w), 1e-5, true, Some(&cl_stats), true).unwrap()));
             // NCHW backward (the cluster kernel with the switch on): x and dy read, dx written.
             let dyn_ = Tensor::randn(&shape, DType::BF16, dev, 7).unwrap();
-            let gbs = time(3 * x.elem_count() * 2, &|| drop(x.group_norm_backward(&dyn_, groups, Some(&w), Some(&w), 1e-5, true, true).unwrap()));
+            let (_, x_stats) = x.group_norm_stats(groups, Some(&w), Some(&w), 1e-5, true).unwrap();
+            let gbs = time(3 * x.elem_count() * 2, &|| drop(x.group_norm_backward(&dyn_, groups, Some(&w), Some(&w), 1e-5, true, Some(&x_stats), true).unwrap()));
             eprintln!("  {:<44} {gbs:>7.0} GB/s  {:>5.1}% of copy (3 passes)", format!("group_norm+silu backward bf16 {shape:?} NCHW"), 100.0 * gbs / copy);
         }
     }

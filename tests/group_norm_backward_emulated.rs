@@ -9,6 +9,7 @@
 
 use kernels::emulate::EmulatedModule;
 use kernels::norm as knorm;
+use kernels::norm::group_norm_with_stats;
 use kernels::norm_backward::group_norm_backward;
 
 #[path = "common/emulation.rs"]
@@ -25,7 +26,7 @@ type Grads = (Vec<f32>, Option<(Vec<f32>, Vec<f32>)>);
 /// Runs gn_cluster_bwd_DT_pP in clusters of `cs` CTAs with the smallest P that holds the group,
 /// as the engine's plan picks it.
 #[allow(clippy::too_many_arguments)]
-fn run_kernel(module: &EmulatedModule, dt: Dt, k: Case, cs: usize, x: &[f32], dy: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, silu: bool, params: bool) -> Grads {
+fn run_kernel(module: &EmulatedModule, dt: Dt, k: Case, cs: usize, x: &[f32], dy: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, silu: bool, stats: Option<&[f32]>, params: bool) -> Grads {
     let packs = (k.c / k.groups) * k.hw / dt.pack();
     let p = PACKS.into_iter().find(|&p| p * cs * BLOCK >= packs).expect("the group fits 16 packs a thread");
     let name = format!("gn_cluster_bwd_{}_p{p}", dt.name());
@@ -36,20 +37,49 @@ fn run_kernel(module: &EmulatedModule, dt: Dt, k: Case, cs: usize, x: &[f32], dy
     let (dwp, dbp) = if params { (dw.addr(), db.addr()) } else { (0, 0) };
     let (wp, bp) = (bw.as_ref().map_or(0, |a| a.addr()), bb.as_ref().map_or(0, |a| a.addr()));
     let (xp, dyp, dxp) = (bx.addr(), bdy.addr(), bdx.addr());
+    let saved = stats.map(Aligned::from);
+    let sp = saved.as_ref().map_or(0, |a| a.addr());
     let grid = (k.n * k.groups * cs) as u32;
-    // SAFETY: the signature is gn_cluster_bwd_DT_pP's (x, dy, dx, w, b, dw, db, C, HW, G, cs, eps,
-    // act); every buffer outlives the launch and holds what the kernel reads or writes (host
-    // guarantees: 16-byte aligned tensors, HW % V == 0, the group fits cs * BLOCK * P packs,
-    // C / G <= GNC_MAX_CPG, dw / db zeroed).
+    // SAFETY: the signature is gn_cluster_bwd_DT_pP's (x, dy, dx, w, b, stats, dw, db, C, HW, G,
+    // cs, eps, act); every buffer outlives the launch and holds what the kernel reads or writes
+    // (host guarantees: 16-byte aligned tensors, HW % V == 0, the group fits cs * BLOCK * P packs,
+    // C / G <= GNC_MAX_CPG, dw / db zeroed, stats 2 N G floats or null).
     unsafe {
         module
             .launch_cluster(&name, (grid, 1, 1), (BLOCK as u32, 1, 1), (cs as u32, 1, 1), 0, &|f| {
-                let kernel: extern "C" fn(u64, u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, f32, i32) = std::mem::transmute(f);
-                kernel(xp, dyp, dxp, wp, bp, dwp, dbp, k.c as u32, k.hw as u32, k.groups as u32, cs as u32, 1e-5, silu as i32);
+                let kernel: extern "C" fn(u64, u64, u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, f32, i32) = std::mem::transmute(f);
+                kernel(xp, dyp, dxp, wp, bp, sp, dwp, dbp, k.c as u32, k.hw as u32, k.groups as u32, cs as u32, 1e-5, silu as i32);
             })
             .unwrap_or_else(|e| panic!("{name} {k:?} cs {cs}: {e}"));
     }
     (bdx.values(), params.then(|| (dw.to_vec(), db.to_vec())))
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The statistics the register cluster forward (gn_cluster_DT_pP, same `cs` and P as the
+/// backward's plan) saves for x.
+fn run_forward_stats(module: &EmulatedModule, dt: Dt, k: Case, cs: usize, x: &[f32]) -> Vec<f32> {
+    let packs = (k.c / k.groups) * k.hw / dt.pack();
+    let p = PACKS.into_iter().find(|&p| p * cs * BLOCK >= packs).expect("the group fits 16 packs a thread");
+    let name = format!("gn_cluster_{}_p{p}", dt.name());
+    let (bx, by) = (Buf::new(dt, x), Buf::new(dt, &vec![0f32; x.len()]));
+    let stats = Aligned::from(&vec![f32::NAN; 2 * k.n * k.groups][..]);
+    let (xp, yp, sp) = (bx.addr(), by.addr(), stats.addr());
+    let grid = (k.n * k.groups * cs) as u32;
+    // SAFETY: gn_cluster_DT_pP's signature (x, y, w, b, stats, C, HW, G, cs, eps, act); x and y
+    // hold N C HW elements (16-byte aligned, HW % V == 0, the group fits), stats 2 N G floats.
+    unsafe {
+        module
+            .launch_cluster(&name, (grid, 1, 1), (BLOCK as u32, 1, 1), (cs as u32, 1, 1), 0, &|f| {
+                let kernel: extern "C" fn(u64, u64, u64, u64, u64, u32, u32, u32, u32, f32, i32) = std::mem::transmute(f);
+                kernel(xp, yp, 0, 0, sp, k.c as u32, k.hw as u32, k.groups as u32, cs as u32, 1e-5, 1);
+            })
+            .unwrap_or_else(|e| panic!("{name} {k:?} cs {cs}: {e}"));
+    }
+    stats.to_vec()
 }
 
 /// Asserts |got - want| <= atol + rtol |want| elementwise (NaN fails), naming the worst element.
@@ -78,14 +108,25 @@ fn inputs(dt: Dt, k: Case, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>
     (x, dy, w, b)
 }
 
-/// Asserts a kernel's (dx, dweight, dbias) against the CPU reference on the same inputs: dx within
+/// Statistics to hand a backward as the forward's ([N, G, 2] (mean, rstd)): the CPU forward's,
+/// then moved (mean + 0.3, rstd * 1.25) so that a kernel that recomputed them instead would not
+/// match a reference given the same ones.
+fn saved_stats(k: Case, x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    let mut st = vec![0f32; 2 * k.n * k.groups];
+    group_norm_with_stats(x, k.n, k.c, k.hw, k.groups, None, None, 1e-5, false, &mut y, Some(&mut st));
+    st.chunks(2).flat_map(|q| [q[0] + 0.3, q[1] * 1.25]).collect()
+}
+
+/// Asserts a kernel's (dx, dweight, dbias) against the CPU reference on the same inputs (and the
+/// same saved statistics, when the kernel had them): dx within
 /// the dtype's tolerance; dweight / dbias, sums of n * hw f32 terms in another order (per-warp runs,
 /// per-CTA or per-block shared sums, atomics) than the reference's f64, within a bound that scales
 /// with sqrt(terms).
 #[allow(clippy::too_many_arguments)]
-fn assert_matches_reference(label: &str, dt: Dt, k: Case, x: &[f32], dy: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, silu: bool, dx: &[f32], dw: &[f32], db: &[f32]) {
+fn assert_matches_reference(label: &str, dt: Dt, k: Case, x: &[f32], dy: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, silu: bool, stats: Option<&[f32]>, dx: &[f32], dw: &[f32], db: &[f32]) {
     let (mut dx_ref, mut dw_ref, mut db_ref) = (vec![0f32; x.len()], vec![0f32; k.c], vec![0f32; k.c]);
-    group_norm_backward(x, dy, k.n, k.c, k.hw, k.groups, w, b, 1e-5, silu, &mut dx_ref, Some(&mut dw_ref), Some(&mut db_ref));
+    group_norm_backward(x, dy, k.n, k.c, k.hw, k.groups, w, b, 1e-5, silu, stats, &mut dx_ref, Some(&mut dw_ref), Some(&mut db_ref));
     let (atol, rtol) = dt.tolerance();
     assert_close(&format!("{label} dx"), dx, &dx_ref, atol, rtol);
     let atol_p = 2e-5 * ((k.n * k.hw) as f32).sqrt() * if matches!(dt, Dt::F32) { 1.0 } else { 4.0 };
@@ -99,6 +140,7 @@ fn cluster_backward_matches_cpu_reference() {
         return;
     }
     let module = EmulatedModule::load(&knorm::GROUP_NORM_SOURCE).expect("group_norm.cu builds for the emulator");
+    let fwd = &module;
     let cases = [
         // 5 channels a group of 1040 = 130 packs (16-bit) / 260 packs (f32): runs end mid-warp;
         // 650 / 1300 packs a group: P 2 / 4 with 2 CTAs, P 2 / 2 with 4.
@@ -109,19 +151,37 @@ fn cluster_backward_matches_cpu_reference() {
     for dt in [Dt::F32, Dt::Half(Half::Bf16), Dt::Half(Half::F16)] {
         for (ci, &k) in cases.iter().enumerate() {
             let (x, dy, w, b) = inputs(dt, k, 10 * ci as u64);
+            let saved = saved_stats(k, &x);
             for cs in [2, 4] {
                 for silu in [false, true] {
                     for affine in [false, true] {
                         let (wo, bo) = if affine { (Some(&w[..]), Some(&b[..])) } else { (None, None) };
                         let label = format!("{} {k:?} cs {cs} silu {silu} affine {affine}", dt.name());
-                        let (dx, grads) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, true);
+                        let (dx, grads) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, None, true);
                         let (dw, db) = grads.expect("asked");
-                        assert_matches_reference(&label, dt, k, &x, &dy, wo, bo, silu, &dx, &dw, &db);
-                        // Without parameter gradients: the same dx (dw / db untouched).
+                        assert_matches_reference(&label, dt, k, &x, &dy, wo, bo, silu, None, &dx, &dw, &db);
+                        // With saved statistics: the reference given the same ones.
+                        let (dxs, grads) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, Some(&saved), true);
+                        let (dws, dbs) = grads.expect("asked");
+                        assert_matches_reference(&format!("{label} saved stats"), dt, k, &x, &dy, wo, bo, silu, Some(&saved), &dxs, &dws, &dbs);
+                        // Without parameter gradients: the same dx (dw / db untouched), with and
+                        // without saved statistics (the saved path's own block barrier).
                         if cs == 2 && affine {
-                            let (dx2, none) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, false);
-                            assert!(none.is_none());
-                            assert_eq!(dx2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), dx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{label}: dx without dw / db");
+                            for (st, want) in [(None, &dx), (Some(&saved[..]), &dxs)] {
+                                let (dx2, none) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, st, false);
+                                assert!(none.is_none());
+                                assert_eq!(bits(&dx2), bits(want), "{label}: dx without dw / db, saved stats {}", st.is_some());
+                            }
+                        }
+                        // The cluster forward's own statistics (same cs: the same sums, term for
+                        // term): dx, dw, db bit for bit those of the recomputing backward.
+                        if silu {
+                            let own = run_forward_stats(&fwd, dt, k, cs, &x);
+                            let (dxo, grads) = run_kernel(&module, dt, k, cs, &x, &dy, wo, bo, silu, Some(&own), true);
+                            assert_eq!(bits(&dxo), bits(&dx), "{label}: dx from the forward's statistics");
+                            let (dwo, dbo) = grads.expect("asked");
+                            let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs()));
+                            assert!(close(&dwo, &dw) && close(&dbo, &db), "{label}: dw / db from the forward's statistics");
                         }
                     }
                 }
@@ -199,7 +259,8 @@ fn packed_dx_kernels_match_scalar() {
 }
 
 /// The two-phase backward (norm.cu) as engine/src/cuda/norm.rs launches it where the cluster
-/// kernel does not apply: gn_stats_DT -> gn_finalize_DT (mean, rstd), gn_bwd_reduce_DT (per
+/// kernel does not apply: gn_stats_DT -> gn_finalize_DT (mean, rstd; skipped when the forward's
+/// statistics are given), gn_bwd_reduce_DT (per
 /// channel and lane sums), gn_bwd_finalize (per channel coefficients), the dx kernel and
 /// gn_bwd_params (dweight, dbias), against the CPU reference. NCHW planes of 8 packs' multiples
 /// (gn_bwd_reduce_nchw's packed loads, 3 lanes, a short last one) and of an odd length (its scalar
@@ -215,10 +276,13 @@ fn two_phase_backward_matches_cpu_reference() {
     for dt in [Dt::F32, Dt::Half(Half::Bf16), Dt::Half(Half::F16)] {
         for (ci, &(channels_last, k, lanes)) in cases.iter().enumerate() {
             let (x, dy, w, b) = inputs(dt, k, 100 + 10 * ci as u64);
+            let saved = saved_stats(k, &x);
             for silu in [false, true] {
-                let label = format!("{} {k:?} channels_last {channels_last} lanes {lanes} silu {silu}", dt.name());
-                let (dx, dw, db) = run_two_phase(&module, dt, k, channels_last, lanes, &x, &dy, &w, &b, silu);
-                assert_matches_reference(&label, dt, k, &x, &dy, Some(&w), Some(&b), silu, &dx, &dw, &db);
+                for stats in [None, Some(&saved[..])] {
+                    let label = format!("{} {k:?} channels_last {channels_last} lanes {lanes} silu {silu} saved stats {}", dt.name(), stats.is_some());
+                    let (dx, dw, db) = run_two_phase(&module, dt, k, channels_last, lanes, &x, &dy, &w, &b, silu, stats);
+                    assert_matches_reference(&label, dt, k, &x, &dy, Some(&w), Some(&b), silu, stats, &dx, &dw, &db);
+                }
             }
         }
     }
@@ -226,7 +290,8 @@ fn two_phase_backward_matches_cpu_reference() {
 
 /// The buffers of a two-phase or grid backward launch for one case: x and dy stored NCHW or
 /// channels-last, dx starting as NaN (an unwritten element shows), weight, bias, the f32 work
-/// buffers (partials for `lanes` lanes, statistics, coefficients) and zeroed dweight / dbias.
+/// buffers (partials for `lanes` lanes, statistics (the forward's when `saved`), coefficients)
+/// and zeroed dweight / dbias.
 struct BackwardBuffers {
     k: Case,
     channels_last: bool,
@@ -244,7 +309,7 @@ struct BackwardBuffers {
 
 impl BackwardBuffers {
     #[allow(clippy::too_many_arguments)]
-    fn new(dt: Dt, k: Case, channels_last: bool, lanes: usize, x: &[f32], dy: &[f32], w: &[f32], b: &[f32]) -> BackwardBuffers {
+    fn new(dt: Dt, k: Case, channels_last: bool, lanes: usize, x: &[f32], dy: &[f32], w: &[f32], b: &[f32], saved: Option<&[f32]>) -> BackwardBuffers {
         let (n, c) = (k.n, k.c);
         let mut t = BackwardBuffers {
             k,
@@ -255,7 +320,7 @@ impl BackwardBuffers {
             w: Aligned::from(w),
             b: Aligned::from(b),
             part: Aligned::zeroed(3 * n * c * lanes),
-            stats: Aligned::zeroed(2 * n * k.groups),
+            stats: saved.map_or_else(|| Aligned::zeroed(2 * n * k.groups), Aligned::from),
             coef: Aligned::zeroed(4 * n * c),
             dw: Aligned::zeroed(c),
             db: Aligned::zeroed(c),
@@ -290,9 +355,9 @@ impl BackwardBuffers {
 /// One two-phase backward on NCHW `x` / `dy` (stored channels-last when asked): (dx in NCHW,
 /// dweight, dbias).
 #[allow(clippy::too_many_arguments)]
-fn run_two_phase(module: &EmulatedModule, dt: Dt, k: Case, channels_last: bool, lanes: usize, x: &[f32], dy: &[f32], w: &[f32], b: &[f32], silu: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn run_two_phase(module: &EmulatedModule, dt: Dt, k: Case, channels_last: bool, lanes: usize, x: &[f32], dy: &[f32], w: &[f32], b: &[f32], silu: bool, saved: Option<&[f32]>) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (n, c, hw) = (k.n, k.c, k.hw);
-    let t = BackwardBuffers::new(dt, k, channels_last, lanes, x, dy, w, b);
+    let t = BackwardBuffers::new(dt, k, channels_last, lanes, x, dy, w, b, saved);
     let (xp, dyp, dxp, wp, bp, pp, sp, cp) = (t.x.addr(), t.dy.addr(), t.dx.addr(), t.w.addr(), t.b.addr(), t.part.addr(), t.stats.addr(), t.coef.addr());
     let (dwp, dbp) = (t.dw.addr(), t.db.addr());
     let (n32, c32, hw32, g32, l32, cl, act) = (n as u32, c as u32, hw as u32, k.groups as u32, lanes as u32, channels_last as i32, silu as i32);
@@ -309,14 +374,16 @@ fn run_two_phase(module: &EmulatedModule, dt: Dt, k: Case, channels_last: bool, 
     };
     // SAFETY (transmutes): the signatures of norm.cu's kernels, argument for argument.
     unsafe {
-        if channels_last {
-            run(&format!("gn_stats_nhwc_{dtn}"), (l32, n32, 1), &|f| std::mem::transmute::<_, extern "C" fn(u64, u64, u32, u32)>(f)(xp, pp, c32, hw32));
-        } else {
-            run(&format!("gn_stats_nchw_{dtn}"), ((n * c) as u32, l32, 1), &|f| std::mem::transmute::<_, extern "C" fn(u64, u64, u32, u32)>(f)(xp, pp, hw32, chunk));
+        if saved.is_none() {
+            if channels_last {
+                run(&format!("gn_stats_nhwc_{dtn}"), (l32, n32, 1), &|f| std::mem::transmute::<_, extern "C" fn(u64, u64, u32, u32)>(f)(xp, pp, c32, hw32));
+            } else {
+                run(&format!("gn_stats_nchw_{dtn}"), ((n * c) as u32, l32, 1), &|f| std::mem::transmute::<_, extern "C" fn(u64, u64, u32, u32)>(f)(xp, pp, hw32, chunk));
+            }
+            run(&format!("gn_finalize_{dtn}"), ((n * k.groups) as u32, 1, 1), &|f| {
+                std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, u32, i32, f32)>(f)(xp, pp, sp, 0, wp, bp, n32, c32, hw32, g32, l32, cl, 1e-5)
+            });
         }
-        run(&format!("gn_finalize_{dtn}"), ((n * k.groups) as u32, 1, 1), &|f| {
-            std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, u32, i32, f32)>(f)(xp, pp, sp, 0, wp, bp, n32, c32, hw32, g32, l32, cl, 1e-5)
-        });
         if channels_last {
             run(&format!("gn_bwd_reduce_nhwc_{dtn}"), (l32, n32, 1), &|f| {
                 std::mem::transmute::<_, extern "C" fn(u64, u64, u64, u64, u64, u64, u32, u32, u32, i32)>(f)(xp, dyp, sp, wp, bp, pp, c32, hw32, g32, act)
@@ -358,10 +425,13 @@ fn grid_backward_matches_cpu_reference() {
                 continue;
             }
             let (x, dy, w, b) = inputs(dt, k, 300 + 10 * ci as u64);
+            let saved = saved_stats(k, &x);
             for silu in [false, true] {
-                let label = format!("{} {k:?} lanes {lanes} held {held:?} threads {threads} silu {silu}", dt.name());
-                let (dx, dw, db) = run_grid_backward(&module, dt, k, lanes, held, threads, &x, &dy, &w, &b, silu);
-                assert_matches_reference(&label, dt, k, &x, &dy, Some(&w), Some(&b), silu, &dx, &dw, &db);
+                for stats in [None, Some(&saved[..])] {
+                    let label = format!("{} {k:?} lanes {lanes} held {held:?} threads {threads} silu {silu} saved stats {}", dt.name(), stats.is_some());
+                    let (dx, dw, db) = run_grid_backward(&module, dt, k, lanes, held, threads, &x, &dy, &w, &b, silu, stats);
+                    assert_matches_reference(&label, dt, k, &x, &dy, Some(&w), Some(&b), silu, stats, &dx, &dw, &db);
+                }
             }
         }
     }
@@ -370,9 +440,22 @@ fn grid_backward_matches_cpu_reference() {
 /// One gn_grid_bwd_nhwc_DT launch on NCHW `x` / `dy` stored channels-last: (dx in NCHW, dweight,
 /// dbias).
 #[allow(clippy::too_many_arguments)]
-fn run_grid_backward(module: &EmulatedModule, dt: Dt, k: Case, lanes: usize, held: Option<usize>, threads: u32, x: &[f32], dy: &[f32], w: &[f32], b: &[f32], silu: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn run_grid_backward(
+    module: &EmulatedModule,
+    dt: Dt,
+    k: Case,
+    lanes: usize,
+    held: Option<usize>,
+    threads: u32,
+    x: &[f32],
+    dy: &[f32],
+    w: &[f32],
+    b: &[f32],
+    silu: bool,
+    saved: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (n, c, hw) = (k.n, k.c, k.hw);
-    let t = BackwardBuffers::new(dt, k, true, lanes, x, dy, w, b);
+    let t = BackwardBuffers::new(dt, k, true, lanes, x, dy, w, b, saved);
     let bar = Aligned::<u32>::zeroed(2);
     let ppb = hw.div_ceil(lanes);
     let held = held.unwrap_or(ppb);
@@ -380,16 +463,17 @@ fn run_grid_backward(module: &EmulatedModule, dt: Dt, k: Case, lanes: usize, hel
     let shared = (2 * held * c * elem) as u32;
     let (xp, dyp, dxp, wp, bp, pp, sp, cp) = (t.x.addr(), t.dy.addr(), t.dx.addr(), t.w.addr(), t.b.addr(), t.part.addr(), t.stats.addr(), t.coef.addr());
     let (dwp, dbp, barp) = (t.dw.addr(), t.db.addr(), bar.addr());
-    let (c32, hw32, g32, ppb32, held32, act) = (c as u32, hw as u32, k.groups as u32, ppb as u32, held as u32, silu as i32);
+    let (c32, hw32, g32, ppb32, held32, act, have) = (c as u32, hw as u32, k.groups as u32, ppb as u32, held as u32, silu as i32, saved.is_some() as i32);
     let name = format!("gn_grid_bwd_nhwc_{}", dt.name());
-    // SAFETY: gn_grid_bwd_nhwc_DT's argument list; the tensors hold N C HW elements (16-byte
-    // aligned, C % V == 0, C / V <= threads), part 3 N C L floats, stats 2 N G, coef 4 N C, dw / db
+    // SAFETY: gn_grid_bwd_nhwc_DT's argument list (.., eps, act, saved); the tensors hold N C HW
+    // elements (16-byte aligned, C % V == 0, C / V <= threads), part 3 N C L floats, stats 2 N G
+    // (the forward's when saved), coef 4 N C, dw / db
     // C, bar two zeroed u32, 2 held C elements of dynamic shared memory; every block of the grid
     // runs at once (one cluster).
     unsafe {
         module.launch_cluster(&name, (lanes as u32, n as u32, 1), (threads, 1, 1), (lanes as u32, n as u32, 1), shared, &|f| {
-            let kernel: extern "C" fn(u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, u32, f32, i32) = std::mem::transmute(f);
-            kernel(xp, dyp, dxp, wp, bp, dwp, dbp, pp, sp, cp, barp, c32, hw32, g32, ppb32, held32, 1e-5, act);
+            let kernel: extern "C" fn(u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u32, u32, u32, u32, u32, f32, i32, i32) = std::mem::transmute(f);
+            kernel(xp, dyp, dxp, wp, bp, dwp, dbp, pp, sp, cp, barp, c32, hw32, g32, ppb32, held32, 1e-5, act, have);
         })
     }
     .unwrap_or_else(|e| panic!("{name} {k:?}: {e}"));

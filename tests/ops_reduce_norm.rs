@@ -145,6 +145,67 @@ fn group_norm() {
     assert!(f.get("ln.w").group_norm(1, None, None, 1e-5, false).is_err());
 }
 
+/// The forward's saved statistics (group_norm_stats): the same y as group_norm, (mean, rstd) per
+/// (sample, group) as f32 [N, G, 2]; the backward given them equals the backward recomputing
+/// them (dx, dweight, dbias: the saved values are the recomputed ones rounded to f32); statistics
+/// of the wrong shape or dtype are refused with an error naming them.
+#[test]
+fn group_norm_saved_statistics() {
+    let f = Fx::load();
+    let (x, w, b) = (f.get("gn.x"), f.get("gn.w"), f.get("gn.b"));
+    let nhwc = f.get("gn.x_nhwc").permute(&[0, 3, 1, 2]).unwrap();
+    let (xb, wb, bb) = (f.get("gn.bf16"), f.get("gn.bf16_w"), f.get("gn.bf16_b"));
+    // Sample 1 at an offset of 300: the saved mean must carry it.
+    let offset = x.add(&Tensor::from_slice(&[0.0f32, 300.0], &[2, 1, 1, 1], x.device()).unwrap()).unwrap();
+    for (label, x, w, b, groups) in [("f32", &x, &w, &b, 3usize), ("offset", &offset, &w, &b, 2), ("channels-last", &nhwc, &w, &b, 3), ("bf16", &xb, &wb, &bb, 4)] {
+        let n = x.shape()[0];
+        for silu in [false, true] {
+            let (y, stats) = x.group_norm_stats(groups, Some(w), Some(b), 1e-5, silu).unwrap();
+            assert_eq!(y.to_vec_f32().unwrap(), x.group_norm(groups, Some(w), Some(b), 1e-5, silu).unwrap().to_vec_f32().unwrap(), "{label}: y");
+            assert_eq!((stats.dtype(), stats.shape()), (DType::F32, &[n, groups, 2][..]), "{label}: statistics");
+            // Against the mean and biased variance of each group (f64 here).
+            let xs = x.contiguous().unwrap().to_vec_f32().unwrap();
+            let st = stats.to_vec::<f32>().unwrap();
+            for (q, grp) in xs.chunks(xs.len() / (n * groups)).enumerate() {
+                let m = grp.iter().map(|&v| v as f64).sum::<f64>() / grp.len() as f64;
+                let var = grp.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / grp.len() as f64;
+                let rstd = 1.0 / (var + 1e-5).sqrt();
+                assert!((st[2 * q] as f64 - m).abs() <= 1e-6 * m.abs().max(1.0), "{label}: group {q} mean {} vs {m}", st[2 * q]);
+                assert!((st[2 * q + 1] as f64 - rstd).abs() <= 1e-6 * rstd, "{label}: group {q} rstd {} vs {rstd}", st[2 * q + 1]);
+            }
+            let dy = Tensor::randn(x.shape(), DType::F32, x.device(), 7).unwrap().to_dtype(x.dtype()).unwrap();
+            let (dx0, dw0, db0) = x.group_norm_backward(&dy, groups, Some(w), Some(b), 1e-5, silu, None, true).unwrap();
+            let (dx1, dw1, db1) = x.group_norm_backward(&dy, groups, Some(w), Some(b), 1e-5, silu, Some(&stats), true).unwrap();
+            // The saved mean is the f64 one rounded to f32: near 300 that moves xhat by up to
+            // 2^-16 rstd (as PyTorch's f32 saved statistics do), so the offset case gets 1e-4.
+            let tight = match (x.dtype(), label) {
+                (DType::F32, "offset") => 1e-4,
+                (DType::F32, _) => 1e-5,
+                _ => 1e-2,
+            };
+            assert_close(&format!("{label} silu={silu} dx saved vs recomputed"), &dx1, &dx0, tight, tight);
+            let tight = if label == "offset" { 1e-4 } else { 1e-5 };
+            assert_close(&format!("{label} silu={silu} dweight saved vs recomputed"), &dw1.unwrap(), &dw0.unwrap(), tight, tight);
+            assert_close(&format!("{label} silu={silu} dbias saved vs recomputed"), &db1.unwrap(), &db0.unwrap(), tight, tight);
+            // The statistics are used, not recomputed: other ones give another dx.
+            let shifted = stats.add_scalar(0.25).unwrap();
+            let (dx2, _, _) = x.group_norm_backward(&dy, groups, Some(w), Some(b), 1e-5, silu, Some(&shifted), false).unwrap();
+            assert_ne!(dx2.to_vec_f32().unwrap(), dx0.to_vec_f32().unwrap(), "{label}: dx ignores the saved statistics");
+        }
+    }
+
+    // Bad statistics: an error naming the argument and what was expected, never a panic.
+    let (_, stats) = x.group_norm_stats(3, Some(&w), Some(&b), 1e-5, false).unwrap();
+    let dy = Tensor::ones(x.shape(), DType::F32, x.device()).unwrap();
+    let bad_shapes = [stats.reshape(&[2, 6]).unwrap(), Tensor::zeros(&[2, 2, 2], DType::F32, x.device()).unwrap(), Tensor::zeros(&[2, 3, 3], DType::F32, x.device()).unwrap()];
+    for bad in &bad_shapes {
+        let e = x.group_norm_backward(&dy, 3, Some(&w), Some(&b), 1e-5, false, Some(bad), true).unwrap_err().to_string();
+        assert!(e.contains("stats") && e.contains("[N, G, 2]") && e.contains("[2, 3, 2]") && e.contains(&format!("{:?}", bad.shape())), "{e}");
+    }
+    let e = x.group_norm_backward(&dy, 3, Some(&w), Some(&b), 1e-5, false, Some(&stats.to_dtype(DType::BF16).unwrap()), true).unwrap_err().to_string();
+    assert!(e.contains("stats") && e.contains("bf16") && e.contains("f32"), "{e}");
+}
+
 #[test]
 fn batch_norm_geglu_prelu() {
     let f = Fx::load();

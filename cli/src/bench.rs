@@ -222,7 +222,10 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn()
         Op::GroupNormBackward { n, c, h, w, groups, silu, channels_last } => {
             let (x, dy) = (nchw_view(&[n, c, h, w], channels_last, dtype, device, 1)?, nchw_view(&[n, c, h, w], channels_last, dtype, device, 4)?);
             let (wt, bs) = (randn(&[c], dtype, device, 2)?, randn(&[c], dtype, device, 3)?);
-            Box::new(move || x.group_norm_backward(&dy, groups, Some(&wt), Some(&bs), 1e-5, silu, true).map(|g| g.0))
+            // The forward's saved statistics, as training passes them (and as PyTorch's
+            // native_group_norm_backward takes mean / rstd): the backward reads no statistics pass.
+            let (_, stats) = x.group_norm_stats(groups, Some(&wt), Some(&bs), 1e-5, silu)?;
+            Box::new(move || x.group_norm_backward(&dy, groups, Some(&wt), Some(&bs), 1e-5, silu, Some(&stats), true).map(|g| g.0))
         }
         Op::Linear { m, n, k } => {
             let (x, wt) = (randn(&[m, k], dtype, device, 1)?, randn(&[n, k], dtype, device, 2)?);

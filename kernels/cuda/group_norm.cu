@@ -84,11 +84,21 @@ __device__ __forceinline__ void gnc_group_stats(const Pack<T, V> (&r)[P], float 
     }
     var = gnc_cluster_sum(ss, red, &slots[1], cs) / (float)M;
 }
+
+// The forward's (mean, rstd) of (sample, group) q into stats[2 q + {0, 1}] ([N, G, 2] f32) when
+// the caller asked (training: the backward then skips its statistics): one thread a cluster
+// writes, every CTA holds the same values. A null pointer (inference) costs a predicate.
+__device__ __forceinline__ void gnc_save_stats(float* stats, u32 q, u32 rank, float mean, float rstd) {
+    if (stats != nullptr && rank == 0 && threadIdx.x == 0) {
+        stats[2 * (u64)q] = mean;
+        stats[2 * (u64)q + 1] = rstd;
+    }
+}
 #endif
 
 template <typename T, int P>
-__device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, u32 C, u32 HW, u32 G,
-                                           u32 cs, float eps, int act) {
+__device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, float* __restrict__ stats,
+                                           u32 C, u32 HW, u32 G, u32 cs, float eps, int act) {
 #if __CUDA_ARCH__ >= 900 || defined(LOOKAHEAD_EMULATE)
     constexpr int V = 16 / sizeof(T);
     __shared__ float red[GNC_BLOCK / 32];
@@ -113,6 +123,7 @@ __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restric
     // shared memory must outlive the other CTAs' reads of it).
     cluster_arrive();
     const float rstd = 1.0f / sqrtf(var + eps);
+    gnc_save_stats(stats, q, rank, mean, rstd);
 #pragma unroll
     for (int k = 0; k < P; ++k) {
         const u32 i = first + k * stride;
@@ -135,8 +146,8 @@ __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restric
 
 #define GNC_KERNEL(T, NAME, P)                                                                                                \
     extern "C" __global__ void __launch_bounds__(GNC_BLOCK)                                                                   \
-        gn_cluster_##NAME##_p##P(const T* x, T* y, const float* w, const float* b, u32 C, u32 HW, u32 G, u32 cs, float eps, int act) { \
-        gn_cluster<T, P>(x, y, w, b, C, HW, G, cs, eps, act);                                                                 \
+        gn_cluster_##NAME##_p##P(const T* x, T* y, const float* w, const float* b, float* stats, u32 C, u32 HW, u32 G, u32 cs, float eps, int act) { \
+        gn_cluster<T, P>(x, y, w, b, stats, C, HW, G, cs, eps, act);                                                          \
     }
 #define GNC_KERNELS(T, NAME) GNC_KERNEL(T, NAME, 2) GNC_KERNEL(T, NAME, 4) GNC_KERNEL(T, NAME, 8) GNC_KERNEL(T, NAME, 12) GNC_KERNEL(T, NAME, 16)
 GNC_KERNELS(float, f32)
@@ -222,7 +233,8 @@ __device__ __forceinline__ float gnc_dsilu(float z) {
 
 template <typename T, int P>
 __device__ __forceinline__ void gn_cluster_bwd(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, const float* __restrict__ w, const float* __restrict__ b,
-                                               float* __restrict__ dw, float* __restrict__ db, u32 C, u32 HW, u32 G, u32 cs, float eps, int act) {
+                                               const float* __restrict__ stats, float* __restrict__ dw, float* __restrict__ db, u32 C, u32 HW, u32 G, u32 cs, float eps,
+                                               int act) {
 #if __CUDA_ARCH__ >= 900 || defined(LOOKAHEAD_EMULATE)
     constexpr int V = 16 / sizeof(T);
     __shared__ float red[2 * (GNC_BLOCK / 32)];
@@ -237,9 +249,14 @@ __device__ __forceinline__ void gn_cluster_bwd(const T* __restrict__ x, const T*
     Pack<T, V>* dxp = reinterpret_cast<Pack<T, V>*>(dx + base);
     const u32 first = rank * GNC_BLOCK + threadIdx.x, stride = cs * GNC_BLOCK;
     const bool params = dw != nullptr;
-    // Zeroed before the cluster sums' block barriers, used after them.
+    // Zeroed before the cluster sums' block barriers (or the saved-statistics path's own), used after them.
     if (params)
         for (u32 t = threadIdx.x; t < cpg; t += GNC_BLOCK) pb_s[t] = pw_s[t] = 0.0f;
+    float mean, rstd;
+    if (stats != nullptr) {
+        mean = __ldg(stats + 2 * (u64)q);
+        rstd = __ldg(stats + 2 * (u64)q + 1);
+    }
     Pack<T, V> rx[P], rd[P];
 #pragma unroll
     for (int k = 0; k < P; ++k) {
@@ -249,10 +266,15 @@ __device__ __forceinline__ void gn_cluster_bwd(const T* __restrict__ x, const T*
             rd[k] = dyp[i];
         }
     }
-    // The forward's statistics, term for term.
-    float mean, var;
-    gnc_group_stats<T, V, P>(rx, to_f32(x[base]), first, stride, packs, M, red, slots, cs, mean, var);
-    const float rstd = 1.0f / sqrtf(var + eps);
+    if (stats == nullptr) {
+        // The forward's statistics, term for term (two cluster rounds).
+        float var;
+        gnc_group_stats<T, V, P>(rx, to_f32(x[base]), first, stride, packs, M, red, slots, cs, mean, var);
+        rstd = 1.0f / sqrtf(var + eps);
+    } else if (params) {
+        // No statistic sums, so no block barrier yet between the zeroing and gnc_channel_add.
+        __syncthreads();
+    }
     // Sums of dxhat = dz w and dxhat xhat; per-channel sums of dz and dz xhat for dw / db.
     float sg = 0.0f, sgx = 0.0f;
 #pragma unroll
@@ -309,9 +331,10 @@ __device__ __forceinline__ void gn_cluster_bwd(const T* __restrict__ x, const T*
 }
 
 #define GNC_BWD_KERNEL(T, NAME, P)                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(GNC_BLOCK) gn_cluster_bwd_##NAME##_p##P(const T* x, const T* dy, T* dx, const float* w, const float* b, float* dw, \
-                                                                                          float* db, u32 C, u32 HW, u32 G, u32 cs, float eps, int act) {        \
-        gn_cluster_bwd<T, P>(x, dy, dx, w, b, dw, db, C, HW, G, cs, eps, act);                                                                                     \
+    extern "C" __global__ void __launch_bounds__(GNC_BLOCK) gn_cluster_bwd_##NAME##_p##P(const T* x, const T* dy, T* dx, const float* w, const float* b,           \
+                                                                                          const float* stats, float* dw, float* db, u32 C, u32 HW, u32 G, u32 cs, \
+                                                                                          float eps, int act) {                                                  \
+        gn_cluster_bwd<T, P>(x, dy, dx, w, b, stats, dw, db, C, HW, G, cs, eps, act);                                                                            \
     }
 #define GNC_BWD_KERNELS(T, NAME) GNC_BWD_KERNEL(T, NAME, 2) GNC_BWD_KERNEL(T, NAME, 4) GNC_BWD_KERNEL(T, NAME, 8) GNC_BWD_KERNEL(T, NAME, 12) GNC_BWD_KERNEL(T, NAME, 16)
 GNC_BWD_KERNELS(float, f32)
@@ -348,8 +371,8 @@ __device__ __forceinline__ void gnc_cp_async_wait_all() { asm volatile("cp.async
 #endif
 
 template <typename T, bool ASYNC>
-__device__ __forceinline__ void gn_cluster_smem(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, u32 C, u32 HW, u32 G,
-                                                u32 cs, u32 per, float eps, int act) {
+__device__ __forceinline__ void gn_cluster_smem(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, float* __restrict__ stats,
+                                                u32 C, u32 HW, u32 G, u32 cs, u32 per, float eps, int act) {
 #if __CUDA_ARCH__ >= 900 || defined(LOOKAHEAD_EMULATE)
     constexpr int V = 16 / sizeof(T);
     __shared__ float red[GNC_BLOCK / 32];
@@ -408,6 +431,7 @@ __device__ __forceinline__ void gn_cluster_smem(const T* __restrict__ x, T* __re
     const float var = gnc_cluster_sum(ss, red, &slots[1], cs) / (float)M;
     cluster_arrive();
     const float rstd = 1.0f / sqrtf(var + eps);
+    gnc_save_stats(stats, q, rank, mean, rstd);
     for (u32 i = threadIdx.x; i < own; i += GNC_BLOCK) {
         const u32 c = g * cpg + ((lo + i) * V) / HW;
         const float sc = rstd * (w ? __ldg(w + c) : 1.0f), sh = b ? __ldg(b + c) : 0.0f;
@@ -426,13 +450,13 @@ __device__ __forceinline__ void gn_cluster_smem(const T* __restrict__ x, T* __re
 }
 
 #define GNC_SMEM_KERNEL(T, NAME)                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(GNC_BLOCK) gn_cluster_smem_##NAME(const T* x, T* y, const float* w, const float* b, u32 C, u32 HW, u32 G, u32 cs, \
-                                                                                    u32 per, float eps, int act) {                        \
-        gn_cluster_smem<T, false>(x, y, w, b, C, HW, G, cs, per, eps, act);                                                               \
+    extern "C" __global__ void __launch_bounds__(GNC_BLOCK) gn_cluster_smem_##NAME(const T* x, T* y, const float* w, const float* b, float* stats, u32 C, u32 HW, \
+                                                                                    u32 G, u32 cs, u32 per, float eps, int act) {         \
+        gn_cluster_smem<T, false>(x, y, w, b, stats, C, HW, G, cs, per, eps, act);                                                        \
     }                                                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(GNC_BLOCK) gn_cluster_smem_async_##NAME(const T* x, T* y, const float* w, const float* b, u32 C, u32 HW, u32 G, \
-                                                                                          u32 cs, u32 per, float eps, int act) {          \
-        gn_cluster_smem<T, true>(x, y, w, b, C, HW, G, cs, per, eps, act);                                                                \
+    extern "C" __global__ void __launch_bounds__(GNC_BLOCK) gn_cluster_smem_async_##NAME(const T* x, T* y, const float* w, const float* b, float* stats, u32 C, \
+                                                                                          u32 HW, u32 G, u32 cs, u32 per, float eps, int act) { \
+        gn_cluster_smem<T, true>(x, y, w, b, stats, C, HW, G, cs, per, eps, act);                                                         \
     }
 GNC_SMEM_KERNEL(float, f32)
 GNC_SMEM_KERNEL(bf16, bf16)

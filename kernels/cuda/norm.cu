@@ -906,7 +906,7 @@ __device__ __forceinline__ void gn_grid_stats(const T* x, Pack<T, V>* buf, const
 //   3. normalize (+SiLU) the slice (shared memory, then global) into y, gn_apply_nhwc's arithmetic.
 template <typename T>
 __device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, float* __restrict__ part,
-                                             float* __restrict__ coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act) {
+                                             float* __restrict__ coef, float* __restrict__ stats, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act) {
     constexpr int V = 16 / sizeof(T);
     // The rows' per-channel sums: R C = R npk V <= blockDim V.
     __shared__ float rows[2 * GNG_MAX_BLOCK * V], rcnt[GNG_MAX_BLOCK];
@@ -916,7 +916,7 @@ __device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restr
     const u32 blocks = q.N * q.L, block = q.n * q.L + q.lane;
     gn_grid_stats<T, V>(x, buf, q, C, HW, held, rows, rcnt, part);
     grid_sync(bar, blocks);
-    for (u32 ng = block; ng < q.N * G; ng += blocks) gn_finalize_group<T>(ng, x, part, nullptr, coef, w, b, q.N, C, HW, G, q.L, 1, eps);
+    for (u32 ng = block; ng < q.N * G; ng += blocks) gn_finalize_group<T>(ng, x, part, stats, coef, w, b, q.N, C, HW, G, q.L, 1, eps);
     grid_sync(bar, blocks);
     if (!q.worker) return;
     float mu[V], sc[V], sh[V];
@@ -953,7 +953,7 @@ __device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restr
 template <typename T>
 __device__ __forceinline__ void gn_grid_bwd_nhwc(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, const float* __restrict__ w, const float* __restrict__ b,
                                                  float* dw, float* db, float* part, float* stats, float* coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps,
-                                                 int act) {
+                                                 int act, int saved) {
     constexpr int V = 16 / sizeof(T);
     __shared__ float rows[2 * GNG_MAX_BLOCK * V], rcnt[GNG_MAX_BLOCK];
     LA_DYNAMIC_SHARED(unsigned char, smem_raw);
@@ -961,10 +961,17 @@ __device__ __forceinline__ void gn_grid_bwd_nhwc(const T* __restrict__ x, const 
     const GnGridSlice q = gn_grid_slice<V>(C, HW, ppb);
     Pack<T, V>* bdy = bx + (u64)held * q.npk;
     const u32 blocks = q.N * q.L, block = q.n * q.L + q.lane, cpg = C / G;
-    gn_grid_stats<T, V>(x, bx, q, C, HW, held, rows, rcnt, part);
-    grid_sync(bar, blocks);
-    for (u32 ng = block; ng < q.N * G; ng += blocks) gn_finalize_group<T>(ng, x, part, stats, nullptr, w, b, q.N, C, HW, G, q.L, 1, eps);
-    grid_sync(bar, blocks);
+    if (saved) {
+        // The forward's statistics: x's slice only copied into shared memory (each thread reads
+        // back just its own packs in step 3, so no barrier), no sums, no finalize, two grid
+        // barriers fewer.
+        if (q.worker) gn_grid_load<T, V, GNG_INFLIGHT>(reinterpret_cast<const Pack<T, V>*>(x) + gn_grid_pack0<V>(q, C, HW), bx, q, held, [](u32, const Pack<T, V>&) {});
+    } else {
+        gn_grid_stats<T, V>(x, bx, q, C, HW, held, rows, rcnt, part);
+        grid_sync(bar, blocks);
+        for (u32 ng = block; ng < q.N * G; ng += blocks) gn_finalize_group<T>(ng, x, part, stats, nullptr, w, b, q.N, C, HW, G, q.L, 1, eps);
+        grid_sync(bar, blocks);
+    }
     const Pack<T, V>* xs = reinterpret_cast<const Pack<T, V>*>(x) + gn_grid_pack0<V>(q, C, HW);
     GnPackTerms<V> t = gn_pack_terms<V>(stats, w, b, q.n, G, cpg, q.worker ? q.cp * V : 0);
     if (q.worker) {
@@ -1138,13 +1145,14 @@ __device__ __forceinline__ void prelu(const T* __restrict__ x, T* __restrict__ y
         gn_stats_nhwc<T>(x, part, C, HW);                                                             \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GNG_MAX_BLOCK)                                       \
-        gn_grid_nhwc_##NAME(const T* x, T* y, const float* w, const float* b, float* part, float* coef, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act) { \
-        gn_grid_nhwc<T>(x, y, w, b, part, coef, bar, C, HW, G, ppb, held, eps, act);                  \
+        gn_grid_nhwc_##NAME(const T* x, T* y, const float* w, const float* b, float* part, float* coef, float* stats, u32* bar, u32 C, u32 HW, u32 G, u32 ppb, u32 held, \
+                            float eps, int act) {                                                     \
+        gn_grid_nhwc<T>(x, y, w, b, part, coef, stats, bar, C, HW, G, ppb, held, eps, act);           \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GNG_MAX_BLOCK)                                       \
         gn_grid_bwd_nhwc_##NAME(const T* x, const T* dy, T* dx, const float* w, const float* b, float* dw, float* db, float* part, float* stats, float* coef, u32* bar, \
-                                u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act) {        \
-        gn_grid_bwd_nhwc<T>(x, dy, dx, w, b, dw, db, part, stats, coef, bar, C, HW, G, ppb, held, eps, act); \
+                                u32 C, u32 HW, u32 G, u32 ppb, u32 held, float eps, int act, int saved) { \
+        gn_grid_bwd_nhwc<T>(x, dy, dx, w, b, dw, db, part, stats, coef, bar, C, HW, G, ppb, held, eps, act, saved); \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_apply_nhwc_##NAME(const T* x, T* y, const float4* coef, u32 C, u32 HW, int act) { \
         gn_apply_nhwc<T>(x, y, coef, C, HW, act);                                                     \

@@ -173,20 +173,58 @@ pub fn group_norm(
     silu: bool,
     out: &mut [f32],
 ) {
+    group_norm_with_stats(x, n, c, hw, groups, weight, bias, eps, silu, out, None);
+}
+
+/// `group_norm`, also writing each (sample, group)'s statistics when `stats` is given: length
+/// 2 n groups, laid out [N, G, 2] = (mean, 1 / sqrt(biased variance + eps)), the values the
+/// normalisation used (rounded to f32). The backward takes them instead of recomputing them, as
+/// PyTorch's native_group_norm saves mean and rstd. Empty groups (hw = 0) get (0, 0).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_with_stats(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    groups: usize,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    eps: f32,
+    silu: bool,
+    out: &mut [f32],
+    saved_stats: Option<&mut [f32]>,
+) {
     assert_eq!(x.len(), n * c * hw, "group_norm: input length");
     assert_eq!(out.len(), x.len(), "group_norm: output length");
     assert!(groups > 0 && c.is_multiple_of(groups), "group_norm: {groups} groups do not divide {c} channels");
     check_affine("group_norm", c, weight, bias);
+    if let Some(s) = &saved_stats {
+        assert_eq!(s.len(), 2 * n * groups, "group_norm: statistics length");
+    }
     let cpg = c / groups;
     let group_len = cpg * hw;
     if group_len == 0 || n == 0 {
+        if let Some(s) = saved_stats {
+            s.fill(0.0);
+        }
         return;
     }
+    // Two floats a group: where the statistics go when the caller does not want them.
+    let mut unused = Vec::new();
+    let saved = match saved_stats {
+        Some(s) => s,
+        None => {
+            unused.resize(2 * n * groups, 0f32);
+            &mut unused[..]
+        }
+    };
     // Each group compiled for the widest vectors the CPU has (plain `for` loops inside, so that
     // nothing is left outside the AVX2 instance).
-    let group = |(idx, (o, r)): (usize, (&mut [f32], &[f32]))| {
+    let group = |(idx, ((o, r), st)): (usize, ((&mut [f32], &[f32]), &mut [f32]))| {
         with_wide_simd(#[inline(always)] || {
             let Stats { shift, correction, rstd } = stats(r, eps);
+            st[0] = (shift as f64 + correction as f64) as f32;
+            st[1] = rstd as f32;
             let first_channel = (idx % groups) * cpg;
             for (k, (oc, rc)) in o.chunks_mut(hw).zip(r.chunks(hw)).enumerate() {
                 let ch = first_channel + k;
@@ -210,9 +248,9 @@ pub fn group_norm(
         })
     };
     if x.len() >= PAR_MIN {
-        out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(group);
+        out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).zip(saved.par_chunks_mut(2)).enumerate().for_each(group);
     } else {
-        out.chunks_mut(group_len).zip(x.chunks(group_len)).enumerate().for_each(group);
+        out.chunks_mut(group_len).zip(x.chunks(group_len)).zip(saved.chunks_mut(2)).enumerate().for_each(group);
     }
 }
 
@@ -317,6 +355,29 @@ mod tests {
             let (m, v) = mean_var(grp);
             assert!(m.abs() < 1e-6 && (v - 1.0).abs() < 1e-5, "{m} {v}");
         }
+    }
+
+    #[test]
+    fn group_norm_saves_the_statistics_it_used() {
+        // Sample 1 at a large offset; parallel (above PAR_MIN) and sequential runs.
+        for (n, c, hw, groups) in [(2, 6, 35, 3), (2, 8, 1200, 4)] {
+            let x: Vec<f32> = (0..n * c * hw).map(|i| ((i * 37) % 101) as f32 * 0.1 - 3.0 + if i >= c * hw { 500.0 } else { 0.0 }).collect();
+            let (mut y, mut y_plain) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            let mut st = vec![f32::NAN; 2 * n * groups];
+            group_norm_with_stats(&x, n, c, hw, groups, None, None, 1e-5, true, &mut y, Some(&mut st));
+            group_norm(&x, n, c, hw, groups, None, None, 1e-5, true, &mut y_plain);
+            assert_eq!(y, y_plain, "the statistics change nothing of y");
+            for (q, grp) in x.chunks(c / groups * hw).enumerate() {
+                let (m, v) = mean_var(grp);
+                let rstd = 1.0 / (v + 1e-5).sqrt();
+                assert!((st[2 * q] as f64 - m).abs() <= 1e-6 * m.abs().max(1.0), "group {q}: mean {} vs {m}", st[2 * q]);
+                assert!((st[2 * q + 1] as f64 - rstd).abs() <= 1e-6 * rstd, "group {q}: rstd {} vs {rstd}", st[2 * q + 1]);
+            }
+        }
+        // Empty groups: (0, 0).
+        let mut st = vec![f32::NAN; 4];
+        group_norm_with_stats(&[], 2, 2, 0, 1, None, None, 1e-5, false, &mut [], Some(&mut st));
+        assert_eq!(st, [0.0; 4]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Backward passes of layer norm and group norm (+SiLU) on contiguous f32 slices: the CPU
-//! reference of the CUDA kernels of the same math, and the engine's CPU backend. Statistics are
-//! recomputed from the input (two-pass, f64) exactly as the forward in `norm` computes them.
+//! reference of the CUDA kernels of the same math, and the engine's CPU backend. Group norm's
+//! statistics are the forward's when the caller saved them (`norm::group_norm_with_stats`), else
+//! recomputed from the input (two-pass, f64); layer norm always recomputes them.
 //!
 //! With xhat = (x - mean) * rstd and g = dy * weight, the input gradient of one normalised set of
 //! m values is dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); the weight gradient is the sum
@@ -78,7 +79,9 @@ pub fn layer_norm_backward_rows(x: &[f32], dy: &[f32], cols: usize, weight: Opti
 
 /// Group norm (+SiLU) over NCHW data (see `norm::group_norm`): writes dx and, when given,
 /// overwrites dweight / dbias (length `c`). With `silu` the gradient first passes through the SiLU
-/// of the affine output y = xhat * w + b, recomputed here.
+/// of the affine output y = xhat * w + b, recomputed here. `stats`: the forward's per (sample,
+/// group) (mean, rstd) ([N, G, 2], `norm::group_norm_with_stats`), used instead of recomputing
+/// them from x; None recomputes (f64, two-pass).
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_backward(
     x: &[f32],
@@ -91,6 +94,7 @@ pub fn group_norm_backward(
     bias: Option<&[f32]>,
     eps: f32,
     silu: bool,
+    stats: Option<&[f32]>,
     dx: &mut [f32],
     dweight: Option<&mut [f32]>,
     dbias: Option<&mut [f32]>,
@@ -98,6 +102,9 @@ pub fn group_norm_backward(
     assert_eq!(x.len(), n * c * hw, "group_norm_backward: input length");
     assert!(dy.len() == x.len() && dx.len() == x.len(), "group_norm_backward: dy / dx lengths");
     assert!(groups > 0 && c.is_multiple_of(groups), "group_norm_backward: {groups} groups do not divide {c} channels");
+    if let Some(s) = stats {
+        assert_eq!(s.len(), 2 * n * groups, "group_norm_backward: statistics length");
+    }
     let cpg = c / groups;
     let group_len = cpg * hw;
     // Per (sample, channel) partial sums of dy' * xhat and dy' (dy' = gradient before the affine).
@@ -106,7 +113,10 @@ pub fn group_norm_backward(
     if group_len > 0 && n > 0 {
         type GroupArgs<'a> = (usize, (((&'a mut [f32], &'a [f32]), &'a [f32]), (&'a mut [f64], &'a mut [f64])));
         let group = |(idx, (((dxg, xg), dyg), (pwg, pbg))): GroupArgs| {
-            let (mean, rstd) = mean_rstd(xg, eps);
+            let (mean, rstd) = match stats {
+                Some(s) => (s[2 * idx] as f64, s[2 * idx + 1] as f64),
+                None => mean_rstd(xg, eps),
+            };
             let first = (idx % groups) * cpg;
             // dy' per element (through SiLU if fused), then g = dy' * w[ch].
             let mut dyp = vec![0f64; group_len];
@@ -212,6 +222,37 @@ mod tests {
     }
 
     #[test]
+    fn group_norm_backward_with_saved_statistics_matches_recomputed() {
+        use crate::norm::group_norm_with_stats;
+        let (n, c, hw, groups) = (2, 6, 7, 3);
+        let len = n * c * hw;
+        let x: Vec<f32> = (0..len).map(|i| ((i * 29) % 13) as f32 * 0.25 - 1.4 + if i >= c * hw { 100.0 } else { 0.0 }).collect();
+        let dy: Vec<f32> = (0..len).map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.6).collect();
+        let w: Vec<f32> = (0..c).map(|i| 0.5 + 0.25 * i as f32).collect();
+        let b: Vec<f32> = (0..c).map(|i| 0.1 * i as f32 - 0.2).collect();
+        let mut y = vec![0f32; len];
+        let mut st = vec![0f32; 2 * n * groups];
+        group_norm_with_stats(&x, n, c, hw, groups, Some(&w), Some(&b), 1e-5, true, &mut y, Some(&mut st));
+        for silu in [false, true] {
+            let run = |stats: Option<&[f32]>| {
+                let mut dx = vec![0f32; len];
+                let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+                group_norm_backward(&x, &dy, n, c, hw, groups, Some(&w), Some(&b), 1e-5, silu, stats, &mut dx, Some(&mut dw), Some(&mut db));
+                (dx, dw, db)
+            };
+            let (a, b_) = (run(None), run(Some(&st)));
+            for (name, got, want) in [("dx", &b_.0, &a.0), ("dw", &b_.1, &a.1), ("db", &b_.2, &a.2)] {
+                for (i, (&g, &r)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!((g - r).abs() <= 1e-5 * (1.0 + r.abs()), "silu {silu} {name}[{i}]: saved {g} vs recomputed {r}");
+                }
+            }
+            // Other statistics do change the result (the saved ones are used).
+            let shifted: Vec<f32> = st.iter().enumerate().map(|(i, &v)| if i % 2 == 0 { v + 0.5 } else { v }).collect();
+            assert_ne!(run(Some(&shifted)).0, a.0);
+        }
+    }
+
+    #[test]
     fn group_norm_silu_backward_matches_differences() {
         let (n, c, hw, groups) = (2, 4, 3, 2);
         let len = n * c * hw;
@@ -222,7 +263,7 @@ mod tests {
         for silu in [false, true] {
             let mut dx = vec![0f32; len];
             let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
-            group_norm_backward(&x, &dy, n, c, hw, groups, Some(&w), Some(&b), 1e-5, silu, &mut dx, Some(&mut dw), Some(&mut db));
+            group_norm_backward(&x, &dy, n, c, hw, groups, Some(&w), Some(&b), 1e-5, silu, None, &mut dx, Some(&mut dw), Some(&mut db));
             let loss = |x: &[f32], w: &[f32], b: &[f32]| {
                 let mut out = vec![0f32; x.len()];
                 group_norm(x, n, c, hw, groups, Some(w), Some(b), 1e-5, silu, &mut out);

@@ -48,16 +48,23 @@ impl Var {
         }))
     }
 
-    /// Group norm of [N, C, *] (optionally fused with SiLU).
+    /// Group norm of [N, C, *] (optionally fused with SiLU). The forward's statistics (N G 2
+    /// floats) are kept for the backward, which then does not recompute them from x.
     pub fn group_norm(&self, groups: usize, weight: Option<&Var>, bias: Option<&Var>, eps: f32, silu: bool) -> Result<Var> {
         let (wt, bt) = (weight.map(|w| w.value().clone()), bias.map(|b| b.value().clone()));
-        let y = self.value().group_norm(groups, wt.as_ref(), bt.as_ref(), eps, silu)?;
-        let x = self.value().clone();
         let mut parents = vec![self];
         parents.extend(weight);
         parents.extend(bias);
+        // Statistics only where a backward will run (not under no_grad, not for constants).
+        let (y, stats) = if crate::is_grad_enabled() && parents.iter().any(|p| p.requires_grad()) {
+            let (y, s) = self.value().group_norm_stats(groups, wt.as_ref(), bt.as_ref(), eps, silu)?;
+            (y, Some(s))
+        } else {
+            (self.value().group_norm(groups, wt.as_ref(), bt.as_ref(), eps, silu)?, None)
+        };
+        let x = self.value().clone();
         Ok(Var::from_op(if silu { "group_norm_silu" } else { "group_norm" }, y, &parents, move |g, n| {
-            let (dx, dw, db) = x.group_norm_backward(g, groups, wt.as_ref(), bt.as_ref(), eps, silu, n[1..].iter().any(|&b| b))?;
+            let (dx, dw, db) = x.group_norm_backward(g, groups, wt.as_ref(), bt.as_ref(), eps, silu, stats.as_ref(), n[1..].iter().any(|&b| b))?;
             Ok(norm_grads(n, wt.is_some(), dx, dw, db))
         }))
     }

@@ -1,10 +1,12 @@
 //! Gradients of layer norm and group norm (+SiLU) for the autograd: the input gradient and, on
-//! request, the weight and bias gradients, from the forward's input and parameters (statistics are
-//! recomputed, nothing is saved). Math in kernels::norm_backward. CUDA: engine/src/cuda/norm.rs.
+//! request, the weight and bias gradients, from the forward's input and parameters. Layer norm
+//! recomputes its statistics; group norm takes the forward's (`Tensor::group_norm_stats`) when
+//! given, which spares the backward a statistics pass over x. Math in kernels::norm_backward.
+//! CUDA: engine/src/cuda/norm.rs.
 
 use kernels::norm_backward as kb;
 
-use crate::{Device, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
 
 /// (d input, d weight, d bias): the parameter gradients are present when asked for.
 pub type NormGrads = (Tensor, Option<Tensor>, Option<Tensor>);
@@ -19,6 +21,21 @@ fn check(op: &'static str, x: &Tensor, dy: &Tensor, param_len: usize, weight: Op
         if p.shape() != [param_len] {
             return Err(Error::ShapeMismatch { op, lhs: p.shape().to_vec(), rhs: vec![param_len] });
         }
+    }
+    Ok(())
+}
+
+/// The forward's saved group-norm statistics (`group_norm_stats`), checked: f32 [N, G, 2] on the
+/// input's device. The errors name the argument and what was expected.
+fn check_gn_stats(op: &'static str, x: &Tensor, stats: &Tensor, n: usize, groups: usize) -> Result<()> {
+    if stats.device() != x.device() {
+        return Err(Error::Msg(format!("{op}: stats (the forward's saved statistics) are on {}, the input on {}", stats.device(), x.device())));
+    }
+    if stats.dtype() != DType::F32 {
+        return Err(Error::BadShape { op, msg: format!("stats (the forward's saved statistics) have dtype {}, expected f32", stats.dtype()), shape: stats.shape().to_vec() });
+    }
+    if stats.shape() != [n, groups, 2] {
+        return Err(Error::BadShape { op, msg: format!("stats (the forward's saved statistics) have shape {:?}, expected [N, G, 2] = {:?}", stats.shape(), [n, groups, 2]), shape: stats.shape().to_vec() });
     }
     Ok(())
 }
@@ -59,8 +76,10 @@ impl Tensor {
     }
 
     /// Backward of `self.group_norm(groups, weight, bias, eps, silu)` given the output gradient.
+    /// `stats`: the forward's statistics (`group_norm_stats`, f32 [N, G, 2]), used instead of
+    /// recomputing them from x; None recomputes them.
     #[allow(clippy::too_many_arguments)]
-    pub fn group_norm_backward(&self, dy: &Tensor, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool, param_grads: bool) -> Result<NormGrads> {
+    pub fn group_norm_backward(&self, dy: &Tensor, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool, stats: Option<&Tensor>, param_grads: bool) -> Result<NormGrads> {
         const OP: &str = "group_norm_backward";
         if self.rank() < 2 {
             return Err(Error::BadShape { op: OP, msg: "expected an [N, C, *] input".into(), shape: self.shape().to_vec() });
@@ -70,9 +89,12 @@ impl Tensor {
             return Err(Error::BadShape { op: OP, msg: format!("{groups} groups do not divide {c} channels"), shape: self.shape().to_vec() });
         }
         check(OP, self, dy, c, weight, bias)?;
+        if let Some(s) = stats {
+            check_gn_stats(OP, self, s, n, groups)?;
+        }
         let pdt = |p: Option<&Tensor>| p.map_or(self.dtype(), |p| p.dtype());
         if let Device::Cuda(_) = self.device() {
-            let (dx, grads) = crate::cuda::norm::group_norm_backward(self, dy, groups, weight, bias, eps, silu, param_grads)?;
+            let (dx, grads) = crate::cuda::norm::group_norm_backward(self, dy, groups, weight, bias, eps, silu, stats, param_grads)?;
             return match grads {
                 Some((dw, db)) => Ok((dx, Some(dw.to_dtype(pdt(weight))?), Some(db.to_dtype(pdt(bias))?))),
                 None => Ok((dx, None, None)),
@@ -81,11 +103,12 @@ impl Tensor {
         let hw: usize = self.shape()[2..].iter().product();
         let w = weight.map(|w| w.to_vec_f32()).transpose()?;
         let b = bias.map(|b| b.to_vec_f32()).transpose()?;
+        let saved = stats.map(|s| s.to_vec_f32()).transpose()?;
         let mut dx = vec![0f32; self.elem_count()];
         let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
         self.with_cpu_f32(|x| {
             dy.with_cpu_f32(|d| {
-                kb::group_norm_backward(x, d, n, c, hw, groups, w.as_deref(), b.as_deref(), eps, silu, &mut dx, param_grads.then_some(&mut dw[..]), param_grads.then_some(&mut db[..]));
+                kb::group_norm_backward(x, d, n, c, hw, groups, w.as_deref(), b.as_deref(), eps, silu, saved.as_deref(), &mut dx, param_grads.then_some(&mut dw[..]), param_grads.then_some(&mut db[..]));
                 Ok(())
             })
         })?;

@@ -138,6 +138,22 @@ impl Tensor {
     /// Group norm of an [N, C, *] tensor: `groups` must divide C; weight and bias are [C]. With
     /// `silu`, SiLU is applied to the result in the same pass.
     pub fn group_norm(&self, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool) -> Result<Tensor> {
+        Ok(self.group_norm_impl(groups, weight, bias, eps, silu, false)?.0)
+    }
+
+    /// `group_norm`, also returning the statistics it normalised with: an f32 [N, G, 2] tensor of
+    /// (mean, rstd = 1 / sqrt(biased variance + eps)) per (sample, group) on the input's device,
+    /// what PyTorch's native_group_norm saves. Pass it to `group_norm_backward` so that the
+    /// backward does not recompute it from x (training does: see the autograd op).
+    pub fn group_norm_stats(&self, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool) -> Result<(Tensor, Tensor)> {
+        match self.group_norm_impl(groups, weight, bias, eps, silu, true)? {
+            (y, Some(stats)) => Ok((y, stats)),
+            (_, None) => Err(Error::Msg("group_norm_stats: the forward returned no statistics".into())),
+        }
+    }
+
+    /// The group-norm forward; the statistics when `want_stats`.
+    fn group_norm_impl(&self, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool, want_stats: bool) -> Result<(Tensor, Option<Tensor>)> {
         const OP: &str = "group_norm";
         self.float_only(OP)?;
         if self.rank() < 2 {
@@ -150,12 +166,17 @@ impl Tensor {
         if self.device().is_cuda() {
             check_param(OP, "weight", weight, c, self)?;
             check_param(OP, "bias", bias, c, self)?;
-            return crate::cuda::norm::group_norm(self, groups, weight, bias, eps, silu);
+            return crate::cuda::norm::group_norm(self, groups, weight, bias, eps, silu, want_stats);
         }
         let hw: usize = self.shape()[2..].iter().product();
         let w = param_f32(OP, "weight", weight, c, self)?;
         let b = param_f32(OP, "bias", bias, c, self)?;
-        f32_kernel(self, self.shape(), self.dtype(), |x, out| knorm::group_norm(x, n, c, hw, groups, w.as_deref(), b.as_deref(), eps, silu, out))
+        let mut stats = if want_stats { vec![0f32; 2 * n * groups] } else { Vec::new() };
+        let y = f32_kernel(self, self.shape(), self.dtype(), |x, out| {
+            knorm::group_norm_with_stats(x, n, c, hw, groups, w.as_deref(), b.as_deref(), eps, silu, out, want_stats.then_some(&mut stats[..]))
+        })?;
+        let stats = if want_stats { Some(Tensor::from_f32_vec(stats, &[n, groups, 2], DType::F32)?) } else { None };
+        Ok((y, stats))
     }
 
     /// Inference batch norm of an [N, C, *] tensor with running `mean` and `var` ([C]) over dim 1.
