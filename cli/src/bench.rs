@@ -246,15 +246,18 @@ fn prepare(op: &Op, dtype: DType, device: Device) -> engine::Result<Box<dyn Fn()
             Box::new(move || Tensor::scaled_dot_product_attention(&q, &k, &v, None, None))
         }
         Op::FlashAttention { b, h, lq, lk, lr, d } | Op::FlashAttentionBackward { b, h, lq, lk, lr, d } => {
-            let q = randn(&[b, h, lq, d], dtype, device, 1)?;
-            let (k, v) = (randn(&[b, h, lk, d], dtype, device, 2)?, randn(&[b, h, lk, d], dtype, device, 3)?);
-            let (kr, vr) = (randn(&[b, h, lr, d], dtype, device, 4)?, randn(&[b, h, lr, d], dtype, device, 5)?);
+            // [B, H, L, D] views of [B, L, H, D] memory: the layout the UNet passes (split_heads in
+            // models/src/attention.rs: a projection's [B, L, H D] output, heads interleaved).
+            let heads = |l: usize, seed: u64| randn(&[b, l, h, d], dtype, device, seed)?.permute(&[0, 2, 1, 3]);
+            let q = heads(lq, 1)?;
+            let (k, v) = (heads(lk, 2)?, heads(lk, 3)?);
+            let (kr, vr) = (heads(lr, 4)?, heads(lr, 5)?);
             let scale = 1.0 / (d as f32).sqrt();
             if matches!(op, Op::FlashAttention { .. }) {
                 Box::new(move || Tensor::flash_attention(&q, &k, &v, Some(AttentionReference { k: &kr, v: &vr, keep: None }), scale).map(|(o, _)| o))
             } else {
                 let (o, lse) = Tensor::flash_attention(&q, &k, &v, Some(AttentionReference { k: &kr, v: &vr, keep: None }), scale)?;
-                let dout = randn(&[b, h, lq, d], dtype, device, 6)?;
+                let dout = heads(lq, 6)?;
                 Box::new(move || Tensor::flash_attention_backward(&q, &k, &v, Some(AttentionReference { k: &kr, v: &vr, keep: None }), scale, &o, &lse, &dout).map(|g| g.dq))
             }
         }
