@@ -40,7 +40,9 @@ __device__ __forceinline__ void named_barrier_arrive(u32 id, u32 threads) { asm 
 
 // ---- mbarrier ----------------------------------------------------------------------------------
 __device__ __forceinline__ void mbarrier_init(u64* bar, u32 count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory"); }
-// Makes the inits visible to the other threads and to the async proxy (TMA) before first use.
+// Makes the inits visible to the other threads and to the async proxy (TMA) before first use; it
+// is release at cluster scope, so followed by a cluster barrier (instead of __syncthreads) it also
+// covers the other CTAs' remote arrivals and multicast copies on these mbarriers.
 __device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
 __device__ __forceinline__ void mbarrier_arrive(u64* bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory"); }
 // One arrival that also announces `bytes` of transactions (the TMA copies of this phase).
@@ -57,6 +59,18 @@ __device__ __forceinline__ void mbarrier_wait(u64* bar, u32 parity) {
     while (!mbarrier_try_wait(bar, parity)) {
     }
 }
+// One arrival on the mbarrier at bar's offset in the shared memory of cluster CTA `rank` (this
+// CTA's own for its own rank): mapa, then mbarrier.arrive.shared::cluster with the default
+// semantics (release, CTA scope), as CUTLASS's ClusterBarrier::arrive(cta_id). An explicit
+// .release.cluster makes ptxas put a MEMBAR.ALL.GPU before the arrive, which waits for the warp's
+// outstanding global stores (the previous tile's epilogue) every k-tile; the consumers only need
+// their wgmmas' reads of the stage complete (wgmma_wait) before the peer's TMA refills it, and
+// nothing of theirs is written to it. The barrier's init must be visible cluster-wide
+// (fence_mbarrier_init, then a cluster barrier), and CTA `rank` must not have exited (a cluster
+// barrier at the end of the kernel).
+__device__ __forceinline__ void mbarrier_arrive_cluster(u64* bar, u32 rank) {
+    asm volatile("{ .reg .b32 remote; mapa.shared::cluster.u32 remote, %0, %1; mbarrier.arrive.shared::cluster.b64 _, [remote]; }" ::"r"(smem_u32(bar)), "r"(rank) : "memory");
+}
 // An arrival on `bar` once every cp.async this thread issued before has landed (noinc: it is one
 // of the `count` arrivals the barrier expects), for cp.async producers without TMA.
 __device__ __forceinline__ void cp_async_mbarrier_arrive(u64* bar) { asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory"); }
@@ -66,6 +80,16 @@ __device__ __forceinline__ void tma_prefetch_descriptor(const TensorMap* map) { 
 __device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, int x, int y, u64* bar) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_u32(dst)), "l"(reinterpret_cast<u64>(map)), "r"(x),
                  "r"(y), "r"(smem_u32(bar))
+                 : "memory");
+}
+// The same box multicast to every CTA of the cluster named in `mask` (bit r: cluster rank r): it
+// lands at dst's offset in each of their shared memories and completes box bytes on the mbarrier at
+// bar's offset in each (each destination CTA's expect_tx counts the bytes it receives). The
+// destinations' mbarriers must be visible cluster-wide first (fence_mbarrier_init, then a cluster
+// barrier), and a destination CTA must not exit before the copy has landed.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TensorMap* map, int x, int y, u64* bar, u16 mask) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_u32(dst)),
+                 "l"(reinterpret_cast<u64>(map)), "r"(smem_u32(bar)), "r"(x), "r"(y), "h"(mask)
                  : "memory");
 }
 // Shared -> global: the box at (x, y) from `src` (written by this CTA's threads: fence_proxy_async

@@ -26,7 +26,9 @@
 // Pipelines (pipeline.cuh): named barriers at warp granularity, mbarriers with arrival and
 // transaction counts and parity waits (scheduling points), cp_async_mbarrier_arrive, TMA 2D
 // loads and stores that land at a scheduling point the schedule picks (their destination holds
-// 0xff bytes until then), setmaxnreg as a warpgroup collective.
+// 0xff bytes until then), setmaxnreg as a warpgroup collective; in clusters, TMA loads multicast
+// to several CTAs and arrivals on another CTA's mbarrier (mapa), with the cluster-wide init
+// visibility (fence_mbarrier_init + cluster barrier) and CTA lifetime they need checked.
 // See kernels/emu/README.md for what is not emulated.
 #pragma once
 #ifndef LOOKAHEAD_EMULATE
@@ -170,6 +172,10 @@ struct Mbarrier {
     // thread may use the mbarrier only after passing more (pipeline.cuh: init, fence, __syncthreads).
     const Fiber* init_fiber;
     unsigned init_syncs;
+    // Cluster-wide visibility (remote arrivals, multicast copies from other CTAs): UINT_MAX until
+    // the initialising thread's fence_mbarrier_init, then its cluster-barrier arrivals at the
+    // fence; another CTA's thread may use the mbarrier once it has passed more cluster waits.
+    unsigned fence_arrives;
 };
 constexpr uint64_t kMbarrierTag = 0x6d626172456d7521ull;
 
@@ -186,6 +192,7 @@ struct AsyncOp {
     uint64_t seq;
     unsigned char* smem;  // TMA: the box in shared memory
     unsigned char* bar;   // the mbarrier (cp.async arrive, TMA load)
+    unsigned mask;        // TMA multicast: the CTA mask (0 for a plain load); cta is this copy's destination
     uint64_t map[16];     // TMA: the tensor map, as at the issue
     int x, y;
     const char* file;
@@ -751,7 +758,7 @@ inline void mbarrier_init(unsigned long long* bar, unsigned count, const char* f
         }
         m = &L->mbars[L->nmbars++];
     }
-    *m = Mbarrier{reinterpret_cast<unsigned char*>(bar), f->cta, count, count, 0, 0, file, line, f, f->block_syncs};
+    *m = Mbarrier{reinterpret_cast<unsigned char*>(bar), f->cta, count, count, 0, 0, file, line, f, f->block_syncs, UINT_MAX};
     *bar = kMbarrierTag;
 }
 
@@ -902,10 +909,124 @@ inline void tma_store_2d(const TensorMap* map_p, int x, int y, const void* src, 
     op->line = line;
 }
 
+// ---- thread-block clusters: remote mbarrier arrivals and TMA multicast (pipeline.cuh) -------------
+// fence.mbarrier_init.release.cluster: the mbarriers this thread has initialised become visible
+// to the other CTAs of the cluster after its next cluster barrier (recorded per mbarrier; local
+// uses still need the __syncthreads or cluster barrier after the init, as before).
+inline void fence_mbarrier_init() {
+    Fiber* f = self();
+    Launch* L = f->launch;
+    for (unsigned i = 0; i < L->nmbars; ++i)
+        if (L->mbars[i].init_fiber == f && L->mbars[i].fence_arrives == UINT_MAX) L->mbars[i].fence_arrives = f->arrives;
+}
+
+// mapa: the bytes [p, p + size) of this CTA's (`from`) shared memory at the same offset in cluster
+// CTA `rank`. Returns the address the emulator keys them by (mbarriers, TMA boxes: the CTA's own
+// buffer for dynamic shared memory; the TLS address for static shared memory, whose CTA copy is
+// made live before use), with where the bytes are now in `now` and the window offset in `off`;
+// null when p is not in this CTA's shared memory.
+inline unsigned char* cluster_shared(Launch* L, unsigned from, const void* p, size_t size, unsigned rank, unsigned char** now, long long* off) {
+    unsigned char* a = const_cast<unsigned char*>(static_cast<const unsigned char*>(p));
+    *off = shared_offset(L, from, p, size);
+    if (*off < 0) return nullptr;
+    if (L->tls_size && a >= L->tls_base && a + size <= L->tls_base + L->tls_size) {
+        *now = static_shared_of(L, rank) + (a - L->tls_base);
+        return a;
+    }
+    *now = L->dyn_shared[rank] + (a - L->dyn_shared[from]);
+    return *now;
+}
+
+// The mbarrier at bar's offset (bar: this CTA's address) in cluster CTA `rank`, for `what` at
+// file:line; this CTA's own through mbarrier_of. For another CTA's: an error when rank is outside
+// the cluster, that CTA has exited, there is no initialised mbarrier there, or its init is not
+// visible to this thread (no fence_mbarrier_init after it, or no cluster barrier since).
+inline Mbarrier* cluster_mbarrier_of(Fiber* f, const void* bar, unsigned rank, const char* what, const char* file, int line) {
+    Launch* L = f->launch;
+    if (rank >= L->ncta) thread_error(f, "%s at %s:%d: CTA rank %u, but the cluster has %u CTAs", what, base_name(file), line, rank, L->ncta);
+    if (rank == f->cta) return mbarrier_of(f, bar, what, file, line);
+    unsigned char* now;
+    long long off;
+    unsigned char* key = cluster_shared(L, f->cta, bar, 8, rank, &now, &off);
+    if (!key) thread_error(f, "%s at %s:%d: %p is not in this CTA's shared memory (the remote mbarrier is named by its offset in this CTA's shared memory, as mapa maps it)", what, base_name(file), line, bar);
+    if (off % 8 != 0) thread_error(f, "%s at %s:%d: the mbarrier at shared+0x%llx is not 8-byte aligned", what, base_name(file), line, off);
+    if (L->exited[rank] == L->nthreads)
+        thread_error(f, "%s at %s:%d: CTA %u of the cluster has exited: its shared memory (the mbarrier at shared+0x%llx) is gone (a cluster barrier before its exit is missing)", what, base_name(file), line,
+                     rank, off);
+    Mbarrier* m = find_mbarrier(L, rank, key);
+    if (!m) thread_error(f, "%s at %s:%d: shared+0x%llx of CTA %u is not an initialised mbarrier", what, base_name(file), line, off, rank);
+    if (m->fence_arrives == UINT_MAX)
+        thread_error(f, "%s at %s:%d: the mbarrier at shared+0x%llx of CTA %u (mbarrier_init at %s:%d) is used from CTA %u, but its initialising thread has not run fence_mbarrier_init since the init (not visible to the cluster)",
+                     what, base_name(file), line, off, rank, base_name(m->file), m->line, f->cta);
+    if (f->waits <= m->fence_arrives)
+        thread_error(f, "%s at %s:%d: the mbarrier at shared+0x%llx of CTA %u (mbarrier_init at %s:%d) is used from CTA %u without a cluster barrier since its init and fence_mbarrier_init (the init may not be visible yet)",
+                     what, base_name(file), line, off, rank, base_name(m->file), m->line, f->cta);
+    uint64_t v;
+    memcpy(&v, now, 8);
+    if (v != kMbarrierTag)
+        thread_error(f, "%s at %s:%d: the mbarrier at shared+0x%llx of CTA %u (mbarrier_init at %s:%d) was overwritten by a plain store (or a copy) since its init", what, base_name(file), line, off, rank,
+                     base_name(m->file), m->line);
+    return m;
+}
+
+// mapa + mbarrier.arrive.release.cluster.shared::cluster: one arrival on the mbarrier at bar's
+// offset in cluster CTA `rank` (waking that CTA's waiters when it completes the phase).
+inline void mbarrier_arrive_cluster(unsigned long long* bar, unsigned rank, const char* file, int line) {
+    Fiber* f = self();
+    Mbarrier* m = cluster_mbarrier_of(f, bar, rank, "mbarrier_arrive_cluster", file, line);
+    char err[512];
+    if (!mbarrier_arrive_on(f->launch, m, err, sizeof err))
+        thread_error(f, "mbarrier_arrive_cluster at %s:%d: mbarrier at shared+0x%llx of CTA %u: %s", base_name(file), line, shared_offset(f->launch, f->cta, bar, 8), rank, err);
+}
+
+// cp.async.bulk.tensor.2d ... .multicast::cluster: the box to dst's offset in every CTA of `mask`
+// (bit r: rank r), each copy completing the box's bytes on the mbarrier at bar's offset in its
+// CTA. One asynchronous operation per destination (they land independently); each destination
+// holds 0xff bytes until its copy lands.
+inline void tma_load_2d_multicast(void* dst, const TensorMap* map_p, int x, int y, unsigned long long* bar, unsigned mask, const char* file, int line) {
+    Fiber* f = self();
+    Launch* L = f->launch;
+    const uint64_t* map = reinterpret_cast<const uint64_t*>(map_p);
+    long long off;
+    tma_check(f, map, dst, "tma_load_2d_multicast", file, line, off);
+    if (mask == 0 || mask > 0xffffu) thread_error(f, "tma_load_2d_multicast at %s:%d: CTA mask 0x%x names no CTA or is wider than 16 bits", base_name(file), line, mask);
+    for (unsigned r = L->ncta; r < 16; ++r)
+        if (mask >> r & 1u) thread_error(f, "tma_load_2d_multicast at %s:%d: CTA mask 0x%04x names CTA %u, but the cluster has %u CTAs", base_name(file), line, mask, r, L->ncta);
+    for (unsigned r = 0; r < L->ncta; ++r)
+        if (mask >> r & 1u) cluster_mbarrier_of(f, bar, r, "tma_load_2d_multicast", file, line);
+    const uint64_t bytes = map[6] * map[7] * map[2];
+    for (unsigned r = 0; r < L->ncta; ++r) {
+        if (!(mask >> r & 1u)) continue;
+        unsigned char *now, *bar_now;
+        long long o;
+        unsigned char* box = cluster_shared(L, f->cta, dst, bytes, r, &now, &o);
+        unsigned char* bar_key = cluster_shared(L, f->cta, bar, 8, r, &bar_now, &o);
+        AsyncOp* op = new_async(L);
+        op->kind = AsyncTmaLoad;
+        op->cta = r;
+        op->f = f;
+        op->smem = box;
+        op->bar = bar_key;
+        op->mask = mask;
+        memcpy(op->map, map, sizeof op->map);
+        op->x = x;
+        op->y = y;
+        op->file = file;
+        op->line = line;
+        memset(now, 0xff, bytes);
+    }
+}
+
 // A TMA copy lands: a load writes the box (zero outside the tensor) and completes its bytes on
 // the mbarrier; a store reads the box from shared memory now and writes the elements inside the
 // tensor.
 inline bool deliver_tma(Launch* L, const AsyncOp& op) {
+    const char* what = op.mask ? "tma_load_2d_multicast" : "tma_load_2d";
+    if (op.kind == AsyncTmaLoad && L->ncta > 1 && L->exited[op.cta] == L->nthreads) {
+        set_error(L, "thread (%u,%u,%u) of CTA %u: %s (%s:%d) of the box at (x %d, y %d) lands in CTA %u, which has exited: its shared memory is gone (a cluster barrier before its exit is missing)",
+                  op.f->tid.x, op.f->tid.y, op.f->tid.z, op.f->cta, what, base_name(op.file), op.line, op.x, op.y, op.cta);
+        return false;
+    }
     const uint64_t* map = op.map;
     const uint64_t esize = map[2], cols = map[3], rows = map[4], stride = map[5], bc = map[6], br = map[7], swz = map[8];
     const long long off = shared_offset(L, op.cta, op.smem, bc * br * esize);
@@ -931,8 +1052,8 @@ inline bool deliver_tma(Launch* L, const AsyncOp& op) {
     if (!m) snprintf(err, sizeof err, "the mbarrier is no longer initialised");
     else if (tag != kMbarrierTag) snprintf(err, sizeof err, "the mbarrier (mbarrier_init at %s:%d) was overwritten since its init", base_name(m->file), m->line);
     if (!m || tag != kMbarrierTag || !mbarrier_complete_tx(L, m, (unsigned)(bc * br * esize), err, sizeof err)) {
-        set_error(L, "thread (%u,%u,%u): tma_load_2d (%s:%d) of the box at (x %d, y %d) on the mbarrier at shared+0x%llx: %s", op.f->tid.x, op.f->tid.y, op.f->tid.z, base_name(op.file), op.line,
-                  op.x, op.y, shared_offset(L, op.cta, op.bar, 8), err);
+        set_error(L, "thread (%u,%u,%u): %s (%s:%d) of the box at (x %d, y %d) on the mbarrier at shared+0x%llx of CTA %u: %s", op.f->tid.x, op.f->tid.y, op.f->tid.z, what, base_name(op.file),
+                  op.line, op.x, op.y, shared_offset(L, op.cta, op.bar, 8), op.cta, err);
         return false;
     }
     return true;
@@ -1847,6 +1968,11 @@ inline bool run_far_apart(Launch* L, bool forward) {
                 forward = !forward;
             }
         }
+        // A thread of a CTA whose turn has passed may have been resumed since by a later CTA (an
+        // arrival on its mbarrier through mbarrier_arrive_cluster): another pass.
+        bool resumed = false;
+        for (unsigned i = 0; i < L->total && !resumed; ++i) resumed = L->fibers[i]->state == State::Runnable;
+        if (resumed) continue;
         // Every CTA waits at the cluster barrier, a block barrier it cannot pass, or has exited.
         const int r = release_block_barrier(L);
         if (r <= 0) return r == 0;
@@ -2410,8 +2536,15 @@ inline void named_barrier_arrive(unsigned id, unsigned threads, const char* file
 // mbarriers: see lookahead_emu::Mbarrier and kernels/emu/README.md. Use before init, re-init while
 // in use, an arrival beyond the count and more transaction bytes than announced are errors.
 inline void mbarrier_init(unsigned long long* bar, unsigned count, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::mbarrier_init(bar, count, file, line); }
-// fence.mbarrier_init: a no-op (the emulator has one proxy; the __syncthreads after it is still needed).
-inline void fence_mbarrier_init() {}
+// fence.mbarrier_init.release.cluster: the emulator has one proxy, so locally a no-op (the
+// __syncthreads after it is still needed); it records the inits this thread made, which other
+// CTAs of the cluster may use (mbarrier_arrive_cluster, tma_load_2d_multicast) after their next
+// cluster barrier.
+inline void fence_mbarrier_init() { lookahead_emu::fence_mbarrier_init(); }
+// One arrival on the mbarrier at bar's offset in cluster CTA `rank` (mapa + remote arrive).
+inline void mbarrier_arrive_cluster(unsigned long long* bar, unsigned rank, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    lookahead_emu::mbarrier_arrive_cluster(bar, rank, file, line);
+}
 inline void mbarrier_arrive(unsigned long long* bar, const char* file = __builtin_FILE(), int line = __builtin_LINE()) { lookahead_emu::mbarrier_arrive(bar, 0, false, file, line); }
 inline void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     lookahead_emu::mbarrier_arrive(bar, bytes, true, file, line);
@@ -2444,6 +2577,12 @@ inline void tma_load_2d(void* dst, const TensorMap* map, int x, int y, unsigned 
 }
 inline void tma_store_2d(const TensorMap* map, int x, int y, const void* src, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     lookahead_emu::tma_store_2d(map, x, y, src, file, line);
+}
+// The load multicast to the CTAs of `mask` (bit r: cluster rank r): one copy per destination,
+// at dst's offset in its shared memory, completing on the mbarrier at bar's offset there.
+// (The mask is taken wider than the GPU's 16 bits, so that a wider one shows as an error.)
+inline void tma_load_2d_multicast(void* dst, const TensorMap* map, int x, int y, unsigned long long* bar, unsigned mask, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    lookahead_emu::tma_load_2d_multicast(dst, map, x, y, bar, mask, file, line);
 }
 inline void tma_store_commit() { lookahead_emu::self()->bulk_groups++; }
 template <int N> inline void tma_store_wait() {
