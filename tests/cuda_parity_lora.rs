@@ -155,7 +155,8 @@ const HOPPER_CASES: &[Case] = &[Case { lead: [1, 141], n: 168, k: 456, r: 20 }, 
 /// multiples of 8 (the others fall back to the cp.async kernel, which CASES and HOPPER_CASES then
 /// run again): rank 8 with 5 row tiles of 128 (3 of 256) over 3 column tiles, 8 base k-tiles and a
 /// LoRA one, so the persistent blocks run several tiles each through a ring that wraps; rank 0
-/// with a reduction of 200 (3 k-tiles and one of 8 columns).
+/// with a reduction of 200 (3 k-tiles and one of 8 columns). Both have 5 row tiles of 128, so
+/// tma-mc's last cluster pair has a lone tile (its second CTA loads half of B and stores nothing).
 const TMA_CASES: &[Case] = &[Case { lead: [2, 300], n: 456, k: 456, r: 8 }, Case { lead: [1, 520], n: 168, k: 200, r: 0 }];
 
 /// LOOKAHEAD_VARIANT_LORA set to a value while alive, put back as it was after.

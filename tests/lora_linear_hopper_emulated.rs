@@ -23,6 +23,14 @@
 //! of a block, so with 1 block each takes 2 of the 4 tiles), under every schedule of the emulator (far-apart runs the producer as far
 //! ahead as the empty barriers let it; round-robin and random interleave it with the consumers),
 //! and with idle blocks.
+//!
+//! The tma-mc kernels (LOOKAHEAD_VARIANT_LORA=tma-mc: 128 x 160 tiles in clusters of 2 CTAs that
+//! multicast the B tile, each CTA loading half of it; both CTAs' consumers free each stage with
+//! local and remote arrivals) run the same cases, launched in clusters of 2 as the engine does,
+//! plus M = 300 (3 row tiles: the last pair's second CTA has no tile, loads its half of B and
+//! stores nothing) and M = 37 (one row tile: the second CTA never has one), on one cluster
+//! (several tile pairs a cluster, the ring wrapping across them), 2 clusters and 5 (idle
+//! clusters), under every schedule.
 
 use kernels::lora_linear::{self as lora, BLayout};
 
@@ -147,6 +155,67 @@ fn tma_single_partial_tile() {
         for layout in [BLayout::NMajor, BLayout::KMajor] {
             let got = run_kernel(&module, tma(variant), h, layout, &x, &w, &t, &b, Some(&bias), (m, n, k, r), 0);
             assert_close(&format!("tma {variant:?} single partial tile {layout:?}"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), layout), tolerance(h));
+        }
+    }
+}
+
+/// tma-mc on the grid the engine launches for a device of EMULATED_SMS SMs (1 cluster of 2 CTAs).
+const MC: LoraKernel = LoraKernel::TmaMc { sms: EMULATED_SMS, blocks: None };
+/// Rows with an odd number of 128-row tiles (3: the last pair has a lone tile).
+const M_ODD: usize = 300;
+
+#[test]
+fn tma_mc_forward_n_major_matches_the_reference() {
+    let Some(module) = module(MC, "tma_mc_forward_n_major_matches_the_reference") else { return };
+    for m in [M, M_ODD] {
+        lora_emulation::forward_n_major_matches_the_reference(&module, MC, (m, WIDTH, REDUCTION), &TMA_RANKS);
+    }
+}
+
+#[test]
+fn tma_mc_dx_k_major_matches_the_reference() {
+    let Some(module) = module(MC, "tma_mc_dx_k_major_matches_the_reference") else { return };
+    for m in [M, M_ODD] {
+        lora_emulation::dx_k_major_matches_the_reference(&module, MC, (m, REDUCTION, WIDTH), &TMA_RANKS);
+    }
+}
+
+#[test]
+fn tma_mc_every_schedule_and_cluster_count() {
+    let Some(module) = module(MC, "tma_mc_every_schedule_and_cluster_count") else { return };
+    let (n, k) = (WIDTH, REDUCTION);
+    for m in [M, M_ODD] {
+        // The engine's grid (1 cluster), 2 clusters and 5 (M 300: 4 tile pairs, so one idle).
+        for blocks in [None, Some(4), Some(10)] {
+            let kernel = LoraKernel::TmaMc { sms: EMULATED_SMS, blocks };
+            for schedule in SCHEDULES {
+                let (h, r) = (Half::Bf16, 8);
+                let (x, w, t, b, bias) = (h.round(&values(m * k, 51)), h.round(&values(n * k, 52)), h.round(&values(m * r, 53)), h.round(&values(n * r, 54)), h.round(&values(n, 55)));
+                let got = run_kernel_with(&module, kernel, schedule, h, BLayout::NMajor, &x, &w, &t, &b, Some(&bias), (m, n, k, r), 0);
+                let label = format!("tma-mc forward m {m} blocks {blocks:?} schedule {schedule}");
+                assert_close(&label, &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), BLayout::NMajor), tolerance(h));
+                let (h, r) = (Half::F16, 72);
+                let (dy, w, su, a) = (h.round(&values(m * k, 56)), h.round(&values(k * n, 57)), h.round(&values(m * r, 58)), h.round(&values(r * n, 59)));
+                let got = run_kernel_with(&module, kernel, schedule, h, BLayout::KMajor, &dy, &w, &su, &a, None, (m, n, k, r), 0);
+                let label = format!("tma-mc dx m {m} blocks {blocks:?} schedule {schedule}");
+                assert_close(&label, &got, &lora::concat_gemm(&dy, &w, &su, &a, None, (m, n, k, r), BLayout::KMajor), tolerance(h));
+            }
+        }
+    }
+}
+
+#[test]
+fn tma_mc_single_row_tile() {
+    // One partial row tile (m 37: the cluster's second CTA never has a tile) and one partial
+    // column tile (n 24), k 40 (one k-tile of 40), rank 8, both layouts, f16, with bias.
+    let Some(module) = module(MC, "tma_mc_single_row_tile") else { return };
+    let h = Half::F16;
+    let (m, n, k, r) = (37, 24, 40, 8);
+    let (x, w, t, b, bias) = (h.round(&values(m * k, 23)), h.round(&values(n * k, 24)), h.round(&values(m * r, 25)), h.round(&values(n * r, 26)), h.round(&values(n, 27)));
+    for layout in [BLayout::NMajor, BLayout::KMajor] {
+        for schedule in SCHEDULES {
+            let got = run_kernel_with(&module, MC, schedule, h, layout, &x, &w, &t, &b, Some(&bias), (m, n, k, r), 0);
+            assert_close(&format!("tma-mc single row tile {layout:?} schedule {schedule}"), &got, &lora::concat_gemm(&x, &w, &t, &b, Some(&bias), (m, n, k, r), layout), tolerance(h));
         }
     }
 }

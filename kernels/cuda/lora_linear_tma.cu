@@ -17,8 +17,16 @@
 //           the two mainloops take turns through named barriers, so one warpgroup's epilogue
 //           overlaps the other's wgmmas (CUTLASS's KernelTmaWarpSpecializedPingpong). Helps when
 //           a block has several tiles; with one (2048x1280: 128 tiles) the second warpgroup idles.
-// Not done: 2-CTA clusters multicasting the shared operand (would cut L2->SM traffic further; the
-// emulator does not model multicast), TMA stores of C (the stages use the shared memory).
+//   tma_mc  (LOOKAHEAD_VARIANT_LORA=tma-mc) tma's tiles and warpgroups in clusters of 2 CTAs that
+//           compute row tiles 2i and 2i + 1 of one column tile and so share the B tile: each CTA
+//           TMA-loads half of it and multicasts it into both CTAs' stages (CUTLASS's 2x1 cluster
+//           multicast), so B (20 of the 36 KiB a stage) crosses L2->SM once per pair: 28% less
+//           L2->SM traffic a FLOP than tma at tma's occupancy and wave count (8192x640: 128 tile
+//           pairs on 66 clusters). Halves, not alternate k-tiles: both TMA units fetch every stage
+//           (half the bytes each), so a stage lands as fast as with one CTA loading its own B,
+//           and the issue work is even (nk: one 80-row box each; kn: each of the five 32-column
+//           blocks' 32 k-rows, 5 copies as tma's 5 whole blocks).
+// Not done: TMA stores of C (the stages use the shared memory).
 //
 // Why: on the H200 the cp.async kernel's loads alone took 26.7 us at 8192x640x640, 2x cuBLAS's whole
 // GEMM (12.2 us): 256 threads computing addresses and issuing 16-byte copies, a cp.async wait and a
@@ -28,7 +36,12 @@
 //
 // Launch: persistent, grid min(output tiles, SMs) (kernels::lora_linear::tma_blocks) of 384
 // threads = 3 warpgroups, one block an SM, dynamic shared memory: the stages + 1 KiB of alignment
-// slack + the mbarriers (kernels::lora_linear::tma_shared_bytes). Kernel parameters:
+// slack + the mbarriers (kernels::lora_linear::tma_shared_bytes). tma_mc: cluster dims (2, 1, 1)
+// (CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION), grid 2 min(tile pairs, clusters the device runs at
+// once) (kernels::lora_linear::tma_mc_blocks; a multiple of 2), the same shared memory; cluster c
+// takes tile pairs c, c + grid / 2, ... (pair index over (row-tile pairs x column tiles)), both
+// CTAs in lockstep; B boxes are the halves (TMA_MC_BOX_B_*: nk [80 rows][64], kn [32 k][32 n]).
+// Kernel parameters:
 // the LoraGemmArgs, then four `const __grid_constant__ TensorMap`s (engine/src/cuda/tensor_map.rs,
 // built per call on the host: a few host-only driver calls, no device work): A1, B1, A2, B2, boxes
 //   A1 / A2: [k = 64 columns][m = 128 or 256 rows], 128-byte swizzle (the K-major A tile);
@@ -57,8 +70,20 @@
 //     the words of a quad transposed by shuffles so that each lane stores 16 contiguous bytes)
 //     while the producer already fills the stages with the next tile's k-tiles (up to S ahead),
 //     so the next tile starts on loaded data.
+// tma_mc, besides: a stage of a CTA is written by both CTAs' producers, so each consumer warp
+//   frees it in both (lanes 0 and 1 arrive on the empty barriers of cluster CTAs 0 and 1, the
+//   peer's through mapa: empty counts 16), and a producer refills a stage only once both CTAs'
+//   consumers released it; each CTA's full barrier still expects the whole stage (its A + both
+//   halves of B; the peer's half may land before this CTA's expect_tx: the transaction count goes
+//   negative meanwhile). The inits are published by fence_mbarrier_init (cluster scope) and a
+//   cluster barrier before the peer can arrive or multicast, and a cluster barrier at the end
+//   (every thread: the producer warpgroup's idle ones wait there instead of exiting) keeps each
+//   CTA's shared memory alive until the peer's last arrival. An odd last row tile leaves its
+//   pair's second CTA without rows: its A loads are zero fill, it loads and multicasts its half of
+//   B, frees stages, stores nothing.
 // Register budget: 128 x 40 + 256 x 232 = 64512 = 384 x 168, the registers __launch_bounds__(384, 1)
 // gives the block.
+#include "cluster.cuh"
 #include "common.cuh"
 #include "lora_linear.cuh"  // LoraGemmArgs, shared with lora_linear.cu / lora_linear_hopper.cu
 #include "mma.cuh"
@@ -76,18 +101,42 @@
 // block's tiles c, c + 2, ... (all 128 rows: two m64 wgmmas a k16 step, 160 accumulators), so
 // that one warpgroup's epilogue runs while the other's wgmmas use the tensor cores; a stage is
 // read by one warpgroup (4 arrivals free it). Without PP both warpgroups share each tile (8).
-template <int BM, bool PP> struct LtShape {
+// MC (variant tma-mc, BM 128 and shared tiles only): clusters of 2 CTAs that multicast the B
+// tile: every stage of a CTA is also written by the peer's producer, so both CTAs' consumer warps
+// free it (16 arrivals).
+template <int BM, bool PP, bool MC = false> struct LtShape {
     static constexpr int A_BYTES = BM * LT_BK * 2;             // 16 / 32 KiB
     static constexpr int STAGE_BYTES = A_BYTES + LT_B_BYTES;  // 36 / 52 KiB, multiples of 1024
     static constexpr int STAGES = BM == 128 ? 6 : 4;
     static constexpr int WG_ROWS = PP ? BM : BM / 2;  // rows of a tile a consumer warpgroup computes
     static constexpr int HB = WG_ROWS / 64;           // its m64 blocks (accumulator sets)
-    static constexpr int CONSUMER_WARPS = PP ? 4 : 8;  // arrivals that free a stage
+    static constexpr int CONSUMER_WARPS = (PP ? 4 : 8) * (MC ? 2 : 1);  // arrivals that free a stage
     static constexpr int TILE_STEP = PP ? 2 : 1;       // a warpgroup's tiles are this many apart
     static_assert(!PP || BM == 128, "ping-pong with 128-row tiles only");
+    static_assert(!MC || (BM == 128 && !PP), "multicast clusters with the shared 128-row tiles only");
 };
 
 #if LA_WGMMA
+
+// The work units of a block in order: output tiles first, first + step, ... below `units`
+// (tile u: row tile u / tiles_n, column tile u % tiles_n), or (MC) the tile pairs of its cluster,
+// (blockIdx.x / 2) + k (gridDim.x / 2), both CTAs of a cluster taking the same pairs in lockstep:
+// pair u is row tiles 2 (u / tiles_n) + {0, 1} of column tile u % tiles_n, CTA rank r taking
+// row tile 2 (u / tiles_n) + r (beyond M for rank 1 of the last pair when the row tiles are odd:
+// its A is zero fill and its stores are skipped, but it loads its half of B and frees stages).
+template <bool MC> struct LtSched {
+    u32 first, step, units, tiles_n, rank;
+    __device__ __forceinline__ LtSched(u32 m, u32 n, int bm) {
+        tiles_n = (n + LT_BN - 1) / LT_BN;
+        const u32 tiles_m = (m + bm - 1) / bm;
+        first = MC ? blockIdx.x >> 1 : blockIdx.x;
+        step = MC ? gridDim.x >> 1 : gridDim.x;
+        units = (MC ? (tiles_m + 1) >> 1 : tiles_m) * tiles_n;
+        rank = MC ? cluster_rank() : 0u;
+    }
+    __device__ __forceinline__ u32 row_tile(u32 u) const { return MC ? 2 * (u / tiles_n) + rank : u / tiles_n; }
+    __device__ __forceinline__ u32 col_tile(u32 u) const { return u % tiles_n; }
+};
 
 // The wgmmas of k16 step ks of a stage for consumer `c` (0, 1): its rows WG_ROWS c.. of the
 // K-major A tile in m64 blocks (the step's 16 columns 32 bytes further into each 128-byte
@@ -134,15 +183,21 @@ __device__ __forceinline__ void lt_quad_transpose(u32 (&v)[4], int t) {
     }
 }
 
-// The producer thread: every k-tile of the block's output tiles, in the consumers' order.
-template <bool KMAJOR, int BM, bool PP>
-__device__ __forceinline__ void lt_produce(unsigned char* smem, u64* full, u64* empty, const TensorMap* a1, const TensorMap* b1, const TensorMap* a2, const TensorMap* b2, u32 tiles,
-                                           u32 tiles_n, int kt1, int per_tile) {
-    using S = LtShape<BM, PP>;
+// The producer thread: every k-tile of the block's output tiles, in the consumers' order. MC: the
+// stage's empty barrier counts both CTAs' consumers (the peer's producer writes this stage too,
+// and this producer the peer's), and B comes as this CTA's half of the tile, multicast to both
+// CTAs at the same offset: nk the 80 rows (n) 80 r.. of the [160 n][64 k] tile (a 10 KiB box at
+// byte 10240 r, a multiple of the 1 KiB swizzle atom); kn the k-rows 32 r.. of each of the five
+// [64 k][32 n] blocks (2 KiB at byte 2048 r of each, a multiple of the 512-byte 64B-swizzle atom).
+// Each CTA's full barrier still expects the whole stage: its A plus both halves of B.
+template <bool KMAJOR, int BM, bool PP, bool MC>
+__device__ __forceinline__ void lt_produce(unsigned char* smem, u64* full, u64* empty, const TensorMap* a1, const TensorMap* b1, const TensorMap* a2, const TensorMap* b2, const LtSched<MC>& sc,
+                                           int kt1, int per_tile) {
+    using S = LtShape<BM, PP, MC>;
     int stage = 0;
     u32 phase = 0;
-    for (u32 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int m0 = (int)((tile / tiles_n) * BM), n0 = (int)((tile % tiles_n) * LT_BN);
+    for (u32 u = sc.first; u < sc.units; u += sc.step) {
+        const int m0 = (int)(sc.row_tile(u) * BM), n0 = (int)(sc.col_tile(u) * LT_BN);
         for (int kt = 0; kt < per_tile; ++kt) {
             // Free once the consumers released the k-tile STAGES before (the first pass: parity 1
             // of a fresh barrier counts as completed).
@@ -152,7 +207,15 @@ __device__ __forceinline__ void lt_produce(unsigned char* smem, u64* full, u64* 
             unsigned char* st = smem + stage * S::STAGE_BYTES;
             mbarrier_arrive_expect_tx(&full[stage], S::STAGE_BYTES);
             tma_load_2d(st, lora ? a2 : a1, k0, m0, &full[stage]);
-            if (KMAJOR) {
+            if (MC) {
+                const int r = (int)sc.rank;
+                if (KMAJOR) {
+#pragma unroll
+                    for (int j = 0; j < LT_BN / 32; ++j) tma_load_2d_multicast(st + S::A_BYTES + j * 4096 + r * 2048, lora ? b2 : b1, n0 + 32 * j, k0 + 32 * r, &full[stage], 3);
+                } else {
+                    tma_load_2d_multicast(st + S::A_BYTES + r * (LT_B_BYTES / 2), lora ? b2 : b1, k0, n0 + (LT_BN / 2) * r, &full[stage], 3);
+                }
+            } else if (KMAJOR) {
 #pragma unroll
                 for (int j = 0; j < LT_BN / 32; ++j) tma_load_2d(st + S::A_BYTES + j * 4096, lora ? b2 : b1, n0 + 32 * j, k0, &full[stage]);
             } else {
@@ -166,17 +229,28 @@ __device__ __forceinline__ void lt_produce(unsigned char* smem, u64* full, u64* 
     }
 }
 
+// A consumer warp frees a stage: lane 0 arrives on the empty barrier, or (MC) lanes 0 and 1 on
+// those of cluster CTAs 0 and 1 (a remote arrival for the peer's).
+template <bool MC> __device__ __forceinline__ void lt_release(u64* bar, int lane) {
+    if (MC) {
+        if (lane < 2) mbarrier_arrive_cluster(bar, (u32)lane);
+    } else if (lane == 0) {
+        mbarrier_arrive(bar);
+    }
+}
+
 // Consumer warpgroup c (0, 1): rows WG_ROWS c.. of every output tile of the block, or (PP) every
 // row of the block's tiles c, c + 2, ... The block's k-tiles are numbered q = local tile x
 // per_tile + kt in the ring (the producer's order): stage q % STAGES, parity (q / STAGES) & 1.
-template <typename T, bool KMAJOR, int BM, bool PP>
-__device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* empty, const LoraGemmArgs& p, u32 tiles, u32 tiles_n, int kt1, int per_tile, int c, int tid) {
-    using S = LtShape<BM, PP>;
+// MC: each consumer warp frees a stage in both CTAs (lane r arrives on CTA r's empty barrier).
+template <typename T, bool KMAJOR, int BM, bool PP, bool MC>
+__device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* empty, const LoraGemmArgs& p, const LtSched<MC>& sc, int kt1, int per_tile, int c, int tid) {
+    using S = LtShape<BM, PP, MC>;
     const int lane = tid & 31, warp = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
     const T* bias = reinterpret_cast<const T*>(p.bias);
     u16* out = reinterpret_cast<u16*>(p.c);
     const u32 first = PP ? (u32)c : 0u;  // the warpgroup's first local tile
-    for (u32 local = first, tile = blockIdx.x + first * gridDim.x; tile < tiles; local += S::TILE_STEP, tile += S::TILE_STEP * gridDim.x) {
+    for (u32 local = first, u = sc.first + first * sc.step; u < sc.units; local += S::TILE_STEP, u += S::TILE_STEP * sc.step) {
         float acc[S::HB][LT_BN / 2];
 #pragma unroll
         for (int h = 0; h < S::HB; ++h)
@@ -210,7 +284,7 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
             }
             wgmma_commit();
             wgmma_wait<1>();  // the previous k-tile's group has retired: its stage can be refilled
-            if (held >= 0 && lane == 0) mbarrier_arrive(&empty[held]);
+            if (held >= 0) lt_release<MC>(&empty[held], lane);
             held = stage;
             if (++stage == S::STAGES) {
                 stage = 0;
@@ -219,16 +293,16 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
         }
         // The other warpgroup's turn, if the block has a next tile (its local tile + 1), while
         // this warpgroup's last wgmma group still runs.
-        if (PP && blockIdx.x + (local + 1) * gridDim.x < tiles) named_barrier_arrive(2 - c, 256);
+        if (PP && sc.first + (local + 1) * sc.step < sc.units) named_barrier_arrive(2 - c, 256);
         wgmma_wait<0>();
 #pragma unroll
         for (int h = 0; h < S::HB; ++h) wgmma_fence_operands(acc[h]);
-        if (held >= 0 && lane == 0) mbarrier_arrive(&empty[held]);
+        if (held >= 0) lt_release<MC>(&empty[held], lane);
 
         // Epilogue from registers (the stages keep filling with the next tile's k-tiles). The
         // bias first, all its loads before any store (stores to C could alias it, so the compiler
         // would not hoist the loads above them: one L2 round trip a column pair otherwise).
-        const u32 col0 = (tile % tiles_n) * LT_BN + 2 * t;
+        const u32 col0 = sc.col_tile(u) * LT_BN + 2 * t;
         if (bias != nullptr) {
 #pragma unroll
             for (int j = 0; j < LT_BN / 8; ++j) {
@@ -251,7 +325,7 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
         // instructions for 16 shuffles and selects per 4 words).
 #pragma unroll
         for (int h = 0; h < S::HB; ++h) {
-            const u32 row = (tile / tiles_n) * BM + (PP ? 0 : c * S::WG_ROWS) + h * 64 + warp * 16 + g;
+            const u32 row = sc.row_tile(u) * BM + (PP ? 0 : c * S::WG_ROWS) + h * 64 + warp * 16 + g;
 #pragma unroll
             for (int q = 0; q < LT_BN / 32; ++q) {
                 Pack<u32, 4> lo, hi;  // rows row, row + 8
@@ -263,7 +337,7 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
                 }
                 lt_quad_transpose(lo.v, t);
                 lt_quad_transpose(hi.v, t);
-                const u32 col = (tile % tiles_n) * LT_BN + (4 * q + t) * 8;
+                const u32 col = sc.col_tile(u) * LT_BN + (4 * q + t) * 8;
                 if (col < p.n) {  // N is a multiple of 8: the 8 columns are in range together
                     if (row < p.m) *reinterpret_cast<Pack<u32, 4>*>(out + (u64)row * p.ldc + col) = lo;
                     if (row + 8 < p.m) *reinterpret_cast<Pack<u32, 4>*>(out + (u64)(row + 8) * p.ldc + col) = hi;
@@ -273,9 +347,9 @@ __device__ __forceinline__ void lt_consume(unsigned char* smem, u64* full, u64* 
     }
 }
 
-template <typename T, bool KMAJOR, int BM, bool PP>
+template <typename T, bool KMAJOR, int BM, bool PP, bool MC>
 __device__ __forceinline__ void lora_gemm_tma(const LoraGemmArgs& p, const TensorMap* a1, const TensorMap* b1, const TensorMap* a2, const TensorMap* b2) {
-    using S = LtShape<BM, PP>;
+    using S = LtShape<BM, PP, MC>;
     LA_DYNAMIC_SHARED(unsigned char, smem_raw);
     // The swizzle patterns are functions of the absolute shared address: align to 1024 bytes (the
     // launch adds 1 KiB of slack); the mbarriers follow the stages.
@@ -286,7 +360,7 @@ __device__ __forceinline__ void lora_gemm_tma(const LoraGemmArgs& p, const Tenso
     // canonical_warp_group_idx); the ping-pong consumers' tile loops start at it, and a loop
     // bound it takes for thread-dependent makes it serialize the wgmmas (C7519).
     const int tid = threadIdx.x, wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
-    const u32 tiles_n = (p.n + LT_BN - 1) / LT_BN, tiles = tiles_n * ((p.m + BM - 1) / BM);
+    const LtSched<MC> sc(p.m, p.n, BM);
     const int kt1 = (int)((p.k1 + LT_BK - 1) / LT_BK);
     const int per_tile = kt1 + (int)((p.k2 + LT_BK - 1) / LT_BK);  // k-tiles of one output tile
 
@@ -298,7 +372,14 @@ __device__ __forceinline__ void lora_gemm_tma(const LoraGemmArgs& p, const Tenso
         }
         fence_mbarrier_init();
     }
-    __syncthreads();
+    // MC: the peer arrives on these barriers and multicasts onto them: the inits must be visible
+    // cluster-wide (fence_mbarrier_init is release at cluster scope) before it starts.
+    if (MC) {
+        cluster_arrive();
+        cluster_wait();
+    } else {
+        __syncthreads();
+    }
 
     if (wg == 0) {
         setmaxnreg_dec<40>();
@@ -307,11 +388,20 @@ __device__ __forceinline__ void lora_gemm_tma(const LoraGemmArgs& p, const Tenso
             tma_prefetch_descriptor(b1);
             tma_prefetch_descriptor(a2);
             tma_prefetch_descriptor(b2);
-            lt_produce<KMAJOR, BM, PP>(smem, full, empty, a1, b1, a2, b2, tiles, tiles_n, kt1, per_tile);
+            lt_produce<KMAJOR, BM, PP, MC>(smem, full, empty, a1, b1, a2, b2, sc, kt1, per_tile);
         }
     } else {
         setmaxnreg_inc<232>();
-        lt_consume<T, KMAJOR, BM, PP>(smem, full, empty, p, tiles, tiles_n, kt1, per_tile, wg - 1, tid & 127);
+        lt_consume<T, KMAJOR, BM, PP, MC>(smem, full, empty, p, sc, kt1, per_tile, wg - 1, tid & 127);
+    }
+    // MC: stay until the peer is done: its consumers' last arrivals on this CTA's empty barriers
+    // and its multicasts into this CTA's stages (all consumed here, but the peer may still arrive)
+    // need this CTA's shared memory. Every thread (the producer warpgroup's idle ones too, which
+    // therefore do not exit early) meets the peer's at the cluster barrier.
+    if (MC) {
+        __syncwarp();
+        cluster_arrive();
+        cluster_wait();
     }
 }
 
@@ -319,25 +409,29 @@ __device__ __forceinline__ void lora_gemm_tma(const LoraGemmArgs& p, const Tenso
 
 // One block an SM. Without wgmma (sm_80) the kernels are empty.
 #if LA_WGMMA
-#define LT_BODY(T, KMAJOR, BM, PP) lora_gemm_tma<T, KMAJOR, BM, PP>(p, &a1, &b1, &a2, &b2);
+#define LT_BODY(T, KMAJOR, BM, PP, MC) lora_gemm_tma<T, KMAJOR, BM, PP, MC>(p, &a1, &b1, &a2, &b2);
 #else
-#define LT_BODY(T, KMAJOR, BM, PP)
+#define LT_BODY(T, KMAJOR, BM, PP, MC)
 #endif
-#define LT_INSTANCE(NAME, T, KMAJOR, BM, PP)                                                                                                                                          \
+#define LT_INSTANCE(NAME, T, KMAJOR, BM, PP, MC)                                                                                                                                          \
     extern "C" __global__ void __launch_bounds__(LT_THREADS, 1)                                                                                                                   \
         NAME(const LoraGemmArgs p, const __grid_constant__ TensorMap a1, const __grid_constant__ TensorMap b1, const __grid_constant__ TensorMap a2, const __grid_constant__ TensorMap b2) { \
-        LT_BODY(T, KMAJOR, BM, PP)                                                                                                                                                     \
+        LT_BODY(T, KMAJOR, BM, PP, MC)                                                                                                                                                   \
     }
 
-LT_INSTANCE(lora_gemm_tma_nk_bf16, bf16, false, 128, false)
-LT_INSTANCE(lora_gemm_tma_nk_f16, f16, false, 128, false)
-LT_INSTANCE(lora_gemm_tma_kn_bf16, bf16, true, 128, false)
-LT_INSTANCE(lora_gemm_tma_kn_f16, f16, true, 128, false)
-LT_INSTANCE(lora_gemm_tma256_nk_bf16, bf16, false, 256, false)
-LT_INSTANCE(lora_gemm_tma256_nk_f16, f16, false, 256, false)
-LT_INSTANCE(lora_gemm_tma256_kn_bf16, bf16, true, 256, false)
-LT_INSTANCE(lora_gemm_tma256_kn_f16, f16, true, 256, false)
-LT_INSTANCE(lora_gemm_tma_pp_nk_bf16, bf16, false, 128, true)
-LT_INSTANCE(lora_gemm_tma_pp_nk_f16, f16, false, 128, true)
-LT_INSTANCE(lora_gemm_tma_pp_kn_bf16, bf16, true, 128, true)
-LT_INSTANCE(lora_gemm_tma_pp_kn_f16, f16, true, 128, true)
+LT_INSTANCE(lora_gemm_tma_nk_bf16, bf16, false, 128, false, false)
+LT_INSTANCE(lora_gemm_tma_nk_f16, f16, false, 128, false, false)
+LT_INSTANCE(lora_gemm_tma_kn_bf16, bf16, true, 128, false, false)
+LT_INSTANCE(lora_gemm_tma_kn_f16, f16, true, 128, false, false)
+LT_INSTANCE(lora_gemm_tma256_nk_bf16, bf16, false, 256, false, false)
+LT_INSTANCE(lora_gemm_tma256_nk_f16, f16, false, 256, false, false)
+LT_INSTANCE(lora_gemm_tma256_kn_bf16, bf16, true, 256, false, false)
+LT_INSTANCE(lora_gemm_tma256_kn_f16, f16, true, 256, false, false)
+LT_INSTANCE(lora_gemm_tma_pp_nk_bf16, bf16, false, 128, true, false)
+LT_INSTANCE(lora_gemm_tma_pp_nk_f16, f16, false, 128, true, false)
+LT_INSTANCE(lora_gemm_tma_pp_kn_bf16, bf16, true, 128, true, false)
+LT_INSTANCE(lora_gemm_tma_pp_kn_f16, f16, true, 128, true, false)
+LT_INSTANCE(lora_gemm_tma_mc_nk_bf16, bf16, false, 128, false, true)
+LT_INSTANCE(lora_gemm_tma_mc_nk_f16, f16, false, 128, false, true)
+LT_INSTANCE(lora_gemm_tma_mc_kn_bf16, bf16, true, 128, false, true)
+LT_INSTANCE(lora_gemm_tma_mc_kn_f16, f16, true, 128, false, true)

@@ -40,9 +40,11 @@ pub const HOPPER_SHARED_BYTES: u32 = 6 * (128 + 160) * 64 * 2 + 1024;
 /// kernels/cuda/lora_linear_tma.cu: the Hopper GEMM warp-specialized with TMA loads
 /// (lora_gemm_tma_{nk,kn}_{bf16,f16} with 128 x 160 output tiles, lora_gemm_tma256_* with
 /// 256 x 160, lora_gemm_tma_pp_* with 128 x 160 tiles computed by one consumer warpgroup each, the
-/// two taking turns; empty kernels on sm_80): same `LoraGemmArgs` followed by four tensor maps (A1, B1,
-/// A2, B2; boxes `tma_box_a` / `TMA_BOX_B_*`), 384 threads (a producer warpgroup and two consumer
-/// warpgroups), a persistent grid (`tma_blocks`).
+/// two taking turns, lora_gemm_tma_mc_* with 128 x 160 tiles in clusters of 2 CTAs that multicast
+/// the B tile; empty kernels on sm_80): same `LoraGemmArgs` followed by four tensor maps (A1, B1,
+/// A2, B2; boxes `tma_box_a` / `TMA_BOX_B_*`, tma_mc: `TMA_MC_BOX_B_*`), 384 threads (a producer
+/// warpgroup and two consumer warpgroups), a persistent grid (`tma_blocks`, tma_mc: `tma_mc_blocks`
+/// in clusters of `TMA_MC_CLUSTER`).
 pub const TMA_SOURCE: KernelSource = KernelSource { name: "lora_linear_tma", code: include_str!("../cuda/lora_linear_tma.cu"), options: &[] };
 
 /// Threads of a TMA-kernel block.
@@ -81,6 +83,33 @@ pub fn tma_box_a(tile_m: usize) -> (u32, u32, u32) {
 }
 pub const TMA_BOX_B_NK: (u32, u32, u32) = (160, 64, 128);
 pub const TMA_BOX_B_KN: (u32, u32, u32) = (64, 32, 64);
+
+/// The tma_mc kernels (lora_gemm_tma_mc_*): 128 x 160 tiles, two CTAs a thread-block cluster
+/// (cluster dims (2, 1, 1), the grid a multiple of 2), computing row tiles 2 i and 2 i + 1 of one
+/// column tile, each CTA loading half of the shared B tile and multicasting it to both: B1 / B2
+/// boxes of 80 rows (nk: the n-half of the [160 n][64 k] tile) or of 32 k-rows by 32 columns (kn:
+/// the k-half of each of the five [64 k][32 n] blocks); A boxes and shared memory as `tma` (128).
+pub const TMA_MC_CLUSTER: u32 = 2;
+pub const TMA_MC_BOX_B_NK: (u32, u32, u32) = (80, 64, 128);
+pub const TMA_MC_BOX_B_KN: (u32, u32, u32) = (32, 32, 64);
+
+/// The work units of the tma_mc kernels for C [m, n]: pairs of 128-row tiles (the last one
+/// alone when the row tiles are odd) times the 160-column tiles.
+pub fn tma_mc_pairs(m: usize, n: usize) -> usize {
+    m.div_ceil(128).div_ceil(2) * n.div_ceil(HOPPER_TILE_N)
+}
+
+/// Blocks of a tma_mc launch: two per tile pair, at most `clusters` pairs at once (the clusters
+/// that fit the device together: its SMs / 2, or fewer where the GPCs leave SMs unpaired), so
+/// always a multiple of 2.
+pub fn tma_mc_blocks(m: usize, n: usize, clusters: u32) -> u32 {
+    TMA_MC_CLUSTER * tma_mc_pairs(m, n).clamp(1, clusters.max(1) as usize) as u32
+}
+
+/// The tma_mc kernel for a B layout and a 16-bit dtype name: lora_gemm_tma_mc_{nk,kn}_{dtype}.
+pub fn tma_mc_kernel_name(layout: BLayout, dtype: &str) -> String {
+    kernel_name(layout, dtype).replacen("lora_gemm_", "lora_gemm_tma_mc_", 1)
+}
 
 /// Whether the TMA kernel can read a LoRA operand of rank `rank` at `addr` (its rows `rank`
 /// elements long): a tensor map needs a 16-byte aligned base and row strides that are multiples
@@ -408,6 +437,14 @@ mod tests {
         assert_eq!(tma_kernel_name(BLayout::KMajor, "bf16", 128, false), "lora_gemm_tma_kn_bf16");
         assert_eq!(tma_kernel_name(BLayout::NMajor, "f16", 256, false), "lora_gemm_tma256_nk_f16");
         assert_eq!(tma_kernel_name(BLayout::NMajor, "bf16", 128, true), "lora_gemm_tma_pp_nk_bf16");
+        assert_eq!(tma_mc_kernel_name(BLayout::KMajor, "f16"), "lora_gemm_tma_mc_kn_f16");
+        // 8192 x 640: 32 pairs of row tiles x 4 column tiles on 66 clusters; 141 x 168 (2 row
+        // tiles, 2 column tiles): 2 pairs; 300 rows (3 row tiles: a lone last one) x 160: 2 pairs.
+        assert_eq!((tma_mc_pairs(8192, 640), tma_mc_blocks(8192, 640, 66), tma_mc_blocks(141, 168, 66), tma_mc_pairs(300, 160)), (128, 132, 4, 2));
+        assert_eq!((tma_mc_blocks(300, 160, 1), tma_mc_blocks(1, 8, 0)), (2, 2));
+        // Half the B box each, the boxes' bytes adding up to the tile's (160 x 64 halves).
+        assert_eq!(2 * TMA_MC_BOX_B_NK.0 * TMA_MC_BOX_B_NK.1, 160 * 64);
+        assert_eq!(2 * 5 * TMA_MC_BOX_B_KN.0 * TMA_MC_BOX_B_KN.1, 160 * 64);
         // Within the 227 KiB a block may opt into on sm_90.
         assert!(tma_shared_bytes(128) <= 232_448 && tma_shared_bytes(256) <= 232_448);
         // 32 x 4 tiles of 256 x 160 for M 8192, N 640.

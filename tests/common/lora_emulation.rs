@@ -29,6 +29,11 @@ pub enum LoraKernel {
     /// engine launches on a device of `sms` SMs (lora::tma_blocks), or exactly `blocks` when
     /// given (idle blocks beyond the tiles).
     Tma { tile_m: usize, pingpong: bool, sms: u32, blocks: Option<u32> },
+    /// lora_gemm_tma_mc_{nk,kn}_DT of kernels/cuda/lora_linear_tma.cu (128 x 160 tiles, clusters
+    /// of 2 CTAs multicasting B): launched in clusters (lora::TMA_MC_CLUSTER) on as many blocks as
+    /// the engine launches on a device of `sms` SMs (lora::tma_mc_blocks with sms / 2 clusters),
+    /// or exactly `blocks` (a multiple of 2; idle clusters beyond the tile pairs).
+    TmaMc { sms: u32, blocks: Option<u32> },
 }
 
 impl LoraKernel {
@@ -36,7 +41,7 @@ impl LoraKernel {
         match self {
             LoraKernel::MmaSync => &lora::SOURCE,
             LoraKernel::Hopper { .. } | LoraKernel::HopperBlocks(_) => &lora::HOPPER_SOURCE,
-            LoraKernel::Tma { .. } => &lora::TMA_SOURCE,
+            LoraKernel::Tma { .. } | LoraKernel::TmaMc { .. } => &lora::TMA_SOURCE,
         }
     }
 
@@ -48,6 +53,7 @@ impl LoraKernel {
             LoraKernel::Tma { pingpong: true, .. } => "tma-pp ",
             LoraKernel::Tma { tile_m: 128, .. } => "tma ",
             LoraKernel::Tma { .. } => "tma256 ",
+            LoraKernel::TmaMc { .. } => "tma-mc ",
         }
     }
 
@@ -60,6 +66,10 @@ impl LoraKernel {
             LoraKernel::Tma { tile_m, pingpong, sms, blocks } => {
                 let grid = blocks.unwrap_or_else(|| lora::tma_blocks(m, n, tile_m, sms));
                 (lora::tma_kernel_name(layout, h.name(), tile_m, pingpong), (grid, 1, 1), lora::TMA_THREADS, lora::tma_shared_bytes(tile_m))
+            }
+            LoraKernel::TmaMc { sms, blocks } => {
+                let grid = blocks.unwrap_or_else(|| lora::tma_mc_blocks(m, n, sms / lora::TMA_MC_CLUSTER));
+                (lora::tma_mc_kernel_name(layout, h.name()), (grid, 1, 1), lora::TMA_THREADS, lora::tma_shared_bytes(128))
             }
         }
     }
@@ -157,14 +167,20 @@ pub fn run_kernel_with(
         pad: 0,
     };
     let (name, grid, threads, shared_bytes) = kernel.geometry(layout, h, m, n);
-    if let LoraKernel::Tma { tile_m, .. } = kernel {
-        let maps = tma_maps(&args, layout, tile_m, h);
+    let tma = match kernel {
+        LoraKernel::Tma { tile_m, .. } => Some((tile_m, false)),
+        LoraKernel::TmaMc { .. } => Some((128, true)),
+        _ => None,
+    };
+    if let Some((tile_m, multicast)) = tma {
+        let maps = tma_maps(&args, layout, tile_m, multicast, h);
+        let cluster = if multicast { (lora::TMA_MC_CLUSTER, 1, 1) } else { (1, 1, 1) };
         // SAFETY: the TMA kernels' extern "C" signature is (LoraGemmArgs, TensorMap x 4) by value;
         // every pointer in args addresses a live buffer of the size the args describe, and the
         // maps describe those buffers.
         unsafe {
             module
-                .launch_with(&name, grid, (threads, 1, 1), shared_bytes, schedule, &|f| {
+                .launch_cluster_with(&name, grid, (threads, 1, 1), cluster, shared_bytes, schedule, &|f| {
                     let k: extern "C" fn(LoraGemmArgs, TensorMapArg, TensorMapArg, TensorMapArg, TensorMapArg) = std::mem::transmute(f);
                     k(args, maps[0], maps[1], maps[2], maps[3]);
                 })
@@ -187,11 +203,14 @@ pub fn run_kernel_with(
 
 /// The four tensor maps of the TMA kernels (A1, B1, A2, B2) over the operands `args` describes, as
 /// engine/src/cuda/lora_linear.rs builds them on a GPU: the boxes of kernels::lora_linear
-/// (`tma_box_a`, `TMA_BOX_B_*`); rank 0: the A1 / B1 maps stand in for the unread A2 / B2.
-fn tma_maps(args: &LoraGemmArgs, layout: BLayout, tile_m: usize, h: Half) -> [TensorMapArg; 4] {
-    let box_b = match layout {
-        BLayout::NMajor => lora::TMA_BOX_B_NK,
-        BLayout::KMajor => lora::TMA_BOX_B_KN,
+/// (`tma_box_a`, `TMA_BOX_B_*`, with `multicast` the tma_mc kernels' half boxes `TMA_MC_BOX_B_*`);
+/// rank 0: the A1 / B1 maps stand in for the unread A2 / B2.
+fn tma_maps(args: &LoraGemmArgs, layout: BLayout, tile_m: usize, multicast: bool, h: Half) -> [TensorMapArg; 4] {
+    let box_b = match (layout, multicast) {
+        (BLayout::NMajor, false) => lora::TMA_BOX_B_NK,
+        (BLayout::KMajor, false) => lora::TMA_BOX_B_KN,
+        (BLayout::NMajor, true) => lora::TMA_MC_BOX_B_NK,
+        (BLayout::KMajor, true) => lora::TMA_MC_BOX_B_KN,
     };
     let (m, n, k1, k2) = (args.m as usize, args.n as usize, args.k1 as usize, args.k2 as usize);
     let (b1_dims, b2_dims) = match layout {

@@ -46,6 +46,39 @@ pub fn cluster_config(dev: &CudaDevice, grid: u32, block: u32, cs: u32, shared: 
     }
 }
 
+/// Launches `f` (`name` in errors) on the device's stream as `cluster_config` describes it: grid
+/// (grid, 1, 1) of `block` threads in clusters of `cs` CTAs, `shared` bytes of dynamic shared
+/// memory (opted into by the caller where above 48 KiB), through cuLaunchKernelEx.
+///
+/// # Safety
+/// `args` must point at values matching the kernel's parameters, alive until the call returns
+/// (the driver copies them), and the buffers they name must satisfy the kernel's host guarantees.
+pub unsafe fn launch_cluster(dev: &CudaDevice, f: &super::CudaFunction, name: &str, (grid, block, cs, shared): (u32, u32, u32, u32), args: &mut [*mut std::ffi::c_void]) -> Result<()> {
+    dev.bind()?;
+    // SAFETY: zeroed, then every field written by cluster_config.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    let cfg = cluster_config(dev, grid, block, cs, shared, &mut attr);
+    dev.profile_launch(f);
+    // SAFETY: cfg and its attribute live for the call; the arguments are the caller's promise.
+    unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(launch_failed(name))?;
+    Ok(())
+}
+
+/// How many clusters of `cs` CTAs of `f` (`block` threads, `shared` bytes of dynamic shared
+/// memory, already opted into) the device can run at once (cuOccupancyMaxActiveClusters; the
+/// GPCs' SM counts can leave SMs that no cluster uses); 0 where none fits or the query fails.
+pub fn max_active_clusters(dev: &CudaDevice, f: &super::CudaFunction, block: u32, cs: u32, shared: u32) -> Result<u32> {
+    dev.bind()?;
+    // SAFETY: zeroed, then every field written by cluster_config.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    let grid = cs * (dev.multiprocessors() / cs).max(1);
+    let cfg = cluster_config(dev, grid, block, cs, shared, &mut attr);
+    let mut active: std::ffi::c_int = 0;
+    // SAFETY: cfg (and the attribute it points to) and f are valid for the call.
+    let ok = unsafe { sys::cuOccupancyMaxActiveClusters(&mut active, f.cu_function(), &cfg) }.result().is_ok();
+    Ok(if ok { active.max(0) as u32 } else { 0 })
+}
+
 /// Shape and per-input strides (in elements) of an element-wise kernel; the output is contiguous
 /// over `shape`. Must match `StridedArgs<NIN>` in kernels/cuda/common.cuh field for field.
 #[repr(C)]

@@ -11,10 +11,12 @@
 //! (kernels/cuda/lora_linear_hopper.cu, wgmma) runs instead: same arguments, 128 x 160 tiles, a
 //! persistent grid of min(tiles, SMs) blocks of 256 threads, 217 KiB of dynamic shared memory.
 //!
-//! With LOOKAHEAD_VARIANT_LORA=tma, tma256 or tma-pp (`VARIANTS`; unset or `default`: the kernel
-//! above), the warp-specialized TMA kernel (kernels/cuda/lora_linear_tma.cu) runs instead where it
-//! can: 128 x 160 (tma; tma-pp: consumer warpgroups taking turns on whole tiles) or 256 x 160
-//! (tma256) tiles, a persistent grid, 384 threads, the operands described by four tensor maps (A1, B1, A2, B2; built
+//! With LOOKAHEAD_VARIANT_LORA=tma, tma256, tma-pp or tma-mc (`VARIANTS`; unset or `default`: the
+//! kernel above), the warp-specialized TMA kernel (kernels/cuda/lora_linear_tma.cu) runs instead
+//! where it can: 128 x 160 (tma; tma-pp: consumer warpgroups taking turns on whole tiles; tma-mc:
+//! clusters of 2 CTAs multicasting the B tile, launched through cuLaunchKernelEx with the cluster
+//! dimension, grid 2 x min(tile pairs, clusters the device runs at once)) or 256 x 160 (tma256)
+//! tiles, a persistent grid, 384 threads, the operands described by four tensor maps (A1, B1, A2, B2; built
 //! per call: a few host-only cuTensorMapEncodeTiled calls, no device work, no allocation) passed
 //! as `__grid_constant__` kernel parameters. It needs k1 > 0 and LoRA rows TMA can address
 //! (`klora::tma_lora_ok`: rank a multiple of 8, 16-byte aligned); elsewhere (rank 4, 12, ...,
@@ -31,7 +33,7 @@ use kernels::compile::KernelSource;
 use kernels::lora_linear::{self as klora, BLayout, LoraGemmArgs};
 
 use super::device::CudaDevice;
-use super::launch::launch_failed;
+use super::launch::{launch_cluster, launch_failed, max_active_clusters};
 use super::storage::CudaStorage;
 use super::tensor_map::{self, TensorMap2d, TensorMapParam, TmaSwizzle};
 use super::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -70,8 +72,9 @@ pub fn fused_supported(dev: &CudaDevice, dtype: DType, m: usize, n: usize, k1: u
 
 /// The variants of the Hopper kernel (LOOKAHEAD_VARIANT_LORA): kernels/cuda/lora_linear_tma.cu
 /// with 128 x 160 ("tma") or 256 x 160 ("tma256") output tiles shared by the two consumer
-/// warpgroups, or 128 x 160 tiles that they take in turns ("tma-pp", ping-pong).
-pub const VARIANTS: [&str; 3] = ["tma", "tma256", "tma-pp"];
+/// warpgroups, 128 x 160 tiles that they take in turns ("tma-pp", ping-pong), or 128 x 160 tiles in
+/// clusters of 2 CTAs that multicast the shared B tile ("tma-mc").
+pub const VARIANTS: [&str; 4] = ["tma", "tma256", "tma-pp", "tma-mc"];
 const VARIANT_FAMILY: &str = "lora";
 
 /// The TMA kernel LOOKAHEAD_VARIANT_LORA asks for (None: the default kernel); an unknown value is
@@ -82,6 +85,7 @@ fn tma_requested() -> Result<Option<Family>> {
         Some("tma") => Ok(Some(Family::Tma)),
         Some("tma256") => Ok(Some(Family::Tma256)),
         Some("tma-pp") => Ok(Some(Family::TmaPp)),
+        Some("tma-mc") => Ok(Some(Family::TmaMc)),
         Some(v) => Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_LORA = {v:?} is not a variant of the fused LoRA GEMM; known: default, {}", VARIANTS.join(", ")))),
     }
 }
@@ -99,6 +103,8 @@ enum Family {
     Tma256,
     /// the same with 128 x 160 tiles, the consumer warpgroups taking turns (ping-pong)
     TmaPp,
+    /// the same as Tma in clusters of 2 CTAs (row tiles 2 i, 2 i + 1) multicasting the B tile
+    TmaMc,
 }
 
 impl Family {
@@ -140,6 +146,10 @@ fn kernel_name(family: Family, layout: BLayout, dtype: DType) -> &'static str {
         (Family::TmaPp, BLayout::NMajor, _) => "lora_gemm_tma_pp_nk_f16",
         (Family::TmaPp, BLayout::KMajor, DType::BF16) => "lora_gemm_tma_pp_kn_bf16",
         (Family::TmaPp, BLayout::KMajor, _) => "lora_gemm_tma_pp_kn_f16",
+        (Family::TmaMc, BLayout::NMajor, DType::BF16) => "lora_gemm_tma_mc_nk_bf16",
+        (Family::TmaMc, BLayout::NMajor, _) => "lora_gemm_tma_mc_nk_f16",
+        (Family::TmaMc, BLayout::KMajor, DType::BF16) => "lora_gemm_tma_mc_kn_bf16",
+        (Family::TmaMc, BLayout::KMajor, _) => "lora_gemm_tma_mc_kn_f16",
     }
 }
 
@@ -255,17 +265,41 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
     });
     let tma_ok = k1 > 0 && klora::tma_lora_ok(k2, pa2) && (layout == BLayout::KMajor || klora::tma_lora_ok(k2, pb2));
     let tma = if tma_ok { tma_requested()? } else { None };
-    let kernel = kernel_for(&dev, m, n, tma);
+    let mut kernel = kernel_for(&dev, m, n, tma);
+    // tma-mc: the clusters the device runs at once (asked once per kernel); where none fits, the
+    // same tiles without clusters (tma).
+    let mut clusters = 0;
+    if kernel.family == Family::TmaMc {
+        clusters = mc_clusters(&dev, &kernel, kernel_name(kernel.family, layout, dtype))?;
+        if clusters == 0 {
+            kernel.family = Family::Tma;
+        }
+    }
     let grid_dim = match kernel.family {
         Family::MmaSync => (n.div_ceil(klora::TILE_N) as u32, m.div_ceil(klora::TILE_M) as u32, 1),
         Family::Hopper => (klora::hopper_blocks(m, n, dev.multiprocessors()), 1, 1),
         Family::Tma | Family::Tma256 | Family::TmaPp => (klora::tma_blocks(m, n, kernel.family.tile_m(), dev.multiprocessors()), 1, 1),
+        Family::TmaMc => (klora::tma_mc_blocks(m, n, clusters), 1, 1),
     };
     let maps = match kernel.family {
-        Family::Tma | Family::Tma256 | Family::TmaPp => Some(tma_maps(dtype, layout, kernel.family.tile_m(), (pa1, pb1, pa2, pb2), (m, n, k1, k2))?),
+        Family::Tma | Family::Tma256 | Family::TmaPp | Family::TmaMc => Some(tma_maps(dtype, layout, kernel.family, (pa1, pb1, pa2, pb2), (m, n, k1, k2))?),
         _ => None,
     };
-    let f = loaded(&dev, &kernel, kernel_name(kernel.family, layout, dtype))?;
+    let name = kernel_name(kernel.family, layout, dtype);
+    let f = loaded(&dev, &kernel, name)?;
+    if let (Family::TmaMc, Some(maps)) = (kernel.family, &maps) {
+        fn karg<T>(v: &T) -> *mut std::ffi::c_void {
+            v as *const T as *mut std::ffi::c_void
+        }
+        let mut params = [karg(&args), karg(&maps[0]), karg(&maps[1]), karg(&maps[2]), karg(&maps[3])];
+        // SAFETY: the parameters are lora_gemm_tma_mc_*'s (LoraGemmArgs, TensorMap x 4), alive
+        // until the call returns; every pointer in args addresses a live CUDA buffer of the shape
+        // the args describe (checked above), the maps describe those buffers, the output holds
+        // m * n elements, the grid is a multiple of the cluster, and the shared memory was opted into.
+        unsafe { launch_cluster(&dev, &f, name, (grid_dim.0, kernel.threads, klora::TMA_MC_CLUSTER, kernel.shared_bytes), &mut params) }?;
+        drop((a1_copy, b1_copy, a2_copy, b2_copy, bias_copy));
+        return Tensor::from_storage(Storage::Cuda(out), &[m, n]);
+    }
     let cfg = LaunchConfig { grid_dim, block_dim: (kernel.threads, 1, 1), shared_mem_bytes: kernel.shared_bytes };
     let mut b = dev.launch_builder(&f);
     b.arg(&args);
@@ -284,12 +318,16 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
 
 /// The TMA kernel's four tensor maps (A1, B1, A2, B2) over the operands at these device addresses
 /// (row-major, rows contiguous: lda1 = k1, ldb1 = k1 (nk) or n (kn), lda2 = k2, ldb2 = k2 or n), with
-/// the boxes and swizzles of `klora::tma_box_a(tile_m)` / `TMA_BOX_B_*`. Rank 0: A2 / B2 are never
-/// read; the A1 / B1 maps stand in for them (a tensor map cannot describe an empty matrix).
-fn tma_maps(dtype: DType, layout: BLayout, tile_m: usize, (pa1, pb1, pa2, pb2): (u64, u64, u64, u64), (m, n, k1, k2): (usize, usize, usize, usize)) -> Result<[TensorMapParam; 4]> {
-    let box_b = match layout {
-        BLayout::NMajor => klora::TMA_BOX_B_NK,
-        BLayout::KMajor => klora::TMA_BOX_B_KN,
+/// the boxes and swizzles of `klora::tma_box_a(tile_m)` / `TMA_BOX_B_*` (tma-mc: the half boxes
+/// `TMA_MC_BOX_B_*`). Rank 0: A2 / B2 are never read; the A1 / B1 maps stand in for them (a tensor
+/// map cannot describe an empty matrix).
+fn tma_maps(dtype: DType, layout: BLayout, family: Family, (pa1, pb1, pa2, pb2): (u64, u64, u64, u64), (m, n, k1, k2): (usize, usize, usize, usize)) -> Result<[TensorMapParam; 4]> {
+    let tile_m = family.tile_m();
+    let box_b = match (layout, family == Family::TmaMc) {
+        (BLayout::NMajor, false) => klora::TMA_BOX_B_NK,
+        (BLayout::KMajor, false) => klora::TMA_BOX_B_KN,
+        (BLayout::NMajor, true) => klora::TMA_MC_BOX_B_NK,
+        (BLayout::KMajor, true) => klora::TMA_MC_BOX_B_KN,
     };
     // (rows, columns) of B1 / B2 as stored.
     let (b1_dims, b2_dims) = match layout {
@@ -341,6 +379,21 @@ fn loaded(dev: &CudaDevice, kernel: &Kernel, name: &'static str) -> Result<CudaF
     Ok(f)
 }
 
+/// The clusters of 2 CTAs of the tma-mc kernel `name` (loaded, its shared memory opted into) that
+/// the device runs at once, at most SMs / 2; 0 where none fits. Asked once per (device, kernel).
+fn mc_clusters(dev: &CudaDevice, kernel: &Kernel, name: &'static str) -> Result<u32> {
+    type Seen = Vec<(usize, &'static str, u32)>;
+    static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some(&(_, _, c)) = seen.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(d, n, _)| *d == dev.ordinal() && *n == name) {
+        return Ok(c);
+    }
+    let f = loaded(dev, kernel, name)?;
+    let c = max_active_clusters(dev, &f, kernel.threads, klora::TMA_MC_CLUSTER, kernel.shared_bytes)?.min(dev.multiprocessors() / klora::TMA_MC_CLUSTER);
+    seen.lock().unwrap_or_else(|e| e.into_inner()).push((dev.ordinal(), name, c));
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,7 +403,7 @@ mod tests {
         // The only test of this crate that touches LOOKAHEAD_VARIANT_LORA; put back as it was.
         let before = std::env::var("LOOKAHEAD_VARIANT_LORA").ok();
         let mut seen = Vec::new();
-        for v in ["", "default", "tma", "tma256", "tma-pp", "tma512"] {
+        for v in ["", "default", "tma", "tma256", "tma-pp", "tma-mc", "tma512"] {
             std::env::set_var("LOOKAHEAD_VARIANT_LORA", v);
             seen.push(tma_requested().map_err(|e| e.to_string()));
         }
@@ -358,9 +411,9 @@ mod tests {
             Some(v) => std::env::set_var("LOOKAHEAD_VARIANT_LORA", v),
             None => std::env::remove_var("LOOKAHEAD_VARIANT_LORA"),
         }
-        assert_eq!(seen[..5], [Ok(None), Ok(None), Ok(Some(Family::Tma)), Ok(Some(Family::Tma256)), Ok(Some(Family::TmaPp))]);
-        let e = seen[5].clone().unwrap_err();
-        assert!(e.contains("LOOKAHEAD_VARIANT_LORA") && e.contains("tma512") && e.contains("default, tma, tma256, tma-pp"), "{e}");
+        assert_eq!(seen[..6], [Ok(None), Ok(None), Ok(Some(Family::Tma)), Ok(Some(Family::Tma256)), Ok(Some(Family::TmaPp)), Ok(Some(Family::TmaMc))]);
+        let e = seen[6].clone().unwrap_err();
+        assert!(e.contains("LOOKAHEAD_VARIANT_LORA") && e.contains("tma512") && e.contains("default, tma, tma256, tma-pp, tma-mc"), "{e}");
     }
 
     #[test]
@@ -372,6 +425,7 @@ mod tests {
                 assert_eq!(kernel_name(Family::Tma, layout, dtype), klora::tma_kernel_name(layout, dt, 128, false));
                 assert_eq!(kernel_name(Family::Tma256, layout, dtype), klora::tma_kernel_name(layout, dt, 256, false));
                 assert_eq!(kernel_name(Family::TmaPp, layout, dtype), klora::tma_kernel_name(layout, dt, 128, true));
+                assert_eq!(kernel_name(Family::TmaMc, layout, dtype), klora::tma_mc_kernel_name(layout, dt));
             }
         }
     }
