@@ -2,10 +2,13 @@
 //! kernels/cuda/group_norm.cu) on the CPU emulator of CUDA with thread-block clusters, against
 //! the CPU reference (kernels::norm_backward::group_norm_backward): dx, and dweight / dbias summed
 //! by the kernel's f32 atomic adds into zeroed buffers; f32, bf16 and f16; SiLU on and off; with
-//! and without weight / bias; clusters of 2 and 4 CTAs. Shapes: channels of 130 / 260 packs
-//! (channel boundaries inside warps, packs past one stride of the cluster so each thread holds
-//! several, a partly used last stride), and channels of 1-2 packs (many channel runs per warp, most
-//! threads idle). dx starts as NaN, so an unwritten element shows.
+//! and without weight / bias; clusters of 2 and 4 CTAs; statistics recomputed (null) or the
+//! forward's saved ones (moved off the true ones, so that a kernel recomputing them anyway fails,
+//! and, bit for bit, the cluster forward's own). Shapes: channels of 130 / 260 packs (channel
+//! boundaries inside warps, packs past one stride of the cluster so each thread holds several, a
+//! partly used last stride), and channels of 1-2 packs (many channel runs per warp, most threads
+//! idle). dx starts as NaN, so an unwritten element shows. Also norm.cu's two-phase and
+//! grid-resident backwards, with and without saved statistics.
 
 use kernels::emulate::EmulatedModule;
 use kernels::norm as knorm;

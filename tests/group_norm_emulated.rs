@@ -1,15 +1,15 @@
 //! The single-launch cluster group-norm (+SiLU) forward kernels (kernels/cuda/group_norm.cu) on
 //! the CPU emulator of CUDA with thread-block clusters, against the CPU reference
-//! (kernels::norm::group_norm): the register kernel gn_cluster_DT_pP (the `cluster-regs` variant)
-//! and the shared-memory kernels gn_cluster_smem_DT (`cluster-smem`) and
+//! (kernels::norm::group_norm_with_stats): the register kernel gn_cluster_DT_pP (the
+//! `cluster-regs` variant) and the shared-memory kernels gn_cluster_smem_DT (`cluster-smem`) and
 //! gn_cluster_smem_async_DT (`cluster-smem-async`, cp.async loads), as engine/src/cuda/norm.rs
 //! launches them; f32, bf16 and f16; SiLU on and off; with and without weight / bias; clusters of
-//! 2 and 4 CTAs; the statistics they save for the backward ([N, G, 2] (mean, rstd), against
-//! kernels::norm::group_norm_with_stats) and the same y without them (a null pointer); and the
-//! grid-resident channels-last forward gn_grid_nhwc_DT (norm.cu) saving them too. Shapes: channels of 130 / 260 packs (channel boundaries inside a CTA's range and
-//! inside warps, a partly used last stride / a last CTA with fewer packs), channels of 1-2 packs
-//! (most threads idle), and a group smaller than the cluster (CTAs that own no pack). y starts as
-//! NaN, so an unwritten element shows.
+//! 2 and 4 CTAs; the statistics they save for the backward ([N, G, 2] (mean, rstd)) and the same
+//! y without them (a null pointer). Also the grid-resident channels-last forward gn_grid_nhwc_DT
+//! (norm.cu) saving them. Shapes: channels of 130 / 260 packs (channel boundaries inside a CTA's
+//! range and inside warps, a partly used last stride / a last CTA with fewer packs), channels of
+//! 1-2 packs (most threads idle), and a group smaller than the cluster (CTAs that own no pack). y
+//! and the statistics start as NaN, so an unwritten element shows.
 
 use kernels::emulate::EmulatedModule;
 use kernels::norm as knorm;

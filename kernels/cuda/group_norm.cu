@@ -22,11 +22,19 @@
 // waves, each loading, waiting at two cluster barriers and storing with nothing overlapping.
 // The shared-memory kernel (32 registers, 40 KB a CTA) holds the whole tensor in one wave.
 //
+// Saved statistics: every forward here takes `stats` (f32 [N, G, 2], (mean, rstd) per (sample,
+// group), or null). Training asks for them (Tensor::group_norm_stats, the autograd op), as
+// PyTorch's native_group_norm saves mean and rstd, so that the backward needs no statistics of
+// its own: they cost the backward a cluster round each (two barriers) here, and the two-phase
+// backward a whole extra read of x; writing them costs the forward two floats a group, from one
+// thread a cluster. Inference passes null and writes nothing.
+//
 // Launch (engine/src/cuda/norm.rs, gn_cluster_plan): grid.x = N*G*cs CTAs of GNC_BLOCK threads,
 // cluster dims (cs, 1, 1), cs <= 16 (16 needs the non-portable cluster size attribute). CTA
 // `rank` of cluster q = (n G + g) owns packs rank * GNC_BLOCK + tid + k * cs * GNC_BLOCK, k < P.
 // Host guarantees: HW % V == 0 (a pack stays in one channel), x and y 16-byte aligned,
-// cpg * HW / V <= cs * GNC_BLOCK * P, N * C * HW < 2^32. Weight / bias: f32 per channel or null.
+// cpg * HW / V <= cs * GNC_BLOCK * P, N * C * HW < 2^32. Weight / bias: f32 per channel or null;
+// stats 2 N G floats or null.
 #include "warp_reduce.cuh"
 #include "cluster.cuh"
 
@@ -85,13 +93,16 @@ __device__ __forceinline__ void gnc_group_stats(const Pack<T, V> (&r)[P], float 
     var = gnc_cluster_sum(ss, red, &slots[1], cs) / (float)M;
 }
 
-// The forward's (mean, rstd) of (sample, group) q into stats[2 q + {0, 1}] ([N, G, 2] f32) when
-// the caller asked (training: the backward then skips its statistics): one thread a cluster
-// writes, every CTA holds the same values. A null pointer (inference) costs a predicate.
-__device__ __forceinline__ void gnc_save_stats(float* stats, u32 q, u32 rank, float mean, float rstd) {
-    if (stats != nullptr && rank == 0 && threadIdx.x == 0) {
-        stats[2 * (u64)q] = mean;
-        stats[2 * (u64)q + 1] = rstd;
+// The forward's (mean, rstd) of this cluster's (sample, group) q = blockIdx.x / cs into
+// stats[2 q + {0, 1}] ([N, G, 2] f32) when the caller asked (training: the backward then skips
+// its statistics): thread 0 of the cluster's first CTA writes (every CTA holds the same values).
+// A null pointer (inference) costs a predicate. q is worked out again here rather than kept from
+// the kernel's start: kept live next to the register kernel's packs, it cost p8 a spill.
+__device__ __forceinline__ void gnc_save_stats(float* stats, u32 cs, float mean, float rstd) {
+    if (stats != nullptr && threadIdx.x == 0 && blockIdx.x % cs == 0) {
+        const u64 q = blockIdx.x / cs;
+        stats[2 * q] = mean;
+        stats[2 * q + 1] = rstd;
     }
 }
 #endif
@@ -123,7 +134,6 @@ __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restric
     // shared memory must outlive the other CTAs' reads of it).
     cluster_arrive();
     const float rstd = 1.0f / sqrtf(var + eps);
-    gnc_save_stats(stats, q, rank, mean, rstd);
 #pragma unroll
     for (int k = 0; k < P; ++k) {
         const u32 i = first + k * stride;
@@ -140,6 +150,8 @@ __device__ __forceinline__ void gn_cluster(const T* __restrict__ x, T* __restric
             yp[i] = o;
         }
     }
+    // After the y stores (here the p16 kernels spill no more than without it).
+    gnc_save_stats(stats, cs, mean, rstd);
     cluster_wait();
 #endif
 }
@@ -156,9 +168,11 @@ GNC_KERNELS(f16, f16)
 
 // ---- backward ---------------------------------------------------------------------------------
 // Single-pass group norm (+SiLU) backward, same clusters as the forward: each CTA loads its packs
-// of x and dy into registers once, recomputes the group's mean and rstd with the forward's two
-// cluster sums (bit-identical statistics), then, with z = xhat w + b and dz = dy silu'(z) (SiLU
-// fused) or dy, one cluster round sums dxhat = dz w and dxhat xhat over the group, and
+// of x and dy into registers once and takes the group's mean and rstd from `stats` (the forward's
+// saved ones: the training path) or, when null, recomputes them with the forward's two cluster
+// sums (bit-identical statistics, two more cluster rounds); then, with z = xhat w + b and
+// dz = dy silu'(z) (SiLU fused) or dy, one cluster round sums dxhat = dz w and dxhat xhat over
+// the group, and
 // dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) is written once: one read of x and dy,
 // one write of dx, against five passes over the tensors in norm.cu's gn_bwd_* path.
 // Parameter gradients (dw, db non-null, zeroed by the host): dw[c] = sum over (n, hw) of dz xhat,
@@ -167,9 +181,11 @@ GNC_KERNELS(f16, f16)
 // then per CTA in shared memory, then added to dw / db with f32 atomics: C * N * cs additions in
 // all (each CTA adds once per channel of its group), negligible next to the tensor traffic; the
 // order of those additions varies from run to run, so dw / db are not bit-reproducible (dx is).
+// A runtime flag (null or not) rather than a second instance per P: the saved-statistics path
+// only drops code, and the registers moved by a few either way (cuda_compile).
 // Launch: as the forward (grid.x = N*G*cs CTAs of GNC_BLOCK threads, cluster dims (cs, 1, 1),
-// the same pack ownership). Host guarantees: the forward's, dy and dx 16-byte aligned, and
-// C / G <= GNC_MAX_CPG (the per-CTA channel partials).
+// the same pack ownership). Host guarantees: the forward's, dy and dx 16-byte aligned,
+// C / G <= GNC_MAX_CPG (the per-CTA channel partials), stats 2 N G floats or null.
 #define GNC_MAX_CPG 512
 
 #if __CUDA_ARCH__ >= 900 || defined(LOOKAHEAD_EMULATE)
@@ -252,11 +268,6 @@ __device__ __forceinline__ void gn_cluster_bwd(const T* __restrict__ x, const T*
     // Zeroed before the cluster sums' block barriers (or the saved-statistics path's own), used after them.
     if (params)
         for (u32 t = threadIdx.x; t < cpg; t += GNC_BLOCK) pb_s[t] = pw_s[t] = 0.0f;
-    float mean, rstd;
-    if (stats != nullptr) {
-        mean = __ldg(stats + 2 * (u64)q);
-        rstd = __ldg(stats + 2 * (u64)q + 1);
-    }
     Pack<T, V> rx[P], rd[P];
 #pragma unroll
     for (int k = 0; k < P; ++k) {
@@ -266,14 +277,17 @@ __device__ __forceinline__ void gn_cluster_bwd(const T* __restrict__ x, const T*
             rd[k] = dyp[i];
         }
     }
+    float mean, rstd;
     if (stats == nullptr) {
         // The forward's statistics, term for term (two cluster rounds).
         float var;
         gnc_group_stats<T, V, P>(rx, to_f32(x[base]), first, stride, packs, M, red, slots, cs, mean, var);
         rstd = 1.0f / sqrtf(var + eps);
-    } else if (params) {
+    } else {
+        mean = __ldg(stats + 2 * (u64)q);
+        rstd = __ldg(stats + 2 * (u64)q + 1);
         // No statistic sums, so no block barrier yet between the zeroing and gnc_channel_add.
-        __syncthreads();
+        if (params) __syncthreads();
     }
     // Sums of dxhat = dz w and dxhat xhat; per-channel sums of dz and dz xhat for dw / db.
     float sg = 0.0f, sgx = 0.0f;
@@ -431,7 +445,7 @@ __device__ __forceinline__ void gn_cluster_smem(const T* __restrict__ x, T* __re
     const float var = gnc_cluster_sum(ss, red, &slots[1], cs) / (float)M;
     cluster_arrive();
     const float rstd = 1.0f / sqrtf(var + eps);
-    gnc_save_stats(stats, q, rank, mean, rstd);
+    gnc_save_stats(stats, cs, mean, rstd);
     for (u32 i = threadIdx.x; i < own; i += GNC_BLOCK) {
         const u32 c = g * cpg + ((lo + i) * V) / HW;
         const float sc = rstd * (w ? __ldg(w + c) : 1.0f), sh = b ? __ldg(b + c) : 0.0f;

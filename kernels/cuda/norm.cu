@@ -595,7 +595,9 @@ extern "C" __global__ void __launch_bounds__(EW_BLOCK) bn_coef(const float* mean
 // (sample, channel) sums A = sum d and B = sum d * xhat over lanes (layout as the statistics:
 // part[q * N*C*L + (n C + c) L + l], q = 0 A, 1 B); then per group mg = sum_c w_c A_c / m,
 // mgx = sum_c w_c B_c / m and dx = rstd * (d * w - mg - xhat * mgx); dweight = sum_n B,
-// dbias = sum_n A. stats are gn_finalize's (mean, rstd) per (sample, group).
+// dbias = sum_n A. stats are (mean, rstd) per (sample, group): the forward's saved ones when the
+// caller has them (then the host skips gn_stats / gn_finalize, a whole read of x and two
+// launches), else gn_finalize's.
 // The SiLU derivative through sigmoid_for<T>: MUFU ex2/rcp for 16-bit tensors (the gradients are
 // rounded to 16 bits), where expf and an IEEE division made the reduction and dx passes
 // instruction-bound.
@@ -793,11 +795,12 @@ extern "C" __global__ void __launch_bounds__(GN_BLOCK) gn_bwd_params(const float
 //   1. load the slice (GNG_INFLIGHT 16-byte loads a thread in flight), summing each channel's
 //      shifted values and squares as they arrive; the block's sums to part in gn_stats_nhwc's
 //      layout (the L blocks of a sample are its lanes); grid barrier;
-//   2. gn_finalize_group for the (sample, group) pairs, strided over the blocks -> coef; grid barrier;
+//   2. gn_finalize_group for the (sample, group) pairs, strided over the blocks -> coef, and the
+//      (mean, rstd) into `stats` when given (the backward's saved statistics); grid barrier;
 //   3. normalize (+SiLU) the slice (shared memory, then global) into y, gn_apply_nhwc's arithmetic.
 // Host guarantees (engine/src/cuda/norm.rs gn_grid_plan): a cooperative launch (all N L blocks
 // resident at once), C % V == 0, npk <= blockDim <= GNG_MAX_BLOCK, x and y 16-byte aligned, part
-// 3 N C L floats, coef 4 N C floats, bar two u32 as grid_sync wants.
+// 3 N C L floats, coef 4 N C floats, stats 2 N G floats or null, bar two u32 as grid_sync wants.
 #define GNG_MAX_BLOCK 512
 // 16-byte loads a thread keeps in flight: 8 x 512 threads = 64 KB an SM, over the
 // latency x bandwidth product; the backward's second pass keeps 4 (with 6 per-channel
@@ -902,7 +905,8 @@ __device__ __forceinline__ void gn_grid_stats(const T* x, Pack<T, V>* buf, const
 
 // gn_grid_nhwc_DT (forward): gn_stats_nhwc, gn_finalize and gn_apply_nhwc as one launch:
 //   1. gn_grid_stats; grid barrier;
-//   2. gn_finalize_group for the (sample, group) pairs, strided over the blocks -> coef; grid barrier;
+//   2. gn_finalize_group for the (sample, group) pairs, strided over the blocks -> coef (and
+//      stats when given: the forward's statistics, saved for the backward); grid barrier;
 //   3. normalize (+SiLU) the slice (shared memory, then global) into y, gn_apply_nhwc's arithmetic.
 template <typename T>
 __device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b, float* __restrict__ part,
@@ -949,6 +953,10 @@ __device__ __forceinline__ void gn_grid_nhwc(const T* __restrict__ x, T* __restr
 //   3. dy's slice: per channel A = sum d, B = sum d xhat (gn_bwd_reduce's terms) -> part; barrier;
 //   4. gn_bwd_finalize_group -> coef (mean, rstd, mg, mgx), gn_bwd_params_channel -> dw, db (when
 //      dw is given); grid barrier; 5. dx of the slice, gn_bwd_dx's arithmetic.
+// With `saved` set, `stats` already holds the forward's (mean, rstd) (the training path: the
+// forward saved them) and steps 1-2 shrink to copying x's slice into shared memory: no sums, no
+// finalize, two of the four grid barriers gone (each a wait for the slowest block of the grid).
+// A runtime flag, not a second instance: both paths fit the same registers (cuda_compile).
 // Host guarantees: gn_grid_nhwc_DT's, stats 2 N G floats, dw / db C floats or both null.
 template <typename T>
 __device__ __forceinline__ void gn_grid_bwd_nhwc(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, const float* __restrict__ w, const float* __restrict__ b,

@@ -220,7 +220,9 @@ pub fn group_norm_with_stats(
     };
     // Each group compiled for the widest vectors the CPU has (plain `for` loops inside, so that
     // nothing is left outside the AVX2 instance).
-    let group = |(idx, ((o, r), st)): (usize, ((&mut [f32], &[f32]), &mut [f32]))| {
+    // (group index, ((y, x), (mean, rstd) slot)) of one (sample, group).
+    type GroupArgs<'a> = (usize, ((&'a mut [f32], &'a [f32]), &'a mut [f32]));
+    let group = |(idx, ((o, r), st)): GroupArgs| {
         with_wide_simd(#[inline(always)] || {
             let Stats { shift, correction, rstd } = stats(r, eps);
             st[0] = (shift as f64 + correction as f64) as f32;
