@@ -87,16 +87,6 @@ __host__ __device__ constexpr u32 fbw_shared_bytes() {
 
 #if LA_WGMMA
 
-// mbarrier wait with a bound (as flash_attention_ws.cu): a phase that never completes traps after
-// 2^22 tries, a launch error, instead of hanging the GPU. The trap is a call: inlined, ptxas
-// allocates the whole kernel within the 168 registers a thread has at launch (setmaxnreg's larger
-// budget unused: spills and serialized wgmmas, C7512).
-__device__ __noinline__ void fbw_stuck() { __trap(); }
-__device__ __forceinline__ void fbw_wait(u64* bar, u32 parity) {
-    for (u32 tries = 0; !mbarrier_try_wait(bar, parity); ++tries) {
-        if (tries == (1u << 22)) fbw_stuck();
-    }
-}
 
 // Copy thread i (0..63) of ROWS rows x 64 from src (row stride rs, zero fill from row `len` on)
 // into the tile at dst: chunk i % 8 of rows i / 8 + 8 k. Rows 8 apart keep the swizzled chunk
@@ -179,7 +169,7 @@ template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws
                 const u32 st = it % STAGES, n = it / STAGES, i0 = query_tile(it) * BR;
                 // Stage st last held tile it - STAGES (use n - 1): wait until every consumer warp
                 // has released it.
-                if (n > 0) fbw_wait(&empty[st], (n - 1) & 1);
+                if (n > 0) mbarrier_wait(&empty[st], (n - 1) & 1);
                 unsigned char* qs = stages + 2 * st * QO_BYTES;
                 fbw_load_tile<T, BR>(qs, tile.q + (i64)i0 * q_rs, q_rs, p.lq - i0, pt);
                 fbw_load_tile<T, BR>(qs + QO_BYTES, tile.dout + (i64)i0 * do_rs, do_rs, p.lq - i0, pt);
@@ -202,7 +192,7 @@ template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws
             const u32 wt = pt - FBW_COPY_THREADS, c = wt % 16, r0 = wt / 16;
             for (u32 it = 0; it < nq; ++it) {
                 const u32 b = it & 1;
-                fbw_wait(&dq_full[b], (it >> 1) & 1);
+                mbarrier_wait(&dq_full[b], (it >> 1) & 1);
                 const float* part0 = dqs + 2 * b * DQ_FLOATS;
                 const float* part1 = part0 + DQ_FLOATS;
 #pragma unroll 4
@@ -250,7 +240,7 @@ template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws
     auto mnmajor = [&](const unsigned char* at, u32 row0, int kk) { return advance(mnmajor_base, (u32)(at - smem) + (row0 + 16 * kk) * 128); };
 
     // K / V rows of the warpgroup as wgmma A fragments.
-    fbw_wait(kv_full, 0);
+    mbarrier_wait(kv_full, 0);
     u32 ka[KD][4], va[KD][4];
     flash_bwd_kv_fragments(ka, va, ks, vs, key0, t);
 
@@ -275,7 +265,7 @@ template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws
 
         // Stage st holds tile it; the proxy fence orders the landed cp.async writes (generic
         // proxy) before the wgmma reads (async proxy); K came the same way (first tile).
-        fbw_wait(&full[st], (it / STAGES) & 1);
+        mbarrier_wait(&full[st], (it / STAGES) & 1);
         fence_proxy_async();
 
         wgmma_fence();  // dk, dv, pa, da, dq were last used by other instructions
@@ -317,7 +307,7 @@ template <typename T, bool STAGGER> __device__ __forceinline__ void flash_bwd_ws
         // The partial dQ to buffer b once the dQ warps are done with its previous tile (it - 2):
         // rows 16 warp + g (+ 8), columns 8 n + 2t, + 1, as float2 in row-major [BR][D] f32 with
         // 16-byte chunk c of row r at c ^ (r % 8) (conflict-free stores and float4 reads).
-        if (it >= 2) fbw_wait(&dq_empty[b], ((it >> 1) - 1) & 1);
+        if (it >= 2) mbarrier_wait(&dq_empty[b], ((it >> 1) - 1) & 1);
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
 #pragma unroll

@@ -41,15 +41,14 @@
 // Variants (LOOKAHEAD_VARIANT_FLASH_FWD): ws = ping-pong, 2 stages; ws_nopp = no ping-pong, 2
 // stages; ws3 = ping-pong, 3 stages; ws_poly3 = ws with every third 8-column block's
 // exponentials by fh_exp2_poly (FMA pipe); ws_tma = ws with K/V by TMA: producer thread 0 alone
-// issues, per tile, arrive_expect_tx(16 KiB) and one tma_load_2d box of 128 rows x 64 (128B
-// swizzle: the layout above) from 2D maps over the B H L rows of k, v, k_ref, v_ref (four
-// `const __grid_constant__ TensorMap` parameters after FlashParams; the host's
-// kernels::flash_attention::ws_tma_map); a tile's rows past its source's end are the next head's
-// (masked like any key past the length: P is 0 against finite values; an inf or NaN there would
-// reach the output as 0 * inf, which a 3D map zero-filling per head would avoid, but
-// engine/src/cuda/tensor_map.rs encodes 2D maps only) or zero-filled past the matrix; the full mbarriers expect 1 arrival, and the consumers skip the per-step proxy fence
-// (a MEMBAR.ALL.CTA in SASS) since TMA writes through the async proxy. The engine runs ws instead
-// when a view's rows are not evenly spaced (heads interleaved). Not yet measured on a GPU
+// issues, per tile, arrive_expect_tx(16 KiB) and one tma_load_4d box of 64 x 128 rows (128B
+// swizzle: the layout above) from rank-4 maps (64, L, H, B) of k, v, k_ref, v_ref with the views'
+// own strides (four `const __grid_constant__ TensorMap` parameters after FlashParams; the host's
+// kernels::flash_attention::ws_tma_map), so any [B, H, L, D] view with 16-byte aligned strides
+// maps, heads interleaved ([B, L, H, D] memory, the UNet's layout) included, and a tile's rows
+// past its source's end are zero-filled per head; the full mbarriers expect 1 arrival, and the
+// consumers skip the per-step proxy fence (a MEMBAR.ALL.CTA in SASS) since TMA writes through the
+// async proxy. The engine runs ws instead for views TMA cannot map. Not yet measured on a GPU
 // (written without one).
 #include "flash_attention.cuh"  // FlashParams, FA_NEG_INF, the per-tile steps fa_*
 #include "pipeline.cuh"
@@ -81,14 +80,6 @@ __device__ __forceinline__ u32 ws_offset(u32 row, u32 chunk) { return row * 128u
 // rows i / 8 + 16 k. Rows 16 apart keep the same swizzled chunk position, so destination and
 // source advance by constants (2048 bytes, 16 rs elements); 8 consecutive threads read 128
 // contiguous bytes of a row.
-// mbarrier_wait with a bound: a phase that never completes (a bug, or hardware behaviour the
-// emulator does not model) traps after 2^22 tries, a launch error within seconds, instead of
-// hanging the GPU (and a benchmark session). The bound only costs in the spin.
-__device__ __forceinline__ void ws_wait(u64* bar, u32 parity) {
-    for (u32 tries = 0; !mbarrier_try_wait(bar, parity); ++tries) {
-        if (tries == (1u << 22)) __trap();
-    }
-}
 
 template <typename T, u32 ROWS> __device__ __forceinline__ void ws_load_tile(unsigned char* dst, const T* src, i64 rs, u32 len, u32 i) {
     const u32 chunk = i % 8, row = i / 8;
@@ -106,8 +97,8 @@ template <typename T, u32 ROWS> __device__ __forceinline__ void ws_load_tile(uns
 // PINGPONG: the two consumer warpgroups issue their products in turn (named barriers 1, 2).
 // STAGES: K (and V) tiles in the ring. POLY: 0 takes every exponential on MUFU.EX2; n > 0 those of
 // every n-th 8-column block by fh_exp2_poly on the FMA pipe (as the default kernel's poly<n>).
-// The tensor maps of the TMA instance (kernel parameters): k, v, k_ref, v_ref as 2D maps over
-// rows B * H * L of 64 columns, boxes of WS_BN x 64 elements, 128B swizzle.
+// The tensor maps of the TMA instance (kernel parameters): k, v, k_ref, v_ref as rank-4 maps
+// (64, L, H, B) with the views' own strides, boxes of 64 x WS_BN x 1 x 1 elements, 128B swizzle.
 struct WsMaps {
     const TensorMap* k;
     const TensorMap* v;
@@ -170,16 +161,13 @@ template <typename T, bool PINGPONG, int STAGES, int POLY, bool TMA> __device__ 
             const u32 s = j % STAGES, n = j / STAGES;
             const bool is_own = j < own_tiles;
             const u32 start = (is_own ? j : j - own_tiles) * WS_BN;
-            // Row of the tile in the map: (batch, head) blocks of L rows; rows past the source's
-            // end are the next head's (masked like any key past the length: P 0 against finite
-            // values) or zero-filled past the tensor.
-            const int y = (int)((bi * p.heads + hi) * (is_own ? p.lk : p.lr) + start);
-            if (n > 0) ws_wait(&k_empty[s], (n - 1) & 1);
+            // Rows start.. of head hi of batch entry bi; rows past the source's end are zero-filled.
+            if (n > 0) mbarrier_wait(&k_empty[s], (n - 1) & 1);
             mbarrier_arrive_expect_tx(&k_full[s], WS_TILE_BYTES);
-            tma_load_2d(k_stages + s * WS_TILE_BYTES, is_own ? maps.k : maps.kr, 0, y, &k_full[s]);
-            if (n > 0) ws_wait(&v_empty[s], (n - 1) & 1);
+            tma_load_4d(k_stages + s * WS_TILE_BYTES, is_own ? maps.k : maps.kr, 0, (int)start, (int)hi, (int)bi, &k_full[s]);
+            if (n > 0) mbarrier_wait(&v_empty[s], (n - 1) & 1);
             mbarrier_arrive_expect_tx(&v_full[s], WS_TILE_BYTES);
-            tma_load_2d(v_stages + s * WS_TILE_BYTES, is_own ? maps.v : maps.vr, 0, y, &v_full[s]);
+            tma_load_4d(v_stages + s * WS_TILE_BYTES, is_own ? maps.v : maps.vr, 0, (int)start, (int)hi, (int)bi, &v_full[s]);
         }
         for (u32 j = 0; j < tiles && !TMA; ++j) {
             const u32 s = j % STAGES, n = j / STAGES;
@@ -189,10 +177,10 @@ template <typename T, bool PINGPONG, int STAGES, int POLY, bool TMA> __device__ 
             const i64 krs = is_own ? p.k_stride[2] : p.k_ref_stride[2];
             const i64 vrs = is_own ? p.v_stride[2] : p.v_ref_stride[2];
             // Stage s was last filled with tile j - STAGES (use n - 1): wait until it is released.
-            if (n > 0) ws_wait(&k_empty[s], (n - 1) & 1);
+            if (n > 0) mbarrier_wait(&k_empty[s], (n - 1) & 1);
             ws_load_tile<T, WS_BN>(k_stages + s * WS_TILE_BYTES, (is_own ? k : kr) + (i64)start * krs, krs, len, pt);
             cp_async_mbarrier_arrive(&k_full[s]);
-            if (n > 0) ws_wait(&v_empty[s], (n - 1) & 1);
+            if (n > 0) mbarrier_wait(&v_empty[s], (n - 1) & 1);
             ws_load_tile<T, WS_BN>(v_stages + s * WS_TILE_BYTES, (is_own ? v : vr) + (i64)start * vrs, vrs, len, pt);
             cp_async_mbarrier_arrive(&v_full[s]);
         }
@@ -236,8 +224,8 @@ template <typename T, bool PINGPONG, int STAGES, int POLY, bool TMA> __device__ 
     // orders the landed cp.async writes (generic proxy) before the wgmma reads (async proxy); TMA
     // writes are async-proxy writes already.
     auto wait_data = [&](u32 j) {
-        if (j < tiles) ws_wait(&k_full[j % STAGES], (j / STAGES) & 1);
-        if (j > 0) ws_wait(&v_full[(j - 1) % STAGES], ((j - 1) / STAGES) & 1);
+        if (j < tiles) mbarrier_wait(&k_full[j % STAGES], (j / STAGES) & 1);
+        if (j > 0) mbarrier_wait(&v_full[(j - 1) % STAGES], ((j - 1) / STAGES) & 1);
         if (!TMA) fence_proxy_async();
     };
     auto issue_s = [&](u32 j, float (&s)[NS]) {
@@ -286,7 +274,7 @@ template <typename T, bool PINGPONG, int STAGES, int POLY, bool TMA> __device__ 
     // under a condition (ptxas would serialize them).
     if (tiles > 0) {
         float s[NS], corr[2];
-        ws_wait(q_full, 0);
+        mbarrier_wait(q_full, 0);
         fence_proxy_async();  // Q came by cp.async
         if (PINGPONG && wg == 1) named_barrier_arrive(1, 256);
         turn_begin();

@@ -20,7 +20,7 @@
 // strides, element type), the box one copy moves and the shared-memory swizzle; the host builds it
 // (engine/src/cuda/tensor_map.rs: cuTensorMapEncodeTiled) and passes it as a `const
 // __grid_constant__ TensorMap` kernel parameter. tma_load_2d copies the box whose first element is
-// at (x = inner coordinate, y = outer coordinate) into shared memory at `dst` (aligned to 128
+// at (x = inner coordinate, y = outer coordinate; tma_load_4d: x, y, z, w of a rank-4 map) into shared memory at `dst` (aligned to 128
 // bytes, 1024 with the 128-byte swizzle; out-of-range elements are zero-filled) and completes
 // box bytes of transactions on `bar`. The swizzle modes are those of the wgmma descriptors
 // (mma.cuh), so a TMA-loaded 128B-swizzled tile feeds wgmma directly.
@@ -55,8 +55,16 @@ __device__ __forceinline__ bool mbarrier_try_wait(u64* bar, u32 parity) {
     asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }" : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
     return done != 0;
 }
+// Returns once the phase of parity `parity` has completed. Bounded: a phase that never completes
+// (a bug, or hardware behaviour the emulator does not model) traps after 2^22 tries, a launch
+// error within seconds, instead of hanging the GPU and the benchmark session; the bound costs only
+// in the spin. The trap is a call: inlined into a setmaxnreg kernel, ptxas allocates the whole
+// kernel within the registers a thread has at launch (setmaxnreg's larger budget unused: spills
+// and serialized wgmmas, C7512).
+__device__ __noinline__ void mbarrier_stuck() { __trap(); }
 __device__ __forceinline__ void mbarrier_wait(u64* bar, u32 parity) {
-    while (!mbarrier_try_wait(bar, parity)) {
+    for (u32 tries = 0; !mbarrier_try_wait(bar, parity); ++tries) {
+        if (tries == (1u << 22)) mbarrier_stuck();
     }
 }
 // One arrival on the mbarrier at bar's offset in the shared memory of cluster CTA `rank` (this
@@ -80,6 +88,13 @@ __device__ __forceinline__ void tma_prefetch_descriptor(const TensorMap* map) { 
 __device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, int x, int y, u64* bar) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_u32(dst)), "l"(reinterpret_cast<u64>(map)), "r"(x),
                  "r"(y), "r"(smem_u32(bar))
+                 : "memory");
+}
+// The rank-4 form (a rank-4 map): the box at (x inner, y, z, w), e.g. a [B, H, L, D] view's tile
+// of rows y.. of head z of batch entry w, zero-filled past L whatever the memory holds after it.
+__device__ __forceinline__ void tma_load_4d(void* dst, const TensorMap* map, int x, int y, int z, int w, u64* bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(smem_u32(dst)), "l"(reinterpret_cast<u64>(map)),
+                 "r"(x), "r"(y), "r"(z), "r"(w), "r"(smem_u32(bar))
                  : "memory");
 }
 // The same box multicast to every CTA of the cluster named in `mask` (bit r: cluster rank r): it

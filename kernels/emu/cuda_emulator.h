@@ -194,7 +194,7 @@ struct AsyncOp {
     unsigned char* bar;   // the mbarrier (cp.async arrive, TMA load)
     unsigned mask;        // TMA multicast: the CTA mask (0 for a plain load); cta is this copy's destination
     uint64_t map[16];     // TMA: the tensor map, as at the issue
-    int x, y;
+    int x, y, z, w;       // TMA: the box's coordinates (inner first; z, w 0 below rank 3, 4)
     const char* file;
     int line;
 };
@@ -827,22 +827,34 @@ inline void land_copies(Fiber* f, unsigned k) {
     f->ngroups -= done;
 }
 
-// ---- TMA (cp.async.bulk.tensor 2D) ----------------------------------------------------------------
+// ---- TMA (cp.async.bulk.tensor 2D and 4D) --------------------------------------------------------
 // The emulator's TensorMap (128 bytes; opaque on the GPU, where cuTensorMapEncodeTiled fills it):
-// 16 u64 words, built on the host by kernels::emulate::TensorMap2d::emulated (kernels/src/emulate.rs,
+// 16 u64 words, built on the host by kernels::emulate::TensorMap::emulated (kernels/src/emulate.rs,
 // which documents the same layout):
-//   [0] kTensorMapMagic   [1] global address of element (0, 0)   [2] element size in bytes
-//   [3] columns (inner dimension, elements)   [4] rows   [5] row stride in bytes
-//   [6] box columns (inner)   [7] box rows   [8] swizzle span in bytes: 0, 32, 64 or 128
-//   [9..15] zero. Out-of-range elements of a load are zero-filled; a store skips them.
+//   [0] kTensorMapMagic   [1] global address of element (0, 0, 0, 0)   [2] element size in bytes
+//   [3] dim 0 (inner, elements)   [4] dim 1   [5] dim 1's stride in bytes
+//   [6] box dim 0   [7] box dim 1   [8] swizzle span in bytes: 0, 32, 64 or 128
+//   [9] rank (2..4)   [10] dim 2   [11] its stride   [12] dim 3   [13] its stride
+//   [14] box dim 2   [15] box dim 3 (dims and boxes past the rank are 1).
+// Out-of-range elements of a load are zero-filled; a store skips them. A copy's instruction has
+// the map's rank (tma_load_2d takes rank-2 maps, tma_load_4d rank-4 ones).
 constexpr uint64_t kTensorMapMagic = 0x3244706d54656d75ull;  // "umeTmp2D"
 
 // Checks map (as copied at the issue) and the shared-memory box at smem; the box's offset in the
 // shared window in `off`. An error names `what` at file:line.
-inline void tma_check(Fiber* f, const uint64_t* map, const void* smem, const char* what, const char* file, int line, long long& off) {
+inline uint64_t tma_box_bytes(const uint64_t* map) { return map[6] * map[7] * map[14] * map[15] * map[2]; }
+inline void tma_check(Fiber* f, const uint64_t* map, const void* smem, unsigned rank, const char* what, const char* file, int line, long long& off) {
     if (map[0] != kTensorMapMagic)
-        thread_error(f, "%s at %s:%d: the TensorMap is not an emulator tensor map (word 0 is 0x%016llx; build it with kernels::emulate::TensorMap2d::emulated)", what, base_name(file), line,
+        thread_error(f, "%s at %s:%d: the TensorMap is not an emulator tensor map (word 0 is 0x%016llx; build it with kernels::emulate::TensorMap::emulated)", what, base_name(file), line,
                      (unsigned long long)map[0]);
+    if (map[9] != rank) thread_error(f, "%s at %s:%d: the TensorMap has rank %llu, the copy %u dimensions", what, base_name(file), line, (unsigned long long)map[9], rank);
+    for (int k = 0; k < 2; ++k) {
+        const uint64_t dim = map[10 + 2 * k], st = map[11 + 2 * k], bx = map[14 + k];
+        const bool used = rank > 2u + k;
+        if (dim == 0 || bx == 0 || bx > 256 || (!used && (dim != 1 || bx != 1)) || (used && (st % 16 || st < map[3] * map[2])))
+            thread_error(f, "%s at %s:%d: TensorMap dimension %d (%llu entries, stride %llu bytes, box %llu) breaks TMA's rules (16-byte multiple strides of at least an inner row, boxes 1..256, 1 past the rank)",
+                         what, base_name(file), line, 2 + k, (unsigned long long)dim, (unsigned long long)st, (unsigned long long)bx);
+    }
     const uint64_t esize = map[2], cols = map[3], rows = map[4], stride = map[5], bc = map[6], br = map[7], swz = map[8];
     if (esize != 1 && esize != 2 && esize != 4 && esize != 8) thread_error(f, "%s at %s:%d: TensorMap element size %llu is not 1, 2, 4 or 8", what, base_name(file), line, (unsigned long long)esize);
     if (map[1] % 16 || stride % 16 || cols == 0 || rows == 0 || stride < cols * esize)
@@ -855,7 +867,7 @@ inline void tma_check(Fiber* f, const uint64_t* map, const void* smem, const cha
     if (swz && bc * esize != swz)
         thread_error(f, "%s at %s:%d: with the %lluB swizzle the box's inner dimension must be %llu bytes, not %llu", what, base_name(file), line, (unsigned long long)swz,
                      (unsigned long long)swz, (unsigned long long)(bc * esize));
-    const uint64_t bytes = bc * br * esize;
+    const uint64_t bytes = tma_box_bytes(map);
     off = shared_offset(f->launch, f->cta, smem, bytes);
     if (off < 0) thread_error(f, "%s at %s:%d: the %llu-byte box at %p is not inside this CTA's shared memory", what, base_name(file), line, (unsigned long long)bytes, smem);
     const long long align = swz == 128 ? 1024 : 128;
@@ -870,12 +882,13 @@ inline unsigned char* tma_smem_byte(unsigned char* smem, long long off, uint64_t
     return smem + ((w ^ ((w >> 3) & mask)) - (uint64_t)off);
 }
 
-inline void tma_load_2d(void* dst, const TensorMap* map_p, int x, int y, unsigned long long* bar, const char* file, int line) {
+// A rank-`rank` TMA load of the box at (x, y, z, w) (tma_load_2d / tma_load_4d).
+inline void tma_load(void* dst, const TensorMap* map_p, unsigned rank, int x, int y, int z, int w, unsigned long long* bar, const char* what, const char* file, int line) {
     Fiber* f = self();
     const uint64_t* map = reinterpret_cast<const uint64_t*>(map_p);
     long long off;
-    tma_check(f, map, dst, "tma_load_2d", file, line, off);
-    mbarrier_of(f, bar, "tma_load_2d", file, line);
+    tma_check(f, map, dst, rank, what, file, line, off);
+    mbarrier_of(f, bar, what, file, line);
     AsyncOp* op = new_async(f->launch);
     op->kind = AsyncTmaLoad;
     op->cta = f->cta;
@@ -885,17 +898,23 @@ inline void tma_load_2d(void* dst, const TensorMap* map_p, int x, int y, unsigne
     memcpy(op->map, map, sizeof op->map);
     op->x = x;
     op->y = y;
+    op->z = z;
+    op->w = w;
     op->file = file;
     op->line = line;
     // Undefined until the copy lands: 0xff bytes (NaN), as a cp.async destination.
-    memset(dst, 0xff, map[6] * map[7] * map[2]);
+    memset(dst, 0xff, tma_box_bytes(map));
+}
+inline void tma_load_2d(void* dst, const TensorMap* map, int x, int y, unsigned long long* bar, const char* file, int line) { tma_load(dst, map, 2, x, y, 0, 0, bar, "tma_load_2d", file, line); }
+inline void tma_load_4d(void* dst, const TensorMap* map, int x, int y, int z, int w, unsigned long long* bar, const char* file, int line) {
+    tma_load(dst, map, 4, x, y, z, w, bar, "tma_load_4d", file, line);
 }
 
 inline void tma_store_2d(const TensorMap* map_p, int x, int y, const void* src, const char* file, int line) {
     Fiber* f = self();
     const uint64_t* map = reinterpret_cast<const uint64_t*>(map_p);
     long long off;
-    tma_check(f, map, src, "tma_store_2d", file, line, off);
+    tma_check(f, map, src, 2, "tma_store_2d", file, line, off);
     AsyncOp* op = new_async(f->launch);
     op->kind = AsyncTmaStore;
     op->cta = f->cta;
@@ -905,6 +924,7 @@ inline void tma_store_2d(const TensorMap* map_p, int x, int y, const void* src, 
     memcpy(op->map, map, sizeof op->map);
     op->x = x;
     op->y = y;
+    op->z = op->w = 0;
     op->file = file;
     op->line = line;
 }
@@ -988,13 +1008,13 @@ inline void tma_load_2d_multicast(void* dst, const TensorMap* map_p, int x, int 
     Launch* L = f->launch;
     const uint64_t* map = reinterpret_cast<const uint64_t*>(map_p);
     long long off;
-    tma_check(f, map, dst, "tma_load_2d_multicast", file, line, off);
+    tma_check(f, map, dst, 2, "tma_load_2d_multicast", file, line, off);
     if (mask == 0 || mask > 0xffffu) thread_error(f, "tma_load_2d_multicast at %s:%d: CTA mask 0x%x names no CTA or is wider than 16 bits", base_name(file), line, mask);
     for (unsigned r = L->ncta; r < 16; ++r)
         if (mask >> r & 1u) thread_error(f, "tma_load_2d_multicast at %s:%d: CTA mask 0x%04x names CTA %u, but the cluster has %u CTAs", base_name(file), line, mask, r, L->ncta);
     for (unsigned r = 0; r < L->ncta; ++r)
         if (mask >> r & 1u) cluster_mbarrier_of(f, bar, r, "tma_load_2d_multicast", file, line);
-    const uint64_t bytes = map[6] * map[7] * map[2];
+    const uint64_t bytes = tma_box_bytes(map);
     for (unsigned r = 0; r < L->ncta; ++r) {
         if (!(mask >> r & 1u)) continue;
         unsigned char *now, *bar_now;
@@ -1011,6 +1031,7 @@ inline void tma_load_2d_multicast(void* dst, const TensorMap* map_p, int x, int 
         memcpy(op->map, map, sizeof op->map);
         op->x = x;
         op->y = y;
+        op->z = op->w = 0;
         op->file = file;
         op->line = line;
         memset(now, 0xff, bytes);
@@ -1021,29 +1042,37 @@ inline void tma_load_2d_multicast(void* dst, const TensorMap* map_p, int x, int 
 // the mbarrier; a store reads the box from shared memory now and writes the elements inside the
 // tensor.
 inline bool deliver_tma(Launch* L, const AsyncOp& op) {
-    const char* what = op.mask ? "tma_load_2d_multicast" : "tma_load_2d";
+    const char* what = op.mask ? "tma_load_2d_multicast" : op.map[9] == 4 ? "tma_load_4d" : "tma_load_2d";
     if (op.kind == AsyncTmaLoad && L->ncta > 1 && L->exited[op.cta] == L->nthreads) {
         set_error(L, "thread (%u,%u,%u) of CTA %u: %s (%s:%d) of the box at (x %d, y %d) lands in CTA %u, which has exited: its shared memory is gone (a cluster barrier before its exit is missing)",
                   op.f->tid.x, op.f->tid.y, op.f->tid.z, op.f->cta, what, base_name(op.file), op.line, op.x, op.y, op.cta);
         return false;
     }
     const uint64_t* map = op.map;
-    const uint64_t esize = map[2], cols = map[3], rows = map[4], stride = map[5], bc = map[6], br = map[7], swz = map[8];
-    const long long off = shared_offset(L, op.cta, op.smem, bc * br * esize);
+    const uint64_t esize = map[2], swz = map[8], bytes = tma_box_bytes(map);
+    const long long off = shared_offset(L, op.cta, op.smem, bytes);
     unsigned char* global = reinterpret_cast<unsigned char*>(map[1]);
-    for (uint64_t r = 0; r < br; ++r)
-        for (uint64_t c = 0; c < bc; ++c) {
-            const long long gr = (long long)op.y + (long long)r, gc = (long long)op.x + (long long)c;
-            const bool inside = gr >= 0 && gc >= 0 && (uint64_t)gr < rows && (uint64_t)gc < cols;
-            unsigned char* s = tma_smem_byte(op.smem, off, swz, (r * bc + c) * esize);
-            unsigned char* g = inside ? global + (uint64_t)gr * stride + (uint64_t)gc * esize : nullptr;
-            if (op.kind == AsyncTmaLoad) {
-                if (inside) memcpy(s, g, esize);
-                else memset(s, 0, esize);
-            } else if (inside) {
-                memcpy(g, s, esize);
-            }
+    // Dimension k: size, stride in bytes (dim 0: the element), box, the copy's coordinate.
+    const uint64_t dim[4] = {map[3], map[4], map[10], map[12]}, stride[4] = {esize, map[5], map[11], map[13]}, box[4] = {map[6], map[7], map[14], map[15]};
+    const long long at[4] = {op.x, op.y, op.z, op.w};
+    for (uint64_t e = 0; e < bytes / esize; ++e) {
+        // Element e of the dense box (dim 0 fastest).
+        bool inside = true;
+        uint64_t g = 0, rest = e;
+        for (int k = 0; k < 4; ++k) {
+            const long long c = at[k] + (long long)(rest % box[k]);
+            rest /= box[k];
+            inside = inside && c >= 0 && (uint64_t)c < dim[k];
+            g += inside ? (uint64_t)c * stride[k] : 0;
         }
+        unsigned char* s = tma_smem_byte(op.smem, off, swz, e * esize);
+        if (op.kind == AsyncTmaLoad) {
+            if (inside) memcpy(s, global + g, esize);
+            else memset(s, 0, esize);
+        } else if (inside) {
+            memcpy(global + g, s, esize);
+        }
+    }
     if (op.kind == AsyncTmaStore) return true;
     Mbarrier* m = find_mbarrier(L, op.cta, op.bar);
     char err[512];
@@ -1051,7 +1080,7 @@ inline bool deliver_tma(Launch* L, const AsyncOp& op) {
     if (m) memcpy(&tag, op.bar, 8);
     if (!m) snprintf(err, sizeof err, "the mbarrier is no longer initialised");
     else if (tag != kMbarrierTag) snprintf(err, sizeof err, "the mbarrier (mbarrier_init at %s:%d) was overwritten since its init", base_name(m->file), m->line);
-    if (!m || tag != kMbarrierTag || !mbarrier_complete_tx(L, m, (unsigned)(bc * br * esize), err, sizeof err)) {
+    if (!m || tag != kMbarrierTag || !mbarrier_complete_tx(L, m, (unsigned)bytes, err, sizeof err)) {
         set_error(L, "thread (%u,%u,%u): %s (%s:%d) of the box at (x %d, y %d) on the mbarrier at shared+0x%llx of CTA %u: %s", op.f->tid.x, op.f->tid.y, op.f->tid.z, what, base_name(op.file),
                   op.line, op.x, op.y, shared_offset(L, op.cta, op.bar, 8), op.cta, err);
         return false;
@@ -2574,6 +2603,9 @@ template <unsigned N> inline void setmaxnreg_dec(const char* file = __builtin_FI
 inline void tma_prefetch_descriptor(const TensorMap*) {}
 inline void tma_load_2d(void* dst, const TensorMap* map, int x, int y, unsigned long long* bar, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     lookahead_emu::tma_load_2d(dst, map, x, y, bar, file, line);
+}
+inline void tma_load_4d(void* dst, const TensorMap* map, int x, int y, int z, int w, unsigned long long* bar, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    lookahead_emu::tma_load_4d(dst, map, x, y, z, w, bar, file, line);
 }
 inline void tma_store_2d(const TensorMap* map, int x, int y, const void* src, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     lookahead_emu::tma_store_2d(map, x, y, src, file, line);

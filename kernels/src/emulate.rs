@@ -491,11 +491,30 @@ impl TmaSwizzle {
 #[error("TMA tensor map: {0}")]
 pub struct TensorMapError(pub String);
 
-/// A 2D TMA tensor: a row-major matrix of `rows` x `cols` elements of `dtype` at device (or, in
-/// the emulator, host) address `base`, rows `row_stride_bytes` apart, copied in boxes of
-/// `box_rows` x `box_cols` elements with `swizzle`. The same description encodes the GPU's
-/// CUtensorMap (engine::cuda::tensor_map::encode, cuTensorMapEncodeTiled) and the emulator's
-/// (`emulated`). Elements outside the matrix read as zero (loads) and are not written (stores).
+/// A TMA tensor of rank 2 to 4: `dims[0]` elements of `dtype` in the inner (contiguous)
+/// dimension, then `dims[i]` entries `strides_bytes[i - 1]` bytes apart for i = 1 .. rank, at device
+/// (or, in the emulator, host) address `base`, copied in boxes of `box_dims` elements (inner first;
+/// in shared memory the box is dense, inner dimension fastest) with `swizzle`. Dimensions past
+/// `rank` are 1. The strides need not grow with the dimension: a [B, L, H, D] buffer viewed as
+/// [B, H, L, D] is dims (D, L, H, B) with strides (H D, D, L H D) elements, and a box's rows past
+/// L are zero-filled per head instead of running into the next head. The same description encodes
+/// the GPU's CUtensorMap (engine::cuda::tensor_map::encode, cuTensorMapEncodeTiled, rank `rank`:
+/// a kernel's tma_load_<rank>d) and the emulator's (`emulated`). Elements outside the tensor read
+/// as zero (loads) and are not written (stores).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMap {
+    pub base: u64,
+    pub dtype: TmaDtype,
+    pub rank: usize,
+    pub dims: [u64; 4],
+    pub strides_bytes: [u64; 3],
+    pub box_dims: [u32; 4],
+    pub swizzle: TmaSwizzle,
+}
+
+/// A 2D TMA tensor (the rank-2 `TensorMap`): a row-major matrix of `rows` x `cols` elements of
+/// `dtype` at `base`, rows `row_stride_bytes` apart, copied in boxes of `box_rows` x `box_cols`
+/// elements with `swizzle`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TensorMap2d {
     pub base: u64,
@@ -518,32 +537,64 @@ pub struct TensorMapArg(pub [u64; 16]);
 /// Word 0 of the emulator's tensor maps (kTensorMapMagic in kernels/emu/cuda_emulator.h).
 pub const EMULATED_TENSOR_MAP_MAGIC: u64 = 0x3244_706d_5465_6d75;
 
-impl TensorMap2d {
-    /// Bytes one box moves (what a tma_load_2d completes on its mbarrier).
+impl From<&TensorMap2d> for TensorMap {
+    fn from(m: &TensorMap2d) -> TensorMap {
+        TensorMap {
+            base: m.base,
+            dtype: m.dtype,
+            rank: 2,
+            dims: [m.cols, m.rows, 1, 1],
+            strides_bytes: [m.row_stride_bytes, 0, 0],
+            box_dims: [m.box_cols, m.box_rows, 1, 1],
+            swizzle: m.swizzle,
+        }
+    }
+}
+
+impl From<TensorMap2d> for TensorMap {
+    fn from(m: TensorMap2d) -> TensorMap {
+        TensorMap::from(&m)
+    }
+}
+
+impl From<&TensorMap> for TensorMap {
+    fn from(m: &TensorMap) -> TensorMap {
+        *m
+    }
+}
+
+impl TensorMap {
+    /// Bytes one box moves (what a tma_load completes on its mbarrier).
     pub fn box_bytes(&self) -> u32 {
-        self.box_rows * self.box_cols * self.dtype.bytes() as u32
+        self.box_dims.iter().product::<u32>() * self.dtype.bytes() as u32
     }
 
-    /// cuTensorMapEncodeTiled's rules for this use: base 16-byte aligned, the row stride a
-    /// multiple of 16 at least one row long (and below 2^40), dimensions 1..2^32, box dimensions
-    /// 1..256 with the inner one a multiple of 16 bytes, and with a swizzle the inner box
-    /// dimension exactly the swizzle span (the layout the wgmma descriptors read).
+    /// cuTensorMapEncodeTiled's rules for this use: rank 2..4, base 16-byte aligned, dimensions
+    /// 1..2^32, strides multiples of 16 below 2^40 and at least one inner row (dims[0] elements),
+    /// box dimensions 1..256 with the inner one a multiple of 16 bytes, and with a swizzle the
+    /// inner box dimension exactly the swizzle span (the layout the wgmma descriptors read).
     pub fn validate(&self) -> Result<(), TensorMapError> {
         let e = |msg: String| Err(TensorMapError(format!("{msg} ({self:?})")));
         let es = self.dtype.bytes();
+        if !(2..=4).contains(&self.rank) {
+            return e(format!("rank {}: this project's maps have rank 2 to 4", self.rank));
+        }
         if !self.base.is_multiple_of(16) {
             return e(format!("base 0x{:x} is not 16-byte aligned", self.base));
         }
-        if self.rows == 0 || self.cols == 0 || self.rows > 1 << 32 || self.cols > 1 << 32 {
-            return e(format!("{} x {} elements: each dimension must be 1..2^32", self.rows, self.cols));
+        let (dims, boxes) = (&self.dims[..self.rank], &self.box_dims[..self.rank]);
+        if dims.iter().any(|&d| d == 0 || d > 1 << 32) || self.dims[self.rank..].iter().any(|&d| d != 1) {
+            return e(format!("dimensions {dims:?}: each must be 1..2^32 (and those past the rank 1)"));
         }
-        if !self.row_stride_bytes.is_multiple_of(16) || self.row_stride_bytes < self.cols * es || self.row_stride_bytes >= 1 << 40 {
-            return e(format!("row stride {} bytes: a multiple of 16, at least one row ({} bytes), below 2^40", self.row_stride_bytes, self.cols * es));
+        for &st in &self.strides_bytes[..self.rank - 1] {
+            if !st.is_multiple_of(16) || st < self.dims[0] * es || st >= 1 << 40 {
+                return e(format!("stride {st} bytes: a multiple of 16, at least one inner row ({} bytes), below 2^40", self.dims[0] * es));
+            }
         }
-        if self.box_rows == 0 || self.box_cols == 0 || self.box_rows > 256 || self.box_cols > 256 {
-            return e(format!("box {} x {}: each dimension must be 1..256", self.box_rows, self.box_cols));
+        if boxes.iter().any(|&b| b == 0 || b > 256) || self.box_dims[self.rank..].iter().any(|&b| b != 1) {
+            return e(format!("box {boxes:?}: each dimension must be 1..256 (and those past the rank 1)"));
         }
-        let inner = self.box_cols as u64 * es;
+        let inner = self.box_dims[0] as u64 * es;
         if !inner.is_multiple_of(16) {
             return e(format!("the box's inner dimension is {inner} bytes, not a multiple of 16"));
         }
@@ -555,20 +606,46 @@ impl TensorMap2d {
     }
 
     /// The emulator's TensorMap (the layout kernels/emu/cuda_emulator.h reads): [0] magic, [1]
-    /// base, [2] element bytes, [3] columns, [4] rows, [5] row stride in bytes, [6] box columns,
-    /// [7] box rows, [8] swizzle span in bytes (0, 32, 64, 128), [9..15] zero.
+    /// base, [2] element bytes, [3] dims[0] (inner, elements), [4] dims[1], [5] stride of dim 1 in
+    /// bytes, [6] box dims[0], [7] box dims[1], [8] swizzle span in bytes (0, 32, 64, 128), [9]
+    /// rank, [10] dims[2], [11] its stride, [12] dims[3], [13] its stride, [14] box dims[2], [15]
+    /// box dims[3].
     pub fn emulated(&self) -> Result<TensorMapArg, TensorMapError> {
         self.validate()?;
         let mut w = [0u64; 16];
         w[0] = EMULATED_TENSOR_MAP_MAGIC;
         w[1] = self.base;
         w[2] = self.dtype.bytes();
-        w[3] = self.cols;
-        w[4] = self.rows;
-        w[5] = self.row_stride_bytes;
-        w[6] = self.box_cols as u64;
-        w[7] = self.box_rows as u64;
+        w[3] = self.dims[0];
+        w[4] = self.dims[1];
+        w[5] = self.strides_bytes[0];
+        w[6] = self.box_dims[0] as u64;
+        w[7] = self.box_dims[1] as u64;
         w[8] = self.swizzle.bytes() as u64;
+        w[9] = self.rank as u64;
+        w[10] = self.dims[2];
+        w[11] = self.strides_bytes[1];
+        w[12] = self.dims[3];
+        w[13] = self.strides_bytes[2];
+        w[14] = self.box_dims[2] as u64;
+        w[15] = self.box_dims[3] as u64;
         Ok(TensorMapArg(w))
+    }
+}
+
+impl TensorMap2d {
+    /// Bytes one box moves (what a tma_load_2d completes on its mbarrier).
+    pub fn box_bytes(&self) -> u32 {
+        TensorMap::from(self).box_bytes()
+    }
+
+    /// `TensorMap::validate` of the rank-2 map.
+    pub fn validate(&self) -> Result<(), TensorMapError> {
+        TensorMap::from(self).validate()
+    }
+
+    /// `TensorMap::emulated` of the rank-2 map.
+    pub fn emulated(&self) -> Result<TensorMapArg, TensorMapError> {
+        TensorMap::from(self).emulated()
     }
 }

@@ -72,19 +72,22 @@ pub const HOPPER_D64_VARIANTS: &[&str] = &["poly3", "poly4", "poly8", "late", "l
 pub const WS_TMA_VARIANT: &str = "ws_tma";
 
 /// The "ws_tma" instance's tensor map of a [B, H, L, 64] operand of 16-bit `dtype` at `base` with
-/// element strides `strides` (batch, head, row): B H L rows of 64 columns, (batch b, head h, row l)
-/// at row (b H + h) L + l, boxes of 128 rows x 64 columns, 128B swizzle (the shared-memory layout
-/// of the kernel's tiles). A tile's rows past its source's end are the next head's rows (masked
-/// by the kernel) or past the matrix (zero-filled). None when the rows are not evenly spaced across
-/// heads and batch entries (e.g. heads interleaved, [B, L, H, D] memory), when L is 0, or when the
-/// map is invalid (cuTensorMapEncodeTiled's rules): the engine then runs "ws" (cp.async).
-pub fn ws_tma_map(dtype: crate::emulate::TmaDtype, base: u64, [s0, s1, s2]: [i64; 3], (b, h, l): (usize, usize, usize)) -> Option<crate::emulate::TensorMap2d> {
-    let rows = b * h * l;
-    let even = (h <= 1 || s1 == l as i64 * s2) && (b <= 1 || s0 == (h * l) as i64 * s2);
-    if l == 0 || !even || s2 < 64 || rows >= i32::MAX as usize {
+/// element strides `strides` (batch, head, row; the 64 columns contiguous): the rank-4 map (64, L,
+/// H, B) with those strides, boxes of 64 x 128 x 1 x 1 (a key tile of one head), 128B swizzle (the
+/// shared-memory layout of the kernel's tiles). Any arrangement of heads maps: contiguous, rows
+/// padded (a narrowed view), or heads interleaved ([B, L, H, D] memory, the UNet's layout); a
+/// tile's rows past L are zero-filled, not the next head's. A dimension of one entry takes a
+/// nominal stride (TMA checks it even unused). None when L is 0 or a stride is negative, not a
+/// multiple of 16 bytes or shorter than a row (cuTensorMapEncodeTiled's rules): the engine then
+/// runs "ws" (cp.async).
+pub fn ws_tma_map(dtype: crate::emulate::TmaDtype, base: u64, [s0, s1, s2]: [i64; 3], (b, h, l): (usize, usize, usize)) -> Option<crate::emulate::TensorMap> {
+    let row = 64 * dtype.bytes();
+    let stride = |s: i64, n: usize| if n == 1 { Some(row) } else { u64::try_from(s).ok().map(|s| s * dtype.bytes()) };
+    let strides = [stride(s2, l)?, stride(s1, h)?, stride(s0, b)?];
+    if l == 0 || l > i32::MAX as usize {
         return None;
     }
-    let map = crate::emulate::TensorMap2d { base, dtype, rows: rows as u64, cols: 64, row_stride_bytes: s2 as u64 * 2, box_rows: 128, box_cols: 64, swizzle: crate::emulate::TmaSwizzle::B128 };
+    let map = crate::emulate::TensorMap { base, dtype, rank: 4, dims: [64, l as u64, h as u64, b as u64], strides_bytes: strides, box_dims: [64, 128, 1, 1], swizzle: crate::emulate::TmaSwizzle::B128 };
     map.validate().ok().map(|_| map)
 }
 
@@ -391,26 +394,28 @@ mod tests {
         }
     }
 
-    /// The TMA variant maps [B, H, L, 64] views whose rows are evenly spaced over heads and batch
-    /// entries (contiguous, or rows padded as a narrowed view): (b, h, l) at row (b H + h) L + l;
-    /// interleaved heads ([B, L, H, D] memory), no rows, and unaligned rows are not mapped.
+    /// The TMA variant maps [B, H, L, 64] views by their own strides: contiguous, padded rows and
+    /// interleaved heads ([B, L, H, D] memory); no rows, strides TMA cannot take (not 16-byte
+    /// multiples, negative) and a misaligned base are not mapped.
     #[test]
-    fn ws_tma_map_takes_evenly_spaced_rows_only() {
+    fn ws_tma_map_takes_any_aligned_strides() {
         use crate::emulate::{TmaDtype, TmaSwizzle};
         let (b, h, l) = (2, 3, 45);
         let m = ws_tma_map(TmaDtype::Bf16, 0x1000, [(h * l * 64) as i64, (l * 64) as i64, 64], (b, h, l)).expect("contiguous rows");
-        assert_eq!((m.rows, m.cols, m.row_stride_bytes, m.box_rows, m.box_cols, m.swizzle), ((b * h * l) as u64, 64, 128, 128, 64, TmaSwizzle::B128));
+        assert_eq!((m.rank, m.dims, m.strides_bytes, m.box_dims, m.swizzle), (4, [64, l as u64, h as u64, b as u64], [128, (l * 128) as u64, (h * l * 128) as u64], [64, 128, 1, 1], TmaSwizzle::B128));
+        assert_eq!(m.box_bytes(), 16384);
         let padded = ws_tma_map(TmaDtype::F16, 0x1000, [(h * l * 72) as i64, (l * 72) as i64, 72], (b, h, l)).expect("padded rows");
-        assert_eq!(padded.row_stride_bytes, 144);
-        // One head or one batch entry: that stride is never used.
-        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [7, (l * 64) as i64, 64], (1, h, l)).is_some());
-        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [(l * 64) as i64, 7, 64], (b, 1, l)).is_some());
+        assert_eq!(padded.strides_bytes[0], 144);
         // Interleaved heads: [B, L, H, D] memory.
-        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [(l * h * 64) as i64, 64, (h * 64) as i64], (b, h, l)).is_none());
-        // A gap between batch entries, no rows, rows not 16-byte aligned, a misaligned base.
-        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [(h * l * 64 + 8) as i64, (l * 64) as i64, 64], (b, h, l)).is_none());
+        let inter = ws_tma_map(TmaDtype::Bf16, 0x1000, [(l * h * 64) as i64, 64, (h * 64) as i64], (b, h, l)).expect("interleaved heads");
+        assert_eq!(inter.strides_bytes, [(h * 128) as u64, 128, (l * h * 128) as u64]);
+        // One head or one batch entry: that stride is never used and takes a nominal value.
+        assert_eq!(ws_tma_map(TmaDtype::Bf16, 0x1000, [7, (l * 64) as i64, 64], (1, h, l)).expect("one batch entry").strides_bytes[2], 128);
+        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [(l * 64) as i64, 7, 64], (b, 1, l)).is_some());
+        // No rows, rows not 16-byte multiples, a negative stride, a misaligned base.
         assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [0, 0, 64], (b, h, 0)).is_none());
         assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [(h * l * 68) as i64, (l * 68) as i64, 68], (b, h, l)).is_none());
+        assert!(ws_tma_map(TmaDtype::Bf16, 0x1000, [(h * l * 64) as i64, -((l * 64) as i64), 64], (b, h, l)).is_none());
         assert!(ws_tma_map(TmaDtype::Bf16, 0x1008, [(h * l * 64) as i64, (l * 64) as i64, 64], (b, h, l)).is_none());
     }
 

@@ -213,14 +213,16 @@ pub struct Case {
 }
 
 /// Runs the case's instance of the kernel on the emulator and checks every output row and lse
-/// against kernels::flash_attention::flash_attention_head. q is a [B, Lq, H, D] view (heads
-/// interleaved), k / v contiguous [B, H, Lk, D], the reference rows padded by 8 elements.
+/// against kernels::flash_attention::flash_attention_head. q and v are [B, L, H, D] memory (heads
+/// interleaved), k contiguous [B, H, Lk, D], the reference rows padded by 8 elements.
 pub fn run_case(kernel: ForwardKernel, ty: Half, c: &Case) {
     let Case { b, h, lq, lk, lr, d, scale, .. } = *c;
     // q: [B, Lq, H, D] memory (heads interleaved, as the models' projections give).
     let q = operand(ty, (b, h, lq, d), [lq * h * d, d, h * d], b * lq * h * d, 1);
     let k = operand(ty, (b, h, lk, d), [h * lk * d, lk * d, d], b * h * lk * d, 2);
-    let v = operand(ty, (b, h, lk, d), [h * lk * d, lk * d, d], b * h * lk * d, 3);
+    // v: heads interleaved too ([B, Lk, H, D] memory: the UNet's layout, which ws_tma maps by its
+    // rank-4 tensor maps).
+    let v = operand(ty, (b, h, lk, d), [lk * h * d, d, h * d], b * h * lk * d, 3);
     // Reference rows padded by 8 elements (a narrowed view of wider rows).
     let rs = d + 8;
     let kr = operand(ty, (b, h, lr, d), [h * lr * rs, lr * rs, rs], b * h * lr * rs, 4);

@@ -21,7 +21,7 @@ use cudarc::driver::DeviceRepr;
 
 use crate::{DType, Error, Result};
 
-pub use kernels::emulate::{TensorMap2d, TensorMapArg, TmaDtype, TmaSwizzle};
+pub use kernels::emulate::{TensorMap, TensorMap2d, TensorMapArg, TmaDtype, TmaSwizzle};
 
 /// A GPU tensor map as a kernel argument (`const __grid_constant__ TensorMap`).
 #[repr(C, align(64))]
@@ -62,28 +62,28 @@ fn swizzle(s: TmaSwizzle) -> sys::CUtensorMapSwizzle {
     }
 }
 
-/// The CUtensorMap of `map` (2D, tiled, no interleave, L2 promotion of 128 bytes, out-of-range
-/// elements zero-filled): `map.validate()` first, then the driver (probed: an error when there
-/// is none, or when it lacks cuTensorMapEncodeTiled).
-pub fn encode(map: &TensorMap2d) -> Result<TensorMapParam> {
+/// The CUtensorMap of `map` (a `TensorMap` or `TensorMap2d`; tiled, of the map's rank, no
+/// interleave, L2 promotion of 128 bytes, out-of-range elements zero-filled): `validate()` first,
+/// then the driver (probed: an error when there is none, or when it lacks cuTensorMapEncodeTiled).
+pub fn encode<M: Into<TensorMap>>(map: M) -> Result<TensorMapParam> {
+    let map: TensorMap = map.into();
     map.validate().map_err(|e| Error::Cuda(e.to_string()))?;
     crate::cuda::device_count()?;
-    let dims: [u64; 2] = [map.cols, map.rows];
-    // The stride of every dimension but the innermost, in bytes.
-    let strides: [u64; 1] = [map.row_stride_bytes];
-    let boxes: [u32; 2] = [map.box_cols, map.box_rows];
-    let element_strides: [u32; 2] = [1, 1];
+    // Innermost first; the strides of every dimension but the innermost, in bytes (the driver
+    // reads `rank` entries of each, `rank - 1` strides).
+    let (dims, strides, boxes) = (map.dims, map.strides_bytes, map.box_dims);
+    let element_strides: [u32; 4] = [1; 4];
     let mut out = sys::CUtensorMap { opaque: [0; 16] };
     // cudarc panics when the driver lacks the function; the probe above found a CUDA 13 driver,
     // but turn a panic into an error all the same.
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: every pointer addresses a live local array of the length the rank (2) needs;
-        // `out` is a CUtensorMap the driver writes.
+        // SAFETY: every pointer addresses a live local array at least as long as the rank (2..4,
+        // validated) needs; `out` is a CUtensorMap the driver writes.
         unsafe {
             sys::cuTensorMapEncodeTiled(
                 &mut out,
                 data_type(map.dtype),
-                2,
+                map.rank as u32,
                 map.base as *mut std::ffi::c_void,
                 dims.as_ptr(),
                 strides.as_ptr(),
@@ -132,6 +132,13 @@ mod tests {
         ];
         for m in bad {
             let e = encode(&m).expect_err("an invalid description must be refused");
+            assert!(e.to_string().contains("TMA tensor map"), "{e}");
+        }
+        // Rank-4 maps: rank out of range, a stride not a 16-byte multiple, a box past the rank.
+        let four = TensorMap { base: 0x1000, dtype: TmaDtype::Bf16, rank: 4, dims: [64, 45, 3, 2], strides_bytes: [384, 128, 17280], box_dims: [64, 128, 1, 1], swizzle: TmaSwizzle::B128 };
+        assert!(four.validate().is_ok());
+        for m in [TensorMap { rank: 5, ..four }, TensorMap { strides_bytes: [384, 136, 17280], ..four }, TensorMap { rank: 2, ..four }] {
+            let e = encode(m).expect_err("an invalid description must be refused");
             assert!(e.to_string().contains("TMA tensor map"), "{e}");
         }
     }
