@@ -813,14 +813,8 @@ fn gn_cluster_schedulable(dev: &CudaDevice, f: &super::CudaFunction, name: &str,
 /// `args` must point at values matching the kernel's parameters, alive until the call returns
 /// (the driver copies them), and the buffers they name must satisfy the kernel's host guarantees.
 unsafe fn gn_cluster_launch(dev: &Arc<CudaDevice>, plan: &GnClusterPlan, args: &mut [*mut std::ffi::c_void]) -> Result<()> {
-    dev.bind()?;
-    // SAFETY: zeroed, then every field written by cluster_config.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    let cfg = cluster_config(dev, plan.grid, GNC_BLOCK as u32, plan.cs, plan.shared, &mut attr);
-    dev.profile_launch(&plan.f);
-    // SAFETY: cfg and its attribute live for the call; the arguments are the caller's promise.
-    unsafe { sys::cuLaunchKernelEx(&cfg, plan.f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(launch_failed(&plan.name))?;
-    Ok(())
+    // SAFETY: the arguments are the caller's promise.
+    unsafe { super::launch::launch_cluster(dev, &plan.f, &plan.name, (plan.grid, GNC_BLOCK as u32, plan.cs, plan.shared), args) }
 }
 
 /// A kernel argument as cuLaunchKernelEx takes it (a pointer to the value).
