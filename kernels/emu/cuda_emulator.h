@@ -882,6 +882,25 @@ inline unsigned char* tma_smem_byte(unsigned char* smem, long long off, uint64_t
     return smem + ((w ^ ((w >> 3) & mask)) - (uint64_t)off);
 }
 
+// A TMA copy in flight issued by f: the box `smem` of CTA `cta` at coordinates `at` of `map` (as
+// at the issue), its mbarrier `bar` (loads).
+inline AsyncOp* new_tma(Fiber* f, int kind, unsigned cta, void* smem, void* bar, const uint64_t* map, const int (&at)[4], const char* file, int line) {
+    AsyncOp* op = new_async(f->launch);
+    op->kind = kind;
+    op->cta = cta;
+    op->f = f;
+    op->smem = static_cast<unsigned char*>(smem);
+    op->bar = static_cast<unsigned char*>(bar);
+    memcpy(op->map, map, sizeof op->map);
+    op->x = at[0];
+    op->y = at[1];
+    op->z = at[2];
+    op->w = at[3];
+    op->file = file;
+    op->line = line;
+    return op;
+}
+
 // A rank-`rank` TMA load of the box at (x, y, z, w) (tma_load_2d / tma_load_4d).
 inline void tma_load(void* dst, const TensorMap* map_p, unsigned rank, int x, int y, int z, int w, unsigned long long* bar, const char* what, const char* file, int line) {
     Fiber* f = self();
@@ -889,19 +908,7 @@ inline void tma_load(void* dst, const TensorMap* map_p, unsigned rank, int x, in
     long long off;
     tma_check(f, map, dst, rank, what, file, line, off);
     mbarrier_of(f, bar, what, file, line);
-    AsyncOp* op = new_async(f->launch);
-    op->kind = AsyncTmaLoad;
-    op->cta = f->cta;
-    op->f = f;
-    op->smem = static_cast<unsigned char*>(dst);
-    op->bar = reinterpret_cast<unsigned char*>(bar);
-    memcpy(op->map, map, sizeof op->map);
-    op->x = x;
-    op->y = y;
-    op->z = z;
-    op->w = w;
-    op->file = file;
-    op->line = line;
+    new_tma(f, AsyncTmaLoad, f->cta, dst, bar, map, {x, y, z, w}, file, line);
     // Undefined until the copy lands: 0xff bytes (NaN), as a cp.async destination.
     memset(dst, 0xff, tma_box_bytes(map));
 }
@@ -915,18 +922,8 @@ inline void tma_store_2d(const TensorMap* map_p, int x, int y, const void* src, 
     const uint64_t* map = reinterpret_cast<const uint64_t*>(map_p);
     long long off;
     tma_check(f, map, src, 2, "tma_store_2d", file, line, off);
-    AsyncOp* op = new_async(f->launch);
-    op->kind = AsyncTmaStore;
-    op->cta = f->cta;
-    op->f = f;
+    AsyncOp* op = new_tma(f, AsyncTmaStore, f->cta, const_cast<void*>(src), nullptr, map, {x, y, 0, 0}, file, line);
     op->seq = f->bulk_groups;  // the bulk group it joins at the next commit
-    op->smem = static_cast<unsigned char*>(const_cast<void*>(src));
-    memcpy(op->map, map, sizeof op->map);
-    op->x = x;
-    op->y = y;
-    op->z = op->w = 0;
-    op->file = file;
-    op->line = line;
 }
 
 // ---- thread-block clusters: remote mbarrier arrivals and TMA multicast (pipeline.cuh) -------------
@@ -1021,19 +1018,7 @@ inline void tma_load_2d_multicast(void* dst, const TensorMap* map_p, int x, int 
         long long o;
         unsigned char* box = cluster_shared(L, f->cta, dst, bytes, r, &now, &o);
         unsigned char* bar_key = cluster_shared(L, f->cta, bar, 8, r, &bar_now, &o);
-        AsyncOp* op = new_async(L);
-        op->kind = AsyncTmaLoad;
-        op->cta = r;
-        op->f = f;
-        op->smem = box;
-        op->bar = bar_key;
-        op->mask = mask;
-        memcpy(op->map, map, sizeof op->map);
-        op->x = x;
-        op->y = y;
-        op->z = op->w = 0;
-        op->file = file;
-        op->line = line;
+        new_tma(f, AsyncTmaLoad, r, box, bar_key, map, {x, y, 0, 0}, file, line)->mask = mask;
         memset(now, 0xff, bytes);
     }
 }
