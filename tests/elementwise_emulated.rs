@@ -156,3 +156,63 @@ fn run_geglu(m: &EmulatedModule, dt: &str, packed: bool, x: u64, y: u64, half: u
     }
     .unwrap_or_else(|e| panic!("{kernel}: {e}"));
 }
+
+/// The transposing copy (copy_transpose_bN, engine's copy_strided for views whose unit-stride
+/// dimension is not the last) on the emulator, every element size, against the view read element
+/// by element: a batched [B, C, L] -> [B, L, C] transpose, a 4D permute whose batch dimensions sit
+/// on both sides of the unit-stride one (a narrowed middle dimension keeps them from merging), and
+/// a matrix .t(); partial 32 x 32 tiles on both axes, and fewer z blocks than batch entries.
+#[test]
+fn transposing_copy_matches_the_view() {
+    if !have_compiler("transposing_copy_matches_the_view") {
+        return;
+    }
+    let m = EmulatedModule::load(&kernels::elementwise::SOURCE).unwrap_or_else(|e| panic!("{e}"));
+    // (view shape, its element strides, storage elements)
+    let cases: [(&[usize], &[usize], usize); 3] = [
+        (&[3, 37, 45], &[45 * 37, 1, 37], 3 * 45 * 37),
+        (&[2, 37, 3, 45], &[3 * 46 * 37, 1, 46 * 37, 37], 2 * 3 * 46 * 37),
+        (&[70, 33], &[1, 70], 33 * 70),
+    ];
+    for (shape, strides, storage) in cases {
+        let plan = engine::cuda::ElementwisePlan::<1>::new("copy", shape, [strides]).unwrap();
+        let a = plan.args;
+        let r = a.rank as usize;
+        let p = (0..r - 1).find(|&d| a.strides[0][d] == 1).unwrap_or_else(|| panic!("{shape:?}: no unit-stride dimension before the last after coalescing"));
+        let batch: u64 = (0..r).filter(|&d| d != p && d != r - 1).map(|d| a.shape[d]).product();
+        // The view read element by element (row-major over `shape`).
+        let n: usize = shape.iter().product();
+        let want: Vec<u64> = (0..n)
+            .map(|i| {
+                let (mut rest, mut off) = (i, 0);
+                for d in (0..shape.len()).rev() {
+                    off += (rest % shape[d]) * strides[d];
+                    rest /= shape[d];
+                }
+                off as u64
+            })
+            .collect();
+        for (size, name) in [(1usize, "b1"), (2, "b2"), (4, "b4"), (8, "b8")] {
+            // Element i of the storage holds i (truncated to the element size), so the output
+            // names the storage element each position read.
+            let mask = if size == 8 { u64::MAX } else { (1u64 << (8 * size)) - 1 };
+            let bytes = |v: &[u64]| v.iter().flat_map(|&x| (x & mask).to_le_bytes()[..size].to_vec()).collect::<Vec<u8>>();
+            let x = Aligned::from(&bytes(&(0..storage as u64).collect::<Vec<u64>>()));
+            let y = Aligned::<u8>::zeroed(n * size);
+            let kernel = format!("copy_transpose_{name}");
+            let grid = (a.shape[r - 1].div_ceil(32) as u32, a.shape[p].div_ceil(32) as u32, batch.min(2) as u32);
+            let (xa, ya, p32) = (x.addr(), y.addr(), p as u32);
+            // SAFETY: the kernel reads the view's elements inside the storage (plan.args is its
+            // coalesced form) and writes n elements of y.
+            unsafe {
+                m.launch(&kernel, grid, (32, 8, 1), 0, &|f| {
+                    let k: extern "C" fn(u64, u64, engine::cuda::StridedArgs<1>, u32) = std::mem::transmute(f);
+                    k(xa, ya, a, p32);
+                })
+            }
+            .unwrap_or_else(|e| panic!("{kernel} {shape:?}: {e}"));
+            assert_eq!(y.as_ref(), &bytes(&want)[..], "{kernel} {shape:?} {strides:?}: output differs from the view");
+        }
+        lookahead::show(&format!("copy_transpose {shape:?} strides {strides:?}: coalesced rank {r}, unit stride on dim {p}, batch {batch}: every element size matches"));
+    }
+}

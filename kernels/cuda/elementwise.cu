@@ -131,6 +131,66 @@ COPY_KERNEL(b2, u16)
 COPY_KERNEL(b4, u32)
 COPY_KERNEL(b8, u64)
 
+// ---- transposing copy --------------------------------------------------------------------------
+// copy_transpose_bN: the row-major copy of a view whose unit-stride dimension `p` is not its last
+// one (a transpose: a .t() of a matrix, [B, L, C] <- [B, C, L] memory, a permute of heads). The
+// strided copy above reads along the last dimension, `stride` elements apart, one element per
+// 32-byte sector (28% of copy bandwidth on an H200, f32 8192^2); here a block stages a 32 x 32
+// tile in shared memory, read along p and written along the last dimension, both coalesced. The
+// other dimensions form a batch, which the z blocks walk. Launch (engine/src/cuda/elementwise.rs
+// copy_strided): block (32, 8), grid (ceil(n_last / 32), ceil(n_p / 32), min(batch, 65535));
+// s is the coalesced view (StridedArgs<1>), 0 <= p < rank - 1. Offsets in u64. Eight blocks an SM
+// (32 registers, no spills): a block has only 4 loads a thread in flight, so occupancy carries
+// the bandwidth (without the bound, 62-66 registers: 4 blocks).
+template <typename T> __device__ __forceinline__ void copy_transpose(const T* __restrict__ x, T* __restrict__ y, const StridedArgs<1>& s, u32 p) {
+    __shared__ T tile[32][33];  // [along the last dimension][along p]; one column of padding
+    const u32 r = (u32)s.rank, last = r - 1;
+    const u64 n_last = s.shape[last], n_p = s.shape[p], in_last = s.strides[0][last], in_p = s.strides[0][p];
+    u64 batch = 1, out_p = 1;  // out_p: p's stride in the row-major output
+    for (u32 d = 0; d < r; ++d) {
+        if (d != p && d != last) batch *= s.shape[d];
+        if (d > p) out_p *= s.shape[d];
+    }
+    const u64 l0 = (u64)blockIdx.x * 32, p0 = (u64)blockIdx.y * 32;
+    const u32 tx = threadIdx.x, ty = threadIdx.y;
+    for (u64 b = blockIdx.z; b < batch; b += gridDim.z) {
+        // Batch entry b over the other dimensions (the innermost fastest): its input and output
+        // offsets (the output's stride of dimension d is the product of the sizes after it).
+        u64 in0 = 0, out0 = 0, rest = b, out_stride = 1;
+        for (int d = (int)last; d >= 0; --d) {
+            const u64 n = s.shape[d];
+            if ((u32)d != p && (u32)d != last) {
+                const u64 i = rest % n;
+                rest /= n;
+                in0 += i * s.strides[0][d];
+                out0 += i * out_stride;
+            }
+            out_stride *= n;
+        }
+#pragma unroll
+        for (u32 k = 0; k < 32; k += 8) {
+            const u64 l = l0 + ty + k, q = p0 + tx;
+            if (l < n_last && q < n_p) tile[ty + k][tx] = x[in0 + q * in_p + l * in_last];
+        }
+        __syncthreads();
+#pragma unroll
+        for (u32 k = 0; k < 32; k += 8) {
+            const u64 q = p0 + ty + k, l = l0 + tx;
+            if (l < n_last && q < n_p) y[out0 + q * out_p + l] = tile[tx][ty + k];
+        }
+        __syncthreads();
+    }
+}
+
+#define COPY_TRANSPOSE_KERNEL(NAME, T)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 8) copy_transpose_##NAME(const T* x, T* y, StridedArgs<1> s, u32 p) { \
+        copy_transpose<T>(x, y, s, p);                                                                                       \
+    }
+COPY_TRANSPOSE_KERNEL(b1, u8)
+COPY_TRANSPOSE_KERNEL(b2, u16)
+COPY_TRANSPOSE_KERNEL(b4, u32)
+COPY_TRANSPOSE_KERNEL(b8, u64)
+
 // ---- casts -----------------------------------------------------------------------------------
 // Same rules as the CPU backend's cpu::cast: through f64 when either side is i64 (Rust `as`
 // semantics: saturating, NaN -> 0), else through f32.

@@ -10,7 +10,7 @@ use kernels::elementwise::{pack_align, pack_elems, BinaryOp, CmpOp, UnaryOp, BLO
 use super::device::CudaDevice;
 use super::launch::{launch_1d, launch_failed, strided_config, ElementwisePlan};
 use super::storage::CudaStorage;
-use super::PushKernelArg;
+use super::{LaunchConfig, PushKernelArg};
 use crate::{DType, Device, Error, Layout, Result};
 
 /// A trailing scalar kernel argument (op codes and op parameters).
@@ -85,6 +85,18 @@ fn operand(s: &CudaStorage, l: &Layout) -> Operand {
     (s.ptr_at(l.offset()), s.dtype().size_in_bytes())
 }
 
+/// The dimension with unit input stride when it is not the last one of the coalesced copy (a
+/// transpose: copy_transpose_bN reads along it and writes along the last), and the last has at
+/// least a few elements (else the strided copy's reads are nearly contiguous anyway).
+fn transpose_dim(plan: &ElementwisePlan<1>) -> Option<usize> {
+    let a = &plan.args;
+    let r = a.rank as usize;
+    if r < 2 || a.strides[0][r - 1] == 1 || a.shape[r - 1] < 8 {
+        return None;
+    }
+    (0..r - 1).find(|&d| a.strides[0][d] == 1 && a.shape[d] >= 8)
+}
+
 impl CudaStorage {
     /// A row-major copy of the view `l`.
     pub fn copy_strided(&self, l: &Layout) -> Result<Self> {
@@ -94,6 +106,27 @@ impl CudaStorage {
         let size = self.dtype().size_in_bytes();
         if plan.contiguous {
             dev.copy_dtod(out.device_ptr(), self.ptr_at(l.offset()), plan.elems * size)?;
+        } else if let Some(p) = transpose_dim(&plan) {
+            // Unit stride on another dimension than the last: tiles through shared memory.
+            let name = format!("copy_transpose_b{size}");
+            let f = dev.function(&SOURCE, &name)?;
+            let a = &plan.args;
+            let (r, p) = (a.rank as usize, p as u32);
+            let batch: u64 = (0..r).filter(|&d| d != p as usize && d != r - 1).map(|d| a.shape[d]).product();
+            let grid = (a.shape[r - 1].div_ceil(32), a.shape[p as usize].div_ceil(32), batch.min(65535));
+            if grid.0 > u32::MAX as u64 || grid.1 > 65535 {
+                let name = format!("copy_strided_b{size}");
+                launch_map(&dev, &plan, [operand(self, l)], (out.device_ptr(), size), &name, &name, &[])?;
+                return Ok(out);
+            }
+            let (xp, yp) = (self.ptr_at(l.offset()), out.device_ptr());
+            let mut b = dev.launch_builder(&f);
+            b.arg(&xp).arg(&yp).arg(a).arg(&p);
+            let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments match copy_transpose_bN (x, y, s, p) in elementwise.cu; s is the
+            // coalesced view of `l` (reads stay inside the view), y holds its elements, and p is a
+            // dimension other than the last with unit input stride (transpose_dim).
+            unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
         } else {
             let name = format!("copy_strided_b{size}");
             launch_map(&dev, &plan, [operand(self, l)], (out.device_ptr(), size), &name, &name, &[])?;
@@ -190,5 +223,26 @@ impl CudaStorage {
             &[],
         )?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which copies take the transposing kernel: a unit-stride dimension before the last (after
+    /// coalescing), both at least 8 long; views read along their last dimension do not.
+    #[test]
+    fn transposes_are_recognised_after_coalescing() {
+        let dim = |shape: &[usize], strides: &[usize]| transpose_dim(&ElementwisePlan::<1>::new("copy", shape, [strides]).unwrap());
+        assert_eq!(dim(&[3, 37, 45], &[45 * 37, 1, 37]), Some(1));
+        assert_eq!(dim(&[70, 33], &[1, 70]), Some(0));
+        // Heads interleaved back to [B, H, L, D] order: D stays the unit-stride last dimension.
+        assert_eq!(dim(&[2, 10, 64, 64], &[10 * 64 * 64, 64, 640, 1]), None);
+        // Narrowed rows: still read along the last dimension.
+        assert_eq!(dim(&[37, 45], &[50, 1]), None);
+        // A last dimension of 4: its strided reads are nearly contiguous; no unit stride at all.
+        assert_eq!(dim(&[100, 4], &[1, 100]), None);
+        assert_eq!(dim(&[30, 40], &[80, 2]), None);
     }
 }
