@@ -85,16 +85,21 @@ fn operand(s: &CudaStorage, l: &Layout) -> Operand {
     (s.ptr_at(l.offset()), s.dtype().size_in_bytes())
 }
 
-/// The dimension with unit input stride when it is not the last one of the coalesced copy (a
-/// transpose: copy_transpose_bN reads along it and writes along the last), and the last has at
-/// least a few elements (else the strided copy's reads are nearly contiguous anyway).
-fn transpose_dim(plan: &ElementwisePlan<1>) -> Option<usize> {
+/// copy_transpose_bN's launch for a copy whose unit-stride input dimension `p` is not the last
+/// one of the coalesced view (a transpose: the kernel reads along p and writes along the last),
+/// both at least 8 long (else the strided copy's reads are nearly contiguous anyway): (p, grid of
+/// 32 x 32 tiles over (last, p) and the batch of the other dimensions, capped at 65535 z blocks).
+/// None otherwise, or when the tiles along p exceed a grid's y limit.
+fn transpose_launch(plan: &ElementwisePlan<1>) -> Option<(u32, (u32, u32, u32))> {
     let a = &plan.args;
     let r = a.rank as usize;
     if r < 2 || a.strides[0][r - 1] == 1 || a.shape[r - 1] < 8 {
         return None;
     }
-    (0..r - 1).find(|&d| a.strides[0][d] == 1 && a.shape[d] >= 8)
+    let p = (0..r - 1).find(|&d| a.strides[0][d] == 1 && a.shape[d] >= 8)?;
+    let batch: u64 = (0..r).filter(|&d| d != p && d != r - 1).map(|d| a.shape[d]).product();
+    let (x, y) = (a.shape[r - 1].div_ceil(32), a.shape[p].div_ceil(32));
+    (x <= u32::MAX as u64 && y <= 65535).then_some((p as u32, (x as u32, y as u32, batch.min(65535) as u32)))
 }
 
 impl CudaStorage {
@@ -106,26 +111,17 @@ impl CudaStorage {
         let size = self.dtype().size_in_bytes();
         if plan.contiguous {
             dev.copy_dtod(out.device_ptr(), self.ptr_at(l.offset()), plan.elems * size)?;
-        } else if let Some(p) = transpose_dim(&plan) {
+        } else if let Some((p, grid)) = transpose_launch(&plan) {
             // Unit stride on another dimension than the last: tiles through shared memory.
             let name = format!("copy_transpose_b{size}");
             let f = dev.function(&SOURCE, &name)?;
-            let a = &plan.args;
-            let (r, p) = (a.rank as usize, p as u32);
-            let batch: u64 = (0..r).filter(|&d| d != p as usize && d != r - 1).map(|d| a.shape[d]).product();
-            let grid = (a.shape[r - 1].div_ceil(32), a.shape[p as usize].div_ceil(32), batch.min(65535));
-            if grid.0 > u32::MAX as u64 || grid.1 > 65535 {
-                let name = format!("copy_strided_b{size}");
-                launch_map(&dev, &plan, [operand(self, l)], (out.device_ptr(), size), &name, &name, &[])?;
-                return Ok(out);
-            }
             let (xp, yp) = (self.ptr_at(l.offset()), out.device_ptr());
             let mut b = dev.launch_builder(&f);
-            b.arg(&xp).arg(&yp).arg(a).arg(&p);
-            let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+            b.arg(&xp).arg(&yp).arg(&plan.args).arg(&p);
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 };
             // SAFETY: the arguments match copy_transpose_bN (x, y, s, p) in elementwise.cu; s is the
             // coalesced view of `l` (reads stay inside the view), y holds its elements, and p is a
-            // dimension other than the last with unit input stride (transpose_dim).
+            // dimension other than the last with unit input stride (transpose_launch).
             unsafe { b.launch(cfg) }.map_err(launch_failed(&name))?;
         } else {
             let name = format!("copy_strided_b{size}");
@@ -234,8 +230,10 @@ mod tests {
     /// coalescing), both at least 8 long; views read along their last dimension do not.
     #[test]
     fn transposes_are_recognised_after_coalescing() {
-        let dim = |shape: &[usize], strides: &[usize]| transpose_dim(&ElementwisePlan::<1>::new("copy", shape, [strides]).unwrap());
+        let dim = |shape: &[usize], strides: &[usize]| transpose_launch(&ElementwisePlan::<1>::new("copy", shape, [strides]).unwrap()).map(|(p, _)| p);
         assert_eq!(dim(&[3, 37, 45], &[45 * 37, 1, 37]), Some(1));
+        let plan = ElementwisePlan::<1>::new("copy", &[3, 37, 45], [&[45 * 37, 1, 37]]).unwrap();
+        assert_eq!(transpose_launch(&plan), Some((1, (2, 2, 3))));
         assert_eq!(dim(&[70, 33], &[1, 70]), Some(0));
         // Heads interleaved back to [B, H, L, D] order: D stays the unit-stride last dimension.
         assert_eq!(dim(&[2, 10, 64, 64], &[10 * 64 * 64, 64, 640, 1]), None);
