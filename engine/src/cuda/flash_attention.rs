@@ -179,7 +179,7 @@ fn ws_tma_maps(dtype: DType, p: &FlashParams, b: usize, h: usize) -> Result<Opti
         ((None, None), (Some(kr), Some(vr))) if p.lk == 0 => [kr, vr, kr, vr],
         _ => return Ok(None),
     };
-    Ok(Some([tensor_map::encode(&k)?, tensor_map::encode(&v)?, tensor_map::encode(&kr)?, tensor_map::encode(&vr)?]))
+    Ok(Some([tensor_map::encode(k)?, tensor_map::encode(v)?, tensor_map::encode(kr)?, tensor_map::encode(vr)?]))
 }
 
 /// One launch of the kernel instance of `mode`: (out, lse, lse2 in the decoupled mode).

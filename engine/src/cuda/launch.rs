@@ -65,13 +65,13 @@ pub unsafe fn launch_cluster(dev: &CudaDevice, f: &super::CudaFunction, name: &s
 }
 
 /// How many clusters of `cs` CTAs of `f` (`block` threads, `shared` bytes of dynamic shared
-/// memory, already opted into) the device can run at once (cuOccupancyMaxActiveClusters; the
-/// GPCs' SM counts can leave SMs that no cluster uses); 0 where none fits or the query fails.
-pub fn max_active_clusters(dev: &CudaDevice, f: &super::CudaFunction, block: u32, cs: u32, shared: u32) -> Result<u32> {
+/// memory, already opted into) the device can run at once for a launch of `grid` CTAs
+/// (cuOccupancyMaxActiveClusters; the GPCs' SM counts can leave SMs that no cluster uses); 0 where
+/// none fits or the query fails.
+pub fn max_active_clusters(dev: &CudaDevice, f: &super::CudaFunction, (grid, block, cs, shared): (u32, u32, u32, u32)) -> Result<u32> {
     dev.bind()?;
     // SAFETY: zeroed, then every field written by cluster_config.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    let grid = cs * (dev.multiprocessors() / cs).max(1);
     let cfg = cluster_config(dev, grid, block, cs, shared, &mut attr);
     let mut active: std::ffi::c_int = 0;
     // SAFETY: cfg (and the attribute it points to) and f are valid for the call.

@@ -355,7 +355,7 @@ fn tensor_map(dtype: DType, base: u64, (rows, cols): (usize, usize), (box_rows, 
         box_cols,
         swizzle: TmaSwizzle::from_bytes(swizzle).map_err(|e| Error::Cuda(e.to_string()))?,
     };
-    tensor_map::encode(&map)
+    tensor_map::encode(map)
 }
 
 /// The kernel `name` loaded on `dev` and allowed its dynamic shared memory (above the 48 KiB
@@ -389,7 +389,8 @@ fn mc_clusters(dev: &CudaDevice, kernel: &Kernel, name: &'static str) -> Result<
         return Ok(c);
     }
     let f = loaded(dev, kernel, name)?;
-    let c = max_active_clusters(dev, &f, kernel.threads, klora::TMA_MC_CLUSTER, kernel.shared_bytes)?.min(dev.multiprocessors() / klora::TMA_MC_CLUSTER);
+    let cs = klora::TMA_MC_CLUSTER;
+    let c = max_active_clusters(dev, &f, (cs * (dev.multiprocessors() / cs).max(1), kernel.threads, cs, kernel.shared_bytes))?.min(dev.multiprocessors() / cs);
     seen.lock().unwrap_or_else(|e| e.into_inner()).push((dev.ordinal(), name, c));
     Ok(c)
 }

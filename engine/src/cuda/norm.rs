@@ -12,7 +12,7 @@ use std::sync::Arc;
 use kernels::{norm as knorm, reduce as kreduce, rng as krng, softmax as ksoftmax};
 
 use super::device::CudaDevice;
-use super::launch::{cluster_config, launch_1d, launch_failed};
+use super::launch::{launch_1d, launch_failed};
 use super::storage::CudaStorage;
 use super::{LaunchConfig, PushKernelArg};
 use cudarc::driver::sys;
@@ -797,12 +797,7 @@ fn gn_cluster_schedulable(dev: &CudaDevice, f: &super::CudaFunction, name: &str,
         seen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, false);
         return Ok(false);
     }
-    // SAFETY: zeroed, then every field written by cluster_config.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    let cfg = cluster_config(dev, grid, GNC_BLOCK as u32, cs, shared, &mut attr);
-    let mut active: std::ffi::c_int = 0;
-    // SAFETY: cfg (and the attribute it points to) and f are valid for the call.
-    let ok = unsafe { sys::cuOccupancyMaxActiveClusters(&mut active, f.cu_function(), &cfg) }.result().is_ok() && active > 0;
+    let ok = super::launch::max_active_clusters(dev, f, (grid, GNC_BLOCK as u32, cs, shared))? > 0;
     seen.lock().unwrap_or_else(|e| e.into_inner()).insert(key, ok);
     Ok(ok)
 }
