@@ -49,6 +49,7 @@
 #include <link.h>
 #include <limits>
 #include <type_traits>
+#include <utility>
 // The hand-written x86-64 context switch, or ucontext (other targets, or forced with
 // -DLOOKAHEAD_EMU_UCONTEXT to test that path).
 #if defined(__x86_64__) && !defined(LOOKAHEAD_EMU_UCONTEXT)
@@ -2146,6 +2147,20 @@ inline int find_tls_block(dl_phdr_info* info, size_t, void* data) {
     return 1;
 }
 
+}  // namespace lookahead_emu
+
+namespace lookahead_emu {
+// Calls kernel `f` with the arguments `params` points at, one pointer per parameter (the
+// kernelParams of cuLaunchKernel): the emulated CUDA driver (kernels/emu/driver) launches kernels
+// through the lookahead_emu_params_NAME entry point the build appends for every kernel.
+template <class... A, size_t... I>
+void call_with_params(void (*f)(A...), void** params, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<A>*>(params[I])...);
+}
+template <class... A>
+void call_with_params(void (*f)(A...), void** params) {
+    call_with_params(f, params, std::index_sequence_for<A...>{});
+}
 }  // namespace lookahead_emu
 
 // Runs kernel `kernel_fn` (named `kernel`, for messages) over grid x block threads: every thread

@@ -34,7 +34,7 @@ use crate::compile::{Hash128, KernelCache, KernelSource, HEADERS};
 pub const EMULATOR_HEADER: &str = include_str!("../emu/cuda_emulator.h");
 
 /// Bump when the cache layout or the build changes in a way the hash does not see.
-const CACHE_FORMAT: u32 = 1;
+const CACHE_FORMAT: u32 = 2;
 
 /// Compiler flags of every emulated build (before `-include`, `-I` and the file). No strict
 /// aliasing: kernels reinterpret buffers as packs (as CUDA allows). No psABI notes: GCC notes
@@ -260,6 +260,49 @@ impl EmulatedModule {
         Ok(EmulatedModule { lib, run, file: shown.to_string() })
     }
 
+    /// Builds (or takes from the cache) and loads kernel source `code` of family `name`
+    /// (errors name it kernels/cuda/NAME.cu): what the emulated driver's "CUBIN" carries.
+    pub fn load_source(name: &str, code: &str) -> Result<EmulatedModule, EmulateError> {
+        Self::build(name, code, &format!("kernels/cuda/{name}.cu"))
+    }
+
+    /// True when the module has a kernel of this name.
+    pub fn has_kernel(&self, kernel: &str) -> bool {
+        let Ok(entry) = CString::new(format!("{PARAMS_ENTRY}{kernel}")) else { return false };
+        // SAFETY: only the symbol's presence is looked at.
+        matches!(unsafe { self.lib.get::<*const c_void>(entry.as_c_str()) }, Ok(s) if !s.is_null())
+    }
+
+    /// `launch_cluster_with` of a kernel whose arguments are given as cuLaunchKernel takes them:
+    /// `params` holds one pointer per kernel parameter, to a value of that parameter's type.
+    ///
+    /// # Safety
+    /// `params` must point at as many valid pointers as the kernel has parameters, each to a
+    /// value of the parameter's type, and every pointer argument must be valid for what the
+    /// kernel reads and writes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn launch_params(
+        &self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        cluster: (u32, u32, u32),
+        shared_bytes: u32,
+        schedule: Schedule,
+        params: *const *mut c_void,
+    ) -> Result<(), EmulateError> {
+        let missing = || EmulateError::MissingKernel { file: self.file.clone(), kernel: kernel.to_string() };
+        let entry = CString::new(format!("{PARAMS_ENTRY}{kernel}")).map_err(|_| missing())?;
+        type Entry = unsafe extern "C" fn(*const *mut c_void);
+        // SAFETY: the build appends this entry point with this signature for every kernel.
+        let call: Entry = match unsafe { self.lib.get::<Entry>(entry.as_c_str()) } {
+            Ok(s) => *s,
+            Err(_) => return Err(missing()),
+        };
+        // SAFETY: the caller's guarantees: `params` matches the kernel's parameters.
+        unsafe { self.launch_cluster_with(kernel, grid, block, cluster, shared_bytes, schedule, &|_| call(params)) }
+    }
+
     /// The source as errors name it.
     pub fn file(&self) -> &str {
         &self.file
@@ -398,6 +441,32 @@ fn compile(cxx: &Path, name: &str, code: &str, shown: &str, dir: &Path, lib_path
         }
         let emu_header = build.join("cuda_emulator.h");
         std::fs::write(&emu_header, EMULATOR_HEADER).map_err(|e| io("writing the emulation header", e))?;
+        // Every kernel also gets an entry point taking its arguments as cuLaunchKernel's
+        // kernelParams (lookahead_emu_params_NAME): the kernels' names are those the
+        // preprocessed source declares (macros expand to many of them).
+        let preprocessed = std::process::Command::new(cxx)
+            .args(FLAGS.iter().filter(|f| **f != "-shared"))
+            .arg("-E")
+            .arg("-include")
+            .arg(&emu_header)
+            .arg("-I")
+            .arg(&build)
+            .arg("-x")
+            .arg("c++")
+            .arg(&src)
+            .output()
+            .map_err(|e| EmulateError::NoCompiler(format!("running {}: {e}", cxx.display())))?;
+        if preprocessed.status.success() {
+            let mut with_entries = code.to_string();
+            with_entries.push_str("\n// ---- kernelParams entry points (appended by kernels::emulate) ----\n");
+            for kernel in kernel_names(&String::from_utf8_lossy(&preprocessed.stdout)) {
+                with_entries.push_str(&format!(
+                    "extern \"C\" __attribute__((visibility(\"default\"))) void {PARAMS_ENTRY}{kernel}(void** p) {{ ::lookahead_emu::call_with_params(&{kernel}, p); }}\n"
+                ));
+            }
+            std::fs::write(&src, with_entries).map_err(|e| io("writing the source", e))?;
+        }
+        // (A source that does not preprocess fails the compile below, with its log.)
         let out_tmp = build.join(format!("{name}.so"));
         let output = std::process::Command::new(cxx)
             .args(FLAGS)
@@ -427,6 +496,30 @@ fn compile(cxx: &Path, name: &str, code: &str, shown: &str, dir: &Path, lib_path
     })();
     let _ = std::fs::remove_dir_all(&build);
     result
+}
+
+/// Prefix of the entry point that calls a kernel with cuLaunchKernel-style arguments.
+const PARAMS_ENTRY: &str = "lookahead_emu_params_";
+
+/// The kernels a preprocessed source defines or declares: the names after `__global__`'s
+/// expansion in `extern "C" __global__ void NAME(`, each once, in order.
+fn kernel_names(preprocessed: &str) -> Vec<String> {
+    const GLOBAL: &str = "__attribute__((visibility(\"default\")))";
+    let mut names: Vec<String> = Vec::new();
+    for (at, _) in preprocessed.match_indices(GLOBAL) {
+        let rest = preprocessed[at + GLOBAL.len()..].trim_start();
+        let Some(rest) = rest.strip_prefix("void") else { continue };
+        if !rest.starts_with(char::is_whitespace) {
+            continue;
+        }
+        let rest = rest.trim_start();
+        let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+        let (name, after) = rest.split_at(end);
+        if !name.is_empty() && !name.starts_with(PARAMS_ENTRY) && after.trim_start().starts_with('(') && !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+        }
+    }
+    names
 }
 
 // ---- TMA tensor maps ---------------------------------------------------------------------------
