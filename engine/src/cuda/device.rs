@@ -24,6 +24,7 @@ pub fn probe() -> Result<usize> {
 }
 
 fn probe_uncached() -> std::result::Result<usize, String> {
+    preload_driver()?;
     // cudarc panics on first use when libcuda is missing, so look for it ourselves first, under
     // the same names cudarc will try.
     let candidates = cudarc::get_lib_name_candidates("cuda");
@@ -43,6 +44,21 @@ fn probe_uncached() -> std::result::Result<usize, String> {
         Ok(r) => r,
         Err(_) => Err("the CUDA driver lacks a function this build needs (a driver older than CUDA 13.0?)".into()),
     }
+}
+
+/// `LOOKAHEAD_CUDA_LIB`: a driver library to use instead of the loader's libcuda (e.g. the CPU
+/// emulator of kernels/emu/driver). cudarc opens the driver by name (`libcuda.so` first); the
+/// dynamic loader answers a name with an already-loaded library of that soname, so opening the
+/// file here first, kept for the life of the process, makes cudarc use it. Its soname must be
+/// one cudarc tries (the emulator's is `libcuda.so`; a real driver's, `libcuda.so.1`, is tried
+/// after `libcuda.so`).
+fn preload_driver() -> std::result::Result<(), String> {
+    let Some(path) = std::env::var_os("LOOKAHEAD_CUDA_LIB").filter(|p| !p.is_empty()) else { return Ok(()) };
+    // SAFETY: loading the named driver library runs only its own initialisers.
+    let lib = unsafe { libloading::os::unix::Library::open(Some(&path), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL) }
+        .map_err(|e| format!("LOOKAHEAD_CUDA_LIB={}: {e}", std::path::Path::new(&path).display()))?;
+    std::mem::forget(lib);
+    Ok(())
 }
 
 /// True when a CUDA driver is loaded and sees at least one GPU.
