@@ -10,7 +10,7 @@
 #[path = "common/cuda_harness.rs"]
 mod cuda_harness;
 
-use cuda_harness::{cuda, gb_per_s, gpu, input, values, Tolerances, View, ALL, FLOATS, UNARY};
+use cuda_harness::{cuda, cuda_timed, gb_per_s, gpu, input, values, Tolerances, View, ALL, FLOATS, UNARY};
 use engine::{DType, Device, Result, Tensor};
 use kernels::elementwise::{BinaryOp, CmpOp};
 
@@ -206,7 +206,7 @@ fn no_device_is_an_error_not_a_panic() {
 /// measured in the same run (the target is >= 85% of copy for the contiguous kernels).
 #[test]
 fn elementwise_bandwidth_report() {
-    let Some((dev, _gpu)) = cuda("elementwise_bandwidth_report") else { return };
+    let Some((dev, _gpu)) = cuda_timed("elementwise_bandwidth_report") else { return };
     let cuda = engine::cuda::device(0).unwrap();
     let n = 1usize << 26; // 64 Mi elements: far above L2
     let x = input(&[n], DType::F32, -1.0, 1.0, 1, dev).unwrap();

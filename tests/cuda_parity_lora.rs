@@ -239,7 +239,7 @@ fn time_ms(dev: &std::sync::Arc<engine::cuda::CudaDevice>, f: &dyn Fn() -> Resul
 /// work (2 M N K + 2 M r (K + N)) and the overhead over the base GEMM.
 #[test]
 fn timing_report() {
-    let Some((dev, _gpu)) = cuda_harness::cuda("lora timing_report") else { return };
+    let Some((dev, _gpu)) = cuda_harness::cuda_timed("lora timing_report") else { return };
     let Device::Cuda(ordinal) = dev else { return };
     let cuda = engine::cuda::device(ordinal).unwrap();
     lookahead::show(&format!("lora timing on {}", cuda.info().map(|i| i.to_string()).unwrap_or_default()));
@@ -272,7 +272,7 @@ fn timing_report() {
 /// with the mma.sync kernel's time alongside, then each LOOKAHEAD_VARIANT_LORA variant.
 #[test]
 fn hopper_timing_report() {
-    let Some((dev, _gpu)) = cuda_harness::cuda("lora hopper_timing_report") else { return };
+    let Some((dev, _gpu)) = cuda_harness::cuda_timed("lora hopper_timing_report") else { return };
     if !hopper_device(dev, "lora hopper_timing_report") {
         return;
     }

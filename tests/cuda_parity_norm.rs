@@ -8,7 +8,7 @@
 #[path = "common/cuda_harness.rs"]
 mod cuda_harness;
 
-use cuda_harness::{cuda, gb_per_s, gpu, input, Tolerances, View, FLOATS};
+use cuda_harness::{cuda, cuda_timed, gb_per_s, gpu, input, Tolerances, View, FLOATS};
 use engine::{DType, Device, Result, Tensor};
 use kernels::elementwise::CmpOp;
 
@@ -439,7 +439,7 @@ fn experimental_kernels_match_cpu() {
 /// >= 80% of copy (issue #3).
 #[test]
 fn norm_bandwidth_report() {
-    let Some((dev, _gpu)) = cuda("norm_bandwidth_report") else { return };
+    let Some((dev, _gpu)) = cuda_timed("norm_bandwidth_report") else { return };
     let cuda = engine::cuda::device(0).unwrap();
     let time = |bytes: usize, f: &dyn Fn()| gb_per_s(&cuda, bytes, f);
     let n = 1usize << 28; // 512 MiB of bf16: far above L2

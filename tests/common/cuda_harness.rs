@@ -21,9 +21,13 @@ pub fn gpu(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
     cuda(test)
 }
 
-/// As `gpu`, for tests that need the CUDA device itself (allocator statistics, timers,
-/// bandwidth): never the CPU stand-in.
+/// As `gpu`, for tests that need the CUDA device itself (allocator statistics, timers): never
+/// the CPU stand-in. Where no CUDA driver is installed, the device is the CUDA emulator
+/// (kernels/emu/driver: our kernels from their source on the CPU, cuBLASLt / cuDNN as plain
+/// loops), so that the engine's whole CUDA backend runs against the CPU backend without a GPU;
+/// `LOOKAHEAD_TEST_EMULATOR=0` skips instead.
 pub fn cuda(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
+    select_device();
     match engine::cuda::probe() {
         Ok(_) => Some((Device::Cuda(0), lock())),
         Err(e) => {
@@ -31,6 +35,45 @@ pub fn cuda(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
             None
         }
     }
+}
+
+/// As `cuda`, for timing reports: skipped on the emulator, which times nothing.
+pub fn cuda_timed(test: &str) -> Option<(Device, MutexGuard<'static, ()>)> {
+    let (dev, guard) = cuda(test)?;
+    if emulated() {
+        lookahead::show(&format!("{test}: skipped: a timing report needs a GPU (the device is the CUDA emulator)"));
+        return None;
+    }
+    Some((dev, guard))
+}
+
+/// True when cuda:0 is the CUDA emulator.
+pub fn emulated() -> bool {
+    engine::cuda::device_info(0).is_ok_and(|i| i.name.starts_with(lookahead_cuda_emulator::DEVICE_NAME))
+}
+
+/// Chooses, once per process and before the engine probes for CUDA, between the installed
+/// driver and the emulator (see `cuda`).
+fn select_device() {
+    static SELECTED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    SELECTED.get_or_init(|| {
+        if std::env::var_os("LOOKAHEAD_CUDA_LIB").is_some() || std::env::var_os("LOOKAHEAD_TEST_EMULATOR").is_some_and(|v| v == "0") {
+            return;
+        }
+        // SAFETY: loading the driver library runs only its own initialisers; dropped at once.
+        let driver = cudarc::get_lib_name_candidates("cuda").iter().any(|name| unsafe { libloading::Library::new(name) }.is_ok());
+        if driver {
+            return;
+        }
+        let chosen = lookahead_cuda_emulator::built_library()
+            .ok_or_else(|| "liblookahead_cuda_emulator.so is not next to the test binary".to_string())
+            .and_then(|lib| kernels::emulate::find_compiler().map_err(|e| e.to_string()).map(|_| lib))
+            .and_then(|lib| lookahead_cuda_emulator::use_emulator(&lib));
+        match chosen {
+            Ok(_) => lookahead::show("no CUDA driver: the CUDA tests run on the CUDA emulator (kernels/emu/driver)"),
+            Err(e) => lookahead::show(&format!("no CUDA driver, and the CUDA emulator is unavailable: {e}")),
+        }
+    });
 }
 
 fn lock() -> MutexGuard<'static, ()> {
