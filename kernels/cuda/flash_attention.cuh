@@ -52,7 +52,8 @@ __device__ __forceinline__ float fa_quad_max(float v) {
 // 7.5e-5, well inside the 2^-9 of bf16 and 2^-11 of f16 that P is rounded to); then j is added to
 // the exponent field: (bits(t) << 23) is j << 23 modulo 2^32, the magic's own bits shifting out.
 // Results below 2^-126 are tiny but not 0 (MUFU with flush-to-zero gives 0): < 1.2e-38, nothing
-// next to the row max's 1. tests/flash_attention_hopper_emulated.rs checks it against exp2
+// next to the row max's 1; a row with no key at all has no such 1, and fa_store_out_lse tests its
+// max, not its sum. tests/flash_attention_hopper_emulated.rs checks it against exp2
 // (through flash_attention_hopper_exp2_poly).
 __host__ __device__ __forceinline__ float fh_exp2_poly(float x) {
     x = fmaxf(x, -126.0f);
@@ -167,12 +168,15 @@ __device__ __forceinline__ void fa_store_out_lse(const FlashParams& p, const flo
     for (int h = 0; h < 2; ++h) {
         float sum = fa_quad_sum(l[h]);
         const u32 row = row16 + g + 8 * h;
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        // A row with no key left has max -inf. Its sum is 0 only by flush-to-zero when part of
+        // its exponentials came from fh_exp2_poly (2^-126, not 0, for -inf): test the max.
+        const bool any = m[h] != FA_NEG_INF && sum > 0.0f;
+        const float inv = any ? 1.0f / sum : 0.0f;
         if (row < p.lq) {
             T* orow = out + (i64)row * p.out_stride[2];
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) *(u32*)(orow + n * 8 + 2 * t) = pack2<T>(o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
-            if (t == 0) lse[row] = sum > 0.0f ? (m[h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
+            if (t == 0) lse[row] = any ? (m[h] + log2f(sum)) * 0.69314718055994531f : FA_NEG_INF;
         }
     }
 }
