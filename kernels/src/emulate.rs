@@ -742,3 +742,22 @@ impl TensorMap2d {
         TensorMap::from(self).emulated()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_names;
+
+    #[test]
+    fn kernel_names_come_from_the_expanded_global_qualifier() {
+        let g = "__attribute__((visibility(\"default\")))";
+        let src = format!(
+            "extern \"C\" {g} void gn_f32(const float* x, u32 n);\n\
+             extern \"C\" {g} int lookahead_emu_run(const char* k);\n\
+             extern \"C\" {g}\n  void\n  softmax_bf16 (const bf16* x) {{}}\n\
+             extern \"C\" {g} void gn_f32(const float* x, u32 n) {{}}\n\
+             extern \"C\" {g} void voidish_name(int);\n\
+             extern \"C\" {g} void lookahead_emu_params_gn_f32(void** p) {{}}\n"
+        );
+        assert_eq!(kernel_names(&src), ["gn_f32", "softmax_bf16", "voidish_name"]);
+    }
+}
