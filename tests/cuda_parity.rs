@@ -190,6 +190,7 @@ fn device_info_timer_and_bad_ordinal() {
 /// Without a GPU, asking for one is an error that says why, never a panic.
 #[test]
 fn no_device_is_an_error_not_a_panic() {
+    cuda_harness::select_device();
     if engine::cuda::is_available() {
         eprintln!("no_device_is_an_error_not_a_panic: a CUDA device is present; checking only the bad-ordinal error");
         assert!(Tensor::zeros(&[2], DType::F32, Device::Cuda(4096)).is_err());

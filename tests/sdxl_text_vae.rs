@@ -15,6 +15,9 @@ use models::tokenizer::ClipTokenizer;
 use models::vae::{AutoencoderKl, VaeConfig};
 use models::weights::{Weights, WeightsOptions};
 
+#[path = "common/cuda_harness.rs"]
+mod cuda_harness;
+
 fn tokens_fixture() -> serde_json::Value {
     let path = fixture_path("sdxl_text_vae_tokens.json");
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
@@ -274,10 +277,12 @@ fn tiny_presets_match_the_fixture_folders() {
     assert_eq!(unet.text_time.map(|(per_id, total)| total - 6 * per_id), Some(ClipTextConfig::tiny_g().projection_dim));
 }
 
-/// The same parity on a CUDA device (f32; TF32-free tolerance of 1e-3). Without one the test says
-/// it skipped, visibly, and passes.
+/// The same parity on a CUDA device (f32; TF32-free tolerance of 1e-3): a GPU, else the CUDA
+/// emulator (tests/common/cuda_harness.rs); where neither is available the test says it skipped,
+/// visibly, and passes.
 #[test]
 fn text_encoders_and_autoencoders_on_cuda() {
+    cuda_harness::select_device();
     let dev = match engine::cuda::probe() {
         Ok(_) => Device::Cuda(0),
         Err(e) => {

@@ -53,8 +53,9 @@ pub fn emulated() -> bool {
 }
 
 /// Chooses, once per process and before the engine probes for CUDA, between the installed
-/// driver and the emulator (see `cuda`).
-fn select_device() {
+/// driver and the emulator (see `cuda`). A test that probes the engine itself must call this
+/// first: the engine caches its first probe.
+pub fn select_device() {
     static SELECTED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     SELECTED.get_or_init(|| {
         if std::env::var_os("LOOKAHEAD_CUDA_LIB").is_some() || std::env::var_os("LOOKAHEAD_TEST_EMULATOR").is_some_and(|v| v == "0") {
