@@ -266,11 +266,20 @@ impl EmulatedModule {
         Self::build(name, code, &format!("kernels/cuda/{name}.cu"))
     }
 
+    /// The address of `symbol` in the module (an error naming `kernel` when it is not there).
+    fn symbol(&self, kernel: &str, symbol: &str) -> Result<*const c_void, EmulateError> {
+        let missing = || EmulateError::MissingKernel { file: self.file.clone(), kernel: kernel.to_string() };
+        let name = CString::new(symbol).map_err(|_| missing())?;
+        // SAFETY: only the symbol's address is taken; callers know its type.
+        match unsafe { self.lib.get::<*const c_void>(name.as_c_str()) } {
+            Ok(s) if !s.is_null() => Ok(*s),
+            _ => Err(missing()),
+        }
+    }
+
     /// True when the module has a kernel of this name.
     pub fn has_kernel(&self, kernel: &str) -> bool {
-        let Ok(entry) = CString::new(format!("{PARAMS_ENTRY}{kernel}")) else { return false };
-        // SAFETY: only the symbol's presence is looked at.
-        matches!(unsafe { self.lib.get::<*const c_void>(entry.as_c_str()) }, Ok(s) if !s.is_null())
+        self.symbol(kernel, &format!("{PARAMS_ENTRY}{kernel}")).is_ok()
     }
 
     /// `launch_cluster_with` of a kernel whose arguments are given as cuLaunchKernel takes them:
@@ -291,14 +300,9 @@ impl EmulatedModule {
         schedule: Schedule,
         params: *const *mut c_void,
     ) -> Result<(), EmulateError> {
-        let missing = || EmulateError::MissingKernel { file: self.file.clone(), kernel: kernel.to_string() };
-        let entry = CString::new(format!("{PARAMS_ENTRY}{kernel}")).map_err(|_| missing())?;
-        type Entry = unsafe extern "C" fn(*const *mut c_void);
+        let entry = self.symbol(kernel, &format!("{PARAMS_ENTRY}{kernel}"))?;
         // SAFETY: the build appends this entry point with this signature for every kernel.
-        let call: Entry = match unsafe { self.lib.get::<Entry>(entry.as_c_str()) } {
-            Ok(s) => *s,
-            Err(_) => return Err(missing()),
-        };
+        let call: unsafe extern "C" fn(*const *mut c_void) = unsafe { std::mem::transmute(entry) };
         // SAFETY: the caller's guarantees: `params` matches the kernel's parameters.
         unsafe { self.launch_cluster_with(kernel, grid, block, cluster, shared_bytes, schedule, &|_| call(params)) }
     }
@@ -364,13 +368,9 @@ impl EmulatedModule {
         call: &dyn Fn(*const c_void),
     ) -> Result<(), EmulateError> {
         let launch_err = |msg: String| EmulateError::Launch { kernel: kernel.to_string(), file: self.file.clone(), schedule, msg };
-        let missing = || EmulateError::MissingKernel { file: self.file.clone(), kernel: kernel.to_string() };
-        let c_kernel = CString::new(kernel).map_err(|_| missing())?;
-        // SAFETY: the symbol's address is only handed to `call`, which knows its type.
-        let kernel_fn: *const c_void = match unsafe { self.lib.get::<*const c_void>(c_kernel.as_c_str()) } {
-            Ok(s) if !s.is_null() => *s,
-            _ => return Err(missing()),
-        };
+        // The kernel's address is only handed to `call`, which knows its type.
+        let kernel_fn = self.symbol(kernel, kernel)?;
+        let c_kernel = CString::new(kernel).map_err(|_| EmulateError::MissingKernel { file: self.file.clone(), kernel: kernel.to_string() })?;
         let grid = [grid.0, grid.1, grid.2];
         let block = [block.0, block.1, block.2];
         let cluster = [cluster.0, cluster.1, cluster.2];

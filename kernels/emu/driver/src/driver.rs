@@ -365,6 +365,18 @@ fn new_handle<T>(v: T) -> *mut c_void {
     Box::into_raw(Box::new(v)) as *mut c_void
 }
 
+/// Frees a handle `new_handle` made (null: nothing).
+///
+/// # Safety
+/// A non-null `h` must come from `new_handle::<T>` and not be freed yet.
+unsafe fn free_handle<T>(h: *mut c_void) -> CUresult {
+    if !h.is_null() {
+        // SAFETY: the caller's guarantee.
+        drop(unsafe { Box::from_raw(h as *mut T) });
+    }
+    CUresult::CUDA_SUCCESS
+}
+
 #[no_mangle]
 pub extern "C" fn cuStreamCreate(stream: *mut sys::CUstream, _flags: c_uint) -> CUresult {
     out(stream, new_handle(0u64) as sys::CUstream)
@@ -379,11 +391,8 @@ pub extern "C" fn cuStreamCreateWithPriority(stream: *mut sys::CUstream, _flags:
 /// `stream` must come from cuStreamCreate and not be destroyed yet.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamDestroy_v2(stream: sys::CUstream) -> CUresult {
-    if !stream.is_null() {
-        // SAFETY: the caller's guarantee.
-        drop(unsafe { Box::from_raw(stream as *mut u64) });
-    }
-    CUresult::CUDA_SUCCESS
+    // SAFETY: the caller's guarantee.
+    unsafe { free_handle::<u64>(stream as *mut c_void) }
 }
 
 #[no_mangle]
@@ -469,11 +478,8 @@ pub unsafe extern "C" fn cuEventElapsedTime_v2(ms: *mut f32, start: sys::CUevent
 /// `event` must come from cuEventCreate and not be destroyed yet.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventDestroy_v2(event: sys::CUevent) -> CUresult {
-    if !event.is_null() {
-        // SAFETY: the caller's guarantee.
-        drop(unsafe { Box::from_raw(event as *mut Event) });
-    }
-    CUresult::CUDA_SUCCESS
+    // SAFETY: the caller's guarantee.
+    unsafe { free_handle::<Event>(event as *mut c_void) }
 }
 
 // ---- memory -------------------------------------------------------------------------------------
@@ -576,11 +582,8 @@ pub unsafe extern "C" fn cuModuleLoadData(module: *mut sys::CUmodule, image: *co
 /// `module` must come from cuModuleLoadData, with no function of it used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleUnload(module: sys::CUmodule) -> CUresult {
-    if !module.is_null() {
-        // SAFETY: the caller's guarantee.
-        drop(unsafe { Box::from_raw(module as *mut Module) });
-    }
-    CUresult::CUDA_SUCCESS
+    // SAFETY: the caller's guarantee.
+    unsafe { free_handle::<Module>(module as *mut c_void) }
 }
 
 /// # Safety
