@@ -221,6 +221,8 @@ fn sdpa_with_masks() {
 /// library and the variable that points at it.
 #[test]
 fn library_probes_are_errors_not_panics() {
+    // The probes are cached: choose the libraries (the emulator's, without a driver) first.
+    cuda_harness::select_device();
     for (name, r) in [("cuBLASLt", engine::cuda::gemm::probe_cublaslt()), ("cuDNN", engine::cuda::conv::probe_cudnn())] {
         match r {
             Ok(found) => eprintln!("{name}: {found}"),

@@ -142,12 +142,15 @@ fn allocate(bytes: usize, host: bool) -> Result<u64, CUresult> {
         return Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
     }
     let layout = std::alloc::Layout::from_size_align(bytes, 256).map_err(|_| CUresult::CUDA_ERROR_OUT_OF_MEMORY)?;
-    // SAFETY: a non-zero size. Zeroed: a kernel reading memory it never wrote then reads zeros
-    // rather than whatever the host allocator left (the parity suites must not depend on it).
-    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    // SAFETY: a non-zero size.
+    let p = unsafe { std::alloc::alloc(layout) };
     if p.is_null() {
         return Err(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
     }
+    // New device memory holds 0xff bytes (NaN in f32, bf16 and f16), as the emulator fills shared
+    // memory: a read of what nothing wrote shows, where zeros could pass for a result.
+    // SAFETY: `bytes` bytes were just allocated.
+    unsafe { std::ptr::write_bytes(p, 0xff, bytes) };
     all.insert(p as u64, Allocation { bytes, layout, host });
     Ok(p as u64)
 }
@@ -172,7 +175,7 @@ fn check_range(what: &str, p: u64, bytes: usize) -> Result<(), CUresult> {
         return Ok(());
     }
     let all = lock(allocations());
-    let inside = all.range(..=p).next_back().is_some_and(|(start, a)| p - start <= a.bytes as u64 && (p - start) as usize + bytes <= a.bytes);
+    let inside = all.range(..=p).next_back().is_some_and(|(start, a)| ((p - start) as usize).checked_add(bytes).is_some_and(|end| end <= a.bytes));
     if inside {
         Ok(())
     } else {
@@ -237,6 +240,8 @@ struct Function {
     module: *const Module,
     name: String,
     max_dynamic_shared: Mutex<i32>,
+    /// CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED: clusters of 9 to 16 CTAs.
+    non_portable_clusters: std::sync::atomic::AtomicBool,
 }
 
 /// Turns a handle back into its object, refusing null.
@@ -604,7 +609,7 @@ pub unsafe extern "C" fn cuModuleGetFunction(f: *mut sys::CUfunction, module: sy
         if !m.module.has_kernel(&name) {
             return refuse(CUresult::CUDA_ERROR_NOT_FOUND, format!("cuModuleGetFunction: no kernel `{name}` in {}", m.module.file()));
         }
-        let function = Function { module: m as *const Module, name, max_dynamic_shared: Mutex::new(DEFAULT_DYNAMIC_SHARED) };
+        let function = Function { module: m as *const Module, name, max_dynamic_shared: Mutex::new(DEFAULT_DYNAMIC_SHARED), non_portable_clusters: Default::default() };
         out(f, new_handle(function) as sys::CUfunction)
     })
 }
@@ -653,7 +658,11 @@ pub unsafe extern "C" fn cuFuncSetAttribute(f: sys::CUfunction, attrib: u32, val
         *lock(&f.max_dynamic_shared) = value;
         return CUresult::CUDA_SUCCESS;
     }
-    if attrib == A::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT as u32 || attrib == A::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED as u32 {
+    if attrib == A::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED as u32 {
+        f.non_portable_clusters.store(value != 0, std::sync::atomic::Ordering::Relaxed);
+        return CUresult::CUDA_SUCCESS;
+    }
+    if attrib == A::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT as u32 {
         return CUresult::CUDA_SUCCESS;
     }
     refuse(CUresult::CUDA_ERROR_INVALID_VALUE, format!("cuFuncSetAttribute({}): attribute {attrib} is not emulated", f.name))
@@ -696,11 +705,16 @@ unsafe fn launch(f: sys::CUfunction, grid: (u32, u32, u32), block: (u32, u32, u3
             if compute_capability().0 < 9 {
                 return refuse(CUresult::CUDA_ERROR_INVALID_VALUE, format!("launching {}: thread-block clusters need sm_90", func.name));
             }
+            let size = x as u64 * y as u64 * z as u64;
+            if size > 8 && !func.non_portable_clusters.load(std::sync::atomic::Ordering::Relaxed) {
+                return refuse(CUresult::CUDA_ERROR_INVALID_CLUSTER_SIZE, format!("launching {}: a cluster of {size} CTAs needs NON_PORTABLE_CLUSTER_SIZE_ALLOWED (at most 8 without)", func.name));
+            }
             (x, y, z)
         }
         Grouping::Cooperative => {
             let blocks = grid.0 as u64 * grid.1 as u64 * grid.2 as u64;
-            let resident = (MULTIPROCESSORS * BLOCKS_PER_MULTIPROCESSOR) as u64;
+            let threads = block.0 as i64 * block.1 as i64 * block.2 as i64;
+            let resident = (MULTIPROCESSORS * blocks_per_multiprocessor(threads, shared as i64)) as u64;
             if blocks > resident {
                 return refuse(CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, format!("launching {} cooperatively: {blocks} blocks, more than the {resident} that are resident at once", func.name));
             }
@@ -850,7 +864,7 @@ pub unsafe extern "C" fn cuOccupancyMaxActiveClusters(clusters: *mut c_int, f: s
     let cfg = unsafe { &*cfg };
     // SAFETY: the caller's guarantee.
     let size = match unsafe { grouping(cfg) } {
-        Ok(Grouping::Cluster(x, y, z)) => (x * y * z) as i32,
+        Ok(Grouping::Cluster(x, y, z)) => x as i64 * y as i64 * z as i64,
         Ok(_) => 1,
         Err(e) => return e,
     };
@@ -859,7 +873,7 @@ pub unsafe extern "C" fn cuOccupancyMaxActiveClusters(clusters: *mut c_int, f: s
     }
     let threads = cfg.blockDimX as i64 * cfg.blockDimY as i64 * cfg.blockDimZ as i64;
     let blocks = MULTIPROCESSORS * blocks_per_multiprocessor(threads, cfg.sharedMemBytes as i64);
-    out(clusters, if size > 16 { 0 } else { blocks / size.max(1) })
+    out(clusters, if size > 16 { 0 } else { blocks / size.max(1) as i32 })
 }
 
 // ---- TMA tensor maps ------------------------------------------------------------------------------
@@ -947,6 +961,7 @@ fn error_name(e: u32) -> &'static CStr {
         x if x == CUresult::CUDA_ERROR_LAUNCH_FAILED as u32 => c"CUDA_ERROR_LAUNCH_FAILED",
         x if x == CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE as u32 => c"CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE",
         x if x == CUresult::CUDA_ERROR_NOT_SUPPORTED as u32 => c"CUDA_ERROR_NOT_SUPPORTED",
+        x if x == CUresult::CUDA_ERROR_INVALID_CLUSTER_SIZE as u32 => c"CUDA_ERROR_INVALID_CLUSTER_SIZE",
         _ => c"CUDA_ERROR_UNKNOWN",
     }
 }

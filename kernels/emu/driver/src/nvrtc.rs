@@ -13,6 +13,8 @@ use kernels::emulate::EmulatedModule;
 
 /// What an emulated CUBIN starts with; a real one starts with an ELF header.
 const MAGIC: &[u8; 16] = b"LOOKAHEAD-EMU-1\0";
+/// Longest name or source a CUBIN carries (the largest kernel file is ~100 KB).
+const MAX_PART: usize = 16 << 20;
 
 type NvrtcResult = c_int;
 const NVRTC_SUCCESS: NvrtcResult = 0;
@@ -56,6 +58,10 @@ pub unsafe fn parse_cubin(image: *const u8) -> Option<(String, String)> {
     let mut part = || -> Option<String> {
         // SAFETY: the caller's guarantee: a CUBIN `cubin` made, length-prefixed parts.
         let len = u64::from_le_bytes(unsafe { std::slice::from_raw_parts(image.add(at), 8) }.try_into().ok()?) as usize;
+        // A corrupt length (the CUBIN came from a damaged cache file) must not read far away.
+        if len > MAX_PART {
+            return None;
+        }
         let bytes = unsafe { std::slice::from_raw_parts(image.add(at + 8), len) };
         at += 8 + len;
         String::from_utf8(bytes.to_vec()).ok()
