@@ -11,6 +11,9 @@ use autograd::{checkpoint, Var};
 use engine::{Conv2dParams, DType, Tensor};
 use lookahead::{assert_close, load_fixture};
 
+#[path = "common/cuda_harness.rs"]
+mod cuda_harness;
+
 fn get<'a>(f: &'a BTreeMap<String, Tensor>, k: &str) -> &'a Tensor {
     f.get(k).unwrap_or_else(|| panic!("fixture has no tensor `{k}`"))
 }
@@ -61,6 +64,33 @@ fn net_gradients_match_pytorch() {
             // Gradients are small (a mean over 2304 outputs); compare relative to their scale.
             let scale = want.to_vec_f32().unwrap().into_iter().fold(0f32, |m, v| m.max(v.abs()));
             assert_close(&format!("grad.{n} (checkpointed: {checkpointed})"), &got, want, 1e-4 * scale.max(1e-6), 1e-3);
+        }
+    }
+}
+
+/// The same gradients with every tensor on a CUDA device (a GPU, else the CUDA emulator:
+/// tests/common/cuda_harness.rs): the backward rules' CUDA kernels and library calls (conv
+/// backward through cuDNN, group norm + SiLU backward, attention, grid sample), f32, against
+/// PyTorch's gradients.
+#[test]
+fn net_gradients_on_cuda_match_pytorch() {
+    let Some((dev, _gpu)) = cuda_harness::cuda("net_gradients_on_cuda_match_pytorch") else { return };
+    let f = load_fixture("autograd_net.safetensors");
+    let on = |t: &Tensor| t.to_device(dev).unwrap();
+    let cpu = |t: &Tensor| t.to_device(engine::Device::Cpu).unwrap();
+    for checkpointed in [false, true] {
+        let p: BTreeMap<&str, Var> = NAMES.iter().map(|&n| (n, Var::leaf(on(get(&f, n)), true))).collect();
+        let warped = net(&p, checkpointed).unwrap();
+        assert_eq!(warped.value().device(), dev, "the result left the device");
+        assert_close("warped on cuda", &cpu(warped.value()), get(&f, "warped"), 1e-5, 1e-4);
+        let loss = warped.sub(&Var::constant(on(get(&f, "target")))).unwrap().sqr().unwrap().mean_all().unwrap();
+        loss.backward().unwrap();
+        for n in NAMES {
+            let got = p[n].grad().unwrap_or_else(|| panic!("no gradient for {n}"));
+            assert_eq!(got.device(), dev, "grad.{n} left the device");
+            let want = get(&f, &format!("grad.{n}"));
+            let scale = want.to_vec_f32().unwrap().into_iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_close(&format!("grad.{n} on cuda (checkpointed: {checkpointed})"), &cpu(&got), want, 1e-4 * scale.max(1e-6), 1e-3);
         }
     }
 }
