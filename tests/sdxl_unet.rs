@@ -219,10 +219,26 @@ fn real_width_resnet_block_matches() {
     assert_close("ResnetBlock2D 960->640", out.value(), &fx["resnet_out"], 1e-3, 1e-3);
 }
 
+/// The three UNet runs the CUDA tests check, each passed to `close(name, output, fixture key)`:
+/// plain, with extended self-attention over captured reference K/V, and with IP cross-attention
+/// (weights loaded with `opts`).
+fn plain_extended_and_ip(inp: &Inputs, unet: &mut UNet2DConditionModel, opts: WeightsOptions, close: &dyn Fn(&str, Tensor, &str)) {
+    close("unet out", inp.run(unet), "out");
+    let store = KvStore::new();
+    inp.run_with(unet, "ref_sample", "ref_timestep", &inp.t("encoder_hidden_states"), &AttnExtras { kv_capture: Some(store.clone()), kv_reference: None });
+    let out = inp.run_with(unet, "sample", "timestep", &inp.t("encoder_hidden_states"), &AttnExtras { kv_capture: None, kv_reference: Some(store) });
+    close("extended attention", out, "out_extended");
+    let w = Weights::from_files(&[fixture_path("sdxl_tiny_unet_ip.safetensors")], opts).unwrap();
+    unet.set_ip_adapter(&w.pp("ip_adapter"), 4, 0.7).unwrap();
+    w.finish().unwrap();
+    let ehs = Tensor::cat(&[&inp.t("encoder_hidden_states"), &inp.t("ip_tokens")], 1).unwrap();
+    close("IP cross-attention", inp.run_with(unet, "sample", "timestep", &ehs, &AttnExtras::default()), "out_ip");
+}
+
 /// The tiny UNet on a CUDA device (a GPU, else the CUDA emulator: tests/common/cuda_harness.rs):
-/// plain, with extended self-attention over captured reference K/V, and with IP cross-attention,
-/// against the same diffusers outputs as the CPU tests above. f32: cuBLASLt / cuDNN (never TF32)
-/// and our kernels (channels-last group norm, attention, element-wise), in the UNet's own layout.
+/// `plain_extended_and_ip` against the same diffusers outputs as the CPU tests above. f32:
+/// cuBLASLt / cuDNN (never TF32) and our kernels (channels-last group norm, attention,
+/// element-wise), in the UNet's own layout.
 #[test]
 fn tiny_unet_on_cuda_matches_diffusers() {
     let Some((dev, _gpu)) = cuda_harness::cuda("tiny_unet_on_cuda_matches_diffusers") else { return };
@@ -230,22 +246,10 @@ fn tiny_unet_on_cuda_matches_diffusers() {
     let inp = Inputs { fx: cpu.fx.iter().map(|(k, v)| (k.clone(), v.to_device(dev).unwrap())).collect() };
     let on_dev = WeightsOptions { device: dev, ..f32_opts() };
     let mut unet = UNet2DConditionModel::from_pretrained(&folder(), on_dev.clone()).unwrap();
-    let close = |name: &str, got: Tensor, want: &str| {
-        assert_eq!(got.device(), dev, "{name}: the result left the device");
-        assert_close(name, &got.to_device(Device::Cpu).unwrap(), &cpu.t(want), 1e-3, 1e-3);
-    };
-    close("unet out on cuda", inp.run(&unet), "out");
-
-    let store = KvStore::new();
-    inp.run_with(&unet, "ref_sample", "ref_timestep", &inp.t("encoder_hidden_states"), &AttnExtras { kv_capture: Some(store.clone()), kv_reference: None });
-    let out = inp.run_with(&unet, "sample", "timestep", &inp.t("encoder_hidden_states"), &AttnExtras { kv_capture: None, kv_reference: Some(store) });
-    close("extended attention on cuda", out, "out_extended");
-
-    let w = Weights::from_files(&[fixture_path("sdxl_tiny_unet_ip.safetensors")], on_dev).unwrap();
-    unet.set_ip_adapter(&w.pp("ip_adapter"), 4, 0.7).unwrap();
-    w.finish().unwrap();
-    let ehs = Tensor::cat(&[&inp.t("encoder_hidden_states"), &inp.t("ip_tokens")], 1).unwrap();
-    close("IP cross-attention on cuda", inp.run_with(&unet, "sample", "timestep", &ehs, &AttnExtras::default()), "out_ip");
+    plain_extended_and_ip(&inp, &mut unet, on_dev, &|name, got, want| {
+        assert_eq!(got.device(), dev, "{name} on cuda: the result left the device");
+        assert_close(&format!("{name} on cuda"), &got.to_device(Device::Cpu).unwrap(), &cpu.t(want), 1e-3, 1e-3);
+    });
 }
 
 /// The tiny UNet in bf16 on a CUDA device, as inference runs: the fused kernels (flash attention
@@ -263,23 +267,13 @@ fn tiny_unet_in_bf16_on_cuda_tracks_diffusers() {
     let inp = Inputs { fx: cpu.fx.iter().map(|(k, v)| (k.clone(), bf16(&v.to_device(dev).unwrap()))).collect() };
     let on_dev = WeightsOptions { device: dev, dtype: Some(DType::BF16), ..Default::default() };
     let mut unet = UNet2DConditionModel::from_pretrained(&folder(), on_dev.clone()).unwrap();
-    let close = |name: &str, got: Tensor, want: &str| {
+    plain_extended_and_ip(&inp, &mut unet, on_dev, &|name, got, want| {
         assert_eq!((got.device(), got.dtype()), (dev, DType::BF16), "{name}");
         let got = got.to_dtype(DType::F32).unwrap().to_device(Device::Cpu).unwrap();
         let want = cpu.t(want);
         let err = got.sub(&want).unwrap().abs().unwrap().to_vec_f32().unwrap().into_iter().fold(0f32, f32::max);
         let scale = want.abs().unwrap().to_vec_f32().unwrap().into_iter().fold(0f32, f32::max);
-        eprintln!("{name}: max |bf16 - f32 reference| {err:.4} (outputs up to {scale:.3})");
-        assert_close(name, &got, &want, 0.05 * scale, 0.05);
-    };
-    close("unet out, bf16 on cuda", inp.run(&unet), "out");
-    let store = KvStore::new();
-    inp.run_with(&unet, "ref_sample", "ref_timestep", &inp.t("encoder_hidden_states"), &AttnExtras { kv_capture: Some(store.clone()), kv_reference: None });
-    let out = inp.run_with(&unet, "sample", "timestep", &inp.t("encoder_hidden_states"), &AttnExtras { kv_capture: None, kv_reference: Some(store) });
-    close("extended attention, bf16 on cuda", out, "out_extended");
-    let w = Weights::from_files(&[fixture_path("sdxl_tiny_unet_ip.safetensors")], on_dev).unwrap();
-    unet.set_ip_adapter(&w.pp("ip_adapter"), 4, 0.7).unwrap();
-    w.finish().unwrap();
-    let ehs = Tensor::cat(&[&inp.t("encoder_hidden_states"), &inp.t("ip_tokens")], 1).unwrap();
-    close("IP cross-attention, bf16 on cuda", inp.run_with(&unet, "sample", "timestep", &ehs, &AttnExtras::default()), "out_ip");
+        eprintln!("{name}, bf16 on cuda: max |bf16 - f32 reference| {err:.4} (outputs up to {scale:.3})");
+        assert_close(&format!("{name}, bf16 on cuda"), &got, &want, 0.05 * scale, 0.05);
+    });
 }
