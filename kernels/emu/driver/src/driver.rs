@@ -980,3 +980,130 @@ pub extern "C" fn cuGetErrorString(e: u32, s: *mut *const c_char) -> CUresult {
     };
     out(s, text.as_ptr())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvrtc::cubin;
+
+    const SOURCE: &str = "#include \"common.cuh\"\n\
+        extern \"C\" __global__ void fill(float* p, float v, u32 n) {\n\
+            const u32 i = blockIdx.x * blockDim.x + threadIdx.x;\n\
+            if (i < n) p[i] = v + (float)i;\n\
+        }\n";
+
+    fn function() -> sys::CUfunction {
+        let image = cubin("driver_test", SOURCE);
+        let mut module = std::ptr::null_mut();
+        assert_eq!(unsafe { cuModuleLoadData(&mut module, image.as_ptr() as *const c_void) }, CUresult::CUDA_SUCCESS);
+        let mut f = std::ptr::null_mut();
+        assert_eq!(unsafe { cuModuleGetFunction(&mut f, module, c"fill".as_ptr()) }, CUresult::CUDA_SUCCESS);
+        let mut missing = std::ptr::null_mut();
+        assert_eq!(unsafe { cuModuleGetFunction(&mut missing, module, c"no_such_kernel".as_ptr()) }, CUresult::CUDA_ERROR_NOT_FOUND);
+        f
+    }
+
+    fn alloc(bytes: usize) -> u64 {
+        let mut p = 0;
+        assert_eq!(cuMemAlloc_v2(&mut p, bytes), CUresult::CUDA_SUCCESS);
+        p
+    }
+
+    /// A launch of `fill` over `n` floats at `p` with the given grouping attribute, if any.
+    fn launch_fill(f: sys::CUfunction, p: u64, n: u32, grid: u32, block: u32, shared: u32, attr: Option<(sys::CUlaunchAttributeID, [u32; 3])>) -> CUresult {
+        let (mut p, mut v, mut n) = (p, 1.5f32, n);
+        let mut params = [&mut p as *mut u64 as *mut c_void, &mut v as *mut f32 as *mut c_void, &mut n as *mut u32 as *mut c_void];
+        let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        if let Some((id, value)) = attr {
+            a.id = id;
+            unsafe { (std::ptr::addr_of_mut!(a.value) as *mut [u32; 3]).write(value) };
+        }
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared,
+            hStream: std::ptr::null_mut(),
+            attrs: &mut a,
+            numAttrs: u32::from(attr.is_some()),
+        };
+        unsafe { cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()) }
+    }
+
+    #[test]
+    fn memory_is_tracked_poisoned_and_range_checked() {
+        let p = alloc(64);
+        let mut host = [0u8; 64];
+        assert_eq!(cuMemcpyDtoH_v2(host.as_mut_ptr() as *mut c_void, p, 64), CUresult::CUDA_SUCCESS);
+        assert!(host.iter().all(|&b| b == 0xff), "new memory is 0xff bytes");
+        assert_eq!(cuMemcpyDtoH_v2(host.as_mut_ptr() as *mut c_void, p + 8, 64), CUresult::CUDA_ERROR_INVALID_VALUE, "past the end");
+        assert_eq!(cuMemsetD8_v2(p + 60, 0, 8), CUresult::CUDA_ERROR_INVALID_VALUE);
+        assert_eq!(cuMemsetD8_v2(p + 56, 7, 8), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuMemFree_v2(p + 8), CUresult::CUDA_ERROR_INVALID_VALUE, "not the start of an allocation");
+        assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuMemsetD8_v2(p, 0, 8), CUresult::CUDA_ERROR_INVALID_VALUE, "freed");
+        let mut q = 0;
+        assert_eq!(cuMemAlloc_v2(&mut q, TOTAL_MEMORY + 1), CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        assert_eq!(cuMemAlloc_v2(&mut q, 0), CUresult::CUDA_ERROR_INVALID_VALUE);
+    }
+
+    #[test]
+    fn kernels_run_from_their_source_with_the_drivers_launch_rules() {
+        if let Err(e) = kernels::emulate::find_compiler() {
+            assert!(std::env::var_os("CI").is_none(), "CI needs a C++ compiler for the emulator: {e}");
+            eprintln!("kernels_run_from_their_source_with_the_drivers_launch_rules: skipped: no C++ compiler ({e})");
+            return;
+        }
+        let f = function();
+        let n = 1000u32;
+        let p = alloc(n as usize * 4);
+        assert_eq!(launch_fill(f, p, n, 4, 256, 0, None), CUresult::CUDA_SUCCESS);
+        let mut out = vec![0f32; n as usize];
+        assert_eq!(cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut c_void, p, n as usize * 4), CUresult::CUDA_SUCCESS);
+        assert!(out.iter().enumerate().all(|(i, &v)| v == 1.5 + i as f32));
+
+        // Dynamic shared memory past 48 KiB needs the opt-in, and at most the device's limit.
+        assert_eq!(launch_fill(f, p, n, 4, 256, 64 * 1024, None), CUresult::CUDA_ERROR_INVALID_VALUE);
+        let max = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as u32;
+        assert_eq!(unsafe { cuFuncSetAttribute(f, max, 64 * 1024) }, CUresult::CUDA_SUCCESS);
+        assert_eq!(launch_fill(f, p, n, 4, 256, 64 * 1024, None), CUresult::CUDA_SUCCESS);
+        assert_eq!(unsafe { cuFuncSetAttribute(f, max, 1 << 20) }, CUresult::CUDA_ERROR_INVALID_VALUE);
+
+        // Clusters: over 8 CTAs only with the non-portable opt-in (sm_90, the default device).
+        let cluster = Some((sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, [16, 1, 1]));
+        assert_eq!(launch_fill(f, p, n, 16, 64, 0, cluster), CUresult::CUDA_ERROR_INVALID_CLUSTER_SIZE);
+        let non_portable = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED as u32;
+        assert_eq!(unsafe { cuFuncSetAttribute(f, non_portable, 1) }, CUresult::CUDA_SUCCESS);
+        assert_eq!(launch_fill(f, p, n, 16, 64, 0, cluster), CUresult::CUDA_SUCCESS);
+
+        // A cooperative grid must fit what the occupancy query reports resident.
+        let mut per_sm = 0;
+        assert_eq!(cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut per_sm, f, 256, 0), CUresult::CUDA_SUCCESS);
+        let resident = (per_sm * MULTIPROCESSORS) as u32;
+        let cooperative = Some((sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE, [1, 0, 0]));
+        assert_eq!(launch_fill(f, p, n, resident, 256, 0, cooperative), CUresult::CUDA_SUCCESS);
+        assert_eq!(launch_fill(f, p, n, resident + 1, 256, 0, cooperative), CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE);
+        assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
+    }
+
+    #[test]
+    fn tensor_maps_are_the_emulators() {
+        let dims = [200u64, 300];
+        let strides = [512u64];
+        let boxes = [64u32, 64];
+        let ones = [1u32, 1];
+        let mut map = sys::CUtensorMap { opaque: [0; 16] };
+        let bf16 = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 as u32;
+        let b128 = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B as u32;
+        let r = unsafe { cuTensorMapEncodeTiled(&mut map, bf16, 2, 0x1000 as *mut c_void, dims.as_ptr(), strides.as_ptr(), boxes.as_ptr(), ones.as_ptr(), 0, b128, 0, 0) };
+        assert_eq!(r, CUresult::CUDA_SUCCESS);
+        let want = TensorMap { base: 0x1000, dtype: TmaDtype::Bf16, rank: 2, dims: [200, 300, 1, 1], strides_bytes: [512, 0, 0], box_dims: [64, 64, 1, 1], swizzle: TmaSwizzle::B128 };
+        assert_eq!(map.opaque, want.emulated().map(|w| w.0).unwrap_or_default());
+        let bad_stride = [520u64];
+        let r = unsafe { cuTensorMapEncodeTiled(&mut map, bf16, 2, 0x1000 as *mut c_void, dims.as_ptr(), bad_stride.as_ptr(), boxes.as_ptr(), ones.as_ptr(), 0, b128, 0, 0) };
+        assert_eq!(r, CUresult::CUDA_ERROR_INVALID_VALUE, "a stride TMA cannot take");
+    }
+}
