@@ -95,6 +95,42 @@ fn net_gradients_on_cuda_match_pytorch() {
     }
 }
 
+/// Issue #3's allocator target: a training loop on CUDA (the net above, checkpointed, forward,
+/// MSE loss, backward, gradient clipping, AdamW) makes no cuMemAlloc / cuMemFree call once warm,
+/// and holds no more memory step after step (allocator statistics).
+#[test]
+fn cuda_training_loop_allocates_nothing_in_steady_state() {
+    let Some((dev, _gpu)) = cuda_harness::cuda("cuda_training_loop_allocates_nothing_in_steady_state") else { return };
+    let cuda = engine::cuda::device(0).unwrap();
+    let f = load_fixture("autograd_net.safetensors");
+    let p: BTreeMap<&str, Var> = NAMES.iter().map(|&n| (n, Var::leaf(get(&f, n).to_device(dev).unwrap(), n != "x"))).collect();
+    let params: Vec<Var> = NAMES.iter().filter(|&&n| n != "x").map(|n| p[n].clone()).collect();
+    let target = Var::constant(get(&f, "target").to_device(dev).unwrap());
+    let mut opt = AdamW::new(&params, AdamWConfig { lr: 1e-3, ..Default::default() }).unwrap();
+    let mut losses = Vec::new();
+    let mut step = || {
+        for q in &params {
+            q.zero_grad();
+        }
+        let loss = net(&p, true).unwrap().sub(&target).unwrap().sqr().unwrap().mean_all().unwrap();
+        loss.backward().unwrap();
+        clip_grad_norm(&params, 1.0).unwrap();
+        opt.step().unwrap();
+        losses.push(loss.value().to_vec_f32().unwrap()[0]);
+    };
+    step();
+    step();
+    let warm = cuda.memory_stats();
+    for _ in 0..4 {
+        step();
+    }
+    let after = cuda.memory_stats();
+    eprintln!("allocator after 2 + 4 training steps: {after:?}; losses {losses:?}");
+    assert_eq!((after.alloc_calls, after.free_calls), (warm.alloc_calls, warm.free_calls), "cuMemAlloc / cuMemFree in a steady-state training loop");
+    assert_eq!(after.in_use, warm.in_use, "memory held grows step after step");
+    assert!(losses.windows(2).all(|w| w[1] < w[0]), "the loss goes down: {losses:?}");
+}
+
 #[test]
 fn adamw_with_clipping_and_schedule_matches_pytorch() {
     let f = load_fixture("autograd_net.safetensors");
