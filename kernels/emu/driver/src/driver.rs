@@ -319,8 +319,10 @@ pub extern "C" fn cuDeviceGet(device: *mut sys::CUdevice, ordinal: c_int) -> CUr
     out(device, 0)
 }
 
+/// # Safety
+/// `name` holds `len` bytes.
 #[no_mangle]
-pub extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: sys::CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: sys::CUdevice) -> CUresult {
     if dev != 0 {
         return CUresult::CUDA_ERROR_INVALID_DEVICE;
     }
