@@ -8,7 +8,10 @@
 #                 tests.log if there are more than 5 of them
 #   bench.json    `lookahead bench --device cuda --baseline python3 --json` (performance kernels on)
 #   bench-off.json        the performance-kernel families again with those kernels switched off
-#   bench-variants.jsonl  one report per kernel variant named in $VARIANTS (see the bench section)
+#   bench-variants.jsonl  one report per kernel variant named in $VARIANTS, and one of the tuned
+#                 pass (LOOKAHEAD_AUTOTUNE=1; see the bench section)
+#   tuned.json    the tuned pass's choices: per device, family and shape, the variant chosen and
+#                 every variant's trial time (engine/src/cuda/tune.rs)
 #   bench.txt     all of them as tables, plus the bench's stderr, the fastest run of each case and
 #                 the open issues' targets checked on those fastest runs
 # Every step has a timeout inside one overall budget (BUDGET_S, default 330 s, so the whole run
@@ -155,14 +158,24 @@ step "bench (performance kernels off)" 120 "$OUT/bench.txt" env LOOKAHEAD_EXPERI
 if [ -z "${VARIANTS+x}" ] && [ -f scripts/gpu-variants.txt ]; then
     VARIANTS=$(grep -v -e '^#' -e '^[[:space:]]*$' scripts/gpu-variants.txt | tr '\n' ';')
 fi
+# One pass with the environment assignments in $1 (space-separated) on the cases of filter $2,
+# appended to bench-variants.jsonl labelled $3 (default: $1).
+variant_pass() {
+    local assign=$1 filter=$2 label=${3:-$1} tmp
+    tmp=$(mktemp)
+    # shellcheck disable=SC2086 # the assignments are separate words
+    step "bench $label ($filter)" 60 "$OUT/bench.txt" env $assign sh -c "$(printf '%q ' "${BENCH[@]}") --filter '$filter' > '$tmp'"
+    [ -s "$tmp" ] && python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["variant"]=sys.argv[2]; print(json.dumps(r))' "$tmp" "$label" >> "$OUT/bench-variants.jsonl"
+    rm -f "$tmp"
+}
+# First the tuned pass: every tuned family (engine/src/cuda/tune.rs) times its variants on each
+# case's own operands and runs the fastest; the choices, with every variant's trial time, come
+# back in tuned.json.
+variant_pass "LOOKAHEAD_AUTOTUNE=1 LOOKAHEAD_TUNE_FILE=$OUT/tuned.json" "ext attention,lora_linear" LOOKAHEAD_AUTOTUNE=1
 IFS=';' read -r -a variant_list <<< "${VARIANTS:-}"
 for v in "${variant_list[@]}"; do
     [ -n "$v" ] || continue
-    assign=${v%%|*} filter=${v#*|}
-    tmp=$(mktemp)
-    step "bench $assign ($filter)" 60 "$OUT/bench.txt" env "$assign" sh -c "$(printf '%q ' "${BENCH[@]}") --filter '$filter' > '$tmp'"
-    [ -s "$tmp" ] && python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["variant"]=sys.argv[2]; print(json.dumps(r))' "$tmp" "$assign" >> "$OUT/bench-variants.jsonl"
-    rm -f "$tmp"
+    variant_pass "${v%%|*}" "${v#*|}"
 done
 python3 - "$OUT/bench.json" "$OUT/bench-off.json" "$OUT/bench-variants.jsonl" >> "$OUT/bench.txt" 2>&1 << 'EOF'
 import json, os, sys

@@ -192,7 +192,7 @@ fn hopper_kernel_matches_cpu() {
         return;
     }
     let _switches = KernelSwitches::set(true, true);
-    for variant in std::iter::once("default").chain(engine::cuda::lora_linear::VARIANTS) {
+    for variant in engine::cuda::lora_linear::VARIANTS.names.iter().copied() {
         let _variant = LoraVariant::set(variant);
         hopper_cases_match_cpu(dev, variant);
     }
@@ -304,7 +304,7 @@ fn hopper_timing_report() {
             ));
             // The TMA variants (ranks not a multiple of 8 fall back to the kernel above).
             let _switches = KernelSwitches::set(true, true);
-            for variant in engine::cuda::lora_linear::VARIANTS {
+            for variant in &engine::cuda::lora_linear::VARIANTS.names[1..] {
                 let _variant = LoraVariant::set(variant);
                 let (v, v_dx) = (time_ms(&cuda, &fused), time_ms(&cuda, &dx));
                 lookahead::show(&format!(

@@ -2,7 +2,8 @@
 //! (`LOOKAHEAD_EMU_KERNELS=skip`: every launch checked, none run): the script a GPU session gets
 //! 15 minutes to run, checked on every CI run for everything but the numbers. Each step must
 //! pass: the NVRTC compile of every family, the default bench pass with its per-kernel profile,
-//! the pass with the performance kernels off, and every entry of scripts/gpu-variants.txt (a
+//! the pass with the performance kernels off, the tuned pass (its choices in tuned.json), and
+//! every entry of scripts/gpu-variants.txt (a
 //! variant renamed in the engine, or a filter that matches no case, fails here); and the report
 //! must end with the fastest-run table and the open issues' targets, one row per case.
 //! The parity tests are not carried (with kernels skipped they would compare NaN); the PyTorch
@@ -75,7 +76,15 @@ fn gpu_check_runs_every_step_on_the_emulated_device() {
     for v in &variants {
         assert!(passed.iter().any(|l| l.contains(&format!("bench {v} "))), "no passing step for {v}:\n{summary}");
     }
+    assert!(passed.iter().any(|l| l.contains("bench LOOKAHEAD_AUTOTUNE=1 ")), "no passing tuned pass:\n{summary}");
     assert!(!summary.contains("FAIL") && !summary.contains("SKIP"), "{summary}");
+    // The tuned pass's choices come back: one entry per tuned family and shape at least.
+    let tuned = read("tuned.json");
+    for family in ["lora", "flash_fwd", "flash_bwd"] {
+        assert!(tuned.contains(&format!("| {family} ")), "no {family} choice in tuned.json:\n{tuned}");
+    }
+    let files = std::fs::read_dir(&out).unwrap().count();
+    assert!(files <= 8, "{files} files in $OUT; the device tool brings back 8");
 
     // The report: per-kernel profile lines, the fastest-run table and the targets of #3 and #7,
     // every target with at least one case.

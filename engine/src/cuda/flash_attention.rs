@@ -13,7 +13,8 @@
 
 use crate::cuda::{launch_failed, DeviceRepr, LaunchConfig, PushKernelArg};
 use kernels::compile::KernelSource;
-use kernels::flash_attention::{decoupled_kernel_name, hopper_kernel_name, hopper_launch, hopper_variant_kernel_name, kernel_name, rows_per_block, shared_bytes, ws_tma_map, FlashParams, HOPPER_D64_VARIANTS, THREADS, WS_TMA_VARIANT};
+use kernels::flash_attention::{decoupled_kernel_name, hopper_kernel_name, hopper_launch, hopper_variant_kernel_name, kernel_name, rows_per_block, shared_bytes, ws_tma_map, FlashParams, THREADS, WS_TMA_VARIANT};
+use super::tune;
 
 use crate::ops::flash_attention::{AttentionReference, FlashShape};
 use crate::storage::Storage;
@@ -102,7 +103,7 @@ fn hopper_kernel_applies(dev: &CudaDevice, dtype: DType, d: usize, scale: f32) -
         && matches!(d, 64 | 128)
         && scale > 0.0
         && scale.is_finite()
-        && dev.max_shared_memory_per_block_optin() >= hopper_launch(d, super::kernel_variant("flash_fwd").as_deref()).3
+        && dev.max_shared_memory_per_block_optin() >= hopper_launch(d, None).3
 }
 
 /// The fused forward (composition of ops on devices older than sm_80); see the module doc.
@@ -141,28 +142,27 @@ fn device_of(op: &'static str, q: &Tensor) -> Result<Arc<CudaDevice>> {
     crate::cuda::device(ordinal)
 }
 
-/// The Hopper kernel instance: the default, or at head dim 64 the variant that
-/// `LOOKAHEAD_VARIANT_FLASH_FWD` names (kernels::flash_attention::HOPPER_D64_VARIANTS: "poly<n>",
+/// The Hopper forward's variants at head dim 64 (LOOKAHEAD_VARIANT_FLASH_FWD, or tuned:
+/// cuda::tune): the default kernel, or kernels::flash_attention::HOPPER_D64_VARIANTS: "poly<n>",
 /// 1 / n of the softmax's exponentials by a polynomial on the FMA pipe; "late", the copies issued
 /// after the products; "late_poly4"; "ws", "ws_nopp", "ws3", "ws_poly3", "ws_tma", the
-/// warp-specialized kernel of kernels/cuda/flash_attention_ws.cu; for benchmarking them side by
-/// side). Head dim 128 has no variant and ignores it; an unknown name is an error. Returns
-/// (source, instance, threads, query rows a block, dynamic shared memory).
-fn hopper_instance(tn: &str, d: usize) -> Result<(&'static KernelSource, String, u32, usize, u32)> {
-    let variant = super::kernel_variant("flash_fwd");
-    let name = match &variant {
+/// warp-specialized kernel of kernels/cuda/flash_attention_ws.cu. Head dim 128 has one kernel.
+pub const HOPPER_VARIANTS: tune::Variants = tune::Variants {
+    family: "flash_fwd",
+    names: &["default", "poly3", "poly4", "poly8", "late", "late_poly4", "ws", "ws_nopp", "ws3", "ws_poly3", "ws_tma"],
+    sources: &[&kernels::flash_attention::HOPPER_SOURCE, &kernels::flash_attention::WS_SOURCE],
+};
+
+/// The Hopper kernel instance of `variant` (None or "default": the default; head dim 128 has no
+/// other): (source, instance, threads, query rows a block, dynamic shared memory).
+fn hopper_instance(tn: &str, d: usize, variant: Option<&str>) -> (&'static KernelSource, String, u32, usize, u32) {
+    let variant = variant.filter(|v| *v != "default" && d == 64);
+    let name = match variant {
         None => hopper_kernel_name(tn, d),
-        Some(v) if HOPPER_D64_VARIANTS.contains(&v.as_str()) => {
-            if d == 64 {
-                hopper_variant_kernel_name(tn, v)
-            } else {
-                hopper_kernel_name(tn, d)
-            }
-        }
-        Some(v) => return Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_FLASH_FWD={v}: unknown variant of the Hopper flash-attention forward (known: {})", HOPPER_D64_VARIANTS.join(", ")))),
+        Some(v) => hopper_variant_kernel_name(tn, v),
     };
-    let (source, threads, rows, smem) = hopper_launch(d, variant.as_deref());
-    Ok((source, name, threads, rows, smem))
+    let (source, threads, rows, smem) = hopper_launch(d, variant);
+    (source, name, threads, rows, smem)
 }
 
 /// The tensor maps of the "ws_tma" instance for these parameters (kernels::flash_attention::
@@ -234,18 +234,32 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
             keep_alive.push(keep);
         }
     }
+    let variant = if matches!(mode, Mode::ExtendedHopper) && d == 64 {
+        let shape = || format!("{dtype:?} b{b} h{h} lq{lq} lk{lk} lr{lr} d{d}{}", if p.keep == 0 { "" } else { " keep" });
+        Some(tune::choose(dev, &HOPPER_VARIANTS, &shape, &mut |v| queue(dev, &p, mode, dtype, Some(v), (b, h, lq, d)))?)
+    } else {
+        None
+    };
+    queue(dev, &p, mode, dtype, variant, (b, h, lq, d))?;
+    drop(keep_alive);
+    Ok((out, lse, lse2))
+}
+
+/// Queues the kernel instance of `mode` (and, in the Hopper mode, `variant`) on parameters `p`
+/// for `(b, h, lq, d)`.
+fn queue(dev: &Arc<CudaDevice>, p: &FlashParams, mode: Mode, dtype: DType, variant: Option<&str>, (b, h, lq, d): (usize, usize, usize, usize)) -> Result<()> {
     let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
     // (source, instance, threads, query rows a block, dynamic shared memory)
     let (source, mut name, threads, rows, smem): (&KernelSource, String, u32, usize, u32) = match mode {
         Mode::Extended => (&kernels::flash_attention::SOURCE, kernel_name(tn, d), THREADS, rows_per_block(d), shared_bytes(d)),
         Mode::Decoupled { .. } => (&kernels::flash_attention::SOURCE, decoupled_kernel_name(tn, d), THREADS, rows_per_block(d), shared_bytes(d)),
-        Mode::ExtendedHopper => hopper_instance(tn, d)?,
+        Mode::ExtendedHopper => hopper_instance(tn, d, variant),
     };
     // The TMA instance's tensor maps (k, v, k_ref, v_ref); views it cannot map run the cp.async
     // instance "ws" (same geometry) instead.
     let mut maps = None;
     if name == hopper_variant_kernel_name(tn, WS_TMA_VARIANT) {
-        maps = ws_tma_maps(dtype, &p, b, h)?;
+        maps = ws_tma_maps(dtype, p, b, h)?;
         if maps.is_none() {
             name = hopper_variant_kernel_name(tn, "ws");
         }
@@ -255,9 +269,9 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
         dev.bind()?;
         f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).map_err(|e| Error::Cuda(format!("{name}: cuFuncSetAttribute(max dynamic shared memory = {smem}): {e}")))?;
     }
-    let cfg = LaunchConfig { grid_dim: (lq.div_ceil(rows) as u32, heads, b as u32), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+    let cfg = LaunchConfig { grid_dim: (lq.div_ceil(rows) as u32, p.heads, b as u32), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
     let mut builder = dev.launch_builder(&f);
-    let params = KernelParams(p);
+    let params = KernelParams(*p);
     builder.arg(&params);
     if let Some(maps) = &maps {
         for map in maps {
@@ -265,9 +279,23 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
         }
     }
     // SAFETY: FlashParams mirrors the kernel's struct; every address points into a live CUDA
-    // storage (the views in keep_alive, out, lse and lse2) covering the sizes and strides given,
-    // and the row strides and starts meet the kernel's alignment (kernel_view).
+    // storage (the caller's views, out, lse and lse2, alive until this returns) covering the sizes
+    // and strides given, and the row strides and starts meet the kernel's alignment (kernel_view).
     unsafe { builder.launch(cfg) }.map_err(launch_failed(&name))?;
-    drop(keep_alive);
-    Ok((out, lse, lse2))
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tuned_variants_are_the_kernels_crates() {
+        assert_eq!(HOPPER_VARIANTS.names[0], "default");
+        assert_eq!(&HOPPER_VARIANTS.names[1..], kernels::flash_attention::HOPPER_D64_VARIANTS);
+        // The default and head dim 128 take the default instance; a variant its own.
+        assert_eq!(hopper_instance("bf16", 64, Some("default")).1, hopper_kernel_name("bf16", 64));
+        assert_eq!(hopper_instance("bf16", 128, Some("ws")).1, hopper_kernel_name("bf16", 128));
+        assert_eq!(hopper_instance("f16", 64, Some("ws3")).1, hopper_variant_kernel_name("f16", "ws3"));
+    }
 }

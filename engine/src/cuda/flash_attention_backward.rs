@@ -30,6 +30,7 @@ use crate::{DType, Device, Error, Result, Tensor};
 use cudarc::driver::sys;
 
 use super::storage::CudaStorage;
+use super::tune;
 
 const OP: &str = "flash_attention_backward (CUDA)";
 
@@ -51,6 +52,7 @@ pub(crate) fn kernel_applies(dtype: DType, d: usize) -> bool {
 
 /// The main kernel of a call: its source, instance name, keys a block, threads a block, dynamic
 /// shared memory.
+#[derive(Clone)]
 struct MainKernel {
     source: &'static KernelSource,
     name: String,
@@ -59,34 +61,31 @@ struct MainKernel {
     shared_bytes: u32,
 }
 
-/// The Hopper (wgmma) main kernel when it applies: the Hopper kernels switched on, a compute
-/// capability 9.0 device with the opt-in shared memory it needs, bf16/f16 with head dim 64 or 128.
-fn hopper_main_kernel(dev: &super::CudaDevice, dtype: DType, d: usize) -> Result<Option<MainKernel>> {
-    let variant = super::kernel_variant(VARIANT_FAMILY);
-    let Some((source, threads, shared_bytes)) = kfab::hopper_launch(d, variant.as_deref()) else { return Ok(None) };
+/// The Hopper (wgmma) main kernel of `variant` when it applies: the Hopper kernels switched on, a
+/// compute capability 9.0 device with the opt-in shared memory it needs, bf16/f16 with head dim 64
+/// or 128 (which has one kernel: any variant runs the default there).
+fn hopper_main_kernel(dev: &super::CudaDevice, dtype: DType, d: usize, variant: &str) -> Option<MainKernel> {
+    let variant = Some(variant).filter(|v| *v != "default" && d == 64);
+    let (source, threads, shared_bytes) = kfab::hopper_launch(d, variant)?;
     let applies = super::hopper_kernels() && dev.arch() == 90 && matches!(dtype, DType::BF16 | DType::F16) && dev.max_shared_memory_per_block_optin() >= shared_bytes;
     let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
-    let name = hopper_kernel_name(variant.as_deref(), tn, d)?;
-    Ok(applies.then(|| MainKernel { source, name, keys_per_block: kfab::HOPPER_KEYS_PER_BLOCK, threads, shared_bytes }))
+    let name = match variant {
+        None => kfab::hopper_kernel_name(tn, d),
+        Some(v) => format!("flash_bwd_hopper_{v}_{tn}_d{d}"),
+    };
+    applies.then_some(MainKernel { source, name, keys_per_block: kfab::HOPPER_KEYS_PER_BLOCK, threads, shared_bytes })
 }
 
-/// The variant family of the Hopper main kernel: LOOKAHEAD_VARIANT_FLASH_BWD.
-const VARIANT_FAMILY: &str = "flash_bwd";
-/// The Hopper main kernel's variants (kernels/cuda/flash_attention_backward_hopper.cu, top of the
-/// file; "ws", "ws_stagger": the warp-specialized kernel of
+/// The Hopper main kernel's variants at head dim 64 (LOOKAHEAD_VARIANT_FLASH_BWD, or tuned:
+/// cuda::tune): the default, "ss", "late" (kernels/cuda/flash_attention_backward_hopper.cu, top of
+/// the file), "ws", "ws_stagger" (the warp-specialized kernel of
 /// kernels/cuda/flash_attention_backward_ws.cu, 384 threads, its own shared memory:
-/// kfab::hopper_launch): head dim 64 only; head dim 128 runs the default kernel under any of them.
-pub const HOPPER_VARIANTS: [&str; 4] = ["ss", "late", "ws", "ws_stagger"];
-
-/// The Hopper main kernel's instance name for `variant` (None: the default), dtype `tn` and head
-/// dim `d`; an unknown variant is an error naming the variable and the known values.
-pub fn hopper_kernel_name(variant: Option<&str>, tn: &str, d: usize) -> Result<String> {
-    match variant {
-        None | Some("default") => Ok(kfab::hopper_kernel_name(tn, d)),
-        Some(v) if HOPPER_VARIANTS.contains(&v) => Ok(if d == 64 { format!("flash_bwd_hopper_{v}_{tn}_d{d}") } else { kfab::hopper_kernel_name(tn, d) }),
-        Some(v) => Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_FLASH_BWD = {v:?} is not a variant of the Hopper flash-attention backward; known: default, {}", HOPPER_VARIANTS.join(", ")))),
-    }
-}
+/// kfab::hopper_launch). All take HOPPER_KEYS_PER_BLOCK keys a block.
+pub const HOPPER_VARIANTS: tune::Variants = tune::Variants {
+    family: "flash_bwd",
+    names: &["default", "ss", "late", "ws", "ws_stagger"],
+    sources: &[&kfab::HOPPER_SOURCE, &kfab::WS_SOURCE],
+};
 
 fn device_addr(t: &Tensor) -> Result<u64> {
     match &*t.read_storage() {
@@ -156,7 +155,8 @@ pub(crate) fn backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Att
     let dtype = q.dtype();
     let tn = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let (prep_name, main_name, dq_name) = kfab::kernel_names(tn, d);
-    let main = match hopper_main_kernel(&dev, dtype, d)? {
+    let hopper = hopper_main_kernel(&dev, dtype, d, HOPPER_VARIANTS.names[0]);
+    let main = match hopper.clone() {
         Some(hopper) => hopper,
         None => {
             let smem = tiles.shared_bytes(d);
@@ -270,17 +270,31 @@ pub(crate) fn backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Att
         unsafe { builder.launch(cfg) }.map_err(launch_failed(name))?;
         Ok(())
     };
-    if prep_rows > 0 {
-        launch(&kfab::SOURCE, &prep_name, LaunchConfig { grid_dim: (prep_rows.div_ceil(kfab::PREP_THREADS / 32), 1, 1), block_dim: (kfab::PREP_THREADS, 1, 1), shared_mem_bytes: 0 })?;
-    }
-    if key_tiles > 0 {
-        launch(main.source, &main.name, LaunchConfig { grid_dim: (key_tiles, heads, batch), block_dim: (main.threads, 1, 1), shared_mem_bytes: main.shared_bytes })?;
-    }
-    let pairs = b * h * lq * d / 2;
-    if pairs > 0 {
-        let blocks = pairs.div_ceil(kfab::DQ_THREADS as usize).min(dev.multiprocessors() as usize * 16).max(1) as u32;
-        launch(&kfab::SOURCE, &dq_name, LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (kfab::DQ_THREADS, 1, 1), shared_mem_bytes: 0 })?;
-    }
+    // The three launches: delta, lse2 and dq_accum = 0; the main kernel; dq. Together they
+    // compute every output from the inputs alone, so tuning may run them more than once.
+    let run = |main: &MainKernel| -> Result<()> {
+        if prep_rows > 0 {
+            launch(&kfab::SOURCE, &prep_name, LaunchConfig { grid_dim: (prep_rows.div_ceil(kfab::PREP_THREADS / 32), 1, 1), block_dim: (kfab::PREP_THREADS, 1, 1), shared_mem_bytes: 0 })?;
+        }
+        if key_tiles > 0 {
+            launch(main.source, &main.name, LaunchConfig { grid_dim: (key_tiles, heads, batch), block_dim: (main.threads, 1, 1), shared_mem_bytes: main.shared_bytes })?;
+        }
+        let pairs = b * h * lq * d / 2;
+        if pairs > 0 {
+            let blocks = pairs.div_ceil(kfab::DQ_THREADS as usize).min(dev.multiprocessors() as usize * 16).max(1) as u32;
+            launch(&kfab::SOURCE, &dq_name, LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (kfab::DQ_THREADS, 1, 1), shared_mem_bytes: 0 })?;
+        }
+        Ok(())
+    };
+    let main = if hopper.is_some() && d == 64 {
+        let variant_kernel = |v: &str| hopper_main_kernel(&dev, dtype, d, v).ok_or_else(|| Error::Cuda(format!("{OP}: the Hopper backward variant {v} does not fit this device's shared memory")));
+        let shape = || format!("{dtype:?} b{b} h{h} lq{lq} lk{lk} lr{lr} d{d}{}", if p.keep == 0 { "" } else { " keep" });
+        let chosen = tune::choose(&dev, &HOPPER_VARIANTS, &shape, &mut |v| run(&variant_kernel(v)?))?;
+        variant_kernel(chosen)?
+    } else {
+        main
+    };
+    run(&main)?;
     drop((keep_alive, dq_accum, lse2, delta));
     Ok(finish(reference_grads))
 }

@@ -11,8 +11,8 @@
 //! (kernels/cuda/lora_linear_hopper.cu, wgmma) runs instead: same arguments, 128 x 160 tiles, a
 //! persistent grid of min(tiles, SMs) blocks of 256 threads, 217 KiB of dynamic shared memory.
 //!
-//! With LOOKAHEAD_VARIANT_LORA=tma, tma256, tma-pp or tma-mc (`VARIANTS`; unset or `default`: the
-//! kernel above), the warp-specialized TMA kernel (kernels/cuda/lora_linear_tma.cu) runs instead
+//! With LOOKAHEAD_VARIANT_LORA=tma, tma256, tma-pp or tma-mc, or when tuning chooses one
+//! (`VARIANTS`, cuda::tune; unset or `default`: the kernel above), the warp-specialized TMA kernel (kernels/cuda/lora_linear_tma.cu) runs instead
 //! where it can: 128 x 160 (tma; tma-pp: consumer warpgroups taking turns on whole tiles; tma-mc:
 //! clusters of 2 CTAs multicasting the B tile, launched through cuLaunchKernelEx with the cluster
 //! dimension, grid 2 x min(tile pairs, clusters the device runs at once)) or 256 x 160 (tma256)
@@ -27,7 +27,7 @@
 //! cached per (device, kernel) under a static name, and operands already contiguous and aligned
 //! are read in place without a clone.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kernels::compile::KernelSource;
 use kernels::lora_linear::{self as klora, BLayout, LoraGemmArgs};
@@ -36,6 +36,7 @@ use super::device::CudaDevice;
 use super::launch::{launch_cluster, launch_failed, max_active_clusters};
 use super::storage::CudaStorage;
 use super::tensor_map::{self, TensorMap2d, TensorMapParam, TmaSwizzle};
+use super::tune;
 use super::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 use crate::storage::Storage;
 use crate::{DType, Error, Result, Tensor};
@@ -70,23 +71,25 @@ pub fn fused_supported(dev: &CudaDevice, dtype: DType, m: usize, n: usize, k1: u
         && dev.max_shared_memory_per_block_optin() >= klora::SHARED_BYTES
 }
 
-/// The variants of the Hopper kernel (LOOKAHEAD_VARIANT_LORA): kernels/cuda/lora_linear_tma.cu
+/// The variants of the Hopper kernel (LOOKAHEAD_VARIANT_LORA, or tuned: cuda::tune): the
+/// default cp.async kernel (kernels/cuda/lora_linear_hopper.cu), or kernels/cuda/lora_linear_tma.cu
 /// with 128 x 160 ("tma") or 256 x 160 ("tma256") output tiles shared by the two consumer
 /// warpgroups, 128 x 160 tiles that they take in turns ("tma-pp", ping-pong), or 128 x 160 tiles in
 /// clusters of 2 CTAs that multicast the shared B tile ("tma-mc").
-pub const VARIANTS: [&str; 4] = ["tma", "tma256", "tma-pp", "tma-mc"];
-const VARIANT_FAMILY: &str = "lora";
+pub const VARIANTS: tune::Variants = tune::Variants {
+    family: "lora",
+    names: &["default", "tma", "tma256", "tma-pp", "tma-mc"],
+    sources: &[&klora::HOPPER_SOURCE, &klora::TMA_SOURCE],
+};
 
-/// The TMA kernel LOOKAHEAD_VARIANT_LORA asks for (None: the default kernel); an unknown value is
-/// an error naming the variable and the known values.
-fn tma_requested() -> Result<Option<Family>> {
-    match super::kernel_variant(VARIANT_FAMILY).as_deref() {
-        None | Some("default") => Ok(None),
-        Some("tma") => Ok(Some(Family::Tma)),
-        Some("tma256") => Ok(Some(Family::Tma256)),
-        Some("tma-pp") => Ok(Some(Family::TmaPp)),
-        Some("tma-mc") => Ok(Some(Family::TmaMc)),
-        Some(v) => Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_LORA = {v:?} is not a variant of the fused LoRA GEMM; known: default, {}", VARIANTS.join(", ")))),
+/// The kernel a variant name stands for (None: the default kernel).
+fn tma_family(variant: &str) -> Option<Family> {
+    match variant {
+        "tma" => Some(Family::Tma),
+        "tma256" => Some(Family::Tma256),
+        "tma-pp" => Some(Family::TmaPp),
+        "tma-mc" => Some(Family::TmaMc),
+        _ => None,
     }
 }
 
@@ -264,13 +267,39 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
         pad: 0,
     });
     let tma_ok = k1 > 0 && klora::tma_lora_ok(k2, pa2) && (layout == BLayout::KMajor || klora::tma_lora_ok(k2, pb2));
-    let tma = if tma_ok { tma_requested()? } else { None };
-    let mut kernel = kernel_for(&dev, m, n, tma);
+    let operands = Operands { args, layout, dtype, ptrs: (pa1, pb1, pa2, pb2), dims: (m, n, k1, k2) };
+    // The TMA variants replace the Hopper kernel only (sm_90, Hopper kernels on).
+    let variant = if tma_ok && super::hopper_kernels() && dev.arch() == 90 {
+        let shape = || format!("{dtype:?} {layout:?} m{m} n{n} k{k1} r{k2}{}", if pbias == 0 { "" } else { " bias" });
+        tune::choose(&dev, &VARIANTS, &shape, &mut |v| launch(&dev, &operands, tma_family(v)))?
+    } else {
+        VARIANTS.names[0]
+    };
+    launch(&dev, &operands, tma_family(variant))?;
+    drop((a1_copy, b1_copy, a2_copy, b2_copy, bias_copy));
+    Tensor::from_storage(Storage::Cuda(out), &[m, n])
+}
+
+/// One GEMM's operands as the kernels take them: the arguments, B's layout, the dtype, the
+/// device addresses (a1, b1, a2, b2) and sizes (m, n, k1, k2).
+#[derive(Clone, Copy)]
+struct Operands {
+    args: Args,
+    layout: BLayout,
+    dtype: DType,
+    ptrs: (u64, u64, u64, u64),
+    dims: (usize, usize, usize, usize),
+}
+
+/// Queues the GEMM on the kernel for this device with the TMA variant `tma` (None: the default).
+fn launch(dev: &Arc<CudaDevice>, o: &Operands, tma: Option<Family>) -> Result<()> {
+    let Operands { args, layout, dtype, ptrs, dims: (m, n, k1, k2) } = *o;
+    let mut kernel = kernel_for(dev, m, n, tma);
     // tma-mc: the clusters the device runs at once (asked once per kernel); where none fits, the
     // same tiles without clusters (tma).
     let mut clusters = 0;
     if kernel.family == Family::TmaMc {
-        clusters = mc_clusters(&dev, &kernel, kernel_name(kernel.family, layout, dtype))?;
+        clusters = mc_clusters(dev, &kernel, kernel_name(kernel.family, layout, dtype))?;
         if clusters == 0 {
             kernel.family = Family::Tma;
         }
@@ -282,11 +311,11 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
         Family::TmaMc => (klora::tma_mc_blocks(m, n, clusters), 1, 1),
     };
     let maps = match kernel.family {
-        Family::Tma | Family::Tma256 | Family::TmaPp | Family::TmaMc => Some(tma_maps(dtype, layout, kernel.family, (pa1, pb1, pa2, pb2), (m, n, k1, k2))?),
+        Family::Tma | Family::Tma256 | Family::TmaPp | Family::TmaMc => Some(tma_maps(dtype, layout, kernel.family, ptrs, (m, n, k1, k2))?),
         _ => None,
     };
     let name = kernel_name(kernel.family, layout, dtype);
-    let f = loaded(&dev, &kernel, name)?;
+    let f = loaded(dev, &kernel, name)?;
     if let (Family::TmaMc, Some(maps)) = (kernel.family, &maps) {
         fn karg<T>(v: &T) -> *mut std::ffi::c_void {
             v as *const T as *mut std::ffi::c_void
@@ -294,11 +323,10 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
         let mut params = [karg(&args), karg(&maps[0]), karg(&maps[1]), karg(&maps[2]), karg(&maps[3])];
         // SAFETY: the parameters are lora_gemm_tma_mc_*'s (LoraGemmArgs, TensorMap x 4), alive
         // until the call returns; every pointer in args addresses a live CUDA buffer of the shape
-        // the args describe (checked above), the maps describe those buffers, the output holds
-        // m * n elements, the grid is a multiple of the cluster, and the shared memory was opted into.
-        unsafe { launch_cluster(&dev, &f, name, (grid_dim.0, kernel.threads, klora::TMA_MC_CLUSTER, kernel.shared_bytes), &mut params) }?;
-        drop((a1_copy, b1_copy, a2_copy, b2_copy, bias_copy));
-        return Tensor::from_storage(Storage::Cuda(out), &[m, n]);
+        // the args describe (checked by concat_gemm, which keeps them alive), the maps describe
+        // those buffers, the output holds m * n elements, the grid is a multiple of the cluster,
+        // and the shared memory was opted into.
+        return unsafe { launch_cluster(dev, &f, name, (grid_dim.0, kernel.threads, klora::TMA_MC_CLUSTER, kernel.shared_bytes), &mut params) };
     }
     let cfg = LaunchConfig { grid_dim, block_dim: (kernel.threads, 1, 1), shared_mem_bytes: kernel.shared_bytes };
     let mut b = dev.launch_builder(&f);
@@ -309,11 +337,10 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
         }
     }
     // SAFETY: every pointer addresses a live CUDA buffer of the shape the args describe (checked
-    // above; the tensors live until after the launch is queued, and the stream orders their reuse),
-    // and the output holds m * n elements.
+    // by concat_gemm; the tensors live until after the launch is queued, and the stream orders
+    // their reuse), and the output holds m * n elements.
     unsafe { b.launch(cfg) }.map_err(launch_failed("lora_gemm"))?;
-    drop((a1_copy, b1_copy, a2_copy, b2_copy, bias_copy));
-    Tensor::from_storage(Storage::Cuda(out), &[m, n])
+    Ok(())
 }
 
 /// The TMA kernel's four tensor maps (A1, B1, A2, B2) over the operands at these device addresses
@@ -400,21 +427,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn variant_values() {
-        // The only test of this crate that touches LOOKAHEAD_VARIANT_LORA; put back as it was.
-        let before = std::env::var("LOOKAHEAD_VARIANT_LORA").ok();
-        let mut seen = Vec::new();
-        for v in ["", "default", "tma", "tma256", "tma-pp", "tma-mc", "tma512"] {
-            std::env::set_var("LOOKAHEAD_VARIANT_LORA", v);
-            seen.push(tma_requested().map_err(|e| e.to_string()));
-        }
-        match before {
-            Some(v) => std::env::set_var("LOOKAHEAD_VARIANT_LORA", v),
-            None => std::env::remove_var("LOOKAHEAD_VARIANT_LORA"),
-        }
-        assert_eq!(seen[..6], [Ok(None), Ok(None), Ok(Some(Family::Tma)), Ok(Some(Family::Tma256)), Ok(Some(Family::TmaPp)), Ok(Some(Family::TmaMc))]);
-        let e = seen[6].clone().unwrap_err();
-        assert!(e.contains("LOOKAHEAD_VARIANT_LORA") && e.contains("tma512") && e.contains("default, tma, tma256, tma-pp, tma-mc"), "{e}");
+    fn every_variant_name_has_its_kernel() {
+        assert_eq!(tma_family(VARIANTS.names[0]), None, "the default is the cp.async Hopper kernel");
+        let families: Vec<_> = VARIANTS.names[1..].iter().map(|v| tma_family(v)).collect();
+        assert_eq!(families, [Some(Family::Tma), Some(Family::Tma256), Some(Family::TmaPp), Some(Family::TmaMc)]);
     }
 
     #[test]

@@ -41,6 +41,7 @@ mod spatial;
 mod storage;
 // TMA tensor maps (cuTensorMapEncodeTiled) from the description the CPU emulator also takes.
 pub mod tensor_map;
+pub mod tune;
 
 pub use alloc::{size_class, CudaBlock, MemoryStats};
 pub use device::{device, device_count, device_info, is_available, probe, CudaDevice, DeviceInfo, GpuTimer};

@@ -664,16 +664,23 @@ enum GnVariant {
     Grid,
 }
 
+/// The group-norm variants (LOOKAHEAD_VARIANT_GROUP_NORM; not tuned: their choice is the measured
+/// per-shape rule of `auto`, and their launches differ between forward and backward).
+pub const VARIANTS: super::tune::Variants = super::tune::Variants {
+    family: "group_norm",
+    names: &["auto", "two-phase", "cluster-regs", "cluster-smem", "cluster-smem-async", "grid"],
+    sources: &[&kernels::norm::SOURCE, &kernels::norm::GROUP_NORM_SOURCE],
+};
+
 fn gn_variant() -> Result<GnVariant> {
-    const KNOWN: &str = "auto, two-phase, cluster-regs, cluster-smem, cluster-smem-async, grid";
-    Ok(match super::kernel_variant("group_norm").as_deref() {
+    Ok(match super::tune::requested(&VARIANTS)? {
         None | Some("auto") => GnVariant::Auto,
         Some("two-phase") => GnVariant::TwoPhase,
         Some("cluster-regs") => GnVariant::ClusterRegs,
         Some("cluster-smem") => GnVariant::ClusterSmem,
         Some("cluster-smem-async") => GnVariant::ClusterSmemAsync,
         Some("grid") => GnVariant::Grid,
-        Some(v) => return Err(Error::Cuda(format!("LOOKAHEAD_VARIANT_GROUP_NORM={v}: unknown group-norm variant (known: {KNOWN})"))),
+        Some(v) => return Err(Error::Cuda(format!("group norm variant {v} has no path (engine/src/cuda/norm.rs gn_variant)"))),
     })
 }
 
