@@ -8,7 +8,9 @@
 //!    this shape in the tuning table, else the fastest in trial runs on the call's own operands
 //!    (each variant run once to compile and load it, then three runs timed by CUDA events), which
 //!    is then recorded. The table is `tuned.json` in the kernel cache folder (`LOOKAHEAD_TUNE_FILE`
-//!    names another file); a variant that fails to launch in a trial is left out, with its error;
+//!    names another file); a variant that fails to launch in a trial is left out, with its error
+//!    (one that faults while running ends the CUDA context, as any kernel fault does: every
+//!    variant passes the parity suites first);
 //! 3. else the family's default (the first name).
 //!
 //! Trials write the call's outputs, which the caller's launch of the chosen variant then
