@@ -162,24 +162,24 @@ fi
 # more variants fit the budget. BENCH_MIN_TIME, when set, applies to them too.
 VARIANT_TIME=()
 [ -z "${BENCH_MIN_TIME:-}" ] && VARIANT_TIME=(--min-time 0.25)
-# One pass with the environment assignments in $1 (space-separated) on the cases of filter $2,
-# appended to bench-variants.jsonl labelled $3 (default: $1).
+# One pass labelled $1 on the cases of filter $2 with the environment assignments that follow,
+# appended to bench-variants.jsonl.
 variant_pass() {
-    local assign=$1 filter=$2 label=${3:-$1} tmp
+    local label=$1 filter=$2 tmp
+    shift 2
     tmp=$(mktemp)
-    # shellcheck disable=SC2086 # the assignments are separate words
-    step "bench $label ($filter)" 60 "$OUT/bench.txt" env $assign sh -c "$(printf '%q ' "${BENCH[@]}" "${VARIANT_TIME[@]}") --filter '$filter' > '$tmp'"
+    step "bench $label ($filter)" 60 "$OUT/bench.txt" env "$@" sh -c "$(printf '%q ' "${BENCH[@]}" "${VARIANT_TIME[@]}") --filter '$filter' > '$tmp'"
     [ -s "$tmp" ] && python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["variant"]=sys.argv[2]; print(json.dumps(r))' "$tmp" "$label" >> "$OUT/bench-variants.jsonl"
     rm -f "$tmp"
 }
 # First the tuned pass: every tuned family (engine/src/cuda/tune.rs) times its variants on each
 # case's own operands and runs the fastest; the choices, with every variant's trial time, come
 # back in tuned.json.
-variant_pass "LOOKAHEAD_AUTOTUNE=1 LOOKAHEAD_TUNE_FILE=$OUT/tuned.json" "ext attention,lora_linear" LOOKAHEAD_AUTOTUNE=1
+variant_pass LOOKAHEAD_AUTOTUNE=1 "ext attention,lora_linear" LOOKAHEAD_AUTOTUNE=1 "LOOKAHEAD_TUNE_FILE=$OUT/tuned.json"
 IFS=';' read -r -a variant_list <<< "${VARIANTS:-}"
 for v in "${variant_list[@]}"; do
     [ -n "$v" ] || continue
-    variant_pass "${v%%|*}" "${v#*|}"
+    variant_pass "${v%%|*}" "${v#*|}" "${v%%|*}"
 done
 python3 - "$OUT/bench.json" "$OUT/bench-off.json" "$OUT/bench-variants.jsonl" >> "$OUT/bench.txt" 2>&1 << 'EOF'
 import json, os, sys
@@ -267,6 +267,7 @@ for target, name, t, label, value, need in sorted(checks, key=lambda c: c[0]):
 EOF
 
 # ---- at most 8 files come back: fold the test logs together if needed --------------------------
+rm -f "$OUT"/tuned.json.*.tmp
 count=$(find "$OUT" -maxdepth 1 -type f | wc -l)
 if [ "$count" -gt 8 ]; then
     for n in "${names[@]}"; do

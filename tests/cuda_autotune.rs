@@ -89,6 +89,14 @@ fn variants_are_tuned_recorded_and_reused() {
         assert!(!launched.is_empty() && launched.iter().all(|k| k.starts_with(kernel)), "{family}: launched {launched:?}, the table chose {kernel}*");
     }
 
+    // A variable naming no variant is an error also where nothing is tuned (head dim 128).
+    std::env::set_var("LOOKAHEAD_VARIANT_FLASH_FWD", "ws9");
+    let f = |shape: &[usize], seed: u64| input(shape, DType::BF16, -1.0, 1.0, seed, dev).unwrap();
+    let (q, k) = (f(&[1, 1, 16, 128], 11), f(&[1, 1, 16, 128], 12));
+    let e = Tensor::flash_attention(&q, &k, &k, None, 0.1).err().expect("an unknown variant is an error");
+    std::env::remove_var("LOOKAHEAD_VARIANT_FLASH_FWD");
+    assert!(e.to_string().contains("LOOKAHEAD_VARIANT_FLASH_FWD=ws9") && e.to_string().contains("ws_tma"), "{e}");
+
     // A table that is not one is an error naming the file, not a silent default.
     std::fs::write(&file, "[]").unwrap();
     engine::cuda::tune::forget_table();

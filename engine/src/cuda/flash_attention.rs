@@ -238,6 +238,8 @@ fn launch(op: &'static str, dev: &Arc<CudaDevice>, q: &Tensor, k: &Tensor, v: &T
         let shape = || format!("{dtype:?} b{b} h{h} lq{lq} lk{lk} lr{lr} d{d}{}", if p.keep == 0 { "" } else { " keep" });
         Some(tune::choose(dev, &HOPPER_VARIANTS, &shape, &mut |v| queue(dev, &p, mode, dtype, Some(v), (b, h, lq, d)))?)
     } else {
+        // A variable naming no variant is an error wherever it would be read.
+        tune::requested(&HOPPER_VARIANTS)?;
         None
     };
     queue(dev, &p, mode, dtype, variant, (b, h, lq, d))?;

@@ -292,6 +292,8 @@ pub(crate) fn backward(q: &Tensor, k: &Tensor, v: &Tensor, reference: Option<Att
         let chosen = tune::choose(&dev, &HOPPER_VARIANTS, &shape, &mut |v| run(&variant_kernel(v)?))?;
         variant_kernel(chosen)?
     } else {
+        // A variable naming no variant is an error wherever it would be read.
+        tune::requested(&HOPPER_VARIANTS)?;
         main
     };
     run(&main)?;

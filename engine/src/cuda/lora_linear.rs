@@ -273,6 +273,8 @@ pub fn concat_gemm(a1: &Tensor, b1: &Tensor, a2: &Tensor, b2: &Tensor, bias: Opt
         let shape = || format!("{dtype:?} {layout:?} m{m} n{n} k{k1} r{k2}{}", if pbias == 0 { "" } else { " bias" });
         tune::choose(&dev, &VARIANTS, &shape, &mut |v| launch(&dev, &operands, tma_family(v)))?
     } else {
+        // A variable naming no variant is an error wherever it would be read.
+        tune::requested(&VARIANTS)?;
         VARIANTS.names[0]
     };
     launch(&dev, &operands, tma_family(variant))?;

@@ -13,6 +13,10 @@
 //!    variant passes the parity suites first);
 //! 3. else the family's default (the first name).
 //!
+//! Whether a family's kernels apply at all (device, dtype, shared memory) is decided on its
+//! default; a variant asked for by name that then does not fit is a launch error, not a silent
+//! fallback (every variant fits the 227 KiB of an H100/H200).
+//!
 //! Trials write the call's outputs, which the caller's launch of the chosen variant then
 //! overwrites, so a family offers trials only where one launch sequence computes its outputs from
 //! its inputs alone. Tuning costs the first call of each shape a few runs of every variant; the
@@ -50,24 +54,35 @@ pub fn choose(dev: &Arc<CudaDevice>, v: &Variants, shape: &dyn Fn() -> String, t
     if !autotune() || v.names.len() < 2 {
         return Ok(v.names[0]);
     }
-    let key = format!("{} sm_{} x{} | {} {} | {}", dev.name(), dev.arch(), dev.multiprocessors(), v.family, sources_hash(v.sources), shape());
-    let mut guard = table().lock().unwrap_or_else(|p| p.into_inner());
-    if guard.is_none() {
-        *guard = Some(Table::load(table_path())?);
+    let key = format!("{} sm_{} x{} | {} {} | {}", dev.name(), dev.arch(), dev.multiprocessors(), v.family, sources_hash(v), shape());
+    {
+        let mut guard = table().lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(Table::load(table_path())?);
+        }
+        let table = guard.as_ref().expect("loaded above");
+        if let Some(name) = table.entries.get(&key).and_then(|e| v.names.iter().copied().find(|n| *n == e.variant)) {
+            return Ok(name);
+        }
     }
-    let table = guard.as_mut().expect("loaded above");
-    if let Some(name) = table.entries.get(&key).and_then(|e| v.names.iter().copied().find(|n| *n == e.variant)) {
-        return Ok(name);
-    }
+    // Trials run without the table's lock (their first runs may compile kernels for seconds).
     let (name, ms) = fastest(v.names, |name| {
+        // One run to compile and load, timed on the host; the timed runs then queue behind a
+        // kernel holding the stream for twice that, so that their span is GPU time, not the
+        // host's launch gaps (as `lookahead bench` times).
+        let t = std::time::Instant::now();
         trial(name)?;
         dev.synchronize()?;
+        let hold = (2.0 * t.elapsed().as_secs_f64()).clamp(2e-4, 5e-2);
+        dev.hold_stream((hold * 1e9) as u64)?;
         let timer = dev.start_timer()?;
         for _ in 0..TIMED_RUNS {
             trial(name)?;
         }
         Ok(f64::from(timer.stop()?) / f64::from(TIMED_RUNS))
     })?;
+    let mut guard = table().lock().unwrap_or_else(|p| p.into_inner());
+    let table = guard.get_or_insert_with(|| Table { path: table_path(), entries: BTreeMap::new() });
     table.entries.insert(key, Entry { variant: name.to_string(), ms });
     table.save();
     Ok(name)
@@ -90,7 +105,7 @@ fn fastest(names: &'static [&'static str], mut time: impl FnMut(&'static str) ->
     let mut best: Option<(&'static str, f64)> = None;
     let mut first_error = None;
     for &name in names {
-        match time(name) {
+        match time(name).and_then(|ms| if ms.is_finite() { Ok(ms) } else { Err(Error::Cuda(format!("{name}: trial time {ms} ms"))) }) {
             Ok(ms) => {
                 if best.is_none_or(|(_, b)| ms < b) {
                     best = Some((name, ms));
@@ -137,13 +152,30 @@ pub fn table_path() -> Option<PathBuf> {
     }
 }
 
-/// A stable hash (FNV-1a, 64 bits) of the family's sources, as 16 hex digits.
-fn sources_hash(sources: &[&KernelSource]) -> String {
+/// A stable hash (FNV-1a, 64 bits) of what the family's kernels are built from: its sources, their
+/// compile options and the shared headers (as the kernel cache keys its CUBINs), as 16 hex digits;
+/// worked out once per family.
+fn sources_hash(v: &Variants) -> String {
+    static HASHES: OnceLock<Mutex<BTreeMap<&'static str, String>>> = OnceLock::new();
+    let mut hashes = HASHES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    hashes.entry(v.family).or_insert_with(|| hash_of(v.sources)).clone()
+}
+
+fn hash_of(sources: &[&KernelSource]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for s in sources {
-        for b in s.name.bytes().chain([0]).chain(s.code.bytes()).chain([0]) {
+    let mut add = |text: &str| {
+        for b in text.bytes().chain([0]) {
             h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
         }
+    };
+    for s in sources {
+        add(s.name);
+        add(s.code);
+        s.options.iter().for_each(|o| add(o));
+    }
+    for (name, code) in kernels::compile::HEADERS {
+        add(name);
+        add(code);
     }
     format!("{h:016x}")
 }
@@ -189,8 +221,11 @@ impl Table {
                 std::fs::create_dir_all(dir)?;
             }
             let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&self.entries).map_err(std::io::Error::other)?)?;
-            std::fs::rename(&tmp, path)
+            let written = serde_json::to_vec_pretty(&self.entries).map_err(std::io::Error::other).and_then(|bytes| std::fs::write(&tmp, bytes)).and_then(|()| std::fs::rename(&tmp, path));
+            if written.is_err() {
+                std::fs::remove_file(&tmp).ok();
+            }
+            written
         };
         if let Err(e) = write() {
             static WARNED: OnceLock<()> = OnceLock::new();
@@ -218,6 +253,10 @@ mod tests {
         assert!(matches!(&results["a"], TrialResult::Error(e) if e.contains("shared memory")));
         // Ties keep the earlier variant (the default first).
         assert_eq!(fastest(NAMES, |_| Ok(1.0)).unwrap().0, "default");
+        // A time that is not a number is a failed trial (JSON has no NaN).
+        let (name, results) = fastest(NAMES, |n| Ok(if n == "default" { f64::NAN } else { 3.0 })).unwrap();
+        assert_eq!(name, "a");
+        assert!(matches!(&results["default"], TrialResult::Error(_)));
         // Nothing runs: the default's error.
         let e = fastest(NAMES, |n| Err(Error::Cuda(format!("{n} failed")))).unwrap_err();
         assert!(e.to_string().contains("default failed"), "{e}");
@@ -245,8 +284,10 @@ mod tests {
     fn source_hashes_change_with_the_source() {
         static A: KernelSource = KernelSource { name: "f", code: "x", options: &[] };
         static B: KernelSource = KernelSource { name: "f", code: "y", options: &[] };
-        assert_eq!(sources_hash(&[&A]), sources_hash(&[&A]));
-        assert_ne!(sources_hash(&[&A]), sources_hash(&[&B]));
-        assert_ne!(sources_hash(&[&A, &B]), sources_hash(&[&B, &A]));
+        static C: KernelSource = KernelSource { name: "f", code: "x", options: &["--ftz=true"] };
+        assert_eq!(hash_of(&[&A]), hash_of(&[&A]));
+        assert_ne!(hash_of(&[&A]), hash_of(&[&B]));
+        assert_ne!(hash_of(&[&A, &B]), hash_of(&[&B, &A]));
+        assert_ne!(hash_of(&[&A]), hash_of(&[&C]), "options count");
     }
 }

@@ -1080,7 +1080,7 @@ mod tests {
         assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
         assert_eq!(cuMemsetD8_v2(p, 0, 8), CUresult::CUDA_ERROR_INVALID_VALUE, "freed");
         let mut q = 0;
-        assert_eq!(cuMemAlloc_v2(&mut q, SKIPPING_TOTAL_MEMORY + 1), CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        assert_eq!(cuMemAlloc_v2(&mut q, total_memory() + 1), CUresult::CUDA_ERROR_OUT_OF_MEMORY);
         assert_eq!(cuMemAlloc_v2(&mut q, 0), CUresult::CUDA_ERROR_INVALID_VALUE);
     }
 
