@@ -27,3 +27,8 @@ pub mod timing;
 /// Every CUDA kernel family (one per kernels/cuda/*.cu). The CI compile test checks this list
 /// against the folder, so a new .cu file must be added here.
 pub const ALL_SOURCES: &[&compile::KernelSource] = &[&elementwise::SOURCE, &index::SOURCE, &pool::SOURCE, &grid_sample::SOURCE, &elementwise_backward::SOURCE, &adamw::SOURCE, &reduce::SOURCE, &softmax::SOURCE, &norm::SOURCE, &norm::GROUP_NORM_SOURCE, &rng::SOURCE, &flash_attention::SOURCE, &flash_attention::HOPPER_SOURCE, &flash_attention::WS_SOURCE, &lora_linear::SOURCE, &lora_linear::HOPPER_SOURCE, &lora_linear::TMA_SOURCE, &flash_attention_backward::SOURCE, &flash_attention_backward::HOPPER_SOURCE, &flash_attention_backward::WS_SOURCE, &timing::SOURCE];
+
+/// Kernel-variant choices measured on GPUs and committed (kernels/tuned.json: the `tuned.json` of
+/// `scripts/gpu-check.sh` runs merged in), read by engine::cuda::tune: per device, kernel sources
+/// and problem shape, the variant that was fastest there.
+pub const TUNED: &str = include_str!("../tuned.json");

@@ -5,13 +5,16 @@
 //! 1. `LOOKAHEAD_VARIANT_<FAMILY>` names one for every shape (benchmarks side by side); a name the
 //!    family does not have is an error listing those it has;
 //! 2. with `LOOKAHEAD_AUTOTUNE=1`, the variant recorded for this device, these kernel sources and
-//!    this shape in the tuning table, else the fastest in trial runs on the call's own operands
+//!    this shape in the tuning table, else (past the committed choices of 3.) the fastest in trial
+//!    runs on the call's own operands
 //!    (each variant run once to compile and load it, then three runs timed by CUDA events), which
 //!    is then recorded. The table is `tuned.json` in the kernel cache folder (`LOOKAHEAD_TUNE_FILE`
 //!    names another file); a variant that fails to launch in a trial is left out, with its error
 //!    (one that faults while running ends the CUDA context, as any kernel fault does: every
 //!    variant passes the parity suites first);
-//! 3. else the family's default (the first name).
+//! 3. else the variant kernels/tuned.json (committed measurements: the tuned.json of GPU runs,
+//!    merged) records for this device, these kernel sources and this shape;
+//! 4. else the family's default (the first name).
 //!
 //! Whether a family's kernels apply at all (device, dtype, shared memory) is decided on its
 //! default; a variant asked for by name that then does not fit is a launch error, not a silent
@@ -51,19 +54,21 @@ pub fn choose(dev: &Arc<CudaDevice>, v: &Variants, shape: &dyn Fn() -> String, t
     if let Some(asked) = requested(v)? {
         return Ok(asked);
     }
-    if !autotune() || v.names.len() < 2 {
+    if v.names.len() < 2 || (!autotune() && shipped().is_empty()) {
         return Ok(v.names[0]);
     }
     let key = format!("{} sm_{} x{} | {} {} | {}", dev.name(), dev.arch(), dev.multiprocessors(), v.family, sources_hash(v), shape());
     {
         let mut guard = table().lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
+        if autotune() && guard.is_none() {
             *guard = Some(Table::load(table_path())?);
         }
-        let table = guard.as_ref().expect("loaded above");
-        if let Some(name) = table.entries.get(&key).and_then(|e| v.names.iter().copied().find(|n| *n == e.variant)) {
+        if let Some(name) = recorded(guard.as_ref().map(|t| &t.entries), shipped(), &key, v) {
             return Ok(name);
         }
+    }
+    if !autotune() {
+        return Ok(v.names[0]);
     }
     // Trials run without the table's lock (their first runs may compile kernels for seconds).
     let (name, ms) = fastest(v.names, |name| {
@@ -86,6 +91,23 @@ pub fn choose(dev: &Arc<CudaDevice>, v: &Variants, shape: &dyn Fn() -> String, t
     table.entries.insert(key, Entry { variant: name.to_string(), ms });
     table.save();
     Ok(name)
+}
+
+/// The variant recorded for `key`: in the tuning table (when tuning), else in the committed one.
+fn recorded(tuned: Option<&BTreeMap<String, Entry>>, shipped: &BTreeMap<String, Entry>, key: &str, v: &Variants) -> Option<&'static str> {
+    tuned.and_then(|t| lookup(t, key, v)).or_else(|| lookup(shipped, key, v))
+}
+
+/// The variant an entry of `entries` records for `key`, if it is one of the family's.
+fn lookup(entries: &BTreeMap<String, Entry>, key: &str, v: &Variants) -> Option<&'static str> {
+    entries.get(key).and_then(|e| v.names.iter().copied().find(|n| *n == e.variant))
+}
+
+/// The committed choices (kernels::TUNED, kernels/tuned.json). An unreadable file is a bug of the
+/// build, which `shipped_choices_name_known_variants` catches; at run time it counts as empty.
+fn shipped() -> &'static BTreeMap<String, Entry> {
+    static SHIPPED: OnceLock<BTreeMap<String, Entry>> = OnceLock::new();
+    SHIPPED.get_or_init(|| serde_json::from_str(kernels::TUNED).unwrap_or_default())
 }
 
 /// The variant `LOOKAHEAD_VARIANT_<FAMILY>` names, if set; a name the family does not have is an
@@ -278,6 +300,28 @@ mod tests {
         let e = Table::load(Some(path.clone())).err().expect("a list is not a table");
         assert!(e.to_string().contains(&path.display().to_string()), "{e}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn shipped_choices_name_known_variants() {
+        let entries: BTreeMap<String, Entry> = serde_json::from_str(kernels::TUNED).expect("kernels/tuned.json is a table of choices");
+        let families = [&crate::cuda::lora_linear::VARIANTS, &crate::cuda::flash_attention::HOPPER_VARIANTS, &crate::cuda::flash_attention_backward::HOPPER_VARIANTS];
+        for (key, e) in &entries {
+            let family = families.iter().find(|f| key.contains(&format!("| {} ", f.family))).unwrap_or_else(|| panic!("kernels/tuned.json: {key}: no tuned family"));
+            assert!(family.names.contains(&e.variant.as_str()), "kernels/tuned.json: {key}: {} is not a variant of {}", e.variant, family.family);
+        }
+        // And a lookup finds only the family's own names.
+        let v = &crate::cuda::lora_linear::VARIANTS;
+        let table = BTreeMap::from([("k".to_string(), Entry { variant: "tma".into(), ms: BTreeMap::new() }), ("j".to_string(), Entry { variant: "ws".into(), ms: BTreeMap::new() })]);
+        assert_eq!(lookup(&table, "k", v), Some("tma"));
+        assert_eq!(lookup(&table, "j", v), None);
+        assert_eq!(lookup(&table, "x", v), None);
+        // The tuning table first, then the committed one.
+        let shipped = BTreeMap::from([("k".to_string(), Entry { variant: "tma-pp".into(), ms: BTreeMap::new() }), ("s".to_string(), Entry { variant: "tma256".into(), ms: BTreeMap::new() })]);
+        assert_eq!(recorded(Some(&table), &shipped, "k", v), Some("tma"));
+        assert_eq!(recorded(Some(&table), &shipped, "s", v), Some("tma256"));
+        assert_eq!(recorded(None, &shipped, "k", v), Some("tma-pp"));
+        assert_eq!(recorded(None, &shipped, "x", v), None);
     }
 
     #[test]
