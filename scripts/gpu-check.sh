@@ -175,7 +175,7 @@ variant_pass() {
 # First the tuned pass: every tuned family (engine/src/cuda/tune.rs) times its variants on each
 # case's own operands and runs the fastest; the choices, with every variant's trial time, come
 # back in tuned.json.
-variant_pass LOOKAHEAD_AUTOTUNE=1 "ext attention,lora_linear" LOOKAHEAD_AUTOTUNE=1 "LOOKAHEAD_TUNE_FILE=$OUT/tuned.json"
+variant_pass LOOKAHEAD_AUTOTUNE=1 "ext attention,lora_linear,group_norm" LOOKAHEAD_AUTOTUNE=1 "LOOKAHEAD_TUNE_FILE=$OUT/tuned.json"
 [ -s "$OUT/tuned.json" ] && say "      tuned.json: $(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$OUT/tuned.json") choices (to make them the defaults: python3 scripts/merge-tuned.py tuned.json)"
 IFS=';' read -r -a variant_list <<< "${VARIANTS:-}"
 for v in "${variant_list[@]}"; do

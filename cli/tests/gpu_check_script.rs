@@ -80,7 +80,7 @@ fn gpu_check_runs_every_step_on_the_emulated_device() {
     assert!(!summary.contains("FAIL") && !summary.contains("SKIP"), "{summary}");
     // The tuned pass's choices come back: one entry per tuned family and shape at least.
     let tuned = read("tuned.json");
-    for family in ["lora", "flash_fwd", "flash_bwd"] {
+    for family in ["lora", "flash_fwd", "flash_bwd", "group_norm"] {
         assert!(tuned.contains(&format!("| {family} ")), "no {family} choice in tuned.json:\n{tuned}");
     }
     let files = std::fs::read_dir(&out).unwrap().count();

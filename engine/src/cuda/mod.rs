@@ -36,7 +36,7 @@ mod index;
 mod launch;
 mod profile;
 // Reductions, softmax, norms (+ backward), GEGLU, PReLU, RNG (helper C2).
-pub(crate) mod norm;
+pub mod norm;
 mod spatial;
 mod storage;
 // TMA tensor maps (cuTensorMapEncodeTiled) from the description the CPU emulator also takes.

@@ -14,6 +14,7 @@ use kernels::{norm as knorm, reduce as kreduce, rng as krng, softmax as ksoftmax
 use super::device::CudaDevice;
 use super::launch::{launch_1d, launch_failed};
 use super::storage::CudaStorage;
+use super::tune;
 use super::{LaunchConfig, PushKernelArg};
 use cudarc::driver::sys;
 use crate::storage::Storage;
@@ -499,6 +500,17 @@ fn gn_layout_checked(x: &Tensor) -> Result<GnLayout> {
 /// group), for the backward (`group_norm_backward`'s `stats`). Without, the kernels get a null
 /// pointer and write nothing.
 pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool, want_stats: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let run = |variant| group_norm_with(x, groups, weight, bias, eps, silu, want_stats, variant);
+    let Device::Cuda(ordinal) = x.device() else { return run(GnVariant::Auto) };
+    let dev = super::device(ordinal)?;
+    let shape = || format!("{:?} {:?} strides {:?} g{groups} silu {silu} stats {want_stats} affine {}", x.dtype(), x.shape(), x.strides(), weight.is_some());
+    let variant = gn_choose(&dev, &shape, &mut |v| run(v).map(|_| ()))?;
+    run(variant)
+}
+
+/// `group_norm` by the paths of `variant`.
+#[allow(clippy::too_many_arguments)]
+fn group_norm_with(x: &Tensor, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32, silu: bool, want_stats: bool, variant: GnVariant) -> Result<(Tensor, Option<Tensor>)> {
     const OP: &str = "group_norm";
     let dt = dt_name(OP, x.dtype())?;
     gn_check(OP, x, groups)?;
@@ -517,7 +529,7 @@ pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bia
     let finish = |out: CudaStorage, stats: Option<CudaStorage>| -> Result<(Tensor, Option<Tensor>)> {
         Ok((wrap_like(out, x.shape(), &l)?, stats.map(|s| wrap(s, &stats_shape)).transpose()?))
     };
-    if let Some(plan) = gn_forward_path(&dev, &l, groups, xp)? {
+    if let Some(plan) = gn_forward_path(&dev, &l, groups, xp, variant)? {
         let (yp, c32, hw32, g32, cs, act) = (out.device_ptr(), l.c as u32, l.hw as u32, groups as u32, plan.cs, silu as i32);
         let per = plan.packs as u32;
         if plan.shared > 0 {
@@ -538,7 +550,7 @@ pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: Option<&Tensor>, bia
         }
         return finish(out, stats);
     }
-    if let Some(plan) = gn_grid_plan(&dev, &l, groups, false)? {
+    if let Some(plan) = gn_grid_plan(&dev, &l, groups, false, variant)? {
         let part = CudaStorage::alloc(&dev, DType::F32, 3 * l.n * l.c * plan.lanes)?;
         let coef = CudaStorage::alloc(&dev, DType::F32, 4 * l.n * l.c)?;
         let (yp, pp, cp, bar) = (out.device_ptr(), part.device_ptr(), coef.device_ptr(), grid_barrier(&dev)?);
@@ -664,24 +676,34 @@ enum GnVariant {
     Grid,
 }
 
-/// The group-norm variants (LOOKAHEAD_VARIANT_GROUP_NORM; not tuned: their choice is the measured
-/// per-shape rule of `auto`, and their launches differ between forward and backward).
+/// The group-norm variants (LOOKAHEAD_VARIANT_GROUP_NORM, or tuned: `gn_choose`); `auto` is the
+/// measured per-shape rule.
 pub const VARIANTS: super::tune::Variants = super::tune::Variants {
     family: "group_norm",
     names: &["auto", "two-phase", "cluster-regs", "cluster-smem", "cluster-smem-async", "grid"],
     sources: &[&kernels::norm::SOURCE, &kernels::norm::GROUP_NORM_SOURCE],
 };
 
-fn gn_variant() -> Result<GnVariant> {
-    Ok(match super::tune::requested(&VARIANTS)? {
-        None | Some("auto") => GnVariant::Auto,
-        Some("two-phase") => GnVariant::TwoPhase,
-        Some("cluster-regs") => GnVariant::ClusterRegs,
-        Some("cluster-smem") => GnVariant::ClusterSmem,
-        Some("cluster-smem-async") => GnVariant::ClusterSmemAsync,
-        Some("grid") => GnVariant::Grid,
-        Some(v) => return Err(Error::Cuda(format!("group norm variant {v} has no path (engine/src/cuda/norm.rs gn_variant)"))),
+fn gn_variant(name: &str) -> Result<GnVariant> {
+    Ok(match name {
+        "auto" => GnVariant::Auto,
+        "two-phase" => GnVariant::TwoPhase,
+        "cluster-regs" => GnVariant::ClusterRegs,
+        "cluster-smem" => GnVariant::ClusterSmem,
+        "cluster-smem-async" => GnVariant::ClusterSmemAsync,
+        "grid" => GnVariant::Grid,
+        v => return Err(Error::Cuda(format!("group norm variant {v} has no path (engine/src/cuda/norm.rs gn_variant)"))),
     })
+}
+
+/// The variant a group-norm call runs (tune::choose): tuned only where the variants differ (sm_90
+/// with the performance kernels on), by trial runs of the whole op on the call's operands (each
+/// run computes its outputs afresh). `shape` names the call.
+fn gn_choose(dev: &Arc<CudaDevice>, shape: &dyn Fn() -> String, trial: &mut dyn FnMut(GnVariant) -> Result<()>) -> Result<GnVariant> {
+    if dev.arch() < 90 || !super::experimental_kernels() {
+        return gn_variant(tune::requested(&VARIANTS)?.unwrap_or("auto"));
+    }
+    gn_variant(tune::choose(dev, &VARIANTS, shape, &mut |v| trial(gn_variant(v)?))?)
 }
 
 /// Bytes of one (sample, group) of x up to which the `auto` rule runs the register cluster
@@ -748,12 +770,12 @@ fn gn_cluster_smem_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: 
 /// `auto`: the shared-memory cluster kernel where it applies (fastest at every measured shape,
 /// see GNC_REGS_MAX_GROUP_BYTES: the whole tensor is resident in one wave, x read once), else the
 /// register cluster kernel for groups up to GNC_REGS_MAX_GROUP_BYTES, else two-phase.
-fn gn_forward_path(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64) -> Result<Option<GnClusterPlan>> {
+fn gn_forward_path(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64, variant: GnVariant) -> Result<Option<GnClusterPlan>> {
     if !super::experimental_kernels() {
         return Ok(None);
     }
     let group_bytes = if groups == 0 { 0 } else { l.c / groups * l.hw * l.x.dtype().size_in_bytes() };
-    match gn_variant()? {
+    match variant {
         GnVariant::TwoPhase => Ok(None),
         GnVariant::ClusterRegs => gn_cluster_plan(dev, l, groups, xp, GnClusterKernel::Forward),
         GnVariant::ClusterSmem => gn_cluster_smem_plan(dev, l, groups, xp, false),
@@ -773,13 +795,13 @@ fn gn_forward_path(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, xp: u64) 
 /// Whether the backward runs the register cluster kernel (where its plan applies): always under
 /// `cluster-regs`, never under `two-phase`, else (`auto`, `cluster-smem`) for groups up to
 /// GNC_REGS_MAX_GROUP_BYTES.
-fn gn_backward_uses_cluster(l: &GnLayout, groups: usize) -> Result<bool> {
+fn gn_backward_uses_cluster(l: &GnLayout, groups: usize, variant: GnVariant) -> bool {
     let group_bytes = if groups == 0 { 0 } else { l.c / groups * l.hw * l.x.dtype().size_in_bytes() };
-    Ok(match gn_variant()? {
+    match variant {
         GnVariant::TwoPhase => false,
         GnVariant::ClusterRegs => true,
         GnVariant::Auto | GnVariant::ClusterSmem | GnVariant::ClusterSmemAsync | GnVariant::Grid => group_bytes <= GNC_REGS_MAX_GROUP_BYTES,
-    })
+    }
 }
 
 /// Whether the driver can run at least one cluster of `cs` CTAs of kernel `name` at a time
@@ -831,10 +853,11 @@ pub fn group_norm_forward_path(x: &Tensor, groups: usize) -> Result<String> {
     gn_check(OP, x, groups)?;
     let l = gn_layout_checked(x)?;
     let (xp, dev) = addr(&l.x, OP)?;
-    if let Some(p) = gn_grid_plan(&dev, &l, groups, false)? {
+    let variant = gn_variant(tune::requested(&VARIANTS)?.unwrap_or("auto"))?;
+    if let Some(p) = gn_grid_plan(&dev, &l, groups, false, variant)? {
         return Ok(format!("grid-resident ({} x {} blocks of {} positions, {} of them in shared memory, {})", p.lanes, l.n, p.positions, p.held, p.name));
     }
-    Ok(match gn_forward_path(&dev, &l, groups, xp)? {
+    Ok(match gn_forward_path(&dev, &l, groups, xp, variant)? {
         Some(p) if p.shared > 0 => format!("cluster ({} CTAs x {} packs/CTA in shared memory, {})", p.cs, p.packs, p.name),
         Some(p) => format!("cluster ({} CTAs x {} packs/thread, {})", p.cs, p.packs, p.name),
         None => "two-phase".to_string(),
@@ -864,8 +887,8 @@ struct GnGridPlan {
 /// of its slice as its shared memory holds (all of x up to about 132 x 190 KB on an H100/H200).
 /// `backward`: gn_grid_bwd_nhwc_DT, which keeps x's and dy's slices (twice the shared memory a
 /// position).
-fn gn_grid_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, backward: bool) -> Result<Option<GnGridPlan>> {
-    if !super::experimental_kernels() || gn_variant()? != GnVariant::Grid || !l.channels_last || !l.vec || groups == 0 || l.n == 0 || l.hw == 0 {
+fn gn_grid_plan(dev: &Arc<CudaDevice>, l: &GnLayout, groups: usize, backward: bool, variant: GnVariant) -> Result<Option<GnGridPlan>> {
+    if !super::experimental_kernels() || variant != GnVariant::Grid || !l.channels_last || !l.vec || groups == 0 || l.n == 0 || l.hw == 0 {
         return Ok(None);
     }
     let dt = dt_name("group_norm", l.x.dtype())?;
@@ -1001,6 +1024,28 @@ pub(crate) fn group_norm_backward(
     stats: Option<&Tensor>,
     param_grads: bool,
 ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let run = |variant| group_norm_backward_with(x, dy, groups, weight, bias, eps, silu, stats, param_grads, variant);
+    let Device::Cuda(ordinal) = x.device() else { return run(GnVariant::Auto) };
+    let dev = super::device(ordinal)?;
+    let shape = || format!("backward {:?} {:?} strides {:?} g{groups} silu {silu} saved {} grads {param_grads} affine {}", x.dtype(), x.shape(), x.strides(), stats.is_some(), weight.is_some());
+    let variant = gn_choose(&dev, &shape, &mut |v| run(v).map(|_| ()))?;
+    run(variant)
+}
+
+/// `group_norm_backward` by the paths of `variant`.
+#[allow(clippy::too_many_arguments)]
+fn group_norm_backward_with(
+    x: &Tensor,
+    dy: &Tensor,
+    groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+    silu: bool,
+    stats: Option<&Tensor>,
+    param_grads: bool,
+    variant: GnVariant,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     const OP: &str = "group_norm_backward";
     let dt = dt_name(OP, x.dtype())?;
     gn_check(OP, x, groups)?;
@@ -1026,7 +1071,7 @@ pub(crate) fn group_norm_backward(
         return Ok((wrap_like(dx, x.shape(), &l)?, param_grads.then(|| (z.clone(), z))));
     }
     // One launch (sm_90 clusters, experimental): reads x and dy once, writes dx once.
-    if groups > 0 && l.c / groups <= GNC_MAX_CPG && dyp.is_multiple_of(16) && gn_backward_uses_cluster(&l, groups)? {
+    if groups > 0 && l.c / groups <= GNC_MAX_CPG && dyp.is_multiple_of(16) && gn_backward_uses_cluster(&l, groups, variant) {
         if let Some(plan) = gn_cluster_plan(&dev, &l, groups, xp, GnClusterKernel::Backward)? {
             // dw / db are sums of atomic adds into zeroed f32 buffers.
             let grads = if param_grads { Some((Tensor::zeros(&[l.c], DType::F32, x.device())?, Tensor::zeros(&[l.c], DType::F32, x.device())?)) } else { None };
@@ -1046,7 +1091,7 @@ pub(crate) fn group_norm_backward(
             return Ok((wrap_like(dx, x.shape(), &l)?, grads));
         }
     }
-    if let Some(plan) = gn_grid_plan(&dev, &l, groups, true)? {
+    if let Some(plan) = gn_grid_plan(&dev, &l, groups, true, variant)? {
         let part = CudaStorage::alloc(&dev, DType::F32, 3 * l.n * l.c * plan.lanes)?;
         // Without saved statistics the kernel computes them into its own scratch.
         let scratch = if saved.is_none() { Some(CudaStorage::alloc(&dev, DType::F32, 2 * l.n * groups)?) } else { None };

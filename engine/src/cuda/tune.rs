@@ -305,7 +305,7 @@ mod tests {
     #[test]
     fn shipped_choices_name_known_variants() {
         let entries: BTreeMap<String, Entry> = serde_json::from_str(kernels::TUNED).expect("kernels/tuned.json is a table of choices");
-        let families = [&crate::cuda::lora_linear::VARIANTS, &crate::cuda::flash_attention::HOPPER_VARIANTS, &crate::cuda::flash_attention_backward::HOPPER_VARIANTS];
+        let families = [&crate::cuda::lora_linear::VARIANTS, &crate::cuda::flash_attention::HOPPER_VARIANTS, &crate::cuda::flash_attention_backward::HOPPER_VARIANTS, &crate::cuda::norm::VARIANTS];
         for (key, e) in &entries {
             let family = families.iter().find(|f| key.contains(&format!("| {} ", f.family))).unwrap_or_else(|| panic!("kernels/tuned.json: {key}: no tuned family"));
             assert!(family.names.contains(&e.variant.as_str()), "kernels/tuned.json: {key}: {} is not a variant of {}", e.variant, family.family);
