@@ -142,7 +142,7 @@ fn fastest(names: &'static [&'static str], mut time: impl FnMut(&'static str) ->
     }
     match best {
         Some((name, _)) => Ok((name, results)),
-        None => Err(first_error.expect("at least one variant")),
+        None => Err(first_error.unwrap_or_else(|| Error::Cuda("a kernel family with no variants".into()))),
     }
 }
 
