@@ -182,9 +182,10 @@ for v in "${variant_list[@]}"; do
     [ -n "$v" ] || continue
     variant_pass "${v%%|*}" "${v#*|}" "${v%%|*}"
 done
-python3 - "$OUT/bench.json" "$OUT/bench-off.json" "$OUT/bench-variants.jsonl" >> "$OUT/bench.txt" 2>&1 << 'EOF'
+python3 - "$OUT/bench.json" "$OUT/bench-off.json" "$OUT/bench-variants.jsonl" "$OUT/tuned.json" >> "$OUT/bench.txt" 2>&1 << 'EOF'
 import json, os, sys
 reports = []
+tuned_path = sys.argv.pop()
 for path in sys.argv[1:]:
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         continue
@@ -265,6 +266,14 @@ print(f"{'target':<58} {'case':<42} {'best ms':>9} {'value':>7} {'need':>6} met 
 for target, name, t, label, value, need in sorted(checks, key=lambda c: c[0]):
     met = "-" if value is None else ("yes" if value >= need else "no")
     print(f"{target:<58} {name:<42} {ms(t):>9} {(f'{value:.2f}' if value is not None else '-'):>7} {need:>6.2f} {met:<4} {label}")
+# The tuned pass's choices: per family and shape, each variant's trial time (ms), fastest first.
+if os.path.exists(tuned_path) and os.path.getsize(tuned_path) > 0:
+    print("\ntuned pass: the variant chosen per family and shape (trial GPU ms of every variant, fastest first)")
+    for key, e in sorted(json.load(open(tuned_path)).items()):
+        _, family, shape = (part.strip() for part in key.split("|", 2))
+        times = sorted(((v, t) for v, t in e["ms"].items() if isinstance(t, (int, float))), key=lambda vt: vt[1])
+        failed = [v for v, t in e["ms"].items() if not isinstance(t, (int, float))]
+        print(f"{family.split()[0]:<11} {shape:<62} -> {e['variant']:<18} " + " ".join(f"{v} {t:.4f}" for v, t in times) + (f"  (failed: {', '.join(failed)})" if failed else ""))
 EOF
 
 # ---- at most 8 files come back: fold the test logs together if needed --------------------------

@@ -103,6 +103,10 @@ fn gpu_check_runs_every_step_on_the_emulated_device() {
     ] {
         assert!(targets.lines().any(|l| l.starts_with(target)), "no row for {target:?}:\n{targets}");
     }
+    let tuned_table = targets.split("tuned pass: the variant chosen").nth(1).expect("the tuned choices table");
+    for family in ["lora", "flash_fwd", "flash_bwd", "group_norm"] {
+        assert!(tuned_table.lines().any(|l| l.starts_with(family) && l.contains(" -> ")), "no {family} row in the tuned choices:\n{tuned_table}");
+    }
     for case in ["ext attention bwd b2 h10 4096x(4096+4096)", "lora_linear 8192x640x640 r64", "group_norm+silu cl (2,320,128,128)"] {
         assert!(fastest.lines().any(|l| l.starts_with(case)), "{case} missing from the fastest-run table:\n{fastest}");
     }
