@@ -6,9 +6,8 @@
 //!    family does not have is an error listing those it has;
 //! 2. with `LOOKAHEAD_AUTOTUNE=1`, the variant recorded for this device, these kernel sources and
 //!    this shape in the tuning table, else (past the committed choices of 3.) the fastest in trial
-//!    runs on the call's own operands
-//!    (each variant run once to compile and load it, then three runs timed by CUDA events), which
-//!    is then recorded. The table is `tuned.json` in the kernel cache folder (`LOOKAHEAD_TUNE_FILE`
+//!    runs on the call's own operands (each variant run once to compile and load it, then three
+//!    runs queued behind a stream hold and timed by CUDA events: GPU time), which is then recorded. The table is `tuned.json` in the kernel cache folder (`LOOKAHEAD_TUNE_FILE`
 //!    names another file); a variant that fails to launch in a trial is left out, with its error
 //!    (one that faults while running ends the CUDA context, as any kernel fault does: every
 //!    variant passes the parity suites first);
@@ -24,8 +23,8 @@
 //! overwrites, so a family offers trials only where one launch sequence computes its outputs from
 //! its inputs alone. Tuning costs the first call of each shape a few runs of every variant; the
 //! choice differs between devices and may differ between runs on one, as with cuDNN's
-//! benchmark mode, which is why it is not the default: the default runs what the family's
-//! measurements chose (benches/RESULTS.md).
+//! benchmark mode, which is why it is not the default: the default runs what was measured and
+//! committed (kernels/tuned.json, else each family's default, benches/RESULTS.md).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -87,9 +86,15 @@ pub fn choose(dev: &Arc<CudaDevice>, v: &Variants, shape: &dyn Fn() -> String, t
         Ok(f64::from(timer.stop()?) / f64::from(TIMED_RUNS))
     })?;
     let mut guard = table().lock().unwrap_or_else(|p| p.into_inner());
-    let table = guard.get_or_insert_with(|| Table { path: table_path(), entries: BTreeMap::new() });
-    table.entries.insert(key, Entry { variant: name.to_string(), ms });
-    table.save();
+    if guard.is_none() {
+        // Forgotten meanwhile (forget_table): read the file again rather than overwrite it with
+        // this one choice; unreadable now, the choice stands for this call only.
+        *guard = Table::load(table_path()).ok();
+    }
+    if let Some(table) = guard.as_mut() {
+        table.entries.insert(key, Entry { variant: name.to_string(), ms });
+        table.save();
+    }
     Ok(name)
 }
 
